@@ -1,0 +1,182 @@
+"""The user-facing CLI contract: the README commands work as written, and bad input fails cleanly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tokensieve.cli import main
+
+METHOD = "topk(keep=0.7, layers=[3,6,9])"
+
+
+@pytest.fixture(scope="module")
+def vits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "vits"
+    assert main(["export", "timm:vit_small_patch16_224", "--method", METHOD, "--out", str(out)]) == 0
+    return out
+
+
+def test_export_writes_a_complete_artifact(vits):
+    assert sorted(os.listdir(vits)) == ["baseline.onnx", "manifest.json", "model.onnx", "weights.data"]
+    manifest = json.loads((vits / "manifest.json").read_text())
+    assert manifest["method"] == {
+        "name": "topk",
+        "keep": "7/10",
+        "layers": [3, 6, 9],
+        "fuse": None,
+        "score": "auto",
+    }
+    assert manifest["tokens_per_block"]["model"] == [197] * 4 + [139] * 3 + [98] * 3 + [69] * 2
+    assert manifest["macs"]["baseline"] > manifest["macs"]["model"] > 0
+    assert manifest["lint"]["ok"] and manifest["export"] == {
+        "exporter": "dynamo",
+        "opset": 18,
+        "batch": 1,
+        "dynamic_batch": False,
+    }
+    assert [s["kept"] for s in manifest["sites"]] == [138, 97, 68]
+    assert manifest["weights_sha256"] and manifest["versions"]["onnxruntime"]
+    # both graphs share one weights file; the reduced graph adds only small constants
+    assert os.path.getsize(vits / "model.onnx") < 2_000_000
+
+
+def test_inspect(vits, capsys):
+    assert main(["inspect", str(vits)]) == 0
+    text = capsys.readouterr().out
+    assert "12 found" in text and "keep 138/196 -> 139 tokens" in text and "MAC-limit speedup" in text
+    assert main(["inspect", str(vits), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [b["tokens_model"] for b in info["blocks"]][3:5] == [197, 139]
+
+
+def test_parity_writes_polygraphy_golden_files(vits, capsys):
+    assert main(["parity", str(vits)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("parity: PASS") and "identical kept sets in 1/1 samples" in text
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    inputs = load_json(str(vits / "golden" / "inputs.json"))
+    assert inputs[0]["pixel_values"].shape == (1, 3, 224, 224)
+    eager = RunResults.load(str(vits / "golden" / "eager_outputs.json"))
+    ort = RunResults.load(str(vits / "golden" / "ort_outputs.json"))
+    np.testing.assert_allclose(eager[0][1][0]["logits"], ort[0][1][0]["logits"], atol=1e-4)
+
+
+def test_lint_file_and_directory(vits, capsys):
+    assert main(["lint", str(vits / "model.onnx"), "--target", "trt10.3"]) == 0
+    assert "OK (0 errors" in capsys.readouterr().out
+    assert main(["lint", str(vits), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+def test_bench_writes_json_and_plot(vits, capsys):
+    assert main(["bench", str(vits), "--warmup", "1", "--blocks", "2", "--per-block", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "achieved/limit" in text
+    report = json.loads((vits / "bench.json").read_text())
+    assert report["rows"][0]["batch"] == 1 and report["rows"][0]["limit_speedup"] > 1.3
+    assert (vits / "bench.png").stat().st_size > 0
+
+
+def test_method_none_is_a_baseline_artifact(tmp_path, capsys):
+    out = tmp_path / "base"
+    assert main(["export", "timm:vit_small_patch16_224", "--method", "none", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] is None and manifest["graphs"]["model"] == manifest["graphs"]["baseline"]
+    assert manifest["macs"]["limit_speedup"] == 1.0
+    assert sorted(os.listdir(out)) == ["manifest.json", "model.onnx", "weights.data"]
+    assert main(["parity", str(out), "--no-golden"]) == 0
+    assert main(["bench", str(out)]) == 2
+    assert "nothing to compare" in capsys.readouterr().err
+
+
+def test_console_script_and_module_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tokensieve", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "export" in result.stdout
+
+
+# -- bad input: typed error, one line, exit 2, nothing half-written ---------------------------------------------
+
+
+def _no_leftovers(parent, name):
+    return not any(p.name.startswith(f".{name}.") for p in parent.iterdir()) and not (parent / name).exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["timm:vit_nonexistent_model"], "unknown timm model 'vit_nonexistent_model'"),
+        (["timm:vit_small_patch16_224", "--method", "topk(keep=1.5)"], "keep must be in (0, 1]"),
+        (
+            ["timm:vit_small_patch16_224", "--method", "topk(keep=0.5, layers=[3, 12])"],
+            "layer 12 is out of range",
+        ),
+        (["timm:vit_small_patch16_224", "--method", "prune(k=3)"], "unknown method 'prune'"),
+        (["hf:not-a-preset"], "neither a preset"),
+        (["missing.onnx"], "does not exist"),
+        (["resnet50"], "unknown model source"),
+    ],
+)
+def test_bad_export_input(tmp_path, capsys, args, message):
+    code = main(["export", *args, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert _no_leftovers(tmp_path, "out")
+
+
+def test_corrupt_onnx(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf")
+    assert main(["lint", str(bad)]) == 2
+    assert "not a readable ONNX model" in capsys.readouterr().err
+
+
+def test_non_transformer_onnx(tmp_path, capsys):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
+    )
+    path = tmp_path / "cnn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    code = main(["export", str(path), "--method", "topk(keep=0.5)", "--out", str(tmp_path / "out")])
+    assert code == 2 and "no self-attention found" in capsys.readouterr().err
+    assert _no_leftovers(tmp_path, "out")
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = main(["export", "timm:vit_small_patch16_224", "--method", METHOD, "--out", str(blocker / "sub" / "out")])
+    assert code == 2 and "cannot write to" in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_a_foreign_directory(tmp_path, capsys):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["export", "timm:vit_small_patch16_224", "--out", str(foreign)]) == 2
+    assert "is not a tokensieve artifact" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_not_an_artifact(tmp_path, capsys):
+    assert main(["parity", str(tmp_path)]) == 2
+    assert "is not a tokensieve artifact" in capsys.readouterr().err
+
+
+def test_parity_of_onnx_source_needs_a_reference(vits, tmp_path, capsys):
+    out = tmp_path / "from_onnx"
+    assert main(["export", str(vits / "baseline.onnx"), "--method", METHOD, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["parity", str(out)]) == 2
+    assert "--reference" in capsys.readouterr().err
+    assert main(["parity", str(out), "--reference", "timm:vit_small_patch16_224", "--no-golden"]) == 0

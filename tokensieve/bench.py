@@ -1,0 +1,159 @@
+"""Latency of the reduced graph against its unreduced baseline, and the MAC-limit speedup.
+
+Protocol (the machines are noisy and shared): both sessions are created with the same options and warmed up; the
+variants then alternate in blocks (order flipped every block) so drift hits both equally; medians are reported
+with minima, and a measurement whose median exceeds its minimum by more than ``noise_ratio`` is repeated (up to
+``retries`` times) and flagged if it stays noisy. ``achieved / limit`` compares the measured speedup with the
+speedup the MAC counts allow.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tokensieve.errors import TokensieveError
+
+
+@dataclass
+class BenchRow:
+    batch: int
+    baseline_ms: float
+    model_ms: float
+    baseline_min_ms: float
+    model_min_ms: float
+    speedup: float
+    limit_speedup: float
+    fraction_of_limit: float
+    noisy: bool
+    attempts: int
+
+
+@dataclass
+class BenchReport:
+    threads: int
+    provider: list[str]
+    macs_baseline: int
+    macs_model: int
+    rows: list[BenchRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        lines = [
+            f"latency (ONNX Runtime {self.provider}, {self.threads} threads; medians of alternating blocks)",
+            "  batch  baseline ms   model ms   speedup   MAC-limit   achieved/limit",
+        ]
+        for r in self.rows:
+            flag = "  (noisy)" if r.noisy else ""
+            lines.append(
+                f"  {r.batch:>5}  {r.baseline_ms:>11.2f}  {r.model_ms:>9.2f}  {r.speedup:>7.3f}x  "
+                f"{r.limit_speedup:>9.3f}x  {r.fraction_of_limit:>14.3f}{flag}"
+            )
+        return "\n".join(lines)
+
+
+def time_alternating(runs: dict[str, callable], blocks: int, per_block: int) -> dict[str, list[float]]:
+    """Call each ``runs[name]()`` ``blocks * per_block`` times, alternating variants block by block; seconds."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for block in range(blocks):
+        for name in names if block % 2 == 0 else reversed(names):
+            fn = runs[name]
+            for _ in range(per_block):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def bench_artifact(
+    artifact,
+    batches: list[int] | None = None,
+    threads: int = 2,
+    warmup: int = 5,
+    blocks: int = 6,
+    per_block: int = 5,
+    noise_ratio: float = 1.25,
+    retries: int = 2,
+    providers: list[str] | None = None,
+    save: bool = True,
+) -> BenchReport:
+    manifest = artifact.manifest
+    if manifest["graphs"]["model"] == manifest["graphs"]["baseline"]:
+        raise TokensieveError("this artifact has no reduction (method none); there is nothing to compare")
+    static = manifest["export"]["batch"]
+    batches = batches or ([static] if static else [1, 8])
+    if static and any(b != static for b in batches):
+        raise TokensieveError(
+            f"the graphs have a static batch of {static}; re-export with --batch or "
+            "--dynamic-batch to benchmark other batch sizes"
+        )
+    runners = {name: artifact.runner(name, threads=threads, providers=providers) for name in ("baseline", "model")}
+    shape = manifest["inputs"][0]["shape"][1:]
+    macs = manifest["macs"]
+    report = BenchReport(threads, runners["model"].active, macs["baseline"], macs["model"])
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        feeds = {runners["model"].input_names[0]: rng.standard_normal((batch, *shape), dtype=np.float32)}
+        runs = {name: (lambda r=runner, f=feeds: r.run(f)) for name, runner in runners.items()}
+        for fn in runs.values():
+            for _ in range(warmup):
+                fn()
+        attempts = 0
+        while True:
+            attempts += 1
+            times = time_alternating(runs, blocks, per_block)
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            low = {k: min(v) * 1e3 for k, v in times.items()}
+            noisy = any(med[k] > noise_ratio * low[k] for k in med)
+            if not noisy or attempts > retries:
+                break
+        speedup = med["baseline"] / med["model"]
+        report.rows.append(
+            BenchRow(
+                batch,
+                med["baseline"],
+                med["model"],
+                low["baseline"],
+                low["model"],
+                speedup,
+                macs["limit_speedup"],
+                speedup / macs["limit_speedup"],
+                noisy,
+                attempts,
+            )
+        )
+    if save:
+        (artifact.path / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))
+        plot_bench(report, artifact.path / "bench.png")
+    return report
+
+
+def plot_bench(report: BenchReport, path: Path) -> bool:
+    """Bar chart of achieved vs MAC-limit speedup per batch; skipped (False) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = np.arange(len(report.rows))
+    ax.bar(x - 0.2, [r.speedup for r in report.rows], 0.4, label="measured")
+    ax.bar(x + 0.2, [r.limit_speedup for r in report.rows], 0.4, label="MAC limit")
+    ax.set_xticks(x, [f"batch {r.batch}" for r in report.rows])
+    ax.set_ylabel("speedup over unreduced")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

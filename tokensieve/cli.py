@@ -1,0 +1,176 @@
+"""``tokensieve`` command line: export, inspect, parity, lint, bench.
+
+Exit codes: 0 success; 1 a check failed (parity mismatch, lint errors); 2 bad input or an operation that could
+not be carried out (a typed tokensieve error, printed as one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tokensieve.errors import TokensieveError
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tokensieve.api import export
+
+    artifact = export(
+        args.source,
+        args.method,
+        args.out,
+        weights=args.weights,
+        seed=args.seed,
+        img_size=args.img_size,
+        batch=args.batch,
+        dynamic_batch=args.dynamic_batch,
+        opset=args.opset,
+        exporter=args.exporter,
+        specials=args.specials,
+        lint_target=args.lint_target,
+    )
+    from tokensieve.inspect import format_inspection
+
+    print(format_inspection(artifact.inspect()))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from tokensieve.api import load
+    from tokensieve.inspect import format_inspection
+
+    info = load(args.dir).inspect()
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0
+
+
+def _parity(args: argparse.Namespace) -> int:
+    from tokensieve.api import load
+
+    reference = None
+    if args.reference:
+        from tokensieve.converters.sources import parse_source
+
+        reference = parse_source(args.reference, weights=args.weights, seed=args.seed)
+    report = load(args.dir).parity(
+        reference=reference,
+        batch=args.batch,
+        seed=args.seed,
+        tolerance=args.tolerance,
+        golden=not args.no_golden,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    return 0 if report.ok else 1
+
+
+def _lint(args: argparse.Namespace) -> int:
+    import onnx_ir as ir
+
+    from tokensieve.api import load
+    from tokensieve.graph_passes.lint import lint
+    from tokensieve.graph_passes.propagate import propagate_shapes
+
+    path = Path(args.path)
+    if path.is_dir():
+        report = load(path).lint(args.target)
+    else:
+        if not path.is_file():
+            raise TokensieveError(f"{path} does not exist; pass an .onnx file or an artifact directory")
+        try:
+            model = ir.load(path)
+        except Exception as e:  # onnx raises DecodeError and friends for corrupt files
+            raise TokensieveError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0]}") from None
+        propagate_shapes(model)
+        report = lint(model, args.target)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    return 0 if report.ok else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from tokensieve.api import load
+
+    artifact = load(args.dir)
+    report = artifact.bench(
+        batches=args.batch,
+        threads=args.threads,
+        warmup=args.warmup,
+        blocks=args.blocks,
+        per_block=args.per_block,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    print(f"wrote {artifact.path / 'bench.json'}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokensieve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a model to ONNX with token reduction inside the graph")
+    p.add_argument("source", help="timm:NAME, hf:PRESET|hf:PATH, or path/to/model.onnx")
+    p.add_argument(
+        "--method",
+        nargs="?",
+        const="none",
+        default="none",
+        help='e.g. "topk(keep=0.7, layers=[3,6,9])"; omitted or "none" exports the unreduced model',
+    )
+    p.add_argument("--out", required=True, help="artifact directory to create (replaced atomically if it exists)")
+    p.add_argument("--weights", help="local checkpoint file for a timm model (random weights otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and example input")
+    p.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
+    p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    p.add_argument("--dynamic-batch", action="store_true", help="make the batch axis symbolic")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
+    p.add_argument("--specials", type=int, help="override the detected number of leading special tokens")
+    p.add_argument("--lint-target", default="trt10.3", help="target recorded in the manifest's lint result")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("inspect", help="blocks, tokens per block, sites, MACs and lint result of an artifact")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("parity", help="exported graph vs eager PyTorch reference: values and kept tokens")
+    p.add_argument("dir")
+    p.add_argument("--reference", help="eager source for artifacts exported from an .onnx file (timm:NAME, hf:...)")
+    p.add_argument("--weights", help="checkpoint for --reference")
+    p.add_argument("--batch", type=int, help="batch for dynamic-batch graphs (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max error relative to the output scale")
+    p.add_argument("--no-golden", action="store_true", help="do not write Polygraphy golden files")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_parity)
+
+    p = sub.add_parser("lint", help="TensorRT-compatibility report; exit 1 on errors")
+    p.add_argument("path", help="an .onnx file or an artifact directory")
+    p.add_argument("--target", default="trt10.3", help="trt10.3 (JetPack 6), trt10, trt11")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_lint)
+
+    p = sub.add_parser("bench", help="latency of reduced vs unreduced graph against the MAC-limit speedup")
+    p.add_argument("dir")
+    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: static batch, or 1 8)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--blocks", type=int, default=6, help="alternating measurement blocks")
+    p.add_argument("--per-block", type=int, default=5, help="runs per variant per block")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TokensieveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

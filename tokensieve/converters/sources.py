@@ -1,0 +1,213 @@
+"""Model sources: ``timm:NAME``, ``hf:PRESET`` / ``hf:PATH`` and existing ``.onnx`` files.
+
+A :class:`SourceSpec` is what the manifest records, so that ``tokensieve parity`` can rebuild the exact eager
+module later: random-weight models are rebuilt from the seed (and checked against the recorded weight hash), real
+checkpoints are reloaded from their local path. There is no model hub on the machines tokensieve is tested on:
+``timm`` models are created with ``pretrained=False`` and Hugging Face towers from a config (preset, ``config.json``
+or a local checkpoint directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokensieve.converters.init import randomize_weights
+from tokensieve.errors import SourceError
+
+# Hugging Face vision-tower presets: the library's default (base-size) config of each family.
+HF_PRESETS: dict[str, str] = {
+    "vit": "ViTConfig",
+    "clip": "CLIPVisionConfig",
+    "siglip": "SiglipVisionConfig",
+    "dinov2": "Dinov2Config",
+    "dinov2-registers": "Dinov2WithRegistersConfig",
+}
+# config.model_type -> vision model class
+HF_MODELS = {
+    "vit": "ViTModel",
+    "clip_vision_model": "CLIPVisionModel",
+    "clip": "CLIPVisionModel",
+    "siglip_vision_model": "SiglipVisionModel",
+    "siglip": "SiglipVisionModel",
+    "dinov2": "Dinov2Model",
+    "dinov2_with_registers": "Dinov2WithRegistersModel",
+}
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a model comes from. ``kind`` is ``timm``, ``hf`` or ``onnx``."""
+
+    kind: str
+    name: str
+    weights: str | None = None
+    seed: int = 0
+    img_size: int | None = None
+
+    @property
+    def text(self) -> str:
+        return self.name if self.kind == "onnx" else f"{self.kind}:{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SourceSpec:
+        return cls(**data)
+
+
+def parse_source(text: str, weights: str | None = None, seed: int = 0, img_size: int | None = None) -> SourceSpec:
+    """``timm:vit_base_patch16_224``, ``hf:clip``, ``hf:/path/to/checkpoint_or_config``, ``model.onnx``."""
+    text = text.strip()
+    if weights is not None:
+        weights = os.path.abspath(weights)
+        if not os.path.isfile(weights):
+            raise SourceError(f"weights file {weights!r} does not exist")
+    if text.startswith("timm:"):
+        return SourceSpec("timm", text[5:], weights, seed, img_size)
+    if text.startswith("hf:"):
+        name = text[3:]
+        if name not in HF_PRESETS:
+            if not os.path.exists(name):
+                raise SourceError(
+                    f"hf source {name!r} is neither a preset ({', '.join(HF_PRESETS)}) nor an existing local "
+                    "checkpoint directory or config.json (there is no model hub here)"
+                )
+            name = os.path.abspath(name)
+        if weights is not None:
+            raise SourceError("--weights is for timm checkpoints; put Hugging Face weights in the checkpoint directory")
+        return SourceSpec("hf", name, None, seed, img_size)
+    if text.endswith(".onnx"):
+        if not os.path.isfile(text):
+            raise SourceError(f"ONNX file {text!r} does not exist")
+        return SourceSpec("onnx", os.path.abspath(text))
+    raise SourceError(
+        f"unknown model source {text!r}; use timm:NAME (e.g. timm:vit_base_patch16_224), hf:PRESET or hf:PATH, "
+        "or a path to an .onnx file"
+    )
+
+
+class HFVisionTower(nn.Module):
+    """A Hugging Face vision model as ``pixel_values -> (last_hidden_state, pooler_output)``."""
+
+    output_names = ("last_hidden_state", "pooler_output")
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(pixel_values=pixel_values)
+        return out.last_hidden_state, out.pooler_output
+
+
+@dataclass
+class BuiltModel:
+    """An eager module ready to export, with its input geometry and output names."""
+
+    module: nn.Module
+    input_shape: tuple[int, int, int]  # C, H, W
+    output_names: tuple[str, ...]
+
+
+def _build_timm(spec: SourceSpec) -> BuiltModel:
+    import timm
+
+    kwargs = {"img_size": spec.img_size} if spec.img_size else {}
+    try:
+        module = timm.create_model(spec.name, pretrained=False, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" not in str(e):
+            raise SourceError(f"timm:{spec.name}: {e}") from None
+        close = timm.list_models(f"*{spec.name.split('_')[0]}*")[:8]
+        raise SourceError(f"unknown timm model {spec.name!r}; similar names: {', '.join(close) or 'none'}") from None
+    if spec.weights:
+        try:
+            timm.models.load_checkpoint(module, spec.weights, strict=True)
+        except Exception as e:  # torch/safetensors raise many types for a bad file
+            raise SourceError(f"cannot load weights {spec.weights!r} into timm:{spec.name}: {e}") from None
+    else:
+        randomize_weights(module, spec.seed)
+    cfg = getattr(module, "pretrained_cfg", {}) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    if spec.img_size:
+        h = w = spec.img_size
+    return BuiltModel(module.eval(), (int(c), int(h), int(w)), ("logits",))
+
+
+def _hf_config(spec: SourceSpec):
+    import transformers
+
+    if spec.name in HF_PRESETS:
+        config = getattr(transformers, HF_PRESETS[spec.name])()
+    else:
+        path = Path(spec.name)
+        try:
+            if path.is_file():
+                data = json.loads(path.read_text())
+                config = transformers.AutoConfig.for_model(**data)
+            else:
+                config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise SourceError(f"cannot read a Hugging Face config from {spec.name!r}: {e}") from None
+    if config.model_type in ("clip", "siglip"):
+        config = config.vision_config
+    if spec.img_size:
+        config.image_size = spec.img_size
+    return config
+
+
+def _build_hf(spec: SourceSpec) -> BuiltModel:
+    import transformers
+
+    config = _hf_config(spec)
+    class_name = HF_MODELS.get(config.model_type)
+    if class_name is None:
+        raise SourceError(
+            f"Hugging Face model type {config.model_type!r} is not a supported vision tower; supported: "
+            f"{', '.join(sorted(set(HF_MODELS)))}"
+        )
+    cls = getattr(transformers, class_name)
+    path = Path(spec.name)
+    if path.is_dir() and any((path / f).exists() for f in _WEIGHT_FILES):
+        try:
+            model = cls.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise SourceError(f"cannot load the checkpoint in {spec.name!r}: {e}") from None
+    else:
+        model = cls(config)
+        randomize_weights(model, spec.seed)
+    size = config.image_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return BuiltModel(
+        HFVisionTower(model).eval(), (int(config.num_channels), int(h), int(w)), HFVisionTower.output_names
+    )
+
+
+def build_module(spec: SourceSpec) -> BuiltModel:
+    """The eager module of a timm or Hugging Face source (``onnx`` sources have none)."""
+    if spec.kind == "timm":
+        return _build_timm(spec)
+    if spec.kind == "hf":
+        return _build_hf(spec)
+    raise SourceError(f"{spec.text} is an ONNX file; it has no eager PyTorch module")
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of the module's state dict (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

@@ -1,0 +1,44 @@
+"""Typed errors. Every user-facing failure is one of these: one clear message naming the problem and the fix.
+
+The CLI turns them into a single line on stderr and a non-zero exit code (``TokensieveError.exit_code``).
+"""
+
+from __future__ import annotations
+
+
+class TokensieveError(Exception):
+    """Base class of every error tokensieve raises on purpose."""
+
+    exit_code = 2
+
+
+class MethodSpecError(TokensieveError):
+    """A ``--method`` string or method parameter is malformed or out of range."""
+
+
+class SourceError(TokensieveError):
+    """The model source (``timm:NAME``, ``hf:...``, ``.onnx`` path, weights file) cannot be resolved or loaded."""
+
+
+class ExportError(TokensieveError):
+    """torch -> ONNX export failed."""
+
+
+class LocateError(TokensieveError):
+    """The graph does not contain transformer blocks tokensieve can locate (or they are ambiguous)."""
+
+
+class GraphRewriteError(TokensieveError):
+    """A graph pass could not rewrite the graph safely (e.g. a constant it cannot retarget)."""
+
+
+class ArtifactError(TokensieveError):
+    """An artifact directory is missing, incomplete, or cannot be written."""
+
+
+class ParityError(TokensieveError):
+    """Parity could not be checked (no eager reference available, mismatched inputs...)."""
+
+
+class RuntimeBackendError(TokensieveError):
+    """A runtime backend (ONNX Runtime provider, TensorRT) is unavailable or failed."""

@@ -1,0 +1,349 @@
+"""Locate the transformer blocks of a ViT in an ONNX graph.
+
+Analysis, not a rewrite: :func:`locate_vit` returns a :class:`ViTLayout` that graph passes insert methods into.
+
+What it finds, per block (in topological order):
+
+* the attention core: a ``Softmax`` over the last axis of ``[B, H, N, N]`` logits computed by a ``MatMul`` of a
+  query operand ``[B, H, N, d]`` and a transposed key operand ``[B, H, d, N]`` (with scalar scaling ops in between,
+  which are recorded so a pass can replay them on a subset of query rows), or a fused ONNX ``Attention`` op with
+  4-D Q/K/V;
+* the residual stream entering the block ``[B, N, C]`` and the residual ``Add`` that closes the attention branch:
+  the first ``Add`` after the attention whose other input is an ancestor of the attention's query. Its output is
+  the point between attention and MLP (LayerScale ``Mul`` nodes sit inside the branch and need no special case);
+* the special tokens: the leading inputs of the token-axis ``Concat`` that builds the sequence before block 0
+  (CLS, distillation, register tokens), counted up to the largest input (the patch tokens).
+
+It works structurally, so graphs from the legacy TorchScript exporter (opset 14, decomposed LayerNorm, no
+metadata) are handled; when the dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata is present it names each
+block by its module path (``blocks.3``, ``encoder.layer.3``) and cross-checks that the residual ``Add`` belongs to
+the same module. Attention used by pooling heads (a single learned query) is not a block and is skipped.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import deque
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from tokensieve.errors import LocateError
+
+_SCALE_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Cast"})
+_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+@dataclass
+class AttentionBlock:
+    """One transformer block's token sites."""
+
+    index: int
+    name: str
+    stream_in: ir.Value
+    residual_add: ir.Node
+    query: ir.Value
+    key: ir.Value
+    key_transposed: bool
+    logit_ops: list[tuple[ir.Node, int]]  # scaling ops between the logits MatMul and Softmax, with data input index
+    scale: float | None
+    probs: ir.Value | None
+    heads: int
+    head_dim: int
+    tokens: int
+
+    @property
+    def post_attention(self) -> ir.Value:
+        """The residual stream between attention and MLP ``[B, N, C]``."""
+        return self.residual_add.outputs[0]
+
+    @property
+    def fused(self) -> bool:
+        return self.probs is None
+
+    def summary(self) -> dict:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "tokens_in": self.tokens,
+            "heads": self.heads,
+            "head_dim": self.head_dim,
+            "attention": "fused Attention op" if self.fused else "MatMul+Softmax",
+            "query": self.query.name,
+            "key": self.key.name,
+            "post_attention": self.post_attention.name,
+        }
+
+
+@dataclass
+class ViTLayout:
+    """The located blocks of a ViT graph."""
+
+    blocks: list[AttentionBlock]
+    tokens: int
+    channels: int
+    specials: int
+    batch: int | str | None
+    uses_metadata: bool
+    token_axis: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def summary(self) -> dict:
+        return {
+            "depth": self.depth,
+            "tokens": self.tokens,
+            "channels": self.channels,
+            "specials": self.specials,
+            "batch": self.batch,
+            "token_axis": self.token_axis,
+            "located_with": "name_scopes metadata + structure" if self.uses_metadata else "structure",
+            "blocks": [b.summary() for b in self.blocks],
+        }
+
+
+def _scopes(node: ir.Node) -> list[str] | None:
+    text = node.metadata_props.get(_NAME_SCOPES)
+    if not text:
+        return None
+    try:
+        scopes = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+    return [str(s) for s in scopes] if isinstance(scopes, list) else None
+
+
+def _static_dims(value: ir.Value) -> list[int | str | None] | None:
+    if value.shape is None:
+        return None
+    return [d if isinstance(d, int) else d.value for d in value.shape]
+
+
+def _is_constant(value: ir.Value) -> bool:
+    if value.const_value is not None or value.is_initializer():
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant"
+
+
+def _scalar_constant(value: ir.Value) -> bool:
+    """A constant that broadcasts like a scalar over the last two axes."""
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        return False
+    dims = list(tensor.shape)
+    return len(dims) < 2 or (dims[-1] == 1 and dims[-2] == 1)
+
+
+def _ancestors(value: ir.Value, limit: int = 100_000) -> set[ir.Value]:
+    seen: set[ir.Value] = set()
+    stack = [value]
+    while stack and len(seen) < limit:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        producer = v.producer()
+        if producer is not None:
+            stack.extend(i for i in producer.inputs if i is not None)
+    return seen
+
+
+def _softmax_core(node: ir.Node) -> tuple[ir.Value, ir.Value, list[tuple[ir.Node, int]]] | None:
+    """For a Softmax over [B,H,N,N] logits: (query operand, transposed key operand, replayed scale ops)."""
+    logits = node.inputs[0]
+    dims = _static_dims(logits)
+    if dims is None or len(dims) != 4 or dims[-1] != dims[-2] or not isinstance(dims[-1], int):
+        return None
+    axis = node.attributes.get_int("axis", -1)
+    if axis not in (-1, 3):
+        return None
+    chain: list[tuple[ir.Node, int]] = []
+    value = logits
+    while True:
+        producer = value.producer()
+        if producer is None:
+            return None
+        if producer.op_type == "MatMul":
+            query, key_t = producer.inputs
+            qd, kd = _static_dims(query), _static_dims(key_t)
+            if qd is None or kd is None or len(qd) != 4 or len(kd) != 4 or qd[-1] != kd[-2]:
+                return None
+            return query, key_t, list(reversed(chain))
+        if producer.op_type not in _SCALE_OPS:
+            return None
+        data = [v for v in producer.inputs if v is not None and not _is_constant(v)]
+        consts = [v for v in producer.inputs if v is not None and _is_constant(v)]
+        if len(data) != 1 or not all(_scalar_constant(c) for c in consts):
+            if len(data) == 1:
+                raise LocateError(
+                    f"attention logits pass through {producer.op_type} node {producer.name!r} with a non-scalar "
+                    "operand (an attention mask or bias); masked attention is not supported for ViT pruning"
+                )
+            return None
+        chain.append((producer, list(producer.inputs).index(data[0])))
+        value = data[0]
+
+
+def _fused_core(node: ir.Node) -> tuple[ir.Value, ir.Value, float | None] | None:
+    """For a fused ONNX Attention op with 4-D Q/K/V and no mask: (Q, K, scale or None for 1/sqrt(d))."""
+    if len(node.inputs) < 3 or any(v is not None for v in node.inputs[3:]):
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            raise LocateError(f"fused Attention node {node.name!r} has an attention mask; not supported for ViTs")
+        return None
+    query, key = node.inputs[0], node.inputs[1]
+    qd, kd = _static_dims(query), _static_dims(key)
+    if qd is None or kd is None or len(qd) != 4 or len(kd) != 4 or qd[-2] != kd[-2]:
+        return None
+    if node.attributes.get_int("is_causal", 0):
+        return None
+    scale = node.attributes.get_float("scale", None)
+    return query, key, scale
+
+
+def _residual_add(start: ir.Value, query_ancestors: set[ir.Value]) -> tuple[ir.Node, ir.Value] | None:
+    """First Add after ``start`` whose other input is an ancestor of the attention's query (the stream)."""
+    queue, seen = deque([start]), {start}
+    while queue and len(seen) < 200:
+        value = queue.popleft()
+        for node, _ in value.uses():
+            if node.op_type == "Add" and len(node.inputs) == 2:
+                for i, other in enumerate(node.inputs):
+                    if node.inputs[1 - i] is value and other in query_ancestors and not _is_constant(other):
+                        od, nd = _static_dims(other), _static_dims(node.outputs[0])
+                        if od is not None and len(od) == 3 and od == nd:
+                            return node, other
+            for out in node.outputs:
+                if out not in seen:
+                    seen.add(out)
+                    queue.append(out)
+    return None
+
+
+def _count_specials(stream: ir.Value, tokens: int) -> tuple[int, str]:
+    """Special tokens = leading inputs of the token-axis Concat that builds the sequence before block 0."""
+    queue, seen = deque([(stream, 0)]), {stream}
+    while queue:
+        value, depth = queue.popleft()
+        producer = value.producer()
+        if producer is None or depth > 60:
+            continue
+        dims = _static_dims(value)
+        if producer.op_type == "Concat" and dims is not None and len(dims) == 3:
+            axis = producer.attributes.get_int("axis", 0)
+            if axis in (1, -2):
+                sizes = []
+                for v in producer.inputs:
+                    d = _static_dims(v)
+                    if d is None or not isinstance(d[1], int):
+                        raise LocateError(f"token Concat {producer.name!r} has inputs of unknown length")
+                    sizes.append(d[1])
+                largest = sizes.index(max(sizes))
+                if largest != len(sizes) - 1:
+                    raise LocateError(
+                        f"token Concat {producer.name!r} puts {sum(sizes[largest + 1 :])} tokens after the patch "
+                        "tokens; only leading special tokens (CLS, registers) are supported"
+                    )
+                return sum(sizes[:largest]), producer.name or "Concat"
+        for v in producer.inputs:
+            if v is None or v in seen or _is_constant(v):
+                continue
+            if _static_dims(v) == dims:
+                seen.add(v)
+                queue.append((v, depth + 1))
+    return 0, "no token Concat before block 0"
+
+
+def _block_name(node: ir.Node, index: int) -> tuple[str, str | None]:
+    scopes = _scopes(node)
+    if scopes and len(scopes) >= 3:
+        return scopes[-3], scopes[-2]
+    return f"block{index}", None
+
+
+def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
+    """Find the blocks, token axis, token count and special tokens of a ViT graph (shapes must be annotated)."""
+    graph = model.graph
+    cores = []
+    for node in graph:
+        if node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
+            core = _softmax_core(node)
+            if core is not None:
+                query, key_t, chain = core
+                cores.append((node, query, key_t, True, chain, None, node.outputs[0]))
+        elif node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+            fused = _fused_core(node)
+            if fused is not None:
+                query, key, scale = fused
+                cores.append((node, query, key, False, [], scale, None))
+    if not cores:
+        raise LocateError(
+            "no self-attention found: expected Softmax over [B, H, N, N] logits from MatMul(Q, K^T), or an ONNX "
+            "Attention op; is this a transformer (ViT) graph?"
+        )
+    blocks: list[AttentionBlock] = []
+    uses_metadata = False
+    for node, query, key, transposed, chain, scale, probs in cores:
+        found = _residual_add(node.outputs[0], _ancestors(query))
+        if found is None:
+            continue  # attention without a residual stream: a pooling head, not a block
+        add, stream_in = found
+        qd, sd = _static_dims(query), _static_dims(stream_in)
+        index = len(blocks)
+        name, attn_scope = _block_name(node, index)
+        if attn_scope is not None:
+            uses_metadata = True
+            add_scopes = _scopes(add) or []
+            if name not in add_scopes or attn_scope in add_scopes:
+                raise LocateError(
+                    f"block {name}: the residual Add found structurally ({add.name!r}) is not in module {name} "
+                    "according to the exporter's metadata; the graph's structure is ambiguous"
+                )
+        if sd[1] != qd[-2]:
+            raise LocateError(f"block {name}: attention runs over {qd[-2]} tokens but the residual stream has {sd[1]}")
+        blocks.append(
+            AttentionBlock(
+                index=index,
+                name=name,
+                stream_in=stream_in,
+                residual_add=add,
+                query=query,
+                key=key,
+                key_transposed=transposed,
+                logit_ops=chain,
+                scale=scale,
+                probs=probs,
+                heads=int(qd[1]),
+                head_dim=int(qd[-1]),
+                tokens=int(sd[1]),
+            )
+        )
+    if not blocks:
+        raise LocateError("found attention ops but no residual blocks around them; not a ViT-style encoder")
+    first = _static_dims(blocks[0].stream_in)
+    tokens, channels = first[1], first[2]
+    for block in blocks:
+        dims = _static_dims(block.stream_in)
+        if dims[2] != channels or dims[1] != tokens:
+            raise LocateError(
+                f"block {block.name} sees {dims[1]} tokens x {dims[2]} channels, block 0 {tokens} x {channels}; "
+                "the graph is already token-reduced or is not a plain ViT"
+            )
+    notes = []
+    if specials is None:
+        specials, how = _count_specials(blocks[0].stream_in, tokens)
+        notes.append(f"special tokens: {specials} ({how})")
+    elif not 0 <= specials < tokens:
+        raise LocateError(f"specials={specials} is out of range for {tokens} tokens")
+    return ViTLayout(
+        blocks=blocks,
+        tokens=int(tokens),
+        channels=int(channels),
+        specials=specials,
+        batch=first[0],
+        uses_metadata=uses_metadata,
+        notes=notes,
+    )

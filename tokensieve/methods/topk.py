@@ -1,0 +1,139 @@
+"""EViT-style attention-score top-k token pruning: the method's single declaration.
+
+Both faces of the method read this dataclass: the eager reference (``tokensieve.reference.topk``) and the graph
+pass (``tokensieve.graph_passes.topk_prune``). Counts are computed here, once, with exact rational arithmetic.
+
+Semantics (METHODS.md §3.5, with the differences stated):
+
+* where: after the attention residual and before the MLP of each block in ``layers`` (0-based);
+* score: ``"cls"`` = post-softmax attention of the CLS query row, averaged over heads, over the candidate
+  (non-special) columns; ``"mean_received"`` = post-softmax attention each token receives, averaged over heads and
+  over all query rows (for models without a CLS token, e.g. SigLIP); ``"auto"`` picks ``cls`` when the model has a
+  leading special token and ``mean_received`` otherwise;
+* selection: special tokens (CLS, registers, distillation token) are always kept; of the ``n`` candidates the top
+  ``K = ceil(keep * n)`` by score are kept (ties: lower index first, like ONNX TopK), **in their original order**
+  (EViT orders them by score; positional order is what later spatial consumers and humans expect);
+* ``fuse="sum"`` appends EViT's fused token ``sum_j a_j x_j`` over the pruned candidates (official, unnormalised);
+  ``fuse="mean"`` divides by ``sum_j a_j`` (the paper's "weighted average" wording). The fused token is a candidate
+  at later sites like any patch token.
+
+``K`` uses the exact value of ``keep`` (``keep=0.7`` is 7/10), so ``keep * n`` that is an integer gives exactly that
+integer; EViT's float ``math.ceil(0.7 * 10)`` gives 8 where tokensieve gives 7.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Literal
+
+from tokensieve.errors import MethodSpecError
+
+Score = Literal["auto", "cls", "mean_received"]
+Fuse = Literal["sum", "mean"] | None
+
+
+@dataclass(frozen=True)
+class SiteCount:
+    """Token counts at one pruning site: ``tokens_in`` = specials + candidates; ``tokens_out`` after pruning."""
+
+    layer: int
+    tokens_in: int
+    candidates: int
+    kept: int
+    tokens_out: int
+
+
+@dataclass(frozen=True)
+class TopKPrune:
+    """Keep the top ``ceil(keep * candidates)`` tokens by attention score after the attention of ``layers``."""
+
+    keep: Fraction
+    layers: tuple[int, ...] = (3, 6, 9)
+    fuse: Fuse = None
+    score: Score = "auto"
+    name: str = field(default="topk", init=False)
+
+    def __post_init__(self) -> None:
+        keep = self.keep
+        if isinstance(keep, bool) or not isinstance(keep, (int, Fraction, float)):
+            raise MethodSpecError(f"topk: keep must be a number in (0, 1], got {keep!r}")
+        keep = Fraction(str(keep)) if isinstance(keep, float) else Fraction(keep)
+        if not 0 < keep <= 1:
+            raise MethodSpecError(f"topk: keep must be in (0, 1], got {float(keep):g}; e.g. keep=0.7 keeps 70 %")
+        object.__setattr__(self, "keep", keep)
+        layers = self.layers
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = (layers,)
+        if (
+            not isinstance(layers, (list, tuple))
+            or not layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+        ):
+            raise MethodSpecError(f"topk: layers must be a non-empty list of block indices, got {self.layers!r}")
+        if any(i < 0 for i in layers):
+            raise MethodSpecError(f"topk: layer indices are 0-based and non-negative, got {list(layers)}")
+        if len(set(layers)) != len(layers):
+            raise MethodSpecError(f"topk: layers {list(layers)} contain duplicates")
+        object.__setattr__(self, "layers", tuple(sorted(layers)))
+        fuse = self.fuse
+        if fuse is True:
+            fuse = "sum"
+        elif fuse is False:
+            fuse = None
+        if fuse not in (None, "sum", "mean"):
+            raise MethodSpecError(f"topk: fuse must be false, true/'sum' (EViT) or 'mean', got {self.fuse!r}")
+        object.__setattr__(self, "fuse", fuse)
+        if self.score not in ("auto", "cls", "mean_received"):
+            raise MethodSpecError(f"topk: score must be 'auto', 'cls' or 'mean_received', got {self.score!r}")
+
+    # -- counts (shared by the reference and the graph pass) -------------------------------------------------
+    def kept_count(self, candidates: int) -> int:
+        """``ceil(keep * candidates)`` in exact integer arithmetic, at least 1."""
+        num, den = self.keep.numerator, self.keep.denominator
+        return max(1, (num * candidates + den - 1) // den)
+
+    def resolved_score(self, specials: int) -> Literal["cls", "mean_received"]:
+        if self.score == "auto":
+            return "cls" if specials >= 1 else "mean_received"
+        if self.score == "cls" and specials < 1:
+            raise MethodSpecError("topk: score='cls' needs a CLS token, but this model has none; use score='auto'")
+        return self.score
+
+    def schedule(self, tokens: int, specials: int, depth: int) -> tuple[list[int], list[SiteCount]]:
+        """Tokens entering each of ``depth`` blocks, and the counts at each site, for ``tokens`` input tokens."""
+        if self.layers[-1] >= depth:
+            raise MethodSpecError(
+                f"topk: layer {self.layers[-1]} is out of range; this model has {depth} blocks (0..{depth - 1})"
+            )
+        entering, sites, n = [], [], tokens
+        for layer in range(depth):
+            entering.append(n)
+            if layer in self.layers:
+                candidates = n - specials
+                if candidates < 1:
+                    raise MethodSpecError(f"topk: no candidate tokens left at layer {layer}")
+                kept = self.kept_count(candidates)
+                out = specials + kept + (1 if self.fuse and kept < candidates else 0)
+                sites.append(SiteCount(layer, n, candidates, kept, out))
+                n = out
+        return entering, sites
+
+    def fused_token(self, kept: int, candidates: int) -> bool:
+        """Whether a fused token is appended at a site (only when something was pruned)."""
+        return bool(self.fuse) and kept < candidates
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "keep": str(self.keep),
+            "layers": list(self.layers),
+            "fuse": self.fuse,
+            "score": self.score,
+        }
+
+    def describe(self) -> str:
+        keep = float(self.keep)
+        fuse = f", fuse={self.fuse!r}" if self.fuse else ""
+        score = f", score={self.score!r}" if self.score != "auto" else ""
+        return f"topk(keep={keep:g}, layers={list(self.layers)}{fuse}{score})"
