@@ -80,7 +80,7 @@ def bench_artifact(
     warmup: int = 5,
     blocks: int = 6,
     per_block: int = 5,
-    noise_ratio: float = 1.25,
+    noise_ratio: float = 1.15,
     retries: int = 2,
     providers: list[str] | None = None,
     save: bool = True,
