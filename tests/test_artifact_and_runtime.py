@@ -36,7 +36,7 @@ def test_reexport_replaces_an_artifact(zoo, tmp_path):
     path, _ = zoo("timm:vit_small_patch16_224")
     first = tokensieve.export(str(path), METHOD, tmp_path / "a")
     second = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "a")
-    assert first.path == second.path and second.manifest["sites"][0]["kept"] == 98
+    assert first.path == second.path and second.manifest["sites"][0]["params"]["kept"] == 98
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
@@ -72,12 +72,13 @@ def test_graph_passes_and_runtimes_work_without_torch(artifact):
 import sys
 sys.modules['torch'] = None
 import onnx_ir as ir
-from tokensieve.graph_passes import method_pass, run_passes
+from tokensieve.graph_passes import run_passes
+from tokensieve.graph_passes.token_reduction import TokenReductionPass
 from tokensieve.graph_passes.lint import lint
-from tokensieve.methods import parse_method
+from tokensieve.methods import parse_methods
 from tokensieve.runtimes.ort import OrtRunner
 model = ir.load({str(artifact.graph_path("baseline"))!r})
-run_passes(model, [method_pass(parse_method('topk(keep=0.5, layers=[1])'))])
+run_passes(model, [TokenReductionPass(parse_methods('topk(keep=0.5, layers=[1]) + tome(r=4, layers=[2, 3])'))])
 assert lint(model).ok
 runner = OrtRunner({str(artifact.graph_path("model"))!r})
 loaded = [m for m in sys.modules if sys.modules[m] is not None]

@@ -25,13 +25,15 @@ def vits(tmp_path_factory):
 def test_export_writes_a_complete_artifact(vits):
     assert sorted(os.listdir(vits)) == ["baseline.onnx", "manifest.json", "model.onnx", "weights.data"]
     manifest = json.loads((vits / "manifest.json").read_text())
-    assert manifest["method"] == {
-        "name": "topk",
-        "keep": "7/10",
-        "layers": [3, 6, 9],
-        "fuse": None,
-        "score": "auto",
-    }
+    assert manifest["methods"] == [
+        {
+            "name": "topk",
+            "keep": "7/10",
+            "layers": [3, 6, 9],
+            "fuse": None,
+            "score": "auto",
+        }
+    ]
     assert manifest["tokens_per_block"]["model"] == [197] * 4 + [139] * 3 + [98] * 3 + [69] * 2
     assert manifest["macs"]["baseline"] > manifest["macs"]["model"] > 0
     assert manifest["lint"]["ok"] and manifest["export"] == {
@@ -40,7 +42,7 @@ def test_export_writes_a_complete_artifact(vits):
         "batch": 1,
         "dynamic_batch": False,
     }
-    assert [s["kept"] for s in manifest["sites"]] == [138, 97, 68]
+    assert [s["params"]["kept"] for s in manifest["sites"]] == [138, 97, 68]
     assert manifest["weights_sha256"] and manifest["versions"]["onnxruntime"]
     # both graphs share one weights file; the reduced graph adds only small constants
     assert os.path.getsize(vits / "model.onnx") < 2_000_000
@@ -49,7 +51,7 @@ def test_export_writes_a_complete_artifact(vits):
 def test_inspect(vits, capsys):
     assert main(["inspect", str(vits)]) == 0
     text = capsys.readouterr().out
-    assert "12 found" in text and "keep 138/196 -> 139 tokens" in text and "MAC-limit speedup" in text
+    assert "12 found" in text and "topk(kept=138) -> 139 tokens" in text and "MAC-limit speedup" in text
     assert main(["inspect", str(vits), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [b["tokens_model"] for b in info["blocks"]][3:5] == [197, 139]
@@ -58,7 +60,7 @@ def test_inspect(vits, capsys):
 def test_parity_writes_polygraphy_golden_files(vits, capsys):
     assert main(["parity", str(vits)]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("parity: PASS") and "identical kept sets in 1/1 samples" in text
+    assert text.startswith("parity: PASS") and "same token groups in 1/1 samples" in text
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json
 
@@ -89,7 +91,7 @@ def test_method_none_is_a_baseline_artifact(tmp_path, capsys):
     out = tmp_path / "base"
     assert main(["export", "timm:vit_small_patch16_224", "--method", "none", "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["method"] is None and manifest["graphs"]["model"] == manifest["graphs"]["baseline"]
+    assert manifest["methods"] == [] and manifest["graphs"]["model"] == manifest["graphs"]["baseline"]
     assert manifest["macs"]["limit_speedup"] == 1.0
     assert sorted(os.listdir(out)) == ["manifest.json", "model.onnx", "weights.data"]
     assert main(["parity", str(out), "--no-golden"]) == 0
@@ -119,6 +121,12 @@ def _no_leftovers(parent, name):
             "layer 12 is out of range",
         ),
         (["timm:vit_small_patch16_224", "--method", "prune(k=3)"], "unknown method 'prune'"),
+        (["timm:vit_small_patch16_224", "--method", "tome(r=120)"], "r=120 is larger than the tokens allow"),
+        (
+            ["timm:vit_small_patch16_224", "--method", "diffrate(prune=[197, 150], merge=[197, 140])"],
+            "the table has 2 entries but the model has 12 blocks",
+        ),
+        (["timm:vit_small_patch16_224?global_pool=avg&bogus=1"], "does not accept these options"),
         (["hf:not-a-preset"], "neither a preset"),
         (["missing.onnx"], "does not exist"),
         (["resnet50"], "unknown model source"),
@@ -180,3 +188,13 @@ def test_parity_of_onnx_source_needs_a_reference(vits, tmp_path, capsys):
     assert main(["parity", str(out)]) == 2
     assert "--reference" in capsys.readouterr().err
     assert main(["parity", str(out), "--reference", "timm:vit_small_patch16_224", "--no-golden"]) == 0
+
+
+def test_plan_compares_schedules_before_exporting(vits, capsys):
+    assert main(["plan", str(vits), "--method", "tome(r=8)", "--method", "tome(r=16)", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["none", "tome(r=8)", "tome(r=16)"]
+    assert rows[2]["tokens_per_block"][-1] == 21 and rows[2]["final_tokens"] == 11
+    assert rows[0]["gmacs"] > rows[1]["gmacs"] > rows[2]["gmacs"] and rows[2]["limit_speedup"] > 1.9
+    assert main(["plan", str(vits), "--method", "tome(r=99)"]) == 2
+    assert "larger than the tokens allow" in capsys.readouterr().err

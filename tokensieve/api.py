@@ -1,6 +1,6 @@
 """Python API: ``tokensieve.export(...)`` builds an artifact; ``tokensieve.load(DIR)`` opens one.
 
-Data flow: model source -> converter (torch -> ONNX) -> normalising passes -> method pass -> artifact
+Data flow: model source -> converter (torch -> ONNX) -> normalising passes -> token-reduction pass -> artifact
 (ONNX + manifest) -> runtime. The eager reference and parity sit beside it (``Artifact.parity``).
 """
 
@@ -27,14 +27,15 @@ from tokensieve.artifact import (
     staged_directory,
 )
 from tokensieve.errors import GraphRewriteError, LocateError, SourceError
-from tokensieve.graph_passes import method_pass, run_passes
+from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.builder import read_sites
 from tokensieve.graph_passes.drop_zero_masks import DropZeroMaskPass
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate import ViTLayout, locate_vit
 from tokensieve.graph_passes.macs import count_macs
 from tokensieve.graph_passes.propagate import propagate_shapes
-from tokensieve.methods import Method, parse_method
+from tokensieve.graph_passes.token_reduction import TokenReductionPass
+from tokensieve.methods import Method, describe, parse_methods, schedule
 
 logging.getLogger("onnxscript").setLevel(logging.ERROR)
 
@@ -95,7 +96,7 @@ def _baseline_from_source(spec, batch: int, dynamic_batch: bool, opset: int, exp
 
 def export(
     source: str,
-    method: str | Method | None = None,
+    method: str | Method | list[Method] | None = None,
     out: str | os.PathLike = "tokensieve-out",
     *,
     weights: str | None = None,
@@ -112,14 +113,18 @@ def export(
     """Export ``source`` to ONNX, insert ``method`` into the graph, and write an artifact directory ``out``.
 
     ``source``: ``timm:NAME``, ``hf:PRESET`` / ``hf:PATH`` or a path to an ``.onnx`` file. ``method``: a method
-    string such as ``"topk(keep=0.7, layers=[3,6,9])"``, a method object, or ``None``/``"none"`` for the unreduced
+    string such as ``"topk(keep=0.7, layers=[3,6,9])"`` or ``"tome(r=8)"`` (combine with ``+``), method objects, or
+    ``None``/``"none"`` for the unreduced
     model in the same layout. ``module``: a prebuilt :class:`tokensieve.converters.sources.BuiltModel` to export
     instead of building ``source`` (``source`` is then only recorded).
     """
     from tokensieve.converters.sources import parse_source
 
     spec = parse_source(source, weights=weights, seed=seed, img_size=img_size)
-    method = parse_method(method) if isinstance(method, str) or method is None else method
+    if method is None or isinstance(method, str):
+        methods = parse_methods(method)
+    else:
+        methods = list(method) if isinstance(method, (list, tuple)) else [method]
     if batch < 1:
         raise SourceError(f"batch must be >= 1, got {batch}")
     baseline, digest = _baseline_from_source(spec, batch, dynamic_batch, opset, exporter, module)
@@ -129,23 +134,25 @@ def export(
     try:
         layout = locate_vit(baseline, specials)
     except LocateError as e:
-        if method is not None:
+        if methods:
             raise
         locate_error = str(e)
+    if methods:
+        schedule(methods, layout.tokens, layout.specials, layout.depth)  # fails early, before anything is written
 
     with staged_directory(out) as staging:
-        if method is None:
+        if not methods:
             reduced = baseline
             save_graph(baseline, staging / "model.onnx", weights=True)
             graphs = {"model": "model.onnx", "baseline": "model.onnx"}
             entering = [layout.tokens] * layout.depth if layout else None
         else:
             reduced = save_baseline(staging, baseline)
-            run_passes(reduced, [method_pass(method, specials=layout.specials), RemoveUnusedNodesPass()])
+            run_passes(reduced, [TokenReductionPass(methods, specials=layout.specials), RemoveUnusedNodesPass()])
             save_graph(reduced, staging / "model.onnx", weights=False)
             _check_file(staging / "model.onnx")
             graphs = {"model": "model.onnx", "baseline": "baseline.onnx"}
-            entering, _ = method.schedule(layout.tokens, layout.specials, layout.depth)
+            entering = schedule(methods, layout.tokens, layout.specials, layout.depth).entering
         inputs, outputs = _io(reduced)
         batch_dim = inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else None
         macs_model, macs_baseline = count_macs(reduced), count_macs(baseline)
@@ -162,8 +169,8 @@ def export(
                 "batch": batch_dim if isinstance(batch_dim, int) else None,
                 "dynamic_batch": not isinstance(batch_dim, int),
             },
-            "method": method.to_dict() if method else None,
-            "method_text": method.describe() if method else "none",
+            "methods": [m.to_dict() for m in methods],
+            "method_text": describe(methods),
             "graphs": {**graphs, "external_data": "weights.data"},
             "inputs": inputs,
             "outputs": outputs,

@@ -119,10 +119,10 @@ class Artifact:
         return self.path / self.manifest["graphs"][key]
 
     @property
-    def method(self):
-        from tokensieve.methods import method_from_dict
+    def methods(self) -> list:
+        from tokensieve.methods import methods_from_dicts
 
-        return method_from_dict(self.manifest.get("method"))
+        return methods_from_dicts(self.manifest.get("methods"))
 
     @property
     def input_spec(self) -> dict[str, Any]:
@@ -162,5 +162,5 @@ class Artifact:
         return lint(model, target)
 
     def __repr__(self) -> str:
-        method = self.manifest.get("method") or {"name": "none"}
-        return f"Artifact({str(self.path)!r}, source={self.manifest['source']['name']!r}, method={method['name']!r})"
+        source, method = self.manifest["source"]["name"], self.manifest["method_text"]
+        return f"Artifact({str(self.path)!r}, source={source!r}, method={method!r})"

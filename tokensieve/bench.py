@@ -1,7 +1,8 @@
 """Latency of the reduced graph against its unreduced baseline, and the MAC-limit speedup.
 
-Protocol (the machines are noisy and shared): both sessions are created with the same options and warmed up; the
-variants then alternate in blocks (order flipped every block) so drift hits both equally; medians are reported
+Protocol (the machines are noisy and shared): both sessions are created with the same options (thread-pool
+spinning off, so one session's idle threads do not busy-wait while the other runs) and warmed up; the variants then
+alternate in blocks (order flipped every block) so drift hits both equally; medians are reported
 with minima, and a measurement whose median exceeds its minimum by more than ``noise_ratio`` is repeated (up to
 ``retries`` times) and flagged if it stays noisy. ``achieved / limit`` compares the measured speedup with the
 speedup the MAC counts allow.
@@ -95,7 +96,9 @@ def bench_artifact(
             f"the graphs have a static batch of {static}; re-export with --batch or "
             "--dynamic-batch to benchmark other batch sizes"
         )
-    runners = {name: artifact.runner(name, threads=threads, providers=providers) for name in ("baseline", "model")}
+    runners = {
+        name: artifact.runner(name, threads=threads, providers=providers, spin=False) for name in ("baseline", "model")
+    }
     shape = manifest["inputs"][0]["shape"][1:]
     macs = manifest["macs"]
     report = BenchReport(threads, runners["model"].active, macs["baseline"], macs["model"])

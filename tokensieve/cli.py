@@ -1,4 +1,4 @@
-"""``tokensieve`` command line: export, inspect, parity, lint, bench.
+"""``tokensieve`` command line: export, inspect, parity, lint, plan, bench.
 
 Exit codes: 0 success; 1 a check failed (parity mismatch, lint errors); 2 bad input or an operation that could
 not be carried out (a typed tokensieve error, printed as one line).
@@ -88,6 +88,14 @@ def _lint(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from tokensieve.plan import format_plan, plan, plan_dicts
+
+    rows = plan(args.source, args.method, specials=args.specials, seed=args.seed, img_size=args.img_size)
+    print(json.dumps(plan_dicts(rows), indent=2) if args.json else format_plan(rows))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from tokensieve.api import load
 
@@ -150,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="trt10.3", help="trt10.3 (JetPack 6), trt10, trt11")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_lint)
+
+    p = sub.add_parser("plan", help="tokens per block and MACs of candidate methods, before exporting")
+    p.add_argument("source", help="timm:NAME, hf:..., an .onnx file, or an artifact directory (its baseline)")
+    p.add_argument("--method", action="append", required=True, help="a candidate; repeat to compare several")
+    p.add_argument("--specials", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("bench", help="latency of reduced vs unreduced graph against the MAC-limit speedup")
     p.add_argument("dir")

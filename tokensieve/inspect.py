@@ -66,7 +66,8 @@ def format_inspection(info: dict[str, Any]) -> str:
             note = ""
             if b["index"] in sites:
                 s = sites[b["index"]]
-                note = f"   <- {s['method']}: keep {s['kept']}/{s['candidates']} -> {s['tokens_out']} tokens"
+                params = ", ".join(f"{k}={v}" for k, v in s.get("params", {}).items())
+                note = f"   <- {s['method']}({params}) -> {s['tokens_out']} tokens"
             lines.append(
                 f"           {b['index']:>2} {b['name']:<20} {b['tokens_baseline']:>5} -> {b['tokens_model']:<5}{note}"
             )

@@ -4,8 +4,10 @@ Two things must agree on the same inputs:
 
 * **values**: every graph output, ``max |ort - eager| / max |eager|`` (error relative to the output scale) must be
   ``<= tolerance`` (1e-4 by default, fp32);
-* **selections**: at every reduction site, the kept-token positions (exposed from the graph as debug outputs
-  ``tokensieve/site<k>/kept``) must equal the reference's, sample by sample.
+* **selections**: at every reduction site, the token groupings (kept, merged together, dropped), derived from
+  the index tensors the site exposes as debug outputs (``tokensieve/site<k>/kept``, ``.../src``, ``.../dst``, ...),
+  must equal the reference's, sample by sample; token sizes of merged groups must agree too. Groupings, not raw
+  order, are the criterion (an equal order is reported as well).
 
 The inputs and both sets of outputs are written in Polygraphy's JSON format under ``DIR/golden/`` so the same
 check can be replayed on a TensorRT machine (``polygraphy run model.onnx --trt --load-inputs ...``).
@@ -40,14 +42,16 @@ class OutputParity:
 class SiteParity:
     layer: int
     block: str
-    kept: int
+    method: str
     samples: int
-    identical_samples: int
-    min_jaccard: float
+    same_groups: int  # samples whose merge source map (which original tokens each output token holds) matches
+    same_order: int  # samples whose output order is identical too
+    min_agreement: float  # worst fraction of original tokens whose group matches
+    size_error: float | None  # max |size difference| of matching groups, when the graph exposes sizes
 
     @property
     def ok(self) -> bool:
-        return self.identical_samples == self.samples
+        return self.same_groups == self.samples and (self.size_error is None or self.size_error <= 1e-3)
 
 
 @dataclass
@@ -82,9 +86,11 @@ class ParityReport:
                 f"relative {o.relative:.3e}  {'ok' if o.ok else 'FAIL'}"
             )
         for s in self.sites:
+            sizes = "" if s.size_error is None else f", sizes within {s.size_error:.1e}"
             lines.append(
-                f"  site   {s.block:<20} kept {s.kept:>4}  identical kept sets in {s.identical_samples}/"
-                f"{s.samples} samples (min Jaccard {s.min_jaccard:.3f})  {'ok' if s.ok else 'FAIL'}"
+                f"  site   {s.block:<20} {s.method:<8} same token groups in {s.same_groups}/{s.samples} samples "
+                f"(same order {s.same_order}/{s.samples}, min agreement {s.min_agreement:.3f}{sizes})  "
+                f"{'ok' if s.ok else 'FAIL'}"
             )
         if self.golden:
             lines.append(f"  golden files: {self.golden}")
@@ -92,24 +98,99 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    sa, sb = set(a.tolist()), set(b.tolist())
-    return len(sa & sb) / max(1, len(sa | sb))
+def assignment(site: dict, specials: int, raw: dict[str, np.ndarray]) -> np.ndarray:
+    """``[B, N_in]``: for each token entering a site, the output position it ends up in (-1 when dropped),
+    derived from the index tensors the site exposes (the same roles in the graph and in the eager reference)."""
+    S, N, method, params = specials, site["tokens_in"], site["method"], site.get("params", {})
+    first = next(iter(raw.values()))
+    out = np.full((first.shape[0], N), -1, dtype=np.int64)
+    out[:, :S] = np.arange(S)
+    rows = np.arange(first.shape[0])[:, None]
+    if method == "topk":
+        kept = raw["kept"]
+        out[rows, kept] = S + np.arange(kept.shape[1])
+        if site["tokens_out"] > S + kept.shape[1]:  # fused token collects every pruned candidate
+            pruned = out[:, S:] == -1
+            out[:, S:][pruned] = site["tokens_out"] - 1
+    elif method == "tome":
+        a_pos = np.array([i for i in range(S, N) if i % 2 == 0])
+        b_pos = np.array([i for i in range(S, N) if i % 2 == 1])
+        unm, src, dst = raw["unm"], raw["src"], raw["dst"]
+        out[rows, a_pos[unm]] = S + np.arange(unm.shape[1])
+        out[:, b_pos] = S + unm.shape[1] + np.arange(len(b_pos))
+        out[rows, a_pos[src]] = S + unm.shape[1] + dst
+    elif method == "pitome":
+        order, dst, r = raw["order"] + S, raw["dst"], params["r"]
+        protected, kept_b = order.shape[1] - 2 * r, S + order.shape[1] - 2 * r
+        out[rows, order[:, 2 * r :]] = S + np.arange(protected)
+        out[rows, order[:, 1 : 2 * r : 2]] = kept_b + np.arange(r)
+        out[rows, order[:, 0 : 2 * r : 2]] = kept_b + dst
+    elif method == "diffrate":
+        order, prune, merge = raw["order"] + S, params["prune"], params["merge"]
+        out[rows, order[:, : merge - S]] = np.arange(S, merge)
+        if merge < prune:
+            out[rows, order[:, merge - S : prune - S]] = raw["dst"]
+    else:
+        raise ParityError(f"no assignment rule for method {method!r}")
+    return out
 
 
-def compare_sites(sites: list[dict], eager: dict[int, np.ndarray], graph: dict[str, np.ndarray]) -> list[SiteParity]:
+def _compose(source: np.ndarray, assign: np.ndarray) -> np.ndarray:
+    """Source map after one more site: original token -> output position (-1 dropped)."""
+    rows = np.arange(source.shape[0])[:, None]
+    return np.where(source >= 0, assign[rows, np.maximum(source, 0)], -1)
+
+
+def _canonical(source: np.ndarray) -> np.ndarray:
+    """Relabel each group of original tokens by its smallest member: an order-free form of a source map."""
+    labels = np.full_like(source, -1)
+    for b in range(source.shape[0]):
+        for group in np.unique(source[b][source[b] >= 0]):
+            members = np.nonzero(source[b] == group)[0]
+            labels[b, members] = members.min()
+    return labels
+
+
+def _size_error(ref_sizes, got_sizes, ref_source: np.ndarray, got_source: np.ndarray) -> float | None:
+    """Largest size difference between the groups (matched through their original tokens) of both sides."""
+    if ref_sizes is None or got_sizes is None:
+        return None
+    worst = 0.0
+    for b in range(ref_source.shape[0]):
+        for i in np.unique(_canonical(ref_source[b : b + 1])[0]):
+            if i >= 0:
+                worst = max(worst, abs(float(ref_sizes[b, ref_source[b, i]] - got_sizes[b, got_source[b, i]])))
+    return worst
+
+
+def compare_sites(
+    sites: list[dict], specials: int, eager: dict[int, dict[str, np.ndarray]], graph: dict[str, np.ndarray]
+) -> list[SiteParity]:
+    """Compare, site by site, which *original* tokens each output token stands for (the merge source map, composed
+    over all sites so far): a permutation of tokens between two implementations is not a difference, a different
+    grouping is. Sizes are compared group by group."""
     out = []
+    ref_source = got_source = None
     for site in sites:
-        ref, got = eager[site["layer"]], graph[site["kept_indices"]]
-        identical = sum(int(np.array_equal(np.sort(r), np.sort(g))) for r, g in zip(ref, got, strict=True))
+        ref = eager[site["layer"]]
+        got = {role: graph[name] for role, name in site["exposed"].items() if name in graph}
+        ref_assign = assignment(site, specials, {k: v for k, v in ref.items() if k != "sizes"})
+        got_assign = assignment(site, specials, {k: v for k, v in got.items() if k != "sizes"})
+        if ref_source is None:
+            ref_source = got_source = np.broadcast_to(np.arange(ref_assign.shape[1]), ref_assign.shape)
+        same_order = (ref_assign == got_assign).all(axis=1) & (ref_source == got_source).all(axis=1)
+        ref_source, got_source = _compose(ref_source, ref_assign), _compose(got_source, got_assign)
+        match = _canonical(ref_source) == _canonical(got_source)
         out.append(
             SiteParity(
                 site["layer"],
                 site["block"],
-                site["kept"],
-                len(ref),
-                identical,
-                min(_jaccard(r, g) for r, g in zip(ref, got, strict=True)),
+                site["method"],
+                len(ref_assign),
+                int(match.all(axis=1).sum()),
+                int(same_order.sum()),
+                float(match.mean(axis=1).min()),
+                _size_error(ref.get("sizes"), got.get("sizes"), ref_source, got_source) if match.all() else None,
             )
         )
     return out
@@ -191,13 +272,14 @@ def check_parity(
     providers: list[str] | None = None,
 ) -> ParityReport:
     """Run the eager reference and the artifact's graph on the same seeded inputs and compare them."""
+    import onnx_ir as ir
     import torch
 
-    from tokensieve.reference.topk import TopKReference
+    from tokensieve.reference.reduce import ReducedModel
     from tokensieve.runtimes.ort import OrtRunner
 
     manifest = artifact.manifest
-    method = artifact.method
+    methods = artifact.methods
     built = _reference_module(artifact, reference)
     static_batch = manifest["export"]["batch"]
     if batch is None:
@@ -205,18 +287,20 @@ def check_parity(
     elif static_batch and batch != static_batch:
         raise ParityError(f"the graph has a static batch of {static_batch}; cannot check batch {batch}")
     specials = (manifest.get("layout") or {}).get("specials")
-    eager_model = TopKReference(built.module, method, specials) if method else built.module.eval()
-    shape = [batch, *built.input_shape]
-    pixels = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    eager_model = ReducedModel(built.module, methods, specials) if methods else built.module.eval()
+    pixels = torch.randn(batch, *built.input_shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         eager_out = eager_model(pixels)
     eager_out = [t.numpy() for t in (eager_out if isinstance(eager_out, (tuple, list)) else (eager_out,))]
-    eager_kept = {k: v.numpy() for k, v in eager_model.recorder.kept.items()} if method else {}
+    eager_records = (
+        {layer: {k: v.numpy() for k, v in rec.items()} for layer, rec in eager_model.records.items()} if methods else {}
+    )
 
     sites = manifest.get("sites", [])
-    runner = OrtRunner(
-        artifact.graph_path("model"), providers=providers, extra_outputs=[s["kept_indices"] for s in sites]
-    )
+    model_path = artifact.graph_path("model")
+    alive = {v.name for node in ir.load(model_path).graph for v in node.outputs}
+    exposed = [name for site in sites for name in site["exposed"].values() if name in alive]
+    runner = OrtRunner(model_path, providers=providers, extra_outputs=exposed)
     feeds = {runner.input_names[0]: pixels.numpy()}
     graph_out = runner.run(feeds)
     names = [o["name"] for o in manifest["outputs"]]
@@ -227,7 +311,7 @@ def check_parity(
         batch,
         runner.active,
         compare_outputs(names, eager_out, graph_out, tolerance),
-        compare_sites(sites, eager_kept, graph_out),
+        compare_sites(sites, specials or 0, eager_records, graph_out),
     )
     if golden:
         directory = _write_golden(

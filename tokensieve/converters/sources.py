@@ -9,10 +9,11 @@ or a local checkpoint directory).
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,14 @@ class SourceSpec:
     weights: str | None = None
     seed: int = 0
     img_size: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # timm create_model keyword arguments
 
     @property
     def text(self) -> str:
-        return self.name if self.kind == "onnx" else f"{self.kind}:{self.name}"
+        if self.kind == "onnx":
+            return self.name
+        query = "&".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.kind}:{self.name}" + (f"?{query}" if query else "")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,15 +70,35 @@ class SourceSpec:
         return cls(**data)
 
 
+def _timm_options(query: str) -> dict[str, Any]:
+    """``global_pool=avg&class_token=false`` -> keyword arguments for ``timm.create_model`` (literals only)."""
+    options: dict[str, Any] = {}
+    for item in filter(None, query.split("&")):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise SourceError(f"bad timm option {item!r}; use timm:NAME?key=value&key=value")
+        lowered = raw.lower()
+        if lowered in ("true", "false", "none"):
+            options[key] = {"true": True, "false": False, "none": None}[lowered]
+        else:
+            try:
+                options[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                options[key] = raw
+    return options
+
+
 def parse_source(text: str, weights: str | None = None, seed: int = 0, img_size: int | None = None) -> SourceSpec:
-    """``timm:vit_base_patch16_224``, ``hf:clip``, ``hf:/path/to/checkpoint_or_config``, ``model.onnx``."""
+    """``timm:vit_base_patch16_224[?key=value&...]``, ``hf:clip``, ``hf:/path/to/checkpoint_or_config``,
+    ``model.onnx``."""
     text = text.strip()
     if weights is not None:
         weights = os.path.abspath(weights)
         if not os.path.isfile(weights):
             raise SourceError(f"weights file {weights!r} does not exist")
     if text.startswith("timm:"):
-        return SourceSpec("timm", text[5:], weights, seed, img_size)
+        name, _, query = text[5:].partition("?")
+        return SourceSpec("timm", name, weights, seed, img_size, _timm_options(query))
     if text.startswith("hf:"):
         name = text[3:]
         if name not in HF_PRESETS:
@@ -123,9 +148,11 @@ class BuiltModel:
 def _build_timm(spec: SourceSpec) -> BuiltModel:
     import timm
 
-    kwargs = {"img_size": spec.img_size} if spec.img_size else {}
+    kwargs = {**spec.options, **({"img_size": spec.img_size} if spec.img_size else {})}
     try:
         module = timm.create_model(spec.name, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise SourceError(f"timm:{spec.name} does not accept these options {spec.options}: {e}") from None
     except RuntimeError as e:
         if "Unknown model" not in str(e):
             raise SourceError(f"timm:{spec.name}: {e}") from None

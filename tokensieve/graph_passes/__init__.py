@@ -8,17 +8,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from tokensieve.errors import GraphRewriteError, MethodSpecError, TokensieveError
-from tokensieve.methods import Method, TopKPrune
-
-
-def method_pass(method: Method, specials: int | None = None) -> ir.passes.PassBase:
-    """The graph pass that inserts ``method`` (its graph face)."""
-    if isinstance(method, TopKPrune):
-        from tokensieve.graph_passes.topk_prune import TopKPrunePass
-
-        return TopKPrunePass(method, specials=specials)
-    raise MethodSpecError(f"method {method.name!r} has no graph pass")
+from tokensieve.errors import GraphRewriteError, TokensieveError
 
 
 def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> ir.passes.PassResult:
@@ -26,9 +16,9 @@ def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> ir.passes.P
     try:
         return ir.passes.PassManager(passes)(model)
     except ir.passes.PassError as e:
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, TokensieveError):
+        cause: BaseException = e
+        while not isinstance(cause, TokensieveError) and cause.__cause__ is not None:
             cause = cause.__cause__
-        if cause is not None:
+        if isinstance(cause, TokensieveError):
             raise cause from None
-        raise GraphRewriteError(f"graph pass failed: {e.__cause__ or e}") from e
+        raise GraphRewriteError(f"graph pass failed: {type(cause).__name__}: {cause}") from e

@@ -15,7 +15,14 @@ import numpy as np
 import onnx_ir as ir
 
 SITES_KEY = "tokensieve.sites"  # model metadata: JSON list of the sites passes inserted
-_AXES_AS_INPUT_SINCE = {"ReduceSum": 13, "ReduceMean": 18, "ReduceMax": 18, "ReduceMin": 18, "ReduceProd": 18}
+_AXES_AS_INPUT_SINCE = {
+    "ReduceSum": 13,
+    "ReduceMean": 18,
+    "ReduceMax": 18,
+    "ReduceMin": 18,
+    "ReduceProd": 18,
+    "ReduceL2": 18,
+}
 
 
 class NodeBuilder:
@@ -27,6 +34,7 @@ class NodeBuilder:
         self.prefix = prefix
         self.metadata = metadata
         self.nodes: list[ir.Node] = []
+        self.exposed: dict[str, str] = {}
         self._count = 0
 
     def _name(self, hint: str) -> str:
@@ -75,6 +83,12 @@ class NodeBuilder:
 
     def unsqueeze(self, x: ir.Value, axes: Sequence[int]) -> ir.Value:
         return self.op("Unsqueeze", [x, self.const(list(axes), "axes")])
+
+    def expose(self, value: ir.Value, role: str) -> ir.Value:
+        """Give ``value`` the stable name ``<prefix>/<role>`` so parity can read it as a debug output."""
+        value.name = f"{self.prefix}/{role}"
+        self.exposed[role] = value.name
+        return value
 
     def insert_after(self, anchor: ir.Node) -> None:
         self.graph.insert_after(anchor, self.nodes)

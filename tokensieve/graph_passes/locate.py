@@ -48,6 +48,7 @@ class AttentionBlock:
     logit_ops: list[tuple[ir.Node, int]]  # scaling ops between the logits MatMul and Softmax, with data input index
     scale: float | None
     probs: ir.Value | None
+    attention: ir.Node  # the Softmax (decomposed attention) or the fused Attention op
     heads: int
     head_dim: int
     tokens: int
@@ -87,6 +88,7 @@ class ViTLayout:
     uses_metadata: bool
     token_axis: int = 1
     notes: list[str] = field(default_factory=list)
+    pooling_attention: list[ir.Node] = field(default_factory=list)  # Softmax of attention-pooling heads
 
     @property
     def depth(self) -> int:
@@ -289,7 +291,7 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
     for node, query, key, transposed, chain, scale, probs in cores:
         found = _residual_add(node.outputs[0], _ancestors(query))
         if found is None:
-            continue  # attention without a residual stream: a pooling head, not a block
+            continue  # self-attention without a residual stream around it
         add, stream_in = found
         qd, sd = _static_dims(query), _static_dims(stream_in)
         index = len(blocks)
@@ -304,6 +306,11 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
                 )
         if sd[1] != qd[-2]:
             raise LocateError(f"block {name}: attention runs over {qd[-2]} tokens but the residual stream has {sd[1]}")
+        if any(b.residual_add is add for b in blocks):
+            raise LocateError(
+                f"block {name} has several attention maps feeding one residual branch (e.g. differential "
+                "attention); only single-softmax self-attention is supported"
+            )
         blocks.append(
             AttentionBlock(
                 index=index,
@@ -316,6 +323,7 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
                 logit_ops=chain,
                 scale=scale,
                 probs=probs,
+                attention=node,
                 heads=int(qd[1]),
                 head_dim=int(qd[-1]),
                 tokens=int(sd[1]),
@@ -346,4 +354,18 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
         batch=first[0],
         uses_metadata=uses_metadata,
         notes=notes,
+        pooling_attention=_pooling_attention(graph, blocks[-1], int(tokens)),
     )
+
+
+def _pooling_attention(graph: ir.Graph, last: AttentionBlock, tokens: int) -> list[ir.Node]:
+    """Softmax nodes after the last block that attend from a few learned queries over the N tokens (MAP heads)."""
+    upstream = _ancestors(last.post_attention)
+    found = []
+    for node in graph:
+        if node.op_type != "Softmax" or node.inputs[0] in upstream:
+            continue
+        dims = _static_dims(node.inputs[0])
+        if dims and len(dims) in (3, 4) and dims[-1] == tokens and dims[-2] != tokens:
+            found.append(node)
+    return found

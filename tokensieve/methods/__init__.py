@@ -1,52 +1,73 @@
 """Method declarations: one small config dataclass per token-reduction method.
 
 Each method has two faces that read the same dataclass: an eager PyTorch reference (``tokensieve.reference``) and
-a graph pass (``tokensieve.graph_passes``). This package is pure Python (no torch, no onnx).
+a graph face (``tokensieve.graph_passes``). Several methods combine with ``+`` as long as they own disjoint blocks,
+e.g. ``"topk(keep=0.7, layers=[3]) + tome(r=8, layers=[4,5,6,7,8,9,10,11])"``. This package is pure Python.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
 from tokensieve.errors import MethodSpecError
-from tokensieve.methods.spec import MethodCall, parse_method_call
-from tokensieve.methods.topk import SiteCount, TopKPrune
+from tokensieve.methods.base import Method, Schedule, SiteCount, schedule
+from tokensieve.methods.diffrate import DiffRate
+from tokensieve.methods.pitome import PiToMe
+from tokensieve.methods.spec import parse_method_calls
+from tokensieve.methods.tome import ToMe
+from tokensieve.methods.topk import TopKPrune
 
-Method = TopKPrune
+REGISTRY: dict[str, type] = {cls.name: cls for cls in (TopKPrune, ToMe, PiToMe, DiffRate)}
 
-REGISTRY: dict[str, type[Method]] = {"topk": TopKPrune}
-
-__all__ = ["REGISTRY", "Method", "MethodCall", "SiteCount", "TopKPrune", "method_from_dict", "parse_method"]
+__all__ = [
+    "REGISTRY",
+    "DiffRate",
+    "Method",
+    "PiToMe",
+    "Schedule",
+    "SiteCount",
+    "ToMe",
+    "TopKPrune",
+    "describe",
+    "methods_from_dicts",
+    "parse_methods",
+    "schedule",
+]
 
 
 def _build(name: str, kwargs: dict[str, Any]) -> Method:
     cls = REGISTRY.get(name)
     if cls is None:
         raise MethodSpecError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))} (or 'none')")
-    allowed = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    allowed = [f.name for f in fields]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise MethodSpecError(f"{name}: unknown argument(s) {unknown}; valid arguments: {allowed}")
-    required = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING]
-    missing = [r for r in required if r not in kwargs]
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in kwargs]
     if missing:
-        raise MethodSpecError(f"{name}: missing argument(s) {missing}, e.g. {name}(keep=0.7)")
+        raise MethodSpecError(f"{name}: missing argument(s) {missing}")
     return cls(**kwargs)
 
 
-def parse_method(text: str | None) -> Method | None:
-    """Parse a method string (``"topk(keep=0.7, layers=[3,6,9])"``); ``None``/``""``/``"none"`` give ``None``."""
-    call = parse_method_call(text) if text is not None else None
-    return None if call is None else _build(call.name, call.kwargs)
+def parse_methods(text: str | None) -> list[Method]:
+    """Parse a method string; ``None``/``""``/``"none"`` give ``[]``."""
+    return [_build(call.name, call.kwargs) for call in parse_method_calls(text)]
 
 
-def method_from_dict(data: dict[str, Any] | None) -> Method | None:
-    """Inverse of ``Method.to_dict()`` (used to read manifests)."""
-    if data is None:
-        return None
-    kwargs = {k: v for k, v in data.items() if k != "name"}
-    if "keep" in kwargs:
-        kwargs["keep"] = Fraction(kwargs["keep"])
-    return _build(data["name"], kwargs)
+def describe(methods: Sequence[Method]) -> str:
+    return " + ".join(m.describe() for m in methods) or "none"
+
+
+def methods_from_dicts(data: Sequence[dict[str, Any]] | None) -> list[Method]:
+    """Inverse of ``[m.to_dict() for m in methods]`` (used to read manifests)."""
+    methods = []
+    for entry in data or []:
+        kwargs = {k: v for k, v in entry.items() if k != "name"}
+        if entry["name"] == "topk":
+            kwargs["keep"] = Fraction(kwargs["keep"])
+        methods.append(_build(entry["name"], kwargs))
+    return methods

@@ -1,4 +1,4 @@
-"""Safe parsing of method strings such as ``topk(keep=0.7, layers=[3,6,9])``.
+"""Safe parsing of method strings such as ``topk(keep=0.7, layers=[3,6,9])`` or ``topk(...) + tome(r=8)``.
 
 The string is parsed with :mod:`ast` and only a single call with keyword arguments whose values are literals
 (numbers, strings, booleans, None, lists/tuples of those; ``true``/``false``/``none`` in any case) is accepted.
@@ -44,10 +44,27 @@ def _literal(node: ast.expr, text: str) -> Any:
     raise MethodSpecError(f"method argument {segment!r} is not a literal; use numbers, strings, lists or booleans")
 
 
-def parse_method_call(text: str) -> MethodCall | None:
-    """Parse ``name(key=value, ...)``; ``""``, ``"none"`` or ``None`` mean "no method" and return ``None``."""
+def _call(node: ast.expr, text: str) -> MethodCall:
+    if isinstance(node, ast.Name):
+        return MethodCall(node.id, {})
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+        raise MethodSpecError(f"method {text!r} must look like name(key=value, ...) [+ name(...)]")
+    if node.args:
+        raise MethodSpecError(f"method {text!r}: pass arguments by keyword, e.g. keep=0.7")
+    kwargs: dict[str, Any] = {}
+    for kw in node.keywords:
+        if kw.arg is None:
+            raise MethodSpecError(f"method {text!r}: '**' arguments are not allowed")
+        if kw.arg in kwargs:
+            raise MethodSpecError(f"method {text!r}: argument {kw.arg!r} given twice")
+        kwargs[kw.arg] = _literal(kw.value, text)
+    return MethodCall(node.func.id, kwargs)
+
+
+def parse_method_calls(text: str | None) -> list[MethodCall]:
+    """Parse ``name(key=value, ...) + name(...)``; ``""``, ``"none"`` or ``None`` give an empty list."""
     if text is None or text.strip().lower() in ("", "none"):
-        return None
+        return []
     text = text.strip()
     try:
         tree = ast.parse(text, mode="eval")
@@ -55,18 +72,11 @@ def parse_method_call(text: str) -> MethodCall | None:
         raise MethodSpecError(
             f"cannot parse method {text!r}: {e.msg}; expected e.g. 'topk(keep=0.7, layers=[3,6,9])'"
         ) from None
-    body = tree.body
-    if isinstance(body, ast.Name):
-        return MethodCall(body.id, {})
-    if not isinstance(body, ast.Call) or not isinstance(body.func, ast.Name):
-        raise MethodSpecError(f"method {text!r} must look like name(key=value, ...)")
-    if body.args:
-        raise MethodSpecError(f"method {text!r}: pass arguments by keyword, e.g. keep=0.7")
-    kwargs: dict[str, Any] = {}
-    for kw in body.keywords:
-        if kw.arg is None:
-            raise MethodSpecError(f"method {text!r}: '**' arguments are not allowed")
-        if kw.arg in kwargs:
-            raise MethodSpecError(f"method {text!r}: argument {kw.arg!r} given twice")
-        kwargs[kw.arg] = _literal(kw.value, text)
-    return MethodCall(body.func.id, kwargs)
+    terms, stack = [], [tree.body]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            stack.extend([node.right, node.left])
+        else:
+            terms.append(_call(node, text))
+    return terms

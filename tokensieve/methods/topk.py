@@ -1,7 +1,7 @@
 """EViT-style attention-score top-k token pruning: the method's single declaration.
 
 Both faces of the method read this dataclass: the eager reference (``tokensieve.reference.topk``) and the graph
-pass (``tokensieve.graph_passes.topk_prune``). Counts are computed here, once, with exact rational arithmetic.
+face (``tokensieve.graph_passes.sites.topk``). Counts are computed here, once, with exact rational arithmetic.
 
 Semantics (METHODS.md §3.5, with the differences stated):
 
@@ -23,25 +23,15 @@ integer; EViT's float ``math.ceil(0.7 * 10)`` gives 8 where tokensieve gives 7.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from tokensieve.errors import MethodSpecError
+from tokensieve.methods.base import SiteCount, check_depth, check_layers
 
 Score = Literal["auto", "cls", "mean_received"]
 Fuse = Literal["sum", "mean"] | None
-
-
-@dataclass(frozen=True)
-class SiteCount:
-    """Token counts at one pruning site: ``tokens_in`` = specials + candidates; ``tokens_out`` after pruning."""
-
-    layer: int
-    tokens_in: int
-    candidates: int
-    kept: int
-    tokens_out: int
 
 
 @dataclass(frozen=True)
@@ -52,7 +42,8 @@ class TopKPrune:
     layers: tuple[int, ...] = (3, 6, 9)
     fuse: Fuse = None
     score: Score = "auto"
-    name: str = field(default="topk", init=False)
+    name: ClassVar[str] = "topk"
+    merges: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         keep = self.keep
@@ -62,20 +53,10 @@ class TopKPrune:
         if not 0 < keep <= 1:
             raise MethodSpecError(f"topk: keep must be in (0, 1], got {float(keep):g}; e.g. keep=0.7 keeps 70 %")
         object.__setattr__(self, "keep", keep)
-        layers = self.layers
-        if isinstance(layers, int) and not isinstance(layers, bool):
-            layers = (layers,)
-        if (
-            not isinstance(layers, (list, tuple))
-            or not layers
-            or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
-        ):
-            raise MethodSpecError(f"topk: layers must be a non-empty list of block indices, got {self.layers!r}")
-        if any(i < 0 for i in layers):
-            raise MethodSpecError(f"topk: layer indices are 0-based and non-negative, got {list(layers)}")
-        if len(set(layers)) != len(layers):
-            raise MethodSpecError(f"topk: layers {list(layers)} contain duplicates")
-        object.__setattr__(self, "layers", tuple(sorted(layers)))
+        layers = check_layers("topk", self.layers)
+        if layers is None:
+            raise MethodSpecError("topk: layers must list the blocks to prune after, e.g. layers=[3,6,9]")
+        object.__setattr__(self, "layers", layers)
         fuse = self.fuse
         if fuse is True:
             fuse = "sum"
@@ -100,28 +81,24 @@ class TopKPrune:
             raise MethodSpecError("topk: score='cls' needs a CLS token, but this model has none; use score='auto'")
         return self.score
 
-    def schedule(self, tokens: int, specials: int, depth: int) -> tuple[list[int], list[SiteCount]]:
-        """Tokens entering each of ``depth`` blocks, and the counts at each site, for ``tokens`` input tokens."""
-        if self.layers[-1] >= depth:
-            raise MethodSpecError(
-                f"topk: layer {self.layers[-1]} is out of range; this model has {depth} blocks (0..{depth - 1})"
-            )
-        entering, sites, n = [], [], tokens
-        for layer in range(depth):
-            entering.append(n)
-            if layer in self.layers:
-                candidates = n - specials
-                if candidates < 1:
-                    raise MethodSpecError(f"topk: no candidate tokens left at layer {layer}")
-                kept = self.kept_count(candidates)
-                out = specials + kept + (1 if self.fuse and kept < candidates else 0)
-                sites.append(SiteCount(layer, n, candidates, kept, out))
-                n = out
-        return entering, sites
-
     def fused_token(self, kept: int, candidates: int) -> bool:
         """Whether a fused token is appended at a site (only when something was pruned)."""
         return bool(self.fuse) and kept < candidates
+
+    def layers_for(self, depth: int) -> tuple[int, ...]:
+        return self.layers
+
+    def validate(self, tokens: int, specials: int, depth: int) -> None:
+        check_depth("topk", self.layers, depth)
+        self.resolved_score(specials)
+
+    def site(self, layer: int, tokens_in: int, specials: int, depth: int) -> SiteCount:
+        candidates = tokens_in - specials
+        if candidates < 1:
+            raise MethodSpecError(f"topk: no candidate tokens left at layer {layer}")
+        kept = self.kept_count(candidates)
+        out = specials + kept + int(self.fused_token(kept, candidates))
+        return SiteCount(layer, tokens_in, candidates, out, {"kept": kept})
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -133,7 +110,6 @@ class TopKPrune:
         }
 
     def describe(self) -> str:
-        keep = float(self.keep)
         fuse = f", fuse={self.fuse!r}" if self.fuse else ""
         score = f", score={self.score!r}" if self.score != "auto" else ""
-        return f"topk(keep={keep:g}, layers={list(self.layers)}{fuse}{score})"
+        return f"topk(keep={float(self.keep):g}, layers={list(self.layers)}{fuse}{score})"

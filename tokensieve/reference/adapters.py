@@ -1,17 +1,18 @@
 """How eager references reach into the blocks of each supported model family, without re-implementing them.
 
 A :class:`BlockSpec` names a block's submodules (pre-attention norm, attention, LayerScale, pre-MLP norm, MLP)
-and the two attention submodules whose outputs are the queries and keys. A reference method wraps each block in
-:class:`ReducingBlock`, which calls the block's *own* submodules for the attention half, hands the post-attention
-stream plus Q/K to the method's site function, then runs the block's own MLP half on the reduced stream. So the
-eager reference computes exactly the original model wherever no reduction happens (checked by a test with
-``keep=1``).
+and the two attention submodules whose outputs are the queries and keys. The reference wraps every block
+in :class:`ReducingBlock`, which calls the block's *own* submodules for the attention half (passing the
+proportional-attention bias through the attention's own additive-mask argument), hands the post-attention stream
+plus Q/K to the method's site function, then runs the block's own MLP half on the reduced stream. So the eager
+reference computes exactly the original model wherever no reduction happens (checked by a test with ``keep=1``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -31,16 +32,39 @@ class BlockSpec:
     key: str
     heads_first: bool  # True: query/key outputs are [B, H, N, d] (timm q_norm/k_norm); False: [B, N, H*d]
     attn_returns_tuple: bool
+    mask_kwarg: str  # keyword of the attention module's additive mask (used for proportional attention)
 
 
-_TIMM = BlockSpec("norm1", "attn", "ls1", "norm2", "mlp", "ls2", "q_norm", "k_norm", True, False)
+_TIMM = BlockSpec("norm1", "attn", "ls1", "norm2", "mlp", "ls2", "q_norm", "k_norm", True, False, "attn_mask")
 _HF_VIT = BlockSpec(
-    "layernorm_before", "attention", None, "layernorm_after", "mlp", None, "q_proj", "k_proj", False, True
+    "layernorm_before",
+    "attention",
+    None,
+    "layernorm_after",
+    "mlp",
+    None,
+    "q_proj",
+    "k_proj",
+    False,
+    True,
+    "attention_mask",
 )
 _HF_DINOV2 = BlockSpec(
-    "norm1", "attention", "layer_scale1", "norm2", "mlp", "layer_scale2", "q_proj", "k_proj", False, True
+    "norm1",
+    "attention",
+    "layer_scale1",
+    "norm2",
+    "mlp",
+    "layer_scale2",
+    "q_proj",
+    "k_proj",
+    False,
+    True,
+    "attention_mask",
 )
-_HF_CLIP = BlockSpec("layer_norm1", "self_attn", None, "layer_norm2", "mlp", None, "q_proj", "k_proj", False, True)
+_HF_CLIP = BlockSpec(
+    "layer_norm1", "self_attn", None, "layer_norm2", "mlp", None, "q_proj", "k_proj", False, True, "attention_mask"
+)
 
 BLOCK_SPECS: dict[str, BlockSpec] = {
     "Block": _TIMM,  # timm.models.vision_transformer.Block (ViT, DeiT, DeiT-III, DINOv2 in timm, ...)
@@ -67,6 +91,12 @@ def find_blocks(model: nn.Module) -> tuple[nn.Module, list[nn.Module], BlockSpec
             f"{type(model).__name__}: no supported transformer blocks found; supported block classes: "
             f"{', '.join(sorted(BLOCK_SPECS))}"
         )
+    attention = {type(getattr(block, best[2].attn)).__name__ for block in best[1]}
+    if best[2] is _TIMM and attention != {"Attention"}:
+        raise SourceError(
+            f"{type(model).__name__}: blocks use {', '.join(sorted(attention))}; only timm's standard Attention is "
+            "supported (not differential, RoPE or parallel attention variants)"
+        )
     return best
 
 
@@ -87,22 +117,30 @@ def special_tokens(model: nn.Module) -> int:
 
 @dataclass
 class AttentionTensors:
-    """Per-head queries and keys ``[B, H, N, d]`` of one block, with the attention's softmax scale."""
+    """Per-head queries and keys ``[B, H, N, d]`` of one block, its softmax scale and additive logit bias."""
 
     query: torch.Tensor
     key: torch.Tensor
     scale: float
+    bias: torch.Tensor | None = None  # [B, 1, 1, N] log token sizes (proportional attention), or None
 
 
-SiteFn = Callable[[torch.Tensor, AttentionTensors], torch.Tensor]
+class BlockHost(Protocol):
+    """What a :class:`ReducingBlock` asks its model-level controller for."""
+
+    def attention_bias(self) -> torch.Tensor | None: ...
+
+    def reduce(self, index: int, h: torch.Tensor, attention: AttentionTensors) -> torch.Tensor: ...
 
 
 class ReducingBlock(nn.Module):
-    """Runs ``block``'s attention half, applies ``site`` to the stream, then the block's MLP half."""
+    """Runs ``block``'s own attention half (with the host's logit bias), lets the host reduce the stream at this
+    block, then runs the block's own MLP half on the result."""
 
-    def __init__(self, block: nn.Module, spec: BlockSpec, site: SiteFn):
+    def __init__(self, block: nn.Module, spec: BlockSpec, index: int, host: BlockHost):
         super().__init__()
-        self.block, self.spec, self.site = block, spec, site
+        self.block, self.spec, self.index = block, spec, index
+        object.__setattr__(self, "host", host)  # not a submodule: the host owns this block
 
     def _part(self, name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
         return (lambda t: t) if name is None else getattr(self.block, name)
@@ -112,37 +150,37 @@ class ReducingBlock(nn.Module):
         if mask is not None:
             raise ValueError("token reduction references do not support attention masks")
         spec, attn = self.spec, getattr(self.block, self.spec.attn)
+        bias = self.host.attention_bias()
         captured: dict[str, torch.Tensor] = {}
         hooks = [
             getattr(attn, spec.query).register_forward_hook(lambda m, i, o: captured.__setitem__("q", o)),
             getattr(attn, spec.key).register_forward_hook(lambda m, i, o: captured.__setitem__("k", o)),
         ]
         try:
-            out = attn(getattr(self.block, spec.norm1)(x))
+            out = attn(getattr(self.block, spec.norm1)(x), **({spec.mask_kwarg: bias} if bias is not None else {}))
         finally:
             for hook in hooks:
                 hook.remove()
         if spec.attn_returns_tuple:
             out = out[0]
         h = x + self._part(spec.ls1)(out)
-        h = self.site(h, self._attention_tensors(attn, captured["q"], captured["k"]))
+        h = self.host.reduce(self.index, h, self._attention_tensors(attn, captured["q"], captured["k"], bias))
         return h + self._part(spec.ls2)(getattr(self.block, spec.mlp)(getattr(self.block, spec.norm2)(h)))
 
-    def _attention_tensors(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> AttentionTensors:
+    def _attention_tensors(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, bias) -> AttentionTensors:
         if self.spec.heads_first:
-            return AttentionTensors(q, k, float(attn.scale))
+            return AttentionTensors(q, k, float(attn.scale), bias)
         head_dim = int(attn.head_dim)
         b, n, _ = q.shape
         q = q.view(b, n, -1, head_dim).transpose(1, 2)
         k = k.view(b, n, -1, head_dim).transpose(1, 2)
         scale = getattr(attn, "scaling", getattr(attn, "scale", head_dim**-0.5))
-        return AttentionTensors(q, k, float(scale))
+        return AttentionTensors(q, k, float(scale), bias)
 
 
-def wrap_blocks(model: nn.Module, sites: dict[int, SiteFn]) -> None:
-    """Replace, in place, each block ``i`` in ``sites`` by a :class:`ReducingBlock` running ``sites[i]``."""
+def wrap_blocks(model: nn.Module, host: BlockHost) -> int:
+    """Replace, in place, every block of ``model`` by a :class:`ReducingBlock` driven by ``host``; returns depth."""
     container, blocks, spec = find_blocks(model)
-    for index, site in sites.items():
-        if not 0 <= index < len(blocks):
-            raise SourceError(f"block {index} out of range: the model has {len(blocks)} blocks")
-        container[index] = ReducingBlock(blocks[index], spec, site)
+    for index, block in enumerate(blocks):
+        container[index] = ReducingBlock(block, spec, index, host)
+    return len(blocks)

@@ -45,6 +45,7 @@ class OrtRunner:
         extra_outputs: Sequence[str] = (),
         optimization: str = "all",
         require: bool = False,
+        spin: bool = True,
     ):
         self.path = Path(path)
         if not self.path.is_file():
@@ -68,6 +69,8 @@ class OrtRunner:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not spin:  # idle pool threads must not busy-wait while another session runs (benchmarks alternate)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers_to_use = [p for p in self.requested if p in available] or ["CPUExecutionProvider"]
         try:
             if extra_outputs:

@@ -1,0 +1,134 @@
+"""Building blocks shared by the site emitters: attention rows, key metrics, token gathers, merges.
+
+Everything here emits ONNX ops TensorRT parses with static shapes: constant-K ``TopK``, ``GatherND`` /
+``GatherElements``, and merges as one-hot ``MatMul``\\ s (METHODS.md R3), never ``ScatterElements`` with a
+reduction (which ONNX Runtime rejects, TensorRT handles only through a plugin, and the dynamo exporter gets
+silently wrong for ``mean``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from tokensieve.graph_passes.builder import NodeBuilder
+from tokensieve.graph_passes.locate import AttentionBlock
+from tokensieve.methods.base import Method, SiteCount
+
+
+@dataclass
+class SiteInput:
+    """What an emitter gets: the located block, the counts, the method and the token state entering the site."""
+
+    block: AttentionBlock
+    count: SiteCount
+    method: Method
+    specials: int
+    depth: int
+    stream: ir.Value  # [B, N, C], the stream between attention and MLP
+    sizes: ir.Value | None  # [B, N] token sizes (number of patches each token stands for), None before any merge
+    bias: ir.Value | None  # [B, 1, 1, N] log(sizes) added to this block's attention logits, or None
+
+
+@dataclass
+class SiteOutput:
+    stream: ir.Value
+    sizes: ir.Value | None
+    exposed: dict[str, str] = field(default_factory=dict)
+
+
+def row_logits(b: NodeBuilder, site: SiteInput, q_rows: ir.Value) -> ir.Value:
+    """Attention logits of some query rows ``[B, H, r, d]`` against all keys, as the block computes them."""
+    block = site.block
+    if block.key_transposed:
+        logits = b.op("MatMul", [q_rows, block.key], "row_logits")
+        for op, data_index in block.logit_ops:
+            inputs = list(op.inputs)
+            inputs[data_index] = logits
+            attributes = {k: a.value for k, a in op.attributes.items()}
+            logits = b.op(op.op_type, inputs, f"row_{op.op_type.lower()}", **attributes)
+    else:
+        scale = block.scale if block.scale is not None else block.head_dim**-0.5
+        np_dtype = block.query.dtype.numpy()
+        scaled = b.op("Mul", [q_rows, b.const(np.array(scale, dtype=np_dtype), "scale", dtype=np_dtype)])
+        logits = b.op("MatMul", [scaled, b.op("Transpose", [block.key], perm=[0, 1, 3, 2])], "row_logits")
+    return b.op("Add", [logits, site.bias], "row_bias") if site.bias is not None else logits
+
+
+def head_mean_scores(b: NodeBuilder, site: SiteInput, kind: str) -> ir.Value:
+    """``[B, N]`` post-softmax attention, head mean: the CLS row (``cls``) or received, mean over rows."""
+    if kind == "cls":
+        q_cls = b.slice(site.block.query, 0, 1, axis=2)
+        probs = b.op("Softmax", [row_logits(b, site, q_cls)], axis=-1)
+    else:
+        probs = site.block.probs or b.op("Softmax", [row_logits(b, site, site.block.query)], axis=-1)
+    return b.reduce("ReduceMean", probs, [1, 2], keepdims=False)
+
+
+def key_metric(b: NodeBuilder, block: AttentionBlock) -> ir.Value:
+    """ToMe's metric: keys averaged over heads, ``[B, N, d]``, L2-normalised per token (a positive scale on the keys,
+    like the exporter's ``sqrt(scale)`` folding, does not change it)."""
+    keys = b.reduce("ReduceMean", block.key, [1], keepdims=False)  # [B, d, N] or [B, N, d]
+    if block.key_transposed:
+        keys = b.op("Transpose", [keys], perm=[0, 2, 1])
+    return normalize(b, keys)
+
+
+def normalize(b: NodeBuilder, x: ir.Value) -> ir.Value:
+    """``x / ||x||`` over the last axis (no epsilon, like ToMe and DiffRate)."""
+    return b.op("Div", [x, b.reduce("ReduceL2", x, [-1], keepdims=True)])
+
+
+def gather_tokens(b: NodeBuilder, x: ir.Value, index: ir.Value) -> ir.Value:
+    """Rows ``index [B, k]`` of ``x [B, N, ...]`` per sample -> ``[B, k, ...]``."""
+    return b.op("GatherND", [x, b.unsqueeze(index, [-1])], "gather", batch_dims=1)
+
+
+def take(b: NodeBuilder, x: ir.Value, positions: list[int]) -> ir.Value:
+    """Constant positions along the token axis (axis 1)."""
+    return b.op("Gather", [x, b.const(positions, "positions")], axis=1)
+
+
+def one_hot(b: NodeBuilder, index: ir.Value, depth: int, dtype: ir.DataType) -> ir.Value:
+    """``[B, k] -> [B, k, depth]`` one-hot rows, via ``Equal`` against a constant range (no scatter)."""
+    return b.op("Cast", [b.op("Equal", [b.unsqueeze(index, [-1]), b.const(np.arange(depth), "range")])], to=dtype)
+
+
+def ones_sizes(b: NodeBuilder, stream: ir.Value) -> ir.Value:
+    """``[B, N]`` of ones: every token stands for one patch before the first merge."""
+    shape = b.op("Slice", [b.op("Shape", [stream]), b.const([0], "start"), b.const([2], "end")])
+    one = ir.tensor(np.array([1.0], dtype=stream.dtype.numpy()))
+    return b.op("ConstantOfShape", [shape], value=one)
+
+
+def merge_into(
+    b: NodeBuilder,
+    dst: ir.Value,
+    dst_sizes: ir.Value,
+    src: ir.Value,
+    src_sizes: ir.Value,
+    assign: ir.Value,
+    destinations: int,
+    dtype: ir.DataType,
+    unweighted: bool = False,
+) -> tuple[ir.Value, ir.Value]:
+    """Merge ``src [B, r, C]`` into ``dst [B, m, C]`` (``m = destinations``) along ``assign [B, r]``.
+
+    Size-weighted mean (ToMe's ``merge_wavg``): ``x = (dst·s_dst + Mᵀ(src·s_src)) / (s_dst + Mᵀ s_src)``.
+    ``unweighted`` (DiffRate): ``x = (dst + Mᵀ src) / (1 + Mᵀ 1)``. Either way the new sizes are
+    ``s_dst + Mᵀ s_src``. ``M [B, r, m]`` is the one-hot assignment; ``dtype`` is the stream's float type.
+    Returns (merged destinations, their sizes).
+    """
+    onehot_t = b.op("Transpose", [one_hot(b, assign, destinations, dtype)], perm=[0, 2, 1])  # [B, m, r]
+    gained = b.op("MatMul", [onehot_t, b.unsqueeze(src_sizes, [-1])])  # [B, m, 1]
+    sizes = b.op("Add", [dst_sizes, b.op("Squeeze", [gained, b.const([-1], "axes")])])
+    if unweighted:
+        one = b.const(np.array(1.0, dtype=dtype.numpy()), "one", dtype=dtype.numpy())
+        counts = b.op("Add", [one, b.reduce("ReduceSum", onehot_t, [-1], keepdims=True)])  # [B, m, 1]
+        total = b.op("Add", [dst, b.op("MatMul", [onehot_t, src])])
+        return b.op("Div", [total, counts], "merged"), sizes
+    weighted = b.op("Mul", [src, b.unsqueeze(src_sizes, [-1])])
+    total = b.op("Add", [b.op("Mul", [dst, b.unsqueeze(dst_sizes, [-1])]), b.op("MatMul", [onehot_t, weighted])])
+    return b.op("Div", [total, b.unsqueeze(sizes, [-1])], "merged"), sizes

@@ -1,0 +1,66 @@
+"""PiToMe site: energy-score merging (:class:`tokensieve.methods.PiToMe`).
+
+Inserts, over the ``T`` non-special tokens: head-mean keys, L2-normalised; ``sim = m·mᵀ``;
+``energy = ReduceMean(Elu(sim - margin, alpha))``; ``TopK(K=T)`` as the descending argsort; the first ``2r`` ranks
+are mergeable (A = even ranks, B = odd ranks, strided ``Slice``), the rest protected; ``ArgMax`` of ``A·Bᵀ`` gives
+each A token's destination; size-weighted merge through a one-hot ``MatMul``. Output
+``[specials, protected, B]``. Exposes ``order`` (the energy argsort) and ``dst`` (positions in B).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tokensieve.graph_passes.builder import NodeBuilder
+from tokensieve.graph_passes.sites.common import (
+    SiteInput,
+    SiteOutput,
+    gather_tokens,
+    key_metric,
+    merge_into,
+    ones_sizes,
+)
+
+
+def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
+    method = site.method
+    S, N, T, r = site.specials, site.count.tokens_in, site.count.candidates, site.count.params["r"]
+    h = site.stream
+    sizes = site.sizes if site.sizes is not None else ones_sizes(b, h)
+    metric = key_metric(b, site.block)
+    if S:
+        metric = b.slice(metric, S, N, axis=1)
+    sim = b.op("MatMul", [metric, b.op("Transpose", [metric], perm=[0, 2, 1])])  # [B, T, T]
+    np_dtype = h.dtype.numpy()
+    margin_value = np.array(method.margin_for(site.count.layer, site.depth), dtype=np_dtype)
+    margin = b.const(margin_value, "margin", dtype=np_dtype)
+    energy = b.reduce("ReduceMean", b.op("Elu", [b.op("Sub", [sim, margin])], alpha=method.alpha), [-1], False)
+    _, order = b.op("TopK", [energy, b.const([T], "k")], "argsort", num_outputs=2, axis=-1, largest=1, sorted=1)
+    order = b.expose(b.op("Identity", [order]), "order")
+    step = b.const([2], "step")
+    a_idx = b.op("Slice", [order, b.const([0], "start"), b.const([2 * r], "end"), b.const([1], "axis"), step])
+    b_idx = b.op("Slice", [order, b.const([1], "start"), b.const([2 * r], "end"), b.const([1], "axis"), step])
+    protected = b.slice(order, 2 * r, T, axis=1)
+    scores = b.op(
+        "MatMul",
+        [gather_tokens(b, metric, a_idx), b.op("Transpose", [gather_tokens(b, metric, b_idx)], perm=[0, 2, 1])],
+    )
+    dst = b.expose(b.op("ArgMax", [scores], axis=-1, keepdims=0), "dst")  # [B, r]
+    # candidate indices -> stream positions: rows are gathered straight from the stream
+    a_pos, b_pos, p_pos = (b.op("Add", [i, b.const(S, "offset")]) if S else i for i in (a_idx, b_idx, protected))
+    merged, merged_sizes = merge_into(
+        b,
+        gather_tokens(b, h, b_pos),
+        b.op("GatherElements", [sizes, b_pos], axis=1),
+        gather_tokens(b, h, a_pos),
+        b.op("GatherElements", [sizes, a_pos], axis=1),
+        dst,
+        r,
+        h.dtype,
+    )
+    parts = [b.slice(h, 0, S, axis=1)] if S else []
+    size_parts = [b.slice(sizes, 0, S, axis=1)] if S else []
+    parts += [gather_tokens(b, h, p_pos), merged]
+    size_parts += [b.op("GatherElements", [sizes, p_pos], axis=1), merged_sizes]
+    out = b.op("Concat", parts, "tokens", axis=1)
+    return SiteOutput(out, b.op("Concat", size_parts, "sizes", axis=1), dict(b.exposed))

@@ -1,0 +1,68 @@
+"""ToMe site: bipartite soft matching and size-weighted merging (:class:`tokensieve.methods.ToMe`).
+
+Inserts, for ``N`` tokens of which the first ``S`` are special and ``r`` merges:
+
+* metric: head-mean keys, L2-normalised; A = non-special even positions, B = non-special odd positions
+  (constant ``Gather``\\ s: protected tokens take no part, exactly as if their rows/columns were -inf);
+* ``scores = A·Bᵀ``; ``ReduceMax``/``ArgMax`` per A token; ``TopK(K=|A|)`` as the descending argsort;
+  sources = the first ``r``, unmerged = the rest (re-sorted ascending with a second ``TopK`` when ``S > 0``);
+* merge: size-weighted mean through a one-hot ``MatMul`` (no scatter); sizes start as ones at the first merge;
+* output ``[specials, unmerged A, B]`` and sizes in the same order.
+
+Exposes ``unm``, ``src`` (positions in A) and ``dst`` (positions in B).
+"""
+
+from __future__ import annotations
+
+from tokensieve.graph_passes.builder import NodeBuilder
+from tokensieve.graph_passes.sites.common import (
+    SiteInput,
+    SiteOutput,
+    gather_tokens,
+    key_metric,
+    merge_into,
+    ones_sizes,
+    take,
+)
+
+
+def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
+    S, N, r = site.specials, site.count.tokens_in, site.count.params["r"]
+    h = site.stream
+    sizes = site.sizes if site.sizes is not None else ones_sizes(b, h)
+    a_pos = [i for i in range(S, N) if i % 2 == 0]
+    b_pos = [i for i in range(S, N) if i % 2 == 1]
+    metric = key_metric(b, site.block)
+    scores = b.op("MatMul", [take(b, metric, a_pos), b.op("Transpose", [take(b, metric, b_pos)], perm=[0, 2, 1])])
+    node_max = b.reduce("ReduceMax", scores, [-1], keepdims=False)  # [B, |A|]
+    node_idx = b.op("ArgMax", [scores], axis=-1, keepdims=0)
+    _, edges = b.op(
+        "TopK", [node_max, b.const([len(a_pos)], "k")], "argsort", num_outputs=2, axis=-1, largest=1, sorted=1
+    )
+    src = b.expose(b.slice(edges, 0, r, axis=1), "src")
+    unm = b.slice(edges, r, len(a_pos), axis=1)
+    if S:
+        unm, _ = b.op(
+            "TopK", [unm, b.const([len(a_pos) - r], "k")], "ascending", num_outputs=2, axis=-1, largest=0, sorted=1
+        )
+    unm = b.expose(b.op("Identity", [unm]), "unm")
+    dst = b.expose(b.op("GatherElements", [node_idx, src], axis=1), "dst")
+    # A-relative indices -> positions in the stream, so A rows are gathered once, straight from the stream
+    a_table = b.const(a_pos, "a_positions")
+    src_pos, unm_pos = b.op("Gather", [a_table, src]), b.op("Gather", [a_table, unm])
+    merged, merged_sizes = merge_into(
+        b,
+        take(b, h, b_pos),
+        take(b, sizes, b_pos),
+        gather_tokens(b, h, src_pos),
+        b.op("GatherElements", [sizes, src_pos], axis=1),
+        dst,
+        len(b_pos),
+        h.dtype,
+    )
+    parts = [b.slice(h, 0, S, axis=1)] if S else []
+    size_parts = [b.slice(sizes, 0, S, axis=1)] if S else []
+    parts += [gather_tokens(b, h, unm_pos), merged]
+    size_parts += [b.op("GatherElements", [sizes, unm_pos], axis=1), merged_sizes]
+    out = b.op("Concat", parts, "tokens", axis=1)
+    return SiteOutput(out, b.op("Concat", size_parts, "sizes", axis=1), dict(b.exposed))

@@ -1,0 +1,117 @@
+"""What every ViT token-reduction method declares, and the schedule of several methods in one model.
+
+A method is a small frozen dataclass with:
+
+* ``name`` and ``merges`` (whether it produces token sizes, which turn on proportional attention and size-weighted
+  pooling downstream);
+* ``layers_for(depth)``: the blocks it owns (two methods may not own the same block);
+* ``validate(tokens, specials, depth)``: a typed error when the method cannot fit the model;
+* ``site(layer, tokens_in, specials, depth)``: the token counts at one of its blocks (``None`` when it does nothing
+  there, e.g. ToMe with ``r = 0``);
+* ``to_dict()`` / ``describe()`` for manifests and messages.
+
+Counts live here and only here: the eager reference and the graph pass both read :class:`SiteCount`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tokensieve.errors import MethodSpecError
+
+
+@dataclass(frozen=True)
+class SiteCount:
+    """Token counts at one reduction site. ``candidates`` = non-special tokens entering the site."""
+
+    layer: int
+    tokens_in: int
+    candidates: int
+    tokens_out: int
+    params: dict[str, int] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    name: str
+    merges: bool
+
+    def layers_for(self, depth: int) -> tuple[int, ...]: ...
+
+    def validate(self, tokens: int, specials: int, depth: int) -> None: ...
+
+    def site(self, layer: int, tokens_in: int, specials: int, depth: int) -> SiteCount | None: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def describe(self) -> str: ...
+
+
+def check_layers(name: str, layers: Sequence[int] | int | None) -> tuple[int, ...] | None:
+    """Validate a ``layers`` argument: ``None`` (all blocks) or non-negative, distinct block indices (sorted)."""
+    if layers is None:
+        return None
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = (layers,)
+    if (
+        not isinstance(layers, (list, tuple))
+        or not layers
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+    ):
+        raise MethodSpecError(f"{name}: layers must be a non-empty list of block indices, got {layers!r}")
+    if any(i < 0 for i in layers):
+        raise MethodSpecError(f"{name}: layer indices are 0-based and non-negative, got {list(layers)}")
+    if len(set(layers)) != len(layers):
+        raise MethodSpecError(f"{name}: layers {list(layers)} contain duplicates")
+    return tuple(sorted(layers))
+
+
+def check_depth(name: str, layers: tuple[int, ...], depth: int) -> None:
+    if layers and layers[-1] >= depth:
+        raise MethodSpecError(
+            f"{name}: layer {layers[-1]} is out of range; this model has {depth} blocks (0..{depth - 1})"
+        )
+
+
+def check_bool(name: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise MethodSpecError(f"{name}: {key} must be true or false, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Tokens entering every block and the sites, in block order, for a list of methods."""
+
+    entering: list[int]
+    sites: list[tuple[Method, SiteCount]]
+
+    @property
+    def merges(self) -> bool:
+        return any(m.merges for m, _ in self.sites)
+
+
+def schedule(methods: Sequence[Method], tokens: int, specials: int, depth: int) -> Schedule:
+    """Validate ``methods`` together and compute the token schedule of a ``depth``-block model."""
+    owners: dict[int, Method] = {}
+    for method in methods:
+        method.validate(tokens, specials, depth)
+        for layer in method.layers_for(depth):
+            if layer in owners:
+                raise MethodSpecError(
+                    f"block {layer} is claimed by both {owners[layer].name} and {method.name}; give the methods "
+                    "disjoint layers"
+                )
+            owners[layer] = method
+    entering: list[int] = []
+    sites: list[tuple[Method, SiteCount]] = []
+    n = tokens
+    for layer in range(depth):
+        entering.append(n)
+        method = owners.get(layer)
+        count = method.site(layer, n, specials, depth) if method is not None else None
+        if count is not None:
+            sites.append((method, count))
+            n = count.tokens_out
+    return Schedule(entering, sites)

@@ -1,0 +1,100 @@
+"""The eager reference of any combination of token-reduction methods on a timm or Hugging Face ViT.
+
+:class:`ReducedModel` copies the model and wraps every block (see :mod:`.adapters`); as the forward pass reaches a
+site it calls the method's site function (:mod:`.topk`, :mod:`.tome`, :mod:`.pitome`, :mod:`.diffrate`) and
+records the index tensors that define its selection. Once a merging method has run, token sizes are tracked, every
+later attention gets ``log(size)`` added to its logits through the attention's own additive-mask argument
+(proportional attention), attention-pooling heads (``nn.MultiheadAttention``, e.g. SigLIP's MAP head) get the same
+bias, and timm's average pooling becomes size-weighted. Counts come from :func:`tokensieve.methods.schedule`, the
+same function the graph pass uses.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tokensieve.errors import SourceError
+from tokensieve.methods.base import Method, SiteCount, schedule
+from tokensieve.reference import diffrate, pitome, tome, topk
+from tokensieve.reference.adapters import AttentionTensors, find_blocks, special_tokens, wrap_blocks
+from tokensieve.reference.sites import SiteContext
+
+SITES = {"topk": topk.site, "tome": tome.site, "pitome": pitome.site, "diffrate": diffrate.site}
+
+
+class ReducedModel(nn.Module):
+    """A copy of ``model`` with ``methods`` applied; ``.records[layer]`` holds the last forward's selections."""
+
+    def __init__(self, model: nn.Module, methods: Sequence[Method], specials: int | None = None):
+        super().__init__()
+        self.model = copy.deepcopy(model).eval()
+        self.methods = list(methods)
+        self.specials = special_tokens(self.model) if specials is None else specials
+        self.depth = len(find_blocks(self.model)[1])
+        self.merges = any(m.merges for m in self.methods)
+        self.prop_attn = any(m.merges and getattr(m, "prop_attn", False) for m in self.methods)
+        self.records: dict[int, dict[str, torch.Tensor]] = {}
+        self.sizes: torch.Tensor | None = None
+        self._sites: dict[int, tuple[Method, SiteCount]] = {}
+        wrap_blocks(self.model, self)
+        if self.merges:
+            self._size_aware_pooling()
+
+    # -- BlockHost ---------------------------------------------------------------------------------------------
+    def attention_bias(self) -> torch.Tensor | None:
+        if not self.prop_attn or self.sizes is None:
+            return None
+        return self.sizes.log()[:, None, None, :]
+
+    def reduce(self, index: int, h: torch.Tensor, attention: AttentionTensors) -> torch.Tensor:
+        if index == 0:
+            plan = schedule(self.methods, h.shape[1], self.specials, self.depth)
+            self._sites = {count.layer: (method, count) for method, count in plan.sites}
+        if index not in self._sites:
+            return h
+        method, count = self._sites[index]
+        result = SITES[method.name](h, attention, self.sizes, SiteContext(count, method, self.specials, self.depth))
+        self.sizes = result.sizes
+        self.records[index] = {**result.record, **({"sizes": result.sizes} if result.sizes is not None else {})}
+        return result.stream
+
+    def forward(self, *args, **kwargs):
+        self.records, self.sizes = {}, None
+        return self.model(*args, **kwargs)
+
+    # -- pooling with sizes ------------------------------------------------------------------------------------
+    def _size_aware_pooling(self) -> None:
+        timm_vit = next((m for m in self.model.modules() if hasattr(m, "global_pool") and hasattr(m, "pool")), None)
+        if timm_vit is not None:
+            if getattr(timm_vit, "attn_pool", None) is not None:
+                raise SourceError("merging with timm's attention-pool ('map') head is not supported")
+            self._weighted_average_pool(timm_vit)
+        for module in self.model.modules():
+            if isinstance(module, nn.MultiheadAttention):
+                module.register_forward_pre_hook(self._bias_pooling_attention, with_kwargs=True)
+
+    def _weighted_average_pool(self, vit: nn.Module) -> None:
+        original, S = vit.pool, self.specials
+
+        def pool(x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+            if self.sizes is None or (pool_type or vit.global_pool) != "avg":
+                return original(x, pool_type)
+            weights = self.sizes if vit.pool_include_prefix else self.sizes[:, S:]
+            x = x if vit.pool_include_prefix else x[:, S:]
+            return (x * weights.unsqueeze(-1)).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+
+        vit.pool = pool
+
+    def _bias_pooling_attention(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict):
+        bias = self.attention_bias()
+        if bias is None:
+            return None
+        query = args[0] if args else kwargs["query"]
+        queries = query.shape[1] if module.batch_first else query.shape[0]
+        mask = bias[:, 0].expand(-1, queries, -1).repeat_interleave(module.num_heads, dim=0)  # [B*H, L, N]
+        kwargs["attn_mask"] = mask if kwargs.get("attn_mask") is None else kwargs["attn_mask"] + mask
+        return args, kwargs

@@ -1,0 +1,27 @@
+"""The interface between :class:`tokensieve.reference.reduce.ReducedModel` and the per-method site functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokensieve.methods.base import Method, SiteCount
+
+
+@dataclass(frozen=True)
+class SiteContext:
+    count: SiteCount
+    method: Method
+    specials: int
+    depth: int
+
+
+@dataclass
+class SiteResult:
+    """The reduced stream, the token sizes after the site (None when no method merges), and the index tensors
+    that define the selection (same roles as the graph face exposes: ``kept``, ``src``/``dst``/``unm``, ...)."""
+
+    stream: torch.Tensor
+    sizes: torch.Tensor | None
+    record: dict[str, torch.Tensor]

@@ -1,0 +1,31 @@
+"""Eager reference of ToMe bipartite soft matching (:class:`tokensieve.methods.ToMe`), written from the paper and
+METHODS.md §3.1 (the official code is CC-BY-NC and is not used). Register and distillation tokens are protected
+like the CLS token, and LayerScale is the block's own (the official patch drops both)."""
+
+from __future__ import annotations
+
+import torch
+
+from tokensieve.reference.adapters import AttentionTensors
+from tokensieve.reference.merging import argsort_desc, head_mean_keys, merge_into, rows
+from tokensieve.reference.sites import SiteContext, SiteResult
+
+
+def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | None, ctx: SiteContext) -> SiteResult:
+    S, N, r = ctx.specials, h.shape[1], ctx.count.params["r"]
+    sizes = torch.ones(h.shape[:2], dtype=h.dtype) if sizes is None else sizes
+    a_pos = torch.tensor([i for i in range(S, N) if i % 2 == 0])
+    b_pos = torch.tensor([i for i in range(S, N) if i % 2 == 1])
+    metric = head_mean_keys(attention.key)
+    scores = metric[:, a_pos] @ metric[:, b_pos].transpose(-1, -2)
+    node_max, node_idx = scores.max(dim=-1)
+    edges = argsort_desc(node_max)
+    src, unm = edges[:, :r], edges[:, r:]
+    if S:
+        unm = unm.sort(dim=-1).values
+    dst = node_idx.gather(1, src)
+    xa, xb, sa, sb = h[:, a_pos], h[:, b_pos], sizes[:, a_pos], sizes[:, b_pos]
+    merged, merged_sizes = merge_into(xb, sb, rows(xa, src), rows(sa, src), dst)
+    stream = torch.cat([h[:, :S], rows(xa, unm), merged], dim=1)
+    new_sizes = torch.cat([sizes[:, :S], rows(sa, unm), merged_sizes], dim=1)
+    return SiteResult(stream, new_sizes, {"unm": unm, "src": src, "dst": dst})
