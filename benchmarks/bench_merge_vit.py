@@ -11,9 +11,12 @@ r=8 >= 0.93.
 
 The naive route exports :class:`tokensieve.reference.reduce.ReducedModel` with ``torch.onnx.export(dynamo=True)``;
 its stable sort (not exportable) is swapped for ``argsort(descending=True)``, what ToMe's own code calls. That
-graph merges with ``ScatterElements(reduction='add')`` (TensorRT-unfriendly) and is timed as exported.
+graph merges with ``ScatterElements(reduction='add')`` (TensorRT-unfriendly) and is timed as exported. With
+``--official-tome DIR`` (a checkout of facebookresearch/ToMe, never vendored: CC-BY-NC) the official timm patch on
+the same model is exported and timed too.
 
     python benchmarks/bench_merge_vit.py [--model vit_small_patch16_224] [--batches 1 8] [--threads 2]
+        [--official-tome /path/to/ToMe]
 """
 
 from __future__ import annotations
@@ -57,6 +60,28 @@ def naive_export(source: str, method: str, batch: int, path: Path) -> None:
         torch.onnx.export(model, (torch.randn(batch, 3, 224, 224),), dynamo=True, opset_version=18).save(path)
 
 
+def official_export(tome_dir: str, source: str, r: int, batch: int, path: Path) -> None:
+    """The official ToMe patch (facebookresearch/ToMe, CC-BY-NC: imported at run time from a checkout the user
+    supplies, never vendored) applied to the same timm model, exported with torch.onnx."""
+    import sys
+
+    sys.path.insert(0, tome_dir)
+    import tome  # optional, external checkout
+
+    model = build_module(parse_source(source)).module.eval()
+    tome.patch.timm(model)
+    model.r = r
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(batch, 3, 224, 224),), dynamo=True, opset_version=18).save(path)
+
+
+def _lint_rules(path: Path) -> list[str]:
+    model = ir.load(path)
+    propagate_shapes(model)
+    return sorted({f.rule for f in lint(model).errors})
+
+
 def measure(runners: dict[str, OrtRunner], batch: int, blocks: int, per_block: int) -> dict[str, dict]:
     feeds = {"pixel_values": np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)}
     runs = {}
@@ -80,6 +105,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--per-block", type=int, default=4)
+    parser.add_argument("--official-tome", help="a checkout of facebookresearch/ToMe: also time its timm patch")
     args = parser.parse_args()
     source = f"timm:{args.model}"
     methods = {"tome r=8": "tome(r=8)", "tome r=16": "tome(r=16)", "pitome 0.9": "pitome(ratio=0.9)"}
@@ -101,9 +127,15 @@ def main() -> None:
                 naive_export(source, method, batch, path)
                 runners[label] = OrtRunner(path, threads=args.threads, spin=False)
                 macs[label] = macs[label.removeprefix("naive ")]
-                model = ir.load(path)
-                propagate_shapes(model)
-                results.setdefault("naive_lint_trt10.3", sorted({f.rule for f in lint(model).errors}))
+                results.setdefault("naive_lint_trt10.3", _lint_rules(path))
+            if args.official_tome:
+                for r in (8, 16):
+                    label = f"official tome r={r}"
+                    path = Path(tmp) / f"official_{r}_b{batch}.onnx"
+                    official_export(args.official_tome, source, r, batch, path)
+                    runners[label] = OrtRunner(path, threads=args.threads, spin=False)
+                    macs[label] = macs[f"tome r={r}"]
+                    results.setdefault("official_lint_trt10.3", _lint_rules(path))
             stats = measure(runners, batch, args.blocks, args.per_block)
             base = stats["baseline"]["median_ms"]
             rows = {}
@@ -128,7 +160,10 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "merge_vit.json").write_text(json.dumps(results, indent=2))
     _plot(results, RESULTS / "merge_vit.png")
-    print(f"\nnaive-route graph lint (trt10.3) errors: {results.get('naive_lint_trt10.3')}")
+    print(
+        f"\nlint (trt10.3) error rules: naive route {results.get('naive_lint_trt10.3')}, "
+        f"official ToMe {results.get('official_lint_trt10.3', 'not run')}"
+    )
     print(f"wrote {RESULTS / 'merge_vit.json'}")
 
 
