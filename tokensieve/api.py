@@ -26,7 +26,7 @@ from tokensieve.artifact import (
     save_graph,
     staged_directory,
 )
-from tokensieve.errors import GraphRewriteError, LocateError, SourceError
+from tokensieve.errors import GraphRewriteError, LocateError, MethodSpecError, SourceError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.builder import read_sites
 from tokensieve.graph_passes.drop_zero_masks import DropZeroMaskPass
@@ -75,23 +75,25 @@ def _check_file(path) -> None:
 
 
 def _baseline_from_source(spec, batch: int, dynamic_batch: bool, opset: int, exporter: str, module=None):
-    """(baseline ONNX model, digest of the eager weights or None for ONNX sources)."""
+    """(baseline ONNX model, digest of the eager weights or None, input preprocessing {shape, mean, std})."""
     import torch
 
     from tokensieve.converters.export import export_onnx
-    from tokensieve.converters.sources import BuiltModel, build_module, weights_digest
+    from tokensieve.converters.sources import HALF, BuiltModel, build_module, weights_digest
 
     if spec.kind == "onnx":
         model = ir.load(spec.name)
         propagate_shapes(model)
-        return model, None
+        shape = [d if isinstance(d, int) else None for d in model.graph.inputs[0].shape][1:]
+        return model, None, {"shape": shape, "mean": list(HALF[0]), "std": list(HALF[1])}
     built: BuiltModel = module if module is not None else build_module(spec)
     generator = torch.Generator().manual_seed(spec.seed)
     example = torch.randn(max(batch, 2) if dynamic_batch else batch, *built.input_shape, generator=generator)
     model = export_onnx(
         built.module, example, built.output_names, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter
     )
-    return model, weights_digest(built.module)
+    preprocessing = {"shape": list(built.input_shape), "mean": list(built.mean), "std": list(built.std)}
+    return model, weights_digest(built.module), preprocessing
 
 
 def export(
@@ -108,15 +110,24 @@ def export(
     exporter: str = "dynamo",
     specials: int | None = None,
     lint_target: str = "trt10.3",
+    buckets: str | list[int] | None = None,
+    max_buckets: int = 6,
+    calibrate: str | os.PathLike | None = None,
+    target_keep: float | None = None,
+    allow_truncation: bool = False,
     module=None,
 ) -> Artifact:
     """Export ``source`` to ONNX, insert ``method`` into the graph, and write an artifact directory ``out``.
 
     ``source``: ``timm:NAME``, ``hf:PRESET`` / ``hf:PATH`` or a path to an ``.onnx`` file. ``method``: a method
     string such as ``"topk(keep=0.7, layers=[3,6,9])"`` or ``"tome(r=8)"`` (combine with ``+``), method objects, or
-    ``None``/``"none"`` for the unreduced
-    model in the same layout. ``module``: a prebuilt :class:`tokensieve.converters.sources.BuiltModel` to export
-    instead of building ``source`` (``source`` is then only recorded).
+    ``None``/``"none"`` for the unreduced model in the same layout. ``module``: a prebuilt
+    :class:`tokensieve.converters.sources.BuiltModel` to export instead of building ``source``.
+
+    Adaptive methods (``atp``) produce a staged artifact: ``buckets`` = ``"auto"`` (chosen from the counts on
+    ``calibrate`` data, at most ``max_buckets``) or a list of sizes; ``target_keep`` calibrates the threshold for a
+    mean keep fraction; ``allow_truncation`` lets the dispatcher squeeze an over-full image into the largest bucket.
+    The batch axis is made dynamic for them (the dispatcher runs groups of any size).
     """
     from tokensieve.converters.sources import parse_source
 
@@ -125,9 +136,16 @@ def export(
         methods = parse_methods(method)
     else:
         methods = list(method) if isinstance(method, (list, tuple)) else [method]
+    adaptive = any(getattr(m, "adaptive", False) for m in methods)
+    if adaptive and len(methods) > 1:
+        raise MethodSpecError("an adaptive method (atp) cannot be combined with other methods yet")
+    if not adaptive and (buckets or calibrate or target_keep is not None):
+        raise MethodSpecError("--buckets, --calibrate and --target-keep apply to adaptive methods such as atp()")
     if batch < 1:
         raise SourceError(f"batch must be >= 1, got {batch}")
-    baseline, digest = _baseline_from_source(spec, batch, dynamic_batch, opset, exporter, module)
+    baseline, digest, preprocessing = _baseline_from_source(
+        spec, batch, dynamic_batch or adaptive, opset, exporter, module
+    )
     DropZeroMaskPass()(baseline)
     layout: ViTLayout | None = None
     locate_error = None
@@ -139,13 +157,38 @@ def export(
         locate_error = str(e)
     if methods:
         schedule(methods, layout.tokens, layout.specials, layout.depth)  # fails early, before anything is written
+    data = None
+    if calibrate is not None:
+        from tokensieve.staged import load_data
 
+        data = load_data(calibrate, preprocessing["shape"], preprocessing["mean"], preprocessing["std"])
+
+    stages = None
     with staged_directory(out) as staging:
         if not methods:
             reduced = baseline
             save_graph(baseline, staging / "model.onnx", weights=True)
             graphs = {"model": "model.onnx", "baseline": "model.onnx"}
             entering = [layout.tokens] * layout.depth if layout else None
+        elif adaptive:
+            from tokensieve.staged import build_staged
+
+            save_baseline(staging, baseline)
+            stages, calibrated = build_staged(
+                staging,
+                methods[0],
+                layout,
+                buckets=buckets,
+                max_buckets=max_buckets,
+                data=data,
+                target_keep=target_keep,
+                allow_truncation=allow_truncation,
+                lint_target=lint_target,
+            )
+            methods = [calibrated]
+            reduced = ir.load(staging / stages["padmax"])
+            graphs = {"model": stages["padmax"], "baseline": "baseline.onnx"}
+            entering = None
         else:
             reduced = save_baseline(staging, baseline)
             run_passes(reduced, [TokenReductionPass(methods, specials=layout.specials), RemoveUnusedNodesPass()])
@@ -163,6 +206,7 @@ def export(
             "versions": _versions(),
             "source": spec.to_dict(),
             "weights_sha256": digest,
+            "preprocessing": preprocessing,
             "export": {
                 "exporter": exporter if spec.kind != "onnx" else "file",
                 "opset": reduced.opset_imports.get(""),
@@ -180,7 +224,7 @@ def export(
                 "baseline": [layout.tokens] * layout.depth if layout else None,
                 "model": entering,
             },
-            "sites": read_sites(reduced),
+            "sites": read_sites(reduced) if not adaptive else [],
             "macs": {
                 "baseline": macs_baseline,
                 "model": macs_model,
@@ -188,8 +232,20 @@ def export(
             },
             "lint": lint(reduced, lint_target).to_dict(),
         }
+        if stages is not None:
+            manifest["stages"] = stages
+            manifest["macs"]["expected"] = _expected_macs(stages)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return Artifact.load(out)
+
+
+def _expected_macs(stages: dict) -> float | None:
+    """Mean MACs per image over the calibration data through the bucketed chain (single decision site)."""
+    plans = stages["calibration"].get("plans")
+    if not plans or len(plans) != 1:
+        return None
+    stage1 = stages["graph_info"][stages["graphs"][""]]["macs"]
+    return stage1 + plans[0]["expected_cost"]
 
 
 def load(path: str | os.PathLike) -> Artifact:

@@ -153,13 +153,32 @@ class Artifact:
 
         return bench_artifact(self, **kwargs)
 
+    def graph_files(self) -> list[tuple[str, bool]]:
+        """Every deployable graph: ``(relative path, has symbolic shapes meant for optimization profiles)``."""
+        stages = self.manifest.get("stages")
+        if stages is None:
+            return [(self.manifest["graphs"]["model"], False)]
+        dynamic = set(stages["dynamic"].values()) - set(stages["graphs"].values())
+        paths = [*stages["graphs"].values(), *sorted(dynamic), stages["padmax"]]
+        return [(p, p in dynamic) for p in dict.fromkeys(paths)]
+
     def lint(self, target: str = "trt10.3"):
-        from tokensieve.graph_passes.lint import lint
+        """Lint every deployable graph (all stage graphs of a staged artifact); findings name their graph."""
+        from dataclasses import replace
+
+        from tokensieve.graph_passes.lint import LintReport, lint
         from tokensieve.graph_passes.propagate import propagate_shapes
 
-        model = ir.load(self.graph_path("model"))
-        propagate_shapes(model)
-        return lint(model, target)
+        combined = LintReport(target)
+        for relative, profiles in self.graph_files():
+            model = ir.load(self.path / relative)
+            propagate_shapes(model)
+            report = lint(model, target, profiles=profiles)
+            combined.findings += [
+                replace(f, node=f"{relative}:{f.node}" if f.node else relative, op=f.op or "graph")
+                for f in report.findings
+            ]
+        return combined
 
     def __repr__(self) -> str:
         source, method = self.manifest["source"]["name"], self.manifest["method_text"]

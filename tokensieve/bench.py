@@ -87,6 +87,8 @@ def bench_artifact(
     save: bool = True,
 ) -> BenchReport:
     manifest = artifact.manifest
+    if "stages" in manifest:
+        return bench_staged(artifact, threads=threads, save=save)
     if manifest["graphs"]["model"] == manifest["graphs"]["baseline"]:
         raise TokensieveError("this artifact has no reduction (method none); there is nothing to compare")
     static = manifest["export"]["batch"]
@@ -160,3 +162,72 @@ def plot_bench(report: BenchReport, path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+@dataclass
+class StagedBenchReport:
+    threads: int
+    images: int
+    mean_ms: dict[str, float]  # per-image latency, mean over the images, per mode
+    ratios: dict[str, float]
+    buckets: list[int]
+    counts: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        lines = [
+            f"per-image latency, batch 1, ONNX Runtime CPU, {self.threads} threads, mean over {self.images} images "
+            f"(counts {self.counts['min']:.0f}..{self.counts['max']:.0f}, mean {self.counts['mean']:.1f}; "
+            f"buckets {self.buckets})"
+        ]
+        for mode, ms in self.mean_ms.items():
+            lines.append(f"  {mode:<26} {ms:>9.2f} ms")
+        lines.append("  " + ", ".join(f"{k} {v:.3f}" for k, v in self.ratios.items()))
+        return "\n".join(lines)
+
+
+def bench_staged(
+    artifact, data: np.ndarray | None = None, threads: int = 2, blocks: int = 4, save: bool = True
+) -> StagedBenchReport:
+    """Bucketed dispatch vs the exact-count oracle (dynamic shapes) vs pad-to-max vs the unreduced graph, image by
+    image over a distribution of inputs (default: varied real-looking images, preprocessed like the model's)."""
+    from tokensieve.runtimes.buckets import StagedRunner
+
+    manifest = artifact.manifest
+    stages = manifest["stages"]
+    if data is None:
+        from tokensieve.calibration.data import preprocess, sample_images
+
+        pre = manifest["preprocessing"]
+        data = np.stack([preprocess(im, pre["shape"], pre["mean"], pre["std"]) for im in sample_images(24, seed=7)])
+    options = {"threads": threads, "spin": False}
+    runners = {
+        mode: StagedRunner(artifact.path, stages, mode=mode, allow_truncation=True, **options)
+        for mode in ("bucketed", "oracle", "padmax")
+    }
+    baseline = artifact.runner("baseline", **options)
+    images = [data[i : i + 1] for i in range(len(data))]
+    runs = {f"{mode}": (lambda r=runner: [r.run(x) for x in images]) for mode, runner in runners.items()}
+    runs["unreduced"] = lambda: [baseline.run({baseline.input_names[0]: x}) for x in images]
+    for fn in runs.values():
+        fn()
+    times = time_alternating(runs, blocks, 1)
+    mean_ms = {mode: statistics.median(t) * 1e3 / len(images) for mode, t in times.items()}
+    counts = [r.counts[0] for x in images for r in runners["bucketed"].run(x).routes]
+    report = StagedBenchReport(
+        threads,
+        len(images),
+        mean_ms,
+        {
+            "bucketed/oracle": mean_ms["bucketed"] / mean_ms["oracle"],
+            "bucketed/padmax": mean_ms["bucketed"] / mean_ms["padmax"],
+            "bucketed/unreduced": mean_ms["bucketed"] / mean_ms["unreduced"],
+        },
+        stages["buckets"][""],
+        {"min": float(min(counts)), "max": float(max(counts)), "mean": float(np.mean(counts))},
+    )
+    if save:
+        (artifact.path / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return report

@@ -14,6 +14,15 @@ from pathlib import Path
 from tokensieve.errors import TokensieveError
 
 
+def _buckets(text: str | None):
+    if text is None or text == "auto":
+        return text
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise TokensieveError(f"--buckets takes 'auto' or comma-separated token counts, got {text!r}") from None
+
+
 def _export(args: argparse.Namespace) -> int:
     from tokensieve.api import export
 
@@ -30,6 +39,11 @@ def _export(args: argparse.Namespace) -> int:
         exporter=args.exporter,
         specials=args.specials,
         lint_target=args.lint_target,
+        buckets=_buckets(args.buckets),
+        max_buckets=args.max_buckets,
+        calibrate=args.calibrate,
+        target_keep=args.target_keep,
+        allow_truncation=args.allow_truncation,
     )
     from tokensieve.inspect import format_inspection
 
@@ -100,13 +114,21 @@ def _bench(args: argparse.Namespace) -> int:
     from tokensieve.api import load
 
     artifact = load(args.dir)
-    report = artifact.bench(
-        batches=args.batch,
-        threads=args.threads,
-        warmup=args.warmup,
-        blocks=args.blocks,
-        per_block=args.per_block,
-    )
+    if "stages" in artifact.manifest:
+        from tokensieve.bench import bench_staged
+        from tokensieve.staged import load_data
+
+        pre = artifact.manifest["preprocessing"]
+        data = load_data(args.data, pre["shape"], pre["mean"], pre["std"]) if args.data else None
+        report = bench_staged(artifact, data, threads=args.threads, blocks=args.blocks)
+    else:
+        report = artifact.bench(
+            batches=args.batch,
+            threads=args.threads,
+            warmup=args.warmup,
+            blocks=args.blocks,
+            per_block=args.per_block,
+        )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     print(f"wrote {artifact.path / 'bench.json'}", file=sys.stderr)
     return 0
@@ -135,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
     p.add_argument("--specials", type=int, help="override the detected number of leading special tokens")
     p.add_argument("--lint-target", default="trt10.3", help="target recorded in the manifest's lint result")
+    p.add_argument("--buckets", help="adaptive methods: 'auto' (from --calibrate data) or sizes, e.g. 64,96,128")
+    p.add_argument("--max-buckets", type=int, default=6, help="at most this many buckets with --buckets auto")
+    p.add_argument("--calibrate", help="calibration data: a folder of images or an .npz of input batches")
+    p.add_argument("--target-keep", type=float, help="calibrate atp's threshold to keep this fraction on average")
+    p.add_argument(
+        "--allow-truncation",
+        action="store_true",
+        help="let an image with more tokens than the largest bucket run truncated (reported)",
+    )
     p.set_defaults(func=_export)
 
     p = sub.add_parser("inspect", help="blocks, tokens per block, sites, MACs and lint result of an artifact")
@@ -175,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--blocks", type=int, default=6, help="alternating measurement blocks")
     p.add_argument("--per-block", type=int, default=5, help="runs per variant per block")
+    p.add_argument("--data", help="staged artifacts: images (folder or .npz) to measure over (default: samples)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
     return parser

@@ -5,6 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 
+def _stages(stages: dict[str, Any]) -> dict[str, Any]:
+    info = stages["graph_info"]
+    return {
+        "sites": stages["sites"],
+        "buckets": stages["buckets"],
+        "calibration": stages["calibration"],
+        "allow_truncation": stages["allow_truncation"],
+        "graphs": {
+            path: {"macs": g["macs"], "lint_ok": g["lint"]["ok"], "lint_errors": len(g["lint"]["errors"])}
+            for path, g in info.items()
+        },
+    }
+
+
 def inspect_artifact(artifact) -> dict[str, Any]:
     m = artifact.manifest
     layout = m.get("layout") or {}
@@ -33,6 +47,7 @@ def inspect_artifact(artifact) -> dict[str, Any]:
         "locate_error": m.get("locate_error"),
         "blocks": blocks,
         "sites": m.get("sites", []),
+        "stages": _stages(m["stages"]) if "stages" in m else None,
         "macs": m["macs"],
         "lint": {
             "target": m["lint"]["target"],
@@ -60,7 +75,8 @@ def format_inspection(info: dict[str, Any]) -> str:
         lines.append(
             f"blocks     {len(info['blocks'])} found ({info['located_with']}), {info['specials']} special token(s)"
         )
-        lines.append("           block                  tokens in (baseline -> model)")
+        staged = info["stages"] is not None
+        lines.append("           block                  tokens in " + ("" if staged else "(baseline -> model)"))
         sites = {s["layer"]: s for s in info["sites"]}
         for b in info["blocks"]:
             note = ""
@@ -68,17 +84,53 @@ def format_inspection(info: dict[str, Any]) -> str:
                 s = sites[b["index"]]
                 params = ", ".join(f"{k}={v}" for k, v in s.get("params", {}).items())
                 note = f"   <- {s['method']}({params}) -> {s['tokens_out']} tokens"
-            lines.append(
-                f"           {b['index']:>2} {b['name']:<20} {b['tokens_baseline']:>5} -> {b['tokens_model']:<5}{note}"
-            )
+            if staged:
+                note = "   <- decision site (data-dependent count)" if b["index"] in info["stages"]["sites"] else ""
+                lines.append(f"           {b['index']:>2} {b['name']:<20} {b['tokens_baseline']:>5}{note}")
+            else:
+                tokens = f"{b['tokens_baseline']:>5} -> {b['tokens_model']:<5}"
+                lines.append(f"           {b['index']:>2} {b['name']:<20} {tokens}{note}")
+    if info["stages"] is not None:
+        lines += _format_stages(info["stages"], info["macs"])
     macs = info["macs"]
-    lines.append(
-        f"MACs       {macs['model'] / 1e9:.3f} G per sample (baseline {macs['baseline'] / 1e9:.3f} G, "
-        f"MAC-limit speedup {macs['limit_speedup']:.3f}x)"
-    )
+    if info["stages"] is None:
+        lines.append(
+            f"MACs       {macs['model'] / 1e9:.3f} G per sample (baseline {macs['baseline'] / 1e9:.3f} G, "
+            f"MAC-limit speedup {macs['limit_speedup']:.3f}x)"
+        )
     lint = info["lint"]
     lines.append(
         f"lint       {lint['target']}: {'OK' if lint['ok'] else 'FAILED'} "
         f"({lint['errors']} errors, {lint['warnings']} warnings)"
     )
     return "\n".join(lines)
+
+
+def _format_stages(stages: dict[str, Any], macs: dict[str, Any]) -> list[str]:
+    calibration = stages["calibration"]
+    routes = "; ".join(f"after {route}: {sizes}" if route else f"{sizes}" for route, sizes in stages["buckets"].items())
+    lines = [f"buckets    {routes}"]
+    if "threshold" in calibration:
+        lines.append(
+            f"threshold  {calibration['threshold']:.4f} (target keep {calibration['target_keep']:g}, "
+            f"achieved {calibration['achieved_keep']:.3f} on {calibration['samples']} images)"
+        )
+    for i, plan in enumerate(calibration.get("plans", [])):
+        counts = calibration["counts"]
+        lines.append(
+            f"counts     site {i}: {counts['min'][i]}..{counts['max'][i]} (mean {counts['mean'][i]:.1f}); "
+            f"expected padding {plan['padding_tokens']:.1f} tokens, +{100 * plan['expected_waste']:.1f} % "
+            "compute over exact counts"
+        )
+    if macs.get("expected"):
+        lines.append(
+            f"expected   {macs['expected'] / 1e9:.3f} GMACs per image over the calibration data "
+            f"({macs['baseline'] / macs['expected']:.3f}x fewer than unreduced)"
+        )
+    bad = [p for p, g in stages["graphs"].items() if not g["lint_ok"]]
+    verdict = "all clean" if not bad else "errors in " + ", ".join(bad)
+    lines.append(
+        f"graphs     {len(stages['graphs'])} stage graphs; lint: {verdict}; pad-to-max graph "
+        f"{macs['model'] / 1e9:.3f} G, unreduced {macs['baseline'] / 1e9:.3f} G per image"
+    )
+    return lines

@@ -55,6 +55,21 @@ class SiteParity:
 
 
 @dataclass
+class StagedCheck:
+    """One check of a staged artifact: a routing mode, or a bucket at a forced edge count."""
+
+    label: str
+    samples: int
+    relative: float  # worst output error relative to the output scale, valid tokens only
+    same_kept: int | None  # samples whose kept tokens match at every site (None: not compared)
+    ok: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.ok and (self.same_kept is None or self.same_kept == self.samples)
+
+
+@dataclass
 class ParityReport:
     tolerance: float
     batch: int
@@ -63,10 +78,11 @@ class ParityReport:
     sites: list[SiteParity] = field(default_factory=list)
     golden: str | None = None
     replay: str | None = None
+    checks: list[StagedCheck] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return all(o.ok for o in self.outputs) and all(s.ok for s in self.sites)
+        return all(o.ok for o in self.outputs) and all(s.ok for s in self.sites) and all(c.passed for c in self.checks)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -92,6 +108,9 @@ class ParityReport:
                 f"(same order {s.same_order}/{s.samples}, min agreement {s.min_agreement:.3f}{sizes})  "
                 f"{'ok' if s.ok else 'FAIL'}"
             )
+        for c in self.checks:
+            kept = "" if c.same_kept is None else f", same kept tokens in {c.same_kept}/{c.samples}"
+            lines.append(f"  staged {c.label:<40} relative {c.relative:.3e}{kept}  {'ok' if c.passed else 'FAIL'}")
         if self.golden:
             lines.append(f"  golden files: {self.golden}")
             lines.append(f"  replay on TensorRT: {self.replay}")
@@ -289,6 +308,10 @@ def check_parity(
     specials = (manifest.get("layout") or {}).get("specials")
     eager_model = ReducedModel(built.module, methods, specials) if methods else built.module.eval()
     pixels = torch.randn(batch, *built.input_shape, generator=torch.Generator().manual_seed(seed))
+    if "stages" in manifest:
+        from tokensieve.parity_staged import check_staged_parity
+
+        return check_staged_parity(artifact, eager_model, pixels.numpy(), tolerance, providers)
     with torch.no_grad():
         eager_out = eager_model(pixels)
     eager_out = [t.numpy() for t in (eager_out if isinstance(eager_out, (tuple, list)) else (eager_out,))]

@@ -136,13 +136,21 @@ class HFVisionTower(nn.Module):
         return out.last_hidden_state, out.pooler_output
 
 
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+HF_NORMALIZATION = {"clip_vision_model": CLIP, "clip": CLIP, "dinov2": IMAGENET, "dinov2_with_registers": IMAGENET}
+
+
 @dataclass
 class BuiltModel:
-    """An eager module ready to export, with its input geometry and output names."""
+    """An eager module ready to export, with its input geometry, output names and input normalisation."""
 
     module: nn.Module
     input_shape: tuple[int, int, int]  # C, H, W
     output_names: tuple[str, ...]
+    mean: tuple[float, ...] = HALF[0]
+    std: tuple[float, ...] = HALF[1]
 
 
 def _build_timm(spec: SourceSpec) -> BuiltModel:
@@ -169,7 +177,8 @@ def _build_timm(spec: SourceSpec) -> BuiltModel:
     c, h, w = cfg.get("input_size", (3, 224, 224))
     if spec.img_size:
         h = w = spec.img_size
-    return BuiltModel(module.eval(), (int(c), int(h), int(w)), ("logits",))
+    mean, std = tuple(cfg.get("mean", HALF[0])), tuple(cfg.get("std", HALF[1]))
+    return BuiltModel(module.eval(), (int(c), int(h), int(w)), ("logits",), mean, std)
 
 
 def _hf_config(spec: SourceSpec):
@@ -216,9 +225,9 @@ def _build_hf(spec: SourceSpec) -> BuiltModel:
         randomize_weights(model, spec.seed)
     size = config.image_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return BuiltModel(
-        HFVisionTower(model).eval(), (int(config.num_channels), int(h), int(w)), HFVisionTower.output_names
-    )
+    mean, std = HF_NORMALIZATION.get(config.model_type, HALF)
+    shape = (int(config.num_channels), int(h), int(w))
+    return BuiltModel(HFVisionTower(model).eval(), shape, HFVisionTower.output_names, mean, std)
 
 
 def build_module(spec: SourceSpec) -> BuiltModel:

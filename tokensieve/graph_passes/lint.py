@@ -189,8 +189,8 @@ def _dims_problem(value: ir.Value, batch_symbols: set[str], io: bool) -> str | N
 
 
 class Linter:
-    def __init__(self, model: ir.Model, target: Target):
-        self.model, self.target = model, target
+    def __init__(self, model: ir.Model, target: Target, profiles: bool = False):
+        self.model, self.target, self.profiles = model, target, profiles
         self.report = LintReport(target.name)
         self.batch_symbols: set[str] = set()
 
@@ -216,19 +216,20 @@ class Linter:
 
     def io_shapes(self) -> None:
         for value in self.model.graph.inputs:
-            if value.shape is not None and len(value.shape) and not isinstance(value.shape[0], int):
-                self.batch_symbols |= _symbols(value.shape[0].value or "")
+            for axis, d in enumerate(value.shape or []):
+                if not isinstance(d, int) and (axis == 0 or self.profiles):
+                    self.batch_symbols |= _symbols(d.value or "")
         for kind, values in (("input", self.model.graph.inputs), ("output", self.model.graph.outputs)):
             for value in values:
-                problem = _dims_problem(value, self.batch_symbols, io=True)
+                problem = _dims_problem(value, self.batch_symbols, io=not self.profiles)
                 if problem is not None:
                     self.add("error", "static-shape", None, f"graph {kind} {value.name!r}: {problem}")
                 elif any(not isinstance(d, int) for d in value.shape):
                     self.add(
                         "warning",
-                        "dynamic-batch",
+                        "dynamic-shape" if self.profiles else "dynamic-batch",
                         None,
-                        f"graph {kind} {value.name!r} has a symbolic batch axis; the engine needs an "
+                        f"graph {kind} {value.name!r} has symbolic axes ({value.shape}); the engine needs an "
                         "optimization profile (min/opt/max)",
                     )
 
@@ -299,8 +300,9 @@ class Linter:
 class LintPass(ir.passes.PassBase):
     """TensorRT lint as an analysis pass: changes nothing, stores ``.report``."""
 
-    def __init__(self, target: str = "trt10.3"):
+    def __init__(self, target: str = "trt10.3", profiles: bool = False):
         super().__init__()
+        self.profiles = profiles
         if target not in TARGETS:
             raise TokensieveError(f"unknown lint target {target!r}; choose one of {', '.join(TARGETS)}")
         self.target = TARGETS[target]
@@ -315,12 +317,14 @@ class LintPass(ir.passes.PassBase):
         return False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.report = Linter(model, self.target).run()
+        self.report = Linter(model, self.target, self.profiles).run()
         return ir.passes.PassResult(model, modified=False)
 
 
-def lint(model: ir.Model, target: str = "trt10.3") -> LintReport:
-    lint_pass = LintPass(target)
+def lint(model: ir.Model, target: str = "trt10.3", profiles: bool = False) -> LintReport:
+    """``profiles``: symbolic axes of the graph inputs (and expressions of them) are allowed, as warnings, for a
+    graph built with one optimization profile per shape (e.g. a symbolic-K stage); otherwise only the batch axis."""
+    lint_pass = LintPass(target, profiles)
     lint_pass(model)
     assert lint_pass.report is not None
     return lint_pass.report

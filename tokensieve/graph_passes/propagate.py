@@ -99,6 +99,9 @@ class _Proxies:
         dims = tuple(self.dim(d) for d in shape)
         return None if None in dims else dims
 
+    def shape_text(self, dims: tuple[int, ...]) -> str:
+        return "[" + ", ".join(str(self.unproxy(d)) for d in dims) + "]"
+
     def unproxy(self, v: int) -> int | str:
         """Concrete int, or a symbolic name (``"batch"`` or ``"batch*6"``)."""
         for prime, name in self._names.items():
@@ -231,6 +234,9 @@ class _Propagator:
                 input_data[value.name] = numpy_helper.from_array(self.known[value].astype(np.int64), value.name)
                 if value.dtype == ir.DataType.INT32:
                     input_data[value.name] = numpy_helper.from_array(self.known[value].astype(np.int32), value.name)
+        symbolic_k = node.op_type == "TopK" and self._symbolic(node.inputs[1])
+        if symbolic_k:  # ONNX checks K against the axis length; a symbolic K is only known to fit
+            input_data.pop(node.inputs[1].name, None)
         node_proto = ir.serde.serialize_node(node)
         try:
             inferred = onnx.shape_inference.infer_node_outputs(
@@ -241,6 +247,16 @@ class _Propagator:
                 f"cannot propagate the new token count through node {node.name!r} ({node.op_type}): "
                 f"{str(e).splitlines()[0]}"
             ) from None
+        if symbolic_k:
+            dims = self.dims(node.inputs[0])
+            if dims is not None:
+                axis = node.attributes.get_int("axis", -1) % len(dims)
+                k = int(self.known[node.inputs[1]].reshape(-1)[0])
+                for value in node.outputs:
+                    self.set_dims(value, (*dims[:axis], k, *dims[axis + 1 :]))
+                node.outputs[1].dtype = ir.DataType.INT64
+                node.outputs[0].dtype = node.inputs[0].dtype
+            return
         for value in node.outputs:
             tp = inferred.get(value.name)
             if tp is None or not tp.HasField("tensor_type"):
@@ -252,6 +268,10 @@ class _Propagator:
                     value,
                     tuple(d.dim_value if d.HasField("dim_value") else None for d in tp.tensor_type.shape.dim),
                 )
+
+    def _symbolic(self, value: ir.Value | None) -> bool:
+        """A known integer value that holds a symbolic (proxy) dimension."""
+        return value is not None and value in self.known and bool((self.known[value] >= _PROXY_PRIMES[0]).any())
 
     def evaluate(self, node: ir.Node) -> None:
         out = node.outputs[0]
@@ -311,39 +331,84 @@ class _Propagator:
         new_out = retarget_dims(old_in, new_in, old_out)
         if self._resolve(current, new_in) == new_out:
             return  # e.g. a -1 at the token axis
-        desired = np.array(
-            [c if c == -1 or (c == 0 and new_in[j] == new_out[j]) else new_out[j] for j, c in enumerate(current)],
-            dtype=np.int64,
-        )
-        if -1 in current and self._resolve(desired, new_in) != new_out:
-            desired = np.array(new_out, dtype=np.int64)  # a -1 elsewhere would absorb the change wrongly
+        if all(d < _PROXY_PRIMES[0] for d in new_out) or (-1 in current and self._one_symbol(new_out)):
+            self._retarget_constant(node, current, origin, new_in, new_out)
+        else:
+            self._retarget_from_shape(node, new_in, new_out)
+        self.rewritten += 1
+
+    @staticmethod
+    def _one_symbol(dims: tuple[int, ...]) -> bool:
+        return sum(d >= _PROXY_PRIMES[0] for d in dims) == 1
+
+    def _retarget_constant(self, node: ir.Node, current: np.ndarray, origin: list, new_in, new_out) -> None:
+        """Rewrite the constant elements of the target (a fresh initializer, or a constant delta on a partly
+        computed target); a single symbolic dim stays -1."""
+        desired = np.array([-1 if d >= _PROXY_PRIMES[0] else d for d in new_out], dtype=np.int64)
+        if self._resolve(desired, new_in) != new_out:
+            raise GraphRewriteError(
+                f"Reshape {node.name!r}: target {self.proxies.shape_text(new_out)} for input "
+                f"{self.proxies.shape_text(new_in)} cannot be written as constants"
+            )
         changed = np.nonzero(desired != current)[0]
         if any(origin[j] is None for j in changed):
             raise GraphRewriteError(
                 f"Reshape {node.name!r}: its target {current.tolist()} is computed in the graph and does not follow "
-                f"the new token count ({new_out}); cannot retarget it"
+                f"the new token count ({self.proxies.shape_text(new_out)}); cannot retarget it"
             )
         name = f"{node.name}_tokensieve_shape"
         if all(o is not None for o in origin):
-            new_target = ir.Value(name=name, const_value=ir.tensor(desired, name=name))
-            new_target.shape, new_target.dtype = ir.Shape([desired.size]), ir.DataType.INT64
-            self.graph.register_initializer(new_target)
+            new_target = self._initializer(name, desired)
         else:
-            delta = ir.Value(name=f"{name}_delta", const_value=ir.tensor(desired - current, name=f"{name}_delta"))
-            delta.shape, delta.dtype = ir.Shape([desired.size]), ir.DataType.INT64
-            self.graph.register_initializer(delta)
-            add = ir.Node("", "Add", [target, delta], name=f"{name}_add")
+            delta = self._initializer(f"{name}_delta", desired - current)
+            add = ir.Node("", "Add", [node.inputs[1], delta], name=f"{name}_add")
             self.graph.insert_before(node, add)
             new_target = add.outputs[0]
-            new_target.name, new_target.dtype, new_target.shape = (
-                name,
-                ir.DataType.INT64,
-                ir.Shape([desired.size]),
-            )
+            new_target.name, new_target.dtype, new_target.shape = name, ir.DataType.INT64, ir.Shape([desired.size])
         self.known[new_target] = desired
         self.origin[new_target] = [new_target if o is not None else None for o in origin]
         node.replace_input_with(1, new_target)
-        self.rewritten += 1
+
+    def _retarget_from_shape(self, node: ir.Node, new_in, new_out) -> None:
+        """Symbolic dims (a dynamic batch and a bucket's K, say): build the target at run time from the input's
+        shape: ``Concat(Shape(x)[j], constants, at most one -1)``."""
+        data, name = node.inputs[0], f"{node.name}_tokensieve_shape"
+        shape = ir.Node("", "Shape", [data], name=f"{name}_of_input")
+        nodes, pieces, free = [shape], [], 0
+        for j, want in enumerate(new_out):
+            if want < _PROXY_PRIMES[0]:
+                pieces.append(self._initializer(f"{name}_{j}", np.array([want], dtype=np.int64)))
+            elif want in new_in:
+                index = self._initializer(f"{name}_{j}_index", np.array([new_in.index(want)], dtype=np.int64))
+                gather = ir.Node(
+                    "", "Gather", [shape.outputs[0], index], attributes=[ir.AttrInt64("axis", 0)], name=f"{name}_{j}"
+                )
+                nodes.append(gather)
+                pieces.append(gather.outputs[0])
+            else:
+                free += 1
+                pieces.append(self._initializer(f"{name}_{j}", np.array([-1], dtype=np.int64)))
+        if free > 1:
+            raise GraphRewriteError(
+                f"Reshape {node.name!r}: target {self.proxies.shape_text(new_out)} has {free} symbolic dims that "
+                f"are not dims of its input {self.proxies.shape_text(new_in)}"
+            )
+        concat = ir.Node("", "Concat", pieces, attributes=[ir.AttrInt64("axis", 0)], name=name)
+        nodes.append(concat)
+        self.graph.insert_before(node, nodes)
+        for n in nodes:
+            self.infer(n)
+        self.known[concat.outputs[0]] = np.array(
+            [-1 if d not in new_in and d >= _PROXY_PRIMES[0] else d for d in new_out], dtype=np.int64
+        )
+        node.replace_input_with(1, concat.outputs[0])
+
+    def _initializer(self, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape, value.dtype = ir.Shape(list(array.shape)), ir.DataType.INT64
+        self.graph.register_initializer(value)
+        self.seed_constant(value, value.const_value)
+        return value
 
     @staticmethod
     def _resolve(target: np.ndarray, in_dims: tuple[int, ...]) -> tuple[int, ...]:

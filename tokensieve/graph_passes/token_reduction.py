@@ -28,21 +28,14 @@ from collections.abc import Sequence
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
-from tokensieve.errors import GraphRewriteError
+from tokensieve.errors import GraphRewriteError, MethodSpecError
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, redirect_uses
 from tokensieve.graph_passes.locate import ViTLayout, locate_vit
 from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.sites import EMITTERS
 from tokensieve.graph_passes.sites.common import SiteInput
+from tokensieve.graph_passes.token_bias import add_logit_bias, bias_pooling_heads, weighted_pooling
 from tokensieve.methods.base import Method, Schedule, schedule
-
-
-def _axes(node: ir.Node) -> list[int] | None:
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        tensor = ir.convenience.get_const_tensor(node.inputs[1])
-        return None if tensor is None else [int(a) for a in tensor.numpy().reshape(-1)]
-    attr = node.attributes.get("axes")
-    return None if attr is None else list(attr.value)
 
 
 class TokenReductionPass(ir.passes.InPlacePass):
@@ -57,6 +50,12 @@ class TokenReductionPass(ir.passes.InPlacePass):
         self.outputs: dict[int, ir.Value] = {}
 
     def requires(self, model: ir.Model) -> None:
+        adaptive = [m.name for m in self.methods if getattr(m, "adaptive", False)]
+        if adaptive:
+            raise MethodSpecError(
+                f"{', '.join(adaptive)} keeps a data-dependent number of tokens; export it with buckets "
+                "(--buckets auto --calibrate DATA, or --buckets 64,96,128)"
+            )
         self.layout = locate_vit(model, self.specials)
         self.plan = schedule(self.methods, self.layout.tokens, self.layout.specials, self.layout.depth)
 
@@ -69,9 +68,7 @@ class TokenReductionPass(ir.passes.InPlacePass):
         prev_shapes: dict[ir.Value, ir.Shape] = {}
         for block in layout.blocks:
             if bias is not None:
-                self._bias_attention(
-                    model, block.attention, bias, f"tokensieve/prop_attn{block.index}", plan.entering[block.index]
-                )
+                add_logit_bias(model, block.attention, bias, f"tokensieve/prop_attn{block.index}", "prop_attn")
             if block.index not in sites:
                 continue
             method, count = sites[block.index]
@@ -106,67 +103,12 @@ class TokenReductionPass(ir.passes.InPlacePass):
                 },
             )
         if sizes is not None:
-            self._pool_with_sizes(model, sizes, bias)
+            if bias is not None:
+                bias_pooling_heads(model, layout, bias, "prop_attn")
+            weighted_pooling(model, layout, sizes, "size_weighted_pool")
         TopologicalSortPass()(model)
         propagate_shapes(model, prev_shapes)
         return ir.passes.PassResult(model, modified=bool(plan.sites))
-
-    def _bias_attention(self, model: ir.Model, node: ir.Node, bias: ir.Value, name: str, queries: int = 1) -> None:
-        """Add the ``[B, 1, 1, N]`` log-size bias to the logits entering ``node`` (Softmax or Attention; the fused
-        op's ``attn_mask`` must spell out its ``queries`` rows for ONNX Runtime)."""
-        b = NodeBuilder(model, name, {"tokensieve.method": "prop_attn"})
-        if node.op_type == "Attention":
-            mask = node.inputs[3] if len(node.inputs) > 3 else None
-            rows = b.op("Expand", [bias, b.const([1, 1, queries, 1], "rows")])
-            new_mask = b.op("Add", [mask, rows]) if mask is not None else rows
-            if len(node.inputs) < 4:
-                node.resize_inputs(4)
-            b.graph.insert_before(node, b.nodes)
-            node.replace_input_with(3, new_mask)
-            return
-        logits = node.inputs[0]
-        dims = logits.shape
-        if dims is not None and len(dims) == 3:  # [B*H, q, N]: heads folded into the batch (nn.MultiheadAttention)
-            heads = self._folded_heads(dims[0])
-            expanded = b.op("Expand", [bias, b.const([1, heads, 1, 1], "heads")])
-            bias = b.op("Reshape", [expanded, b.const([-1, 1, final_tokens(self.plan)], "shape")])
-        added = b.op("Add", [logits, bias], "logits")
-        b.graph.insert_before(node, b.nodes)
-        node.replace_input_with(0, added)
-
-    def _folded_heads(self, dim: int | ir.SymbolicDim) -> int:
-        batch = self.layout.batch
-        if isinstance(dim, int) and isinstance(batch, int):
-            return dim // batch
-        factors = [t for t in str(getattr(dim, "value", dim)).split("*") if t.isdigit()]
-        if len(factors) != 1:
-            raise GraphRewriteError(f"cannot tell the number of heads of a pooling attention of batch dim {dim}")
-        return int(factors[0])
-
-    def _pool_with_sizes(self, model: ir.Model, sizes: ir.Value, bias: ir.Value | None) -> None:
-        """Size-weighted token pooling after the last block, and the log-size bias on attention-pooling heads."""
-        layout = self.layout
-        if bias is not None:
-            for i, softmax in enumerate(layout.pooling_attention):
-                self._bias_attention(model, softmax, bias, f"tokensieve/prop_attn_pool{i}")
-        S, N0 = layout.specials, layout.tokens
-        last = layout.blocks[-1].residual_add
-        after = False
-        for node in list(model.graph):
-            after = after or node is last
-            if not after or node.op_type != "ReduceMean" or node.inputs[0].shape is None:
-                continue
-            dims = node.inputs[0].shape
-            if len(dims) != 3 or _axes(node) not in ([1], [-2]) or dims[1] not in (N0, N0 - S):
-                continue
-            b = NodeBuilder(model, f"tokensieve/pool{node.name}", {"tokensieve.method": "size_weighted_pool"})
-            weights = sizes if dims[1] == N0 or S == 0 else b.slice(sizes, S, final_tokens(self.plan), axis=1)
-            keep = node.attributes.get_int("keepdims", 1)
-            total = b.reduce("ReduceSum", b.op("Mul", [node.inputs[0], b.unsqueeze(weights, [-1])]), [1], keep)
-            norm = b.reduce("ReduceSum", weights, [1], keepdims=True)
-            pooled = b.op("Div", [total, norm if keep else b.op("Squeeze", [norm, b.const([1], "axes")])])
-            b.graph.insert_before(node, b.nodes)
-            node.outputs[0].replace_all_uses_with(pooled, replace_graph_outputs=True)
 
     def ensures(self, model: ir.Model) -> None:
         for method, count in self.plan.sites:
@@ -183,7 +125,3 @@ class TokenReductionPass(ir.passes.InPlacePass):
                         f"value {value.name!r} ({node.op_type}) has no static shape after the pass; shape "
                         "propagation could not follow the new token count"
                     )
-
-
-def final_tokens(plan: Schedule) -> int:
-    return plan.sites[-1][1].tokens_out if plan.sites else plan.entering[-1]

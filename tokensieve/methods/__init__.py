@@ -13,6 +13,7 @@ from fractions import Fraction
 from typing import Any
 
 from tokensieve.errors import MethodSpecError
+from tokensieve.methods.atp import ATPPrune
 from tokensieve.methods.base import Method, Schedule, SiteCount, schedule
 from tokensieve.methods.diffrate import DiffRate
 from tokensieve.methods.pitome import PiToMe
@@ -20,10 +21,11 @@ from tokensieve.methods.spec import parse_method_calls
 from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopKPrune
 
-REGISTRY: dict[str, type] = {cls.name: cls for cls in (TopKPrune, ToMe, PiToMe, DiffRate)}
+REGISTRY: dict[str, type] = {cls.name: cls for cls in (TopKPrune, ToMe, PiToMe, DiffRate, ATPPrune)}
 
 __all__ = [
     "REGISTRY",
+    "ATPPrune",
     "DiffRate",
     "Method",
     "PiToMe",

@@ -19,11 +19,11 @@ from torch import nn
 
 from tokensieve.errors import SourceError
 from tokensieve.methods.base import Method, SiteCount, schedule
-from tokensieve.reference import diffrate, pitome, tome, topk
+from tokensieve.reference import atp, diffrate, pitome, tome, topk
 from tokensieve.reference.adapters import AttentionTensors, find_blocks, special_tokens, wrap_blocks
 from tokensieve.reference.sites import SiteContext
 
-SITES = {"topk": topk.site, "tome": tome.site, "pitome": pitome.site, "diffrate": diffrate.site}
+SITES = {"topk": topk.site, "tome": tome.site, "pitome": pitome.site, "diffrate": diffrate.site, "atp": atp.site}
 
 
 class ReducedModel(nn.Module):
@@ -37,7 +37,10 @@ class ReducedModel(nn.Module):
         self.depth = len(find_blocks(self.model)[1])
         self.merges = any(m.merges for m in self.methods)
         self.prop_attn = any(m.merges and getattr(m, "prop_attn", False) for m in self.methods)
+        self.adaptive = any(getattr(m, "adaptive", False) for m in self.methods)
         self.records: dict[int, dict[str, torch.Tensor]] = {}
+        self.sample_records: list[dict[int, dict[str, torch.Tensor]]] = []
+        self.forced: dict[int, int] = {}
         self.sizes: torch.Tensor | None = None
         self._sites: dict[int, tuple[Method, SiteCount]] = {}
         wrap_blocks(self.model, self)
@@ -57,14 +60,38 @@ class ReducedModel(nn.Module):
         if index not in self._sites:
             return h
         method, count = self._sites[index]
-        result = SITES[method.name](h, attention, self.sizes, SiteContext(count, method, self.specials, self.depth))
+        context = SiteContext(count, method, self.specials, self.depth)
+        if getattr(method, "adaptive", False):
+            result = SITES[method.name](h, attention, self.sizes, context, forced=self.forced.get(index))
+        else:
+            result = SITES[method.name](h, attention, self.sizes, context)
         self.sizes = result.sizes
         self.records[index] = {**result.record, **({"sizes": result.sizes} if result.sizes is not None else {})}
         return result.stream
 
     def forward(self, *args, **kwargs):
+        if self.adaptive:
+            return self.per_image(*args, **kwargs)
         self.records, self.sizes = {}, None
         return self.model(*args, **kwargs)
+
+    def per_image(self, pixels: torch.Tensor, forced: list[dict[int, int]] | None = None):
+        """Adaptive methods: each image alone (its own token counts). Returns the model's outputs with equal-shape
+        outputs stacked and variable-length ones as lists; ``forced[i]`` fixes image i's count per site.
+        ``sample_records[i]`` holds image i's selections."""
+        outputs, self.sample_records = [], []
+        for i in range(pixels.shape[0]):
+            self.records, self.sizes = {}, None
+            self.forced = forced[i] if forced else {}
+            out = self.model(pixels[i : i + 1])
+            outputs.append(out if isinstance(out, (tuple, list)) else (out,))
+            self.sample_records.append(self.records)
+        self.forced = {}
+        merged = []
+        for parts in zip(*outputs, strict=True):
+            same = all(p.shape == parts[0].shape for p in parts)
+            merged.append(torch.cat(parts, dim=0) if same else [p[0] for p in parts])
+        return tuple(merged) if len(merged) > 1 else merged[0]
 
     # -- pooling with sizes ------------------------------------------------------------------------------------
     def _size_aware_pooling(self) -> None:

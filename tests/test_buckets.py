@@ -1,0 +1,194 @@
+"""Adaptive (ATP-style) pruning served with static-shape buckets: staged artifacts, the dispatcher, calibration."""
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+import tokensieve
+from tokensieve.calibration.buckets import choose_buckets, quadratic_cost
+from tokensieve.calibration.data import load_calibration, sample_images
+from tokensieve.calibration.threshold import calibrate_threshold, keep_fraction
+from tokensieve.cli import main
+from tokensieve.errors import MethodSpecError, SourceError
+from tokensieve.runtimes.buckets import BucketOverflowError, StagedRunner, pick_bucket
+
+
+@pytest.fixture(scope="module")
+def calibration_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("calibration")
+    for i, image in enumerate(sample_images(24, seed=11)):
+        image.save(folder / f"image{i:02d}.jpg")
+    return folder
+
+
+def _check(artifact, built, batch=3):
+    report = artifact.parity(reference=built, batch=batch, golden=False)
+    assert report.ok, report.text()
+    labels = [c.label for c in report.checks]
+    assert any(label.startswith("oracle") for label in labels) and any(label.startswith("padmax") for label in labels)
+    sizes = artifact.manifest["stages"]["buckets"][""]
+    exact = [label for label in labels if "exact fit" in label or "largest bucket" in label]
+    assert len(exact) == len(sizes)  # every bucket checked at its edge
+    lint = artifact.lint("trt10.3")
+    assert lint.ok, lint.text()
+    return report
+
+
+def test_vit_small_auto_buckets_with_calibrated_threshold(zoo, calibration_folder, tmp_path):
+    path, built = zoo("timm:vit_small_patch16_224", dynamic_batch=True)
+    artifact = tokensieve.export(
+        str(path), "atp()", tmp_path / "a", buckets="auto", max_buckets=4, calibrate=calibration_folder, target_keep=0.5
+    )
+    stages = artifact.manifest["stages"]
+    calibration = stages["calibration"]
+    assert abs(calibration["achieved_keep"] - 0.5) < 0.02 and calibration["samples"] == 24
+    assert len(stages["buckets"][""]) <= 4 and stages["buckets"][""][-1] == calibration["counts"]["max"][0]
+    assert artifact.methods[0].threshold == pytest.approx(calibration["threshold"])
+    commands = [
+        line
+        for line in (tmp_path / "a" / "trt" / "build_trt10.sh").read_text().splitlines()
+        if line.startswith("trtexec")
+    ]
+    assert len(commands) == len(stages["graphs"]) + 1 and "--profile=3" in commands[-1]
+    trt11 = (tmp_path / "a" / "trt" / "build_trt11.sh").read_text().splitlines()
+    assert not [line for line in trt11 if line.startswith("trtexec") and "--fp16" in line]
+    assert any(line.startswith("python -m modelopt.onnx.autocast") for line in trt11)
+    _check(artifact, built)
+
+
+@pytest.mark.parametrize("method", ["atp(mass=0.8)", "atp(threshold=1.2, grid=0)", "atp(layers=[2, 6], threshold=1.0)"])
+def test_vit_small_explicit_buckets(zoo, tmp_path, method):
+    path, built = zoo("timm:vit_small_patch16_224", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), method, tmp_path / "a", buckets=[64, 96, 128, 160, 196])
+    report = _check(artifact, built, batch=4)
+    if "layers=[2, 6]" in method:
+        routes = artifact.manifest["stages"]["buckets"]
+        assert routes["64"] == [64] and routes["196"] == [64, 96, 128, 160, 196]  # never more slots than before
+        assert report.checks[0].same_kept == 4
+
+
+@pytest.mark.slow
+def test_vit_base_buckets(zoo, tmp_path):
+    path, built = zoo("timm:vit_base_patch16_224", dynamic_batch=True)
+    _check(tokensieve.export(str(path), "atp(threshold=1.0)", tmp_path / "a", buckets=[96, 112, 128, 196]), built)
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2_reg"])
+def test_hf_tower_buckets(zoo, hf_config_dir, tmp_path, family):
+    path, built = zoo(f"hf:{hf_config_dir(family)}", dynamic_batch=True)
+    grid, largest = ("0.25", 196) if family == "vit" else ("0", 256)  # 14x14 and 16x16 patch grids
+    artifact = tokensieve.export(
+        str(path), f"atp(threshold=1.0, grid={grid})", tmp_path / "a", buckets=[64, 128, largest]
+    )
+    report = _check(artifact, built)
+    assert report.outputs[0].name == "last_hidden_state"  # token-level output compared on valid tokens
+
+
+def test_dispatcher_overflow_and_truncation(zoo, tmp_path):
+    path, built = zoo("timm:vit_small_patch16_224", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), "atp(threshold=0.5, grid=0)", tmp_path / "a", buckets=[16, 32])
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    with pytest.raises(BucketOverflowError, match="largest bucket holds 32"):
+        StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels)
+    result = StagedRunner(artifact.path, artifact.manifest["stages"], allow_truncation=True).run(pixels)
+    assert all(r.truncated and r.buckets == [32] and r.counts[0] > 32 for r in result.routes)
+    assert result.outputs["logits"].shape == (2, 1000)
+    report = artifact.parity(reference=built, batch=2, golden=False)  # truncation keeps the top-priority tokens
+    assert report.ok, report.text()
+
+
+def test_adaptive_export_errors(zoo, tmp_path):
+    path, _ = zoo("timm:vit_small_patch16_224", dynamic_batch=True)
+    with pytest.raises(MethodSpecError, match="data-dependent number of tokens"):
+        tokensieve.export(str(path), "atp()", tmp_path / "a")
+    with pytest.raises(MethodSpecError, match="needs calibration data"):
+        tokensieve.export(str(path), "atp()", tmp_path / "a", buckets="auto")
+    with pytest.raises(MethodSpecError, match="apply to adaptive methods"):
+        tokensieve.export(str(path), "topk(keep=0.5)", tmp_path / "a", buckets=[64])
+    with pytest.raises(MethodSpecError, match="larger than the 196 candidate tokens"):
+        tokensieve.export(str(path), "atp()", tmp_path / "a", buckets=[64, 300])
+    with pytest.raises(MethodSpecError, match="cannot be combined"):
+        tokensieve.export(str(path), "atp() + tome(r=4, layers=[5])", tmp_path / "a", buckets=[64])
+    assert not (tmp_path / "a").exists()
+
+
+def test_bucket_dp_is_exact():
+    rng = np.random.default_rng(3)
+    counts = np.concatenate([rng.integers(40, 150, 12), rng.integers(60, 80, 300)])  # 30-40 distinct counts
+    cost = quadratic_cost([(40, 40 * 7.0 + 40 * 40 * 0.05), (100, 700 + 500), (150, 1050 + 1125)])
+    for buckets in (1, 2, 3, 4):
+        plan = choose_buckets(counts, buckets, cost)
+        values, freq = np.unique(counts, return_counts=True)
+        costs = np.array([cost(v) for v in values])
+        best = np.inf
+        for combo in itertools.combinations(range(len(values) - 1), buckets - 1):
+            edges = np.array([*combo, len(values) - 1])
+            assigned = edges[np.searchsorted(edges, np.arange(len(values)))]  # smallest bucket >= each count
+            best = min(best, float((costs[assigned] * freq).sum() / freq.sum()))
+        assert plan.expected_cost == pytest.approx(best) and plan.sizes[-1] == values[-1]
+        assert plan.expected_cost >= plan.oracle_cost and plan.expected_waste >= 0
+    assert choose_buckets([5, 5, 5], 6, cost).sizes == [5]
+
+
+def test_threshold_calibration_hits_the_target():
+    scores = np.random.default_rng(0).dirichlet(np.ones(196), size=40)
+    grid = np.zeros(196, dtype=bool)
+    grid[::8] = True
+    threshold = calibrate_threshold(scores, grid, 0.4)
+    assert keep_fraction(scores, grid, threshold) == pytest.approx(0.4, abs=0.01)
+    with pytest.raises(MethodSpecError, match="below what the spatial grid alone keeps"):
+        calibrate_threshold(scores, grid, 0.05)
+
+
+def test_calibration_data_loading(calibration_folder, tmp_path):
+    data = load_calibration(calibration_folder, (3, 224, 224), (0.5,) * 3, (0.5,) * 3, limit=5)
+    assert data.shape == (5, 3, 224, 224) and data.dtype == np.float32 and -1.01 <= data.min() < data.max() <= 1.01
+    np.savez(tmp_path / "batches.npz", other=data)
+    assert load_calibration(tmp_path / "batches.npz", (3, 224, 224), (0,) * 3, (1,) * 3).shape == (5, 3, 224, 224)
+    np.savez(tmp_path / "bad.npz", x=data[:, :, :100])
+    with pytest.raises(SourceError, match="the model takes"):
+        load_calibration(tmp_path / "bad.npz", (3, 224, 224), (0,) * 3, (1,) * 3)
+    with pytest.raises(SourceError, match="has no images"):
+        load_calibration(tmp_path, (3, 224, 224), (0,) * 3, (1,) * 3)
+
+
+def test_pick_bucket():
+    assert pick_bucket(64, [64, 96], False) == (64, False)
+    assert pick_bucket(65, [64, 96], False) == (96, False)
+    assert pick_bucket(100, [64, 96], True) == (96, True)
+    with pytest.raises(BucketOverflowError):
+        pick_bucket(100, [64, 96], False)
+
+
+def test_cli_contract(calibration_folder, tmp_path, capsys):
+    """The issue's command line, then parity, lint and bench unchanged."""
+    out = tmp_path / "atp"
+    code = main(
+        [
+            "export",
+            "timm:vit_small_patch16_224",
+            "--method",
+            "atp()",
+            "--buckets",
+            "auto",
+            "--calibrate",
+            str(calibration_folder),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "decision site" in text and "buckets" in text and "lint: all clean" in text
+    graphs = sorted(p for p in os.listdir(out) if p.endswith(".onnx"))
+    assert "stage1.onnx" in graphs and "padmax.onnx" in graphs and "stage2_dynamic.onnx" in graphs
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(g in graphs for g in manifest["stages"]["graphs"].values())
+    assert main(["parity", str(out), "--batch", "2", "--no-golden"]) == 0
+    assert main(["lint", str(out)]) == 0
+    assert main(["bench", str(out), "--data", str(calibration_folder), "--blocks", "1"]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert set(report["mean_ms"]) == {"bucketed", "oracle", "padmax", "unreduced"}

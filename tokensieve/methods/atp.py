@@ -1,0 +1,116 @@
+"""ATP-style adaptive token pruning on ViTs: a per-image number of tokens, served with static-shape buckets.
+
+A ViT adaptation of ATP-LLaVA (METHODS.md §4.3; training-free: the learned threshold heads are replaced by a
+calibrated threshold). At each decision site (after the attention of a block, before its MLP):
+
+* score: post-softmax CLS-row attention over the candidates, head mean, renormalised to sum to 1 over the
+  candidates (``n·s_i = 1`` is "average");
+* keep: ``n·s_i > threshold`` (absolute mode) or the smallest set of highest-scoring candidates whose scores sum to
+  at least ``mass`` (cumulative mode; ties: lower index first) -- united with ATP's spatial grid (SAP) at the first
+  site: every ``stride``-th row and column of the patch grid, ``stride = round(sqrt(1 / grid))``, so coverage of
+  the image survives;
+* the kept tokens stay in their original order after the special tokens. Their number is data-dependent.
+
+Defaults (``atp()``): one site after block 3 (0-based), ``mass=0.9``, ``grid=0.25`` (a 2-stride grid, a quarter of
+the patches). ``threshold`` overrides ``mass``; ``tokensieve export --calibrate DATA --target-keep R`` sets the
+threshold that keeps a fraction R of the candidates on average.
+
+Graph form (METHODS.md R2/R4): the decision (stage 1) outputs the stream, a priority key (kept tokens first) and
+the count; the tail (stage 2) is specialised per bucket size ``K`` (static ``TopK``), and the slots beyond the
+count are masked out of every later attention with an additive key bias, so valid tokens equal exact dropping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, ClassVar
+
+from tokensieve.errors import MethodSpecError
+from tokensieve.methods.base import SiteCount, check_depth, check_layers
+
+
+def _number(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)):
+        raise MethodSpecError(f"atp: {key} must be a number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ATPPrune:
+    layers: tuple[int, ...] = (3,)
+    threshold: float | None = None
+    mass: float | None = None
+    grid: float = 0.25
+    name: ClassVar[str] = "atp"
+    merges: ClassVar[bool] = False
+    adaptive: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        layers = check_layers("atp", self.layers)
+        if layers is None:
+            raise MethodSpecError("atp: layers must list the decision blocks, e.g. layers=[3]")
+        object.__setattr__(self, "layers", layers)
+        threshold, mass = _number("threshold", self.threshold), _number("mass", self.mass)
+        if threshold is not None and mass is not None:
+            raise MethodSpecError("atp: give threshold (absolute) or mass (cumulative), not both")
+        if threshold is None and mass is None:
+            mass = 0.9
+        if threshold is not None and threshold < 0:
+            raise MethodSpecError(f"atp: threshold must be >= 0 (1.0 = average score), got {threshold:g}")
+        if mass is not None and not 0 < mass <= 1:
+            raise MethodSpecError(f"atp: mass must be in (0, 1], got {mass:g}")
+        object.__setattr__(self, "threshold", threshold)
+        object.__setattr__(self, "mass", mass)
+        grid = _number("grid", self.grid)
+        if not 0 <= grid <= 1:
+            raise MethodSpecError(f"atp: grid (fraction of patches always kept) must be in [0, 1], got {grid:g}")
+        object.__setattr__(self, "grid", grid)
+
+    def layers_for(self, depth: int) -> tuple[int, ...]:
+        return self.layers
+
+    def validate(self, tokens: int, specials: int, depth: int) -> None:
+        check_depth("atp", self.layers, depth)
+        if specials < 1:
+            raise MethodSpecError("atp scores tokens by CLS attention, but this model has no CLS token")
+        if self.grid:
+            self.grid_positions(tokens - specials)
+
+    def site(self, layer: int, tokens_in: int, specials: int, depth: int) -> SiteCount:
+        """The upper bound (every token kept); the real count is data-dependent."""
+        return SiteCount(layer, tokens_in, tokens_in - specials, tokens_in, {"max": tokens_in})
+
+    @property
+    def stride(self) -> int:
+        return max(1, round(math.sqrt(1 / self.grid))) if self.grid else 0
+
+    def grid_positions(self, candidates: int) -> list[int]:
+        """Candidate indices of the spatial grid (SAP) on a square patch grid of ``candidates`` tokens."""
+        if not self.grid:
+            return []
+        side = math.isqrt(candidates)
+        if side * side != candidates:
+            raise MethodSpecError(
+                f"atp: the spatial grid needs a square patch grid, but the site has {candidates} candidates; use grid=0"
+            )
+        return [r * side + c for r in range(0, side, self.stride) for c in range(0, side, self.stride)]
+
+    def with_threshold(self, threshold: float) -> ATPPrune:
+        return ATPPrune(layers=self.layers, threshold=threshold, mass=None, grid=self.grid)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "layers": list(self.layers),
+            "threshold": self.threshold,
+            "mass": self.mass,
+            "grid": self.grid,
+        }
+
+    def describe(self) -> str:
+        rule = f"threshold={self.threshold:g}" if self.threshold is not None else f"mass={self.mass:g}"
+        return f"atp(layers={list(self.layers)}, {rule}, grid={self.grid:g})"

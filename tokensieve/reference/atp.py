@@ -1,0 +1,60 @@
+"""Eager reference of ATP-style adaptive pruning (:class:`tokensieve.methods.ATPPrune`): exact, variable-length
+dropping, one image at a time (a batch of different counts is not a tensor). Records the kept positions.
+
+``forced`` (tests and edge-count parity): keep exactly that many candidates, the highest by priority (grid first,
+then score), instead of the data-dependent rule -- the same selection a bucket makes when it truncates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokensieve.reference.adapters import AttentionTensors
+from tokensieve.reference.merging import argsort_desc
+from tokensieve.reference.sites import SiteContext, SiteResult
+from tokensieve.reference.topk import score
+
+
+def normalized_scores(attention: AttentionTensors, specials: int) -> torch.Tensor:
+    """CLS-row attention over the candidates, head mean, renormalised to sum to 1: ``[B, n]``."""
+    s = score(attention, "cls")[:, specials:]
+    return s / s.sum(dim=-1, keepdim=True)
+
+
+def grid_mask(method, candidates: int, first_site: bool) -> torch.Tensor:
+    mask = torch.zeros(candidates, dtype=torch.bool)
+    if first_site:
+        mask[method.grid_positions(candidates)] = True
+    return mask
+
+
+def keep_mask(method, s: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """The data-dependent keep rule for one image's normalised scores ``[n]``."""
+    n = s.shape[-1]
+    if method.threshold is not None:
+        kept = n * s > method.threshold
+    else:
+        order = argsort_desc(s)
+        before = torch.cumsum(s[order], dim=-1) - s[order]  # mass accumulated before each rank
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[order[before < method.mass]] = True
+    return kept | grid
+
+
+def site(
+    h: torch.Tensor, attention: AttentionTensors, sizes, ctx: SiteContext, forced: int | None = None
+) -> SiteResult:
+    if h.shape[0] != 1:
+        raise ValueError("the adaptive reference runs one image at a time")
+    method, S = ctx.method, ctx.specials
+    s = normalized_scores(attention, S)[0]
+    grid = grid_mask(method, s.shape[0], ctx.count.layer == method.layers[0])
+    if forced is None:
+        kept = keep_mask(method, s, grid)
+    else:
+        priority = s + 2.0 * grid
+        kept = torch.zeros_like(grid)
+        kept[argsort_desc(priority)[:forced]] = True
+    positions = torch.nonzero(kept).reshape(-1)
+    stream = torch.cat([h[:, :S], h[:, S:][:, positions]], dim=1)
+    return SiteResult(stream, None, {"kept": (positions + S)[None]})
