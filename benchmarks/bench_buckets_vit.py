@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import tokensieve
-from tokensieve.bench import bench_staged
+from tokensieve.bench import bench_staged, pyplot
 from tokensieve.calibration.data import preprocess, sample_images
 
 RESULTS = Path(__file__).parent / "results"
@@ -77,12 +77,8 @@ def main() -> None:
 
 
 def _plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     models = list(results["models"])
     modes = ["unreduced", "padmax", "oracle", "bucketed"]

@@ -35,7 +35,7 @@ import onnx_ir as ir
 import torch
 
 import tokensieve
-from tokensieve.bench import time_alternating
+from tokensieve.bench import pyplot, time_alternating
 from tokensieve.converters.sources import build_module, parse_source
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.propagate import propagate_shapes
@@ -168,12 +168,8 @@ def main() -> None:
 
 
 def _plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     batches = list(results["batches"])
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.5), squeeze=False)

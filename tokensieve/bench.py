@@ -141,14 +141,22 @@ def bench_artifact(
     return report
 
 
-def plot_bench(report: BenchReport, path: Path) -> bool:
-    """Bar chart of achieved vs MAC-limit speedup per batch; skipped (False) without matplotlib."""
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_bench(report: BenchReport, path: Path) -> bool:
+    """Bar chart of achieved vs MAC-limit speedup per batch; skipped (False) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(5, 3.2))
     x = np.arange(len(report.rows))

@@ -37,6 +37,10 @@ class NodeBuilder:
         self.exposed: dict[str, str] = {}
         self._count = 0
 
+    @classmethod
+    def for_site(cls, model: ir.Model, layer: int, method: str) -> NodeBuilder:
+        return cls(model, f"tokensieve/site{layer}", {"tokensieve.site": str(layer), "tokensieve.method": method})
+
     def _name(self, hint: str) -> str:
         self._count += 1
         return f"{self.prefix}/{hint}_{self._count}"

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import onnx_ir as ir
 
 from tokensieve.errors import TokensieveError
+from tokensieve.graph_passes.propagate import SHAPE_OPS
 
 TOPK_MAX = 3840
 
@@ -69,31 +70,7 @@ TARGETS: dict[str, Target] = {
     "trt10": Target("trt10", 24, _NEVER, "TensorRT 10.16 (latest 10.x; JetPack 7.2)"),
     "trt11": Target("trt11", 24, _NEVER, "TensorRT 11.x (strongly typed)"),
 }
-_SHAPE_SOURCES = frozenset(
-    [
-        "Shape",
-        "Size",
-        "Constant",
-        "Gather",
-        "Slice",
-        "Concat",
-        "Unsqueeze",
-        "Squeeze",
-        "Cast",
-        "Identity",
-        "Add",
-        "Sub",
-        "Mul",
-        "Div",
-        "Max",
-        "Min",
-        "Reshape",
-        "ReduceProd",
-        "ReduceMin",
-        "ReduceMax",
-        "Neg",
-    ]
-)
+_SHAPE_SOURCES = SHAPE_OPS | {"Constant", "ReduceMin", "ReduceMax"}  # ops a TensorRT shape tensor may come from
 
 
 @dataclass(frozen=True)

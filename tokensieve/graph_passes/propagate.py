@@ -32,7 +32,7 @@ from tokensieve.errors import GraphRewriteError
 
 _PROXY_PRIMES = (1_000_003, 1_000_033, 1_000_037, 1_000_039, 1_000_081, 1_000_099, 1_000_117, 1_000_121)
 # Small integer ops whose outputs are evaluated when all inputs are known (shape arithmetic).
-_SHAPE_OPS = frozenset(
+SHAPE_OPS = frozenset(
     [
         "Shape",
         "Size",
@@ -214,7 +214,7 @@ class _Propagator:
         if node.op_type == "Reshape":
             self.retarget_reshape(node)
         self.infer(node)
-        if node.op_type in _SHAPE_OPS and node.outputs[0] not in self.known:
+        if node.op_type in SHAPE_OPS and node.outputs[0] not in self.known:
             self.evaluate(node)
 
     def infer(self, node: ir.Node) -> None:

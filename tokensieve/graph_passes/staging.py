@@ -86,11 +86,7 @@ class StagePass(ir.passes.InPlacePass):
                 continue
             h = block.post_attention
             uses = list(h.uses())
-            b = NodeBuilder(
-                model,
-                f"tokensieve/site{block.index}",
-                {"tokensieve.site": str(block.index), "tokensieve.method": method.name},
-            )
+            b = NodeBuilder.for_site(model, block.index, method.name)
             if index == spec.start and spec.start_tokens is not None:
                 tokens = spec.start_tokens
             count = SiteCount(block.index, tokens, tokens - S, tokens)

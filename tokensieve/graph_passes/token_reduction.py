@@ -74,11 +74,7 @@ class TokenReductionPass(ir.passes.InPlacePass):
             method, count = sites[block.index]
             h = block.post_attention
             uses = list(h.uses())
-            b = NodeBuilder(
-                model,
-                f"tokensieve/site{count.layer}",
-                {"tokensieve.site": str(count.layer), "tokensieve.method": method.name},
-            )
+            b = NodeBuilder.for_site(model, count.layer, method.name)
             site = SiteInput(block, count, method, layout.specials, layout.depth, h, sizes, bias)
             out = EMITTERS[method.name](b, site)
             if out.sizes is not None:

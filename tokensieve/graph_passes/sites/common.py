@@ -132,3 +132,22 @@ def merge_into(
     weighted = b.op("Mul", [src, b.unsqueeze(src_sizes, [-1])])
     total = b.op("Add", [b.op("Mul", [dst, b.unsqueeze(dst_sizes, [-1])]), b.op("MatMul", [onehot_t, weighted])])
     return b.op("Div", [total, b.unsqueeze(sizes, [-1])], "merged"), sizes
+
+
+def assemble(
+    b: NodeBuilder,
+    h: ir.Value,
+    sizes: ir.Value,
+    specials: int,
+    kept: ir.Value,
+    merged: ir.Value,
+    merged_sizes: ir.Value,
+) -> SiteOutput:
+    """``[specials, rows kept of h, merged destinations]`` and their sizes: the output of a merging site."""
+    S = specials
+    parts = [b.slice(h, 0, S, axis=1)] if S else []
+    size_parts = [b.slice(sizes, 0, S, axis=1)] if S else []
+    parts += [gather_tokens(b, h, kept), merged]
+    size_parts += [b.op("GatherElements", [sizes, kept], axis=1), merged_sizes]
+    out = b.op("Concat", parts, "tokens", axis=1)
+    return SiteOutput(out, b.op("Concat", size_parts, "sizes", axis=1), dict(b.exposed))

@@ -15,6 +15,7 @@ from tokensieve.graph_passes.builder import NodeBuilder
 from tokensieve.graph_passes.sites.common import (
     SiteInput,
     SiteOutput,
+    assemble,
     gather_tokens,
     key_metric,
     merge_into,
@@ -58,9 +59,4 @@ def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
         r,
         h.dtype,
     )
-    parts = [b.slice(h, 0, S, axis=1)] if S else []
-    size_parts = [b.slice(sizes, 0, S, axis=1)] if S else []
-    parts += [gather_tokens(b, h, p_pos), merged]
-    size_parts += [b.op("GatherElements", [sizes, p_pos], axis=1), merged_sizes]
-    out = b.op("Concat", parts, "tokens", axis=1)
-    return SiteOutput(out, b.op("Concat", size_parts, "sizes", axis=1), dict(b.exposed))
+    return assemble(b, h, sizes, S, p_pos, merged, merged_sizes)
