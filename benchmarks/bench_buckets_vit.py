@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import tokensieve
-from tokensieve.bench import bench_staged, pyplot
+from tokensieve.bench import bench_staged, pyplot, save_figure
 from tokensieve.calibration.data import preprocess, sample_images
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,9 +89,7 @@ def _plot(results: dict, path: Path) -> None:
     ax.set_xticks(x, models, fontsize=8)
     ax.set_ylabel("ms per image (batch 1)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

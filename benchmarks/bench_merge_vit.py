@@ -35,7 +35,7 @@ import onnx_ir as ir
 import torch
 
 import tokensieve
-from tokensieve.bench import pyplot, time_alternating
+from tokensieve.bench import pyplot, save_figure, time_alternating
 from tokensieve.converters.sources import build_module, parse_source
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.propagate import propagate_shapes
@@ -183,9 +183,7 @@ def _plot(results: dict, path: Path) -> None:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_ylabel("speedup over unmerged")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -55,5 +55,5 @@ def test_bad_weights_file(tmp_path):
 
 def test_unsupported_hf_architecture(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_size": 32}')
-    with pytest.raises(SourceError, match="not a supported vision tower"):
+    with pytest.raises(SourceError, match=r"is not supported; vision towers: .*MLLMs: llava"):
         build_module(parse_source(f"hf:{tmp_path}"))

@@ -7,13 +7,11 @@ Data flow: model source -> converter (torch -> ONNX) -> normalising passes -> to
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import logging
 import os
 from typing import Any
 
-import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
@@ -22,11 +20,14 @@ from tokensieve.artifact import (
     FORMAT_VERSION,
     MANIFEST,
     Artifact,
+    check_file,
+    describe_io,
     save_baseline,
     save_graph,
     staged_directory,
+    versions,
 )
-from tokensieve.errors import GraphRewriteError, LocateError, MethodSpecError, SourceError
+from tokensieve.errors import LocateError, MethodSpecError, SourceError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.builder import read_sites
 from tokensieve.graph_passes.drop_zero_masks import DropZeroMaskPass
@@ -38,40 +39,6 @@ from tokensieve.graph_passes.token_reduction import TokenReductionPass
 from tokensieve.methods import Method, describe, parse_methods, schedule
 
 logging.getLogger("onnxscript").setLevel(logging.ERROR)
-
-_VERSIONED = ("torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "timm", "transformers")
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in ("tokensieve", *_VERSIONED):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def _io(model: ir.Model) -> tuple[list[dict], list[dict]]:
-    def describe(values):
-        return [
-            {
-                "name": v.name,
-                "dtype": v.dtype.name if v.dtype else None,
-                "shape": [d if isinstance(d, int) else d.value for d in v.shape] if v.shape is not None else None,
-            }
-            for v in values
-        ]
-
-    return describe(model.graph.inputs), describe(model.graph.outputs)
-
-
-def _check_file(path) -> None:
-    """onnx's full checker (with strict shape inference) on the saved file, external weights included."""
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise GraphRewriteError(f"the rewritten graph fails onnx's checker: {str(e).splitlines()[0]}") from e
 
 
 def _baseline_from_source(spec, batch: int, dynamic_batch: bool, opset: int, exporter: str, module=None):
@@ -115,6 +82,8 @@ def export(
     calibrate: str | os.PathLike | None = None,
     target_keep: float | None = None,
     allow_truncation: bool = False,
+    capacity: int | None = None,
+    growing_cache: bool = True,
     module=None,
 ) -> Artifact:
     """Export ``source`` to ONNX, insert ``method`` into the graph, and write an artifact directory ``out``.
@@ -128,7 +97,12 @@ def export(
     ``calibrate`` data, at most ``max_buckets``) or a list of sizes; ``target_keep`` calibrates the threshold for a
     mean keep fraction; ``allow_truncation`` lets the dispatcher squeeze an over-full image into the largest bucket.
     The batch axis is made dynamic for them (the dispatcher runs groups of any size).
+
+    MLLM sources (``hf:llava-tiny``, ``hf:llava-next-tiny``, a local LLaVA / LLaVA-NeXT checkpoint) give a split
+    artifact (vision, embed, prefill, decode graphs; see :mod:`tokensieve.export_mllm`): ``capacity`` = KV-cache
+    slots of the static decode graph, ``growing_cache`` adds the growing-cache decode graph.
     """
+    from tokensieve.converters.llava import is_mllm_source
     from tokensieve.converters.sources import parse_source
 
     spec = parse_source(source, weights=weights, seed=seed, img_size=img_size)
@@ -136,6 +110,27 @@ def export(
         methods = parse_methods(method)
     else:
         methods = list(method) if isinstance(method, (list, tuple)) else [method]
+    if spec.kind == "hf" and is_mllm_source(spec.name):
+        from tokensieve.export_mllm import export_mllm
+
+        unsupported = {
+            "--method": methods,
+            "--buckets": buckets,
+            "--calibrate": calibrate,
+            "--img-size": img_size,
+            "--dynamic-batch": dynamic_batch,
+            "--batch": batch != 1,
+            "--exporter": exporter != "dynamo",
+        }
+        given = [flag for flag, value in unsupported.items() if value]
+        if given:
+            raise MethodSpecError(
+                f"{', '.join(given)} do not apply to MLLM exports (token reduction in MLLM graphs "
+                "is not available yet); export with --out and optionally --capacity, --opset"
+            )
+        return export_mllm(spec, out, capacity=capacity, opset=opset, growing=growing_cache, lint_target=lint_target)
+    if capacity is not None:
+        raise MethodSpecError("--capacity applies to MLLM sources (hf:llava-tiny, a LLaVA checkpoint)")
     adaptive = any(getattr(m, "adaptive", False) for m in methods)
     if adaptive and len(methods) > 1:
         raise MethodSpecError("an adaptive method (atp) cannot be combined with other methods yet")
@@ -193,17 +188,17 @@ def export(
             reduced = save_baseline(staging, baseline)
             run_passes(reduced, [TokenReductionPass(methods, specials=layout.specials), RemoveUnusedNodesPass()])
             save_graph(reduced, staging / "model.onnx", weights=False)
-            _check_file(staging / "model.onnx")
+            check_file(staging / "model.onnx")
             graphs = {"model": "model.onnx", "baseline": "baseline.onnx"}
             entering = schedule(methods, layout.tokens, layout.specials, layout.depth).entering
-        inputs, outputs = _io(reduced)
+        inputs, outputs = describe_io(reduced)
         batch_dim = inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else None
         macs_model, macs_baseline = count_macs(reduced), count_macs(baseline)
         manifest: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": _versions(),
+            "versions": versions(),
             "source": spec.to_dict(),
             "weights_sha256": digest,
             "preprocessing": preprocessing,

@@ -16,6 +16,8 @@ leaves a half-written artifact; an existing artifact at the destination is repla
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -24,14 +26,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import onnx
 import onnx_ir as ir
 
-from tokensieve.errors import ArtifactError
+from tokensieve.errors import ArtifactError, GraphRewriteError
 
 MANIFEST = "manifest.json"
 FORMAT = "tokensieve-artifact"
 FORMAT_VERSION = 1
 WEIGHTS = "weights.data"
+_VERSIONED = ("torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "timm", "transformers")
+_ALIGNMENT = 64
+_INLINE_BYTES = 1024  # smaller initializers stay inside the .onnx file
 
 
 def _is_artifact(path: Path) -> bool:
@@ -88,6 +94,65 @@ def save_baseline(directory: Path, baseline: ir.Model) -> ir.Model:
     return ir.load(path)
 
 
+def save_shared(graphs: dict[str, ir.Model], directory: Path, files: dict[str, str]) -> None:
+    """Save several graphs into ``directory`` (``files``: key -> file name) with their weights stored once, in the
+    shared ``weights.data``: initializers with the same dtype, shape and bytes (the decoder layers that prefill and
+    the decode graphs share) are written once and referenced by every graph."""
+    written: dict[tuple, tuple[int, int]] = {}
+    with open(directory / WEIGHTS, "wb") as blob:
+        for key, model in graphs.items():
+            for value in model.graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None or tensor.nbytes < _INLINE_BYTES:
+                    continue
+                data = tensor.tobytes()
+                digest = (tensor.dtype, tuple(tensor.shape), hashlib.sha256(data).digest())
+                if digest not in written:
+                    blob.write(b"\0" * (-blob.tell() % _ALIGNMENT))
+                    written[digest] = (blob.tell(), len(data))
+                    blob.write(data)
+                offset, length = written[digest]
+                value.const_value = ir.ExternalTensor(
+                    WEIGHTS, offset, length, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=directory
+                )
+            ir.save(model, directory / files[key])
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of tokensieve and the libraries an export depends on."""
+    out = {}
+    for name in ("tokensieve", *_VERSIONED):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def describe_io(model: ir.Model) -> tuple[list[dict], list[dict]]:
+    """Names, dtypes and shapes (symbolic dims by name) of a graph's inputs and outputs."""
+
+    def describe(values):
+        return [
+            {
+                "name": v.name,
+                "dtype": v.dtype.name if v.dtype else None,
+                "shape": [d if isinstance(d, int) else d.value for d in v.shape] if v.shape is not None else None,
+            }
+            for v in values
+        ]
+
+    return describe(model.graph.inputs), describe(model.graph.outputs)
+
+
+def check_file(path: Path) -> None:
+    """onnx's full checker (with strict shape inference) on the saved file, external weights included."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise GraphRewriteError(f"{path.name} fails onnx's checker: {str(e).splitlines()[0]}") from e
+
+
 class Artifact:
     """A tokensieve artifact directory: run it, inspect it, check its parity, lint it, benchmark it."""
 
@@ -110,10 +175,15 @@ class Artifact:
         if manifest.get("format") != FORMAT:
             raise ArtifactError(f"{manifest_path} is not a tokensieve manifest")
         artifact = cls(path, manifest)
-        for key in ("model", "baseline"):
-            if not artifact.graph_path(key).is_file():
-                raise ArtifactError(f"artifact {path} is incomplete: {artifact.manifest['graphs'][key]} is missing")
+        for key, relative in manifest["graphs"].items():
+            if key != "external_data" and not artifact.graph_path(key).is_file():
+                raise ArtifactError(f"artifact {path} is incomplete: {relative} is missing")
         return artifact
+
+    @property
+    def kind(self) -> str:
+        """``"vit"`` (one image model, possibly staged) or ``"mllm"`` (vision / embed / prefill / decode graphs)."""
+        return self.manifest.get("kind", "vit")
 
     def graph_path(self, key: str = "model") -> Path:
         return self.path / self.manifest["graphs"][key]
@@ -135,8 +205,21 @@ class Artifact:
 
     def run(self, pixel_values, graph: str = "model", **kwargs) -> dict:
         """Run the graph on a numpy batch with ONNX Runtime (CPU unless ``providers=`` says otherwise)."""
+        if self.kind == "mllm":
+            raise ArtifactError("an MLLM artifact runs with Artifact.generate(image, prompt), not run()")
         runner = self.runner(graph, **kwargs)
         return runner.run({runner.input_names[0]: pixel_values})
+
+    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 32, cache: str = "fixed", **kwargs):
+        """MLLM artifacts: greedy generation on ONNX Runtime (see :class:`tokensieve.runtimes.llava.LlavaRunner`)."""
+        return self.llava_runner(cache=cache).generate(image, prompt, max_new_tokens, **kwargs)
+
+    def llava_runner(self, **kwargs):
+        from tokensieve.runtimes.llava import LlavaRunner
+
+        if self.kind != "mllm":
+            raise ArtifactError(f"{self.path} holds an image model; generate() needs an MLLM artifact (hf:llava-tiny)")
+        return LlavaRunner.from_artifact(self, **kwargs)
 
     def inspect(self) -> dict[str, Any]:
         from tokensieve.inspect import inspect_artifact
@@ -144,17 +227,28 @@ class Artifact:
         return inspect_artifact(self)
 
     def parity(self, **kwargs):
+        if self.kind == "mllm":
+            from tokensieve.parity_llava import check_llava_parity
+
+            return check_llava_parity(self, **kwargs)
         from tokensieve.parity import check_parity
 
         return check_parity(self, **kwargs)
 
     def bench(self, **kwargs):
+        if self.kind == "mllm":
+            from tokensieve.bench_llava import bench_llava
+
+            return bench_llava(self, **kwargs)
         from tokensieve.bench import bench_artifact
 
         return bench_artifact(self, **kwargs)
 
     def graph_files(self) -> list[tuple[str, bool]]:
         """Every deployable graph: ``(relative path, has symbolic shapes meant for optimization profiles)``."""
+        if self.kind == "mllm":
+            dynamic = self.manifest["dynamic"]
+            return [(rel, key in dynamic) for key, rel in self.manifest["graphs"].items() if key != "external_data"]
         stages = self.manifest.get("stages")
         if stages is None:
             return [(self.manifest["graphs"]["model"], False)]
@@ -181,5 +275,5 @@ class Artifact:
         return combined
 
     def __repr__(self) -> str:
-        source, method = self.manifest["source"]["name"], self.manifest["method_text"]
+        source, method = self.manifest["source"]["name"], self.manifest.get("method_text", "none")
         return f"Artifact({str(self.path)!r}, source={source!r}, method={method!r})"

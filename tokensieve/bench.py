@@ -153,6 +153,13 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write (120 dpi) and close a figure made with :func:`pyplot`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
 def plot_bench(report: BenchReport, path: Path) -> bool:
     """Bar chart of achieved vs MAC-limit speedup per batch; skipped (False) without matplotlib."""
     plt = pyplot()
@@ -166,9 +173,7 @@ def plot_bench(report: BenchReport, path: Path) -> bool:
     ax.set_ylabel("speedup over unreduced")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

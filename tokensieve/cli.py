@@ -1,4 +1,4 @@
-"""``tokensieve`` command line: export, inspect, parity, lint, plan, bench.
+"""``tokensieve`` command line: export, inspect, parity, lint, plan, bench, generate.
 
 Exit codes: 0 success; 1 a check failed (parity mismatch, lint errors); 2 bad input or an operation that could
 not be carried out (a typed tokensieve error, printed as one line).
@@ -44,6 +44,8 @@ def _export(args: argparse.Namespace) -> int:
         calibrate=args.calibrate,
         target_keep=args.target_keep,
         allow_truncation=args.allow_truncation,
+        capacity=args.capacity,
+        growing_cache=not args.no_growing_cache,
     )
     from tokensieve.inspect import format_inspection
 
@@ -63,12 +65,17 @@ def _inspect(args: argparse.Namespace) -> int:
 def _parity(args: argparse.Namespace) -> int:
     from tokensieve.api import load
 
+    artifact = load(args.dir)
+    if artifact.kind == "mllm":
+        report = artifact.parity(count=args.cases, new_tokens=args.new_tokens, seed=args.seed, tolerance=args.tolerance)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+        return 0 if report.ok else 1
     reference = None
     if args.reference:
         from tokensieve.converters.sources import parse_source
 
         reference = parse_source(args.reference, weights=args.weights, seed=args.seed)
-    report = load(args.dir).parity(
+    report = artifact.parity(
         reference=reference,
         batch=args.batch,
         seed=args.seed,
@@ -114,7 +121,11 @@ def _bench(args: argparse.Namespace) -> int:
     from tokensieve.api import load
 
     artifact = load(args.dir)
-    if "stages" in artifact.manifest:
+    if artifact.kind == "mllm":
+        report = artifact.bench(
+            contexts=args.contexts, threads=args.threads, blocks=args.blocks, per_block=args.per_block
+        )
+    elif "stages" in artifact.manifest:
         from tokensieve.bench import bench_staged
         from tokensieve.staged import load_data
 
@@ -131,6 +142,35 @@ def _bench(args: argparse.Namespace) -> int:
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     print(f"wrote {artifact.path / 'bench.json'}", file=sys.stderr)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tokensieve.api import load
+
+    runner = load(args.dir).llava_runner(cache=args.cache, threads=args.threads)
+    out = runner.generate(
+        args.image, args.prompt, args.max_new_tokens, ignore_eos=args.ignore_eos, template=args.template
+    )
+    if args.json:
+        info = {
+            "text": out.text,
+            "ids": out.ids,
+            "stop": out.stop,
+            "prompt_tokens": len(out.prompt_ids),
+            "image_span": out.image_span,
+            "timings_ms": out.timings_ms,
+        }
+        print(json.dumps(info, indent=2))
+    else:
+        print(out.text)
+        t = out.timings_ms
+        print(
+            f"[{len(out.ids)} tokens, stop: {out.stop}; prompt {len(out.prompt_ids)} tokens, image span "
+            f"{out.image_span}; vision {t['vision']:.1f} ms, prefill {t['prefill']:.1f} ms, decode "
+            f"{t['decode_per_token']:.2f} ms/token, {args.cache} cache]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -166,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let an image with more tokens than the largest bucket run truncated (reported)",
     )
+    p.add_argument("--capacity", type=int, help="MLLMs: KV-cache slots of the static decode graph")
+    p.add_argument("--no-growing-cache", action="store_true", help="MLLMs: skip the growing-cache decode graph")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("inspect", help="blocks, tokens per block, sites, MACs and lint result of an artifact")
@@ -181,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=1e-4, help="max error relative to the output scale")
     p.add_argument("--no-golden", action="store_true", help="do not write Polygraphy golden files")
+    p.add_argument("--cases", type=int, default=4, help="MLLMs: random prompt/image cases (several aspect ratios)")
+    p.add_argument("--new-tokens", type=int, default=32, help="MLLMs: greedy tokens compared per case")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_parity)
 
@@ -207,8 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=int, default=6, help="alternating measurement blocks")
     p.add_argument("--per-block", type=int, default=5, help="runs per variant per block")
     p.add_argument("--data", help="staged artifacts: images (folder or .npz) to measure over (default: samples)")
+    p.add_argument("--contexts", type=int, nargs="+", help="MLLMs: context lengths for decode latency")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("generate", help="MLLM artifacts: greedy generation from an image and a prompt")
+    p.add_argument("dir")
+    p.add_argument("--image", help="image file (omit for a text-only prompt)")
+    p.add_argument("--prompt", required=True, help="the question; put into the chat template unless it has <image>")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--cache", choices=["fixed", "growing"], default="fixed", help="decode graph to use")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--template", help='chat template with {prompt}, default "USER: <image>\\n{prompt} ASSISTANT:"')
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_generate)
     return parser
 
 

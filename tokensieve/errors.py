@@ -42,3 +42,15 @@ class ParityError(TokensieveError):
 
 class RuntimeBackendError(TokensieveError):
     """A runtime backend (ONNX Runtime provider, TensorRT) is unavailable or failed."""
+
+
+class PromptError(TokensieveError):
+    """An MLLM prompt does not fit its image: image placeholders that do not match the image features."""
+
+
+class CapacityError(TokensieveError):
+    """A sequence does not fit the fixed KV-cache capacity the decode graph was exported with."""
+
+
+class InputError(TokensieveError):
+    """A runtime input (an image file, an image array) cannot be used."""

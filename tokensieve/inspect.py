@@ -20,6 +20,10 @@ def _stages(stages: dict[str, Any]) -> dict[str, Any]:
 
 
 def inspect_artifact(artifact) -> dict[str, Any]:
+    if artifact.kind == "mllm":
+        from tokensieve.inspect_mllm import inspect_mllm
+
+        return inspect_mllm(artifact)
     m = artifact.manifest
     layout = m.get("layout") or {}
     tokens = m.get("tokens_per_block") or {}
@@ -59,6 +63,10 @@ def inspect_artifact(artifact) -> dict[str, Any]:
 
 
 def format_inspection(info: dict[str, Any]) -> str:
+    if info.get("kind") == "mllm":
+        from tokensieve.inspect_mllm import format_mllm
+
+        return format_mllm(info)
     src = info["source"]
     lines = [
         f"artifact   {info['path']}",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import onnx
 import onnx_ir as ir
@@ -24,6 +25,73 @@ EXPORTERS = ("dynamo", "legacy")
 INPUT_NAME = "pixel_values"
 
 
+def export_graph(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    *,
+    opset: int = 18,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    exporter: str = "dynamo",
+) -> ir.Model:
+    """Export ``module(*args)`` to ONNX with the given I/O names (flattened: an argument that is a tuple of tensors
+    gives one graph input per tensor); ``dynamic_axes`` = ``{input: {axis: symbol}}``, a symbol shared between
+    inputs is one dimension."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
+    if exporter == "legacy" and opset > 20:
+        raise ExportError(f"the legacy exporter supports opset <= 20, got {opset}")
+    module = module.eval()
+    dynamic_axes = dynamic_axes or {}
+    sink = io.StringIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                shapes = _dynamic_shapes(args, iter(input_names), dynamic_axes, {}) if dynamic_axes else None
+                program = torch.onnx.export(
+                    module, args, dynamo=True, opset_version=opset, dynamic_shapes=shapes, verbose=False
+                )
+                model = program.model
+                for value, name in zip(model.graph.inputs, input_names, strict=False):
+                    value.name = name
+                for value, name in zip(model.graph.outputs, output_names, strict=False):
+                    value.name = name
+            else:
+                buffer = io.BytesIO()
+                axes = {name: dict(axes) for name, axes in dynamic_axes.items()}
+                torch.onnx.export(
+                    module,
+                    args,
+                    buffer,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=list(input_names),
+                    output_names=list(output_names),
+                    dynamic_axes=axes or None,
+                )
+                model = ir.serde.deserialize_model(onnx.load_from_string(buffer.getvalue()))
+    except Exception as e:  # the exporters raise a wide variety of types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"torch.onnx export ({exporter}, opset {opset}) failed: {first}") from e
+    propagate_shapes(model)
+    return model
+
+
+def _dynamic_shapes(args, names: Iterator[str], axes: dict[str, dict[int, str]], dims: dict[str, Any]) -> tuple:
+    """torch.export ``dynamic_shapes`` mirroring ``args`` (tuples of tensors stand for ``*args`` parameters)."""
+    specs = []
+    for arg in args:
+        if isinstance(arg, tuple | list):
+            specs.append(_dynamic_shapes(arg, names, axes, dims))
+            continue
+        wanted = axes.get(next(names), {})
+        dynamic = {axis: dims.setdefault(s, torch.export.Dim(s, min=1, max=1 << 16)) for axis, s in wanted.items()}
+        specs.append(dynamic or None)
+    return tuple(specs)
+
+
 def export_onnx(
     module: nn.Module,
     example: torch.Tensor,
@@ -33,45 +101,10 @@ def export_onnx(
     dynamic_batch: bool = False,
     exporter: str = "dynamo",
 ) -> ir.Model:
-    """Export ``module(example)`` to ONNX; input is named ``pixel_values``, outputs ``output_names``."""
-    if exporter not in EXPORTERS:
-        raise ExportError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
-    if exporter == "legacy" and opset > 20:
-        raise ExportError(f"the legacy exporter supports opset <= 20, got {opset}")
-    module = module.eval()
-    sink = io.StringIO()
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
-            if exporter == "dynamo":
-                dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-                program = torch.onnx.export(
-                    module,
-                    (example,),
-                    dynamo=True,
-                    opset_version=opset,
-                    dynamic_shapes=dynamic,
-                    verbose=False,
-                )
-                model = program.model
-                model.graph.inputs[0].name = INPUT_NAME
-                for value, name in zip(model.graph.outputs, output_names, strict=False):
-                    value.name = name
-            else:
-                buffer = io.BytesIO()
-                torch.onnx.export(
-                    module,
-                    (example,),
-                    buffer,
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=[INPUT_NAME],
-                    output_names=list(output_names),
-                    dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME, *output_names]} if dynamic_batch else None,
-                )
-                model = ir.serde.deserialize_model(onnx.load_from_string(buffer.getvalue()))
-    except Exception as e:  # the exporters raise a wide variety of types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"torch.onnx export ({exporter}, opset {opset}) failed: {first}") from e
-    propagate_shapes(model)
-    return model
+    """Export an image model ``module(example)``: input ``pixel_values``, outputs ``output_names``."""
+    axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}} if dynamic_batch else None
+    if axes and exporter == "dynamo":
+        axes = {INPUT_NAME: {0: "batch"}}
+    return export_graph(
+        module, (example,), [INPUT_NAME], output_names, opset=opset, dynamic_axes=axes, exporter=exporter
+    )

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tokensieve.converters.init import randomize_weights
+from tokensieve.converters.llava import LLAVA_PRESETS, MLLM_TYPES
 from tokensieve.errors import SourceError
 
 # Hugging Face vision-tower presets: the library's default (base-size) config of each family.
@@ -101,11 +102,11 @@ def parse_source(text: str, weights: str | None = None, seed: int = 0, img_size:
         return SourceSpec("timm", name, weights, seed, img_size, _timm_options(query))
     if text.startswith("hf:"):
         name = text[3:]
-        if name not in HF_PRESETS:
+        if name not in HF_PRESETS and name not in LLAVA_PRESETS:
             if not os.path.exists(name):
                 raise SourceError(
-                    f"hf source {name!r} is neither a preset ({', '.join(HF_PRESETS)}) nor an existing local "
-                    "checkpoint directory or config.json (there is no model hub here)"
+                    f"hf source {name!r} is neither a preset ({', '.join([*HF_PRESETS, *LLAVA_PRESETS])}) nor an "
+                    "existing local checkpoint directory or config.json (there is no model hub here)"
                 )
             name = os.path.abspath(name)
         if weights is not None:
@@ -210,8 +211,8 @@ def _build_hf(spec: SourceSpec) -> BuiltModel:
     class_name = HF_MODELS.get(config.model_type)
     if class_name is None:
         raise SourceError(
-            f"Hugging Face model type {config.model_type!r} is not a supported vision tower; supported: "
-            f"{', '.join(sorted(set(HF_MODELS)))}"
+            f"Hugging Face model type {config.model_type!r} is not supported; vision towers: "
+            f"{', '.join(sorted(set(HF_MODELS)))}; MLLMs: {', '.join(MLLM_TYPES)}"
         )
     cls = getattr(transformers, class_name)
     path = Path(spec.name)

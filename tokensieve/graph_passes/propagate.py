@@ -30,7 +30,8 @@ from onnx.reference import ReferenceEvaluator
 
 from tokensieve.errors import GraphRewriteError
 
-_PROXY_PRIMES = (1_000_003, 1_000_033, 1_000_037, 1_000_039, 1_000_081, 1_000_099, 1_000_117, 1_000_121)
+_PROXY_PRIMES = (1_000_003, 3_000_017, 5_000_011, 7_000_003, 11_000_027, 13_000_027, 17_000_023, 19_000_013)
+_MAX_OFFSET = 65_536  # "past+1": a proxy plus a small constant stays symbolic
 # Small integer ops whose outputs are evaluated when all inputs are known (shape arithmetic).
 SHAPE_OPS = frozenset(
     [
@@ -87,6 +88,10 @@ class _Proxies:
             return d
         if d.value is None:
             return None
+        base, offset = _split_offset(d.value)
+        if offset:
+            inner = self.dim(ir.SymbolicDim(base))
+            return None if inner is None else inner + offset
         factors = [t.strip() for t in d.value.split("*")]
         if len(factors) > 1 and all(t.isdigit() or t.isidentifier() for t in factors):  # "batch*12", "12*batch"
             return math.prod(int(t) if t.isdigit() else self._symbol(t) for t in factors)
@@ -103,12 +108,26 @@ class _Proxies:
         return "[" + ", ".join(str(self.unproxy(d)) for d in dims) + "]"
 
     def unproxy(self, v: int) -> int | str:
-        """Concrete int, or a symbolic name (``"batch"`` or ``"batch*6"``)."""
-        for prime, name in self._names.items():
-            if v >= prime and v % prime == 0:
-                factor = v // prime
-                return name if factor == 1 else f"{name}*{factor}"
+        """Concrete int, or a symbolic name (``"batch"``, ``"batch*6"``, ``"past+1"``)."""
+        for exact in (True, False):
+            for prime, name in self._names.items():
+                factor, offset = divmod(v + _MAX_OFFSET, prime)
+                offset -= _MAX_OFFSET
+                if factor < 1 or (exact and offset) or abs(offset) >= _MAX_OFFSET:
+                    continue
+                text = name if factor == 1 else f"{name}*{self.unproxy(factor)}"
+                return text if not offset else f"{text}{offset:+d}"
         return v
+
+
+def _split_offset(text: str) -> tuple[str, int]:
+    """``"past+1"`` -> ``("past", 1)``; ``"batch"`` -> ``("batch", 0)``."""
+    text = text.replace(" ", "")
+    for sign in "+-":
+        base, found, tail = text.rpartition(sign)
+        if found and base and tail.isdigit():
+            return base, int(tail) if sign == "+" else -int(tail)
+    return text, 0
 
 
 def _numel(shape: Iterable[int]) -> int:

@@ -100,6 +100,13 @@ class OrtRunner:
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
 
+    def run_binding(self, binding: ort.IOBinding) -> None:
+        """Run with inputs and outputs bound to buffers (``session.io_binding()``), e.g. a KV cache updated in place."""
+        try:
+            self.session.run_with_iobinding(binding)
+        except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as e:
+            raise RuntimeBackendError(f"ONNX Runtime failed on {self.path.name}: {str(e).splitlines()[0]}") from e
+
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(outputs) if outputs is not None else self.output_names
         try:

@@ -1,0 +1,236 @@
+"""LLaVA / LLaVA-NeXT split export: host preprocessing, decoder sites, parity with HF generate, errors, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from PIL import Image
+
+import tokensieve
+from tokensieve.cli import main
+from tokensieve.converters.llava import build_llava
+from tokensieve.errors import CapacityError, InputError, MethodSpecError, PromptError, SourceError
+from tokensieve.graph_passes.locate_decoder import locate_decoder
+from tokensieve.runtimes.llava_image import preprocess
+
+SIZES = [(112, 112), (90, 200), (300, 120), (57, 333), (224, 224), (113, 250)]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava")
+    llava = tokensieve.export("hf:llava-tiny", out=root / "llava")
+    assert main(["export", "hf:llava-next-tiny", "--out", str(root / "next")]) == 0  # the CLI route
+    return {"llava": llava, "next": tokensieve.load(root / "next"), "root": root}
+
+
+@pytest.mark.parametrize("preset", ["llava-tiny", "llava-next-tiny"])
+def test_preprocessing_matches_the_hf_pil_processors(preset):
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    host = build_llava(preset).host
+    kw = {
+        "size": {"shortest_edge": host["shortest_edge"]},
+        "crop_size": {"height": host["crop"][0], "width": host["crop"][1]},
+        "image_mean": host["mean"],
+        "image_std": host["std"],
+    }
+    rng = np.random.default_rng(0)
+    variants = [False, True] if preset == "llava-tiny" else [True]
+    for do_pad in variants:
+        if preset == "llava-tiny":
+            processor = LlavaImageProcessorPil(do_pad=do_pad, **kw)
+        else:
+            processor = LlavaNextImageProcessorPil(image_grid_pinpoints=host["grid_pinpoints"], **kw)
+        patches = set()
+        for h, w in SIZES:
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            reference = processor(images=image, return_tensors="np")["pixel_values"]
+            reference = reference[0] if reference.ndim == 5 else reference
+            ours, size = preprocess(image, dict(host, do_pad=do_pad))
+            assert size == (h, w)
+            assert ours.shape == reference.shape
+            np.testing.assert_allclose(ours, reference, atol=1e-6)
+            patches.add(ours.shape[0])
+        if preset == "llava-next-tiny":
+            assert patches == {3, 4, 5}  # the aspect ratios select different grids
+
+
+@pytest.mark.parametrize("kind", ["llava", "next"])
+def test_greedy_tokens_and_prefill_logits_match_hf_generate(artifacts, kind):
+    report = artifacts[kind].parity(count=4, new_tokens=32)
+    assert report.ok, report.text()
+    assert len(report.cases) == 8  # 4 prompt/image cases x (fixed, growing) cache
+    assert all(c.new_tokens == 32 and c.tokens_match and c.prompt_ids_match for c in report.cases)
+    assert max(c.logits_error for c in report.cases) < 1e-5
+    image_tokens = {c.image_tokens for c in report.cases}
+    assert image_tokens == ({64} if kind == "llava" else {136, 200, 244, 336})
+    # the generations differ between cases: the test would notice an ignored image or prompt
+    assert len({tuple(c.ids) for c in report.cases}) > 1
+
+
+def test_all_graphs_are_lint_clean_and_the_decode_graph_is_static(artifacts):
+    for kind in ("llava", "next"):
+        artifact = artifacts[kind]
+        assert artifact.lint("trt10.3").ok
+        assert set(artifact.manifest["graphs"]) == {
+            "vision",
+            "embed",
+            "prefill",
+            "decode",
+            "decode_growing",
+            "external_data",
+        }
+        decode = ir.load(artifact.graph_path("decode"))
+        assert all(isinstance(d, int) for v in [*decode.graph.inputs, *decode.graph.outputs] for d in v.shape)
+        assert "decode" not in artifact.manifest["dynamic"]
+        assert [n.op_type for n in decode.graph].count("ScatterND") == 2 * artifact.manifest["decoder"]["layers"]
+    assert "vision" not in artifacts["llava"].manifest["dynamic"]  # one image, one patch: static
+    assert "vision" in artifacts["next"].manifest["dynamic"]
+
+
+def test_weights_are_stored_once(artifacts):
+    artifact = artifacts["llava"]
+    model = build_llava("llava-tiny").model
+    parameter_bytes = sum(p.numel() * 4 for p in model.parameters())
+    size = (artifact.path / "weights.data").stat().st_size
+    assert size <= 1.05 * parameter_bytes  # five graphs, shared decoder layers, one copy
+
+
+def test_decoder_sites_are_q_and_k_after_rope(artifacts):
+    """Expose the located Q, K (after RoPE) and the attention probabilities of the fixed-cache decode graph and
+    recompute the probabilities from Q and the updated cache: the sites are the real attention operands."""
+    from tokensieve.runtimes.ort import OrtRunner
+
+    artifact = artifacts["llava"]
+    decoder = artifact.manifest["decoder"]
+    path = artifact.graph_path("decode")
+    layout = locate_decoder(ir.load(path))
+    assert layout.cache == "fixed" and len(layout.layers) == decoder["layers"]
+    assert (layout.heads, layout.kv_heads, layout.head_dim) == (4, 2, 16)
+    site = layout.layers[1]
+    names = [site.query.name, site.key.name, site.softmax.outputs[0].name]
+    runner = OrtRunner(path, extra_outputs=names)
+    rng = np.random.default_rng(0)
+    capacity, position = decoder["capacity"], 37
+    feeds = {
+        "input_ids": np.array([[9]]),
+        "position_ids": np.array([[position]]),
+        "cache_position": np.array([position]),
+    }
+    for i in range(decoder["layers"]):
+        for k in ("key", "value"):
+            feeds[f"cache_{k}_{i}"] = rng.standard_normal((1, 2, capacity, 16), dtype=np.float32)
+    out = runner.run(feeds)
+    query, key, probs = (out[n] for n in names)
+    cache = out["updated_key_1"]
+    np.testing.assert_array_equal(cache[:, :, position], key[:, :, 0])  # the new key is written at its slot
+    np.testing.assert_array_equal(np.delete(cache, position, 2), np.delete(feeds["cache_key_1"], position, 2))
+    keys = np.repeat(cache, 2, axis=1)  # GQA: 4 query heads share 2 KV heads
+    logits = query @ keys.transpose(0, 1, 3, 2) / 4.0
+    logits[..., position + 1 :] = -np.inf
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
+    prefill = artifact.manifest["sites"]["prefill"]["sites"][0]
+    assert prefill["key"]["value"] == "present_key_0" and prefill["query"]["shape"] == [1, 4, "sequence", 16]
+    growing = artifact.manifest["sites"]["decode_growing"]
+    assert growing["cache"] == "growing" and growing["sites"][0]["cache_read"] == ["past_key_0", "past_value_0"]
+
+
+def test_checkpoint_directory_source(tmp_path):
+    """A local checkpoint directory (weights, tokenizer, preprocessor config) exports and holds parity."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    built = build_llava("llava-tiny", seed=5)
+    checkpoint = tmp_path / "ckpt"
+    built.model.save_pretrained(checkpoint)
+    built.tokenizer.save_pretrained(checkpoint)
+    LlavaImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}).save_pretrained(
+        checkpoint
+    )
+    artifact = tokensieve.export(f"hf:{checkpoint}", out=tmp_path / "art", capacity=256, growing_cache=False)
+    assert artifact.manifest["decoder"]["capacity"] == 256 and "decode_growing" not in artifact.manifest["graphs"]
+    report = artifact.parity(count=2, new_tokens=12)
+    assert report.ok, report.text()
+    assert [c.cache for c in report.cases] == ["fixed", "fixed"]
+
+
+def test_placeholders_capacity_and_bad_sources_are_typed_errors(artifacts, tmp_path):
+    artifact = artifacts["llava"]
+    runner = artifact.llava_runner()
+    image = np.zeros((64, 64, 3), np.uint8)
+    ids = runner.prompt_ids("hello")
+    doubled = np.concatenate([ids, ids])  # two <image> placeholders for one image
+    with pytest.raises(PromptError, match="2 image placeholders but the image gives 64"):
+        runner.generate(image, input_ids=doubled)
+    with pytest.raises(PromptError, match="no image was given"):
+        runner.generate(None, "what is <image> here?")
+    with pytest.raises(CapacityError, match="holds 512"):
+        runner.generate(image, "x" * 500)
+    prompt_length = len(runner.prompt_ids("")) - 1 + 64  # the placeholder becomes 64 image tokens
+    runner.check_capacity(prompt_length, 513 - prompt_length)  # exactly full: the last token is never cached
+    with pytest.raises(CapacityError, match="need 513 cache slots"):
+        runner.generate(image, max_new_tokens=514 - prompt_length)
+    with pytest.raises(InputError, match="cannot read image"):
+        runner.generate(tmp_path / "missing.png", "hi")
+    unsupported = tmp_path / "qwen"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    with pytest.raises(SourceError, match="not supported"):
+        tokensieve.export(f"hf:{unsupported}", out=tmp_path / "out")
+    with pytest.raises(MethodSpecError, match="do not apply to MLLM exports"):
+        tokensieve.export("hf:llava-tiny", "topk(keep=0.5)", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_generate_inspect_parity_lint_bench(artifacts, capsys):
+    root = artifacts["root"]
+    image = root / "image.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 200, 3), dtype=np.uint8)).save(image)
+    directory = str(root / "next")
+    capsys.readouterr()
+    assert main(["generate", directory, "--image", str(image), "--prompt", "What is this?", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["ids"]) <= 32 and out["image_span"][1] - out["image_span"][0] == 200
+    growing = ["generate", directory, "--image", str(image), "--prompt", "What is this?", "--json"]
+    assert main([*growing, "--cache", "growing"]) == 0
+    assert json.loads(capsys.readouterr().out)["ids"] == out["ids"]
+    assert main(["inspect", directory]) == 0
+    text = capsys.readouterr().out
+    assert "decode.onnx" in text and "Q add_" in text and "ScatterND" in text and "fixed cache 1024 slots" in text
+    assert main(["parity", directory, "--cases", "1", "--new-tokens", "6"]) == 0
+    assert "parity OK" in capsys.readouterr().out
+    assert main(["lint", directory]) == 0
+    assert main(["bench", directory, "--contexts", "64", "1023", "--blocks", "2", "--per-block", "2"]) == 0
+    bench = json.loads((root / "next" / "bench.json").read_text())
+    assert [r["context"] for r in bench["decode"]] == [64, 1023] and bench["decode"][0]["growing_ms"] > 0
+    assert main(["generate", directory, "--image", str(root / "nope.png"), "--prompt", "x"]) == 2
+
+
+def test_generation_runs_without_torch(artifacts):
+    """A deployment box may have only onnxruntime (+ numpy, PIL, tokenizers): generate with torch blocked."""
+    import subprocess
+    import sys
+
+    directory = artifacts["next"].path
+    image = np.random.default_rng(3).integers(0, 256, (120, 80, 3), dtype=np.uint8)
+    expected = artifacts["next"].generate(image, "Describe it.", 12, ignore_eos=True).ids
+    code = f"""
+import sys
+sys.modules['torch'] = None
+import numpy as np
+from tokensieve.artifact import Artifact
+image = np.random.default_rng(3).integers(0, 256, (120, 80, 3), dtype=np.uint8)
+print(Artifact.load({str(directory)!r}).generate(image, "Describe it.", 12, ignore_eos=True).ids)
+loaded = [m for m in sys.modules if sys.modules[m] is not None]
+print(any(m.startswith(('tokensieve.converters', 'tokensieve.reference', 'transformers')) for m in loaded))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    ids, imported = result.stdout.strip().splitlines()
+    assert ids == str(expected) and imported == "False"

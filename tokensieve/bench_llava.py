@@ -1,0 +1,154 @@
+"""Latency of an MLLM artifact's graphs: decode per token vs context length (fixed vs growing cache), prefill vs
+prompt length, the vision graph, and the export time recorded at export.
+
+The fixed-capacity decode graph always attends over all ``capacity`` slots (masked) and updates its cache in place
+(:class:`tokensieve.runtimes.llava.FixedCacheDecoder`), so its cost is flat in the context length; the
+growing-cache graph attends over exactly ``L`` past positions but writes a new, one-longer cache every step. The
+crossover is what the numbers show. Same protocol as :mod:`tokensieve.bench`:
+warm-up, the two decode forms alternating in blocks, medians with minima, noisy measurements repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tokensieve.bench import pyplot, save_figure, time_alternating
+from tokensieve.runtimes.llava import FixedCacheDecoder
+
+
+@dataclass
+class DecodeRow:
+    context: int
+    fixed_ms: float
+    growing_ms: float | None
+    fixed_min_ms: float
+    growing_min_ms: float | None
+    noisy: bool
+
+
+@dataclass
+class LlavaBenchReport:
+    source: str
+    threads: int
+    capacity: int
+    decode: list[DecodeRow] = field(default_factory=list)
+    prefill_ms: dict[int, float] = field(default_factory=dict)
+    vision_ms: float = 0.0
+    vision_patches: int = 1
+    export_seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        lines = [
+            f"{self.source}: ONNX Runtime CPU, {self.threads} threads, medians of alternating blocks",
+            f"decode per token (fixed cache: {self.capacity} slots)",
+            "  context   fixed ms   growing ms   growing/fixed",
+        ]
+        for r in self.decode:
+            growing = f"{r.growing_ms:>10.3f}   {r.growing_ms / r.fixed_ms:>13.3f}" if r.growing_ms else "         -"
+            lines.append(f"  {r.context:>7}  {r.fixed_ms:>9.3f}   {growing}{'  (noisy)' if r.noisy else ''}")
+        lines.append("prefill  " + ", ".join(f"{n} tokens {ms:.2f} ms" for n, ms in self.prefill_ms.items()))
+        lines.append(f"vision   {self.vision_ms:.2f} ms ({self.vision_patches} patch(es))")
+        lines.append("export   " + ", ".join(f"{k} {v:.1f} s" for k, v in self.export_seconds.items()))
+        return "\n".join(lines)
+
+
+def default_contexts(capacity: int) -> list[int]:
+    contexts, n = [], 32
+    while n < capacity:
+        contexts.append(n)
+        n *= 2
+    return [*contexts, capacity - 1]
+
+
+def _median_min(times: list[float]) -> tuple[float, float]:
+    return statistics.median(times) * 1e3, min(times) * 1e3
+
+
+def bench_llava(
+    artifact,
+    contexts: list[int] | None = None,
+    prefill_lengths: list[int] | None = None,
+    threads: int = 2,
+    warmup: int = 3,
+    blocks: int = 4,
+    per_block: int = 5,
+    noise_ratio: float = 1.15,
+    retries: int = 2,
+    save: bool = True,
+) -> LlavaBenchReport:
+    manifest = artifact.manifest
+    dec = manifest["decoder"]
+    layers, kv, head_dim, capacity = dec["layers"], dec["kv_heads"], dec["head_dim"], dec["capacity"]
+    contexts = contexts or default_contexts(capacity)
+    options = {"threads": threads, "spin": False}
+    fixed = artifact.runner("decode", **options)
+    growing = artifact.runner("decode_growing", **options) if "decode_growing" in manifest["graphs"] else None
+    rng = np.random.default_rng(0)
+    kv_names = [f"{k}_{i}" for i in range(layers) for k in ("key", "value")]
+    report = LlavaBenchReport(manifest["source"]["name"], threads, capacity)
+    caches = [rng.standard_normal((1, kv, capacity, head_dim), dtype=np.float32) for _ in kv_names]
+    decoder = FixedCacheDecoder(fixed, caches, capacity)  # in place, as the runtime drives it
+    for context in contexts:
+        runs = {"fixed": lambda c=context: decoder.step(7, c)}  # rewrites slot `context`: same cost every call
+        if growing is not None:
+            past = {f"past_{n}": c[:, :, :context].copy() for n, c in zip(kv_names, caches, strict=True)}
+            feeds = {"input_ids": np.array([[7]], np.int64), "position_ids": np.array([[context]], np.int64), **past}
+            runs["growing"] = lambda f=feeds: growing.run(f)  # one step from a `context`-long past
+        for fn in runs.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(retries + 1):
+            times = time_alternating(runs, blocks, per_block)
+            stats = {k: _median_min(v) for k, v in times.items()}
+            noisy = any(med > noise_ratio * low for med, low in stats.values())
+            if not noisy:
+                break
+        g = stats.get("growing", (None, None))
+        report.decode.append(DecodeRow(context, stats["fixed"][0], g[0], stats["fixed"][1], g[1], noisy))
+    prefill = artifact.runner("prefill", **options)
+    for length in prefill_lengths or [n for n in contexts if n <= 1024][:4]:
+        feeds = {
+            "inputs_embeds": rng.standard_normal((1, length, dec["hidden"]), dtype=np.float32),
+            "position_ids": np.arange(length, dtype=np.int64)[None],
+        }
+        prefill.run(feeds)
+        report.prefill_ms[length] = _median_min(time_alternating({"p": lambda f=feeds: prefill.run(f)}, 3, 1)["p"])[0]
+    vision = artifact.runner("vision", **options)
+    patches = 5 if manifest["host"]["kind"] == "llava_next" else 1  # thumbnail + a 2x2 grid
+    side = manifest["host"]["crop"]
+    pixels = {"pixel_values": rng.standard_normal((patches, 3, *side), dtype=np.float32)}
+    vision.run(pixels)
+    report.vision_ms = _median_min(time_alternating({"v": lambda: vision.run(pixels)}, 3, 1)["v"])[0]
+    report.vision_patches = patches
+    report.export_seconds = manifest["export"]["seconds"]
+    if save:
+        (artifact.path / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))
+        plot_decode(report, artifact.path / "bench.png")
+    return report
+
+
+def plot_decode(report: LlavaBenchReport, path) -> bool:
+    """Decode ms per token vs context length, fixed vs growing; skipped (False) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    x = [r.context for r in report.decode]
+    ax.plot(x, [r.fixed_ms for r in report.decode], "o-", label=f"fixed cache ({report.capacity} slots)")
+    if all(r.growing_ms for r in report.decode):
+        ax.plot(x, [r.growing_ms for r in report.decode], "s-", label="growing cache")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens in the cache)")
+    ax.set_ylabel("decode ms / token")
+    ax.set_title(report.source, fontsize=9)
+    ax.legend()
+    save_figure(fig, path)
+    return True

@@ -1,0 +1,415 @@
+"""LLaVA / LLaVA-NeXT -> four ONNX graphs: vision, token embedding, decoder prefill, decoder decode step.
+
+Sources: the presets ``hf:llava-tiny``, ``hf:llava-next-tiny`` (small random configs for demos and tests) and
+``hf:llava-1.5-7b-shapes`` (LLaVA-1.5-7B layer shapes, 2 vision and 2 text layers, for benchmarks), or a local
+Hugging Face checkpoint / config directory of ``LlavaForConditionalGeneration`` or
+``LlavaNextForConditionalGeneration``. Presets get a byte-level tokenizer built in code (no hub).
+
+Graphs (exported with the dynamo exporter, batch 1):
+
+* ``vision``: ``pixel_values [P, 3, H, W]`` (P = 1 for LLaVA; thumbnail + crops for LLaVA-NeXT) ->
+  ``image_features [P, n, D]``: the selected CLIP layer, CLS dropped ("default" strategy), projected. LLaVA-NeXT's
+  AnyRes packing (grid, unpadding, ``image_newline``) happens on the host from the image size, as the model does;
+* ``embed``: ``input_ids [1, T]`` -> ``inputs_embeds [1, T, D]``;
+* ``prefill``: ``inputs_embeds [1, T, D]``, ``position_ids [1, T]`` -> ``logits [1, V]`` (last position) and
+  ``present_key_<i>``, ``present_value_<i> [1, H_kv, T, d]`` (after RoPE) per layer;
+* ``decode`` (fixed capacity): ``input_ids [1, 1]``, ``position_ids [1, 1]``, ``cache_position [1]`` (the slot
+  written) and ``cache_key_<i>``, ``cache_value_<i> [1, H_kv, C, d]`` -> ``logits [1, V]`` and the updated caches
+  ``updated_key_<i>``, ``updated_value_<i>`` (same shapes). The new key/value is written in place with
+  ``index_put`` (one ONNX ``ScatterND``, reduction none: TensorRT 10.3 parses it); attention masks the slots after
+  ``cache_position``. Static shapes;
+* ``decode_growing`` (option): ``past_key_<i>`` ``[1, H_kv, L, d]`` -> ``present_key_<i>`` ``[1, H_kv, L + 1, d]``.
+
+The decoder layers are the model's own (``LlamaDecoderLayer`` etc.); only the cache is ours: a duck-typed object
+with the ``update`` method transformers' attention calls.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokensieve.converters.init import randomize_weights
+from tokensieve.errors import SourceError
+
+TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+_TINY_VISION = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "image_size": 112,
+    "patch_size": 14,
+    "projection_dim": 64,
+}
+_TINY_TEXT = {
+    "vocab_size": 261,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 3,
+}
+LLAVA_PRESETS: dict[str, dict[str, Any]] = {
+    "llava-tiny": {"kind": "llava", "vision": _TINY_VISION, "text": _TINY_TEXT, "capacity": 512},
+    "llava-next-tiny": {
+        "kind": "llava_next",
+        "vision": _TINY_VISION,
+        "text": _TINY_TEXT,
+        "capacity": 1024,
+        "image_grid_pinpoints": [[112, 224], [224, 112], [224, 224], [336, 112], [112, 336]],
+    },
+    "llava-1.5-7b-shapes": {
+        "kind": "llava",
+        "capacity": 1024,
+        "vision": {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 16,
+            "image_size": 336,
+            "patch_size": 14,
+            "projection_dim": 768,
+        },
+        "text": {
+            "vocab_size": 32064,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "max_position_embeddings": 4096,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 3,
+        },
+    },
+}
+MLLM_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+
+
+def is_mllm_source(name: str) -> bool:
+    """True for the LLaVA presets and for checkpoint / config paths whose ``model_type`` is an MLLM."""
+    if name in LLAVA_PRESETS:
+        return True
+    path = Path(name)
+    config = path / "config.json" if path.is_dir() else path
+    try:
+        return json.loads(config.read_text()).get("model_type") in MLLM_TYPES
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with LLaVA's special tokens, for random presets (no hub)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab |= {char: len(SPECIAL_TOKENS) + i for i, char in enumerate(alphabet)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+@dataclass
+class BuiltLlava:
+    """An eager LLaVA(-NeXT) model with what the host needs to run its graphs."""
+
+    model: nn.Module
+    kind: str  # "llava" | "llava_next"
+    tokenizer: Any
+    host: dict[str, Any] = field(default_factory=dict)  # preprocessing and prompt facts for the runtime
+
+
+def _host_config(model, kind: str, processor: dict[str, Any]) -> dict[str, Any]:
+    config = model.config
+    vision = config.vision_config
+    size = processor.get("size", {})
+    crop = processor.get("crop_size", {})
+    host = {
+        "kind": kind,
+        "image_size": int(vision.image_size),
+        "patch_size": int(vision.patch_size),
+        "shortest_edge": int(size.get("shortest_edge", vision.image_size)),
+        "crop": [int(crop.get("height", vision.image_size)), int(crop.get("width", vision.image_size))],
+        "mean": list(processor.get("image_mean", OPENAI_CLIP[0])),
+        "std": list(processor.get("image_std", OPENAI_CLIP[1])),
+        "do_pad": bool(processor.get("do_pad", False)) if kind == "llava" else True,
+        "image_token_id": int(config.image_token_id),
+        "select_strategy": config.vision_feature_select_strategy,
+        "template": TEMPLATE,
+        "bos_id": config.text_config.bos_token_id,
+        "eos_id": config.text_config.eos_token_id,
+    }
+    if kind == "llava_next":
+        pinpoints = processor.get("image_grid_pinpoints", config.image_grid_pinpoints)
+        host["grid_pinpoints"] = [list(map(int, p)) for p in pinpoints]
+    return host
+
+
+def build_llava(name: str, seed: int = 0) -> BuiltLlava:
+    """A preset name or a local checkpoint / config directory."""
+    import transformers
+
+    if name in LLAVA_PRESETS:
+        preset = LLAVA_PRESETS[name]
+        vision = transformers.CLIPVisionConfig(**preset["vision"])
+        text = transformers.LlamaConfig(**preset["text"])
+        common = {
+            "vision_config": vision,
+            "text_config": text,
+            "image_token_id": SPECIAL_TOKENS.index("<image>"),
+            "vision_feature_layer": -2,
+            "vision_feature_select_strategy": "default",
+        }
+        if preset["kind"] == "llava":
+            config = transformers.LlavaConfig(**common)
+        else:
+            config = transformers.LlavaNextConfig(**common, image_grid_pinpoints=preset["image_grid_pinpoints"])
+        model = getattr(transformers, MLLM_TYPES[preset["kind"]])(config)
+        randomize_weights(model, seed)
+        return BuiltLlava(model.eval(), preset["kind"], byte_tokenizer(), _host_config(model, preset["kind"], {}))
+    path = Path(name)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot read a Hugging Face config from {name!r}: {e}") from None
+    kind = config.model_type
+    if kind not in MLLM_TYPES:
+        raise SourceError(f"{name}: model type {kind!r} is not a supported MLLM; supported: {', '.join(MLLM_TYPES)}")
+    cls = getattr(transformers, MLLM_TYPES[kind])
+    weights = any(
+        (path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    )
+    if weights:
+        try:
+            model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise SourceError(f"cannot load the checkpoint in {name!r}: {str(e).splitlines()[0]}") from None
+    else:
+        model = cls(config)
+        randomize_weights(model, seed)
+    _check_supported(name, model)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        tokenizer = byte_tokenizer()
+    processor_file = path / "preprocessor_config.json"
+    processor = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+    return BuiltLlava(model.eval(), kind, tokenizer, _host_config(model, kind, processor))
+
+
+def _check_supported(name: str, model: nn.Module) -> None:
+    config = model.config
+    text = config.text_config
+    if not isinstance(config.vision_feature_layer, int):
+        raise SourceError(f"{name}: several vision feature layers ({config.vision_feature_layer}) are not supported")
+    if getattr(text, "sliding_window", None):
+        raise SourceError(f"{name}: sliding-window attention ({text.model_type}) is not supported by the cache graphs")
+    lm = model.model.language_model
+    if not all(hasattr(lm, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        raise SourceError(f"{name}: the language model {type(lm).__name__} is not a Llama-style decoder")
+
+
+# -- export wrappers ---------------------------------------------------------------------------------------------
+
+
+class VisionFeatures(nn.Module):
+    """``pixel_values [P, 3, H, W] -> [P, n, D]``: the selected vision layer, CLS dropped, projected."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.vision_tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        config = model.config
+        self.layer = config.vision_feature_layer
+        self.drop_cls = config.vision_feature_select_strategy == "default"
+        if not isinstance(self.layer, int):
+            raise SourceError("several vision feature layers are not supported")
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states[self.layer]
+        return self.projector(hidden[:, 1:] if self.drop_cls else hidden)
+
+
+class TokenEmbedding(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.embed = model.model.language_model.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+
+class _RecordingCache:
+    """Prefill: the layers' keys/values (after RoPE) are collected and returned as graph outputs."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+        return key_states, value_states
+
+
+class _FixedCache(_RecordingCache):
+    """Decode: write the new key/value at ``slot`` of fixed-capacity caches, in place.
+
+    ``index_put`` with broadcast (batch, head, slot) indices exports to one ``ScatterND`` (reduction none) on the
+    cache as it is: no transposes of the whole cache around the write (``index_copy`` on axis 2 adds two)."""
+
+    def __init__(self, keys, values, slot: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = dict(enumerate(keys)), dict(enumerate(values))
+        heads = keys[0].shape[1]
+        zero = torch.zeros(1, 1, 1, dtype=torch.long)
+        self.index = [zero, torch.arange(heads).view(1, heads, 1), slot.view(1, 1, 1)]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys[layer_idx] = torch.ops.aten.index_put(self.keys[layer_idx], self.index, key_states)
+        self.values[layer_idx] = torch.ops.aten.index_put(self.values[layer_idx], self.index, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class _GrowingCache(_RecordingCache):
+    def __init__(self, keys, values):
+        super().__init__()
+        self.past = (list(keys), list(values))
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        key = torch.cat([self.past[0][layer_idx], key_states], dim=2)
+        value = torch.cat([self.past[1][layer_idx], value_states], dim=2)
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
+
+
+class _Decoder(nn.Module):
+    """Runs the language model's own layers with a given cache object and additive mask."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        lm = model.model.language_model
+        self.embed, self.layers, self.norm, self.rotary = lm.embed_tokens, lm.layers, lm.norm, lm.rotary_emb
+        self.lm_head = model.lm_head
+
+    def run(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache, mask: torch.Tensor | None) -> torch.Tensor:
+        position_embeddings = self.rotary(hidden, position_ids=position_ids)
+        for layer in self.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=cache,
+                position_embeddings=position_embeddings,
+            )
+        return self.lm_head(self.norm(hidden[:, -1]))
+
+
+class Prefill(_Decoder):
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor):
+        cache = _RecordingCache()
+        steps = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+        future = steps[None, :] > steps[:, None]  # explicit causal mask: independent of the attention backend
+        mask = torch.where(future, torch.finfo(torch.float32).min, 0.0)[None, None]
+        logits = self.run(inputs_embeds, position_ids, cache, mask)
+        return (logits, *[t for i in range(len(self.layers)) for t in (cache.keys[i], cache.values[i])])
+
+
+class DecodeFixed(_Decoder):
+    def forward(self, input_ids, position_ids, cache_position, caches: tuple[torch.Tensor, ...]):
+        keys, values = caches[0::2], caches[1::2]
+        cache = _FixedCache(keys, values, cache_position)
+        capacity = keys[0].shape[2]
+        visible = torch.arange(capacity, device=input_ids.device) <= cache_position
+        mask = torch.where(visible, 0.0, torch.finfo(torch.float32).min)[None, None, None, :]
+        logits = self.run(self.embed(input_ids), position_ids, cache, mask)
+        return (logits, *[t for i in range(len(self.layers)) for t in (cache.keys[i], cache.values[i])])
+
+
+class DecodeGrowing(_Decoder):
+    def forward(self, input_ids, position_ids, past: tuple[torch.Tensor, ...]):
+        cache = _GrowingCache(past[0::2], past[1::2])
+        logits = self.run(self.embed(input_ids), position_ids, cache, None)
+        return (logits, *[t for i in range(len(self.layers)) for t in (cache.keys[i], cache.values[i])])
+
+
+def cache_geometry(model: nn.Module) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of the language model."""
+    text = model.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return text.num_hidden_layers, text.num_key_value_heads, head_dim
+
+
+def export_llava(
+    built: BuiltLlava, capacity: int, opset: int = 18, growing: bool = True
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The graphs of ``built`` as onnx-ir models (``vision``, ``embed``, ``prefill``, ``decode`` and optionally
+    ``decode_growing``) and the seconds each export took."""
+    from tokensieve.converters.export import export_graph
+
+    model = built.model
+    layers, kv_heads, head_dim = cache_geometry(model)
+    hidden = model.config.text_config.hidden_size
+    size = model.config.vision_config.image_size
+    ids = torch.full((1, 8), built.host["image_token_id"] + 1, dtype=torch.long)
+    step = (ids[:, :1], torch.tensor([[8]]))
+    kv_names = [f"{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+    anyres = built.kind == "llava_next"  # thumbnail + a variable number of crops
+    jobs: dict[str, tuple] = {
+        "vision": (
+            VisionFeatures(model),
+            (torch.randn(2 if anyres else 1, 3, size, size),),
+            ["pixel_values"],
+            ["image_features"],
+            {"pixel_values": {0: "patches"}} if anyres else None,
+        ),
+        "embed": (TokenEmbedding(model), (ids,), ["input_ids"], ["inputs_embeds"], {"input_ids": {1: "sequence"}}),
+        "prefill": (
+            Prefill(model),
+            (torch.randn(1, 8, hidden), torch.arange(8)[None]),
+            ["inputs_embeds", "position_ids"],
+            ["logits", *[f"present_{n}" for n in kv_names]],
+            {"inputs_embeds": {1: "sequence"}, "position_ids": {1: "sequence"}},
+        ),
+        "decode": (
+            DecodeFixed(model),
+            (*step, torch.tensor([8]), tuple(torch.randn(1, kv_heads, capacity, head_dim) for _ in kv_names)),
+            ["input_ids", "position_ids", "cache_position", *[f"cache_{n}" for n in kv_names]],
+            ["logits", *[f"updated_{n}" for n in kv_names]],
+            None,
+        ),
+    }
+    if growing:
+        jobs["decode_growing"] = (
+            DecodeGrowing(model),
+            (*step, tuple(torch.randn(1, kv_heads, 8, head_dim) for _ in kv_names)),
+            ["input_ids", "position_ids", *[f"past_{n}" for n in kv_names]],
+            ["logits", *[f"present_{n}" for n in kv_names]],
+            {f"past_{n}": {2: "past"} for n in kv_names},
+        )
+    graphs, seconds = {}, {}
+    for key, (module, args, inputs, outputs, axes) in jobs.items():
+        start = time.perf_counter()
+        graphs[key] = export_graph(module, args, inputs, outputs, opset=opset, dynamic_axes=axes)
+        seconds[key] = round(time.perf_counter() - start, 2)
+    return graphs, seconds

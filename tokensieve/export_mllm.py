@@ -1,0 +1,135 @@
+"""Write an MLLM artifact: LLaVA / LLaVA-NeXT split into vision, embed, prefill and decode graphs.
+
+Layout::
+
+    DIR/
+      manifest.json       kind "mllm": graphs, I/O, decoder geometry and cache capacity, decoder sites, host
+                          preprocessing and prompt facts, export seconds, lint per graph, versions
+      vision.onnx  embed.onnx  prefill.onnx  decode.onnx  [decode_growing.onnx]
+      weights.data        every graph's weights, each stored once (the decoder layers are shared)
+      image_newline.npy   LLaVA-NeXT's row separator, used by the host when it packs crop features
+      tokenizer/          tokenizer.json (+ config) for the runtime
+
+Written atomically like every artifact (a temporary sibling directory renamed into place).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokensieve.artifact import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    Artifact,
+    check_file,
+    describe_io,
+    save_shared,
+    staged_directory,
+    versions,
+)
+from tokensieve.converters.sources import SourceSpec
+from tokensieve.graph_passes.lint import lint
+from tokensieve.graph_passes.locate_decoder import locate_decoder
+
+# graphs with symbolic axes: deployable with TensorRT optimization profiles (see `tokensieve lint`)
+DYNAMIC = {
+    "vision": "patches (LLaVA-NeXT: thumbnail + crops, from the image's grid resolution)",
+    "embed": "sequence",
+    "prefill": "sequence",
+    "decode_growing": "past (the cache grows by one position per step)",
+}
+
+
+def default_capacity(spec: SourceSpec, built) -> int:
+    """Cache slots when ``--capacity`` is not given: the preset's value, else the context length (max 4096)."""
+    from tokensieve.converters.llava import LLAVA_PRESETS
+
+    text = built.model.config.text_config
+    return int(LLAVA_PRESETS.get(spec.name, {}).get("capacity") or min(text.max_position_embeddings, 4096))
+
+
+def export_mllm(
+    spec: SourceSpec,
+    out: str | os.PathLike,
+    *,
+    capacity: int | None = None,
+    opset: int = 18,
+    growing: bool = True,
+    lint_target: str = "trt10.3",
+) -> Artifact:
+    from tokensieve.converters.llava import build_llava, cache_geometry, export_llava
+    from tokensieve.converters.sources import weights_digest
+    from tokensieve.errors import SourceError
+
+    built = build_llava(spec.name, spec.seed)
+    capacity = capacity or default_capacity(spec, built)
+    if capacity < 2:
+        raise SourceError(f"--capacity must be at least 2 cache slots, got {capacity}")
+    graphs, seconds = export_llava(built, capacity, opset=opset, growing=growing)
+    text = built.model.config.text_config
+    layers, kv_heads, head_dim = cache_geometry(built.model)
+    sites = {
+        key: locate_decoder(graphs[key]).summary() for key in ("prefill", "decode", "decode_growing") if key in graphs
+    }
+    dynamic = {k: v for k, v in DYNAMIC.items() if k in graphs and (k != "vision" or built.kind == "llava_next")}
+    lints = {key: lint(model, lint_target, profiles=key in dynamic).to_dict() for key, model in graphs.items()}
+    files = {key: f"{key}.onnx" for key in graphs}
+    with staged_directory(out) as staging:
+        save_shared(graphs, staging, files)
+        for name in files.values():
+            check_file(staging / name)
+        built.tokenizer.save_pretrained(staging / "tokenizer")
+        newline = getattr(built.model.model, "image_newline", None)
+        if newline is not None:
+            np.save(staging / "image_newline.npy", newline.detach().float().numpy())
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": "mllm",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(),
+            "source": spec.to_dict(),
+            "architecture": type(built.model).__name__,
+            "weights_sha256": weights_digest(built.model),
+            "export": {"exporter": "dynamo", "opset": opset, "seconds": seconds},
+            "methods": [],
+            "method_text": "none",
+            "graphs": {**files, "external_data": "weights.data"},
+            "dynamic": dynamic,
+            "io": {
+                key: dict(zip(("inputs", "outputs"), describe_io(model), strict=True)) for key, model in graphs.items()
+            },
+            "decoder": {
+                "layers": layers,
+                "heads": text.num_attention_heads,
+                "kv_heads": kv_heads,
+                "head_dim": head_dim,
+                "hidden": text.hidden_size,
+                "vocab": text.vocab_size,
+                "capacity": capacity,
+            },
+            "image_tokens": _image_tokens(built),
+            "sites": sites,
+            "host": built.host,
+            "tokenizer": "tokenizer/tokenizer.json",
+            "lint_target": lint_target,
+            "lint": lints,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return Artifact.load(Path(out))
+
+
+def _image_tokens(built) -> dict[str, Any]:
+    """How many sequence positions one image takes: fixed for LLaVA, a function of the image size for NeXT."""
+    host = built.host
+    per_crop = (host["image_size"] // host["patch_size"]) ** 2 + (0 if host["select_strategy"] == "default" else 1)
+    if built.kind == "llava":
+        return {"count": per_crop, "varies_with_image_size": False}
+    return {"per_crop": per_crop, "varies_with_image_size": True, "rule": "thumbnail + unpadded grid + newline per row"}

@@ -1,0 +1,86 @@
+"""``tokensieve inspect`` for MLLM artifacts: graphs, decoder geometry and cache, image span, decoder sites."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def inspect_mllm(artifact) -> dict[str, Any]:
+    m = artifact.manifest
+    graphs = {
+        key: {
+            "file": path,
+            "inputs": m["io"][key]["inputs"],
+            "outputs": m["io"][key]["outputs"],
+            "dynamic": m["dynamic"].get(key),
+            "lint_ok": m["lint"][key]["ok"],
+            "lint_errors": len(m["lint"][key]["errors"]),
+            "export_seconds": m["export"]["seconds"].get(key),
+        }
+        for key, path in m["graphs"].items()
+        if key != "external_data"
+    }
+    return {
+        "kind": "mllm",
+        "path": str(artifact.path),
+        "source": m["source"],
+        "architecture": m["architecture"],
+        "method": m.get("method_text", "none"),
+        "export": m["export"],
+        "graphs": graphs,
+        "decoder": m["decoder"],
+        "image_tokens": m["image_tokens"],
+        "image_token_id": m["host"]["image_token_id"],
+        "sites": m["sites"],
+        "lint_target": m["lint_target"],
+    }
+
+
+def _shape(value: dict[str, Any]) -> str:
+    return f"{value['name']} [{', '.join(str(d) for d in value['shape'] or ['?'])}]"
+
+
+def format_mllm(info: dict[str, Any]) -> str:
+    src, dec = info["source"], info["decoder"]
+    lines = [
+        f"artifact   {info['path']}",
+        f"source     {src['kind']}:{src['name']} ({info['architecture']})",
+        f"method     {info['method']}",
+        f"export     {info['export']['exporter']}, opset {info['export']['opset']}",
+        f"graphs     (lint {info['lint_target']}; symbolic axes are for TensorRT optimization profiles)",
+    ]
+    for g in info["graphs"].values():
+        verdict = "OK" if g["lint_ok"] else f"{g['lint_errors']} errors"
+        lines.append(f"  {g['file']:<20} lint {verdict}, exported in {g['export_seconds']} s")
+        lines.append(
+            f"    in   {', '.join(_shape(v) for v in g['inputs'][:4])}{' ...' if len(g['inputs']) > 4 else ''}"
+        )
+        lines.append(
+            f"    out  {', '.join(_shape(v) for v in g['outputs'][:3])}{' ...' if len(g['outputs']) > 3 else ''}"
+        )
+        if g["dynamic"]:
+            lines.append(f"    dynamic: {g['dynamic']}")
+    lines.append(
+        f"decoder    {dec['layers']} layers, {dec['heads']} heads, {dec['kv_heads']} KV heads, head dim "
+        f"{dec['head_dim']}, hidden {dec['hidden']}, vocab {dec['vocab']}; fixed cache {dec['capacity']} slots"
+    )
+    image = info["image_tokens"]
+    count = f"{image['count']} tokens" if "count" in image else f"{image['per_crop']} per crop, {image['rule']}"
+    lines.append(f"image      {count}; span = the run of image_token_id {info['image_token_id']} in input_ids")
+    for key, layout in info["sites"].items():
+        lines.append(f"sites      {key} (cache: {layout['cache']}, located with {layout['located_with']})")
+        for s in layout["sites"]:
+            lines.append(
+                f"  {s['name']:<9} stream {s['stream_in']} -> {s['post_attention']} (after attention) -> "
+                f"{s['stream_out']}"
+            )
+            lines.append(
+                f"            Q {s['query']['value']} {s['query']['shape']}, K {s['key']['value']} "
+                f"{s['key']['shape']}, V {s['value']['value']}"
+            )
+            if s["cache_read"] or s["cache_out"]:
+                writes = ", ".join(s["cache_write"]) or "-"
+                lines.append(
+                    f"            cache {', '.join(s['cache_read']) or '-'} -> {writes} -> {', '.join(s['cache_out'])}"
+                )
+    return "\n".join(lines)
