@@ -203,6 +203,7 @@ def test_cli_generate_inspect_parity_lint_bench(artifacts, capsys):
     assert main(["inspect", directory]) == 0
     text = capsys.readouterr().out
     assert "decode.onnx" in text and "Q add_" in text and "ScatterND" in text and "fixed cache 1024 slots" in text
+    assert "cache outputs present_key_0, present_value_0" in text  # prefill: cache written, never read
     assert main(["parity", directory, "--cases", "1", "--new-tokens", "6"]) == 0
     assert "parity OK" in capsys.readouterr().out
     assert main(["lint", directory]) == 0

@@ -78,9 +78,10 @@ def format_mllm(info: dict[str, Any]) -> str:
                 f"            Q {s['query']['value']} {s['query']['shape']}, K {s['key']['value']} "
                 f"{s['key']['shape']}, V {s['value']['value']}"
             )
-            if s["cache_read"] or s["cache_out"]:
-                writes = ", ".join(s["cache_write"]) or "-"
-                lines.append(
-                    f"            cache {', '.join(s['cache_read']) or '-'} -> {writes} -> {', '.join(s['cache_out'])}"
-                )
+            outputs = ", ".join(s["cache_out"])
+            if s["cache_read"]:
+                writes = ", ".join(s["cache_write"])
+                lines.append(f"            cache {', '.join(s['cache_read'])} -> {writes} -> {outputs}")
+            elif outputs:
+                lines.append(f"            cache outputs {outputs} (keys after RoPE; no cache input)")
     return "\n".join(lines)
