@@ -183,8 +183,10 @@ def test_placeholders_capacity_and_bad_sources_are_typed_errors(artifacts, tmp_p
     (unsupported / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
     with pytest.raises(SourceError, match="not supported"):
         tokensieve.export(f"hf:{unsupported}", out=tmp_path / "out")
-    with pytest.raises(MethodSpecError, match="do not apply to MLLM exports"):
+    with pytest.raises(MethodSpecError, match="reduces ViT blocks; an MLLM export takes decoder methods"):
         tokensieve.export("hf:llava-tiny", "topk(keep=0.5)", out=tmp_path / "out")
+    with pytest.raises(MethodSpecError, match="--buckets do not apply to MLLM exports"):
+        tokensieve.export("hf:llava-tiny", buckets="auto", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

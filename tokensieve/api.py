@@ -36,7 +36,7 @@ from tokensieve.graph_passes.locate import ViTLayout, locate_vit
 from tokensieve.graph_passes.macs import count_macs
 from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.token_reduction import TokenReductionPass
-from tokensieve.methods import Method, describe, parse_methods, schedule
+from tokensieve.methods import Method, check_target, describe, parse_methods, schedule
 
 logging.getLogger("onnxscript").setLevel(logging.ERROR)
 
@@ -99,8 +99,9 @@ def export(
     The batch axis is made dynamic for them (the dispatcher runs groups of any size).
 
     MLLM sources (``hf:llava-tiny``, ``hf:llava-next-tiny``, a local LLaVA / LLaVA-NeXT checkpoint) give a split
-    artifact (vision, embed, prefill, decode graphs; see :mod:`tokensieve.export_mllm`): ``capacity`` = KV-cache
-    slots of the static decode graph, ``growing_cache`` adds the growing-cache decode graph.
+    artifact (vision, embed, prefill, decode graphs; see :mod:`tokensieve.export_mllm`): ``method`` = ``None`` or a
+    decoder method (``"fastv(k=2, keep=0.5)"``), ``capacity`` = KV-cache slots of the static decode graph,
+    ``growing_cache`` adds the growing-cache decode graph.
     """
     from tokensieve.converters.llava import is_mllm_source
     from tokensieve.converters.sources import parse_source
@@ -113,8 +114,10 @@ def export(
     if spec.kind == "hf" and is_mllm_source(spec.name):
         from tokensieve.export_mllm import export_mllm
 
+        check_target(methods, "mllm")
+        if len(methods) > 1:
+            raise MethodSpecError("an MLLM export takes one decoder method (e.g. 'fastv(k=2, keep=0.5)')")
         unsupported = {
-            "--method": methods,
             "--buckets": buckets,
             "--calibrate": calibrate,
             "--img-size": img_size,
@@ -125,12 +128,21 @@ def export(
         given = [flag for flag, value in unsupported.items() if value]
         if given:
             raise MethodSpecError(
-                f"{', '.join(given)} do not apply to MLLM exports (token reduction in MLLM graphs "
-                "is not available yet); export with --out and optionally --capacity, --opset"
+                f"{', '.join(given)} do not apply to MLLM exports; export with --out and optionally --method "
+                "'fastv(...)', --capacity, --opset"
             )
-        return export_mllm(spec, out, capacity=capacity, opset=opset, growing=growing_cache, lint_target=lint_target)
+        return export_mllm(
+            spec,
+            out,
+            method=methods[0] if methods else None,
+            capacity=capacity,
+            opset=opset,
+            growing=growing_cache,
+            lint_target=lint_target,
+        )
     if capacity is not None:
         raise MethodSpecError("--capacity applies to MLLM sources (hf:llava-tiny, a LLaVA checkpoint)")
+    check_target(methods, "vit")
     adaptive = any(getattr(m, "adaptive", False) for m in methods)
     if adaptive and len(methods) > 1:
         raise MethodSpecError("an adaptive method (atp) cannot be combined with other methods yet")

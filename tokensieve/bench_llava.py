@@ -5,7 +5,9 @@ The fixed-capacity decode graph always attends over all ``capacity`` slots (mask
 (:class:`tokensieve.runtimes.llava.FixedCacheDecoder`), so its cost is flat in the context length; the
 growing-cache graph attends over exactly ``L`` past positions but writes a new, one-longer cache every step. The
 crossover is what the numbers show. Same protocol as :mod:`tokensieve.bench`:
-warm-up, the two decode forms alternating in blocks, medians with minima, noisy measurements repeated.
+warm-up, the two decode forms alternating in blocks, medians with minima, noisy measurements repeated. Prefill
+prompts are laid out ``[BOS, image, text]`` with the manifest's image token count (as much as fits), so a FastV
+prefill graph drops what it would drop on a real prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tokensieve.bench import pyplot, save_figure, time_alternating
-from tokensieve.runtimes.llava import FixedCacheDecoder
+from tokensieve.runtimes.llava import FixedCacheDecoder, prefill_feeds
 
 
 @dataclass
@@ -114,11 +116,10 @@ def bench_llava(
         g = stats.get("growing", (None, None))
         report.decode.append(DecodeRow(context, stats["fixed"][0], g[0], stats["fixed"][1], g[1], noisy))
     prefill = artifact.runner("prefill", **options)
+    image_tokens = manifest["image_tokens"].get("count") or manifest["image_tokens"]["per_crop"]
     for length in prefill_lengths or [n for n in contexts if n <= 1024][:4]:
-        feeds = {
-            "inputs_embeds": rng.standard_normal((1, length, dec["hidden"]), dtype=np.float32),
-            "position_ids": np.arange(length, dtype=np.int64)[None],
-        }
+        embeds = rng.standard_normal((1, length, dec["hidden"]), dtype=np.float32)
+        feeds = prefill_feeds(prefill, embeds, (1, 1 + min(image_tokens, length - 2)))  # [BOS, image, text]
         prefill.run(feeds)
         report.prefill_ms[length] = _median_min(time_alternating({"p": lambda f=feeds: prefill.run(f)}, 3, 1)["p"])[0]
     vision = artifact.runner("vision", **options)

@@ -1,5 +1,9 @@
 """Write an MLLM artifact: LLaVA / LLaVA-NeXT split into vision, embed, prefill and decode graphs.
 
+With a decoder method (``fastv``), its graph passes rewrite the exported graphs before they are written: FastV into
+the prefill graph (new input ``image_positions``, new output ``kept_positions``), and the decode graphs' later
+layers onto their own cache length (fixed cache: new input ``pruned_cache_position``).
+
 Layout::
 
     DIR/
@@ -35,8 +39,12 @@ from tokensieve.artifact import (
     versions,
 )
 from tokensieve.converters.sources import SourceSpec
+from tokensieve.graph_passes import run_passes
+from tokensieve.graph_passes.fastv import FastVPass
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate_decoder import locate_decoder
+from tokensieve.graph_passes.split_cache_slot import SplitCacheSlotPass
+from tokensieve.methods.fastv import FastV
 
 # graphs with symbolic axes: deployable with TensorRT optimization profiles (see `tokensieve lint`)
 DYNAMIC = {
@@ -59,6 +67,7 @@ def export_mllm(
     spec: SourceSpec,
     out: str | os.PathLike,
     *,
+    method: FastV | None = None,
     capacity: int | None = None,
     opset: int = 18,
     growing: bool = True,
@@ -72,13 +81,22 @@ def export_mllm(
     capacity = capacity or default_capacity(spec, built)
     if capacity < 2:
         raise SourceError(f"--capacity must be at least 2 cache slots, got {capacity}")
+    if method is not None:
+        method.validate(built.model.config.text_config.num_hidden_layers)  # before the (slow) export
     graphs, seconds = export_llava(built, capacity, opset=opset, growing=growing)
+    if method is not None:
+        run_passes(graphs["prefill"], [FastVPass(method)])
+        for key in ("decode", "decode_growing"):
+            if key in graphs:
+                run_passes(graphs[key], [SplitCacheSlotPass(method.k)])
     text = built.model.config.text_config
     layers, kv_heads, head_dim = cache_geometry(built.model)
     sites = {
         key: locate_decoder(graphs[key]).summary() for key in ("prefill", "decode", "decode_growing") if key in graphs
     }
     dynamic = {k: v for k, v in DYNAMIC.items() if k in graphs and (k != "vision" or built.kind == "llava_next")}
+    if method is not None:
+        dynamic["prefill"] = "sequence and image_tokens (FastV: the kept length is an expression of both)"
     lints = {key: lint(model, lint_target, profiles=key in dynamic).to_dict() for key, model in graphs.items()}
     files = {key: f"{key}.onnx" for key in graphs}
     with staged_directory(out) as staging:
@@ -99,8 +117,8 @@ def export_mllm(
             "architecture": type(built.model).__name__,
             "weights_sha256": weights_digest(built.model),
             "export": {"exporter": "dynamo", "opset": opset, "seconds": seconds},
-            "methods": [],
-            "method_text": "none",
+            "methods": [method.to_dict()] if method else [],
+            "method_text": method.describe() if method else "none",
             "graphs": {**files, "external_data": "weights.data"},
             "dynamic": dynamic,
             "io": {
@@ -112,6 +130,7 @@ def export_mllm(
                 "kv_heads": kv_heads,
                 "head_dim": head_dim,
                 "hidden": text.hidden_size,
+                "intermediate": text.intermediate_size,
                 "vocab": text.vocab_size,
                 "capacity": capacity,
             },

@@ -26,6 +26,7 @@ def inspect_mllm(artifact) -> dict[str, Any]:
         "source": m["source"],
         "architecture": m["architecture"],
         "method": m.get("method_text", "none"),
+        "reduction": _reduction(m),
         "export": m["export"],
         "graphs": graphs,
         "decoder": m["decoder"],
@@ -34,6 +35,21 @@ def inspect_mllm(artifact) -> dict[str, Any]:
         "sites": m["sites"],
         "lint_target": m["lint_target"],
     }
+
+
+def _reduction(manifest: dict[str, Any]) -> str | None:
+    """What a decoder method does to the sequence, in words (FastV)."""
+    from tokensieve.methods import methods_from_dicts
+
+    fastv = next((x for x in methods_from_dicts(manifest.get("methods")) if x.name == "fastv"), None)
+    if fastv is None:
+        return None
+    image = manifest["image_tokens"]
+    kept = f"{fastv.kept_count(image['count'])} of {image['count']}" if "count" in image else "ceil(keep * N) of N"
+    return (
+        f"layers {fastv.k}..{manifest['decoder']['layers'] - 1} keep {kept} image tokens (the most attended by the "
+        f"last prompt token in layer {fastv.k - 1}) and every text token, at their original positions"
+    )
 
 
 def _shape(value: dict[str, Any]) -> str:
@@ -45,7 +61,7 @@ def format_mllm(info: dict[str, Any]) -> str:
     lines = [
         f"artifact   {info['path']}",
         f"source     {src['kind']}:{src['name']} ({info['architecture']})",
-        f"method     {info['method']}",
+        f"method     {info['method']}" + (f"\n           {info['reduction']}" if info["reduction"] else ""),
         f"export     {info['export']['exporter']}, opset {info['export']['opset']}",
         f"graphs     (lint {info['lint_target']}; symbolic axes are for TensorRT optimization profiles)",
     ]

@@ -9,6 +9,9 @@ Runtime through :class:`tokensieve.runtimes.llava.LlavaRunner`, with each reques
 
 Checked per case: the runtime's prompt ids (after placeholder expansion) equal the processor's, the last-position
 prefill logits agree within ``tolerance`` relative to their scale, and the ``new_tokens`` greedy ids are identical.
+
+Artifacts with FastV are held to the eager FastV reference (:mod:`tokensieve.reference.fastv`, itself equal to
+Hugging Face ``generate`` at ``keep=1``) instead, and also on the kept positions: identical sets.
 """
 
 from __future__ import annotations
@@ -63,9 +66,12 @@ class LlavaParityCase:
     first_mismatch: int | None
     reference_ids: list[int] = field(repr=False)
     ids: list[int] = field(repr=False)
+    kept_tokens: int | None = None  # FastV: prompt positions the later layers keep
+    kept_match: bool | None = None  # FastV: the graph's kept positions equal the eager reference's
 
     def ok(self, tolerance: float) -> bool:
-        return self.prompt_ids_match and self.tokens_match and self.logits_error <= tolerance
+        kept = self.kept_match is not False
+        return self.prompt_ids_match and self.tokens_match and kept and self.logits_error <= tolerance
 
 
 @dataclass
@@ -81,12 +87,15 @@ class LlavaParityReport:
         return {"ok": self.ok, "tolerance": self.tolerance, "cases": [asdict(c) for c in self.cases]}
 
     def text(self) -> str:
-        lines = [f"{'image':>9} {'cache':>7} {'prompt':>6} {'image tok':>9} {'ids':>4} {'logits err':>10} tokens"]
+        lines = [
+            f"{'image':>9} {'cache':>7} {'prompt':>6} {'image tok':>9} {'ids':>4} {'kept':>9} {'logits err':>10} tokens"
+        ]
         for c in self.cases:
             tokens = f"{c.new_tokens} identical" if c.tokens_match else f"differ at {c.first_mismatch}"
+            kept = "-" if c.kept_match is None else f"{c.kept_tokens} {'ok' if c.kept_match else 'DIFF'}"
             lines.append(
                 f"{c.image_size[0]:>4}x{c.image_size[1]:<4} {c.cache:>7} {c.prompt_tokens:>6} {c.image_tokens:>9} "
-                f"{'ok' if c.prompt_ids_match else 'DIFF':>4} {c.logits_error:>10.2e} {tokens}"
+                f"{'ok' if c.prompt_ids_match else 'DIFF':>4} {kept:>9} {c.logits_error:>10.2e} {tokens}"
             )
         lines.append(f"parity {'OK' if self.ok else 'FAILED'} (logits tolerance {self.tolerance:g})")
         return "\n".join(lines)
@@ -149,6 +158,8 @@ def check_llava_parity(
 
     from tokensieve.converters.llava import build_llava
     from tokensieve.converters.sources import SourceSpec, weights_digest
+    from tokensieve.methods import methods_from_dicts
+    from tokensieve.reference.fastv import fastv_generate
 
     manifest = artifact.manifest
     spec = SourceSpec.from_dict(manifest["source"])
@@ -166,13 +177,20 @@ def check_llava_parity(
     runners = {cache: artifact.llava_runner(cache=cache) for cache in caches}
     results = []
     template = manifest["host"]["template"]
+    fastv = next((m for m in methods_from_dicts(manifest.get("methods")) if m.name == "fastv"), None)
     for prompt, image in cases or default_cases(manifest["host"], count, seed):
         inputs = processor(images=image, text=template.format(prompt=prompt), return_tensors="pt")
-        with torch.no_grad():
-            reference_logits = model(**inputs).logits[0, -1].numpy()
-            generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=0)
         reference_prompt = inputs["input_ids"][0].numpy()
-        reference_ids = generated[0, len(reference_prompt) :].tolist()
+        reference_kept = None
+        if fastv is not None:
+            result = fastv_generate(model, inputs, fastv, new_tokens)
+            reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
+            reference_kept = result.kept_positions.numpy()
+        else:
+            with torch.no_grad():
+                reference_logits = model(**inputs).logits[0, -1].numpy()
+                generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=0)
+            reference_ids = generated[0, len(reference_prompt) :].tolist()
         for cache, runner in runners.items():
             out = runner.generate(image, prompt, new_tokens, ignore_eos=True)
             same_prompt = out.prompt_ids.shape == reference_prompt.shape and bool(
@@ -196,6 +214,10 @@ def check_llava_parity(
                     first_mismatch=mismatch,
                     reference_ids=reference_ids,
                     ids=out.ids,
+                    kept_tokens=None if out.kept_positions is None else len(out.kept_positions),
+                    kept_match=None
+                    if reference_kept is None
+                    else out.kept_positions is not None and np.array_equal(out.kept_positions, reference_kept),
                 )
             )
     return LlavaParityReport(results, tolerance)

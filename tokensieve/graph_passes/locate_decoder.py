@@ -125,7 +125,7 @@ def _cache_input(value: ir.Value, graph_inputs: set[ir.Value]) -> ir.Value:
     return value
 
 
-def _logits_matmul(softmax: ir.Node) -> ir.Node | None:
+def logits_matmul(softmax: ir.Node) -> ir.Node | None:
     value = softmax.inputs[0]
     for _ in range(8):
         producer = value.producer()
@@ -168,7 +168,7 @@ def locate_decoder(model: ir.Model) -> DecoderLayout:
     for node in graph:
         if node.op_type != "Softmax":
             continue
-        matmul = _logits_matmul(node)
+        matmul = logits_matmul(node)
         pv = next((n for n, i in node.outputs[0].uses() if n.op_type == "MatMul" and i == 0), None)
         if matmul is None or pv is None:
             continue

@@ -2,7 +2,8 @@
 
 Each method has two faces that read the same dataclass: an eager PyTorch reference (``tokensieve.reference``) and
 a graph face (``tokensieve.graph_passes``). Several methods combine with ``+`` as long as they own disjoint blocks,
-e.g. ``"topk(keep=0.7, layers=[3]) + tome(r=8, layers=[4,5,6,7,8,9,10,11])"``. This package is pure Python.
+e.g. ``"topk(keep=0.7, layers=[3]) + tome(r=8, layers=[4,5,6,7,8,9,10,11])"``. Methods with ``target = "mllm"``
+(``fastv``) apply to MLLM decoders instead of ViT blocks. This package is pure Python.
 """
 
 from __future__ import annotations
@@ -14,25 +15,28 @@ from typing import Any
 
 from tokensieve.errors import MethodSpecError
 from tokensieve.methods.atp import ATPPrune
-from tokensieve.methods.base import Method, Schedule, SiteCount, schedule
+from tokensieve.methods.base import Method, Schedule, SiteCount, check_target, schedule
 from tokensieve.methods.diffrate import DiffRate
+from tokensieve.methods.fastv import FastV
 from tokensieve.methods.pitome import PiToMe
 from tokensieve.methods.spec import parse_method_calls
 from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopKPrune
 
-REGISTRY: dict[str, type] = {cls.name: cls for cls in (TopKPrune, ToMe, PiToMe, DiffRate, ATPPrune)}
+REGISTRY: dict[str, type] = {cls.name: cls for cls in (TopKPrune, ToMe, PiToMe, DiffRate, ATPPrune, FastV)}
 
 __all__ = [
     "REGISTRY",
     "ATPPrune",
     "DiffRate",
+    "FastV",
     "Method",
     "PiToMe",
     "Schedule",
     "SiteCount",
     "ToMe",
     "TopKPrune",
+    "check_target",
     "describe",
     "methods_from_dicts",
     "parse_methods",
@@ -69,7 +73,7 @@ def methods_from_dicts(data: Sequence[dict[str, Any]] | None) -> list[Method]:
     methods = []
     for entry in data or []:
         kwargs = {k: v for k, v in entry.items() if k != "name"}
-        if entry["name"] == "topk":
+        if entry["name"] in ("topk", "fastv"):
             kwargs["keep"] = Fraction(kwargs["keep"])
         methods.append(_build(entry["name"], kwargs))
     return methods

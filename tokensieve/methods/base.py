@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Protocol
 
 from tokensieve.errors import MethodSpecError
@@ -92,8 +93,25 @@ class Schedule:
         return any(m.merges for m, _ in self.sites)
 
 
+def check_target(methods: Sequence[Method], target: str) -> None:
+    """A :class:`MethodSpecError` unless every method applies to ``target``: ``"vit"`` (blocks of an image model) or
+    ``"mllm"`` (an MLLM decoder)."""
+    wrong = [m.describe() for m in methods if getattr(m, "target", "vit") != target]
+    if wrong and target == "mllm":
+        raise MethodSpecError(
+            f"{', '.join(wrong)} reduces ViT blocks; an MLLM export takes decoder methods such as "
+            "'fastv(k=2, keep=0.5)'"
+        )
+    if wrong:
+        raise MethodSpecError(
+            f"{', '.join(wrong)} drops tokens in an MLLM decoder; export an MLLM source (hf:llava-tiny, "
+            "hf:llava-next-tiny, a LLaVA checkpoint) with it"
+        )
+
+
 def schedule(methods: Sequence[Method], tokens: int, specials: int, depth: int) -> Schedule:
     """Validate ``methods`` together and compute the token schedule of a ``depth``-block model."""
+    check_target(methods, "vit")
     owners: dict[int, Method] = {}
     for method in methods:
         method.validate(tokens, specials, depth)
@@ -115,3 +133,18 @@ def schedule(methods: Sequence[Method], tokens: int, specials: int, depth: int) 
             sites.append((method, count))
             n = count.tokens_out
     return Schedule(entering, sites)
+
+
+def check_keep(name: str, keep: Any, example: str = "keep=0.7 keeps 70 %") -> Fraction:
+    """A keep fraction in (0, 1] as an exact :class:`Fraction` (a float is read from its decimal text)."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, Fraction, float)):
+        raise MethodSpecError(f"{name}: keep must be a number in (0, 1], got {keep!r}")
+    keep = Fraction(str(keep)) if isinstance(keep, float) else Fraction(keep)
+    if not 0 < keep <= 1:
+        raise MethodSpecError(f"{name}: keep must be in (0, 1], got {float(keep):g}; e.g. {example}")
+    return keep
+
+
+def ceil_fraction(keep: Fraction, count: int) -> int:
+    """``ceil(keep * count)`` in exact integer arithmetic."""
+    return (keep.numerator * count + keep.denominator - 1) // keep.denominator

@@ -28,7 +28,7 @@ from fractions import Fraction
 from typing import Any, ClassVar, Literal
 
 from tokensieve.errors import MethodSpecError
-from tokensieve.methods.base import SiteCount, check_depth, check_layers
+from tokensieve.methods.base import SiteCount, ceil_fraction, check_depth, check_keep, check_layers
 
 Score = Literal["auto", "cls", "mean_received"]
 Fuse = Literal["sum", "mean"] | None
@@ -46,13 +46,7 @@ class TopKPrune:
     merges: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        keep = self.keep
-        if isinstance(keep, bool) or not isinstance(keep, (int, Fraction, float)):
-            raise MethodSpecError(f"topk: keep must be a number in (0, 1], got {keep!r}")
-        keep = Fraction(str(keep)) if isinstance(keep, float) else Fraction(keep)
-        if not 0 < keep <= 1:
-            raise MethodSpecError(f"topk: keep must be in (0, 1], got {float(keep):g}; e.g. keep=0.7 keeps 70 %")
-        object.__setattr__(self, "keep", keep)
+        object.__setattr__(self, "keep", check_keep("topk", self.keep))
         layers = check_layers("topk", self.layers)
         if layers is None:
             raise MethodSpecError("topk: layers must list the blocks to prune after, e.g. layers=[3,6,9]")
@@ -71,8 +65,7 @@ class TopKPrune:
     # -- counts (shared by the reference and the graph pass) -------------------------------------------------
     def kept_count(self, candidates: int) -> int:
         """``ceil(keep * candidates)`` in exact integer arithmetic, at least 1."""
-        num, den = self.keep.numerator, self.keep.denominator
-        return max(1, (num * candidates + den - 1) // den)
+        return max(1, ceil_fraction(self.keep, candidates))
 
     def resolved_score(self, specials: int) -> Literal["cls", "mean_received"]:
         if self.score == "auto":

@@ -39,6 +39,7 @@ class Generation:
     image_span: tuple[int, int] | None  # [start, end) of the image tokens in the sequence
     prefill_logits: np.ndarray  # [V] at the last prompt position
     stop: str  # "eos" | "max_new_tokens"
+    kept_positions: np.ndarray | None = None  # FastV: prompt positions the layers from k on keep
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -128,11 +129,14 @@ class LlavaRunner:
             embeds[0, span[0] : span[1]] = features
         return embeds
 
-    def prefill(self, embeds: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Last-position logits ``[V]`` and the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt."""
-        positions = np.arange(embeds.shape[1], dtype=np.int64)[None]
-        out = self.prefill_graph.run({"inputs_embeds": embeds, "position_ids": positions})
-        return out["logits"][0], [out[f"present_{k}_{i}"] for i in range(self.layers) for k in ("key", "value")]
+    def prefill(
+        self, embeds: np.ndarray, span: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
+        """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt, and (FastV
+        artifacts) the kept positions; ``span`` = the image tokens' ``[start, end)``."""
+        out = self.prefill_graph.run(prefill_feeds(self.prefill_graph, embeds, span))
+        present = [out[f"present_{k}_{i}"] for i in range(self.layers) for k in ("key", "value")]
+        return out["logits"][0], present, out.get("kept_positions")
 
     def check_capacity(self, prompt_length: int, max_new_tokens: int) -> None:
         if self.capacity is None:
@@ -164,11 +168,13 @@ class LlavaRunner:
         ids = self.prompt_ids(prompt, template) if input_ids is None else np.asarray(input_ids, np.int64).ravel()
         ids = expand_placeholders(ids, self.host["image_token_id"], None if features is None else len(features))
         self.check_capacity(len(ids), max_new_tokens)
-        logits, present = self.prefill(self.inputs_embeds(ids, features))
+        span = image_span(ids, self.host["image_token_id"])
+        logits, present, kept = self.prefill(self.inputs_embeds(ids, features), span)
         t_prefill = time.perf_counter()
         stops = set() if ignore_eos else set(stop_ids if stop_ids is not None else [self.host["eos_id"]])
+        dropped = 0 if kept is None else len(ids) - len(kept)
         decoder = (
-            FixedCacheDecoder(self.decode, present, self.capacity)
+            FixedCacheDecoder(self.decode, present, self.capacity, dropped)
             if self.capacity is not None
             else GrowingCacheDecoder(self.decode, present)
         )
@@ -188,15 +194,24 @@ class LlavaRunner:
             ids=new,
             text=self.tokenizer.decode(new, skip_special_tokens=True),
             prompt_ids=ids,
-            image_span=image_span(ids, self.host["image_token_id"]),
+            image_span=span,
             prefill_logits=logits,
             stop=stop,
+            kept_positions=kept,
             timings_ms={
                 "vision": 1e3 * (t_vision - start),
                 "prefill": 1e3 * (t_prefill - t_vision),
                 "decode_per_token": 1e3 * (end - t_prefill) / decoded,
             },
         )
+
+
+def prefill_feeds(runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None) -> dict[str, np.ndarray]:
+    """Inputs of a prefill graph; FastV graphs also take ``image_positions`` (empty without an image)."""
+    feeds = {"inputs_embeds": embeds, "position_ids": np.arange(embeds.shape[1], dtype=np.int64)[None]}
+    if "image_positions" in runner.input_names:
+        feeds["image_positions"] = np.arange(*(span or (0, 0)), dtype=np.int64)
+    return feeds
 
 
 def _kv_names(layers: int) -> list[str]:
@@ -207,12 +222,15 @@ class FixedCacheDecoder:
     """Steps the static decode graph with its caches updated **in place**: each cache buffer is bound both as the
     ``cache_*`` input and as the ``updated_*`` output (ONNX Runtime I/O binding), so ``ScatterND`` finds input and
     output in the same buffer and writes one slot instead of copying the whole cache, the way a TensorRT engine
-    updates a KV cache that is network I/O. Prefill's keys/values go to slots ``0..T-1`` first."""
+    updates a KV cache that is network I/O. Prefill's keys/values go to slots ``0..T-1`` first (each layer its own
+    ``T``). After FastV the later layers hold ``dropped`` fewer positions: they write slot ``position - dropped``
+    (input ``pruned_cache_position``)."""
 
-    def __init__(self, runner: OrtRunner, present: list[np.ndarray], capacity: int):
+    def __init__(self, runner: OrtRunner, present: list[np.ndarray], capacity: int, dropped: int = 0):
         import onnxruntime as ort
 
         self.runner = runner
+        self.dropped = dropped if "pruned_cache_position" in runner.input_names else None
         self.caches = []
         for tensor in present:
             cache = np.zeros((*tensor.shape[:2], capacity, tensor.shape[3]), tensor.dtype)
@@ -229,6 +247,8 @@ class FixedCacheDecoder:
         self.binding.bind_cpu_input("input_ids", np.array([[token]], np.int64))
         self.binding.bind_cpu_input("position_ids", np.array([[position]], np.int64))
         self.binding.bind_cpu_input("cache_position", np.array([position], np.int64))
+        if self.dropped is not None:
+            self.binding.bind_cpu_input("pruned_cache_position", np.array([position - self.dropped], np.int64))
         self.runner.run_binding(self.binding)
         return self.binding.get_outputs()[0].numpy()[0]
 

@@ -1,0 +1,147 @@
+"""Graph pass: FastV visual-token dropping inside an MLLM **prefill** graph.
+
+Matches: the decoder layers of a prefill graph (:func:`tokensieve.graph_passes.locate_decoder.locate_decoder`, cache
+form ``none``: inputs ``inputs_embeds [1, T, D]`` and ``position_ids [1, T]``, keys/values leaving as
+``present_*``). The site is the residual stream entering layer ``k``; the score comes from layer ``k - 1``.
+
+Inserts:
+
+* a graph input ``image_positions [I]`` (int64): the sequence positions of the image tokens (the host knows them
+  from ``input_ids``; empty for a text-only prompt). ``I`` is a shape, so every count below is shape-derived;
+* the score: layer ``k - 1``'s attention row of the last position, recomputed from the operands of its logits
+  ``MatMul`` (Q and Kᵀ after RoPE and scaling, GQA-expanded: no ``[T, T]`` matrix is read), ``Softmax``, mean over
+  heads;
+* the selection: a priority over all ``T`` positions (2.0 for text, the score for image positions: ``ScatterElements``
+  without reduction) -> ``TopK(T - I + R)`` with ``R = ceil(keep * I)`` in integer arithmetic (lower index first on
+  ties) -> ascending order (``TopK(largest=0)``) -> graph output ``kept_positions [T']``;
+* ``Gather`` of the stream and of ``position_ids`` (kept tokens keep their original positions); the layers from
+  ``k`` on read the gathered stream, and every tensor they share with the earlier layers (RoPE ``cos``/``sin``,
+  the causal mask, ``repeat_kv`` shapes) is re-derived from the gathered positions and the reduced length
+  (:func:`tokensieve.graph_passes.rederive.rederive`).
+
+Preconditions (``requires``): a prefill graph with those inputs; ``1 <= k < layers``; the logits of layer ``k - 1``
+are ``Q·Kᵀ`` plus the causal mask only (no other bias: its last row is then unmasked); ``inputs_embeds`` is read for
+its values only by layer 0 (elsewhere only through ``Shape``; checked while re-deriving). Postconditions
+(``ensures``): ``present_*`` of layers ``>= k`` have the sequence dimension :func:`kept_dim` (an exact expression of
+``sequence`` and ``image_tokens``), every new value has a shape (``tokensieve lint`` checks them), and the graph
+passes the onnx checker when saved.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import TopologicalSortPass
+
+from tokensieve.errors import GraphRewriteError
+from tokensieve.graph_passes.builder import NodeBuilder, record_site, redirect_uses
+from tokensieve.graph_passes.locate_decoder import DecoderLayout, locate_decoder, logits_matmul
+from tokensieve.graph_passes.rederive import downstream, rederive
+from tokensieve.methods.fastv import FastV
+
+IMAGE_AXIS = "image_tokens"
+
+
+def kept_dim(method: FastV, sequence: str) -> str:
+    """The symbolic length after the cut, as an exact expression of the input axes (TensorRT derives it from the
+    optimization profile's shapes): ``sequence - image_tokens + ceil(keep * image_tokens)``."""
+    num, den = method.keep.numerator, method.keep.denominator
+    return f"{sequence}-{IMAGE_AXIS}+({IMAGE_AXIS}*{num}+{den - 1})//{den}"
+
+
+def _typed(value: ir.Value, dims: list, dtype: ir.DataType) -> ir.Value:
+    value.shape, value.dtype = ir.Shape(dims), dtype
+    return value
+
+
+def _input(graph: ir.Graph, name: str) -> ir.Value:
+    found = next((v for v in graph.inputs if v.name == name), None)
+    if found is None:
+        raise GraphRewriteError(f"fastv: the graph has no input {name!r}; it applies to an MLLM prefill graph")
+    return found
+
+
+class FastVPass(ir.passes.InPlacePass):
+    """Insert FastV before decoder layer ``method.k`` of a prefill graph (see module docstring)."""
+
+    def __init__(self, method: FastV):
+        super().__init__()
+        self.method = method
+        self.layout: DecoderLayout | None = None
+        self.kept = ""
+
+    def requires(self, model: ir.Model) -> None:
+        self.layout = locate_decoder(model)
+        if self.layout.cache != "none":
+            raise GraphRewriteError(f"fastv: expected a prefill graph, got a decode graph ({self.layout.cache} cache)")
+        self.method.validate(len(self.layout.layers))
+        for name in ("inputs_embeds", "position_ids"):
+            _input(model.graph, name)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, method, layout = model.graph, self.method, self.layout
+        embeds, positions = _input(graph, "inputs_embeds"), _input(graph, "position_ids")
+        scorer, cut = layout.layers[method.k - 1], layout.layers[method.k].stream_in
+        region, uses = downstream(cut), list(cut.uses())
+        self.kept = kept = kept_dim(method, str(cut.shape[1]))
+        b = NodeBuilder(model, "tokensieve/fastv", {"tokensieve.site": str(method.k), "tokensieve.method": "fastv"})
+        image = ir.Value(name="image_positions", shape=ir.Shape([IMAGE_AXIS]), type=ir.TensorType(ir.DataType.INT64))
+        graph.inputs.append(image)
+
+        seq, heads, real, i64 = cut.shape[1], layout.heads, cut.dtype, ir.DataType.INT64
+
+        # score [T]: the last row of layer k-1's attention, averaged over heads
+        matmul = logits_matmul(scorer.softmax)
+        query = b.op("Slice", [matmul.inputs[0], b.const([-1]), b.const([2**62]), b.const([2])], "last_query")
+        _typed(query, [1, heads, 1, layout.head_dim], real)
+        logits = _typed(b.op("MatMul", [query, matmul.inputs[1]], "logits"), [1, heads, 1, seq], real)
+        row = _typed(b.op("Softmax", [logits], axis=-1), [1, heads, 1, seq], real)
+        mean = _typed(b.reduce("ReduceMean", row, [1], keepdims=False), [1, 1, seq], real)
+        score = _typed(b.op("Reshape", [mean, b.const([-1])], "score"), [seq], real)
+
+        # priority: 2.0 (above any probability) for text, the score for image positions
+        length = _typed(b.op("Shape", [score]), [1], i64)
+        image_count = _typed(b.op("Shape", [image]), [1], i64)
+        text = _typed(b.op("Expand", [b.const(2.0, "text_priority", dtype=real.numpy()), length]), [seq], real)
+        image_score = _typed(b.op("Gather", [score, image], axis=0), [IMAGE_AXIS], real)
+        priority = _typed(b.op("ScatterElements", [text, image, image_score], "priority", axis=0), [seq], real)
+
+        # kept count = T - I + ceil(keep * I), integer arithmetic on shapes
+        num, den = method.keep.numerator, method.keep.denominator
+        scaled = _typed(b.op("Mul", [image_count, b.const([num])]), [1], i64)
+        rounded = _typed(b.op("Add", [scaled, b.const([den - 1])]), [1], i64)
+        kept_image = _typed(b.op("Div", [rounded, b.const([den])]), [1], i64)
+        text_count = _typed(b.op("Sub", [length, image_count]), [1], i64)
+        count = _typed(b.op("Add", [text_count, kept_image], "kept_count"), [1], i64)
+
+        # top positions by priority (ties: lower index first), then ascending
+        top_values, top = b.op("TopK", [priority, count], "select", num_outputs=2, largest=1, sorted=1)
+        _typed(top_values, [kept], real)
+        _typed(top, [kept], i64)
+        as_float = _typed(b.op("Cast", [top], to=ir.DataType.FLOAT), [kept], ir.DataType.FLOAT)
+        order, order_index = b.op("TopK", [as_float, count], "ascending", 2, largest=0, sorted=1)
+        _typed(order, [kept], ir.DataType.FLOAT)
+        _typed(order_index, [kept], i64)
+        keep = _typed(b.op("Cast", [order], to=i64), [kept], i64)
+        keep.name = "kept_positions"
+
+        stream = _typed(b.op("Gather", [cut, keep], "stream", axis=1), [1, kept, cut.shape[2]], real)
+        new_positions = _typed(b.op("Gather", [positions, keep], "position_ids", axis=1), [1, kept], positions.dtype)
+        graph.extend(b.nodes)
+        redirect_uses(cut, stream, uses)
+        substitutes = {embeds: stream, positions: new_positions}
+        clones = rederive(graph, region, substitutes, stream, "tokensieve/fastv/after", shape_only=frozenset([embeds]))
+        graph.outputs.append(keep)
+        TopologicalSortPass()(model)
+        # every sequence-length dimension after the cut (region and re-derived side inputs) is now the kept length
+        for node in region | set(clones):
+            for value in node.outputs:
+                if value.shape is not None:
+                    value.shape = ir.Shape([kept if d == seq else d for d in value.shape])
+        record_site(model, {"layer": method.k, "method": "fastv", "exposed": {"kept_positions": keep.name}})
+        return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        for layer in locate_decoder(model).layers[self.method.k :]:
+            for value in layer.cache_outputs:
+                if value.shape is None or str(value.shape[2]) != self.kept:
+                    raise GraphRewriteError(f"fastv: {value.name} does not carry the reduced sequence after the pass")

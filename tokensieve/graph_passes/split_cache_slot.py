@@ -1,0 +1,81 @@
+"""Graph pass: give the decoder layers from ``first`` on their own cache length, in a **decode** graph.
+
+After a prefill that dropped tokens before layer ``first`` (FastV), those layers cache fewer positions than the
+earlier ones, for the rest of the generation, while new tokens keep their absolute position ids.
+
+Matches: the decoder layers of a decode graph (:func:`tokensieve.graph_passes.locate_decoder.locate_decoder`).
+
+Inserts:
+
+* fixed-capacity cache (input ``cache_position [1]``, one shared ``ScatterND`` index and visibility mask): a graph
+  input ``pruned_cache_position [1]`` (the slot the layers from ``first`` on write: ``cache_position - dropped``);
+  the write index and mask those layers read are re-derived from it
+  (:func:`tokensieve.graph_passes.rederive.rederive`); layers before ``first`` are untouched;
+* growing cache: nothing to compute (each layer's past length is its own input's); the past/present sequence
+  dimension of layers ``>= first`` is renamed ``past_kept`` so the two lengths are distinct symbols.
+
+Preconditions (``requires``): a decode graph; ``1 <= first < layers``. Postconditions (``ensures``): fixed cache:
+the cache writes of the layers from ``first`` on derive their index from ``pruned_cache_position`` and not from
+``cache_position``; the other inputs and outputs are unchanged.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import TopologicalSortPass
+
+from tokensieve.errors import GraphRewriteError
+from tokensieve.graph_passes.locate import _ancestors
+from tokensieve.graph_passes.locate_decoder import DecoderLayout, locate_decoder
+from tokensieve.graph_passes.rederive import downstream, rederive
+
+PRUNED_SLOT = "pruned_cache_position"
+PAST_KEPT = "past_kept"
+
+
+class SplitCacheSlotPass(ir.passes.InPlacePass):
+    """Let layers ``>= first`` of a decode graph use their own cache slot / length (see module docstring)."""
+
+    def __init__(self, first: int):
+        super().__init__()
+        self.first = first
+        self.layout: DecoderLayout | None = None
+
+    def requires(self, model: ir.Model) -> None:
+        self.layout = locate_decoder(model)
+        if self.layout.cache == "none":
+            raise GraphRewriteError(
+                "split cache slot: expected a decode graph (with a cache input), got a prefill graph"
+            )
+        if not 1 <= self.first < len(self.layout.layers):
+            raise GraphRewriteError(f"split cache slot: layer {self.first} is not in 1..{len(self.layout.layers) - 1}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, later = model.graph, self.layout.layers[self.first :]
+        if self.layout.cache == "growing":
+            past = str(later[0].cache_inputs[0].shape[2])
+            for layer in later:
+                for value in (*layer.cache_inputs, *layer.cache_outputs):
+                    dims = list(value.shape)
+                    dims[2] = str(dims[2]).replace(past, PAST_KEPT)
+                    value.shape = ir.Shape(dims)
+            return ir.passes.PassResult(model, modified=True)
+        slot = next((v for v in graph.inputs if v.name == "cache_position"), None)
+        if slot is None:
+            raise GraphRewriteError("split cache slot: the fixed-cache decode graph has no cache_position input")
+        pruned = ir.Value(name=PRUNED_SLOT, shape=ir.Shape(slot.shape), type=ir.TensorType(slot.dtype))
+        graph.inputs.append(pruned)
+        cut = later[0].stream_in
+        rederive(graph, downstream(cut), {slot: pruned}, cut, "tokensieve/split_cache_slot")
+        TopologicalSortPass()(model)
+        return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        if self.layout.cache != "fixed":
+            return
+        inputs = {v.name: v for v in model.graph.inputs}
+        for layer in locate_decoder(model).layers[self.first :]:
+            for write in layer.cache_writes:
+                sources = _ancestors(write.inputs[1])
+                if inputs["cache_position"] in sources or inputs[PRUNED_SLOT] not in sources:
+                    raise GraphRewriteError(f"split cache slot: {write.name} does not write at {PRUNED_SLOT}")

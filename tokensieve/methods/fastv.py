@@ -1,0 +1,62 @@
+"""FastV visual-token dropping in an MLLM decoder (ECCV 2024): the method's single declaration.
+
+Both faces read this dataclass: the eager reference (``tokensieve.reference.fastv``) and the graph passes
+(``tokensieve.graph_passes.fastv`` on the prefill graph, ``tokensieve.graph_passes.split_cache_slot`` on the
+fixed-capacity decode graph). Semantics (METHODS.md §4.1, official "inplace" variant):
+
+* where: prefill, before decoder layer ``k`` (0-based); layers ``< k`` see and cache every token, layers ``>= k``
+  only the kept ones, for the whole generation;
+* score: post-softmax attention of layer ``k - 1``, averaged over heads, of the **last prompt position** (query
+  row), over the image columns;
+* selection: the top ``R = ceil(keep * image_tokens)`` image tokens (ties: lower index first, like ONNX TopK) plus
+  every non-image token, in ascending original order;
+* positions: kept tokens keep their original position ids; decoding continues at absolute positions, so layers
+  ``>= k`` write their cache slot ``position - dropped`` with ``dropped = image_tokens - R``.
+
+``R`` uses the exact value of ``keep`` (``keep=0.5`` is 1/2), at least 1 when the image has tokens. FastV's HF port
+rounds ``image_tokens * (1 - r)``; for the paper's settings (576 tokens, R = 50 % / 75 %) both give the same count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, ClassVar
+
+from tokensieve.errors import MethodSpecError
+from tokensieve.methods.base import ceil_fraction, check_keep
+
+
+@dataclass(frozen=True)
+class FastV:
+    """Drop the image tokens the last prompt token attends to least, before decoder layer ``k``."""
+
+    k: int = 2
+    keep: Fraction = Fraction(1, 2)
+    name: ClassVar[str] = "fastv"
+    target: ClassVar[str] = "mllm"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise MethodSpecError(
+                f"fastv: k must be a decoder layer index >= 1 (layer k-1 gives the score), got {self.k!r}"
+            )
+        object.__setattr__(self, "keep", check_keep("fastv", self.keep, "keep=0.5 keeps half the image tokens"))
+
+    def kept_count(self, image_tokens: int) -> int:
+        """``ceil(keep * image_tokens)`` in exact integer arithmetic (0 for a prompt without an image)."""
+        if image_tokens <= 0:
+            return 0
+        return max(1, ceil_fraction(self.keep, image_tokens))
+
+    def validate(self, layers: int) -> None:
+        if self.k >= layers:
+            raise MethodSpecError(
+                f"fastv: k={self.k} is out of range; this decoder has {layers} layers, so k must be in 1..{layers - 1}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "k": self.k, "keep": str(self.keep)}
+
+    def describe(self) -> str:
+        return f"fastv(k={self.k}, keep={float(self.keep):g})"
