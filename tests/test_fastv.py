@@ -138,7 +138,7 @@ def test_bad_fastv_requests_are_typed_errors(tmp_path):
         tokensieve.export("hf:llava-tiny", "fastv(keep=0)", out=tmp_path / "out")
     with pytest.raises(MethodSpecError, match="k must be a decoder layer index >= 1"):
         FastV(k=0)
-    with pytest.raises(MethodSpecError, match="drops tokens in an MLLM decoder"):
+    with pytest.raises(MethodSpecError, match="works on an MLLM decoder"):
         tokensieve.export("timm:vit_tiny_patch16_224", "fastv()", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert main(["export", "hf:llava-tiny", "--method", "fastv(k=5)", "--out", str(tmp_path / "out")]) == 2
@@ -179,10 +179,10 @@ def test_rederive_clones_shape_reads_and_refuses_value_reads():
 
     model, v = _side_input_graph(read_values=False)
     region = downstream(v["cut"])
-    created = rederive(model.graph, region, {v["x"]: v["x2"]}, v["cut"], "after", frozenset([v["x"]]))
+    created = rederive(model.graph, region, {v["x"]: v["x2"]}, [v["cut"]], "after", frozenset([v["x"]]))
     assert [n.op_type for n in created] == ["Shape", "Cast"] and created[0].inputs[0] is v["x2"]
     add = next(n for n in region if n.op_type == "Add")
     assert add.inputs[1] is created[1].outputs[0] and v["side"].producer() in model.graph  # original kept
     model, v = _side_input_graph(read_values=True)
     with pytest.raises(GraphRewriteError, match="reads the values of 'x'"):
-        rederive(model.graph, downstream(v["cut"]), {v["x"]: v["x2"]}, v["cut"], "after", frozenset([v["x"]]))
+        rederive(model.graph, downstream(v["cut"]), {v["x"]: v["x2"]}, [v["cut"]], "after", frozenset([v["x"]]))

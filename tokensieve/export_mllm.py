@@ -2,7 +2,8 @@
 
 With a decoder method (``fastv``), its graph passes rewrite the exported graphs before they are written: FastV into
 the prefill graph (new input ``image_positions``, new output ``kept_positions``), and the decode graphs' later
-layers onto their own cache length (fixed cache: new input ``pruned_cache_position``).
+layers onto their own cache length (fixed cache: new input ``pruned_cache_position``). With ``streamingllm`` the
+fixed-cache decode graph gets a ``visible_slots`` input, so the runtime can use the cache as a ring.
 
 Layout::
 
@@ -40,11 +41,13 @@ from tokensieve.artifact import (
 )
 from tokensieve.converters.sources import SourceSpec
 from tokensieve.graph_passes import run_passes
+from tokensieve.graph_passes.cache_visibility import CacheVisibilityPass
 from tokensieve.graph_passes.fastv import FastVPass
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate_decoder import locate_decoder
 from tokensieve.graph_passes.split_cache_slot import SplitCacheSlotPass
 from tokensieve.methods.fastv import FastV
+from tokensieve.methods.streamingllm import StreamingLLM
 
 # graphs with symbolic axes: deployable with TensorRT optimization profiles (see `tokensieve lint`)
 DYNAMIC = {
@@ -67,7 +70,7 @@ def export_mllm(
     spec: SourceSpec,
     out: str | os.PathLike,
     *,
-    method: FastV | None = None,
+    method: FastV | StreamingLLM | None = None,
     capacity: int | None = None,
     opset: int = 18,
     growing: bool = True,
@@ -81,14 +84,19 @@ def export_mllm(
     capacity = capacity or default_capacity(spec, built)
     if capacity < 2:
         raise SourceError(f"--capacity must be at least 2 cache slots, got {capacity}")
-    if method is not None:
-        method.validate(built.model.config.text_config.num_hidden_layers)  # before the (slow) export
+    # validate before the (slow) export
+    if isinstance(method, FastV):
+        method.validate(built.model.config.text_config.num_hidden_layers)
+    elif isinstance(method, StreamingLLM):
+        method.validate(capacity)
     graphs, seconds = export_llava(built, capacity, opset=opset, growing=growing)
-    if method is not None:
+    if isinstance(method, FastV):
         run_passes(graphs["prefill"], [FastVPass(method)])
         for key in ("decode", "decode_growing"):
             if key in graphs:
                 run_passes(graphs[key], [SplitCacheSlotPass(method.k)])
+    elif isinstance(method, StreamingLLM):  # the growing cache is cut on the host; the fixed one becomes a ring
+        run_passes(graphs["decode"], [CacheVisibilityPass()])
     text = built.model.config.text_config
     layers, kv_heads, head_dim = cache_geometry(built.model)
     sites = {

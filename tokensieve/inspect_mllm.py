@@ -41,7 +41,15 @@ def _reduction(manifest: dict[str, Any]) -> str | None:
     """What a decoder method does to the sequence, in words (FastV)."""
     from tokensieve.methods import methods_from_dicts
 
-    fastv = next((x for x in methods_from_dicts(manifest.get("methods")) if x.name == "fastv"), None)
+    methods = {x.name: x for x in methods_from_dicts(manifest.get("methods"))}
+    capacity = manifest["decoder"]["capacity"]
+    if "streamingllm" in methods:
+        sink = methods["streamingllm"].sink
+        return (
+            f"the cache keeps the first {sink} positions (attention sinks) and the latest {capacity - sink}; "
+            "the fixed decode graph is a ring (slot and visible slots from the host)"
+        )
+    fastv = methods.get("fastv")
     if fastv is None:
         return None
     image = manifest["image_tokens"]

@@ -11,7 +11,9 @@ Checked per case: the runtime's prompt ids (after placeholder expansion) equal t
 prefill logits agree within ``tolerance`` relative to their scale, and the ``new_tokens`` greedy ids are identical.
 
 Artifacts with FastV are held to the eager FastV reference (:mod:`tokensieve.reference.fastv`, itself equal to
-Hugging Face ``generate`` at ``keep=1``) instead, and also on the kept positions: identical sets.
+Hugging Face ``generate`` at ``keep=1``) instead, and also on the kept positions: identical sets. Artifacts with
+StreamingLLM are held to the eager StreamingLLM reference (:mod:`tokensieve.reference.streamingllm`) with the
+artifact's cache capacity as the budget.
 """
 
 from __future__ import annotations
@@ -160,6 +162,7 @@ def check_llava_parity(
     from tokensieve.converters.sources import SourceSpec, weights_digest
     from tokensieve.methods import methods_from_dicts
     from tokensieve.reference.fastv import fastv_generate
+    from tokensieve.reference.streamingllm import streaming_generate
 
     manifest = artifact.manifest
     spec = SourceSpec.from_dict(manifest["source"])
@@ -177,7 +180,8 @@ def check_llava_parity(
     runners = {cache: artifact.llava_runner(cache=cache) for cache in caches}
     results = []
     template = manifest["host"]["template"]
-    fastv = next((m for m in methods_from_dicts(manifest.get("methods")) if m.name == "fastv"), None)
+    methods = {m.name: m for m in methods_from_dicts(manifest.get("methods"))}
+    fastv, streaming = methods.get("fastv"), methods.get("streamingllm")
     for prompt, image in cases or default_cases(manifest["host"], count, seed):
         inputs = processor(images=image, text=template.format(prompt=prompt), return_tensors="pt")
         reference_prompt = inputs["input_ids"][0].numpy()
@@ -186,6 +190,9 @@ def check_llava_parity(
             result = fastv_generate(model, inputs, fastv, new_tokens)
             reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
             reference_kept = result.kept_positions.numpy()
+        elif streaming is not None:
+            result = streaming_generate(model, inputs, streaming, manifest["decoder"]["capacity"], new_tokens)
+            reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
         else:
             with torch.no_grad():
                 reference_logits = model(**inputs).logits[0, -1].numpy()

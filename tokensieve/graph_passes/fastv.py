@@ -129,7 +129,9 @@ class FastVPass(ir.passes.InPlacePass):
         graph.extend(b.nodes)
         redirect_uses(cut, stream, uses)
         substitutes = {embeds: stream, positions: new_positions}
-        clones = rederive(graph, region, substitutes, stream, "tokensieve/fastv/after", shape_only=frozenset([embeds]))
+        clones = rederive(
+            graph, region, substitutes, [stream], "tokensieve/fastv/after", shape_only=frozenset([embeds])
+        )
         graph.outputs.append(keep)
         TopologicalSortPass()(model)
         # every sequence-length dimension after the cut (region and re-derived side inputs) is now the kept length

@@ -12,7 +12,7 @@ the clones. Nodes outside the region keep the originals. Values that need no sub
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import onnx_ir as ir
 
@@ -36,15 +36,15 @@ def rederive(
     graph: ir.Graph,
     region: set[ir.Node],
     substitutes: Mapping[ir.Value, ir.Value],
-    stream: ir.Value,
+    through: Collection[ir.Value],
     prefix: str,
     shape_only: frozenset[ir.Value] = frozenset(),
 ) -> list[ir.Node]:
     """Clone what ``region`` reads from outside that depends on a key of ``substitutes`` (graph inputs), computing
-    it from the substitutes instead; ``stream`` (the region's main input, e.g. the residual stream after the cut)
-    is read as it is. Inputs in ``shape_only`` may be read only by ``Shape`` nodes in those computations (their
-    substitute has another length, not the same values). Returns the new nodes (appended to ``graph``; sort
-    topologically afterwards)."""
+    it from the substitutes instead; values in ``through`` (the region's main inputs, e.g. the residual stream after
+    the cut) are read as they are. Inputs in ``shape_only`` may be read only by ``Shape`` nodes in those
+    computations (their substitute has another length, not the same values). Returns the new nodes (appended to
+    ``graph``; sort topologically afterwards)."""
     tainted = set(substitutes)
     for node in graph:
         if any(v in tainted for v in node.inputs if v is not None):
@@ -87,7 +87,7 @@ def rederive(
 
     for node in region:
         for index, value in enumerate(node.inputs):
-            if value is None or value is stream or value not in tainted or value.producer() in region:
+            if value is None or value in through or value not in tainted or value.producer() in region:
                 continue
             _check_shape_read(node, value, shape_only)
             node.replace_input_with(index, clone(value))

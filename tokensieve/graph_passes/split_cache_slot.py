@@ -66,7 +66,7 @@ class SplitCacheSlotPass(ir.passes.InPlacePass):
         pruned = ir.Value(name=PRUNED_SLOT, shape=ir.Shape(slot.shape), type=ir.TensorType(slot.dtype))
         graph.inputs.append(pruned)
         cut = later[0].stream_in
-        rederive(graph, downstream(cut), {slot: pruned}, cut, "tokensieve/split_cache_slot")
+        rederive(graph, downstream(cut), {slot: pruned}, [cut], "tokensieve/split_cache_slot")
         TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=True)
 

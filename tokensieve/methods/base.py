@@ -104,7 +104,7 @@ def check_target(methods: Sequence[Method], target: str) -> None:
         )
     if wrong:
         raise MethodSpecError(
-            f"{', '.join(wrong)} drops tokens in an MLLM decoder; export an MLLM source (hf:llava-tiny, "
+            f"{', '.join(wrong)} works on an MLLM decoder; export an MLLM source (hf:llava-tiny, "
             "hf:llava-next-tiny, a LLaVA checkpoint) with it"
         )
 

@@ -7,9 +7,10 @@ Written from the paper and METHODS.md §4.1 on the model's own modules, independ
    same); row = last prompt position, mean over heads, columns = the image positions;
 2. selection: a stable descending sort (lower index first on ties), the first ``R`` image positions, united with
    every text position, ascending;
-3. prefill: the decoder layers run one by one on the merged embeddings (``hidden_states[0]`` of that forward); before
-   layer ``k`` the stream and the position ids are gathered at the kept positions and the causal mask is rebuilt
-   for the shorter sequence; keys/values go to a ``transformers.DynamicCache`` (each layer its own length);
+3. prefill (:mod:`tokensieve.reference.decoding`): the decoder layers run one by one on the merged embeddings
+   (``hidden_states[0]`` of that forward); before layer ``k`` the stream and the position ids are gathered at the
+   kept positions and the causal mask is rebuilt for the shorter sequence; keys/values go to a
+   ``transformers.DynamicCache`` (each layer its own length);
 4. greedy decoding at absolute positions, every layer attending to all of its cached positions.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tokensieve.methods.fastv import FastV
+from tokensieve.reference.decoding import greedy, prefill
 
 
 @dataclass
@@ -27,11 +29,6 @@ class FastVResult:
     kept_positions: torch.Tensor  # [T'] ascending
     prefill_logits: torch.Tensor  # [V] at the last prompt position
     ids: list[int]  # greedy new tokens
-
-
-def _causal(length: int) -> torch.Tensor:
-    steps = torch.arange(length)
-    return torch.where(steps[None, :] > steps[:, None], torch.finfo(torch.float32).min, 0.0)[None, None]
 
 
 def fastv_select(attention: torch.Tensor, image: torch.Tensor, length: int, method: FastV) -> torch.Tensor:
@@ -60,29 +57,6 @@ def fastv_generate(model, inputs: dict, method: FastV, new_tokens: int) -> FastV
     image = torch.nonzero(ids == model.config.image_token_id)[:, 0]
     keep = fastv_select(full.attentions[method.k - 1], image, length, method)
 
-    lm = model.model.language_model
-    hidden, positions = full.hidden_states[0], torch.arange(length)[None]
     cache = DynamicCache()
-    for index, layer in enumerate(lm.layers):
-        if index == method.k:
-            hidden, positions = hidden[:, keep], positions[:, keep]
-        hidden = layer(
-            hidden,
-            attention_mask=_causal(hidden.shape[1]),
-            position_ids=positions,
-            cache=cache,
-            position_embeddings=lm.rotary_emb(hidden, positions),
-        )
-    logits = model.lm_head(lm.norm(hidden[:, -1]))[0]
-    prefill_logits, new = logits, []
-    for position in range(length, length + new_tokens):
-        token = int(torch.argmax(logits))
-        new.append(token)
-        if len(new) == new_tokens:
-            break
-        hidden, positions = lm.embed_tokens(torch.tensor([[token]])), torch.tensor([[position]])
-        embeddings = lm.rotary_emb(hidden, positions)
-        for layer in lm.layers:
-            hidden = layer(hidden, position_ids=positions, cache=cache, position_embeddings=embeddings)
-        logits = model.lm_head(lm.norm(hidden[:, -1]))[0]
-    return FastVResult(keep, prefill_logits, new)
+    logits = prefill(model, full.hidden_states[0], cache, keep_from=(method.k, keep))
+    return FastVResult(keep, logits, greedy(model, logits, cache, length, new_tokens))

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from tokensieve.errors import CapacityError, PromptError, RuntimeBackendError
+from tokensieve.methods import methods_from_dicts
+from tokensieve.methods.streamingllm import StreamingLLM
 from tokensieve.runtimes.llava_image import pack_features, preprocess
 from tokensieve.runtimes.ort import OrtRunner
 
@@ -99,6 +101,9 @@ class LlavaRunner:
         )
         self.layers = manifest["decoder"]["layers"]
         self.capacity: int | None = manifest["decoder"]["capacity"] if cache == "fixed" else None
+        evictions = [m for m in methods_from_dicts(manifest.get("methods")) if isinstance(m, StreamingLLM)]
+        self.eviction = evictions[0] if evictions else None
+        self.budget: int = manifest["decoder"]["capacity"]  # positions an evicting cache keeps
         newline = self.directory / "image_newline.npy"
         self.newline = np.load(newline) if newline.is_file() else None
         from tokenizers import Tokenizer
@@ -139,7 +144,7 @@ class LlavaRunner:
         return out["logits"][0], present, out.get("kept_positions")
 
     def check_capacity(self, prompt_length: int, max_new_tokens: int) -> None:
-        if self.capacity is None:
+        if self.capacity is None or self.eviction is not None:  # growing, or a ring that evicts: no limit
             return
         needed = prompt_length + max_new_tokens - 1  # the last new token is never written to the cache
         if needed > self.capacity:
@@ -174,9 +179,9 @@ class LlavaRunner:
         stops = set() if ignore_eos else set(stop_ids if stop_ids is not None else [self.host["eos_id"]])
         dropped = 0 if kept is None else len(ids) - len(kept)
         decoder = (
-            FixedCacheDecoder(self.decode, present, self.capacity, dropped)
+            FixedCacheDecoder(self.decode, present, self.capacity, dropped, self.eviction)
             if self.capacity is not None
-            else GrowingCacheDecoder(self.decode, present)
+            else GrowingCacheDecoder(self.decode, present, self.eviction, self.budget)
         )
         new: list[int] = []
         next_logits, stop = logits, "max_new_tokens"
@@ -224,17 +229,27 @@ class FixedCacheDecoder:
     output in the same buffer and writes one slot instead of copying the whole cache, the way a TensorRT engine
     updates a KV cache that is network I/O. Prefill's keys/values go to slots ``0..T-1`` first (each layer its own
     ``T``). After FastV the later layers hold ``dropped`` fewer positions: they write slot ``position - dropped``
-    (input ``pruned_cache_position``)."""
+    (input ``pruned_cache_position``). With StreamingLLM (``eviction``) the cache is a ring: position ``p`` goes to
+    ``eviction.slot(p)``, a prompt longer than the capacity keeps only its retained positions, and once the ring is
+    full every slot is attended to (input ``visible_slots``)."""
 
-    def __init__(self, runner: OrtRunner, present: list[np.ndarray], capacity: int, dropped: int = 0):
+    def __init__(
+        self,
+        runner: OrtRunner,
+        present: list[np.ndarray],
+        capacity: int,
+        dropped: int = 0,
+        eviction: StreamingLLM | None = None,
+    ):
         import onnxruntime as ort
 
-        self.runner = runner
+        self.runner, self.capacity, self.eviction = runner, capacity, eviction
         self.dropped = dropped if "pruned_cache_position" in runner.input_names else None
         self.caches = []
         for tensor in present:
             cache = np.zeros((*tensor.shape[:2], capacity, tensor.shape[3]), tensor.dtype)
-            cache[:, :, : tensor.shape[2]] = tensor
+            kept = list(range(tensor.shape[2])) if eviction is None else eviction.retained(tensor.shape[2], capacity)
+            cache[:, :, [self.slot(p) for p in kept]] = tensor[:, :, kept]
             self.caches.append(ort.OrtValue.ortvalue_from_numpy(cache))
         self.binding = runner.session.io_binding()
         self.binding.bind_output("logits")
@@ -242,11 +257,17 @@ class FixedCacheDecoder:
             self.binding.bind_ortvalue_input(f"cache_{name}", value)
             self.binding.bind_ortvalue_output(f"updated_{name}", value)
 
+    def slot(self, position: int) -> int:
+        return position if self.eviction is None else self.eviction.slot(position, self.capacity)
+
     def step(self, token: int, position: int) -> np.ndarray:
-        """Logits ``[V]`` after feeding ``token`` at ``position`` (written to cache slot ``position``)."""
+        """Logits ``[V]`` after feeding ``token`` at ``position`` (written to cache slot :meth:`slot`)."""
         self.binding.bind_cpu_input("input_ids", np.array([[token]], np.int64))
         self.binding.bind_cpu_input("position_ids", np.array([[position]], np.int64))
-        self.binding.bind_cpu_input("cache_position", np.array([position], np.int64))
+        self.binding.bind_cpu_input("cache_position", np.array([self.slot(position)], np.int64))
+        if self.eviction is not None:
+            visible = min(position + 1, self.capacity)
+            self.binding.bind_cpu_input("visible_slots", np.array([visible], np.int64))
         if self.dropped is not None:
             self.binding.bind_cpu_input("pruned_cache_position", np.array([position - self.dropped], np.int64))
         self.runner.run_binding(self.binding)
@@ -258,20 +279,30 @@ class FixedCacheDecoder:
 
 
 class GrowingCacheDecoder:
-    """Steps the growing-cache decode graph: past keys/values in, one-longer present keys/values out."""
+    """Steps the growing-cache decode graph: past keys/values in, one-longer present keys/values out. With
+    StreamingLLM (``eviction``), the past is cut on the host to ``budget`` positions after prefill and to
+    ``budget - 1`` before each step (attention sinks first, then the most recent)."""
 
-    def __init__(self, runner: OrtRunner, present: list[np.ndarray]):
-        self.runner = runner
-        self.past = list(present)
+    def __init__(
+        self, runner: OrtRunner, present: list[np.ndarray], eviction: StreamingLLM | None = None, budget: int = 0
+    ):
+        self.runner, self.eviction, self.budget = runner, eviction, budget
+        self.past = [self._keep(t, budget) for t in present]
         names = _kv_names(len(present) // 2)
         self.inputs, self.outputs = [f"past_{n}" for n in names], [f"present_{n}" for n in names]
 
     def step(self, token: int, position: int) -> np.ndarray:
+        past = [self._keep(t, self.budget - 1) for t in self.past]
         feeds = {
             "input_ids": np.array([[token]], np.int64),
             "position_ids": np.array([[position]], np.int64),
-            **dict(zip(self.inputs, self.past, strict=True)),
+            **dict(zip(self.inputs, past, strict=True)),
         }
         out = self.runner.run(feeds)
         self.past = [out[n] for n in self.outputs]
         return out["logits"][0]
+
+    def _keep(self, tensor: np.ndarray, budget: int) -> np.ndarray:
+        if self.eviction is None or tensor.shape[2] <= budget:
+            return tensor
+        return tensor[:, :, self.eviction.retained(tensor.shape[2], budget)]

@@ -1,0 +1,59 @@
+"""Eager prefill and greedy decoding on a Hugging Face LLaVA(-NeXT) language model, layer by layer, with a
+``transformers.DynamicCache`` (each layer its own length): the loop the MLLM references share.
+
+The decoder layers are the model's own; what a method changes is which positions prefill keeps per layer
+(``keep_from``) and what the cache holds before each step (``evict``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def causal_mask(length: int) -> torch.Tensor:
+    steps = torch.arange(length)
+    return torch.where(steps[None, :] > steps[:, None], torch.finfo(torch.float32).min, 0.0)[None, None]
+
+
+@torch.no_grad()
+def prefill(model, embeds: torch.Tensor, cache, keep_from: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Last-position logits ``[V]`` of ``embeds [1, T, D]``; ``keep_from = (k, positions)`` gathers the stream and
+    the position ids before layer ``k`` (FastV). Keys/values go to ``cache``."""
+    lm = model.model.language_model
+    hidden, positions = embeds, torch.arange(embeds.shape[1])[None]
+    for index, layer in enumerate(lm.layers):
+        if keep_from is not None and index == keep_from[0]:
+            hidden, positions = hidden[:, keep_from[1]], positions[:, keep_from[1]]
+        hidden = layer(
+            hidden,
+            attention_mask=causal_mask(hidden.shape[1]),
+            position_ids=positions,
+            cache=cache,
+            position_embeddings=lm.rotary_emb(hidden, positions),
+        )
+    return model.lm_head(lm.norm(hidden[:, -1]))[0]
+
+
+@torch.no_grad()
+def greedy(
+    model, logits: torch.Tensor, cache, start: int, new_tokens: int, evict: Callable[[], None] | None = None
+) -> list[int]:
+    """``new_tokens`` greedy tokens after prefill ``logits``; token ``i`` is fed at absolute position ``start + i``
+    and attends to everything in ``cache`` (after ``evict()``, when given)."""
+    lm = model.model.language_model
+    new: list[int] = []
+    for position in range(start, start + new_tokens):
+        token = int(torch.argmax(logits))
+        new.append(token)
+        if len(new) == new_tokens:
+            break
+        if evict is not None:
+            evict()
+        hidden, positions = lm.embed_tokens(torch.tensor([[token]])), torch.tensor([[position]])
+        embeddings = lm.rotary_emb(hidden, positions)
+        for layer in lm.layers:
+            hidden = layer(hidden, position_ids=positions, cache=cache, position_embeddings=embeddings)
+        logits = model.lm_head(lm.norm(hidden[:, -1]))[0]
+    return new
