@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="none",
         default="none",
-        help='e.g. "topk(keep=0.7, layers=[3,6,9])", "tome(r=8)", "atp()"; MLLMs: "fastv(k=2, keep=0.5)"; '
-        'omitted or "none" exports the unreduced model',
+        help='e.g. "topk(keep=0.7, layers=[3,6,9])", "tome(r=8)", "atp()"; MLLMs: "fastv(k=2, keep=0.5)" or '
+        '"streamingllm(sink=4)"; omitted or "none" exports the unreduced model',
     )
     p.add_argument("--out", required=True, help="artifact directory to create (replaced atomically if it exists)")
     p.add_argument("--weights", help="local checkpoint file for a timm model (random weights otherwise)")
