@@ -96,7 +96,8 @@ def test_decode_writes_the_later_layers_at_the_pruned_slot(artifacts):
     image = np.random.default_rng(2).integers(0, 256, (112, 112, 3), dtype=np.uint8)
     features, image_id = runner.image_features(image), runner.host["image_token_id"]
     ids = expand_placeholders(runner.prompt_ids("Where is it?"), image_id, len(features))
-    logits, present, kept = runner.prefill(runner.inputs_embeds(ids, features), image_span(ids, image_id))
+    logits, present, extras = runner.prefill(runner.inputs_embeds(ids, features), image_span(ids, image_id))
+    kept = extras["kept_positions"]
     assert [t.shape[2] for t in present] == [len(ids)] * 4 + [len(kept)] * 4
     decoder = FixedCacheDecoder(runner.decode, present, 256, dropped=len(ids) - len(kept))
     for step in range(3):

@@ -3,7 +3,9 @@
 With a decoder method (``fastv``), its graph passes rewrite the exported graphs before they are written: FastV into
 the prefill graph (new input ``image_positions``, new output ``kept_positions``), and the decode graphs' later
 layers onto their own cache length (fixed cache: new input ``pruned_cache_position``). With ``streamingllm`` the
-fixed-cache decode graph gets a ``visible_slots`` input, so the runtime can use the cache as a ring.
+fixed-cache decode graph gets a ``visible_slots`` input, so the runtime can use the cache as a ring. With ``snapkv``
+the prefill graph's ``present_*`` outputs are the compressed prompt cache (new output ``snapkv_positions``); the
+decode graphs are unchanged (the runtime writes new tokens after the compressed prompt).
 
 Layout::
 
@@ -45,8 +47,10 @@ from tokensieve.graph_passes.cache_visibility import CacheVisibilityPass
 from tokensieve.graph_passes.fastv import FastVPass
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate_decoder import locate_decoder
+from tokensieve.graph_passes.snapkv import SnapKVPass
 from tokensieve.graph_passes.split_cache_slot import SplitCacheSlotPass
 from tokensieve.methods.fastv import FastV
+from tokensieve.methods.snapkv import SnapKV
 from tokensieve.methods.streamingllm import StreamingLLM
 
 # graphs with symbolic axes: deployable with TensorRT optimization profiles (see `tokensieve lint`)
@@ -70,7 +74,7 @@ def export_mllm(
     spec: SourceSpec,
     out: str | os.PathLike,
     *,
-    method: FastV | StreamingLLM | None = None,
+    method: FastV | StreamingLLM | SnapKV | None = None,
     capacity: int | None = None,
     opset: int = 18,
     growing: bool = True,
@@ -87,7 +91,7 @@ def export_mllm(
     # validate before the (slow) export
     if isinstance(method, FastV):
         method.validate(built.model.config.text_config.num_hidden_layers)
-    elif isinstance(method, StreamingLLM):
+    elif isinstance(method, (StreamingLLM, SnapKV)):
         method.validate(capacity)
     graphs, seconds = export_llava(built, capacity, opset=opset, growing=growing)
     if isinstance(method, FastV):
@@ -97,13 +101,15 @@ def export_mllm(
                 run_passes(graphs[key], [SplitCacheSlotPass(method.k)])
     elif isinstance(method, StreamingLLM):  # the growing cache is cut on the host; the fixed one becomes a ring
         run_passes(graphs["decode"], [CacheVisibilityPass()])
+    elif isinstance(method, SnapKV):
+        run_passes(graphs["prefill"], [SnapKVPass(method)])
     text = built.model.config.text_config
     layers, kv_heads, head_dim = cache_geometry(built.model)
     sites = {
         key: locate_decoder(graphs[key]).summary() for key in ("prefill", "decode", "decode_growing") if key in graphs
     }
     dynamic = {k: v for k, v in DYNAMIC.items() if k in graphs and (k != "vision" or built.kind == "llava_next")}
-    if method is not None:
+    if isinstance(method, FastV):
         dynamic["prefill"] = "sequence and image_tokens (FastV: the kept length is an expression of both)"
     lints = {key: lint(model, lint_target, profiles=key in dynamic).to_dict() for key, model in graphs.items()}
     files = {key: f"{key}.onnx" for key in graphs}

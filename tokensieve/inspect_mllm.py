@@ -38,7 +38,7 @@ def inspect_mllm(artifact) -> dict[str, Any]:
 
 
 def _reduction(manifest: dict[str, Any]) -> str | None:
-    """What a decoder method does to the sequence, in words (FastV)."""
+    """What a decoder method does to the sequence or the cache, in words."""
     from tokensieve.methods import methods_from_dicts
 
     methods = {x.name: x for x in methods_from_dicts(manifest.get("methods"))}
@@ -48,6 +48,13 @@ def _reduction(manifest: dict[str, Any]) -> str | None:
         return (
             f"the cache keeps the first {sink} positions (attention sinks) and the latest {capacity - sink}; "
             "the fixed decode graph is a ring (slot and visible slots from the host)"
+        )
+    if "snapkv" in methods:
+        snap = methods["snapkv"]
+        return (
+            f"after prefill every layer and KV head caches at most {snap.budget} prompt positions: the last "
+            f"{snap.window} and the prefix positions they attend to most ({snap.pool}-pooled over {snap.kernel}); new "
+            "tokens are cached after them at their absolute positions"
         )
     fastv = methods.get("fastv")
     if fastv is None:

@@ -13,7 +13,8 @@ prefill logits agree within ``tolerance`` relative to their scale, and the ``new
 Artifacts with FastV are held to the eager FastV reference (:mod:`tokensieve.reference.fastv`, itself equal to
 Hugging Face ``generate`` at ``keep=1``) instead, and also on the kept positions: identical sets. Artifacts with
 StreamingLLM are held to the eager StreamingLLM reference (:mod:`tokensieve.reference.streamingllm`) with the
-artifact's cache capacity as the budget.
+artifact's cache capacity as the budget. Artifacts with SnapKV are held to the eager SnapKV reference
+(:mod:`tokensieve.reference.snapkv`), also on the positions every layer and KV head keeps: identical sets.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class LlavaParityCase:
     first_mismatch: int | None
     reference_ids: list[int] = field(repr=False)
     ids: list[int] = field(repr=False)
-    kept_tokens: int | None = None  # FastV: prompt positions the later layers keep
-    kept_match: bool | None = None  # FastV: the graph's kept positions equal the eager reference's
+    kept_tokens: int | None = None  # FastV: prompt positions the later layers keep; SnapKV: per layer and KV head
+    kept_match: bool | None = None  # FastV / SnapKV: the graph's kept positions equal the eager reference's
 
     def ok(self, tolerance: float) -> bool:
         kept = self.kept_match is not False
@@ -101,6 +102,11 @@ class LlavaParityReport:
             )
         lines.append(f"parity {'OK' if self.ok else 'FAILED'} (logits tolerance {self.tolerance:g})")
         return "\n".join(lines)
+
+
+def _same(kept: np.ndarray | None, reference: np.ndarray | None) -> bool | None:
+    """Whether the graph kept the reference's positions (None when the method keeps no positions)."""
+    return None if reference is None else kept is not None and np.array_equal(kept, reference)
 
 
 def _hf_processor(host: dict[str, Any], tokenizer):
@@ -162,6 +168,7 @@ def check_llava_parity(
     from tokensieve.converters.sources import SourceSpec, weights_digest
     from tokensieve.methods import methods_from_dicts
     from tokensieve.reference.fastv import fastv_generate
+    from tokensieve.reference.snapkv import snapkv_generate
     from tokensieve.reference.streamingllm import streaming_generate
 
     manifest = artifact.manifest
@@ -181,7 +188,7 @@ def check_llava_parity(
     results = []
     template = manifest["host"]["template"]
     methods = {m.name: m for m in methods_from_dicts(manifest.get("methods"))}
-    fastv, streaming = methods.get("fastv"), methods.get("streamingllm")
+    fastv, streaming, snapkv = methods.get("fastv"), methods.get("streamingllm"), methods.get("snapkv")
     for prompt, image in cases or default_cases(manifest["host"], count, seed):
         inputs = processor(images=image, text=template.format(prompt=prompt), return_tensors="pt")
         reference_prompt = inputs["input_ids"][0].numpy()
@@ -190,6 +197,10 @@ def check_llava_parity(
             result = fastv_generate(model, inputs, fastv, new_tokens)
             reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
             reference_kept = result.kept_positions.numpy()
+        elif snapkv is not None:
+            result = snapkv_generate(model, inputs, snapkv, new_tokens)
+            reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
+            reference_kept = result.cache_positions.numpy()
         elif streaming is not None:
             result = streaming_generate(model, inputs, streaming, manifest["decoder"]["capacity"], new_tokens)
             reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
@@ -200,6 +211,7 @@ def check_llava_parity(
             reference_ids = generated[0, len(reference_prompt) :].tolist()
         for cache, runner in runners.items():
             out = runner.generate(image, prompt, new_tokens, ignore_eos=True)
+            kept = out.cache_positions if snapkv is not None else out.kept_positions
             same_prompt = out.prompt_ids.shape == reference_prompt.shape and bool(
                 (out.prompt_ids == reference_prompt).all()
             )
@@ -221,10 +233,8 @@ def check_llava_parity(
                     first_mismatch=mismatch,
                     reference_ids=reference_ids,
                     ids=out.ids,
-                    kept_tokens=None if out.kept_positions is None else len(out.kept_positions),
-                    kept_match=None
-                    if reference_kept is None
-                    else out.kept_positions is not None and np.array_equal(out.kept_positions, reference_kept),
+                    kept_tokens=None if kept is None else kept.shape[-1],
+                    kept_match=_same(kept, reference_kept),
                 )
             )
     return LlavaParityReport(results, tolerance)

@@ -142,7 +142,9 @@ def _shape_derived(value: ir.Value) -> bool:
 
 
 def _symbols(text: str) -> set[str]:
-    return {t for t in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)}
+    """The symbols of a dimension expression; ``min(...)``/``max(...)`` are functions (TensorRT's shape arithmetic
+    has both), not symbols."""
+    return set(re.findall(r"\b[A-Za-z_]\w*\b(?!\s*\()", text))
 
 
 def _dims_problem(value: ir.Value, batch_symbols: set[str], io: bool) -> str | None:

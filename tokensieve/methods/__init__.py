@@ -3,7 +3,7 @@
 Each method has two faces that read the same dataclass: an eager PyTorch reference (``tokensieve.reference``) and
 a graph face (``tokensieve.graph_passes``). Several methods combine with ``+`` as long as they own disjoint blocks,
 e.g. ``"topk(keep=0.7, layers=[3]) + tome(r=8, layers=[4,5,6,7,8,9,10,11])"``. Methods with ``target = "mllm"``
-(``fastv``, ``streamingllm``) apply to MLLM decoders instead of ViT blocks. This package is pure Python.
+(``fastv``, ``streamingllm``, ``snapkv``) apply to MLLM decoders instead of ViT blocks. This package is pure Python.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from tokensieve.methods.base import Method, Schedule, SiteCount, check_target, s
 from tokensieve.methods.diffrate import DiffRate
 from tokensieve.methods.fastv import FastV
 from tokensieve.methods.pitome import PiToMe
+from tokensieve.methods.snapkv import SnapKV
 from tokensieve.methods.spec import parse_method_calls
 from tokensieve.methods.streamingllm import StreamingLLM
 from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopKPrune
 
 VIT_METHODS = (TopKPrune, ToMe, PiToMe, DiffRate, ATPPrune)
-MLLM_METHODS = (FastV, StreamingLLM)
+MLLM_METHODS = (FastV, StreamingLLM, SnapKV)
 REGISTRY: dict[str, type] = {cls.name: cls for cls in (*VIT_METHODS, *MLLM_METHODS)}
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "PiToMe",
     "Schedule",
     "SiteCount",
+    "SnapKV",
     "StreamingLLM",
     "ToMe",
     "TopKPrune",

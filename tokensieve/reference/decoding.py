@@ -18,6 +18,19 @@ def causal_mask(length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def attention_forward(model, inputs: dict):
+    """One unreduced forward of processor ``inputs`` with every layer's attention probabilities (``attentions``,
+    ``[1, H, T, T]`` each) and the merged input embeddings (``hidden_states[0]``); attention probabilities are
+    returned only by eager attention, so the model is switched to it for this call."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        return model(**inputs, output_attentions=True, output_hidden_states=True)
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
 def prefill(model, embeds: torch.Tensor, cache, keep_from: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Last-position logits ``[V]`` of ``embeds [1, T, D]``; ``keep_from = (k, positions)`` gathers the stream and
     the position ids before layer ``k`` (FastV). Keys/values go to ``cache``."""

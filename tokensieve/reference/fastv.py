@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tokensieve.methods.fastv import FastV
-from tokensieve.reference.decoding import greedy, prefill
+from tokensieve.reference.decoding import attention_forward, greedy, prefill
 
 
 @dataclass
@@ -46,12 +46,7 @@ def fastv_generate(model, inputs: dict, method: FastV, new_tokens: int) -> FastV
     """FastV greedy generation for processor ``inputs`` (batch 1) on a LLaVA(-NeXT) ``model``."""
     from transformers import DynamicCache
 
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # attention probabilities are returned only by eager attention
-    try:
-        full = model(**inputs, output_attentions=True, output_hidden_states=True)
-    finally:
-        model.set_attn_implementation(previous)
+    full = attention_forward(model, inputs)
     ids = inputs["input_ids"][0]
     length = len(ids)
     image = torch.nonzero(ids == model.config.image_token_id)[:, 0]

@@ -9,7 +9,8 @@ Two cache forms: ``fixed`` (the default; static-shape ``decode`` graph with cach
 place at ``cache_position``, prefill's keys/values copied into slots ``0..T-1``: :class:`FixedCacheDecoder`) and
 ``growing`` (``decode_growing``:
 past keys/values grow by one position per step). A prompt plus generation longer than the capacity raises
-:class:`CapacityError` before anything runs.
+:class:`CapacityError` before anything runs. With SnapKV the prefill graph returns the compressed prompt cache
+(``budget`` positions per layer and KV head) and new tokens are cached after it, at their absolute positions.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from tokensieve.errors import CapacityError, PromptError, RuntimeBackendError
 from tokensieve.methods import methods_from_dicts
+from tokensieve.methods.snapkv import SnapKV
 from tokensieve.methods.streamingllm import StreamingLLM
 from tokensieve.runtimes.llava_image import pack_features, preprocess
 from tokensieve.runtimes.ort import OrtRunner
@@ -42,6 +44,7 @@ class Generation:
     prefill_logits: np.ndarray  # [V] at the last prompt position
     stop: str  # "eos" | "max_new_tokens"
     kept_positions: np.ndarray | None = None  # FastV: prompt positions the layers from k on keep
+    cache_positions: np.ndarray | None = None  # SnapKV: [layers, kv_heads, K] prompt positions each cache keeps
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -101,8 +104,9 @@ class LlavaRunner:
         )
         self.layers = manifest["decoder"]["layers"]
         self.capacity: int | None = manifest["decoder"]["capacity"] if cache == "fixed" else None
-        evictions = [m for m in methods_from_dicts(manifest.get("methods")) if isinstance(m, StreamingLLM)]
-        self.eviction = evictions[0] if evictions else None
+        methods = methods_from_dicts(manifest.get("methods"))
+        self.eviction = next((m for m in methods if isinstance(m, StreamingLLM)), None)
+        self.compression = next((m for m in methods if isinstance(m, SnapKV)), None)
         self.budget: int = manifest["decoder"]["capacity"]  # positions an evicting cache keeps
         newline = self.directory / "image_newline.npy"
         self.newline = np.load(newline) if newline.is_file() else None
@@ -136,22 +140,26 @@ class LlavaRunner:
 
     def prefill(
         self, embeds: np.ndarray, span: tuple[int, int] | None = None
-    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
-        """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt, and (FastV
-        artifacts) the kept positions; ``span`` = the image tokens' ``[start, end)``."""
+    ) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
+        """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt (SnapKV:
+        compressed), and the method's outputs: ``kept_positions`` (FastV) or ``snapkv_positions``; ``span`` = the
+        image tokens' ``[start, end)``."""
         out = self.prefill_graph.run(prefill_feeds(self.prefill_graph, embeds, span))
         present = [out[f"present_{k}_{i}"] for i in range(self.layers) for k in ("key", "value")]
-        return out["logits"][0], present, out.get("kept_positions")
+        extras = {name: out[name] for name in ("kept_positions", "snapkv_positions") if name in out}
+        return out["logits"][0], present, extras
 
     def check_capacity(self, prompt_length: int, max_new_tokens: int) -> None:
         if self.capacity is None or self.eviction is not None:  # growing, or a ring that evicts: no limit
             return
-        needed = prompt_length + max_new_tokens - 1  # the last new token is never written to the cache
+        cached = prompt_length if self.compression is None else self.compression.kept_count(prompt_length)
+        needed = cached + max_new_tokens - 1  # the last new token is never written to the cache
         if needed > self.capacity:
+            kept = "" if cached == prompt_length else f" ({cached} cached after SnapKV)"
             raise CapacityError(
-                f"the prompt is {prompt_length} tokens (image features included) and {max_new_tokens} new tokens "
-                f"need {needed} cache slots, but the decode graph holds {self.capacity}; shorten the prompt, lower "
-                "max_new_tokens, or re-export with a larger --capacity"
+                f"the prompt is {prompt_length} tokens{kept} (image features included) and {max_new_tokens} new "
+                f"tokens need {needed} cache slots, but the decode graph holds {self.capacity}; shorten the prompt, "
+                "lower max_new_tokens, or re-export with a larger --capacity"
             )
 
     # -- generation --------------------------------------------------------------------------------------------
@@ -174,12 +182,15 @@ class LlavaRunner:
         ids = expand_placeholders(ids, self.host["image_token_id"], None if features is None else len(features))
         self.check_capacity(len(ids), max_new_tokens)
         span = image_span(ids, self.host["image_token_id"])
-        logits, present, kept = self.prefill(self.inputs_embeds(ids, features), span)
+        logits, present, extras = self.prefill(self.inputs_embeds(ids, features), span)
         t_prefill = time.perf_counter()
         stops = set() if ignore_eos else set(stop_ids if stop_ids is not None else [self.host["eos_id"]])
+        kept = extras.get("kept_positions")
         dropped = 0 if kept is None else len(ids) - len(kept)
         decoder = (
-            FixedCacheDecoder(self.decode, present, self.capacity, dropped, self.eviction)
+            FixedCacheDecoder(
+                self.decode, present, self.capacity, dropped, self.eviction, offset=len(ids) - present[0].shape[2]
+            )
             if self.capacity is not None
             else GrowingCacheDecoder(self.decode, present, self.eviction, self.budget)
         )
@@ -203,6 +214,7 @@ class LlavaRunner:
             prefill_logits=logits,
             stop=stop,
             kept_positions=kept,
+            cache_positions=extras.get("snapkv_positions"),
             timings_ms={
                 "vision": 1e3 * (t_vision - start),
                 "prefill": 1e3 * (t_prefill - t_vision),
@@ -231,7 +243,8 @@ class FixedCacheDecoder:
     ``T``). After FastV the later layers hold ``dropped`` fewer positions: they write slot ``position - dropped``
     (input ``pruned_cache_position``). With StreamingLLM (``eviction``) the cache is a ring: position ``p`` goes to
     ``eviction.slot(p)``, a prompt longer than the capacity keeps only its retained positions, and once the ring is
-    full every slot is attended to (input ``visible_slots``)."""
+    full every slot is attended to (input ``visible_slots``). After SnapKV every layer holds ``offset`` fewer
+    positions than the prompt had: position ``p`` goes to slot ``p - offset``."""
 
     def __init__(
         self,
@@ -240,16 +253,20 @@ class FixedCacheDecoder:
         capacity: int,
         dropped: int = 0,
         eviction: StreamingLLM | None = None,
+        offset: int = 0,
     ):
         import onnxruntime as ort
 
-        self.runner, self.capacity, self.eviction = runner, capacity, eviction
+        self.runner, self.capacity, self.eviction, self.offset = runner, capacity, eviction, offset
         self.dropped = dropped if "pruned_cache_position" in runner.input_names else None
         self.caches = []
         for tensor in present:
             cache = np.zeros((*tensor.shape[:2], capacity, tensor.shape[3]), tensor.dtype)
-            kept = list(range(tensor.shape[2])) if eviction is None else eviction.retained(tensor.shape[2], capacity)
-            cache[:, :, [self.slot(p) for p in kept]] = tensor[:, :, kept]
+            if eviction is None:
+                cache[:, :, : tensor.shape[2]] = tensor
+            else:
+                kept = eviction.retained(tensor.shape[2], capacity)
+                cache[:, :, [self.slot(p) for p in kept]] = tensor[:, :, kept]
             self.caches.append(ort.OrtValue.ortvalue_from_numpy(cache))
         self.binding = runner.session.io_binding()
         self.binding.bind_output("logits")
@@ -258,7 +275,7 @@ class FixedCacheDecoder:
             self.binding.bind_ortvalue_output(f"updated_{name}", value)
 
     def slot(self, position: int) -> int:
-        return position if self.eviction is None else self.eviction.slot(position, self.capacity)
+        return position - self.offset if self.eviction is None else self.eviction.slot(position, self.capacity)
 
     def step(self, token: int, position: int) -> np.ndarray:
         """Logits ``[V]`` after feeding ``token`` at ``position`` (written to cache slot :meth:`slot`)."""

@@ -1,0 +1,155 @@
+"""Graph pass: SnapKV prompt-cache compression at the end of an MLLM **prefill** graph.
+
+Matches: the decoder layers of a prefill graph (:func:`tokensieve.graph_passes.locate_decoder.locate_decoder`, cache
+form ``none``): per layer the operands of the logits ``MatMul`` (Q and Kᵀ after RoPE and scaling, GQA-expanded) and
+the ``present_key_<i>`` / ``present_value_<i>`` outputs ``[1, H_kv, T, d]``.
+
+Inserts, per layer (the layer's own computation is untouched, so the prompt's logits do not change):
+
+* the window score: ``Slice`` of the last ``window`` query rows, ``MatMul`` with Kᵀ, a causal mask inside the
+  window (``Where`` on ``Range`` comparisons), ``Softmax``, ``ReduceSum`` over the rows, the window's own columns
+  zeroed, mean over each KV group's query heads, then ``AveragePool`` (``count_include_pad=1``) or ``MaxPool`` of
+  width ``kernel`` over positions (on ``[1, H_kv, 1, T]``, a 2-D pool of height 1, which TensorRT supports);
+* the selection: the window positions get priority ``window + 1`` (above any summed probability), ``TopK`` with
+  ``K = min(T, budget)`` (shape-derived; lower index first on ties), then ascending order (``TopK(largest=0)`` on
+  the positions);
+* ``GatherElements`` of the layer's keys and values along the sequence axis; they replace the ``present_*``
+  outputs (the full tensors stay internal, renamed ``*_full``);
+* one graph output ``snapkv_positions [layers, H_kv, K]`` (int64): the positions every layer and KV head keeps.
+
+Preconditions (``requires``): a prefill graph; every layer's ``present_*`` outputs found; the logits of each layer
+are ``Q·Kᵀ`` (scaled operands) plus the causal mask. Postconditions (``ensures``): every ``present_*`` output has
+the sequence dimension ``min(<sequence>,budget)``; every new value has a shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from tokensieve.errors import GraphRewriteError
+from tokensieve.graph_passes.builder import NodeBuilder, record_site
+from tokensieve.graph_passes.locate_decoder import DecoderLayer, DecoderLayout, locate_decoder, logits_matmul
+from tokensieve.methods.snapkv import SnapKV
+
+POSITIONS = "snapkv_positions"
+
+
+def kept_dim(method: SnapKV, sequence: str) -> str:
+    """The symbolic cache length after compression."""
+    return f"min({sequence},{method.budget})"
+
+
+def _typed(value: ir.Value, dims: list, dtype: ir.DataType) -> ir.Value:
+    value.shape, value.dtype = ir.Shape(dims), dtype
+    return value
+
+
+class SnapKVPass(ir.passes.InPlacePass):
+    """Compress every layer's prompt keys/values to ``method.budget`` positions (see module docstring)."""
+
+    def __init__(self, method: SnapKV):
+        super().__init__()
+        self.method = method
+        self.layout: DecoderLayout | None = None
+        self.graph: ir.Graph | None = None
+        self.kept = ""
+
+    def requires(self, model: ir.Model) -> None:
+        self.layout = locate_decoder(model)
+        if self.layout.cache != "none":
+            raise GraphRewriteError(f"snapkv: expected a prefill graph, got a decode graph ({self.layout.cache} cache)")
+        for layer in self.layout.layers:
+            if len(layer.cache_outputs) != 2:
+                raise GraphRewriteError(f"snapkv: layer {layer.index} does not output its keys and values")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, layout = model.graph, self.layout
+        self.graph = graph
+        first = layout.layers[0].cache_outputs[0]
+        seq = first.shape[2]
+        self.kept = kept_dim(self.method, str(seq))
+        b = NodeBuilder(model, "tokensieve/snapkv", {"tokensieve.method": "snapkv"})
+        shared = self._window_geometry(b, first, seq)
+        positions = [self._layer(b, layer, shared, seq) for layer in layout.layers]
+        stacked = b.op("Concat", positions, POSITIONS, axis=0)
+        stacked.name = POSITIONS
+        _typed(stacked, [len(positions), layout.kv_heads, self.kept], ir.DataType.INT64)
+        graph.extend(b.nodes)
+        graph.outputs.append(stacked)
+        record_site(model, {"method": "snapkv", "layers": "all", "exposed": {"positions": POSITIONS}})
+        return ir.passes.PassResult(model, modified=True)
+
+    def _window_geometry(self, b: NodeBuilder, present: ir.Value, seq) -> dict[str, ir.Value]:
+        """Values every layer shares: the causal mask of the window rows, the window-column flags, ``K``."""
+        i64, w = ir.DataType.INT64, self.method.window
+        rows = f"min({seq},{w})"
+        shape = _typed(b.op("Shape", [present]), [4], i64)
+        length = _typed(b.op("Gather", [shape, b.const(2)], "length", axis=0), [], i64)
+        before = _typed(b.op("Sub", [length, b.const(w)]), [], i64)
+        start = _typed(b.op("Max", [before, b.const(0)], "window_start"), [], i64)
+        columns = _typed(b.op("Range", [b.const(0), length, b.const(1)], "columns"), [seq], i64)
+        window_rows = _typed(b.op("Range", [start, length, b.const(1)], "window_rows"), [rows], i64)
+        row_axis = _typed(b.unsqueeze(window_rows, [1]), [rows, 1], i64)
+        causal = b.op("LessOrEqual", [columns, row_axis], "causal")
+        _typed(causal, [rows, seq], ir.DataType.BOOL)
+        in_window = _typed(b.op("GreaterOrEqual", [columns, start], "in_window"), [seq], ir.DataType.BOOL)
+        length_1d = _typed(b.op("Reshape", [length, b.const([1])]), [1], i64)
+        start_1d = _typed(b.op("Reshape", [start, b.const([1])]), [1], i64)
+        count = _typed(b.op("Min", [length_1d, b.const([self.method.budget])], "count"), [1], i64)
+        return {"start": start_1d, "causal": causal, "in_window": in_window, "count": count}
+
+    def _layer(self, b: NodeBuilder, layer: DecoderLayer, shared: dict[str, ir.Value], seq) -> ir.Value:
+        method, layout = self.method, self.layout
+        real, i64 = layer.cache_outputs[0].dtype, ir.DataType.INT64
+        heads, kv, groups = layout.heads, layout.kv_heads, layout.heads // layout.kv_heads
+        rows = f"min({seq},{method.window})"
+        lowest = b.const(np.finfo(real.numpy()).min, "masked", dtype=real.numpy())
+        zero = b.const(0.0, "zero", dtype=real.numpy())
+
+        matmul = logits_matmul(layer.softmax)
+        query = b.op("Slice", [matmul.inputs[0], shared["start"], b.const([2**62]), b.const([2])], "window_query")
+        _typed(query, [1, heads, rows, layout.head_dim], real)
+        logits = _typed(b.op("MatMul", [query, matmul.inputs[1]], "window_logits"), [1, heads, rows, seq], real)
+        masked = _typed(b.op("Where", [shared["causal"], logits, lowest]), [1, heads, rows, seq], real)
+        probs = _typed(b.op("Softmax", [masked], axis=-1), [1, heads, rows, seq], real)
+        summed = _typed(b.reduce("ReduceSum", probs, [2], keepdims=False), [1, heads, seq], real)
+        prefix = _typed(b.op("Where", [shared["in_window"], zero, summed]), [1, heads, seq], real)
+        grouped = _typed(b.op("Reshape", [prefix, b.const([1, kv, groups, -1])]), [1, kv, groups, seq], real)
+        score = _typed(b.reduce("ReduceMean", grouped, [2], keepdims=True), [1, kv, 1, seq], real)
+        pad = method.kernel // 2
+        pool = {"kernel_shape": [1, method.kernel], "pads": [0, pad, 0, pad], "strides": [1, 1]}
+        if method.pool == "avg":
+            pooled = b.op("AveragePool", [score], "pool", count_include_pad=1, **pool)
+        else:
+            pooled = b.op("MaxPool", [score], "pool", **pool)
+        _typed(pooled, [1, kv, 1, seq], real)
+        flat = _typed(b.op("Reshape", [pooled, b.const([1, kv, -1])]), [1, kv, seq], real)
+        top = b.const(float(method.window + 1), "window_priority", dtype=real.numpy())
+        priority = _typed(b.op("Where", [shared["in_window"], top, flat], "priority"), [1, kv, seq], real)
+
+        values, chosen = b.op("TopK", [priority, shared["count"]], "select", 2, axis=-1, largest=1, sorted=1)
+        _typed(values, [1, kv, self.kept], real)
+        _typed(chosen, [1, kv, self.kept], i64)
+        as_float = _typed(b.op("Cast", [chosen], to=ir.DataType.FLOAT), [1, kv, self.kept], ir.DataType.FLOAT)
+        order, order_index = b.op("TopK", [as_float, shared["count"]], "ascending", 2, axis=-1, largest=0, sorted=1)
+        _typed(order, [1, kv, self.kept], ir.DataType.FLOAT)
+        _typed(order_index, [1, kv, self.kept], i64)
+        keep = _typed(b.op("Cast", [order], to=i64), [1, kv, self.kept], i64)
+
+        index = _typed(b.unsqueeze(keep, [3]), [1, kv, self.kept, 1], i64)
+        for full in layer.cache_outputs:
+            lead = _typed(b.op("Shape", [index], end=3), [3], i64)
+            size = _typed(b.op("Concat", [lead, _typed(b.op("Shape", [full], start=3), [1], i64)], axis=0), [4], i64)
+            expanded = _typed(b.op("Expand", [index, size]), [1, kv, self.kept, full.shape[3]], i64)
+            gathered = b.op("GatherElements", [full, expanded], axis=2)
+            _typed(gathered, [1, kv, self.kept, full.shape[3]], full.dtype)
+            slot = next(i for i, out in enumerate(self.graph.outputs) if out is full)
+            full.name, gathered.name = f"{full.name}_full", full.name
+            self.graph.outputs[slot] = gathered
+        return keep
+
+    def ensures(self, model: ir.Model) -> None:
+        for value in model.graph.outputs:
+            if value.name.startswith("present_") and (value.shape is None or str(value.shape[2]) != self.kept):
+                raise GraphRewriteError(f"snapkv: {value.name} does not carry the compressed length after the pass")
