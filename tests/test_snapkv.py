@@ -122,6 +122,7 @@ def test_lint_inspect_generate_and_capacity(artifacts, capsys):
     outputs = {v["name"]: v["shape"] for v in manifest["io"]["prefill"]["outputs"]}
     assert outputs["snapkv_positions"] == [2, 2, "min(sequence,48)"]
     assert outputs["present_key_0"] == [1, 2, "min(sequence,48)", 16]
+    assert manifest["sites"]["prefill"]["sites"][1]["cache_out"] == ["present_key_1", "present_value_1"]
     ops = {n.op_type for n in ir.load(artifact.path / "prefill.onnx").graph}
     assert {"TopK", "AveragePool", "GatherElements"} <= ops and not ops & {"NonZero", "Loop", "ScatterElements"}
     directory = str(artifact.path)

@@ -98,6 +98,12 @@ class NodeBuilder:
         self.graph.insert_after(anchor, self.nodes)
 
 
+def typed(value: ir.Value, dims: list, dtype: ir.DataType) -> ir.Value:
+    """Annotate a new value's shape and type (the decoder passes keep every new value typed for the lint)."""
+    value.shape, value.dtype = ir.Shape(dims), dtype
+    return value
+
+
 def redirect_uses(old: ir.Value, new: ir.Value, uses: Sequence[tuple[ir.Node, int]]) -> None:
     """Point the recorded ``uses`` of ``old`` (taken before the new nodes existed) and graph outputs at ``new``."""
     for node, index in uses:

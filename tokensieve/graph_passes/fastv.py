@@ -33,7 +33,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
 from tokensieve.errors import GraphRewriteError
-from tokensieve.graph_passes.builder import NodeBuilder, record_site, redirect_uses
+from tokensieve.graph_passes.builder import NodeBuilder, record_site, redirect_uses, typed
 from tokensieve.graph_passes.locate_decoder import DecoderLayout, locate_decoder, logits_matmul
 from tokensieve.graph_passes.rederive import downstream, rederive
 from tokensieve.methods.fastv import FastV
@@ -46,11 +46,6 @@ def kept_dim(method: FastV, sequence: str) -> str:
     optimization profile's shapes): ``sequence - image_tokens + ceil(keep * image_tokens)``."""
     num, den = method.keep.numerator, method.keep.denominator
     return f"{sequence}-{IMAGE_AXIS}+({IMAGE_AXIS}*{num}+{den - 1})//{den}"
-
-
-def _typed(value: ir.Value, dims: list, dtype: ir.DataType) -> ir.Value:
-    value.shape, value.dtype = ir.Shape(dims), dtype
-    return value
 
 
 def _input(graph: ir.Graph, name: str) -> ir.Value:
@@ -92,40 +87,40 @@ class FastVPass(ir.passes.InPlacePass):
         # score [T]: the last row of layer k-1's attention, averaged over heads
         matmul = logits_matmul(scorer.softmax)
         query = b.op("Slice", [matmul.inputs[0], b.const([-1]), b.const([2**62]), b.const([2])], "last_query")
-        _typed(query, [1, heads, 1, layout.head_dim], real)
-        logits = _typed(b.op("MatMul", [query, matmul.inputs[1]], "logits"), [1, heads, 1, seq], real)
-        row = _typed(b.op("Softmax", [logits], axis=-1), [1, heads, 1, seq], real)
-        mean = _typed(b.reduce("ReduceMean", row, [1], keepdims=False), [1, 1, seq], real)
-        score = _typed(b.op("Reshape", [mean, b.const([-1])], "score"), [seq], real)
+        typed(query, [1, heads, 1, layout.head_dim], real)
+        logits = typed(b.op("MatMul", [query, matmul.inputs[1]], "logits"), [1, heads, 1, seq], real)
+        row = typed(b.op("Softmax", [logits], axis=-1), [1, heads, 1, seq], real)
+        mean = typed(b.reduce("ReduceMean", row, [1], keepdims=False), [1, 1, seq], real)
+        score = typed(b.op("Reshape", [mean, b.const([-1])], "score"), [seq], real)
 
         # priority: 2.0 (above any probability) for text, the score for image positions
-        length = _typed(b.op("Shape", [score]), [1], i64)
-        image_count = _typed(b.op("Shape", [image]), [1], i64)
-        text = _typed(b.op("Expand", [b.const(2.0, "text_priority", dtype=real.numpy()), length]), [seq], real)
-        image_score = _typed(b.op("Gather", [score, image], axis=0), [IMAGE_AXIS], real)
-        priority = _typed(b.op("ScatterElements", [text, image, image_score], "priority", axis=0), [seq], real)
+        length = typed(b.op("Shape", [score]), [1], i64)
+        image_count = typed(b.op("Shape", [image]), [1], i64)
+        text = typed(b.op("Expand", [b.const(2.0, "text_priority", dtype=real.numpy()), length]), [seq], real)
+        image_score = typed(b.op("Gather", [score, image], axis=0), [IMAGE_AXIS], real)
+        priority = typed(b.op("ScatterElements", [text, image, image_score], "priority", axis=0), [seq], real)
 
         # kept count = T - I + ceil(keep * I), integer arithmetic on shapes
         num, den = method.keep.numerator, method.keep.denominator
-        scaled = _typed(b.op("Mul", [image_count, b.const([num])]), [1], i64)
-        rounded = _typed(b.op("Add", [scaled, b.const([den - 1])]), [1], i64)
-        kept_image = _typed(b.op("Div", [rounded, b.const([den])]), [1], i64)
-        text_count = _typed(b.op("Sub", [length, image_count]), [1], i64)
-        count = _typed(b.op("Add", [text_count, kept_image], "kept_count"), [1], i64)
+        scaled = typed(b.op("Mul", [image_count, b.const([num])]), [1], i64)
+        rounded = typed(b.op("Add", [scaled, b.const([den - 1])]), [1], i64)
+        kept_image = typed(b.op("Div", [rounded, b.const([den])]), [1], i64)
+        text_count = typed(b.op("Sub", [length, image_count]), [1], i64)
+        count = typed(b.op("Add", [text_count, kept_image], "kept_count"), [1], i64)
 
         # top positions by priority (ties: lower index first), then ascending
         top_values, top = b.op("TopK", [priority, count], "select", num_outputs=2, largest=1, sorted=1)
-        _typed(top_values, [kept], real)
-        _typed(top, [kept], i64)
-        as_float = _typed(b.op("Cast", [top], to=ir.DataType.FLOAT), [kept], ir.DataType.FLOAT)
+        typed(top_values, [kept], real)
+        typed(top, [kept], i64)
+        as_float = typed(b.op("Cast", [top], to=ir.DataType.FLOAT), [kept], ir.DataType.FLOAT)
         order, order_index = b.op("TopK", [as_float, count], "ascending", 2, largest=0, sorted=1)
-        _typed(order, [kept], ir.DataType.FLOAT)
-        _typed(order_index, [kept], i64)
-        keep = _typed(b.op("Cast", [order], to=i64), [kept], i64)
+        typed(order, [kept], ir.DataType.FLOAT)
+        typed(order_index, [kept], i64)
+        keep = typed(b.op("Cast", [order], to=i64), [kept], i64)
         keep.name = "kept_positions"
 
-        stream = _typed(b.op("Gather", [cut, keep], "stream", axis=1), [1, kept, cut.shape[2]], real)
-        new_positions = _typed(b.op("Gather", [positions, keep], "position_ids", axis=1), [1, kept], positions.dtype)
+        stream = typed(b.op("Gather", [cut, keep], "stream", axis=1), [1, kept, cut.shape[2]], real)
+        new_positions = typed(b.op("Gather", [positions, keep], "position_ids", axis=1), [1, kept], positions.dtype)
         graph.extend(b.nodes)
         redirect_uses(cut, stream, uses)
         substitutes = {embeds: stream, positions: new_positions}

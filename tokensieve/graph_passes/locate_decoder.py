@@ -144,7 +144,8 @@ def logits_matmul(softmax: ir.Node) -> ir.Node | None:
 
 
 def _forward_outputs(value: ir.Value, graph_outputs: set[ir.Value]) -> list[ir.Value]:
-    """Graph outputs reached from ``value`` through layout ops or a cache write (ScatterND / Concat)."""
+    """Graph outputs reached from ``value`` through layout ops, a cache write (ScatterND / Concat) or a cache
+    compression (``GatherElements`` along the sequence, SnapKV)."""
     found, frontier = [], [value]
     for _ in range(8):
         nxt = []
@@ -152,7 +153,7 @@ def _forward_outputs(value: ir.Value, graph_outputs: set[ir.Value]) -> list[ir.V
             if v in graph_outputs:
                 found.append(v)
             for node, _ in v.uses():
-                if node.op_type in ("Transpose", "Reshape", "ScatterND", "Concat", "Identity"):
+                if node.op_type in ("Transpose", "Reshape", "ScatterND", "Concat", "Identity", "GatherElements"):
                     nxt.extend(node.outputs)
         frontier = nxt
     return list(dict.fromkeys(found))

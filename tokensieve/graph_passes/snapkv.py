@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from tokensieve.errors import GraphRewriteError
-from tokensieve.graph_passes.builder import NodeBuilder, record_site
+from tokensieve.graph_passes.builder import NodeBuilder, record_site, typed
 from tokensieve.graph_passes.locate_decoder import DecoderLayer, DecoderLayout, locate_decoder, logits_matmul
 from tokensieve.methods.snapkv import SnapKV
 
@@ -38,11 +38,6 @@ POSITIONS = "snapkv_positions"
 def kept_dim(method: SnapKV, sequence: str) -> str:
     """The symbolic cache length after compression."""
     return f"min({sequence},{method.budget})"
-
-
-def _typed(value: ir.Value, dims: list, dtype: ir.DataType) -> ir.Value:
-    value.shape, value.dtype = ir.Shape(dims), dtype
-    return value
 
 
 class SnapKVPass(ir.passes.InPlacePass):
@@ -74,7 +69,7 @@ class SnapKVPass(ir.passes.InPlacePass):
         positions = [self._layer(b, layer, shared, seq) for layer in layout.layers]
         stacked = b.op("Concat", positions, POSITIONS, axis=0)
         stacked.name = POSITIONS
-        _typed(stacked, [len(positions), layout.kv_heads, self.kept], ir.DataType.INT64)
+        typed(stacked, [len(positions), layout.kv_heads, self.kept], ir.DataType.INT64)
         graph.extend(b.nodes)
         graph.outputs.append(stacked)
         record_site(model, {"method": "snapkv", "layers": "all", "exposed": {"positions": POSITIONS}})
@@ -84,19 +79,19 @@ class SnapKVPass(ir.passes.InPlacePass):
         """Values every layer shares: the causal mask of the window rows, the window-column flags, ``K``."""
         i64, w = ir.DataType.INT64, self.method.window
         rows = f"min({seq},{w})"
-        shape = _typed(b.op("Shape", [present]), [4], i64)
-        length = _typed(b.op("Gather", [shape, b.const(2)], "length", axis=0), [], i64)
-        before = _typed(b.op("Sub", [length, b.const(w)]), [], i64)
-        start = _typed(b.op("Max", [before, b.const(0)], "window_start"), [], i64)
-        columns = _typed(b.op("Range", [b.const(0), length, b.const(1)], "columns"), [seq], i64)
-        window_rows = _typed(b.op("Range", [start, length, b.const(1)], "window_rows"), [rows], i64)
-        row_axis = _typed(b.unsqueeze(window_rows, [1]), [rows, 1], i64)
+        shape = typed(b.op("Shape", [present]), [4], i64)
+        length = typed(b.op("Gather", [shape, b.const(2)], "length", axis=0), [], i64)
+        before = typed(b.op("Sub", [length, b.const(w)]), [], i64)
+        start = typed(b.op("Max", [before, b.const(0)], "window_start"), [], i64)
+        columns = typed(b.op("Range", [b.const(0), length, b.const(1)], "columns"), [seq], i64)
+        window_rows = typed(b.op("Range", [start, length, b.const(1)], "window_rows"), [rows], i64)
+        row_axis = typed(b.unsqueeze(window_rows, [1]), [rows, 1], i64)
         causal = b.op("LessOrEqual", [columns, row_axis], "causal")
-        _typed(causal, [rows, seq], ir.DataType.BOOL)
-        in_window = _typed(b.op("GreaterOrEqual", [columns, start], "in_window"), [seq], ir.DataType.BOOL)
-        length_1d = _typed(b.op("Reshape", [length, b.const([1])]), [1], i64)
-        start_1d = _typed(b.op("Reshape", [start, b.const([1])]), [1], i64)
-        count = _typed(b.op("Min", [length_1d, b.const([self.method.budget])], "count"), [1], i64)
+        typed(causal, [rows, seq], ir.DataType.BOOL)
+        in_window = typed(b.op("GreaterOrEqual", [columns, start], "in_window"), [seq], ir.DataType.BOOL)
+        length_1d = typed(b.op("Reshape", [length, b.const([1])]), [1], i64)
+        start_1d = typed(b.op("Reshape", [start, b.const([1])]), [1], i64)
+        count = typed(b.op("Min", [length_1d, b.const([self.method.budget])], "count"), [1], i64)
         return {"start": start_1d, "causal": causal, "in_window": in_window, "count": count}
 
     def _layer(self, b: NodeBuilder, layer: DecoderLayer, shared: dict[str, ir.Value], seq) -> ir.Value:
@@ -109,41 +104,41 @@ class SnapKVPass(ir.passes.InPlacePass):
 
         matmul = logits_matmul(layer.softmax)
         query = b.op("Slice", [matmul.inputs[0], shared["start"], b.const([2**62]), b.const([2])], "window_query")
-        _typed(query, [1, heads, rows, layout.head_dim], real)
-        logits = _typed(b.op("MatMul", [query, matmul.inputs[1]], "window_logits"), [1, heads, rows, seq], real)
-        masked = _typed(b.op("Where", [shared["causal"], logits, lowest]), [1, heads, rows, seq], real)
-        probs = _typed(b.op("Softmax", [masked], axis=-1), [1, heads, rows, seq], real)
-        summed = _typed(b.reduce("ReduceSum", probs, [2], keepdims=False), [1, heads, seq], real)
-        prefix = _typed(b.op("Where", [shared["in_window"], zero, summed]), [1, heads, seq], real)
-        grouped = _typed(b.op("Reshape", [prefix, b.const([1, kv, groups, -1])]), [1, kv, groups, seq], real)
-        score = _typed(b.reduce("ReduceMean", grouped, [2], keepdims=True), [1, kv, 1, seq], real)
+        typed(query, [1, heads, rows, layout.head_dim], real)
+        logits = typed(b.op("MatMul", [query, matmul.inputs[1]], "window_logits"), [1, heads, rows, seq], real)
+        masked = typed(b.op("Where", [shared["causal"], logits, lowest]), [1, heads, rows, seq], real)
+        probs = typed(b.op("Softmax", [masked], axis=-1), [1, heads, rows, seq], real)
+        summed = typed(b.reduce("ReduceSum", probs, [2], keepdims=False), [1, heads, seq], real)
+        prefix = typed(b.op("Where", [shared["in_window"], zero, summed]), [1, heads, seq], real)
+        grouped = typed(b.op("Reshape", [prefix, b.const([1, kv, groups, -1])]), [1, kv, groups, seq], real)
+        score = typed(b.reduce("ReduceMean", grouped, [2], keepdims=True), [1, kv, 1, seq], real)
         pad = method.kernel // 2
         pool = {"kernel_shape": [1, method.kernel], "pads": [0, pad, 0, pad], "strides": [1, 1]}
         if method.pool == "avg":
             pooled = b.op("AveragePool", [score], "pool", count_include_pad=1, **pool)
         else:
             pooled = b.op("MaxPool", [score], "pool", **pool)
-        _typed(pooled, [1, kv, 1, seq], real)
-        flat = _typed(b.op("Reshape", [pooled, b.const([1, kv, -1])]), [1, kv, seq], real)
+        typed(pooled, [1, kv, 1, seq], real)
+        flat = typed(b.op("Reshape", [pooled, b.const([1, kv, -1])]), [1, kv, seq], real)
         top = b.const(float(method.window + 1), "window_priority", dtype=real.numpy())
-        priority = _typed(b.op("Where", [shared["in_window"], top, flat], "priority"), [1, kv, seq], real)
+        priority = typed(b.op("Where", [shared["in_window"], top, flat], "priority"), [1, kv, seq], real)
 
         values, chosen = b.op("TopK", [priority, shared["count"]], "select", 2, axis=-1, largest=1, sorted=1)
-        _typed(values, [1, kv, self.kept], real)
-        _typed(chosen, [1, kv, self.kept], i64)
-        as_float = _typed(b.op("Cast", [chosen], to=ir.DataType.FLOAT), [1, kv, self.kept], ir.DataType.FLOAT)
+        typed(values, [1, kv, self.kept], real)
+        typed(chosen, [1, kv, self.kept], i64)
+        as_float = typed(b.op("Cast", [chosen], to=ir.DataType.FLOAT), [1, kv, self.kept], ir.DataType.FLOAT)
         order, order_index = b.op("TopK", [as_float, shared["count"]], "ascending", 2, axis=-1, largest=0, sorted=1)
-        _typed(order, [1, kv, self.kept], ir.DataType.FLOAT)
-        _typed(order_index, [1, kv, self.kept], i64)
-        keep = _typed(b.op("Cast", [order], to=i64), [1, kv, self.kept], i64)
+        typed(order, [1, kv, self.kept], ir.DataType.FLOAT)
+        typed(order_index, [1, kv, self.kept], i64)
+        keep = typed(b.op("Cast", [order], to=i64), [1, kv, self.kept], i64)
 
-        index = _typed(b.unsqueeze(keep, [3]), [1, kv, self.kept, 1], i64)
+        index = typed(b.unsqueeze(keep, [3]), [1, kv, self.kept, 1], i64)
         for full in layer.cache_outputs:
-            lead = _typed(b.op("Shape", [index], end=3), [3], i64)
-            size = _typed(b.op("Concat", [lead, _typed(b.op("Shape", [full], start=3), [1], i64)], axis=0), [4], i64)
-            expanded = _typed(b.op("Expand", [index, size]), [1, kv, self.kept, full.shape[3]], i64)
+            lead = typed(b.op("Shape", [index], end=3), [3], i64)
+            size = typed(b.op("Concat", [lead, typed(b.op("Shape", [full], start=3), [1], i64)], axis=0), [4], i64)
+            expanded = typed(b.op("Expand", [index, size]), [1, kv, self.kept, full.shape[3]], i64)
             gathered = b.op("GatherElements", [full, expanded], axis=2)
-            _typed(gathered, [1, kv, self.kept, full.shape[3]], full.dtype)
+            typed(gathered, [1, kv, self.kept, full.shape[3]], full.dtype)
             slot = next(i for i, out in enumerate(self.graph.outputs) if out is full)
             full.name, gathered.name = f"{full.name}_full", full.name
             self.graph.outputs[slot] = gathered

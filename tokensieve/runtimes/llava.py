@@ -231,7 +231,7 @@ def prefill_feeds(runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] |
     return feeds
 
 
-def _kv_names(layers: int) -> list[str]:
+def kv_names(layers: int) -> list[str]:
     return [f"{k}_{i}" for i in range(layers) for k in ("key", "value")]
 
 
@@ -270,7 +270,7 @@ class FixedCacheDecoder:
             self.caches.append(ort.OrtValue.ortvalue_from_numpy(cache))
         self.binding = runner.session.io_binding()
         self.binding.bind_output("logits")
-        for name, value in zip(_kv_names(len(present) // 2), self.caches, strict=True):
+        for name, value in zip(kv_names(len(present) // 2), self.caches, strict=True):
             self.binding.bind_ortvalue_input(f"cache_{name}", value)
             self.binding.bind_ortvalue_output(f"updated_{name}", value)
 
@@ -305,7 +305,7 @@ class GrowingCacheDecoder:
     ):
         self.runner, self.eviction, self.budget = runner, eviction, budget
         self.past = [self._keep(t, budget) for t in present]
-        names = _kv_names(len(present) // 2)
+        names = kv_names(len(present) // 2)
         self.inputs, self.outputs = [f"past_{n}" for n in names], [f"present_{n}" for n in names]
 
     def step(self, token: int, position: int) -> np.ndarray:
