@@ -169,7 +169,7 @@ def _generate(args: argparse.Namespace) -> int:
         t = out.timings_ms
         kept = "" if out.kept_positions is None else f" (FastV: {len(out.kept_positions)} kept in the later layers)"
         if out.cache_positions is not None:
-            kept = f" (SnapKV: {out.cache_positions.shape[-1]} cached per layer and KV head)"
+            kept = f" ({out.cache_positions.shape[-1]} prompt positions cached per layer and KV head)"
         print(
             f"[{len(out.ids)} tokens, stop: {out.stop}; prompt {len(out.prompt_ids)} tokens, image span "
             f"{out.image_span}{kept}; vision {t['vision']:.1f} ms, prefill {t['prefill']:.1f} ms, decode "
@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         const="none",
         default="none",
         help='e.g. "topk(keep=0.7, layers=[3,6,9])", "tome(r=8)", "atp()"; MLLMs: "fastv(k=2, keep=0.5)", '
-        '"streamingllm(sink=4)" or "snapkv(budget=256, window=32)"; omitted or "none" exports the unreduced model',
+        '"streamingllm(sink=4)", "snapkv(budget=256, window=32)" or "a2sf(budget=256)"; omitted or "none" exports '
+        "the unreduced model",
     )
     p.add_argument("--out", required=True, help="artifact directory to create (replaced atomically if it exists)")
     p.add_argument("--weights", help="local checkpoint file for a timm model (random weights otherwise)")

@@ -3,8 +3,8 @@
 With a decoder method (``fastv``), its graph passes rewrite the exported graphs before they are written: FastV into
 the prefill graph (new input ``image_positions``, new output ``kept_positions``), and the decode graphs' later
 layers onto their own cache length (fixed cache: new input ``pruned_cache_position``). With ``streamingllm`` the
-fixed-cache decode graph gets a ``visible_slots`` input, so the runtime can use the cache as a ring. With ``snapkv``
-the prefill graph's ``present_*`` outputs are the compressed prompt cache (new output ``snapkv_positions``); the
+fixed-cache decode graph gets a ``visible_slots`` input, so the runtime can use the cache as a ring. With ``snapkv`` or
+``a2sf`` the prefill graph's ``present_*`` outputs are the compressed prompt cache (new output ``cache_positions``); the
 decode graphs are unchanged (the runtime writes new tokens after the compressed prompt).
 
 Layout::
@@ -47,10 +47,10 @@ from tokensieve.graph_passes.cache_visibility import CacheVisibilityPass
 from tokensieve.graph_passes.fastv import FastVPass
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate_decoder import locate_decoder
-from tokensieve.graph_passes.snapkv import SnapKVPass
+from tokensieve.graph_passes.prompt_cache import PromptCachePass
 from tokensieve.graph_passes.split_cache_slot import SplitCacheSlotPass
 from tokensieve.methods.fastv import FastV
-from tokensieve.methods.snapkv import SnapKV
+from tokensieve.methods.prompt_cache import PromptCacheCompression
 from tokensieve.methods.streamingllm import StreamingLLM
 
 # graphs with symbolic axes: deployable with TensorRT optimization profiles (see `tokensieve lint`)
@@ -74,7 +74,7 @@ def export_mllm(
     spec: SourceSpec,
     out: str | os.PathLike,
     *,
-    method: FastV | StreamingLLM | SnapKV | None = None,
+    method: FastV | StreamingLLM | PromptCacheCompression | None = None,
     capacity: int | None = None,
     opset: int = 18,
     growing: bool = True,
@@ -91,7 +91,7 @@ def export_mllm(
     # validate before the (slow) export
     if isinstance(method, FastV):
         method.validate(built.model.config.text_config.num_hidden_layers)
-    elif isinstance(method, (StreamingLLM, SnapKV)):
+    elif isinstance(method, (StreamingLLM, PromptCacheCompression)):
         method.validate(capacity)
     graphs, seconds = export_llava(built, capacity, opset=opset, growing=growing)
     if isinstance(method, FastV):
@@ -101,8 +101,8 @@ def export_mllm(
                 run_passes(graphs[key], [SplitCacheSlotPass(method.k)])
     elif isinstance(method, StreamingLLM):  # the growing cache is cut on the host; the fixed one becomes a ring
         run_passes(graphs["decode"], [CacheVisibilityPass()])
-    elif isinstance(method, SnapKV):
-        run_passes(graphs["prefill"], [SnapKVPass(method)])
+    elif isinstance(method, PromptCacheCompression):
+        run_passes(graphs["prefill"], [PromptCachePass(method)])
     text = built.model.config.text_config
     layers, kv_heads, head_dim = cache_geometry(built.model)
     sites = {

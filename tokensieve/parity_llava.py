@@ -13,8 +13,8 @@ prefill logits agree within ``tolerance`` relative to their scale, and the ``new
 Artifacts with FastV are held to the eager FastV reference (:mod:`tokensieve.reference.fastv`, itself equal to
 Hugging Face ``generate`` at ``keep=1``) instead, and also on the kept positions: identical sets. Artifacts with
 StreamingLLM are held to the eager StreamingLLM reference (:mod:`tokensieve.reference.streamingllm`) with the
-artifact's cache capacity as the budget. Artifacts with SnapKV are held to the eager SnapKV reference
-(:mod:`tokensieve.reference.snapkv`), also on the positions every layer and KV head keeps: identical sets.
+artifact's cache capacity as the budget. Artifacts with SnapKV or A2SF are held to the eager reference
+(:mod:`tokensieve.reference.prompt_cache`), also on the positions every layer and KV head keeps: identical sets.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ class LlavaParityCase:
     first_mismatch: int | None
     reference_ids: list[int] = field(repr=False)
     ids: list[int] = field(repr=False)
-    kept_tokens: int | None = None  # FastV: prompt positions the later layers keep; SnapKV: per layer and KV head
-    kept_match: bool | None = None  # FastV / SnapKV: the graph's kept positions equal the eager reference's
+    kept_tokens: int | None = None  # FastV: prompt positions later layers keep; SnapKV/A2SF: per layer and KV head
+    kept_match: bool | None = None  # FastV / SnapKV / A2SF: the graph's kept positions equal the eager reference's
 
     def ok(self, tolerance: float) -> bool:
         kept = self.kept_match is not False
@@ -168,7 +168,7 @@ def check_llava_parity(
     from tokensieve.converters.sources import SourceSpec, weights_digest
     from tokensieve.methods import methods_from_dicts
     from tokensieve.reference.fastv import fastv_generate
-    from tokensieve.reference.snapkv import snapkv_generate
+    from tokensieve.reference.prompt_cache import compressed_generate
     from tokensieve.reference.streamingllm import streaming_generate
 
     manifest = artifact.manifest
@@ -188,7 +188,8 @@ def check_llava_parity(
     results = []
     template = manifest["host"]["template"]
     methods = {m.name: m for m in methods_from_dicts(manifest.get("methods"))}
-    fastv, streaming, snapkv = methods.get("fastv"), methods.get("streamingllm"), methods.get("snapkv")
+    fastv, streaming = methods.get("fastv"), methods.get("streamingllm")
+    compression = methods.get("snapkv") or methods.get("a2sf")
     for prompt, image in cases or default_cases(manifest["host"], count, seed):
         inputs = processor(images=image, text=template.format(prompt=prompt), return_tensors="pt")
         reference_prompt = inputs["input_ids"][0].numpy()
@@ -197,8 +198,8 @@ def check_llava_parity(
             result = fastv_generate(model, inputs, fastv, new_tokens)
             reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
             reference_kept = result.kept_positions.numpy()
-        elif snapkv is not None:
-            result = snapkv_generate(model, inputs, snapkv, new_tokens)
+        elif compression is not None:
+            result = compressed_generate(model, inputs, compression, new_tokens)
             reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
             reference_kept = result.cache_positions.numpy()
         elif streaming is not None:
@@ -211,7 +212,7 @@ def check_llava_parity(
             reference_ids = generated[0, len(reference_prompt) :].tolist()
         for cache, runner in runners.items():
             out = runner.generate(image, prompt, new_tokens, ignore_eos=True)
-            kept = out.cache_positions if snapkv is not None else out.kept_positions
+            kept = out.cache_positions if compression is not None else out.kept_positions
             same_prompt = out.prompt_ids.shape == reference_prompt.shape and bool(
                 (out.prompt_ids == reference_prompt).all()
             )

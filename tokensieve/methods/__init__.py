@@ -3,7 +3,8 @@
 Each method has two faces that read the same dataclass: an eager PyTorch reference (``tokensieve.reference``) and
 a graph face (``tokensieve.graph_passes``). Several methods combine with ``+`` as long as they own disjoint blocks,
 e.g. ``"topk(keep=0.7, layers=[3]) + tome(r=8, layers=[4,5,6,7,8,9,10,11])"``. Methods with ``target = "mllm"``
-(``fastv``, ``streamingllm``, ``snapkv``) apply to MLLM decoders instead of ViT blocks. This package is pure Python.
+(``fastv``, ``streamingllm``, ``snapkv``, ``a2sf``) apply to MLLM decoders instead of ViT blocks. This package is
+pure Python.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fractions import Fraction
 from typing import Any
 
 from tokensieve.errors import MethodSpecError
+from tokensieve.methods.a2sf import A2SF
 from tokensieve.methods.atp import ATPPrune
 from tokensieve.methods.base import Method, Schedule, SiteCount, check_target, schedule
 from tokensieve.methods.diffrate import DiffRate
@@ -26,10 +28,11 @@ from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopKPrune
 
 VIT_METHODS = (TopKPrune, ToMe, PiToMe, DiffRate, ATPPrune)
-MLLM_METHODS = (FastV, StreamingLLM, SnapKV)
+MLLM_METHODS = (FastV, StreamingLLM, SnapKV, A2SF)
 REGISTRY: dict[str, type] = {cls.name: cls for cls in (*VIT_METHODS, *MLLM_METHODS)}
 
 __all__ = [
+    "A2SF",
     "REGISTRY",
     "ATPPrune",
     "DiffRate",
@@ -79,7 +82,8 @@ def methods_from_dicts(data: Sequence[dict[str, Any]] | None) -> list[Method]:
     methods = []
     for entry in data or []:
         kwargs = {k: v for k, v in entry.items() if k != "name"}
-        if entry["name"] in ("topk", "fastv"):
-            kwargs["keep"] = Fraction(kwargs["keep"])
+        for key in ("keep", "forgetting_factor"):  # exact fractions, stored as strings
+            if key in kwargs:
+                kwargs[key] = Fraction(kwargs[key])
         methods.append(_build(entry["name"], kwargs))
     return methods

@@ -9,7 +9,7 @@ Two cache forms: ``fixed`` (the default; static-shape ``decode`` graph with cach
 place at ``cache_position``, prefill's keys/values copied into slots ``0..T-1``: :class:`FixedCacheDecoder`) and
 ``growing`` (``decode_growing``:
 past keys/values grow by one position per step). A prompt plus generation longer than the capacity raises
-:class:`CapacityError` before anything runs. With SnapKV the prefill graph returns the compressed prompt cache
+:class:`CapacityError` before anything runs. With SnapKV / A2SF the prefill graph returns the compressed prompt cache
 (``budget`` positions per layer and KV head) and new tokens are cached after it, at their absolute positions.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from tokensieve.errors import CapacityError, PromptError, RuntimeBackendError
 from tokensieve.methods import methods_from_dicts
-from tokensieve.methods.snapkv import SnapKV
+from tokensieve.methods.prompt_cache import PromptCacheCompression
 from tokensieve.methods.streamingllm import StreamingLLM
 from tokensieve.runtimes.llava_image import pack_features, preprocess
 from tokensieve.runtimes.ort import OrtRunner
@@ -44,7 +44,7 @@ class Generation:
     prefill_logits: np.ndarray  # [V] at the last prompt position
     stop: str  # "eos" | "max_new_tokens"
     kept_positions: np.ndarray | None = None  # FastV: prompt positions the layers from k on keep
-    cache_positions: np.ndarray | None = None  # SnapKV: [layers, kv_heads, K] prompt positions each cache keeps
+    cache_positions: np.ndarray | None = None  # SnapKV / A2SF: [layers, kv_heads, K] prompt positions cached
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -106,7 +106,7 @@ class LlavaRunner:
         self.capacity: int | None = manifest["decoder"]["capacity"] if cache == "fixed" else None
         methods = methods_from_dicts(manifest.get("methods"))
         self.eviction = next((m for m in methods if isinstance(m, StreamingLLM)), None)
-        self.compression = next((m for m in methods if isinstance(m, SnapKV)), None)
+        self.compression = next((m for m in methods if isinstance(m, PromptCacheCompression)), None)
         self.budget: int = manifest["decoder"]["capacity"]  # positions an evicting cache keeps
         newline = self.directory / "image_newline.npy"
         self.newline = np.load(newline) if newline.is_file() else None
@@ -141,12 +141,12 @@ class LlavaRunner:
     def prefill(
         self, embeds: np.ndarray, span: tuple[int, int] | None = None
     ) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
-        """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt (SnapKV:
-        compressed), and the method's outputs: ``kept_positions`` (FastV) or ``snapkv_positions``; ``span`` = the
-        image tokens' ``[start, end)``."""
+        """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt (SnapKV /
+        A2SF: compressed), and the method's outputs: ``kept_positions`` (FastV) or ``cache_positions``; ``span`` =
+        the image tokens' ``[start, end)``."""
         out = self.prefill_graph.run(prefill_feeds(self.prefill_graph, embeds, span))
         present = [out[f"present_{k}_{i}"] for i in range(self.layers) for k in ("key", "value")]
-        extras = {name: out[name] for name in ("kept_positions", "snapkv_positions") if name in out}
+        extras = {name: out[name] for name in ("kept_positions", "cache_positions") if name in out}
         return out["logits"][0], present, extras
 
     def check_capacity(self, prompt_length: int, max_new_tokens: int) -> None:
@@ -155,7 +155,7 @@ class LlavaRunner:
         cached = prompt_length if self.compression is None else self.compression.kept_count(prompt_length)
         needed = cached + max_new_tokens - 1  # the last new token is never written to the cache
         if needed > self.capacity:
-            kept = "" if cached == prompt_length else f" ({cached} cached after SnapKV)"
+            kept = "" if cached == prompt_length else f" ({cached} cached after {self.compression.name})"
             raise CapacityError(
                 f"the prompt is {prompt_length} tokens{kept} (image features included) and {max_new_tokens} new "
                 f"tokens need {needed} cache slots, but the decode graph holds {self.capacity}; shorten the prompt, "
@@ -214,7 +214,7 @@ class LlavaRunner:
             prefill_logits=logits,
             stop=stop,
             kept_positions=kept,
-            cache_positions=extras.get("snapkv_positions"),
+            cache_positions=extras.get("cache_positions"),
             timings_ms={
                 "vision": 1e3 * (t_vision - start),
                 "prefill": 1e3 * (t_prefill - t_vision),
@@ -243,7 +243,7 @@ class FixedCacheDecoder:
     ``T``). After FastV the later layers hold ``dropped`` fewer positions: they write slot ``position - dropped``
     (input ``pruned_cache_position``). With StreamingLLM (``eviction``) the cache is a ring: position ``p`` goes to
     ``eviction.slot(p)``, a prompt longer than the capacity keeps only its retained positions, and once the ring is
-    full every slot is attended to (input ``visible_slots``). After SnapKV every layer holds ``offset`` fewer
+    full every slot is attended to (input ``visible_slots``). After SnapKV / A2SF every layer holds ``offset`` fewer
     positions than the prompt had: position ``p`` goes to slot ``p - offset``."""
 
     def __init__(

@@ -1,10 +1,11 @@
-"""SnapKV in exported MLLM prefill graphs: parity with the eager reference (positions kept per layer and KV head,
-logits, greedy tokens) on both decode cache forms, the compressed cache's contents, the selection rule on
-hand-made attention, lint, CLI and errors."""
+"""Prompt-cache compression (SnapKV, A2SF) in exported MLLM prefill graphs: parity with the eager references
+(positions kept per layer and KV head, logits, greedy tokens) on both decode cache forms, the compressed cache's
+contents, the scoring and selection rules on hand-made attention, lint, CLI and errors."""
 
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import onnx_ir as ir
@@ -16,11 +17,12 @@ from tokensieve.cli import main
 from tokensieve.converters.llava import build_llava
 from tokensieve.errors import CapacityError, GraphRewriteError, MethodSpecError
 from tokensieve.graph_passes import run_passes
-from tokensieve.graph_passes.snapkv import SnapKVPass
+from tokensieve.graph_passes.prompt_cache import PromptCachePass
+from tokensieve.methods.a2sf import A2SF
 from tokensieve.methods.snapkv import SnapKV
 from tokensieve.parity_llava import _hf_processor, default_cases
 from tokensieve.reference.decoding import prefill
-from tokensieve.reference.snapkv import snapkv_generate, snapkv_select
+from tokensieve.reference.prompt_cache import compressed_generate, select
 from tokensieve.runtimes.llava import expand_placeholders
 
 CAPACITY = 128
@@ -33,7 +35,10 @@ def artifacts(tmp_path_factory):
     assert main([*cli, "--out", str(root / "llava")]) == 0
     method = "snapkv(budget=64, window=8, kernel=7, pool='max')"
     nxt = tokensieve.export("hf:llava-next-tiny", method, out=root / "next", capacity=256, growing_cache=False)
-    return {"llava": tokensieve.load(root / "llava"), "next": nxt, "root": root}
+    a2sf = tokensieve.export("hf:llava-tiny", "a2sf(budget=40, recent=8)", out=root / "a2sf", capacity=CAPACITY)
+    h2o = "a2sf(budget=96, recent=4, forgetting_factor=1)"
+    a2sf_next = tokensieve.export("hf:llava-next-tiny", h2o, out=root / "a2sf_next", capacity=256, growing_cache=False)
+    return {"llava": tokensieve.load(root / "llava"), "next": nxt, "a2sf": a2sf, "a2sf_next": a2sf_next, "root": root}
 
 
 def test_parity_llava_gqa_avg_pool_both_caches(artifacts):
@@ -67,7 +72,7 @@ def test_compressed_cache_holds_the_selected_keys_and_values(artifacts):
     features, ids = runner.image_features(image), inputs["input_ids"][0].numpy()
     ids = expand_placeholders(ids, runner.host["image_token_id"], len(features))
     _, present, extras = runner.prefill(runner.inputs_embeds(ids, features))
-    positions = extras["snapkv_positions"]  # [layers, kv_heads, 48]
+    positions = extras["cache_positions"]  # [layers, kv_heads, 48]
     assert positions.shape == (2, 2, 48) and all(np.all(np.diff(p) > 0) for p in positions.reshape(4, 48))
     assert (positions[..., -8:] == np.arange(len(ids) - 8, len(ids))).all()  # the window is always kept
     cache = DynamicCache()
@@ -88,15 +93,39 @@ def test_selection_rule_on_hand_made_attention():
     attention[0, 2:, -3:, 4] = 0.4  # heads 2-3 (KV group 1) like 4
     attention[0, :, :-3, 7] = 9.0  # rows outside the window do not count
     attention[0, :, -3:, 10] = 5.0  # nor do the window's own columns
-    exact = snapkv_select(attention, 2, SnapKV(budget=5, window=3, kernel=1))
+    exact = select(attention, 2, SnapKV(budget=5, window=3, kernel=1))
     assert exact.tolist() == [[2, 6, 9, 10, 11], [2, 4, 9, 10, 11]]
     # an averaging kernel of 3 spreads the mass: 3 (between 2 and 4) leads group 1; exact ties go to the lower index
-    pooled = snapkv_select(attention, 2, SnapKV(budget=5, window=3, kernel=3))
+    pooled = select(attention, 2, SnapKV(budget=5, window=3, kernel=3))
     assert pooled.tolist() == [[1, 2, 9, 10, 11], [1, 3, 9, 10, 11]]
-    maxed = snapkv_select(attention, 2, SnapKV(budget=7, window=3, kernel=3, pool="max"))
+    maxed = select(attention, 2, SnapKV(budget=7, window=3, kernel=3, pool="max"))
     assert maxed.tolist() == [[1, 2, 3, 5, 9, 10, 11], [1, 2, 3, 4, 9, 10, 11]]
-    short = snapkv_select(attention[:, :, :4, :4], 2, SnapKV(budget=5, window=3))
+    short = select(attention[:, :, :4, :4], 2, SnapKV(budget=5, window=3))
     assert short.tolist() == [[0, 1, 2, 3]] * 2  # a prompt within the budget keeps everything
+
+
+def test_a2sf_parity_llava_both_caches_and_next_without_forgetting(artifacts):
+    report = artifacts["a2sf"].parity(count=2, new_tokens=32)
+    assert report.ok, report.text()
+    assert len(report.cases) == 4 and all(c.kept_match and c.kept_tokens == 40 for c in report.cases)
+    assert all(c.tokens_match and c.new_tokens == 32 and c.logits_error < 1e-5 for c in report.cases)
+    report = artifacts["a2sf_next"].parity(count=2, new_tokens=24, caches=("fixed",))
+    assert report.ok, report.text()
+    assert all(c.kept_match and c.kept_tokens == 96 for c in report.cases)
+    assert all(entry["ok"] for entry in artifacts["a2sf"].manifest["lint"].values())
+
+
+def test_a2sf_rule_on_hand_made_attention():
+    """Rows weighted by factor ** age, summed over rows and the KV group's heads; the recent positions forced in."""
+    attention = torch.zeros(1, 2, 8, 8)
+    attention[0, :, 7, 1] = 0.3  # the newest row (weight 1)
+    attention[0, :, 5, 3] = 0.5  # two rows older
+    attention[0, :, 2, 0] = 1.0  # five rows older
+    attention[0, :, 7, 6] = 9.0  # a recent column: kept whatever its score
+    forgetting = select(attention, 1, A2SF(budget=4, recent=2, forgetting_factor=Fraction(1, 2)))
+    assert forgetting.tolist() == [[1, 3, 6, 7]]  # 0.3 > 0.5/4 > 1/32
+    accumulating = select(attention, 1, A2SF(budget=4, recent=2, forgetting_factor=1))
+    assert accumulating.tolist() == [[0, 3, 6, 7]]  # H2O's plain sum: 1.0 > 0.5 > 0.3
 
 
 def test_compression_changes_the_generation():
@@ -109,7 +138,7 @@ def test_compression_changes_the_generation():
         inputs = processor(images=image, text=built.host["template"].format(prompt=prompt), return_tensors="pt")
         with torch.no_grad():
             full = model.generate(**inputs, max_new_tokens=16, do_sample=False, min_new_tokens=0)
-        snap = snapkv_generate(model, inputs, SnapKV(budget=16, window=4), 16)
+        snap = compressed_generate(model, inputs, SnapKV(budget=16, window=4), 16)
         changed |= snap.ids != full[0, inputs["input_ids"].shape[1] :].tolist()
     assert changed
 
@@ -120,7 +149,7 @@ def test_lint_inspect_generate_and_capacity(artifacts, capsys):
     assert manifest["method_text"] == "snapkv(budget=48, window=8, kernel=5, pool='avg')"
     assert all(entry["ok"] for entry in manifest["lint"].values()), manifest["lint"]
     outputs = {v["name"]: v["shape"] for v in manifest["io"]["prefill"]["outputs"]}
-    assert outputs["snapkv_positions"] == [2, 2, "min(sequence,48)"]
+    assert outputs["cache_positions"] == [2, 2, "min(sequence,48)"]
     assert outputs["present_key_0"] == [1, 2, "min(sequence,48)", 16]
     assert manifest["sites"]["prefill"]["sites"][1]["cache_out"] == ["present_key_1", "present_value_1"]
     ops = {n.op_type for n in ir.load(artifact.path / "prefill.onnx").graph}
@@ -129,9 +158,9 @@ def test_lint_inspect_generate_and_capacity(artifacts, capsys):
     assert main(["inspect", directory]) == 0
     assert "caches at most 48 prompt positions" in capsys.readouterr().out
     image = np.random.default_rng(3).integers(0, 256, (112, 112, 3), dtype=np.uint8)
-    out = artifact.generate(image, "Count them.", 60, ignore_eos=True)  # 120+ prompt tokens + 59 > 128 slots
+    out = artifact.generate(image, "Count them.", 60, ignore_eos=True)  # 93 prompt tokens + 59 > 128 slots
     assert len(out.ids) == 60 and out.cache_positions.shape == (2, 2, 48)
-    with pytest.raises(CapacityError, match=r"\(48 cached after SnapKV\)"):
+    with pytest.raises(CapacityError, match=r"\(48 cached after snapkv\)"):
         artifact.generate(image, "Count them.", 82)
     text = artifact.generate(None, "hi", 4, ignore_eos=True, template="USER: {prompt} ASSISTANT:")
     assert text.cache_positions.shape[-1] == len(text.prompt_ids) < 48  # within the budget: nothing dropped
@@ -145,7 +174,10 @@ def test_bad_snapkv_requests_are_typed_errors(artifacts, tmp_path):
     with pytest.raises(MethodSpecError, match="budget=512 leaves no cache slot"):
         tokensieve.export("hf:llava-tiny", "snapkv(budget=512)", out=tmp_path / "out")
     for text, message in (
-        ("snapkv(budget=8, window=8)", "must be smaller than budget"),
+        ("snapkv(budget=8, window=8)", "8 always-kept recent positions must be fewer than budget=8"),
+        ("a2sf(budget=16, recent=16)", "16 always-kept recent positions must be fewer than budget=16"),
+        ("a2sf(forgetting_factor=0)", r"forgetting_factor must be in \(0, 1\]"),
+        ("a2sf(forgetting_factor=1.5)", r"forgetting_factor must be in \(0, 1\]"),
         ("snapkv(kernel=4)", "kernel must be odd"),
         ("snapkv(pool='median')", "pool must be one of"),
         ("snapkv(window=0)", "window must be a positive integer"),
@@ -159,4 +191,4 @@ def test_bad_snapkv_requests_are_typed_errors(artifacts, tmp_path):
     assert main(["export", "hf:llava-tiny", "--method", "snapkv(kernel=2)", "--out", str(tmp_path / "out")]) == 2
     decode = ir.load(artifacts["next"].path / "decode.onnx")
     with pytest.raises(GraphRewriteError, match="expected a prefill graph"):
-        run_passes(decode, [SnapKVPass(SnapKV(budget=64))])
+        run_passes(decode, [PromptCachePass(SnapKV(budget=64))])
