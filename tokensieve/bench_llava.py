@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tokensieve.bench import pyplot, save_figure, time_alternating
-from tokensieve.runtimes.llava import FixedCacheDecoder, prefill_feeds
+from tokensieve.runtimes.llava import FixedCacheDecoder, kv_names, prefill_feeds
 
 
 @dataclass
@@ -94,14 +94,14 @@ def bench_llava(
     fixed = artifact.runner("decode", **options)
     growing = artifact.runner("decode_growing", **options) if "decode_growing" in manifest["graphs"] else None
     rng = np.random.default_rng(0)
-    kv_names = [f"{k}_{i}" for i in range(layers) for k in ("key", "value")]
+    names = kv_names(layers)
     report = LlavaBenchReport(manifest["source"]["name"], threads, capacity)
-    caches = [rng.standard_normal((1, kv, capacity, head_dim), dtype=np.float32) for _ in kv_names]
+    caches = [rng.standard_normal((1, kv, capacity, head_dim), dtype=np.float32) for _ in names]
     decoder = FixedCacheDecoder(fixed, caches, capacity)  # in place, as the runtime drives it
     for context in contexts:
         runs = {"fixed": lambda c=context: decoder.step(7, c)}  # rewrites slot `context`: same cost every call
         if growing is not None:
-            past = {f"past_{n}": c[:, :, :context].copy() for n, c in zip(kv_names, caches, strict=True)}
+            past = {f"past_{n}": c[:, :, :context].copy() for n, c in zip(names, caches, strict=True)}
             feeds = {"input_ids": np.array([[7]], np.int64), "position_ids": np.array([[context]], np.int64), **past}
             runs["growing"] = lambda f=feeds: growing.run(f)  # one step from a `context`-long past
         for fn in runs.values():

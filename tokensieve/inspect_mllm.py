@@ -49,22 +49,19 @@ def _reduction(manifest: dict[str, Any]) -> str | None:
             f"the cache keeps the first {sink} positions (attention sinks) and the latest {capacity - sink}; "
             "the fixed decode graph is a ring (slot and visible slots from the host)"
         )
-    for name, how in (
-        ("snapkv", "the prefix positions the last {window} attend to most ({pool}-pooled over {kernel})"),
-        (
-            "a2sf",
-            "the earlier positions with the most attention accumulated over the prompt, rows weighted by "
-            "{forgetting_factor}^age",
-        ),
-    ):
-        if name in methods:
-            method = methods[name]
-            fields = {k: (float(v) if k == "forgetting_factor" else v) for k, v in method.to_dict().items()}
-            return (
-                f"after prefill every layer and KV head caches at most {method.budget} prompt positions: the last "
-                f"{method.protected} and {how.format(**fields)}; new tokens are cached after them at their absolute "
-                "positions"
+    compression = methods.get("snapkv") or methods.get("a2sf")
+    if compression is not None:
+        if compression.name == "snapkv":
+            how = f"the prefix positions they attend to most ({compression.pool}-pooled over {compression.kernel})"
+        else:
+            how = (
+                "the earlier positions with the most attention accumulated over the prompt, rows weighted by "
+                f"{float(compression.forgetting_factor):g}^age"
             )
+        return (
+            f"after prefill every layer and KV head caches at most {compression.budget} prompt positions: the last "
+            f"{compression.protected} and {how}; new tokens are cached after them at their absolute positions"
+        )
     fastv = methods.get("fastv")
     if fastv is None:
         return None

@@ -94,6 +94,16 @@ class NodeBuilder:
         self.exposed[role] = value.name
         return value
 
+    def ascending(self, indices: ir.Value, count: ir.Value, dims: list) -> ir.Value:
+        """``indices`` (int64, ``count`` along the last axis) sorted ascending: ``TopK(largest=0)`` on their float
+        cast (exact below 2**24), so TensorRT needs no integer sort."""
+        real, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+        as_float = typed(self.op("Cast", [indices], to=real), dims, real)
+        order, order_index = self.op("TopK", [as_float, count], "ascending", 2, axis=-1, largest=0, sorted=1)
+        typed(order, dims, real)
+        typed(order_index, dims, i64)
+        return typed(self.op("Cast", [order], to=i64), dims, i64)
+
     def insert_after(self, anchor: ir.Node) -> None:
         self.graph.insert_after(anchor, self.nodes)
 

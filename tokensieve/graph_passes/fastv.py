@@ -112,11 +112,7 @@ class FastVPass(ir.passes.InPlacePass):
         top_values, top = b.op("TopK", [priority, count], "select", num_outputs=2, largest=1, sorted=1)
         typed(top_values, [kept], real)
         typed(top, [kept], i64)
-        as_float = typed(b.op("Cast", [top], to=ir.DataType.FLOAT), [kept], ir.DataType.FLOAT)
-        order, order_index = b.op("TopK", [as_float, count], "ascending", 2, largest=0, sorted=1)
-        typed(order, [kept], ir.DataType.FLOAT)
-        typed(order_index, [kept], i64)
-        keep = typed(b.op("Cast", [order], to=i64), [kept], i64)
+        keep = b.ascending(top, count, [kept])
         keep.name = "kept_positions"
 
         stream = typed(b.op("Gather", [cut, keep], "stream", axis=1), [1, kept, cut.shape[2]], real)

@@ -145,7 +145,7 @@ class LlavaRunner:
         A2SF: compressed), and the method's outputs: ``kept_positions`` (FastV) or ``cache_positions``; ``span`` =
         the image tokens' ``[start, end)``."""
         out = self.prefill_graph.run(prefill_feeds(self.prefill_graph, embeds, span))
-        present = [out[f"present_{k}_{i}"] for i in range(self.layers) for k in ("key", "value")]
+        present = [out[f"present_{n}"] for n in kv_names(self.layers)]
         extras = {name: out[name] for name in ("kept_positions", "cache_positions") if name in out}
         return out["logits"][0], present, extras
 
