@@ -16,16 +16,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 import tokensieve
-from tokensieve.bench import pyplot, save_figure, time_alternating
+from tokensieve.bench import pyplot, record_medians, save_figure, time_alternating
 from tokensieve.methods.snapkv import SnapKV
-from tokensieve.runtimes.llava import FixedCacheDecoder, kv_names, prefill_feeds
+from tokensieve.runtimes.kv_cache import FixedCacheDecoder, kv_names
+from tokensieve.runtimes.llava import prefill_feeds
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -87,10 +87,7 @@ def main() -> None:
             runs[name] = lambda r=step, f=feeds: r.run(f)
             runs[name]()
         timings["decode_growing"] = time_alternating(runs, args.blocks, 5 * args.per_block)
-    for kind, times in timings.items():
-        for name, values in times.items():
-            rows[name][f"{kind}_ms"] = round(statistics.median(values) * 1e3, 2)
-            rows[name][f"{kind}_min_ms"] = round(min(values) * 1e3, 2)
+    record_medians(rows, timings)
     base = rows["none"]
     for row in rows.values():
         row["prefill_ratio"] = round(row["prefill_ms"] / base["prefill_ms"], 3)

@@ -73,3 +73,14 @@ def export_and_check(zoo_entry, method: str, out: Path, **kwargs):
     artifact = tokensieve.export(str(path), method, out)
     assert_parity(artifact, built, **kwargs)
     return artifact
+
+
+def save_llava_checkpoint(model, tokenizer, directory: Path) -> None:
+    """Save a llava-tiny-geometry model as a local checkpoint directory (weights, tokenizer, image processor)."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    LlavaImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}).save_pretrained(
+        directory
+    )

@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
+from helpers import save_llava_checkpoint
 from PIL import Image
 
 import tokensieve
@@ -20,13 +21,13 @@ from tokensieve.graph_passes.fastv import FastVPass
 from tokensieve.methods.fastv import FastV
 from tokensieve.parity_llava import _hf_processor, default_cases
 from tokensieve.reference.fastv import fastv_generate
-from tokensieve.runtimes.llava import FixedCacheDecoder, expand_placeholders, image_span
+from tokensieve.runtimes.kv_cache import FixedCacheDecoder
+from tokensieve.runtimes.llava import expand_placeholders, image_span
 
 
 def _four_layer_checkpoint(directory):
     """llava-tiny with 4 decoder layers, saved as a local checkpoint (so k=2 has layers on both sides)."""
     import transformers
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     from tokensieve.converters.init import randomize_weights
 
@@ -35,10 +36,7 @@ def _four_layer_checkpoint(directory):
     config.text_config.num_hidden_layers = 4
     model = transformers.LlavaForConditionalGeneration(config)
     randomize_weights(model, 3)
-    model.save_pretrained(directory)
-    built.tokenizer.save_pretrained(directory)
-    processor = LlavaImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
-    processor.save_pretrained(directory)
+    save_llava_checkpoint(model, built.tokenizer, directory)
 
 
 @pytest.fixture(scope="module")

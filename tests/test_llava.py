@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
+from helpers import save_llava_checkpoint
 from PIL import Image
 
 import tokensieve
@@ -144,15 +145,9 @@ def test_decoder_sites_are_q_and_k_after_rope(artifacts):
 
 def test_checkpoint_directory_source(tmp_path):
     """A local checkpoint directory (weights, tokenizer, preprocessor config) exports and holds parity."""
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
     built = build_llava("llava-tiny", seed=5)
     checkpoint = tmp_path / "ckpt"
-    built.model.save_pretrained(checkpoint)
-    built.tokenizer.save_pretrained(checkpoint)
-    LlavaImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}).save_pretrained(
-        checkpoint
-    )
+    save_llava_checkpoint(built.model, built.tokenizer, checkpoint)
     artifact = tokensieve.export(f"hf:{checkpoint}", out=tmp_path / "art", capacity=256, growing_cache=False)
     assert artifact.manifest["decoder"]["capacity"] == 256 and "decode_growing" not in artifact.manifest["graphs"]
     report = artifact.parity(count=2, new_tokens=12)

@@ -74,6 +74,14 @@ def time_alternating(runs: dict[str, callable], blocks: int, per_block: int) -> 
     return times
 
 
+def record_medians(rows: dict[str, dict], timings: dict[str, dict[str, list[float]]]) -> None:
+    """Put each variant's median and minimum of every timed kind into its row: ``<kind>_ms``, ``<kind>_min_ms``."""
+    for kind, times in timings.items():
+        for name, values in times.items():
+            rows[name][f"{kind}_ms"] = round(statistics.median(values) * 1e3, 2)
+            rows[name][f"{kind}_min_ms"] = round(min(values) * 1e3, 2)
+
+
 def bench_artifact(
     artifact,
     batches: list[int] | None = None,

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from tokensieve.bench import pyplot, save_figure, time_alternating
-from tokensieve.runtimes.llava import FixedCacheDecoder, kv_names, prefill_feeds
+from tokensieve.runtimes.kv_cache import FixedCacheDecoder, kv_names
+from tokensieve.runtimes.llava import prefill_feeds
 
 
 @dataclass

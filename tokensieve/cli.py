@@ -161,6 +161,7 @@ def _generate(args: argparse.Namespace) -> int:
             "image_span": out.image_span,
             "kept_positions": None if out.kept_positions is None else out.kept_positions.tolist(),
             "cached_prompt_positions": None if out.cache_positions is None else out.cache_positions.shape[-1],
+            "cached_positions_at_end": None if out.retained_positions is None else out.retained_positions.shape[-1],
             "timings_ms": out.timings_ms,
         }
         print(json.dumps(info, indent=2))
@@ -170,6 +171,8 @@ def _generate(args: argparse.Namespace) -> int:
         kept = "" if out.kept_positions is None else f" (FastV: {len(out.kept_positions)} kept in the later layers)"
         if out.cache_positions is not None:
             kept = f" ({out.cache_positions.shape[-1]} prompt positions cached per layer and KV head)"
+        if out.retained_positions is not None:
+            kept = f" (H2O: {out.retained_positions.shape[-1]} positions cached per layer and KV head at the end)"
         print(
             f"[{len(out.ids)} tokens, stop: {out.stop}; prompt {len(out.prompt_ids)} tokens, image span "
             f"{out.image_span}{kept}; vision {t['vision']:.1f} ms, prefill {t['prefill']:.1f} ms, decode "
@@ -191,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         const="none",
         default="none",
         help='e.g. "topk(keep=0.7, layers=[3,6,9])", "tome(r=8)", "atp()"; MLLMs: "fastv(k=2, keep=0.5)", '
-        '"streamingllm(sink=4)", "snapkv(budget=256, window=32)" or "a2sf(budget=256)"; omitted or "none" exports '
-        "the unreduced model",
+        '"streamingllm(sink=4)", "snapkv(budget=256, window=32)", "a2sf(budget=256)" or "h2o(budget=256, '
+        'recent=128)"; omitted or "none" exports the unreduced model',
     )
     p.add_argument("--out", required=True, help="artifact directory to create (replaced atomically if it exists)")
     p.add_argument("--weights", help="local checkpoint file for a timm model (random weights otherwise)")
@@ -213,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let an image with more tokens than the largest bucket run truncated (reported)",
     )
-    p.add_argument("--capacity", type=int, help="MLLMs: KV-cache slots of the static decode graph")
+    p.add_argument(
+        "--capacity", type=int, help="MLLMs: KV-cache slots of the static decode graph (h2o: budget + 1 by default)"
+    )
     p.add_argument("--no-growing-cache", action="store_true", help="MLLMs: skip the growing-cache decode graph")
     p.set_defaults(func=_export)
 

@@ -5,7 +5,10 @@ the prefill graph (new input ``image_positions``, new output ``kept_positions``)
 layers onto their own cache length (fixed cache: new input ``pruned_cache_position``). With ``streamingllm`` the
 fixed-cache decode graph gets a ``visible_slots`` input, so the runtime can use the cache as a ring. With ``snapkv`` or
 ``a2sf`` the prefill graph's ``present_*`` outputs are the compressed prompt cache (new output ``cache_positions``); the
-decode graphs are unchanged (the runtime writes new tokens after the compressed prompt).
+decode graphs are unchanged (the runtime writes new tokens after the compressed prompt). ``h2o`` compresses the
+prompt the same way (plus output ``cache_scores``) and moves eviction into the fixed-capacity decode graph (inputs
+``visible_slots``, ``write_slots``, ``slot_positions``, ``h2o_scores``; outputs ``updated_h2o_scores``,
+``evict_slots``); it has no growing-cache decode graph.
 
 Layout::
 
@@ -45,11 +48,13 @@ from tokensieve.converters.sources import SourceSpec
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.cache_visibility import CacheVisibilityPass
 from tokensieve.graph_passes.fastv import FastVPass
+from tokensieve.graph_passes.heavy_hitters import HeavyHitterPass
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate_decoder import locate_decoder
 from tokensieve.graph_passes.prompt_cache import PromptCachePass
 from tokensieve.graph_passes.split_cache_slot import SplitCacheSlotPass
 from tokensieve.methods.fastv import FastV
+from tokensieve.methods.h2o import H2O
 from tokensieve.methods.prompt_cache import PromptCacheCompression
 from tokensieve.methods.streamingllm import StreamingLLM
 
@@ -85,7 +90,8 @@ def export_mllm(
     from tokensieve.errors import SourceError
 
     built = build_llava(spec.name, spec.seed)
-    capacity = capacity or default_capacity(spec, built)
+    if capacity is None:  # H2O needs budget + 1 slots; more would stay unused
+        capacity = method.slots() if isinstance(method, H2O) else default_capacity(spec, built)
     if capacity < 2:
         raise SourceError(f"--capacity must be at least 2 cache slots, got {capacity}")
     # validate before the (slow) export
@@ -93,7 +99,7 @@ def export_mllm(
         method.validate(built.model.config.text_config.num_hidden_layers)
     elif isinstance(method, (StreamingLLM, PromptCacheCompression)):
         method.validate(capacity)
-    graphs, seconds = export_llava(built, capacity, opset=opset, growing=growing)
+    graphs, seconds = export_llava(built, capacity, opset=opset, growing=growing and not isinstance(method, H2O))
     if isinstance(method, FastV):
         run_passes(graphs["prefill"], [FastVPass(method)])
         for key in ("decode", "decode_growing"):
@@ -103,6 +109,8 @@ def export_mllm(
         run_passes(graphs["decode"], [CacheVisibilityPass()])
     elif isinstance(method, PromptCacheCompression):
         run_passes(graphs["prefill"], [PromptCachePass(method)])
+        if isinstance(method, H2O):  # evicts in the fixed decode graph, which has no growing-cache form
+            run_passes(graphs["decode"], [CacheVisibilityPass(), HeavyHitterPass(method)])
     text = built.model.config.text_config
     layers, kv_heads, head_dim = cache_geometry(built.model)
     sites = {

@@ -49,6 +49,13 @@ def _reduction(manifest: dict[str, Any]) -> str | None:
             f"the cache keeps the first {sink} positions (attention sinks) and the latest {capacity - sink}; "
             "the fixed decode graph is a ring (slot and visible slots from the host)"
         )
+    h2o = methods.get("h2o")
+    if h2o is not None:
+        return (
+            f"every layer and KV head caches at most {h2o.budget} positions: the last {h2o.recent} and the heavy "
+            "hitters (the most attention accumulated since they were cached); prefill keeps them among the prompt, "
+            f"then the decode graph evicts the lightest older one per step once {h2o.slots()} are cached"
+        )
     compression = methods.get("snapkv") or methods.get("a2sf")
     if compression is not None:
         if compression.name == "snapkv":

@@ -168,6 +168,7 @@ def check_llava_parity(
     from tokensieve.converters.sources import SourceSpec, weights_digest
     from tokensieve.methods import methods_from_dicts
     from tokensieve.reference.fastv import fastv_generate
+    from tokensieve.reference.h2o import h2o_generate
     from tokensieve.reference.prompt_cache import compressed_generate
     from tokensieve.reference.streamingllm import streaming_generate
 
@@ -190,6 +191,7 @@ def check_llava_parity(
     methods = {m.name: m for m in methods_from_dicts(manifest.get("methods"))}
     fastv, streaming = methods.get("fastv"), methods.get("streamingllm")
     compression = methods.get("snapkv") or methods.get("a2sf")
+    h2o = methods.get("h2o")
     for prompt, image in cases or default_cases(manifest["host"], count, seed):
         inputs = processor(images=image, text=template.format(prompt=prompt), return_tensors="pt")
         reference_prompt = inputs["input_ids"][0].numpy()
@@ -198,6 +200,10 @@ def check_llava_parity(
             result = fastv_generate(model, inputs, fastv, new_tokens)
             reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
             reference_kept = result.kept_positions.numpy()
+        elif h2o is not None:
+            result = h2o_generate(model, inputs, h2o, new_tokens)
+            reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
+            reference_kept = np.concatenate([result.cache_positions.numpy(), result.retained_positions.numpy()], -1)
         elif compression is not None:
             result = compressed_generate(model, inputs, compression, new_tokens)
             reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
@@ -213,6 +219,8 @@ def check_llava_parity(
         for cache, runner in runners.items():
             out = runner.generate(image, prompt, new_tokens, ignore_eos=True)
             kept = out.cache_positions if compression is not None else out.kept_positions
+            if h2o is not None:  # the prompt positions kept by prefill, then what the cache holds at the end
+                kept = np.concatenate([out.cache_positions, out.retained_positions], -1)
             same_prompt = out.prompt_ids.shape == reference_prompt.shape and bool(
                 (out.prompt_ids == reference_prompt).all()
             )

@@ -1,4 +1,4 @@
-"""Graph pass: prompt-cache compression (SnapKV, A2SF) at the end of an MLLM **prefill** graph.
+"""Graph pass: prompt-cache compression (SnapKV, A2SF, H2O) at the end of an MLLM **prefill** graph.
 
 Matches: the decoder layers of a prefill graph (:func:`tokensieve.graph_passes.locate_decoder.locate_decoder`, cache
 form ``none``): per layer the attention ``Softmax``, the operands of its logits ``MatMul`` (Q and Kᵀ after RoPE and
@@ -18,7 +18,9 @@ Inserts, per layer (the layer's own computation is untouched, so the prompt's lo
   ``K = min(T, budget)`` (shape-derived; lower index first on ties), then ascending order (``TopK(largest=0)`` on
   the positions), ``GatherElements`` of the layer's keys and values along the sequence axis; they replace the
   ``present_*`` outputs (the full tensors stay internal, renamed ``*_full``);
-* one graph output ``cache_positions [layers, H_kv, K]`` (int64): the positions every layer and KV head keeps.
+* one graph output ``cache_positions [layers, H_kv, K]`` (int64): the positions every layer and KV head keeps;
+  H2O (A2SF's score with factor 1) also outputs their scores, ``cache_scores [layers, H_kv, K]``, the accumulated
+  attention decoding goes on adding to.
 
 Preconditions (``requires``): a prefill graph; every layer's ``present_*`` outputs found; the logits of each layer
 are ``Q·Kᵀ`` (scaled operands) plus the causal mask. Postconditions (``ensures``): every ``present_*`` output has
@@ -34,9 +36,11 @@ from tokensieve.errors import GraphRewriteError
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, typed
 from tokensieve.graph_passes.locate_decoder import DecoderLayer, DecoderLayout, locate_decoder, logits_matmul
 from tokensieve.methods.a2sf import A2SF
+from tokensieve.methods.h2o import H2O
 from tokensieve.methods.snapkv import SnapKV
 
 POSITIONS = "cache_positions"
+SCORES = "cache_scores"
 
 
 def kept_dim(method: SnapKV | A2SF, sequence: str) -> str:
@@ -73,14 +77,21 @@ class PromptCachePass(ir.passes.InPlacePass):
         name = self.method.name
         b = NodeBuilder(model, f"tokensieve/{name}", {"tokensieve.method": name})
         shared = self._geometry(b, first, seq)
-        positions = [self._layer(b, layer, shared, seq) for layer in layout.layers]
-        stacked = b.op("Concat", positions, POSITIONS, axis=0)
-        stacked.name = POSITIONS
-        typed(stacked, [len(positions), layout.kv_heads, self.kept], ir.DataType.INT64)
+        positions, scores = zip(*(self._layer(b, layer, shared, seq) for layer in layout.layers), strict=True)
+        outputs = [self._stack(b, positions, POSITIONS, ir.DataType.INT64)]
+        if isinstance(self.method, H2O):  # the accumulated scores decoding goes on adding to
+            outputs.append(self._stack(b, scores, SCORES, layout.layers[0].cache_outputs[0].dtype))
         graph.extend(b.nodes)
-        graph.outputs.append(stacked)
-        record_site(model, {"method": name, "layers": "all", "exposed": {"positions": POSITIONS}})
+        graph.outputs.extend(outputs)
+        exposed = dict(zip(("positions", "scores"), (v.name for v in outputs), strict=False))
+        record_site(model, {"method": name, "layers": "all", "exposed": exposed})
         return ir.passes.PassResult(model, modified=True)
+
+    def _stack(self, b: NodeBuilder, parts: tuple[ir.Value, ...], name: str, dtype: ir.DataType) -> ir.Value:
+        """``[layers, H_kv, K]`` from the per-layer ``[1, H_kv, K]`` values."""
+        stacked = b.op("Concat", list(parts), name, axis=0)
+        stacked.name = name
+        return typed(stacked, [len(parts), self.layout.kv_heads, self.kept], dtype)
 
     def _geometry(self, b: NodeBuilder, present: ir.Value, seq) -> dict[str, ir.Value]:
         """Values every layer shares: positions, the start of the protected recent run and its flags, ``K``."""
@@ -139,7 +150,9 @@ class PromptCachePass(ir.passes.InPlacePass):
         grouped = typed(b.op("Reshape", [accumulated, b.const([1, kv, groups, -1])]), [1, kv, groups, seq], real)
         return typed(b.reduce("ReduceSum", grouped, [2], keepdims=False), [1, kv, seq], real)
 
-    def _layer(self, b: NodeBuilder, layer: DecoderLayer, geo: dict[str, ir.Value], seq) -> ir.Value:
+    def _layer(
+        self, b: NodeBuilder, layer: DecoderLayer, geo: dict[str, ir.Value], seq
+    ) -> tuple[ir.Value, ir.Value | None]:
         kv, real, i64 = self.layout.kv_heads, layer.cache_outputs[0].dtype, ir.DataType.INT64
         scorer = self._snapkv_score if isinstance(self.method, SnapKV) else self._a2sf_score
         score = scorer(b, layer, geo, seq)
@@ -150,6 +163,10 @@ class PromptCachePass(ir.passes.InPlacePass):
         typed(values, [1, kv, self.kept], real)
         typed(chosen, [1, kv, self.kept], i64)
         keep = b.ascending(chosen, geo["count"], [1, kv, self.kept])
+        kept_score = None
+        if isinstance(self.method, H2O):
+            kept_score = b.op("GatherElements", [score, keep], "kept_score", axis=2)
+            typed(kept_score, [1, kv, self.kept], real)
 
         index = typed(b.unsqueeze(keep, [3]), [1, kv, self.kept, 1], i64)
         lead = typed(b.op("Shape", [index], end=3), [3], i64)
@@ -161,7 +178,7 @@ class PromptCachePass(ir.passes.InPlacePass):
             slot = next(i for i, out in enumerate(self.graph.outputs) if out is full)
             full.name, gathered.name = f"{full.name}_full", full.name
             self.graph.outputs[slot] = gathered
-        return keep
+        return keep, kept_score
 
     def ensures(self, model: ir.Model) -> None:
         for value in model.graph.outputs:

@@ -3,8 +3,8 @@
 Each method has two faces that read the same dataclass: an eager PyTorch reference (``tokensieve.reference``) and
 a graph face (``tokensieve.graph_passes``). Several methods combine with ``+`` as long as they own disjoint blocks,
 e.g. ``"topk(keep=0.7, layers=[3]) + tome(r=8, layers=[4,5,6,7,8,9,10,11])"``. Methods with ``target = "mllm"``
-(``fastv``, ``streamingllm``, ``snapkv``, ``a2sf``) apply to MLLM decoders instead of ViT blocks. This package is
-pure Python.
+(``fastv``, ``streamingllm``, ``snapkv``, ``a2sf``, ``h2o``) apply to MLLM decoders instead of ViT blocks. This
+package is pure Python.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tokensieve.methods.atp import ATPPrune
 from tokensieve.methods.base import Method, Schedule, SiteCount, check_target, schedule
 from tokensieve.methods.diffrate import DiffRate
 from tokensieve.methods.fastv import FastV
+from tokensieve.methods.h2o import H2O
 from tokensieve.methods.pitome import PiToMe
 from tokensieve.methods.snapkv import SnapKV
 from tokensieve.methods.spec import parse_method_calls
@@ -28,11 +29,12 @@ from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopKPrune
 
 VIT_METHODS = (TopKPrune, ToMe, PiToMe, DiffRate, ATPPrune)
-MLLM_METHODS = (FastV, StreamingLLM, SnapKV, A2SF)
+MLLM_METHODS = (FastV, StreamingLLM, SnapKV, A2SF, H2O)
 REGISTRY: dict[str, type] = {cls.name: cls for cls in (*VIT_METHODS, *MLLM_METHODS)}
 
 __all__ = [
     "A2SF",
+    "H2O",
     "REGISTRY",
     "ATPPrune",
     "DiffRate",

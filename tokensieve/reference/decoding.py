@@ -7,7 +7,8 @@ The decoder layers are the model's own; what a method changes is which positions
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -17,17 +18,23 @@ def causal_mask(length: int) -> torch.Tensor:
     return torch.where(steps[None, :] > steps[:, None], torch.finfo(torch.float32).min, 0.0)[None, None]
 
 
-@torch.no_grad()
-def attention_forward(model, inputs: dict):
-    """One unreduced forward of processor ``inputs`` with every layer's attention probabilities (``attentions``,
-    ``[1, H, T, T]`` each) and the merged input embeddings (``hidden_states[0]``); attention probabilities are
-    returned only by eager attention, so the model is switched to it for this call."""
+@contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """Run ``model`` with eager attention inside the block: the only implementation that returns probabilities."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        return model(**inputs, output_attentions=True, output_hidden_states=True)
+        yield
     finally:
         model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def attention_forward(model, inputs: dict):
+    """One unreduced forward of processor ``inputs`` with every layer's attention probabilities (``attentions``,
+    ``[1, H, T, T]`` each) and the merged input embeddings (``hidden_states[0]``)."""
+    with eager_attention(model):
+        return model(**inputs, output_attentions=True, output_hidden_states=True)
 
 
 @torch.no_grad()

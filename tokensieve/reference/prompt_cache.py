@@ -47,9 +47,16 @@ def select(attention: torch.Tensor, kv_heads: int, method: PromptCacheCompressio
     return torch.sort(order, dim=-1).values
 
 
+def gather_entries(layer, index: torch.Tensor) -> None:
+    """Keep the entries ``index [H_kv, n]`` of one ``DynamicCache`` layer, in that order."""
+    expanded = index[None, :, :, None].expand(-1, -1, -1, layer.keys.shape[-1])
+    layer.keys, layer.values = layer.keys.gather(2, expanded), layer.values.gather(2, expanded)
+
+
 @torch.no_grad()
-def compressed_generate(model, inputs: dict, method: PromptCacheCompression, new_tokens: int) -> CompressedResult:
-    """Greedy generation with a compressed prompt cache for processor ``inputs`` (batch 1) on a LLaVA(-NeXT)."""
+def compressed_prefill(model, inputs: dict, method: PromptCacheCompression):
+    """Prefill of processor ``inputs`` with the prompt cache compressed by ``method``: (last-position logits, the
+    ``DynamicCache``, kept positions ``[layers, H_kv, K]``, the unreduced forward with every layer's attention)."""
     from transformers import DynamicCache
 
     full = attention_forward(model, inputs)
@@ -58,7 +65,13 @@ def compressed_generate(model, inputs: dict, method: PromptCacheCompression, new
     kv_heads = cache.layers[0].keys.shape[1]
     positions = torch.stack([select(a, kv_heads, method) for a in full.attentions])
     for layer, keep in zip(cache.layers, positions, strict=True):
-        index = keep[None, :, :, None].expand(-1, -1, -1, layer.keys.shape[-1])
-        layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        gather_entries(layer, keep)
+    return logits, cache, positions, full
+
+
+@torch.no_grad()
+def compressed_generate(model, inputs: dict, method: PromptCacheCompression, new_tokens: int) -> CompressedResult:
+    """Greedy generation with a compressed prompt cache for processor ``inputs`` (batch 1) on a LLaVA(-NeXT)."""
+    logits, cache, positions, full = compressed_prefill(model, inputs, method)
     length = full.hidden_states[0].shape[1]
     return CompressedResult(positions, logits, greedy(model, logits, cache, length, new_tokens))

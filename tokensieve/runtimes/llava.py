@@ -5,12 +5,13 @@ The host does what the Hugging Face processor and ``generate`` do around the gra
 placeholder to the number of image features, write the features into the token embeddings at the placeholder
 positions (found from ``input_ids``), run prefill, then greedy decoding until a stop token or ``max_new_tokens``.
 
-Two cache forms: ``fixed`` (the default; static-shape ``decode`` graph with caches ``[1, H_kv, C, d]`` updated in
-place at ``cache_position``, prefill's keys/values copied into slots ``0..T-1``: :class:`FixedCacheDecoder`) and
-``growing`` (``decode_growing``:
-past keys/values grow by one position per step). A prompt plus generation longer than the capacity raises
-:class:`CapacityError` before anything runs. With SnapKV / A2SF the prefill graph returns the compressed prompt cache
-(``budget`` positions per layer and KV head) and new tokens are cached after it, at their absolute positions.
+Two cache forms (decoders in :mod:`tokensieve.runtimes.kv_cache`): ``fixed`` (the default; static-shape ``decode``
+graph with caches ``[1, H_kv, C, d]`` updated in place, prefill's keys/values copied into slots ``0..T-1``) and
+``growing`` (``decode_growing``: past keys/values grow by one position per step). A prompt plus generation longer
+than the capacity raises :class:`CapacityError` before anything runs (not with StreamingLLM or H2O, which evict).
+With SnapKV / A2SF / H2O the prefill graph returns the compressed prompt cache (``budget`` positions per layer and KV
+head) and new tokens are cached after it, at their absolute positions; H2O's decode graph then evicts one position
+per step once ``budget + 1`` are cached.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import numpy as np
 
 from tokensieve.errors import CapacityError, PromptError, RuntimeBackendError
 from tokensieve.methods import methods_from_dicts
+from tokensieve.methods.h2o import H2O
 from tokensieve.methods.prompt_cache import PromptCacheCompression
 from tokensieve.methods.streamingllm import StreamingLLM
+from tokensieve.runtimes.kv_cache import FixedCacheDecoder, GrowingCacheDecoder, HeavyHitterDecoder, kv_names
 from tokensieve.runtimes.llava_image import pack_features, preprocess
 from tokensieve.runtimes.ort import OrtRunner
 
@@ -44,7 +47,8 @@ class Generation:
     prefill_logits: np.ndarray  # [V] at the last prompt position
     stop: str  # "eos" | "max_new_tokens"
     kept_positions: np.ndarray | None = None  # FastV: prompt positions the layers from k on keep
-    cache_positions: np.ndarray | None = None  # SnapKV / A2SF: [layers, kv_heads, K] prompt positions cached
+    cache_positions: np.ndarray | None = None  # SnapKV / A2SF / H2O: [layers, kv_heads, K] prompt positions cached
+    retained_positions: np.ndarray | None = None  # H2O: [layers, kv_heads, n] positions cached at the end
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -92,8 +96,11 @@ class LlavaRunner:
         self.host: dict[str, Any] = manifest["host"]
         self.cache = cache
         graphs = manifest["graphs"]
+        methods = methods_from_dicts(manifest.get("methods"))
         decode_key = "decode" if cache == "fixed" else "decode_growing"
         if decode_key not in graphs:
+            if any(isinstance(m, H2O) for m in methods):
+                raise RuntimeBackendError("h2o evicts inside the fixed-capacity decode graph; use the fixed cache")
             raise RuntimeBackendError(f"this artifact has no {decode_key} graph; re-export with the growing cache")
 
         def runner(key: str) -> OrtRunner:
@@ -104,7 +111,6 @@ class LlavaRunner:
         )
         self.layers = manifest["decoder"]["layers"]
         self.capacity: int | None = manifest["decoder"]["capacity"] if cache == "fixed" else None
-        methods = methods_from_dicts(manifest.get("methods"))
         self.eviction = next((m for m in methods if isinstance(m, StreamingLLM)), None)
         self.compression = next((m for m in methods if isinstance(m, PromptCacheCompression)), None)
         self.budget: int = manifest["decoder"]["capacity"]  # positions an evicting cache keeps
@@ -146,12 +152,12 @@ class LlavaRunner:
         the image tokens' ``[start, end)``."""
         out = self.prefill_graph.run(prefill_feeds(self.prefill_graph, embeds, span))
         present = [out[f"present_{n}"] for n in kv_names(self.layers)]
-        extras = {name: out[name] for name in ("kept_positions", "cache_positions") if name in out}
+        extras = {name: out[name] for name in ("kept_positions", "cache_positions", "cache_scores") if name in out}
         return out["logits"][0], present, extras
 
     def check_capacity(self, prompt_length: int, max_new_tokens: int) -> None:
-        if self.capacity is None or self.eviction is not None:  # growing, or a ring that evicts: no limit
-            return
+        if self.capacity is None or self.eviction is not None or isinstance(self.compression, H2O):
+            return  # growing, or a cache that evicts: no limit
         cached = prompt_length if self.compression is None else self.compression.kept_count(prompt_length)
         needed = cached + max_new_tokens - 1  # the last new token is never written to the cache
         if needed > self.capacity:
@@ -187,13 +193,14 @@ class LlavaRunner:
         stops = set() if ignore_eos else set(stop_ids if stop_ids is not None else [self.host["eos_id"]])
         kept = extras.get("kept_positions")
         dropped = 0 if kept is None else len(ids) - len(kept)
-        decoder = (
-            FixedCacheDecoder(
-                self.decode, present, self.capacity, dropped, self.eviction, offset=len(ids) - present[0].shape[2]
-            )
-            if self.capacity is not None
-            else GrowingCacheDecoder(self.decode, present, self.eviction, self.budget)
-        )
+        if isinstance(self.compression, H2O):
+            positions, scores = extras["cache_positions"], extras["cache_scores"]
+            decoder = HeavyHitterDecoder(self.decode, present, self.capacity, self.compression, positions, scores)
+        elif self.capacity is not None:
+            offset = len(ids) - present[0].shape[2]
+            decoder = FixedCacheDecoder(self.decode, present, self.capacity, dropped, self.eviction, offset)
+        else:
+            decoder = GrowingCacheDecoder(self.decode, present, self.eviction, self.budget)
         new: list[int] = []
         next_logits, stop = logits, "max_new_tokens"
         for position in range(len(ids), len(ids) + max_new_tokens):
@@ -215,6 +222,7 @@ class LlavaRunner:
             stop=stop,
             kept_positions=kept,
             cache_positions=extras.get("cache_positions"),
+            retained_positions=decoder.retained() if isinstance(decoder, HeavyHitterDecoder) else None,
             timings_ms={
                 "vision": 1e3 * (t_vision - start),
                 "prefill": 1e3 * (t_prefill - t_vision),
@@ -229,97 +237,3 @@ def prefill_feeds(runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] |
     if "image_positions" in runner.input_names:
         feeds["image_positions"] = np.arange(*(span or (0, 0)), dtype=np.int64)
     return feeds
-
-
-def kv_names(layers: int) -> list[str]:
-    return [f"{k}_{i}" for i in range(layers) for k in ("key", "value")]
-
-
-class FixedCacheDecoder:
-    """Steps the static decode graph with its caches updated **in place**: each cache buffer is bound both as the
-    ``cache_*`` input and as the ``updated_*`` output (ONNX Runtime I/O binding), so ``ScatterND`` finds input and
-    output in the same buffer and writes one slot instead of copying the whole cache, the way a TensorRT engine
-    updates a KV cache that is network I/O. Prefill's keys/values go to slots ``0..T-1`` first (each layer its own
-    ``T``). After FastV the later layers hold ``dropped`` fewer positions: they write slot ``position - dropped``
-    (input ``pruned_cache_position``). With StreamingLLM (``eviction``) the cache is a ring: position ``p`` goes to
-    ``eviction.slot(p)``, a prompt longer than the capacity keeps only its retained positions, and once the ring is
-    full every slot is attended to (input ``visible_slots``). After SnapKV / A2SF every layer holds ``offset`` fewer
-    positions than the prompt had: position ``p`` goes to slot ``p - offset``."""
-
-    def __init__(
-        self,
-        runner: OrtRunner,
-        present: list[np.ndarray],
-        capacity: int,
-        dropped: int = 0,
-        eviction: StreamingLLM | None = None,
-        offset: int = 0,
-    ):
-        import onnxruntime as ort
-
-        self.runner, self.capacity, self.eviction, self.offset = runner, capacity, eviction, offset
-        self.dropped = dropped if "pruned_cache_position" in runner.input_names else None
-        self.caches = []
-        for tensor in present:
-            cache = np.zeros((*tensor.shape[:2], capacity, tensor.shape[3]), tensor.dtype)
-            if eviction is None:
-                cache[:, :, : tensor.shape[2]] = tensor
-            else:
-                kept = eviction.retained(tensor.shape[2], capacity)
-                cache[:, :, [self.slot(p) for p in kept]] = tensor[:, :, kept]
-            self.caches.append(ort.OrtValue.ortvalue_from_numpy(cache))
-        self.binding = runner.session.io_binding()
-        self.binding.bind_output("logits")
-        for name, value in zip(kv_names(len(present) // 2), self.caches, strict=True):
-            self.binding.bind_ortvalue_input(f"cache_{name}", value)
-            self.binding.bind_ortvalue_output(f"updated_{name}", value)
-
-    def slot(self, position: int) -> int:
-        return position - self.offset if self.eviction is None else self.eviction.slot(position, self.capacity)
-
-    def step(self, token: int, position: int) -> np.ndarray:
-        """Logits ``[V]`` after feeding ``token`` at ``position`` (written to cache slot :meth:`slot`)."""
-        self.binding.bind_cpu_input("input_ids", np.array([[token]], np.int64))
-        self.binding.bind_cpu_input("position_ids", np.array([[position]], np.int64))
-        self.binding.bind_cpu_input("cache_position", np.array([self.slot(position)], np.int64))
-        if self.eviction is not None:
-            visible = min(position + 1, self.capacity)
-            self.binding.bind_cpu_input("visible_slots", np.array([visible], np.int64))
-        if self.dropped is not None:
-            self.binding.bind_cpu_input("pruned_cache_position", np.array([position - self.dropped], np.int64))
-        self.runner.run_binding(self.binding)
-        return self.binding.get_outputs()[0].numpy()[0]
-
-    def cache(self, index: int) -> np.ndarray:
-        """A copy of cache tensor ``index`` (order: key_0, value_0, key_1, ...)."""
-        return self.caches[index].numpy()
-
-
-class GrowingCacheDecoder:
-    """Steps the growing-cache decode graph: past keys/values in, one-longer present keys/values out. With
-    StreamingLLM (``eviction``), the past is cut on the host to ``budget`` positions after prefill and to
-    ``budget - 1`` before each step (attention sinks first, then the most recent)."""
-
-    def __init__(
-        self, runner: OrtRunner, present: list[np.ndarray], eviction: StreamingLLM | None = None, budget: int = 0
-    ):
-        self.runner, self.eviction, self.budget = runner, eviction, budget
-        self.past = [self._keep(t, budget) for t in present]
-        names = kv_names(len(present) // 2)
-        self.inputs, self.outputs = [f"past_{n}" for n in names], [f"present_{n}" for n in names]
-
-    def step(self, token: int, position: int) -> np.ndarray:
-        past = [self._keep(t, self.budget - 1) for t in self.past]
-        feeds = {
-            "input_ids": np.array([[token]], np.int64),
-            "position_ids": np.array([[position]], np.int64),
-            **dict(zip(self.inputs, past, strict=True)),
-        }
-        out = self.runner.run(feeds)
-        self.past = [out[n] for n in self.outputs]
-        return out["logits"][0]
-
-    def _keep(self, tensor: np.ndarray, budget: int) -> np.ndarray:
-        if self.eviction is None or tensor.shape[2] <= budget:
-            return tensor
-        return tensor[:, :, self.eviction.retained(tensor.shape[2], budget)]

@@ -1,0 +1,49 @@
+"""H2O heavy-hitter KV-cache eviction (NeurIPS 2023) with a fixed cache budget: the method's single declaration.
+
+Both faces read this dataclass: the eager reference (``tokensieve.reference.h2o``) and the graph face (the
+prompt-cache pass on the prefill graph, ``tokensieve.graph_passes.prompt_cache``, and the eviction pass on the
+fixed-capacity decode graph, ``tokensieve.graph_passes.heavy_hitters``). Semantics (METHODS.md §5.1, the official
+real-drop form ``H2OKVCache_LayerWise`` with ``hh_size = budget - recent``), per layer and KV head:
+
+* a position's score is the attention it has received, accumulated over every query since it entered the cache
+  (post-softmax probabilities, summed over the query heads of the KV group);
+* after prefill the cache holds ``budget`` prompt positions: the last ``recent`` plus the earlier ones with the
+  highest accumulated score over all prompt queries (A2SF's score with ``forgetting_factor=1``, so H2O is that
+  selection plus eviction while decoding);
+* every decode step attends to the cached positions and the new token (``budget + 1`` keys), adds the step's
+  attention to the scores (the new token starts with its own), and, when ``budget + 1`` positions are cached, evicts
+  the one with the lowest score among those older than the last ``recent`` positions;
+* storage: the fixed cache has ``budget + 1`` slots (more are allowed and stay unused); the prompt fills slots
+  ``0..K-1`` in position order, new tokens take the next free slot and, once the cache is full, the slot just
+  evicted. Ties in the eviction go to the lower slot (ONNX ``TopK``), which the eager reference mirrors;
+* keys keep their RoPE rotation at their original positions; new tokens continue at absolute positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, ClassVar
+
+from tokensieve.methods.a2sf import A2SF
+
+
+@dataclass(frozen=True)
+class H2O(A2SF):
+    """Keep ``budget`` positions per layer and KV head: the ``recent`` newest and the heaviest hitters by
+    accumulated attention, evicting one per decode step once the cache is full."""
+
+    budget: int = 256
+    recent: int = 128
+    forgetting_factor: Fraction = field(default=Fraction(1), init=False)
+    name: ClassVar[str] = "h2o"
+
+    def slots(self) -> int:
+        """Cache slots H2O uses: the budget plus the one the next token is written to."""
+        return self.budget + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "budget": self.budget, "recent": self.recent}
+
+    def describe(self) -> str:
+        return f"h2o(budget={self.budget}, recent={self.recent})"

@@ -1,0 +1,170 @@
+"""KV-cache decoders: step an MLLM artifact's decode graph one token at a time, feeding its cache and any eviction
+state back (fixed-capacity cache with ONNX Runtime I/O binding, growing cache, H2O's heavy-hitter state).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tokensieve.methods.h2o import H2O
+from tokensieve.methods.streamingllm import StreamingLLM
+from tokensieve.runtimes.ort import OrtRunner
+
+
+def kv_names(layers: int) -> list[str]:
+    return [f"{k}_{i}" for i in range(layers) for k in ("key", "value")]
+
+
+class FixedCacheDecoder:
+    """Steps the static decode graph with its caches updated **in place**: each cache buffer is bound both as the
+    ``cache_*`` input and as the ``updated_*`` output (ONNX Runtime I/O binding), so ``ScatterND`` finds input and
+    output in the same buffer and writes one slot instead of copying the whole cache, the way a TensorRT engine
+    updates a KV cache that is network I/O. Prefill's keys/values go to slots ``0..T-1`` first (each layer its own
+    ``T``). After FastV the later layers hold ``dropped`` fewer positions: they write slot ``position - dropped``
+    (input ``pruned_cache_position``). With StreamingLLM (``eviction``) the cache is a ring: position ``p`` goes to
+    ``eviction.slot(p)``, a prompt longer than the capacity keeps only its retained positions, and once the ring is
+    full every slot is attended to (input ``visible_slots``). After SnapKV / A2SF every layer holds ``offset`` fewer
+    positions than the prompt had: position ``p`` goes to slot ``p - offset``."""
+
+    def __init__(
+        self,
+        runner: OrtRunner,
+        present: list[np.ndarray],
+        capacity: int,
+        dropped: int = 0,
+        eviction: StreamingLLM | None = None,
+        offset: int = 0,
+    ):
+        import onnxruntime as ort
+
+        self.runner, self.capacity, self.eviction, self.offset = runner, capacity, eviction, offset
+        self.dropped = dropped if "pruned_cache_position" in runner.input_names else None
+        self.caches = []
+        for tensor in present:
+            cache = np.zeros((*tensor.shape[:2], capacity, tensor.shape[3]), tensor.dtype)
+            if eviction is None:
+                cache[:, :, : tensor.shape[2]] = tensor
+            else:
+                kept = eviction.retained(tensor.shape[2], capacity)
+                cache[:, :, [self.slot(p) for p in kept]] = tensor[:, :, kept]
+            self.caches.append(ort.OrtValue.ortvalue_from_numpy(cache))
+        self.binding = runner.session.io_binding()
+        self.binding.bind_output("logits")
+        for name, value in zip(kv_names(len(present) // 2), self.caches, strict=True):
+            self.binding.bind_ortvalue_input(f"cache_{name}", value)
+            self.binding.bind_ortvalue_output(f"updated_{name}", value)
+
+    def slot(self, position: int) -> int:
+        return position - self.offset if self.eviction is None else self.eviction.slot(position, self.capacity)
+
+    def step(self, token: int, position: int) -> np.ndarray:
+        """Logits ``[V]`` after feeding ``token`` at ``position`` (written where :meth:`bind_slots` says)."""
+        self.binding.bind_cpu_input("input_ids", np.array([[token]], np.int64))
+        self.binding.bind_cpu_input("position_ids", np.array([[position]], np.int64))
+        self.bind_slots(position)
+        self.runner.run_binding(self.binding)
+        return self.binding.get_outputs()[0].numpy()[0]
+
+    def bind_slots(self, position: int) -> None:
+        """Bind the inputs that say where ``position`` is written and which slots are attended to."""
+        self.binding.bind_cpu_input("cache_position", np.array([self.slot(position)], np.int64))
+        if self.eviction is not None:
+            visible = min(position + 1, self.capacity)
+            self.binding.bind_cpu_input("visible_slots", np.array([visible], np.int64))
+        if self.dropped is not None:
+            self.binding.bind_cpu_input("pruned_cache_position", np.array([position - self.dropped], np.int64))
+
+    def cache(self, index: int) -> np.ndarray:
+        """A copy of cache tensor ``index`` (order: key_0, value_0, key_1, ...)."""
+        return self.caches[index].numpy()
+
+
+class HeavyHitterDecoder(FixedCacheDecoder):
+    """Steps an H2O decode graph, which accumulates attention and chooses the slot to evict per layer and KV head;
+    this class feeds that state back. Prefill's compressed cache (``K <= budget`` positions per layer and KV head,
+    with their ``scores``) fills slots ``0..K-1``; new tokens take the next free slot until ``budget + 1`` positions
+    are held, then the slot each layer and head evicted on the previous step. The scores live in two ONNX Runtime
+    buffers that swap roles every step (input ``h2o_scores`` / output ``updated_h2o_scores``)."""
+
+    def __init__(
+        self,
+        runner: OrtRunner,
+        present: list[np.ndarray],
+        capacity: int,
+        method: H2O,
+        positions: np.ndarray,
+        scores: np.ndarray,
+    ):
+        import onnxruntime as ort
+
+        super().__init__(runner, present, capacity)
+        self.method = method
+        layers, kv, kept = positions.shape
+        self.held = np.full((layers, kv, capacity), -1, np.int64)  # the position each slot holds
+        self.held[:, :, :kept] = positions
+        state = np.zeros((layers, kv, capacity), scores.dtype)
+        state[:, :, :kept] = scores
+        self.scores = [ort.OrtValue.ortvalue_from_numpy(state), ort.OrtValue.ortvalue_from_numpy(np.zeros_like(state))]
+        self.used = kept
+        self.write = np.zeros((layers, kv), np.int64)
+        self.evict: np.ndarray | None = None
+        self.evicted = ort.OrtValue.ortvalue_from_numpy(np.zeros((layers, kv), np.int64))
+        self.binding.bind_ortvalue_output("evict_slots", self.evicted)
+
+    def bind_slots(self, position: int) -> None:
+        if self.used < self.method.slots():
+            self.write = np.full(self.held.shape[:2], self.used, np.int64)
+            self.used += 1
+        else:
+            self.write = self.evict
+        self.binding.bind_cpu_input("visible_slots", np.array([self.used], np.int64))
+        self.binding.bind_cpu_input("write_slots", self.write)
+        self.binding.bind_cpu_input("slot_positions", self.held)
+        self.binding.bind_ortvalue_input("h2o_scores", self.scores[0])
+        self.binding.bind_ortvalue_output("updated_h2o_scores", self.scores[1])
+
+    def step(self, token: int, position: int) -> np.ndarray:
+        logits = super().step(token, position)
+        self.evict = self.evicted.numpy().copy()  # numpy() shares the buffer the next step overwrites
+        self.scores.reverse()
+        np.put_along_axis(self.held, self.write[..., None], position, axis=2)
+        return logits
+
+    def retained(self) -> np.ndarray:
+        """``[layers, H_kv, n]``: the positions cached after the last step's eviction, ascending."""
+        held = self.held[:, :, : self.used]
+        if self.used == self.method.slots() and self.evict is not None:  # full: the last step evicted a slot
+            live = np.ones(held.shape, bool)
+            np.put_along_axis(live, self.evict[..., None], False, axis=2)
+            held = held[live].reshape(*held.shape[:2], -1)
+        return np.sort(held, axis=-1)
+
+
+class GrowingCacheDecoder:
+    """Steps the growing-cache decode graph: past keys/values in, one-longer present keys/values out. With
+    StreamingLLM (``eviction``), the past is cut on the host to ``budget`` positions after prefill and to
+    ``budget - 1`` before each step (attention sinks first, then the most recent)."""
+
+    def __init__(
+        self, runner: OrtRunner, present: list[np.ndarray], eviction: StreamingLLM | None = None, budget: int = 0
+    ):
+        self.runner, self.eviction, self.budget = runner, eviction, budget
+        self.past = [self._keep(t, budget) for t in present]
+        names = kv_names(len(present) // 2)
+        self.inputs, self.outputs = [f"past_{n}" for n in names], [f"present_{n}" for n in names]
+
+    def step(self, token: int, position: int) -> np.ndarray:
+        past = [self._keep(t, self.budget - 1) for t in self.past]
+        feeds = {
+            "input_ids": np.array([[token]], np.int64),
+            "position_ids": np.array([[position]], np.int64),
+            **dict(zip(self.inputs, past, strict=True)),
+        }
+        out = self.runner.run(feeds)
+        self.past = [out[n] for n in self.outputs]
+        return out["logits"][0]
+
+    def _keep(self, tensor: np.ndarray, budget: int) -> np.ndarray:
+        if self.eviction is None or tensor.shape[2] <= budget:
+            return tensor
+        return tensor[:, :, self.eviction.retained(tensor.shape[2], budget)]
