@@ -14,7 +14,6 @@ layer, plus H2O's scores and slot positions. Writes ``benchmarks/results/llava_h
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import json
 import tempfile
@@ -22,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-import tokensieve
 from tokensieve.bench import pyplot, record_medians, save_figure, time_alternating
+from tokensieve.bench_llava import cache_bytes_per_slot, export_variants, time_prefills
 from tokensieve.methods.a2sf import A2SF
 from tokensieve.methods.h2o import H2O
 from tokensieve.runtimes.kv_cache import FixedCacheDecoder, HeavyHitterDecoder, kv_names
-from tokensieve.runtimes.llava import prefill_feeds
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,23 +50,10 @@ def main() -> None:
     rows, timings = {}, {}
     options = {"threads": args.threads, "spin": False}
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = {}
-        for i, (name, (method, capacity)) in enumerate(variants.items()):
-            artifacts[name] = tokensieve.export(f"hf:{args.source}", method, out=Path(tmp) / str(i), capacity=capacity)
-            gc.collect()
+        artifacts = export_variants(f"hf:{args.source}", variants, Path(tmp))
         geometry = artifacts["none"].manifest["decoder"]
-        slot_bytes = 2 * geometry["layers"] * geometry["kv_heads"] * geometry["head_dim"] * 4  # keys + values, fp32
         embeds = np.random.default_rng(0).standard_normal((1, length, geometry["hidden"]), dtype=np.float32)
-        # one phase per graph kind, so that only one session per variant holds its weights at a time
-        runners = {name: artifact.runner("prefill", **options) for name, artifact in artifacts.items()}
-        runs, prefills = {}, {}
-        for name, runner in runners.items():
-            feeds = prefill_feeds(runner, embeds, None)
-            prefills[name] = runner.run(feeds)  # warm-up
-            runs[name] = lambda r=runner, f=feeds: r.run(f)
-        timings["prefill"] = time_alternating(runs, args.blocks, 1)
-        del runners, runner, runs
-        gc.collect()
+        prefills, timings["prefill"] = time_prefills(artifacts, embeds, options, args.blocks, 1)
         steps = {}
         for name, artifact in artifacts.items():
             out, (method, capacity) = prefills[name], variants[name]
@@ -86,7 +71,7 @@ def main() -> None:
                 steps[name] = lambda d=decode: d.step(7, length)  # rewrites the same slot: the same cost every call
             steps[name]()
             state = geometry["layers"] * geometry["kv_heads"] * capacity * (4 + 8) if isinstance(method, H2O) else 0
-            cache_mb = (capacity * slot_bytes + state) / 2**20  # H2O: + fp32 scores and int64 slot positions
+            cache_mb = (capacity * cache_bytes_per_slot(geometry) + state) / 2**20  # H2O: + scores, slot positions
             rows[name] = {"capacity": capacity, "cached_prompt": present[0].shape[2], "cache_mb": cache_mb}
         timings["decode"] = time_alternating(steps, args.blocks, args.per_block)
     record_medians(rows, timings)

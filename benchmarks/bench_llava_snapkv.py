@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-import tokensieve
 from tokensieve.bench import pyplot, record_medians, save_figure, time_alternating
+from tokensieve.bench_llava import cache_bytes_per_slot, export_variants, time_prefills
 from tokensieve.methods.snapkv import SnapKV
 from tokensieve.runtimes.kv_cache import FixedCacheDecoder, kv_names
-from tokensieve.runtimes.llava import prefill_feeds
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -48,27 +47,16 @@ def main() -> None:
     options = {"threads": args.threads, "spin": False}
     rows, timings = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = {}
-        for i, (name, (method, capacity)) in enumerate(variants.items()):
-            artifacts[name] = tokensieve.export(f"hf:{args.source}", method, out=Path(tmp) / str(i), capacity=capacity)
-            gc.collect()
+        artifacts = export_variants(f"hf:{args.source}", variants, Path(tmp))
         decoder = artifacts["none"].manifest["decoder"]
         names = kv_names(decoder["layers"])
         embeds = np.random.default_rng(0).standard_normal((1, length, decoder["hidden"]), dtype=np.float32)
-        bytes_per_slot = 2 * decoder["layers"] * decoder["kv_heads"] * decoder["head_dim"] * 4
-        # one phase per graph kind, so that only one session per variant holds its weights at a time
-        runners = {name: artifact.runner("prefill", **options) for name, artifact in artifacts.items()}
-        presents, runs = {}, {}
-        for name, runner in runners.items():
-            feeds = prefill_feeds(runner, embeds, None)
-            out = runner.run(feeds)  # warm-up
-            presents[name] = [out[f"present_{n}"] for n in names]
-            runs[name] = lambda r=runner, f=feeds: r.run(f)
-            capacity, cached = variants[name][1], presents[name][0].shape[2]
-            rows[name] = {"capacity": capacity, "cached_prompt": cached, "cache_mb": capacity * bytes_per_slot / 2**20}
-        timings["prefill"] = time_alternating(runs, args.blocks, args.per_block)
-        del runners, runner, runs
-        gc.collect()
+        prefills, timings["prefill"] = time_prefills(artifacts, embeds, options, args.blocks, args.per_block)
+        presents = {name: [out[f"present_{n}"] for n in names] for name, out in prefills.items()}
+        for name, present in presents.items():
+            capacity, cached = variants[name][1], present[0].shape[2]
+            cache_mb = capacity * cache_bytes_per_slot(decoder) / 2**20
+            rows[name] = {"capacity": capacity, "cached_prompt": cached, "cache_mb": cache_mb}
         runs = {}
         for name, artifact in artifacts.items():
             present, capacity = presents[name], variants[name][1]

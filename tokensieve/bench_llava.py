@@ -12,9 +12,11 @@ prefill graph drops what it would drop on a real prompt.
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -135,6 +137,40 @@ def bench_llava(
         (artifact.path / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))
         plot_decode(report, artifact.path / "bench.png")
     return report
+
+
+def export_variants(source: str, variants: dict[str, tuple[Any, int]], directory: Path) -> dict[str, Any]:
+    """Export ``source`` once per variant ``name: (method, capacity)`` into subfolders of ``directory``."""
+    from tokensieve.api import export
+
+    artifacts = {}
+    for i, (name, (method, capacity)) in enumerate(variants.items()):
+        artifacts[name] = export(source, method, out=directory / str(i), capacity=capacity)
+        gc.collect()
+    return artifacts
+
+
+def cache_bytes_per_slot(decoder: dict[str, int]) -> int:
+    """Bytes one cache slot takes: keys + values of every layer, fp32 (``decoder`` = the manifest's geometry)."""
+    return 2 * decoder["layers"] * decoder["kv_heads"] * decoder["head_dim"] * 4
+
+
+def time_prefills(
+    artifacts: dict[str, Any], embeds: np.ndarray, options: dict[str, Any], blocks: int, per_block: int
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, list[float]]]:
+    """Each artifact's prefill outputs for ``embeds`` (the warm-up run) and its times in seconds, variants
+    alternating in blocks. The sessions are released before returning, so that a benchmark holds one graph kind
+    per variant at a time (7B shapes do not fit in memory otherwise)."""
+    runners = {name: artifact.runner("prefill", **options) for name, artifact in artifacts.items()}
+    outputs, runs = {}, {}
+    for name, runner in runners.items():
+        feeds = prefill_feeds(runner, embeds, None)
+        outputs[name] = runner.run(feeds)
+        runs[name] = lambda r=runner, f=feeds: r.run(f)
+    times = time_alternating(runs, blocks, per_block)
+    del runners, runner, runs
+    gc.collect()
+    return outputs, times
 
 
 def plot_decode(report: LlavaBenchReport, path) -> bool:

@@ -15,6 +15,8 @@ Hugging Face ``generate`` at ``keep=1``) instead, and also on the kept positions
 StreamingLLM are held to the eager StreamingLLM reference (:mod:`tokensieve.reference.streamingllm`) with the
 artifact's cache capacity as the budget. Artifacts with SnapKV or A2SF are held to the eager reference
 (:mod:`tokensieve.reference.prompt_cache`), also on the positions every layer and KV head keeps: identical sets.
+Artifacts with H2O are held to :mod:`tokensieve.reference.h2o`, also on the prompt positions prefill keeps and the
+positions cached at the end of the generation, per layer and KV head: identical sets.
 """
 
 from __future__ import annotations
@@ -69,8 +71,9 @@ class LlavaParityCase:
     first_mismatch: int | None
     reference_ids: list[int] = field(repr=False)
     ids: list[int] = field(repr=False)
-    kept_tokens: int | None = None  # FastV: prompt positions later layers keep; SnapKV/A2SF: per layer and KV head
-    kept_match: bool | None = None  # FastV / SnapKV / A2SF: the graph's kept positions equal the eager reference's
+    kept_tokens: int | None = None  # FastV: prompt positions later layers keep; SnapKV/A2SF: per layer and KV head;
+    # H2O: prefill's plus the end's, per layer and KV head
+    kept_match: bool | None = None  # the graph's kept positions equal the eager reference's
 
     def ok(self, tolerance: float) -> bool:
         kept = self.kept_match is not False

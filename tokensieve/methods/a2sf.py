@@ -8,7 +8,7 @@ form), per layer and KV head: every prompt query row's post-softmax attention, w
 ``forgetting_factor ** (T - 1 - q)`` (the newest row weighs 1, older rows are forgotten geometrically), summed over
 the rows and over the query heads of the KV group. The last ``recent`` positions are always kept (16 in the official
 code; README example: budget 256, forgetting factor 0.95). ``forgetting_factor=1`` is H2O's accumulated score over
-the prompt (H2O also keeps accumulating while decoding; not done here).
+the prompt (:mod:`tokensieve.methods.h2o` also keeps accumulating and evicting while decoding).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""What the prompt-cache compression methods (SnapKV, A2SF) share: a budget of cached prompt positions per layer
-and KV head, the last ``protected`` positions always among them, chosen once at the end of prefill.
+"""What the prompt-cache compression methods (SnapKV, A2SF, and H2O's prefill) share: a budget of cached prompt
+positions per layer and KV head, the last ``protected`` positions always among them, chosen once at the end of
+prefill.
 
 The graph face is one pass (``tokensieve.graph_passes.prompt_cache``) with a scoring step per method and a shared
 selection step; the eager face is ``tokensieve.reference.prompt_cache``. Semantics of the selection (METHODS.md §5):

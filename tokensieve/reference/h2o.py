@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from tokensieve.methods.h2o import H2O
-from tokensieve.reference.a2sf import a2sf_score
 from tokensieve.reference.decoding import eager_attention, greedy
 from tokensieve.reference.prompt_cache import compressed_prefill, gather_entries
 
@@ -90,11 +89,9 @@ class _HeavyHitters:
 @torch.no_grad()
 def h2o_generate(model, inputs: dict, method: H2O, new_tokens: int) -> H2OResult:
     """H2O greedy generation for processor ``inputs`` (batch 1) on a LLaVA(-NeXT)."""
-    logits, cache, positions, full = compressed_prefill(model, inputs, method)
-    kv = cache.layers[0].keys.shape[1]
-    scores = [a2sf_score(a, kv, method).gather(1, keep) for a, keep in zip(full.attentions, positions, strict=True)]
-    length = full.hidden_states[0].shape[1]
-    state = _HeavyHitters(cache, positions, scores, method, length)
+    done = compressed_prefill(model, inputs, method)
+    logits, cache, length = done.logits, done.cache, done.length
+    state = _HeavyHitters(cache, done.positions, list(done.scores.gather(2, done.positions)), method, length)
     layers = model.model.language_model.layers
     hooks = [layer.self_attn.register_forward_hook(state.capture(i)) for i, layer in enumerate(layers)]
     try:
@@ -105,4 +102,4 @@ def h2o_generate(model, inputs: dict, method: H2O, new_tokens: int) -> H2OResult
             hook.remove()
     state.update()  # the last step's eviction
     retained = torch.stack([p.sort(dim=1).values for p in state.positions])
-    return H2OResult(positions, retained, logits, ids)
+    return H2OResult(done.positions, retained, logits, ids)

@@ -1,12 +1,12 @@
-"""Eager prompt-cache compression (SnapKV, A2SF) on a Hugging Face LLaVA / LLaVA-NeXT model: the ground truth of
-the compressed prefill graph.
+"""Eager prompt-cache compression (SnapKV, A2SF; H2O's prefill) on a Hugging Face LLaVA / LLaVA-NeXT model: the
+ground truth of the compressed prefill graph.
 
 1. the scores come from Hugging Face itself: one unreduced forward with ``output_attentions`` (eager attention)
    gives every layer's attention probabilities; compression happens only after prefill, so they are the ones the
    method sees; the method's scoring step (:mod:`tokensieve.reference.snapkv`, :mod:`tokensieve.reference.a2sf`)
-   turns them into a score per KV head and position;
-2. selection (:func:`select`): the last ``protected`` positions forced in, a stable descending sort (lower index
-   first on ties), the first ``min(T, budget)``, ascending;
+   turns them into a score per KV head and position (:func:`score`);
+2. selection (:func:`select_by_score`): the last ``protected`` positions forced in, a stable descending sort (lower
+   index first on ties), the first ``min(T, budget)``, ascending;
 3. prefill (:mod:`tokensieve.reference.decoding`) over the whole prompt into a ``transformers.DynamicCache``, whose
    layers' keys/values are then gathered at the selected positions per KV head;
 4. greedy decoding at absolute positions, every new token attending to the compressed prompt and the new tokens.
@@ -33,18 +33,27 @@ class CompressedResult:
     ids: list[int]  # greedy new tokens
 
 
+def score(attention: torch.Tensor, kv_heads: int, method: PromptCacheCompression) -> torch.Tensor:
+    """The method's score ``[kv_heads, T]`` from one layer's attention probabilities ``[1, H, T, T]``."""
+    if isinstance(method, SnapKV):
+        return snapkv_score(attention, kv_heads, method)
+    if isinstance(method, A2SF):
+        return a2sf_score(attention, kv_heads, method)
+    raise TypeError(f"no eager score for {type(method).__name__}")
+
+
+def select_by_score(scores: torch.Tensor, method: PromptCacheCompression) -> torch.Tensor:
+    """Kept positions ``[kv_heads, K]`` (ascending) from a score ``[kv_heads, T]``."""
+    length = scores.shape[-1]
+    protected = torch.arange(length) >= length - min(method.protected, length)
+    priority = torch.where(protected, torch.finfo(scores.dtype).max, scores)
+    order = torch.sort(priority, dim=-1, descending=True, stable=True).indices[:, : method.kept_count(length)]
+    return torch.sort(order, dim=-1).values
+
+
 def select(attention: torch.Tensor, kv_heads: int, method: PromptCacheCompression) -> torch.Tensor:
     """Kept positions ``[kv_heads, K]`` (ascending) from one layer's attention probabilities ``[1, H, T, T]``."""
-    if isinstance(method, SnapKV):
-        score = snapkv_score(attention, kv_heads, method)
-    elif isinstance(method, A2SF):
-        score = a2sf_score(attention, kv_heads, method)
-    else:
-        raise TypeError(f"no eager score for {type(method).__name__}")
-    length = score.shape[-1]
-    score[:, length - min(method.protected, length) :] = torch.finfo(score.dtype).max
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, : method.kept_count(length)]
-    return torch.sort(order, dim=-1).values
+    return select_by_score(score(attention, kv_heads, method), method)
 
 
 def gather_entries(layer, index: torch.Tensor) -> None:
@@ -53,25 +62,34 @@ def gather_entries(layer, index: torch.Tensor) -> None:
     layer.keys, layer.values = layer.keys.gather(2, expanded), layer.values.gather(2, expanded)
 
 
+@dataclass
+class CompressedPrefill:
+    logits: torch.Tensor  # [V] at the last prompt position
+    cache: object  # transformers.DynamicCache holding the kept positions
+    positions: torch.Tensor  # [layers, kv_heads, K] kept, ascending per head
+    scores: torch.Tensor  # [layers, kv_heads, T] the method's score of every prompt position
+    length: int  # prompt positions T
+
+
 @torch.no_grad()
-def compressed_prefill(model, inputs: dict, method: PromptCacheCompression):
-    """Prefill of processor ``inputs`` with the prompt cache compressed by ``method``: (last-position logits, the
-    ``DynamicCache``, kept positions ``[layers, H_kv, K]``, the unreduced forward with every layer's attention)."""
+def compressed_prefill(model, inputs: dict, method: PromptCacheCompression) -> CompressedPrefill:
+    """Prefill of processor ``inputs`` with the prompt cache compressed by ``method``."""
     from transformers import DynamicCache
 
     full = attention_forward(model, inputs)
     cache = DynamicCache()
     logits = prefill(model, full.hidden_states[0], cache)
     kv_heads = cache.layers[0].keys.shape[1]
-    positions = torch.stack([select(a, kv_heads, method) for a in full.attentions])
+    scores = torch.stack([score(a, kv_heads, method) for a in full.attentions])
+    positions = torch.stack([select_by_score(layer_scores, method) for layer_scores in scores])
     for layer, keep in zip(cache.layers, positions, strict=True):
         gather_entries(layer, keep)
-    return logits, cache, positions, full
+    return CompressedPrefill(logits, cache, positions, scores, full.hidden_states[0].shape[1])
 
 
 @torch.no_grad()
 def compressed_generate(model, inputs: dict, method: PromptCacheCompression, new_tokens: int) -> CompressedResult:
     """Greedy generation with a compressed prompt cache for processor ``inputs`` (batch 1) on a LLaVA(-NeXT)."""
-    logits, cache, positions, full = compressed_prefill(model, inputs, method)
-    length = full.hidden_states[0].shape[1]
-    return CompressedResult(positions, logits, greedy(model, logits, cache, length, new_tokens))
+    done = compressed_prefill(model, inputs, method)
+    ids = greedy(model, done.logits, done.cache, done.length, new_tokens)
+    return CompressedResult(done.positions, done.logits, ids)

@@ -148,8 +148,8 @@ class LlavaRunner:
         self, embeds: np.ndarray, span: tuple[int, int] | None = None
     ) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
         """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt (SnapKV /
-        A2SF: compressed), and the method's outputs: ``kept_positions`` (FastV) or ``cache_positions``; ``span`` =
-        the image tokens' ``[start, end)``."""
+        A2SF / H2O: compressed), and the method's outputs: ``kept_positions`` (FastV) or ``cache_positions`` (and
+        H2O's ``cache_scores``); ``span`` = the image tokens' ``[start, end)``."""
         out = self.prefill_graph.run(prefill_feeds(self.prefill_graph, embeds, span))
         present = [out[f"present_{n}"] for n in kv_names(self.layers)]
         extras = {name: out[name] for name in ("kept_positions", "cache_positions", "cache_scores") if name in out}
