@@ -203,11 +203,31 @@ def test_cli_generate_inspect_parity_lint_bench(artifacts, capsys):
     assert "cache outputs present_key_0, present_value_0" in text  # prefill: cache written, never read
     assert main(["parity", directory, "--cases", "1", "--new-tokens", "6"]) == 0
     assert "parity OK" in capsys.readouterr().out
+    # the recorded eager side replays without the model; a recorded token that differs is caught
+    assert main(["parity", directory, "--replay"]) == 0
+    assert "parity OK against golden eager outputs" in capsys.readouterr().out
+    assert main(["gate", directory, "--policy", str(_policy(root, max_cache_slots=1024))]) == 0
+    assert "pass  parity                 2/2 recorded cases reproduced" in capsys.readouterr().out
+    cases = root / "next" / "golden" / "cases.npz"
+    with np.load(cases) as npz:
+        recorded = dict(npz)
+    recorded["0/ids"][3] += 1
+    np.savez(cases, **recorded)
+    assert main(["parity", directory, "--replay"]) == 1
+    assert main(["gate", directory, "--policy", str(_policy(root, max_cache_slots=512))]) == 1
+    text = capsys.readouterr().out
+    assert "differ at 3" in text and "fail  max_cache_slots        1024 > 512" in text
     assert main(["lint", directory]) == 0
     assert main(["bench", directory, "--contexts", "64", "1023", "--blocks", "2", "--per-block", "2"]) == 0
     bench = json.loads((root / "next" / "bench.json").read_text())
     assert [r["context"] for r in bench["decode"]] == [64, 1023] and bench["decode"][0]["growing_ms"] > 0
     assert main(["generate", directory, "--image", str(root / "nope.png"), "--prompt", "x"]) == 2
+
+
+def _policy(root, **budgets):
+    path = root / "policy.json"
+    path.write_text(json.dumps(budgets))
+    return path
 
 
 def test_generation_runs_without_torch(artifacts):

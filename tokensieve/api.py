@@ -7,7 +7,6 @@ Data flow: model source -> converter (torch -> ONNX) -> normalising passes -> to
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 from typing import Any
@@ -18,7 +17,6 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from tokensieve.artifact import (
     FORMAT,
     FORMAT_VERSION,
-    MANIFEST,
     Artifact,
     check_file,
     describe_io,
@@ -26,6 +24,7 @@ from tokensieve.artifact import (
     save_graph,
     staged_directory,
     versions,
+    write_manifest,
 )
 from tokensieve.errors import LocateError, MethodSpecError, SourceError
 from tokensieve.graph_passes import run_passes
@@ -242,7 +241,7 @@ def export(
         if stages is not None:
             manifest["stages"] = stages
             manifest["macs"]["expected"] = _expected_macs(stages)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(staging, manifest)
     return Artifact.load(out)
 
 

@@ -9,6 +9,9 @@ Layout::
       weights.data      external weights, shared by both graphs (the passes add only small constants)
       golden/           Polygraphy-format inputs and eager/ORT outputs, written by ``tokensieve parity``
 
+The manifest records a SHA-256 of every file written at export (``files``), so a registry gate
+(:mod:`tokensieve.gate`) can tell an artifact that changed after export from the one that was checked.
+
 Everything is written into a hidden sibling directory first and renamed into place at the end, so a failure never
 leaves a half-written artifact; an existing artifact at the destination is replaced only after success.
 """
@@ -79,6 +82,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise ArtifactError(f"cannot write {path}: {e.strerror}") from None
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``directory`` (relative POSIX path -> hex digest), the manifest excluded."""
+    digests = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+        digests[path.relative_to(directory).as_posix()] = sha.hexdigest()
+    return digests
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` last, with the digests of every file already in ``directory``."""
+    manifest["files"] = file_digests(directory)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 def save_graph(model: ir.Model, path: Path, weights: bool) -> None:
@@ -234,6 +255,16 @@ class Artifact:
         from tokensieve.parity import check_parity
 
         return check_parity(self, **kwargs)
+
+    def replay(self, **kwargs):
+        """Parity against the golden files ``parity`` wrote: torch-free (:func:`tokensieve.parity.replay_golden`)."""
+        if self.kind == "mllm":
+            from tokensieve.parity_llava import replay_llava_golden
+
+            return replay_llava_golden(self, **kwargs)
+        from tokensieve.parity import replay_golden
+
+        return replay_golden(self, **kwargs)
 
     def bench(self, **kwargs):
         if self.kind == "mllm":

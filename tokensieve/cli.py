@@ -66,24 +66,34 @@ def _parity(args: argparse.Namespace) -> int:
     from tokensieve.api import load
 
     artifact = load(args.dir)
-    if artifact.kind == "mllm":
-        report = artifact.parity(count=args.cases, new_tokens=args.new_tokens, seed=args.seed, tolerance=args.tolerance)
-        print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
-        return 0 if report.ok else 1
-    reference = None
-    if args.reference:
-        from tokensieve.converters.sources import parse_source
-
-        reference = parse_source(args.reference, weights=args.weights, seed=args.seed)
-    report = artifact.parity(
-        reference=reference,
-        batch=args.batch,
-        seed=args.seed,
-        tolerance=args.tolerance,
-        golden=not args.no_golden,
-    )
+    if args.replay:
+        report = artifact.replay(tolerance=args.tolerance)
+    elif artifact.kind == "mllm":
+        report = artifact.parity(
+            count=args.cases,
+            new_tokens=args.new_tokens,
+            seed=args.seed,
+            tolerance=args.tolerance,
+            golden=not args.no_golden,
+        )
+    else:
+        report = artifact.parity(
+            reference=_reference(args),
+            batch=args.batch,
+            seed=args.seed,
+            tolerance=args.tolerance,
+            golden=not args.no_golden,
+        )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     return 0 if report.ok else 1
+
+
+def _reference(args: argparse.Namespace):
+    if not args.reference:
+        return None
+    from tokensieve.converters.sources import parse_source
+
+    return parse_source(args.reference, weights=args.weights, seed=args.seed)
 
 
 def _lint(args: argparse.Namespace) -> int:
@@ -182,6 +192,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from tokensieve.artifact import atomic_write_text
+    from tokensieve.gate import Policy, gate
+
+    policy = Policy.load(args.policy) if args.policy else Policy()
+    if args.target:
+        policy = replace(policy, target=args.target)
+    report = gate(args.paths, policy)
+    if args.junit:
+        atomic_write_text(Path(args.junit), report.junit())
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokensieve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,7 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="batch for dynamic-batch graphs (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=1e-4, help="max error relative to the output scale")
-    p.add_argument("--no-golden", action="store_true", help="do not write Polygraphy golden files")
+    p.add_argument("--no-golden", action="store_true", help="do not write the golden files")
+    p.add_argument(
+        "--replay",
+        action="store_true",
+        help="check against the golden files a previous parity run wrote (no torch or eager model needed)",
+    )
     p.add_argument("--cases", type=int, default=4, help="MLLMs: random prompt/image cases (several aspect ratios)")
     p.add_argument("--new-tokens", type=int, default=32, help="MLLMs: greedy tokens compared per case")
     p.add_argument("--json", action="store_true")
@@ -266,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=int, nargs="+", help="MLLMs: context lengths for decode latency")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("gate", help="registry gate: digests, lint, golden parity replay and budgets; exit 1 on failure")
+    p.add_argument("paths", nargs="+", help="artifact directories or registry folders holding artifacts")
+    p.add_argument("--policy", help="JSON policy: target, require_golden, tolerance, methods, budgets")
+    p.add_argument("--target", help="lint target (overrides the policy's; default trt10.3)")
+    p.add_argument("--junit", help="also write a JUnit XML report to this file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_gate)
 
     p = sub.add_parser("generate", help="MLLM artifacts: greedy generation from an image and a prompt")
     p.add_argument("dir")

@@ -54,3 +54,7 @@ class CapacityError(TokensieveError):
 
 class InputError(TokensieveError):
     """A runtime input (an image file, an image array) cannot be used."""
+
+
+class GateError(TokensieveError):
+    """A registry-gate policy or path is unusable (unknown key, wrong type, no artifact found)."""

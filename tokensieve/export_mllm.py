@@ -26,7 +26,6 @@ Written atomically like every artifact (a temporary sibling directory renamed in
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,13 @@ import numpy as np
 from tokensieve.artifact import (
     FORMAT,
     FORMAT_VERSION,
-    MANIFEST,
     Artifact,
     check_file,
     describe_io,
     save_shared,
     staged_directory,
     versions,
+    write_manifest,
 )
 from tokensieve.converters.sources import SourceSpec
 from tokensieve.graph_passes import run_passes
@@ -163,7 +162,7 @@ def export_mllm(
             "lint_target": lint_target,
             "lint": lints,
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(staging, manifest)
     return Artifact.load(Path(out))
 
 

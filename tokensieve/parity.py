@@ -10,13 +10,18 @@ Two things must agree on the same inputs:
   order, are the criterion (an equal order is reported as well).
 
 The inputs and both sets of outputs are written in Polygraphy's JSON format under ``DIR/golden/`` so the same
-check can be replayed on a TensorRT machine (``polygraphy run model.onnx --trt --load-inputs ...``).
+check can be replayed on a TensorRT machine (``polygraphy run model.onnx --trt --load-inputs ...``); the eager
+reference's site records (kept indices, merge maps, sizes) go to ``golden/eager_sites.npz``. :func:`replay_golden`
+repeats the whole check, values and selections, from those files alone: no torch, no eager model (a deployment box
+or a registry gate with only ONNX Runtime).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,7 @@ from tokensieve.errors import ParityError
 
 EAGER = "eager-pytorch"
 ORT = "onnxruntime"
+SITES = "eager_sites.npz"
 
 
 @dataclass
@@ -79,6 +85,7 @@ class ParityReport:
     golden: str | None = None
     replay: str | None = None
     checks: list[StagedCheck] = field(default_factory=list)
+    reference: str = "eager PyTorch"  # or the recorded golden outputs (replay_golden)
 
     @property
     def ok(self) -> bool:
@@ -93,7 +100,7 @@ class ParityReport:
 
     def text(self) -> str:
         lines = [
-            f"parity: {'PASS' if self.ok else 'FAIL'} (eager PyTorch vs ONNX Runtime {self.provider}, "
+            f"parity: {'PASS' if self.ok else 'FAIL'} ({self.reference} vs ONNX Runtime {self.provider}, "
             f"batch {self.batch}, tolerance {self.tolerance:g} of output scale)"
         ]
         for o in self.outputs:
@@ -113,6 +120,7 @@ class ParityReport:
             lines.append(f"  staged {c.label:<40} relative {c.relative:.3e}{kept}  {'ok' if c.passed else 'FAIL'}")
         if self.golden:
             lines.append(f"  golden files: {self.golden}")
+        if self.replay:
             lines.append(f"  replay on TensorRT: {self.replay}")
         return "\n".join(lines)
 
@@ -252,32 +260,48 @@ def _reference_module(artifact, reference):
     return built
 
 
-def _write_golden(
-    directory: Path, feeds: dict[str, np.ndarray], eager: dict[str, np.ndarray], graph: dict[str, np.ndarray]
-) -> Path:
-    from polygraphy.comparator import IterationResult, RunResults
-    from polygraphy.json import save_json
-    from polygraphy.logger import G_LOGGER
-
-    G_LOGGER.colors = False
-    G_LOGGER.module_severity = G_LOGGER.WARNING
-
+@contextlib.contextmanager
+def golden_directory(directory: Path) -> Iterator[Path]:
+    """Yield a fresh staging directory that replaces ``directory/golden`` on success (removed on failure)."""
     golden = directory / "golden"
     staging = directory / f".golden.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        save_json([feeds], str(staging / "inputs.json"), description="tokensieve parity inputs")
-        for runner, outputs, file in ((EAGER, eager, "eager_outputs.json"), (ORT, graph, "ort_outputs.json")):
-            results = RunResults()
-            results.append((runner, [IterationResult(outputs, runner_name=runner)]))
-            results.save(str(staging / file))
+        yield staging
         if golden.exists():
             shutil.rmtree(golden)
         staging.rename(golden)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return golden
+
+
+def _quiet_polygraphy() -> None:
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.colors = False
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+
+
+def _write_golden(
+    directory: Path,
+    feeds: dict[str, np.ndarray],
+    eager: dict[str, np.ndarray],
+    graph: dict[str, np.ndarray],
+    records: dict[int, dict[str, np.ndarray]],
+) -> Path:
+    from polygraphy.comparator import IterationResult, RunResults
+    from polygraphy.json import save_json
+
+    _quiet_polygraphy()
+    with golden_directory(directory) as staging:
+        save_json([feeds], str(staging / "inputs.json"), description="tokensieve parity inputs")
+        for runner, outputs, file in ((EAGER, eager, "eager_outputs.json"), (ORT, graph, "ort_outputs.json")):
+            results = RunResults()
+            results.append((runner, [IterationResult(outputs, runner_name=runner)]))
+            results.save(str(staging / file))
+        np.savez(staging / SITES, **{f"{layer}/{role}": v for layer, rec in records.items() for role, v in rec.items()})
+    return directory / "golden"
 
 
 def check_parity(
@@ -291,11 +315,9 @@ def check_parity(
     providers: list[str] | None = None,
 ) -> ParityReport:
     """Run the eager reference and the artifact's graph on the same seeded inputs and compare them."""
-    import onnx_ir as ir
     import torch
 
     from tokensieve.reference.reduce import ReducedModel
-    from tokensieve.runtimes.ort import OrtRunner
 
     manifest = artifact.manifest
     methods = artifact.methods
@@ -319,26 +341,16 @@ def check_parity(
         {layer: {k: v.numpy() for k, v in rec.items()} for layer, rec in eager_model.records.items()} if methods else {}
     )
 
-    sites = manifest.get("sites", [])
-    model_path = artifact.graph_path("model")
-    alive = {v.name for node in ir.load(model_path).graph for v in node.outputs}
-    exposed = [name for site in sites for name in site["exposed"].values() if name in alive]
-    runner = OrtRunner(model_path, providers=providers, extra_outputs=exposed)
-    feeds = {runner.input_names[0]: pixels.numpy()}
-    graph_out = runner.run(feeds)
-    names = [o["name"] for o in manifest["outputs"]]
-    if len(names) != len(eager_out):
-        raise ParityError(f"the graph has {len(names)} outputs but the eager model returns {len(eager_out)}")
-    report = ParityReport(
-        tolerance,
-        batch,
-        runner.active,
-        compare_outputs(names, eager_out, graph_out, tolerance),
-        compare_sites(sites, specials or 0, eager_records, graph_out),
-    )
+    feeds = {manifest["inputs"][0]["name"]: pixels.numpy()}
+    report, graph_out = _check_graph(artifact, feeds, eager_out, eager_records, tolerance, providers)
     if golden:
+        names = [o.name for o in report.outputs]
         directory = _write_golden(
-            artifact.path, feeds, dict(zip(names, eager_out, strict=True)), {n: graph_out[n] for n in names}
+            artifact.path,
+            feeds,
+            dict(zip(names, eager_out, strict=True)),
+            {n: graph_out[n] for n in names},
+            eager_records,
         )
         report.golden = str(directory)
         report.replay = (
@@ -346,4 +358,74 @@ def check_parity(
             f"--load-inputs {directory / 'inputs.json'} --load-outputs {directory / 'eager_outputs.json'} "
             "--atol 1e-3 --rtol 1e-3"
         )
+    return report
+
+
+def _check_graph(
+    artifact,
+    feeds: dict[str, np.ndarray],
+    eager_out: list[np.ndarray],
+    eager_records: dict[int, dict[str, np.ndarray]],
+    tolerance: float,
+    providers: list[str] | None,
+) -> tuple[ParityReport, dict[str, np.ndarray]]:
+    """Run the artifact's graph (with its site debug outputs) on ``feeds`` and compare it with the eager side."""
+    import onnx_ir as ir
+
+    from tokensieve.runtimes.ort import OrtRunner
+
+    manifest = artifact.manifest
+    sites = manifest.get("sites", []) if eager_records else []
+    model_path = artifact.graph_path("model")
+    alive = {v.name for node in ir.load(model_path).graph for v in node.outputs}
+    exposed = [name for site in sites for name in site["exposed"].values() if name in alive]
+    runner = OrtRunner(model_path, providers=providers, extra_outputs=exposed)
+    graph_out = runner.run(feeds)
+    names = [o["name"] for o in manifest["outputs"]]
+    if len(names) != len(eager_out):
+        raise ParityError(f"the graph has {len(names)} outputs but the eager side has {len(eager_out)}")
+    specials = (manifest.get("layout") or {}).get("specials") or 0
+    report = ParityReport(
+        tolerance,
+        len(next(iter(feeds.values()))),
+        runner.active,
+        compare_outputs(names, eager_out, graph_out, tolerance),
+        compare_sites(sites, specials, eager_records, graph_out),
+    )
+    return report, graph_out
+
+
+def replay_golden(artifact, *, tolerance: float = 1e-4, providers: list[str] | None = None) -> ParityReport:
+    """Repeat the parity check from ``DIR/golden/`` alone (torch-free): the recorded inputs through the graph on
+    ONNX Runtime, compared with the recorded eager outputs and, at every site, the recorded eager selections."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    golden = artifact.path / "golden"
+    if "stages" in artifact.manifest:
+        raise ParityError("staged artifacts have no golden files; check them with `tokensieve parity DIR`")
+    if not (golden / "inputs.json").is_file() or not (golden / SITES).is_file():
+        raise ParityError(
+            f"{artifact.path} has no complete golden files; write them with `tokensieve parity {artifact.path}` "
+            "where the eager model is available"
+        )
+    _quiet_polygraphy()
+    try:
+        feeds = load_json(str(golden / "inputs.json"))[0]
+        eager = RunResults.load(str(golden / "eager_outputs.json"))[0][1][0]
+        with np.load(golden / SITES) as data:
+            records: dict[int, dict[str, np.ndarray]] = {}
+            for key in data.files:
+                layer, role = key.split("/")
+                records.setdefault(int(layer), {})[role] = data[key]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise ParityError(
+            f"the golden files in {golden} are unreadable ({e}); rewrite them with `tokensieve parity`"
+        ) from None
+    names = [o["name"] for o in artifact.manifest["outputs"]]
+    missing = [n for n in names if n not in eager]
+    if missing:
+        raise ParityError(f"the golden outputs lack {missing}; rewrite them with `tokensieve parity {artifact.path}`")
+    report, _ = _check_graph(artifact, dict(feeds), [eager[n] for n in names], records, tolerance, providers)
+    report.golden, report.reference = str(golden), "golden eager outputs"
     return report

@@ -17,6 +17,9 @@ artifact's cache capacity as the budget. Artifacts with SnapKV or A2SF are held 
 (:mod:`tokensieve.reference.prompt_cache`), also on the positions every layer and KV head keeps: identical sets.
 Artifacts with H2O are held to :mod:`tokensieve.reference.h2o`, also on the prompt positions prefill keeps and the
 positions cached at the end of the generation, per layer and KV head: identical sets.
+
+The eager side of every case (prompt, image, prompt ids, prefill logits, greedy ids, kept positions) is recorded in
+``DIR/golden/cases.npz``; :func:`replay_llava_golden` holds the artifact to it again without torch or the model.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ _WORDS = (
 )
 # image sizes as multiples of the vision input side: square, wide, tall, large (NeXT picks different grids)
 _ASPECTS = ((1.0, 1.0), (0.8, 1.8), (2.7, 1.1), (2.0, 2.0))
+CASES = "cases.npz"
 
 
 @dataclass
@@ -84,13 +88,21 @@ class LlavaParityCase:
 class LlavaParityReport:
     cases: list[LlavaParityCase]
     tolerance: float
+    golden: str | None = None  # where the eager side was recorded (or replayed from)
+    reference: str = "Hugging Face eager"
 
     @property
     def ok(self) -> bool:
         return all(c.ok(self.tolerance) for c in self.cases)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "tolerance": self.tolerance, "cases": [asdict(c) for c in self.cases]}
+        return {
+            "ok": self.ok,
+            "tolerance": self.tolerance,
+            "reference": self.reference,
+            "golden": self.golden,
+            "cases": [asdict(c) for c in self.cases],
+        }
 
     def text(self) -> str:
         lines = [
@@ -103,7 +115,11 @@ class LlavaParityReport:
                 f"{c.image_size[0]:>4}x{c.image_size[1]:<4} {c.cache:>7} {c.prompt_tokens:>6} {c.image_tokens:>9} "
                 f"{'ok' if c.prompt_ids_match else 'DIFF':>4} {kept:>9} {c.logits_error:>10.2e} {tokens}"
             )
-        lines.append(f"parity {'OK' if self.ok else 'FAILED'} (logits tolerance {self.tolerance:g})")
+        lines.append(
+            f"parity {'OK' if self.ok else 'FAILED'} against {self.reference} (logits tolerance {self.tolerance:g})"
+        )
+        if self.golden:
+            lines.append(f"golden files: {self.golden}")
         return "\n".join(lines)
 
 
@@ -153,6 +169,95 @@ def default_cases(host: dict[str, Any], count: int, seed: int) -> list[tuple[str
     return cases
 
 
+@dataclass
+class Expected:
+    """The eager side of one case: what the artifact must reproduce (also what ``golden/cases.npz`` records)."""
+
+    prompt: str
+    image: np.ndarray  # uint8 [H, W, 3]
+    prompt_ids: np.ndarray  # after placeholder expansion
+    logits: np.ndarray  # last prompt position
+    ids: list[int]  # greedy new tokens, EOS ignored
+    kept: np.ndarray | None  # positions the method keeps (see _graph_kept), None for methods that keep none
+
+
+def _expected(model, processor, template: str, methods: dict, capacity: int, prompt: str, image, new_tokens: int):
+    import torch
+
+    from tokensieve.reference.fastv import fastv_generate
+    from tokensieve.reference.h2o import h2o_generate
+    from tokensieve.reference.prompt_cache import compressed_generate
+    from tokensieve.reference.streamingllm import streaming_generate
+
+    inputs = processor(images=image, text=template.format(prompt=prompt), return_tensors="pt")
+    prompt_ids = inputs["input_ids"][0].numpy()
+    compression = methods.get("snapkv") or methods.get("a2sf")
+    kept = None
+    if "fastv" in methods:
+        result = fastv_generate(model, inputs, methods["fastv"], new_tokens)
+        kept = result.kept_positions.numpy()
+    elif "h2o" in methods:
+        result = h2o_generate(model, inputs, methods["h2o"], new_tokens)
+        kept = np.concatenate([result.cache_positions.numpy(), result.retained_positions.numpy()], -1)
+    elif compression is not None:
+        result = compressed_generate(model, inputs, compression, new_tokens)
+        kept = result.cache_positions.numpy()
+    elif "streamingllm" in methods:
+        result = streaming_generate(model, inputs, methods["streamingllm"], capacity, new_tokens)
+    else:
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1].numpy()
+            generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=0)
+        return Expected(prompt, image, prompt_ids, logits, generated[0, len(prompt_ids) :].tolist(), None)
+    return Expected(prompt, image, prompt_ids, result.prefill_logits.numpy(), list(result.ids), kept)
+
+
+def _graph_kept(out, methods: dict) -> np.ndarray | None:
+    """The generation's counterpart of :attr:`Expected.kept`."""
+    if "h2o" in methods:  # the prompt positions kept by prefill, then what the cache holds at the end
+        return np.concatenate([out.cache_positions, out.retained_positions], -1)
+    if "snapkv" in methods or "a2sf" in methods:
+        return out.cache_positions
+    return out.kept_positions
+
+
+def _compare(runner, cache: str, case: Expected, methods: dict) -> LlavaParityCase:
+    out = runner.generate(case.image, case.prompt, len(case.ids), ignore_eos=True)
+    kept = _graph_kept(out, methods)
+    same_prompt = out.prompt_ids.shape == case.prompt_ids.shape and bool((out.prompt_ids == case.prompt_ids).all())
+    mismatch = next((i for i, (a, b) in enumerate(zip(out.ids, case.ids, strict=False)) if a != b), None)
+    if mismatch is None and len(out.ids) != len(case.ids):
+        mismatch = min(len(out.ids), len(case.ids))
+    scale = float(np.abs(case.logits).max()) or 1.0
+    return LlavaParityCase(
+        prompt=case.prompt,
+        image_size=list(case.image.shape[:2]),
+        cache=cache,
+        prompt_tokens=len(case.prompt_ids),
+        image_tokens=0 if out.image_span is None else out.image_span[1] - out.image_span[0],
+        prompt_ids_match=same_prompt,
+        logits_error=float(np.abs(out.prefill_logits - case.logits).max()) / scale,
+        new_tokens=len(case.ids),
+        tokens_match=mismatch is None,
+        first_mismatch=mismatch,
+        reference_ids=list(case.ids),
+        ids=out.ids,
+        kept_tokens=None if kept is None else kept.shape[-1],
+        kept_match=_same(kept, case.kept),
+    )
+
+
+def _runners(artifact, caches: tuple[str, ...]) -> dict:
+    caches = tuple(c for c in caches if c == "fixed" or "decode_growing" in artifact.manifest["graphs"])
+    return {cache: artifact.llava_runner(cache=cache) for cache in caches}
+
+
+def _methods(artifact) -> dict:
+    from tokensieve.methods import methods_from_dicts
+
+    return {m.name: m for m in methods_from_dicts(artifact.manifest.get("methods"))}
+
+
 def check_llava_parity(
     artifact,
     *,
@@ -162,18 +267,14 @@ def check_llava_parity(
     caches: tuple[str, ...] = ("fixed", "growing"),
     seed: int = 0,
     tolerance: float = 1e-4,
+    golden: bool = True,
 ) -> LlavaParityReport:
-    """Compare ``artifact`` (an MLLM artifact) with Hugging Face eager on ``cases`` (default: ``count`` random)."""
-    import torch
+    """Compare ``artifact`` (an MLLM artifact) with Hugging Face eager on ``cases`` (default: ``count`` random);
+    with ``golden``, record the eager side in ``DIR/golden/cases.npz`` for :func:`replay_llava_golden`."""
     from transformers import AutoTokenizer
 
     from tokensieve.converters.llava import build_llava
     from tokensieve.converters.sources import SourceSpec, weights_digest
-    from tokensieve.methods import methods_from_dicts
-    from tokensieve.reference.fastv import fastv_generate
-    from tokensieve.reference.h2o import h2o_generate
-    from tokensieve.reference.prompt_cache import compressed_generate
-    from tokensieve.reference.streamingllm import streaming_generate
 
     manifest = artifact.manifest
     spec = SourceSpec.from_dict(manifest["source"])
@@ -187,66 +288,66 @@ def check_llava_parity(
     model.generation_config.eos_token_id = None  # generate exactly new_tokens, like ignore_eos on our side
     tokenizer = AutoTokenizer.from_pretrained(artifact.path / "tokenizer")
     processor = _hf_processor(manifest["host"], tokenizer)
-    caches = tuple(c for c in caches if c == "fixed" or "decode_growing" in manifest["graphs"])
-    runners = {cache: artifact.llava_runner(cache=cache) for cache in caches}
-    results = []
-    template = manifest["host"]["template"]
-    methods = {m.name: m for m in methods_from_dicts(manifest.get("methods"))}
-    fastv, streaming = methods.get("fastv"), methods.get("streamingllm")
-    compression = methods.get("snapkv") or methods.get("a2sf")
-    h2o = methods.get("h2o")
-    for prompt, image in cases or default_cases(manifest["host"], count, seed):
-        inputs = processor(images=image, text=template.format(prompt=prompt), return_tensors="pt")
-        reference_prompt = inputs["input_ids"][0].numpy()
-        reference_kept = None
-        if fastv is not None:
-            result = fastv_generate(model, inputs, fastv, new_tokens)
-            reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
-            reference_kept = result.kept_positions.numpy()
-        elif h2o is not None:
-            result = h2o_generate(model, inputs, h2o, new_tokens)
-            reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
-            reference_kept = np.concatenate([result.cache_positions.numpy(), result.retained_positions.numpy()], -1)
-        elif compression is not None:
-            result = compressed_generate(model, inputs, compression, new_tokens)
-            reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
-            reference_kept = result.cache_positions.numpy()
-        elif streaming is not None:
-            result = streaming_generate(model, inputs, streaming, manifest["decoder"]["capacity"], new_tokens)
-            reference_logits, reference_ids = result.prefill_logits.numpy(), result.ids
-        else:
-            with torch.no_grad():
-                reference_logits = model(**inputs).logits[0, -1].numpy()
-                generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=0)
-            reference_ids = generated[0, len(reference_prompt) :].tolist()
-        for cache, runner in runners.items():
-            out = runner.generate(image, prompt, new_tokens, ignore_eos=True)
-            kept = out.cache_positions if compression is not None else out.kept_positions
-            if h2o is not None:  # the prompt positions kept by prefill, then what the cache holds at the end
-                kept = np.concatenate([out.cache_positions, out.retained_positions], -1)
-            same_prompt = out.prompt_ids.shape == reference_prompt.shape and bool(
-                (out.prompt_ids == reference_prompt).all()
-            )
-            mismatch = next((i for i, (a, b) in enumerate(zip(out.ids, reference_ids, strict=False)) if a != b), None)
-            if mismatch is None and len(out.ids) != len(reference_ids):
-                mismatch = min(len(out.ids), len(reference_ids))
-            scale = float(np.abs(reference_logits).max()) or 1.0
-            results.append(
-                LlavaParityCase(
-                    prompt=prompt,
-                    image_size=list(image.shape[:2]),
-                    cache=cache,
-                    prompt_tokens=len(reference_prompt),
-                    image_tokens=0 if out.image_span is None else out.image_span[1] - out.image_span[0],
-                    prompt_ids_match=same_prompt,
-                    logits_error=float(np.abs(out.prefill_logits - reference_logits).max()) / scale,
-                    new_tokens=len(reference_ids),
-                    tokens_match=mismatch is None,
-                    first_mismatch=mismatch,
-                    reference_ids=reference_ids,
-                    ids=out.ids,
-                    kept_tokens=None if kept is None else kept.shape[-1],
-                    kept_match=_same(kept, reference_kept),
+    methods = _methods(artifact)
+    runners = _runners(artifact, caches)
+    template, capacity = manifest["host"]["template"], manifest["decoder"]["capacity"]
+    expected = [
+        _expected(model, processor, template, methods, capacity, prompt, image, new_tokens)
+        for prompt, image in cases or default_cases(manifest["host"], count, seed)
+    ]
+    results = [_compare(runner, cache, case, methods) for case in expected for cache, runner in runners.items()]
+    report = LlavaParityReport(results, tolerance)
+    if golden:
+        report.golden = str(_write_golden(artifact.path, expected))
+    return report
+
+
+def _write_golden(directory, expected: list[Expected]):
+    from tokensieve.parity import golden_directory
+
+    arrays = {}
+    for i, case in enumerate(expected):
+        arrays |= {
+            f"{i}/prompt": np.array(case.prompt),
+            f"{i}/image": case.image,
+            f"{i}/prompt_ids": case.prompt_ids,
+            f"{i}/logits": case.logits,
+            f"{i}/ids": np.array(case.ids, np.int64),
+        }
+        if case.kept is not None:
+            arrays[f"{i}/kept"] = case.kept
+    with golden_directory(directory) as staging:
+        np.savez(staging / CASES, **arrays)
+    return directory / "golden"
+
+
+def replay_llava_golden(
+    artifact, *, caches: tuple[str, ...] = ("fixed", "growing"), tolerance: float = 1e-4
+) -> LlavaParityReport:
+    """Repeat the parity check from ``DIR/golden/cases.npz`` alone (torch-free, no Hugging Face model): the recorded
+    prompts and images through the artifact on ONNX Runtime, held to the recorded prompt ids, prefill logits,
+    greedy tokens and kept positions."""
+    path = artifact.path / "golden" / CASES
+    if not path.is_file():
+        raise ParityError(
+            f"{artifact.path} has no golden files; write them with `tokensieve parity {artifact.path}` "
+            "where the eager model is available"
+        )
+    try:
+        with np.load(path) as data:
+            expected = [
+                Expected(
+                    str(data[f"{i}/prompt"]),
+                    data[f"{i}/image"],
+                    data[f"{i}/prompt_ids"],
+                    data[f"{i}/logits"],
+                    data[f"{i}/ids"].tolist(),
+                    data[f"{i}/kept"] if f"{i}/kept" in data.files else None,
                 )
-            )
-    return LlavaParityReport(results, tolerance)
+                for i in range(len({k.split("/")[0] for k in data.files}))
+            ]
+    except (OSError, ValueError, KeyError) as e:
+        raise ParityError(f"{path} is unreadable ({e}); rewrite it with `tokensieve parity`") from None
+    methods, runners = _methods(artifact), _runners(artifact, caches)
+    results = [_compare(runner, cache, case, methods) for case in expected for cache, runner in runners.items()]
+    return LlavaParityReport(results, tolerance, golden=str(path.parent), reference="golden eager outputs")
