@@ -13,6 +13,7 @@ from tokensieve.calibration.data import load_calibration, sample_images
 from tokensieve.calibration.threshold import calibrate_threshold, keep_fraction
 from tokensieve.cli import main
 from tokensieve.errors import MethodSpecError, SourceError
+from tokensieve.gate import gate
 from tokensieve.runtimes.buckets import BucketOverflowError, StagedRunner, pick_bucket
 
 
@@ -24,8 +25,8 @@ def calibration_folder(tmp_path_factory):
     return folder
 
 
-def _check(artifact, built, batch=3):
-    report = artifact.parity(reference=built, batch=batch, golden=False)
+def _check(artifact, built, batch=3, golden=False):
+    report = artifact.parity(reference=built, batch=batch, golden=golden)
     assert report.ok, report.text()
     labels = [c.label for c in report.checks]
     assert any(label.startswith("oracle") for label in labels) and any(label.startswith("padmax") for label in labels)
@@ -56,7 +57,18 @@ def test_vit_small_auto_buckets_with_calibrated_threshold(zoo, calibration_folde
     trt11 = (tmp_path / "a" / "trt" / "build_trt11.sh").read_text().splitlines()
     assert not [line for line in trt11 if line.startswith("trtexec") and "--fp16" in line]
     assert any(line.startswith("python -m modelopt.onnx.autocast") for line in trt11)
-    _check(artifact, built)
+    report = _check(artifact, built, golden=True)
+    # the recorded eager side replays without torch (every check again); a recorded kept set that differs is caught
+    checks = next(c for c in gate([artifact.path]).artifacts[0].checks if c.name == "parity")
+    assert checks.status == "pass" and checks.detail.startswith(f"{len(report.checks)}/{len(report.checks)} recorded")
+    staged = tmp_path / "a" / "golden" / "staged.npz"
+    with np.load(staged) as npz:
+        recorded = dict(npz)
+    key = next(k for k in recorded if k.startswith("0/kept/1/"))
+    recorded[key][0] = next(i for i in range(1, 197) if i not in recorded[key])
+    np.savez(staged, **recorded)
+    replay = artifact.replay()
+    assert not replay.ok and replay.checks[0].same_kept == 2 and replay.checks[1].passed
 
 
 @pytest.mark.parametrize("method", ["atp(mass=0.8)", "atp(threshold=1.2, grid=0)", "atp(layers=[2, 6], threshold=1.0)"])

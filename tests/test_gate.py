@@ -164,3 +164,13 @@ print(rc, any(m.startswith(('tokensieve.converters', 'tokensieve.reference', 'tr
     assert result.returncode == 0, result.stderr
     *report, verdict = result.stdout.strip().splitlines()
     assert verdict == "0 False" and json.loads("\n".join(report))["ok"]
+
+
+def test_a_graph_the_target_rejects_fails_lint(tmp_path):
+    """Opset 23 exports fuse attention into ONNX `Attention`, which TensorRT 10.3 lacks and 10.x (latest) has."""
+    out = tmp_path / "opset23"
+    tokensieve.export("timm:vit_small_patch16_224?depth=3", "topk(keep=0.5, layers=[1])", out, opset=23)
+    report = gate([out], Policy(require_golden=False))
+    check = next(c for c in report.artifacts[0].checks if c.name == "lint trt10.3")
+    assert check.status == "fail" and "Attention" in check.detail and not report.ok
+    assert _statuses(gate([out], Policy(target="trt10", require_golden=False)).artifacts[0])["lint trt10"] == "pass"

@@ -110,7 +110,7 @@ def test_diffrate_table_and_file(tmp_path):
         ("pitome(ratio=1.5)", "ratio (fraction kept per block) must be in (0, 1]"),
         ("diffrate()", "give prune=[...] and merge=[...]"),
         ("diffrate(prune=[197, 100], merge=[197, 120])", "merges to 120 tokens, more than the 100 it keeps"),
-        ("diffrate(table='/nonexistent.json')", "cannot read table"),
+        ("diffrate(table='/nonexistent.json')", "cannot read diffrate: the table"),
     ],
 )
 def test_bad_method_strings(text, message):

@@ -5,6 +5,10 @@ The CLI turns them into a single line on stderr and a non-zero exit code (``Toke
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 
 class TokensieveError(Exception):
     """Base class of every error tokensieve raises on purpose."""
@@ -58,3 +62,13 @@ class InputError(TokensieveError):
 
 class GateError(TokensieveError):
     """A registry-gate policy or path is unusable (unknown key, wrong type, no artifact found)."""
+
+
+def read_json(path: str | Path, error: type[TokensieveError], what: str) -> Any:
+    """Parse a JSON file the user named; an unreadable or malformed file is ``error`` naming ``what``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise error(f"cannot read {what} {str(path)!r}: {e.strerror}") from None
+    except ValueError as e:
+        raise error(f"{what} {str(path)!r} is not valid JSON: {e}") from None

@@ -7,7 +7,8 @@ Each artifact gets these checks; a policy (JSON, see :class:`Policy`) sets the t
 * ``lint``: every deployable graph is lint-clean for the policy's TensorRT target, re-linted now rather than read
   from the manifest;
 * ``parity``: the golden files ``tokensieve parity`` wrote are replayed on ONNX Runtime (values *and* kept
-  tokens / positions, :meth:`Artifact.replay`); missing golden files fail unless ``require_golden`` is false;
+  tokens / positions, every routing mode and bucket edge of a staged artifact, :meth:`Artifact.replay`); missing
+  golden files fail unless ``require_golden`` is false;
 * budgets, only those the policy sets: ``methods`` (allowed method names), ``max_opset``, ``min_limit_speedup``
   and ``max_macs`` (image models: the manifest's MAC count, the bucketed expectation for staged artifacts),
   ``min_fraction_of_limit`` (the speedup ``tokensieve bench`` measured, as a fraction of the MAC limit, at every
@@ -28,7 +29,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 from tokensieve.artifact import MANIFEST, Artifact, file_digests
-from tokensieve.errors import ArtifactError, GateError, TokensieveError
+from tokensieve.errors import ArtifactError, GateError, TokensieveError, read_json
 from tokensieve.graph_passes.lint import TARGETS
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
@@ -78,12 +79,7 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Policy:
-        try:
-            data = json.loads(Path(path).read_text())
-        except OSError as e:
-            raise GateError(f"cannot read the policy file {path}: {e.strerror}") from None
-        except ValueError as e:
-            raise GateError(f"the policy file {path} is not valid JSON: {e}") from None
+        data = read_json(path, GateError, "the policy file")
         if not isinstance(data, dict):
             raise GateError(f"the policy file {path} must hold a JSON object of policy keys")
         return cls.from_dict(data)
@@ -198,8 +194,6 @@ def _lint(artifact: Artifact, target: str) -> Check:
 
 
 def _parity(artifact: Artifact, policy: Policy) -> Check:
-    if "stages" in artifact.manifest:
-        return Check("parity", SKIP, "staged artifacts record no golden files; run `tokensieve parity DIR`")
     if not (artifact.path / "golden").is_dir():
         status = FAIL if policy.require_golden else SKIP
         return Check("parity", status, f"no golden files; run `tokensieve parity {artifact.path}` before publishing")
@@ -209,6 +203,10 @@ def _parity(artifact: Artifact, policy: Policy) -> Check:
         summary = f"{len(report.cases) - len(bad)}/{len(report.cases)} recorded cases reproduced"
         worst = max(c.logits_error for c in report.cases)
         return Check("parity", PASS if report.ok else FAIL, f"{summary} (ids, kept positions; logits {worst:.1e})")
+    if report.checks:  # staged: routing modes and bucket edge counts
+        passed = sum(c.passed for c in report.checks)
+        detail = f"{passed}/{len(report.checks)} recorded staged checks reproduced (outputs and kept tokens)"
+        return Check("parity", PASS if report.ok else FAIL, detail)
     worst = max(o.relative for o in report.outputs)
     sites = sum(s.ok for s in report.sites)
     detail = f"outputs within {worst:.1e} of scale, {sites}/{len(report.sites)} sites keep the recorded tokens"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,7 +333,7 @@ def check_parity(
     if "stages" in manifest:
         from tokensieve.parity_staged import check_staged_parity
 
-        return check_staged_parity(artifact, eager_model, pixels.numpy(), tolerance, providers)
+        return check_staged_parity(artifact, eager_model, pixels.numpy(), tolerance, providers, golden)
     with torch.no_grad():
         eager_out = eager_model(pixels)
     eager_out = [t.numpy() for t in (eager_out if isinstance(eager_out, (tuple, list)) else (eager_out,))]
@@ -395,37 +395,50 @@ def _check_graph(
     return report, graph_out
 
 
-def replay_golden(artifact, *, tolerance: float = 1e-4, providers: list[str] | None = None) -> ParityReport:
-    """Repeat the parity check from ``DIR/golden/`` alone (torch-free): the recorded inputs through the graph on
-    ONNX Runtime, compared with the recorded eager outputs and, at every site, the recorded eager selections."""
-    from polygraphy.comparator import RunResults
-    from polygraphy.json import load_json
-
+def read_golden(artifact, files: tuple[str, ...], read: Callable[[Path], Any]) -> Any:
+    """``read(DIR/golden)`` once ``files`` are there; missing or unreadable golden files are a :class:`ParityError`
+    that says how to write them."""
     golden = artifact.path / "golden"
-    if "stages" in artifact.manifest:
-        raise ParityError("staged artifacts have no golden files; check them with `tokensieve parity DIR`")
-    if not (golden / "inputs.json").is_file() or not (golden / SITES).is_file():
+    if not all((golden / name).is_file() for name in files):
         raise ParityError(
             f"{artifact.path} has no complete golden files; write them with `tokensieve parity {artifact.path}` "
             "where the eager model is available"
         )
-    _quiet_polygraphy()
     try:
-        feeds = load_json(str(golden / "inputs.json"))[0]
-        eager = RunResults.load(str(golden / "eager_outputs.json"))[0][1][0]
-        with np.load(golden / SITES) as data:
-            records: dict[int, dict[str, np.ndarray]] = {}
-            for key in data.files:
-                layer, role = key.split("/")
-                records.setdefault(int(layer), {})[role] = data[key]
+        return read(golden)
     except (OSError, ValueError, KeyError, IndexError) as e:
         raise ParityError(
             f"the golden files in {golden} are unreadable ({e}); rewrite them with `tokensieve parity`"
         ) from None
+
+
+def _read_vit_golden(golden: Path) -> tuple[dict, Any, dict[int, dict[str, np.ndarray]]]:
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    _quiet_polygraphy()
+    feeds = load_json(str(golden / "inputs.json"))[0]
+    eager = RunResults.load(str(golden / "eager_outputs.json"))[0][1][0]
+    records: dict[int, dict[str, np.ndarray]] = {}
+    with np.load(golden / SITES) as data:
+        for key in data.files:
+            layer, role = key.split("/")
+            records.setdefault(int(layer), {})[role] = data[key]
+    return dict(feeds), eager, records
+
+
+def replay_golden(artifact, *, tolerance: float = 1e-4, providers: list[str] | None = None) -> ParityReport:
+    """Repeat the parity check from ``DIR/golden/`` alone (torch-free): the recorded inputs through the graph on
+    ONNX Runtime, compared with the recorded eager outputs and, at every site, the recorded eager selections."""
+    if "stages" in artifact.manifest:
+        from tokensieve.parity_staged import replay_staged_golden
+
+        return replay_staged_golden(artifact, tolerance=tolerance, providers=providers)
+    feeds, eager, records = read_golden(artifact, ("inputs.json", "eager_outputs.json", SITES), _read_vit_golden)
     names = [o["name"] for o in artifact.manifest["outputs"]]
     missing = [n for n in names if n not in eager]
     if missing:
         raise ParityError(f"the golden outputs lack {missing}; rewrite them with `tokensieve parity {artifact.path}`")
-    report, _ = _check_graph(artifact, dict(feeds), [eager[n] for n in names], records, tolerance, providers)
-    report.golden, report.reference = str(golden), "golden eager outputs"
+    report, _ = _check_graph(artifact, feeds, [eager[n] for n in names], records, tolerance, providers)
+    report.golden, report.reference = str(artifact.path / "golden"), "golden eager outputs"
     return report

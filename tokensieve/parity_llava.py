@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from tokensieve.errors import ParityError
+from tokensieve.parity import golden_directory, read_golden
 
 _WORDS = (
     "what",
@@ -303,8 +304,6 @@ def check_llava_parity(
 
 
 def _write_golden(directory, expected: list[Expected]):
-    from tokensieve.parity import golden_directory
-
     arrays = {}
     for i, case in enumerate(expected):
         arrays |= {
@@ -327,27 +326,22 @@ def replay_llava_golden(
     """Repeat the parity check from ``DIR/golden/cases.npz`` alone (torch-free, no Hugging Face model): the recorded
     prompts and images through the artifact on ONNX Runtime, held to the recorded prompt ids, prefill logits,
     greedy tokens and kept positions."""
-    path = artifact.path / "golden" / CASES
-    if not path.is_file():
-        raise ParityError(
-            f"{artifact.path} has no golden files; write them with `tokensieve parity {artifact.path}` "
-            "where the eager model is available"
-        )
-    try:
-        with np.load(path) as data:
-            expected = [
-                Expected(
-                    str(data[f"{i}/prompt"]),
-                    data[f"{i}/image"],
-                    data[f"{i}/prompt_ids"],
-                    data[f"{i}/logits"],
-                    data[f"{i}/ids"].tolist(),
-                    data[f"{i}/kept"] if f"{i}/kept" in data.files else None,
-                )
-                for i in range(len({k.split("/")[0] for k in data.files}))
-            ]
-    except (OSError, ValueError, KeyError) as e:
-        raise ParityError(f"{path} is unreadable ({e}); rewrite it with `tokensieve parity`") from None
+    expected = read_golden(artifact, (CASES,), _read_cases)
     methods, runners = _methods(artifact), _runners(artifact, caches)
     results = [_compare(runner, cache, case, methods) for case in expected for cache, runner in runners.items()]
-    return LlavaParityReport(results, tolerance, golden=str(path.parent), reference="golden eager outputs")
+    return LlavaParityReport(results, tolerance, golden=str(artifact.path / "golden"), reference="golden eager outputs")
+
+
+def _read_cases(golden) -> list[Expected]:
+    with np.load(golden / CASES) as data:
+        return [
+            Expected(
+                str(data[f"{i}/prompt"]),
+                data[f"{i}/image"],
+                data[f"{i}/prompt_ids"],
+                data[f"{i}/logits"],
+                data[f"{i}/ids"].tolist(),
+                data[f"{i}/kept"] if f"{i}/kept" in data.files else None,
+            )
+            for i in range(len({k.split("/")[0] for k in data.files}))
+        ]

@@ -8,16 +8,40 @@ Checked on the same seeded inputs:
 * edge counts per first-site bucket, forced by editing stage 1's order key and count (the eager reference keeps the
   same highest-priority tokens): a count that exactly fits the bucket, one over the previous bucket's edge (the
   smallest count routed to this bucket), and the largest bucket filled.
+
+The eager side of every check (its outputs and kept tokens per image) is recorded with the inputs in
+``DIR/golden/staged.npz``; :func:`replay_staged_golden` repeats the checks from it without torch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from tokensieve.errors import ParityError
 from tokensieve.graph_passes.sites.atp import KEPT_WEIGHT
-from tokensieve.parity import OutputParity, ParityReport, StagedCheck, compare_outputs
+from tokensieve.parity import (
+    OutputParity,
+    ParityReport,
+    StagedCheck,
+    compare_outputs,
+    golden_directory,
+    read_golden,
+)
 from tokensieve.runtimes.buckets import StagedResult, StagedRunner
+
+STAGED = "staged.npz"
+
+
+@dataclass
+class EagerCheck:
+    """The eager side of one check: ``count`` forces the first site's count (None: each image's own counts)."""
+
+    label: str
+    count: int | None
+    outputs: list  # per graph output: an array, or a per-image list for variable-length outputs
+    kept: list[dict[int, np.ndarray]]  # per image: site layer -> kept token indices
 
 
 def _relative(names, eager, result: StagedResult, tolerance: float) -> tuple[float, bool]:
@@ -34,27 +58,27 @@ def _relative(names, eager, result: StagedResult, tolerance: float) -> tuple[flo
     return worst, worst <= tolerance
 
 
-def _same_kept(runner: StagedRunner, result: StagedResult, records: list[dict], layers: list[int]) -> int:
+def _same_kept(runner: StagedRunner, result: StagedResult, kept: list[dict[int, np.ndarray]], layers) -> int:
     same = 0
     for i, route in enumerate(result.routes):
         ok = True
         for site, layer in enumerate(layers):
-            name = f"tokensieve/site{layer}/kept"
-            got = runner.exposed.get(i, {}).get(name)
-            kept = min(route.counts[site], route.buckets[site])
-            ref = records[i][layer]["kept"].numpy().reshape(-1)
-            ok &= got is not None and np.array_equal(np.sort(got[:kept]), np.sort(ref))
+            got = runner.exposed.get(i, {}).get(f"tokensieve/site{layer}/kept")
+            count = min(route.counts[site], route.buckets[site])
+            ok &= got is not None and np.array_equal(np.sort(got[:count]), np.sort(kept[i][layer]))
         same += int(ok)
     return same
 
 
-def _eager(model, pixels, forced=None):
+def _eager(model, pixels, label: str, count: int | None, forced: list[dict[int, int]]) -> EagerCheck:
     import torch
 
     with torch.no_grad():
         out = model.per_image(torch.from_numpy(pixels), forced=forced)
     out = out if isinstance(out, tuple) else (out,)
-    return [[t.numpy() for t in o] if isinstance(o, list) else o.numpy() for o in out]
+    outputs = [[t.numpy() for t in o] if isinstance(o, list) else o.numpy() for o in out]
+    kept = [{layer: rec["kept"].numpy().reshape(-1) for layer, rec in image.items()} for image in model.sample_records]
+    return EagerCheck(label, count, outputs, kept)
 
 
 def force_count(state: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
@@ -71,50 +95,64 @@ def force_count(state: dict[str, np.ndarray], count: int) -> dict[str, np.ndarra
     }
 
 
+def _edges(sizes: list[int]) -> list[tuple[int, str]]:
+    """(forced count, label) per first-site bucket: exact fit, one over the previous bucket, the largest full."""
+    edges = []
+    for index, size in enumerate(sizes):
+        here = {size: "exact fit" if index + 1 < len(sizes) else "largest bucket, full"}
+        if index and sizes[index - 1] + 1 < size:
+            here[sizes[index - 1] + 1] = f"one over bucket {sizes[index - 1]}"
+        edges += sorted(here.items())
+    return edges
+
+
 def check_staged_parity(
-    artifact, eager_model, pixels: np.ndarray, tolerance: float, providers: list[str] | None
+    artifact, eager_model, pixels: np.ndarray, tolerance: float, providers: list[str] | None, golden: bool = True
 ) -> ParityReport:
-    manifest = artifact.manifest
-    stages = manifest["stages"]
-    layers, names = stages["sites"], [o["name"] for o in manifest["outputs"]]
-    runner = StagedRunner(
-        artifact.path, stages, mode="bucketed", allow_truncation=True, expose=True, providers=providers
-    )
-    report = ParityReport(tolerance, len(pixels), [])
-    state = runner.first_stage(pixels)
-    natural = runner.continue_from(state)
-    forced = [
+    stages = artifact.manifest["stages"]
+    layers = stages["sites"]
+    runner = _runner(artifact, providers)
+    natural = runner.continue_from(runner.first_stage(pixels))
+    truncated = [
         {layers[s]: r.buckets[s] for s in range(len(layers)) if r.counts[s] > r.buckets[s]} for r in natural.routes
     ]
-    eager = _eager(eager_model, pixels, forced)
-    records = eager_model.sample_records
-    report.provider = runner.runner(stages["graphs"][""]).active
-    report.outputs = _output_rows(names, eager, natural, tolerance)
-    relative, ok = _relative(names, eager, natural, tolerance)
-    report.checks.append(
-        StagedCheck(
-            "bucketed (natural counts)", len(pixels), relative, _same_kept(runner, natural, records, layers), ok
-        )
-    )
-    if not any(forced):
-        for mode in ("oracle", "padmax"):
-            other = StagedRunner(artifact.path, stages, mode=mode, providers=providers).run(pixels)
-            relative, ok = _relative(names, eager, other, tolerance)
-            report.checks.append(StagedCheck(f"{mode} (natural counts)", len(pixels), relative, None, ok))
-    sizes = stages["buckets"][""]
-    for index, size in enumerate(sizes):
-        edges = {size: "exact fit" if index + 1 < len(sizes) else "largest bucket, full"}
-        if index and sizes[index - 1] + 1 < size:
-            edges[sizes[index - 1] + 1] = f"one over bucket {sizes[index - 1]}"
-        for count, label in sorted(edges.items()):
-            result = runner.continue_from(force_count(state, count))
-            eager = _eager(eager_model, pixels, [{layers[0]: count} for _ in pixels])
-            relative, ok = _relative(names, eager, result, tolerance)
-            same = _same_kept(runner, result, eager_model.sample_records, layers)
-            bucket = result.routes[0].buckets[0]
-            report.checks.append(
-                StagedCheck(f"bucket {bucket}, count {count} ({label})", len(pixels), relative, same, ok)
-            )
+    checks = [_eager(eager_model, pixels, "natural counts", None, truncated)]
+    checks += [
+        _eager(eager_model, pixels, label, count, [{layers[0]: count} for _ in pixels])
+        for count, label in _edges(stages["buckets"][""])
+    ]
+    report = _compare(artifact, runner, pixels, checks, tolerance, providers)
+    if golden:
+        report.golden = str(_write_golden(artifact.path, pixels, checks))
+    return report
+
+
+def _runner(artifact, providers) -> StagedRunner:
+    stages = artifact.manifest["stages"]
+    return StagedRunner(artifact.path, stages, mode="bucketed", allow_truncation=True, expose=True, providers=providers)
+
+
+def _compare(artifact, runner: StagedRunner, pixels, checks: list[EagerCheck], tolerance, providers) -> ParityReport:
+    """The graph side: every check's routing through the artifact, against its eager side."""
+    stages = artifact.manifest["stages"]
+    layers, names = stages["sites"], [o["name"] for o in artifact.manifest["outputs"]]
+    report = ParityReport(tolerance, len(pixels), runner.runner(stages["graphs"][""]).active)
+    state = runner.first_stage(pixels)
+    for check in checks:
+        result = runner.continue_from(state if check.count is None else force_count(state, check.count))
+        relative, ok = _relative(names, check.outputs, result, tolerance)
+        same = _same_kept(runner, result, check.kept, layers)
+        if check.count is None:
+            report.outputs = _output_rows(names, check.outputs, result, tolerance)
+            report.checks.append(StagedCheck("bucketed (natural counts)", len(pixels), relative, same, ok))
+            if all(min(r.buckets[s] - r.counts[s] for s in range(len(layers))) >= 0 for r in result.routes):
+                for mode in ("oracle", "padmax"):
+                    other = StagedRunner(artifact.path, stages, mode=mode, providers=providers).run(pixels)
+                    relative, ok = _relative(names, check.outputs, other, tolerance)
+                    report.checks.append(StagedCheck(f"{mode} (natural counts)", len(pixels), relative, None, ok))
+        else:
+            label = f"bucket {result.routes[0].buckets[0]}, count {check.count} ({check.label})"
+            report.checks.append(StagedCheck(label, len(pixels), relative, same, ok))
     if not report.checks:
         raise ParityError("no staged check ran")
     return report
@@ -129,3 +167,47 @@ def _output_rows(names, eager, result: StagedResult, tolerance: float) -> list[O
         else:
             rows += compare_outputs([name], [ref], {name: np.asarray(result.outputs[name])}, tolerance)
     return rows
+
+
+def _write_golden(directory, pixels: np.ndarray, checks: list[EagerCheck]):
+    arrays = {"pixels": pixels}
+    for c, check in enumerate(checks):
+        arrays[f"{c}/label"] = np.array(check.label)
+        arrays[f"{c}/count"] = np.array(-1 if check.count is None else check.count)
+        for o, output in enumerate(check.outputs):
+            if isinstance(output, list):
+                arrays |= {f"{c}/out/{o}/{i}": image for i, image in enumerate(output)}
+            else:
+                arrays[f"{c}/out/{o}"] = output
+        for i, image in enumerate(check.kept):
+            arrays |= {f"{c}/kept/{i}/{layer}": kept for layer, kept in image.items()}
+    with golden_directory(directory) as staging:
+        np.savez(staging / STAGED, **arrays)
+    return directory / "golden"
+
+
+def _read_golden(path, outputs: int) -> tuple[np.ndarray, list[EagerCheck]]:
+    with np.load(path) as data:
+        files = set(data.files)
+        pixels, checks = data["pixels"], []
+        for c in range(len({k.split("/")[0] for k in files} - {"pixels"})):
+            images = range(len(pixels))
+            values = [
+                data[f"{c}/out/{o}"] if f"{c}/out/{o}" in files else [data[f"{c}/out/{o}/{i}"] for i in images]
+                for o in range(outputs)
+            ]
+            kept = [
+                {int(k.rsplit("/", 1)[1]): data[k] for k in files if k.startswith(f"{c}/kept/{i}/")} for i in images
+            ]
+            count = int(data[f"{c}/count"])
+            checks.append(EagerCheck(str(data[f"{c}/label"]), None if count < 0 else count, values, kept))
+    return pixels, checks
+
+
+def replay_staged_golden(artifact, *, tolerance: float = 1e-4, providers: list[str] | None = None) -> ParityReport:
+    """Repeat every staged check from ``DIR/golden/staged.npz`` alone (torch-free)."""
+    outputs = len(artifact.manifest["outputs"])
+    pixels, checks = read_golden(artifact, (STAGED,), lambda golden: _read_golden(golden / STAGED, outputs))
+    report = _compare(artifact, _runner(artifact, providers), pixels, checks, tolerance, providers)
+    report.golden, report.reference = str(artifact.path / "golden"), "golden eager outputs"
+    return report

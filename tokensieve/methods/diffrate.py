@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
-from tokensieve.errors import MethodSpecError
+from tokensieve.errors import MethodSpecError, read_json
 from tokensieve.methods.base import SiteCount, check_bool
 
 
@@ -47,12 +46,7 @@ def _counts(name: str, value: Any) -> tuple[int, ...]:
 
 def load_table(path: str, key: str | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(prune, merge) from a DiffRate JSON table; ``key`` walks nested objects, e.g. ``ViT-S-DeiT/2.9``."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise MethodSpecError(f"diffrate: cannot read table {path!r}: {e.strerror}") from None
-    except ValueError as e:
-        raise MethodSpecError(f"diffrate: table {path!r} is not valid JSON: {e}") from None
+    data = read_json(path, MethodSpecError, "diffrate: the table")
     for part in key.split("/") if key else []:
         if not isinstance(data, dict) or part not in data:
             options = ", ".join(sorted(data)) if isinstance(data, dict) else "none"
