@@ -213,22 +213,15 @@ def _parity(artifact: Artifact, policy: Policy) -> Check:
     return Check("parity", PASS if report.ok else FAIL, detail)
 
 
-def _at_most(name: str, value: float | None, limit: float | None, unit: str = "") -> Check | None:
+def _bound(name: str, value: float | None, limit: float | None, at_most: bool, unit: str = "") -> Check | None:
+    """``value <= limit`` (``at_most``) or ``value >= limit``; None when the policy sets no limit."""
     if limit is None:
         return None
     if value is None:
         return Check(name, SKIP, "not recorded for this kind of artifact")
-    ok = value <= limit
-    return Check(name, PASS if ok else FAIL, f"{value:g}{unit} {'<=' if ok else '>'} {limit:g}{unit}")
-
-
-def _at_least(name: str, value: float | None, limit: float | None, unit: str = "") -> Check | None:
-    if limit is None:
-        return None
-    if value is None:
-        return Check(name, SKIP, "not recorded for this kind of artifact")
-    ok = value >= limit
-    return Check(name, PASS if ok else FAIL, f"{value:g}{unit} {'>=' if ok else '<'} {limit:g}{unit}")
+    ok = value <= limit if at_most else value >= limit
+    relation = ("<=" if ok else ">") if at_most else (">=" if ok else "<")
+    return Check(name, PASS if ok else FAIL, f"{value:g}{unit} {relation} {limit:g}{unit}")
 
 
 def _measured_fraction(artifact: Artifact, limit: float | None) -> Check | None:
@@ -257,13 +250,15 @@ def _budgets(artifact: Artifact, policy: Policy) -> list[Check]:
         outside = sorted(set(used) - set(policy.methods))
         detail = f"uses {used or 'no method'}" + (f"; not allowed: {outside}" if outside else "")
         checks.append(Check("methods", FAIL if outside else PASS, detail))
-    checks.append(_at_most("max_opset", manifest["export"].get("opset"), policy.max_opset))
+    checks.append(_bound("max_opset", manifest["export"].get("opset"), policy.max_opset, at_most=True))
     macs = manifest.get("macs") or {}
-    checks.append(_at_least("min_limit_speedup", macs.get("limit_speedup"), policy.min_limit_speedup, "x"))
-    checks.append(_at_most("max_macs", macs.get("expected") or macs.get("model"), policy.max_macs))
+    model = macs.get("expected") or macs.get("model")  # staged: the mean over the calibration data, bucketed
+    limit = round(macs["baseline"] / model, 4) if model else None
+    checks.append(_bound("min_limit_speedup", limit, policy.min_limit_speedup, at_most=False, unit="x"))
+    checks.append(_bound("max_macs", model, policy.max_macs, at_most=True))
     checks.append(_measured_fraction(artifact, policy.min_fraction_of_limit))
     capacity = (manifest.get("decoder") or {}).get("capacity")
-    checks.append(_at_most("max_cache_slots", capacity, policy.max_cache_slots))
+    checks.append(_bound("max_cache_slots", capacity, policy.max_cache_slots, at_most=True))
     return [c for c in checks if c is not None]
 
 
