@@ -51,17 +51,15 @@ def _is_artifact(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out``; on success it replaces ``out``, on failure it is removed."""
-    out = Path(out).absolute()
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_artifact(out))):
-        raise ArtifactError(f"{out} exists and is not a tokensieve artifact; choose another --out or remove it")
+def replaced_directory(out: Path, hint: str = "") -> Iterator[Path]:
+    """Yield a hidden sibling directory of ``out`` to fill; on success it takes ``out``'s place (an old ``out`` is
+    removed), on failure it is removed and ``out`` stays as it was. ``hint`` ends the can't-write message."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
     except OSError as e:
-        raise ArtifactError(f"cannot write to {out.parent}: {e.strerror}; choose a writable --out") from None
+        raise ArtifactError(f"cannot write to {out.parent}: {e.strerror}{hint}") from None
     try:
         yield staging
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -72,6 +70,16 @@ def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out``; on success it replaces ``out``, on failure it is removed."""
+    out = Path(out).absolute()
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_artifact(out))):
+        raise ArtifactError(f"{out} exists and is not a tokensieve artifact; choose another --out or remove it")
+    with replaced_directory(out, "; choose a writable --out") as staging:
+        yield staging
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -18,16 +18,14 @@ or a registry gate with only ONNX Runtime).
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tokensieve.artifact import replaced_directory
 from tokensieve.errors import ParityError
 
 EAGER = "eager-pytorch"
@@ -260,22 +258,6 @@ def _reference_module(artifact, reference):
     return built
 
 
-@contextlib.contextmanager
-def golden_directory(directory: Path) -> Iterator[Path]:
-    """Yield a fresh staging directory that replaces ``directory/golden`` on success (removed on failure)."""
-    golden = directory / "golden"
-    staging = directory / f".golden.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        yield staging
-        if golden.exists():
-            shutil.rmtree(golden)
-        staging.rename(golden)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def _quiet_polygraphy() -> None:
     from polygraphy.logger import G_LOGGER
 
@@ -294,7 +276,7 @@ def _write_golden(
     from polygraphy.json import save_json
 
     _quiet_polygraphy()
-    with golden_directory(directory) as staging:
+    with replaced_directory(directory / "golden") as staging:
         save_json([feeds], str(staging / "inputs.json"), description="tokensieve parity inputs")
         for runner, outputs, file in ((EAGER, eager, "eager_outputs.json"), (ORT, graph, "ort_outputs.json")):
             results = RunResults()

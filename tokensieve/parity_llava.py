@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from tokensieve.artifact import replaced_directory
 from tokensieve.errors import ParityError
-from tokensieve.parity import golden_directory, read_golden
+from tokensieve.parity import read_golden
 
 _WORDS = (
     "what",
@@ -315,7 +316,7 @@ def _write_golden(directory, expected: list[Expected]):
         }
         if case.kept is not None:
             arrays[f"{i}/kept"] = case.kept
-    with golden_directory(directory) as staging:
+    with replaced_directory(directory / "golden") as staging:
         np.savez(staging / CASES, **arrays)
     return directory / "golden"
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tokensieve.artifact import replaced_directory
 from tokensieve.errors import ParityError
 from tokensieve.graph_passes.sites.atp import KEPT_WEIGHT
 from tokensieve.parity import (
@@ -26,7 +27,6 @@ from tokensieve.parity import (
     ParityReport,
     StagedCheck,
     compare_outputs,
-    golden_directory,
     read_golden,
 )
 from tokensieve.runtimes.buckets import StagedResult, StagedRunner
@@ -112,16 +112,17 @@ def check_staged_parity(
     stages = artifact.manifest["stages"]
     layers = stages["sites"]
     runner = _runner(artifact, providers)
-    natural = runner.continue_from(runner.first_stage(pixels))
-    truncated = [
+    state = runner.first_stage(pixels)
+    natural = runner.continue_from(state)
+    forced = [
         {layers[s]: r.buckets[s] for s in range(len(layers)) if r.counts[s] > r.buckets[s]} for r in natural.routes
     ]
-    checks = [_eager(eager_model, pixels, "natural counts", None, truncated)]
+    checks = [_eager(eager_model, pixels, "natural counts", None, forced)]
     checks += [
         _eager(eager_model, pixels, label, count, [{layers[0]: count} for _ in pixels])
         for count, label in _edges(stages["buckets"][""])
     ]
-    report = _compare(artifact, runner, pixels, checks, tolerance, providers)
+    report = _compare(artifact, runner, state, pixels, checks, tolerance, providers)
     if golden:
         report.golden = str(_write_golden(artifact.path, pixels, checks))
     return report
@@ -132,12 +133,13 @@ def _runner(artifact, providers) -> StagedRunner:
     return StagedRunner(artifact.path, stages, mode="bucketed", allow_truncation=True, expose=True, providers=providers)
 
 
-def _compare(artifact, runner: StagedRunner, pixels, checks: list[EagerCheck], tolerance, providers) -> ParityReport:
-    """The graph side: every check's routing through the artifact, against its eager side."""
+def _compare(
+    artifact, runner: StagedRunner, state: dict, pixels, checks: list[EagerCheck], tolerance, providers
+) -> ParityReport:
+    """The graph side: every check's routing from stage 1's ``state`` through the artifact, against its eager side."""
     stages = artifact.manifest["stages"]
     layers, names = stages["sites"], [o["name"] for o in artifact.manifest["outputs"]]
     report = ParityReport(tolerance, len(pixels), runner.runner(stages["graphs"][""]).active)
-    state = runner.first_stage(pixels)
     for check in checks:
         result = runner.continue_from(state if check.count is None else force_count(state, check.count))
         relative, ok = _relative(names, check.outputs, result, tolerance)
@@ -145,7 +147,7 @@ def _compare(artifact, runner: StagedRunner, pixels, checks: list[EagerCheck], t
         if check.count is None:
             report.outputs = _output_rows(names, check.outputs, result, tolerance)
             report.checks.append(StagedCheck("bucketed (natural counts)", len(pixels), relative, same, ok))
-            if all(min(r.buckets[s] - r.counts[s] for s in range(len(layers))) >= 0 for r in result.routes):
+            if not any(r.truncated for r in result.routes):
                 for mode in ("oracle", "padmax"):
                     other = StagedRunner(artifact.path, stages, mode=mode, providers=providers).run(pixels)
                     relative, ok = _relative(names, check.outputs, other, tolerance)
@@ -181,7 +183,7 @@ def _write_golden(directory, pixels: np.ndarray, checks: list[EagerCheck]):
                 arrays[f"{c}/out/{o}"] = output
         for i, image in enumerate(check.kept):
             arrays |= {f"{c}/kept/{i}/{layer}": kept for layer, kept in image.items()}
-    with golden_directory(directory) as staging:
+    with replaced_directory(directory / "golden") as staging:
         np.savez(staging / STAGED, **arrays)
     return directory / "golden"
 
@@ -208,6 +210,7 @@ def replay_staged_golden(artifact, *, tolerance: float = 1e-4, providers: list[s
     """Repeat every staged check from ``DIR/golden/staged.npz`` alone (torch-free)."""
     outputs = len(artifact.manifest["outputs"])
     pixels, checks = read_golden(artifact, (STAGED,), lambda golden: _read_golden(golden / STAGED, outputs))
-    report = _compare(artifact, _runner(artifact, providers), pixels, checks, tolerance, providers)
+    runner = _runner(artifact, providers)
+    report = _compare(artifact, runner, runner.first_stage(pixels), pixels, checks, tolerance, providers)
     report.golden, report.reference = str(artifact.path / "golden"), "golden eager outputs"
     return report
