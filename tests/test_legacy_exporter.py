@@ -5,6 +5,7 @@ import pytest
 from helpers import export_and_check
 
 import tokensieve
+from tokensieve.errors import ExportError
 from tokensieve.graph_passes.locate import locate_vit
 from tokensieve.graph_passes.propagate import propagate_shapes
 
@@ -27,9 +28,32 @@ def test_legacy_opset14_parity(zoo, tmp_path, source, img_size, method, specials
     assert artifact.manifest["export"]["opset"] == 14
 
 
-def test_legacy_hf_tower(zoo, hf_config_dir, tmp_path):
-    entry = zoo(f"hf:{hf_config_dir('vit')}", exporter="legacy", opset=14)
-    export_and_check(entry, "topk(keep=0.6, layers=[1,4])", tmp_path / "a")
+@pytest.mark.parametrize(
+    ("tower", "method"),
+    [
+        ("vit", "topk(keep=0.6, layers=[1,4])"),
+        ("clip", "topk(keep=0.5, layers=[2])"),
+        # SigLIP's attention-pool head is an nn.MultiheadAttention: the legacy exporter computes its head split with
+        # Mod/Slice shape arithmetic, which the propagation must evaluate after the token count changes.
+        ("siglip", "topk(keep=0.6, layers=[1,4])"),
+        ("siglip", "tome(r=8)"),
+        # Dinov2 interpolates its position embeddings while tracing: sqrt(num_positions) is float shape arithmetic.
+        ("dinov2", "topk(keep=0.7, layers=[0,3])"),
+    ],
+)
+def test_legacy_hf_tower(zoo, hf_config_dir, tmp_path, tower, method):
+    entry = zoo(f"hf:{hf_config_dir(tower)}", exporter="legacy", opset=14)
+    artifact = export_and_check(entry, method, tmp_path / "a")
+    assert artifact.manifest["layout"]["located_with"] == "structure"
+
+
+def test_legacy_exporter_failure_is_a_typed_error(hf_config_dir, tmp_path):
+    """Dinov2 with registers interpolates with antialiased bicubic, which the legacy exporter cannot write."""
+    with pytest.raises(ExportError, match=r"legacy, opset 14.*dynamo exporter may support it"):
+        tokensieve.export(
+            f"hf:{hf_config_dir('dinov2_reg')}", "topk(keep=0.7)", tmp_path / "a", exporter="legacy", opset=14
+        )
+    assert not (tmp_path / "a").exists()
 
 
 def test_legacy_dynamic_batch(zoo, tmp_path):

@@ -74,7 +74,8 @@ def export_graph(
                 model = ir.serde.deserialize_model(onnx.load_from_string(buffer.getvalue()))
     except Exception as e:  # the exporters raise a wide variety of types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"torch.onnx export ({exporter}, opset {opset}) failed: {first}") from e
+        hint = "; the default dynamo exporter may support it" if exporter == "legacy" else ""
+        raise ExportError(f"torch.onnx export ({exporter}, opset {opset}) failed: {first}{hint}") from e
     propagate_shapes(model)
     return model
 

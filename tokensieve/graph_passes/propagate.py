@@ -32,7 +32,7 @@ from tokensieve.errors import GraphRewriteError
 
 _PROXY_PRIMES = (1_000_003, 3_000_017, 5_000_011, 7_000_003, 11_000_027, 13_000_027, 17_000_023, 19_000_013)
 _MAX_OFFSET = 65_536  # "past+1": a proxy plus a small constant stays symbolic
-# Small integer ops whose outputs are evaluated when all inputs are known (shape arithmetic).
+# Small ops whose outputs are evaluated when all inputs are known (shape arithmetic).
 SHAPE_OPS = frozenset(
     [
         "Shape",
@@ -59,9 +59,18 @@ SHAPE_OPS = frozenset(
         "Neg",
         "Abs",
         "Expand",
+        "Pow",
+        "Sqrt",
+        "Floor",
+        "Ceil",
+        "Mod",
     ]
 )
 _MAX_KNOWN_ELEMENTS = 64
+_INT_TYPES = (ir.DataType.INT64, ir.DataType.INT32)
+# Float shape arithmetic (``sqrt(num_positions)`` in position-embedding interpolation) is evaluated too, as long as
+# no symbolic proxy flows into it (a proxy is only meaningful under integer arithmetic).
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE)
 
 
 class _Proxies:
@@ -195,14 +204,19 @@ class _Propagator:
         value.shape = ir.Shape([None if d is None else self.proxies.unproxy(d) for d in dims])
 
     def seed_constant(self, value: ir.Value, tensor: ir.TensorProtocol | None) -> None:
-        if tensor is None or tensor.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+        if tensor is None or tensor.dtype not in _INT_TYPES + _FLOAT_TYPES or tensor.size > _MAX_KNOWN_ELEMENTS:
             return
-        if tensor.size > _MAX_KNOWN_ELEMENTS:
+        if tensor.dtype in _FLOAT_TYPES:
+            self.known[value] = tensor.numpy().astype(np.float64)
             return
         array = tensor.numpy().astype(np.int64)
         self.known[value] = array
         if array.ndim <= 1:
             self.origin[value] = [value] * max(1, array.size)
+
+    def feed(self, value: ir.Value) -> np.ndarray:
+        """The known value of ``value`` in its own element type."""
+        return self.known[value].astype(onnx.helper.tensor_dtype_to_np_dtype(int(value.dtype)))
 
     # -- per node ------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -250,9 +264,7 @@ class _Propagator:
                 return
             input_types[value.name] = _type_proto(value.dtype, self.dims(value))
             if value in self.known:
-                input_data[value.name] = numpy_helper.from_array(self.known[value].astype(np.int64), value.name)
-                if value.dtype == ir.DataType.INT32:
-                    input_data[value.name] = numpy_helper.from_array(self.known[value].astype(np.int32), value.name)
+                input_data[value.name] = numpy_helper.from_array(self.feed(value), value.name)
         symbolic_k = node.op_type == "TopK" and self._symbolic(node.inputs[1])
         if symbolic_k:  # ONNX checks K against the axis length; a symbolic K is only known to fit
             input_data.pop(node.inputs[1].name, None)
@@ -294,7 +306,7 @@ class _Propagator:
 
     def evaluate(self, node: ir.Node) -> None:
         out = node.outputs[0]
-        if out.dtype not in (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL) or len(node.outputs) != 1:
+        if out.dtype not in (*_INT_TYPES, ir.DataType.BOOL, *_FLOAT_TYPES) or len(node.outputs) != 1:
             return
         if node.op_type == "Shape":
             dims = self.dims(node.inputs[0])
@@ -307,6 +319,9 @@ class _Propagator:
         inputs = [v for v in node.inputs if v is not None]
         if not all(v in self.known for v in inputs):
             return
+        floats = out.dtype in _FLOAT_TYPES or any(v.dtype in _FLOAT_TYPES for v in inputs)
+        if floats and any(self._symbolic(v) for v in inputs):
+            return
         if node.op_type in ("Concat", "Unsqueeze", "Squeeze", "Identity", "Cast"):
             self._carry_origin(node)
         model = onnx.helper.make_model(
@@ -318,13 +333,13 @@ class _Propagator:
             ),
             opset_imports=self.opset_imports,
         )
-        feeds = {v.name: self.known[v].astype(onnx.helper.tensor_dtype_to_np_dtype(int(v.dtype))) for v in inputs}
+        feeds = {v.name: self.feed(v) for v in inputs}
         try:
             (result,) = ReferenceEvaluator(model).run(None, feeds)
         except Exception:  # an op the reference evaluator cannot run: leave the value unknown
             return
         if result.size <= _MAX_KNOWN_ELEMENTS:
-            self.known[out] = np.asarray(result).astype(np.int64)
+            self.known[out] = np.asarray(result).astype(np.float64 if out.dtype in _FLOAT_TYPES else np.int64)
 
     def _carry_origin(self, node: ir.Node) -> None:
         out = node.outputs[0]
