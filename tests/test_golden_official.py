@@ -37,6 +37,7 @@ def _keys(metric):
     [
         ("tome", ToMe(r=7, layers=(0,)), tome.site),
         ("pitome", PiToMe(ratio=0.8, margin=(0.45,), layers=(0,)), pitome.site),
+        ("pitome_bsm", PiToMe(ratio=0.8, margin=(0.45,), layers=(0,), bsm_layers=(0,)), pitome.site),
     ],
 )
 def test_merge_matches_official(name, method, site_fn):
@@ -46,7 +47,7 @@ def test_merge_matches_official(name, method, site_fn):
     torch.testing.assert_close(result.stream, GOLDEN[f"{name}_x"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result.sizes, GOLDEN[f"{name}_size"], rtol=1e-5, atol=1e-5)
     site = {
-        "method": name,
+        "method": method.name,
         "tokens_in": x.shape[1],
         "tokens_out": context.count.tokens_out,
         "params": context.count.params,

@@ -19,12 +19,15 @@ CASES = [
     ("timm:vit_small_patch16_224", None, "tome(r=8, inflection=-1)"),  # ToMe's decreasing schedule
     ("timm:vit_small_patch16_224", None, "tome(r=8, prop_attn=false)"),
     ("timm:vit_small_patch16_224", None, "pitome(ratio=0.9)"),
+    # the official timm patch's schedule: the BSM variant in the first half of the blocks, the energy rule after
+    ("timm:vit_small_patch16_224", None, "pitome(ratio=0.9, bsm_layers='first_half')"),
     ("timm:vit_small_patch16_224", None, VIT_S_DIFFRATE),
     ("timm:deit3_small_patch16_224", None, "tome(r=8)"),  # LayerScale (the official ToMe patch drops it)
     ("timm:deit3_small_patch16_224", None, "pitome(ratio=0.85)"),
     ("timm:deit3_small_patch16_224", None, VIT_S_DIFFRATE),
     ("timm:vit_small_patch14_reg4_dinov2", 224, "tome(r=12)"),  # registers are protected, never merged
     ("timm:vit_small_patch14_reg4_dinov2", 224, "pitome(ratio=0.9)"),
+    ("timm:vit_small_patch14_reg4_dinov2", 224, "pitome(ratio=0.85, bsm_layers=[0,2,4,6])"),  # odd T: |A| > |B|
     ("timm:vit_small_patch14_reg4_dinov2", 224, REG4_DIFFRATE),
     ("timm:deit_small_distilled_patch16_224", None, "tome(r=8)"),  # CLS + distillation token
     # global average pooling becomes size-weighted
@@ -61,6 +64,7 @@ def test_vit_base_merging_parity(zoo, tmp_path, method):
         ("clip", "tome(r=6)"),
         ("siglip", "tome(r=10)"),  # no CLS; the MAP pooling head gets the proportional-attention bias
         ("siglip", "pitome(ratio=0.9)"),
+        ("clip", "pitome(ratio=0.8, bsm_layers='first_half')"),
     ],
 )
 def test_hf_tower_merging_parity(zoo, hf_config_dir, tmp_path, family, method):

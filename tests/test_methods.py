@@ -71,6 +71,16 @@ def test_pitome_counts_follow_the_official_float_expression():
     assert PiToMe(ratio=0.9, margin=[0.5, 0.4], layers=[0, 1]).margin_for(1, 12) == 0.4
 
 
+def test_pitome_bsm_halves_split_like_the_official_patches():
+    first = schedule([PiToMe(ratio=0.9, bsm_layers="first_half")], 197, 1, 11)
+    assert [c.params.get("bsm", 0) for _, c in first.sites] == [1] * 6 + [0] * 5  # ceil(11 / 2) BSM blocks
+    second = schedule([PiToMe(ratio=0.9, bsm_layers="second_half")], 197, 1, 11)
+    assert [c.params.get("bsm", 0) for _, c in second.sites] == [0] * 6 + [1] * 5
+    assert describe(parse_methods("pitome(ratio=0.9, bsm_layers=[0, 2])")) == "pitome(ratio=0.9, bsm_layers=[0, 2])"
+    again = methods_from_dicts([PiToMe(ratio=0.9, bsm_layers="first_half").to_dict()])[0]
+    assert again == PiToMe(ratio=0.9, bsm_layers="first_half")
+
+
 def test_diffrate_table_and_file(tmp_path):
     prune = [197, 196, 190, 168, 150, 139, 129, 117, 99, 78, 58, 3]
     merge = [197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3]
@@ -108,6 +118,7 @@ def test_diffrate_table_and_file(tmp_path):
         ("tome(r=[4, 4], inflection=0.5)", "inflection applies to an int r"),
         ("tome(r=8, inflection=2)", "inflection must be in [-1, 1]"),
         ("pitome(ratio=1.5)", "ratio (fraction kept per block) must be in (0, 1]"),
+        ("pitome(ratio=0.9, bsm_layers='early')", "bsm_layers must be a list of block indices, 'first_half'"),
         ("diffrate()", "give prune=[...] and merge=[...]"),
         ("diffrate(prune=[197, 100], merge=[197, 120])", "merges to 120 tokens, more than the 100 it keeps"),
         ("diffrate(table='/nonexistent.json')", "cannot read diffrate: the table"),
@@ -132,6 +143,7 @@ def test_bad_method_strings(text, message):
         ),
         ("topk(keep=0.5, layers=[3]) + tome(r=4)", r"block 3 is claimed by both topk and tome"),
         ("pitome(ratio=0.9, margin=[0.5, 0.4])", r"2 margins given for 12 blocks"),
+        ("pitome(ratio=0.9, layers=[6,7], bsm_layers=[5,6])", r"bsm_layers \[5\] are not blocks the method owns"),
     ],
 )
 def test_methods_that_do_not_fit_the_model(text, message):

@@ -144,6 +144,13 @@ def assignment(site: dict, specials: int, raw: dict[str, np.ndarray]) -> np.ndar
         out[rows, a_pos[unm]] = S + np.arange(unm.shape[1])
         out[:, b_pos] = S + unm.shape[1] + np.arange(len(b_pos))
         out[rows, a_pos[src]] = S + unm.shape[1] + dst
+    elif method == "pitome" and params.get("bsm"):
+        order = raw["order"] + S
+        a_pos, b_pos = order[:, 0::2], order[:, 1::2]
+        unm, src, dst = raw["unm"], raw["src"], raw["dst"]
+        out[rows, np.take_along_axis(a_pos, unm, 1)] = S + np.arange(unm.shape[1])
+        out[rows, b_pos] = S + unm.shape[1] + np.arange(b_pos.shape[1])
+        out[rows, np.take_along_axis(a_pos, src, 1)] = S + unm.shape[1] + dst
     elif method == "pitome":
         order, dst, r = raw["order"] + S, raw["dst"], params["r"]
         protected, kept_b = order.shape[1] - 2 * r, S + order.shape[1] - 2 * r

@@ -76,6 +76,14 @@ def main() -> None:
             "pitome_source": pitome.merge_source(merge, data["x"]),
         }
 
+        merge = pitome.pitome_vision(data["metric"], ratio=0.8, margin=0.45, class_token=True, use_bsm_pitome=True)
+        x, size = pitome.merge_wavg(merge, data["x"], data["size"][..., None])
+        data |= {
+            "pitome_bsm_x": x,
+            "pitome_bsm_size": size[..., 0],
+            "pitome_bsm_source": pitome.merge_source(merge, data["x"]),
+        }
+
         kept = 21  # DiffRate merges x[:, 21:] into x[:, :21] (already sorted by CLS attention, CLS first)
         merge, node_max = diffrate.get_merge_func(data["x"], kept_number=kept)
         size = torch.cat([data["size"][:, :kept], data["size"][:, kept:] * node_max], dim=1)[..., None]

@@ -22,6 +22,16 @@ def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def bipartite_match(scores: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bipartite soft matching on ``scores [B, |A|, |B|]``: each A token's best B match scores it; the ``r``
+    best-scoring A tokens merge. Returns ``(src, unm, dst)``: merging and unmerged A positions (score order) and the
+    merging tokens' B positions."""
+    node_max, node_idx = scores.max(dim=-1)
+    edges = argsort_desc(node_max)
+    src = edges[:, :r]
+    return src, edges[:, r:], node_idx.gather(1, src)
+
+
 def head_mean_keys(key: torch.Tensor) -> torch.Tensor:
     """ToMe/PiToMe metric: keys ``[B, H, N, d]`` averaged over heads and L2-normalised (no epsilon)."""
     return normalized(key.mean(dim=1))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from tokensieve.reference.adapters import AttentionTensors
-from tokensieve.reference.merging import argsort_desc, head_mean_keys, merge_into, rows
+from tokensieve.reference.merging import bipartite_match, head_mean_keys, merge_into, rows
 from tokensieve.reference.sites import SiteContext, SiteResult
 
 
@@ -17,13 +17,9 @@ def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | Non
     a_pos = torch.tensor([i for i in range(S, N) if i % 2 == 0])
     b_pos = torch.tensor([i for i in range(S, N) if i % 2 == 1])
     metric = head_mean_keys(attention.key)
-    scores = metric[:, a_pos] @ metric[:, b_pos].transpose(-1, -2)
-    node_max, node_idx = scores.max(dim=-1)
-    edges = argsort_desc(node_max)
-    src, unm = edges[:, :r], edges[:, r:]
+    src, unm, dst = bipartite_match(metric[:, a_pos] @ metric[:, b_pos].transpose(-1, -2), r)
     if S:
         unm = unm.sort(dim=-1).values
-    dst = node_idx.gather(1, src)
     xa, xb, sa, sb = h[:, a_pos], h[:, b_pos], sizes[:, a_pos], sizes[:, b_pos]
     merged, merged_sizes = merge_into(xb, sb, rows(xa, src), rows(sa, src), dst)
     stream = torch.cat([h[:, :S], rows(xa, unm), merged], dim=1)

@@ -91,6 +91,17 @@ def take(b: NodeBuilder, x: ir.Value, positions: list[int]) -> ir.Value:
     return b.op("Gather", [x, b.const(positions, "positions")], axis=1)
 
 
+def bipartite_match(b: NodeBuilder, scores: ir.Value, r: int, size_a: int) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Bipartite soft matching on ``scores [B, |A|, |B|]`` (``|A| = size_a``): ``ReduceMax``/``ArgMax`` per A
+    token, ``TopK(K=|A|)`` as the descending argsort. Returns ``(src, unm, dst)``: the ``r`` merging and the
+    unmerged A positions (score order) and the merging tokens' B positions."""
+    node_max = b.reduce("ReduceMax", scores, [-1], keepdims=False)  # [B, |A|]
+    node_idx = b.op("ArgMax", [scores], axis=-1, keepdims=0)
+    _, edges = b.op("TopK", [node_max, b.const([size_a], "k")], "argsort", num_outputs=2, axis=-1, largest=1, sorted=1)
+    src = b.slice(edges, 0, r, axis=1)
+    return src, b.slice(edges, r, size_a, axis=1), b.op("GatherElements", [node_idx, src], axis=1)
+
+
 def one_hot(b: NodeBuilder, index: ir.Value, depth: int, dtype: ir.DataType) -> ir.Value:
     """``[B, k] -> [B, k, depth]`` one-hot rows, via ``Equal`` against a constant range (no scatter)."""
     return b.op("Cast", [b.op("Equal", [b.unsqueeze(index, [-1]), b.const(np.arange(depth), "range")])], to=dtype)

@@ -19,6 +19,7 @@ from tokensieve.graph_passes.sites.common import (
     SiteInput,
     SiteOutput,
     assemble,
+    bipartite_match,
     gather_tokens,
     key_metric,
     merge_into,
@@ -35,19 +36,13 @@ def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
     b_pos = [i for i in range(S, N) if i % 2 == 1]
     metric = key_metric(b, site.block)
     scores = b.op("MatMul", [take(b, metric, a_pos), b.op("Transpose", [take(b, metric, b_pos)], perm=[0, 2, 1])])
-    node_max = b.reduce("ReduceMax", scores, [-1], keepdims=False)  # [B, |A|]
-    node_idx = b.op("ArgMax", [scores], axis=-1, keepdims=0)
-    _, edges = b.op(
-        "TopK", [node_max, b.const([len(a_pos)], "k")], "argsort", num_outputs=2, axis=-1, largest=1, sorted=1
-    )
-    src = b.expose(b.slice(edges, 0, r, axis=1), "src")
-    unm = b.slice(edges, r, len(a_pos), axis=1)
+    src, unm, dst = bipartite_match(b, scores, r, len(a_pos))
+    src, dst = b.expose(src, "src"), b.expose(dst, "dst")
     if S:
         unm, _ = b.op(
             "TopK", [unm, b.const([len(a_pos) - r], "k")], "ascending", num_outputs=2, axis=-1, largest=0, sorted=1
         )
     unm = b.expose(b.op("Identity", [unm]), "unm")
-    dst = b.expose(b.op("GatherElements", [node_idx, src], axis=1), "dst")
     # A-relative indices -> positions in the stream, so A rows are gathered once, straight from the stream
     a_table = b.const(a_pos, "a_positions")
     src_pos, unm_pos = b.op("Gather", [a_table, src]), b.op("Gather", [a_table, unm])
