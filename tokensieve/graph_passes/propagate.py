@@ -5,8 +5,9 @@ Exported ViT graphs bake the token count into constants: the dynamo exporter wri
 every downstream Reshape whose target encodes the old count must be rewritten, and only for the downstream uses.
 
 This module re-infers the shape of every value in topological order with ONNX's own per-node inference
-(``onnx.shape_inference.infer_node_outputs``), evaluating small integer shape computations (``Shape -> Gather ->
-Concat -> Reshape`` in legacy-exporter graphs) so their values are known. At each Reshape whose (known) target no
+(``onnx.shape_inference.infer_node_outputs``), evaluating small shape computations (``Shape -> Gather -> Concat ->
+Reshape`` in legacy-exporter graphs, ``Mod`` in a traced ``nn.MultiheadAttention``, float ``sqrt`` of a position
+count in a traced position-embedding interpolation) so their values are known. At each Reshape whose (known) target no
 longer matches its input's element count, the new target is derived from the old and new input shapes, not from
 matching numbers: the output dimension that contains each changed input axis (found by prefix products of the old
 shapes) is scaled by the axis' new/old ratio. Constant elements are rewritten in a fresh initializer, shape-derived
