@@ -50,10 +50,10 @@ DIFFRATE_VIT_S_29 = (
 
 def naive_export(source: str, method: str, batch: int, path: Path) -> None:
     """The eager ToMe reference exported as-is (what a user gets from torch.onnx on eager merging code)."""
-    import tokensieve.reference.tome as eager_tome
+    import tokensieve.reference.merging as eager_merging
     from tokensieve.reference.reduce import ReducedModel
 
-    eager_tome.argsort_desc = lambda values: values.argsort(dim=-1, descending=True)
+    eager_merging.argsort_desc = lambda values: values.argsort(dim=-1, descending=True)  # ToMe's matching sort
     model = ReducedModel(build_module(parse_source(source)).module, parse_methods(method)).eval()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -109,6 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     source = f"timm:{args.model}"
     methods = {"tome r=8": "tome(r=8)", "tome r=16": "tome(r=16)", "pitome 0.9": "pitome(ratio=0.9)"}
+    methods["pitome 0.9 bsm first half"] = "pitome(ratio=0.9, bsm_layers='first_half')"  # the official schedule
     if args.model == "vit_small_patch16_224":
         methods["diffrate 2.9G"] = DIFFRATE_VIT_S_29
     naive = {"naive tome r=8": "tome(r=8)", "naive tome r=16": "tome(r=16)"}
