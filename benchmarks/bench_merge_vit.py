@@ -4,7 +4,7 @@ against the "naive route" (the same eager ToMe code exported straight with torch
 One run measures every variant of a batch size together: all sessions (thread-pool spinning off, so idle sessions
 do not steal the cores) warmed up, then alternating in blocks
 (order rotated every block), medians (and minima) reported, the whole batch size re-measured when a median
-exceeds its minimum by more than 15 %. Writes ``benchmarks/results/merge_vit.json`` and ``merge_vit.png``.
+exceeds its minimum by more than 15 % (flagged "noisy" if it still does after three attempts). Writes ``benchmarks/results/merge_vit.json`` and ``merge_vit.png``.
 
 Targets (issue: token merging): batch 8, vit_small_patch16_224: ToMe r=16 >= 0.95 of its MAC-limit speedup,
 r=8 >= 0.93.
@@ -43,6 +43,7 @@ from tokensieve.methods import parse_methods
 from tokensieve.runtimes.ort import OrtRunner
 
 RESULTS = Path(__file__).parent / "results"
+NOISE_RATIO = 1.15  # a median this far above its minimum is flagged (after three attempts)
 DIFFRATE_VIT_S_29 = (
     "diffrate(prune=[197,196,190,168,150,139,129,117,99,78,58,3], merge=[197,194,176,156,141,133,121,107,88,64,56,3])"
 )
@@ -93,7 +94,9 @@ def measure(runners: dict[str, OrtRunner], batch: int, blocks: int, per_block: i
     for _attempt in range(3):
         times = time_alternating(runs, blocks, per_block)
         stats = {k: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3} for k, v in times.items()}
-        if all(s["median_ms"] <= 1.15 * s["min_ms"] for s in stats.values()):
+        for s in stats.values():
+            s["noisy"] = s["median_ms"] > NOISE_RATIO * s["min_ms"]
+        if not any(s["noisy"] for s in stats.values()):
             break
     return stats
 
@@ -156,7 +159,7 @@ def main() -> None:
             for label, r in rows.items():
                 print(
                     f"  {label:<17} {r['median_ms']:>10.2f} {r['min_ms']:>8.2f} {r['speedup']:>8.3f}x "
-                    f"{r['limit_speedup']:>9.3f}x {r['fraction_of_limit']:>13.3f}"
+                    f"{r['limit_speedup']:>9.3f}x {r['fraction_of_limit']:>13.3f}{'  (noisy)' if r['noisy'] else ''}"
                 )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "merge_vit.json").write_text(json.dumps(results, indent=2))
