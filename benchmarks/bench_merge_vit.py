@@ -2,9 +2,9 @@
 against the "naive route" (the same eager ToMe code exported straight with torch.onnx).
 
 One run measures every variant of a batch size together: all sessions (thread-pool spinning off, so idle sessions
-do not steal the cores) warmed up, then alternating in blocks
-(order rotated every block), medians (and minima) reported, the whole batch size re-measured when a median
-exceeds its minimum by more than 15 % (flagged "noisy" if it still does after three attempts). Writes ``benchmarks/results/merge_vit.json`` and ``merge_vit.png``.
+do not steal the cores) warmed up, then alternating in blocks (order rotated every block), medians (and minima)
+reported, the whole batch size re-measured when a median exceeds its minimum by more than 15 % (flagged "noisy" if
+it still does after three attempts). Writes ``benchmarks/results/merge_vit.json`` and ``merge_vit.png``.
 
 Targets (issue: token merging): batch 8, vit_small_patch16_224: ToMe r=16 >= 0.95 of its MAC-limit speedup,
 r=8 >= 0.93.
