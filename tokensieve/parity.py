@@ -138,19 +138,14 @@ def assignment(site: dict, specials: int, raw: dict[str, np.ndarray]) -> np.ndar
             pruned = out[:, S:] == -1
             out[:, S:][pruned] = site["tokens_out"] - 1
     elif method == "tome":
-        a_pos = np.array([i for i in range(S, N) if i % 2 == 0])
+        a_pos = np.array([i for i in range(S, N) if i % 2 == 0])  # even / odd stream positions
         b_pos = np.array([i for i in range(S, N) if i % 2 == 1])
-        unm, src, dst = raw["unm"], raw["src"], raw["dst"]
-        out[rows, a_pos[unm]] = S + np.arange(unm.shape[1])
-        out[:, b_pos] = S + unm.shape[1] + np.arange(len(b_pos))
-        out[rows, a_pos[src]] = S + unm.shape[1] + dst
+        _bipartite(
+            out, np.broadcast_to(a_pos, (len(out), len(a_pos))), np.broadcast_to(b_pos, (len(out), len(b_pos))), raw, S
+        )
     elif method == "pitome" and params.get("bsm"):
         order = raw["order"] + S
-        a_pos, b_pos = order[:, 0::2], order[:, 1::2]
-        unm, src, dst = raw["unm"], raw["src"], raw["dst"]
-        out[rows, np.take_along_axis(a_pos, unm, 1)] = S + np.arange(unm.shape[1])
-        out[rows, b_pos] = S + unm.shape[1] + np.arange(b_pos.shape[1])
-        out[rows, np.take_along_axis(a_pos, src, 1)] = S + unm.shape[1] + dst
+        _bipartite(out, order[:, 0::2], order[:, 1::2], raw, S)
     elif method == "pitome":
         order, dst, r = raw["order"] + S, raw["dst"], params["r"]
         protected, kept_b = order.shape[1] - 2 * r, S + order.shape[1] - 2 * r
@@ -165,6 +160,16 @@ def assignment(site: dict, specials: int, raw: dict[str, np.ndarray]) -> np.ndar
     else:
         raise ParityError(f"no assignment rule for method {method!r}")
     return out
+
+
+def _bipartite(out: np.ndarray, a_pos: np.ndarray, b_pos: np.ndarray, raw: dict[str, np.ndarray], S: int) -> None:
+    """Bipartite soft matching's layout ``[specials, unmerged A, B]``: A tokens ``a_pos [B, |A|]`` (positions in
+    the input) stay at ``unm`` or merge from ``src`` into B token ``dst``; every B token ``b_pos [B, |B|]`` stays."""
+    rows = np.arange(out.shape[0])[:, None]
+    unm, src, dst = raw["unm"], raw["src"], raw["dst"]
+    out[rows, np.take_along_axis(a_pos, unm, 1)] = S + np.arange(unm.shape[1])
+    out[rows, b_pos] = S + unm.shape[1] + np.arange(b_pos.shape[1])
+    out[rows, np.take_along_axis(a_pos, src, 1)] = S + unm.shape[1] + dst
 
 
 def _compose(source: np.ndarray, assign: np.ndarray) -> np.ndarray:
