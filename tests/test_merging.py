@@ -19,7 +19,7 @@ CASES = [
     ("timm:vit_small_patch16_224", None, "tome(r=8, inflection=-1)"),  # ToMe's decreasing schedule
     ("timm:vit_small_patch16_224", None, "tome(r=8, prop_attn=false)"),
     ("timm:vit_small_patch16_224", None, "pitome(ratio=0.9)"),
-    # the official timm patch's schedule: the BSM variant in the first half of the blocks, the energy rule after
+    # the official DeiT patch's schedule: the BSM variant in the first half of the blocks, the energy rule after
     ("timm:vit_small_patch16_224", None, "pitome(ratio=0.9, bsm_layers='first_half')"),
     ("timm:vit_small_patch16_224", None, VIT_S_DIFFRATE),
     ("timm:deit3_small_patch16_224", None, "tome(r=8)"),  # LayerScale (the official ToMe patch drops it)
@@ -27,7 +27,7 @@ CASES = [
     ("timm:deit3_small_patch16_224", None, VIT_S_DIFFRATE),
     ("timm:vit_small_patch14_reg4_dinov2", 224, "tome(r=12)"),  # registers are protected, never merged
     ("timm:vit_small_patch14_reg4_dinov2", 224, "pitome(ratio=0.9)"),
-    ("timm:vit_small_patch14_reg4_dinov2", 224, "pitome(ratio=0.85, bsm_layers=[0,2,4,6])"),  # odd T: |A| > |B|
+    ("timm:vit_small_patch14_reg4_dinov2", 224, "pitome(ratio=0.85, bsm_layers=[0,2,4,6])"),  # block 6: odd T=99
     ("timm:vit_small_patch14_reg4_dinov2", 224, REG4_DIFFRATE),
     ("timm:deit_small_distilled_patch16_224", None, "tome(r=8)"),  # CLS + distillation token
     # global average pooling becomes size-weighted
