@@ -7,12 +7,13 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
+import transformers
 from helpers import save_llava_checkpoint
 from PIL import Image
 
 import tokensieve
 from tokensieve.cli import main
-from tokensieve.converters.llava import build_llava
+from tokensieve.converters.llava import LLAVA_PRESETS, SPECIAL_TOKENS, build_llava
 from tokensieve.errors import CapacityError, InputError, MethodSpecError, PromptError, SourceError
 from tokensieve.graph_passes.locate_decoder import locate_decoder
 from tokensieve.runtimes.llava_image import preprocess
@@ -153,6 +154,35 @@ def test_checkpoint_directory_source(tmp_path):
     report = artifact.parity(count=2, new_tokens=12)
     assert report.ok, report.text()
     assert [c.cache for c in report.cases] == ["fixed", "fixed"]
+
+
+def _config_only_checkpoint(directory, text_config):
+    """A LLaVA config directory (no weights: tokensieve draws random ones) around the given language model."""
+    vision = transformers.CLIPVisionConfig(**LLAVA_PRESETS["llava-tiny"]["vision"])
+    transformers.LlavaConfig(
+        vision_config=vision,
+        text_config=text_config,
+        image_token_id=SPECIAL_TOKENS.index("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    ).save_pretrained(directory)
+    return directory
+
+
+def test_other_decoder_families_hold_parity_and_mismatched_forwards_are_refused(tmp_path):
+    """A Qwen2 language model (biased Q/K/V projections) exports with FastV and holds parity; Granite, whose forward
+    scales the input embeddings outside its layers, is refused at load rather than exported into wrong graphs."""
+    text = LLAVA_PRESETS["llava-tiny"]["text"]
+    qwen = _config_only_checkpoint(tmp_path / "qwen2", transformers.Qwen2Config(**text))
+    artifact = tokensieve.export(f"hf:{qwen}", "fastv(k=1, keep=0.5)", out=tmp_path / "qwen_fastv")
+    report = artifact.parity(count=1, new_tokens=8)
+    assert report.ok, report.text()
+    assert artifact.lint("trt10.3").ok
+    granite_text = transformers.GraniteConfig(**text, embedding_multiplier=2.0)
+    granite = _config_only_checkpoint(tmp_path / "granite", granite_text)
+    with pytest.raises(SourceError, match="GraniteModel's forward does more than run its decoder layers"):
+        tokensieve.export(f"hf:{granite}", out=tmp_path / "granite_out")
+    assert not (tmp_path / "granite_out").exists()
 
 
 def test_placeholders_capacity_and_bad_sources_are_typed_errors(artifacts, tmp_path):

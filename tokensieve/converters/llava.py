@@ -20,8 +20,9 @@ Graphs (exported with the dynamo exporter, batch 1):
   ``cache_position``. Static shapes;
 * ``decode_growing`` (option): ``past_key_<i>`` ``[1, H_kv, L, d]`` -> ``present_key_<i>`` ``[1, H_kv, L + 1, d]``.
 
-The decoder layers are the model's own (``LlamaDecoderLayer`` etc.); only the cache is ours: a duck-typed object
-with the ``update`` method transformers' attention calls.
+The decoder layers are the model's own (``LlamaDecoderLayer``, ``Qwen2DecoderLayer`` etc.); only the cache is ours: a
+duck-typed object with the ``update`` method transformers' attention calls. A checkpoint's language model is accepted
+when running its layers alone reproduces its forward (checked at load).
 """
 
 from __future__ import annotations
@@ -228,6 +229,32 @@ def _check_supported(name: str, model: nn.Module) -> None:
     lm = model.model.language_model
     if not all(hasattr(lm, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         raise SourceError(f"{name}: the language model {type(lm).__name__} is not a Llama-style decoder")
+    _check_layers_are_the_forward(name, model)
+
+
+def _check_layers_are_the_forward(name: str, model: nn.Module) -> None:
+    """The cache graphs run the language model's layers, final norm and head themselves (``_Decoder``). A model
+    whose own forward does more (Granite scales the input embeddings, for one) would export graphs that silently
+    disagree with it, so both are compared on a short random prompt and a mismatch is refused."""
+    lm = model.model.language_model
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 8, model.config.text_config.hidden_size, generator=generator)
+    embeds = embeds * lm.embed_tokens.weight.std()
+    positions = torch.arange(8)[None]
+    with torch.no_grad():
+        try:
+            expected = model.lm_head(lm(inputs_embeds=embeds, position_ids=positions).last_hidden_state[:, -1])
+            actual = Prefill(model)(embeds, positions)[0]
+        except RuntimeError as e:
+            raise SourceError(f"{name}: {type(lm).__name__} fails a forward pass: {str(e).splitlines()[0]}") from None
+    error = float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+    if not error <= 1e-4:
+        raise SourceError(
+            f"{name}: {type(lm).__name__}'s forward does more than run its decoder layers (running the layers alone "
+            f"changes the logits by {error:.1e} relative), which the cache graphs cannot reproduce; supported "
+            "language models are decoders whose forward is embed -> layers -> norm (Llama, Mistral, Qwen2/3, Gemma, "
+            "Phi-3, ...)"
+        )
 
 
 # -- export wrappers ---------------------------------------------------------------------------------------------
