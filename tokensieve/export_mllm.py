@@ -8,7 +8,8 @@ fixed-cache decode graph gets a ``visible_slots`` input, so the runtime can use 
 decode graphs are unchanged (the runtime writes new tokens after the compressed prompt). ``h2o`` compresses the
 prompt the same way (plus output ``cache_scores``) and moves eviction into the fixed-capacity decode graph (inputs
 ``visible_slots``, ``write_slots``, ``slot_positions``, ``h2o_scores``; outputs ``updated_h2o_scores``,
-``evict_slots``); it has no growing-cache decode graph.
+``evict_slots``); it has no growing-cache decode graph. ``globalcom2`` (LLaVA-NeXT) adds the vision graph's output
+``cls_scores``, from which the host selects the image tokens; the decoder graphs are unchanged.
 
 Layout::
 
@@ -53,6 +54,7 @@ from tokensieve.graph_passes.locate_decoder import locate_decoder
 from tokensieve.graph_passes.prompt_cache import PromptCachePass
 from tokensieve.graph_passes.split_cache_slot import SplitCacheSlotPass
 from tokensieve.methods.fastv import FastV
+from tokensieve.methods.globalcom2 import GlobalCom2
 from tokensieve.methods.h2o import H2O
 from tokensieve.methods.prompt_cache import PromptCacheCompression
 from tokensieve.methods.streamingllm import StreamingLLM
@@ -78,7 +80,7 @@ def export_mllm(
     spec: SourceSpec,
     out: str | os.PathLike,
     *,
-    method: FastV | StreamingLLM | PromptCacheCompression | None = None,
+    method: FastV | GlobalCom2 | StreamingLLM | PromptCacheCompression | None = None,
     capacity: int | None = None,
     opset: int = 18,
     growing: bool = True,
@@ -98,7 +100,10 @@ def export_mllm(
         method.validate(built.model.config.text_config.num_hidden_layers)
     elif isinstance(method, (StreamingLLM, PromptCacheCompression)):
         method.validate(capacity)
-    graphs, seconds = export_llava(built, capacity, opset=opset, growing=growing and not isinstance(method, H2O))
+    elif isinstance(method, GlobalCom2):
+        method.validate(built.kind, built.host["select_strategy"])
+    growing = growing and not isinstance(method, H2O)
+    graphs, seconds = export_llava(built, capacity, opset, growing, cls_scores=isinstance(method, GlobalCom2))
     if isinstance(method, FastV):
         run_passes(graphs["prefill"], [FastVPass(method)])
         for key in ("decode", "decode_growing"):

@@ -69,6 +69,16 @@ def _reduction(manifest: dict[str, Any]) -> str | None:
             f"after prefill every layer and KV head caches at most {compression.budget} prompt positions: the last "
             f"{compression.protected} and {how}; new tokens are cached after them at their absolute positions"
         )
+    globalcom2 = methods.get("globalcom2")
+    if globalcom2 is not None:
+        tokens = manifest["image_tokens"]["per_crop"]
+        layout = "the official code's packing" if globalcom2.layout == "official" else "grid positions"
+        return (
+            f"the image keeps {globalcom2.thumbnail_count(tokens)} of {tokens} thumbnail tokens and about "
+            f"{float(globalcom2.retention):g} of each crop's (budgets from the thumbnail's attention, temperature "
+            f"{float(globalcom2.temperature):g}) plus the row newlines ({layout}); the host selects from the vision "
+            "graph's cls_scores, and prefill runs on the shorter prompt"
+        )
     fastv = methods.get("fastv")
     if fastv is None:
         return None

@@ -12,6 +12,8 @@ prefill logits agree within ``tolerance`` relative to their scale, and the ``new
 
 Artifacts with FastV are held to the eager FastV reference (:mod:`tokensieve.reference.fastv`, itself equal to
 Hugging Face ``generate`` at ``keep=1``) instead, and also on the kept positions: identical sets. Artifacts with
+GlobalCom² are held to :mod:`tokensieve.reference.globalcom2` (its shortened prompt ids included), also on the vision
+tokens kept, in prompt order: identical. Artifacts with
 StreamingLLM are held to the eager StreamingLLM reference (:mod:`tokensieve.reference.streamingllm`) with the
 artifact's cache capacity as the budget. Artifacts with SnapKV or A2SF are held to the eager reference
 (:mod:`tokensieve.reference.prompt_cache`), also on the positions every layer and KV head keeps: identical sets.
@@ -187,6 +189,7 @@ def _expected(model, processor, template: str, methods: dict, capacity: int, pro
     import torch
 
     from tokensieve.reference.fastv import fastv_generate
+    from tokensieve.reference.globalcom2 import globalcom2_generate
     from tokensieve.reference.h2o import h2o_generate
     from tokensieve.reference.prompt_cache import compressed_generate
     from tokensieve.reference.streamingllm import streaming_generate
@@ -198,6 +201,9 @@ def _expected(model, processor, template: str, methods: dict, capacity: int, pro
     if "fastv" in methods:
         result = fastv_generate(model, inputs, methods["fastv"], new_tokens)
         kept = result.kept_positions.numpy()
+    elif "globalcom2" in methods:  # the image run is shortened to the kept features
+        result = globalcom2_generate(model, inputs, methods["globalcom2"], new_tokens)
+        kept, prompt_ids = result.kept_features.numpy(), result.prompt_ids.numpy()
     elif "h2o" in methods:
         result = h2o_generate(model, inputs, methods["h2o"], new_tokens)
         kept = np.concatenate([result.cache_positions.numpy(), result.retained_positions.numpy()], -1)
@@ -220,6 +226,8 @@ def _graph_kept(out, methods: dict) -> np.ndarray | None:
         return np.concatenate([out.cache_positions, out.retained_positions], -1)
     if "snapkv" in methods or "a2sf" in methods:
         return out.cache_positions
+    if "globalcom2" in methods:  # the vision tokens the image keeps, in prompt order
+        return out.kept_features
     return out.kept_positions
 
 

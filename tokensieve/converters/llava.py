@@ -1,14 +1,16 @@
 """LLaVA / LLaVA-NeXT -> four ONNX graphs: vision, token embedding, decoder prefill, decoder decode step.
 
 Sources: the presets ``hf:llava-tiny``, ``hf:llava-next-tiny`` (small random configs for demos and tests) and
-``hf:llava-1.5-7b-shapes`` (LLaVA-1.5-7B layer shapes, 2 vision and 2 text layers, for benchmarks), or a local
-Hugging Face checkpoint / config directory of ``LlavaForConditionalGeneration`` or
-``LlavaNextForConditionalGeneration``. Presets get a byte-level tokenizer built in code (no hub).
+``hf:llava-1.5-7b-shapes`` / ``hf:llava-next-7b-shapes`` (LLaVA-1.5-7B / LLaVA-NeXT-7B layer shapes, 2 vision and 2
+text layers, for benchmarks), or a local Hugging Face checkpoint / config directory of
+``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``. Presets get a byte-level tokenizer built
+in code (no hub).
 
 Graphs (exported with the dynamo exporter, batch 1):
 
 * ``vision``: ``pixel_values [P, 3, H, W]`` (P = 1 for LLaVA; thumbnail + crops for LLaVA-NeXT) ->
-  ``image_features [P, n, D]``: the selected CLIP layer, CLS dropped ("default" strategy), projected. LLaVA-NeXT's
+  ``image_features [P, n, D]``: the selected CLIP layer, CLS dropped ("default" strategy), projected (GlobalCom²
+  artifacts also output ``cls_scores [P, n]``, see :class:`VisionFeatures`). LLaVA-NeXT's
   AnyRes packing (grid, unpadding, ``image_newline``) happens on the host from the image size, as the model does;
 * ``embed``: ``input_ids [1, T]`` -> ``inputs_embeds [1, T, D]``;
 * ``prefill``: ``inputs_embeds [1, T, D]``, ``position_ids [1, T]`` -> ``logits [1, V]`` (last position) and
@@ -98,6 +100,12 @@ LLAVA_PRESETS: dict[str, dict[str, Any]] = {
             "pad_token_id": 3,
         },
     },
+}
+LLAVA_PRESETS["llava-next-7b-shapes"] = {
+    **LLAVA_PRESETS["llava-1.5-7b-shapes"],
+    "kind": "llava_next",
+    "capacity": 4096,
+    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
 }
 MLLM_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 
@@ -261,21 +269,42 @@ def _check_layers_are_the_forward(name: str, model: nn.Module) -> None:
 
 
 class VisionFeatures(nn.Module):
-    """``pixel_values [P, 3, H, W] -> [P, n, D]``: the selected vision layer, CLS dropped, projected."""
+    """``pixel_values [P, 3, H, W] -> [P, n, D]``: the selected vision layer, CLS dropped, projected.
 
-    def __init__(self, model: nn.Module):
+    With ``cls_scores`` it also returns ``[P, n]``: the last encoder layer's head-mean pre-softmax attention logits
+    ``(q * scale) . k`` of the CLS row over the patch columns (GlobalCom²'s score). That layer reads
+    ``hidden_states[-2]``; it is dead code for the features, so the score is exported here rather than located by a
+    graph pass."""
+
+    def __init__(self, model: nn.Module, cls_scores: bool = False):
         super().__init__()
         self.vision_tower = model.model.vision_tower
         self.projector = model.model.multi_modal_projector
         config = model.config
         self.layer = config.vision_feature_layer
         self.drop_cls = config.vision_feature_select_strategy == "default"
+        self.cls_scores = cls_scores
         if not isinstance(self.layer, int):
             raise SourceError("several vision feature layers are not supported")
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states[self.layer]
-        return self.projector(hidden[:, 1:] if self.drop_cls else hidden)
+    def forward(self, pixel_values: torch.Tensor):
+        states = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        hidden = states[self.layer]
+        features = self.projector(hidden[:, 1:] if self.drop_cls else hidden)
+        if not self.cls_scores:
+            return features
+        return features, last_layer_cls_logits(self.vision_tower.encoder.layers[-1], states[-2])
+
+
+def last_layer_cls_logits(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Head-mean pre-softmax logits ``[P, n]`` of the CLS query over the patch keys, for a CLIP encoder ``layer``
+    whose input is ``hidden [P, 1 + n, C]``."""
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden)
+    heads, head_dim = attention.num_heads, attention.head_dim
+    query = (attention.q_proj(normed[:, :1]) * attention.scale).reshape(-1, 1, heads, head_dim)
+    key = attention.k_proj(normed[:, 1:]).reshape(hidden.shape[0], -1, heads, head_dim)
+    return torch.einsum("pqhd,pnhd->phn", query, key).mean(1)
 
 
 class TokenEmbedding(nn.Module):
@@ -388,10 +417,10 @@ def cache_geometry(model: nn.Module) -> tuple[int, int, int]:
 
 
 def export_llava(
-    built: BuiltLlava, capacity: int, opset: int = 18, growing: bool = True
+    built: BuiltLlava, capacity: int, opset: int = 18, growing: bool = True, cls_scores: bool = False
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """The graphs of ``built`` as onnx-ir models (``vision``, ``embed``, ``prefill``, ``decode`` and optionally
-    ``decode_growing``) and the seconds each export took."""
+    ``decode_growing``) and the seconds each export took; ``cls_scores`` adds that output to the vision graph."""
     from tokensieve.converters.export import export_graph
 
     model = built.model
@@ -404,10 +433,10 @@ def export_llava(
     anyres = built.kind == "llava_next"  # thumbnail + a variable number of crops
     jobs: dict[str, tuple] = {
         "vision": (
-            VisionFeatures(model),
+            VisionFeatures(model, cls_scores),
             (torch.randn(2 if anyres else 1, 3, size, size),),
             ["pixel_values"],
-            ["image_features"],
+            ["image_features", "cls_scores"] if cls_scores else ["image_features"],
             {"pixel_values": {0: "patches"}} if anyres else None,
         ),
         "embed": (TokenEmbedding(model), (ids,), ["input_ids"], ["inputs_embeds"], {"input_ids": {1: "sequence"}}),

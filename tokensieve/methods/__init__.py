@@ -3,8 +3,8 @@
 Each method has two faces that read the same dataclass: an eager PyTorch reference (``tokensieve.reference``) and
 a graph face (``tokensieve.graph_passes``). Several methods combine with ``+`` as long as they own disjoint blocks,
 e.g. ``"topk(keep=0.7, layers=[3]) + tome(r=8, layers=[4,5,6,7,8,9,10,11])"``. Methods with ``target = "mllm"``
-(``fastv``, ``streamingllm``, ``snapkv``, ``a2sf``, ``h2o``) apply to MLLM decoders instead of ViT blocks. This
-package is pure Python.
+(``fastv``, ``globalcom2``, ``streamingllm``, ``snapkv``, ``a2sf``, ``h2o``) apply to MLLMs instead of ViT blocks
+(``globalcom2`` to LLaVA-NeXT's image tokens, the others to the decoder). This package is pure Python.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tokensieve.methods.atp import ATPPrune
 from tokensieve.methods.base import Method, Schedule, SiteCount, check_target, schedule
 from tokensieve.methods.diffrate import DiffRate
 from tokensieve.methods.fastv import FastV
+from tokensieve.methods.globalcom2 import GlobalCom2
 from tokensieve.methods.h2o import H2O
 from tokensieve.methods.pitome import PiToMe
 from tokensieve.methods.snapkv import SnapKV
@@ -29,7 +30,7 @@ from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopKPrune
 
 VIT_METHODS = (TopKPrune, ToMe, PiToMe, DiffRate, ATPPrune)
-MLLM_METHODS = (FastV, StreamingLLM, SnapKV, A2SF, H2O)
+MLLM_METHODS = (FastV, GlobalCom2, StreamingLLM, SnapKV, A2SF, H2O)
 REGISTRY: dict[str, type] = {cls.name: cls for cls in (*VIT_METHODS, *MLLM_METHODS)}
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "ATPPrune",
     "DiffRate",
     "FastV",
+    "GlobalCom2",
     "Method",
     "PiToMe",
     "Schedule",
@@ -84,7 +86,7 @@ def methods_from_dicts(data: Sequence[dict[str, Any]] | None) -> list[Method]:
     methods = []
     for entry in data or []:
         kwargs = {k: v for k, v in entry.items() if k != "name"}
-        for key in ("keep", "forgetting_factor"):  # exact fractions, stored as strings
+        for key in ("keep", "forgetting_factor", "retention", "temperature"):  # exact fractions, stored as strings
             if key in kwargs:
                 kwargs[key] = Fraction(kwargs[key])
         methods.append(_build(entry["name"], kwargs))

@@ -135,13 +135,13 @@ def schedule(methods: Sequence[Method], tokens: int, specials: int, depth: int) 
     return Schedule(entering, sites)
 
 
-def check_keep(name: str, keep: Any, example: str = "keep=0.7 keeps 70 %") -> Fraction:
+def check_keep(name: str, keep: Any, example: str = "keep=0.7 keeps 70 %", argument: str = "keep") -> Fraction:
     """A keep fraction in (0, 1] as an exact :class:`Fraction` (a float is read from its decimal text)."""
     if isinstance(keep, bool) or not isinstance(keep, (int, Fraction, float)):
-        raise MethodSpecError(f"{name}: keep must be a number in (0, 1], got {keep!r}")
+        raise MethodSpecError(f"{name}: {argument} must be a number in (0, 1], got {keep!r}")
     keep = Fraction(str(keep)) if isinstance(keep, float) else Fraction(keep)
     if not 0 < keep <= 1:
-        raise MethodSpecError(f"{name}: keep must be in (0, 1], got {float(keep):g}; e.g. {example}")
+        raise MethodSpecError(f"{name}: {argument} must be in (0, 1], got {float(keep):g}; e.g. {example}")
     return keep
 
 

@@ -11,7 +11,8 @@ graph with caches ``[1, H_kv, C, d]`` updated in place, prefill's keys/values co
 than the capacity raises :class:`CapacityError` before anything runs (not with StreamingLLM or H2O, which evict).
 With SnapKV / A2SF / H2O the prefill graph returns the compressed prompt cache (``budget`` positions per layer and KV
 head) and new tokens are cached after it, at their absolute positions; H2O's decode graph then evicts one position
-per step once ``budget + 1`` are cached.
+per step once ``budget + 1`` are cached. With GlobalCom² the image features come from
+:func:`tokensieve.runtimes.globalcom2.select_features` instead of the plain AnyRes packing.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import numpy as np
 
 from tokensieve.errors import CapacityError, PromptError, RuntimeBackendError
 from tokensieve.methods import methods_from_dicts
+from tokensieve.methods.globalcom2 import GlobalCom2
 from tokensieve.methods.h2o import H2O
 from tokensieve.methods.prompt_cache import PromptCacheCompression
 from tokensieve.methods.streamingllm import StreamingLLM
+from tokensieve.runtimes.globalcom2 import select_features
 from tokensieve.runtimes.kv_cache import FixedCacheDecoder, GrowingCacheDecoder, HeavyHitterDecoder, kv_names
 from tokensieve.runtimes.llava_image import pack_features, preprocess
 from tokensieve.runtimes.ort import OrtRunner
@@ -47,6 +50,7 @@ class Generation:
     prefill_logits: np.ndarray  # [V] at the last prompt position
     stop: str  # "eos" | "max_new_tokens"
     kept_positions: np.ndarray | None = None  # FastV: prompt positions the layers from k on keep
+    kept_features: np.ndarray | None = None  # GlobalCom²: indices into the vision graph's [P * n] tokens, in order
     cache_positions: np.ndarray | None = None  # SnapKV / A2SF / H2O: [layers, kv_heads, K] prompt positions cached
     retained_positions: np.ndarray | None = None  # H2O: [layers, kv_heads, n] positions cached at the end
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -113,6 +117,7 @@ class LlavaRunner:
         self.capacity: int | None = manifest["decoder"]["capacity"] if cache == "fixed" else None
         self.eviction = next((m for m in methods if isinstance(m, StreamingLLM)), None)
         self.compression = next((m for m in methods if isinstance(m, PromptCacheCompression)), None)
+        self.image_compression = next((m for m in methods if isinstance(m, GlobalCom2)), None)
         self.budget: int = manifest["decoder"]["capacity"]  # positions an evicting cache keeps
         newline = self.directory / "image_newline.npy"
         self.newline = np.load(newline) if newline.is_file() else None
@@ -127,9 +132,17 @@ class LlavaRunner:
     # -- pieces ------------------------------------------------------------------------------------------------
     def image_features(self, image: Any) -> np.ndarray:
         """``[N, D]`` features of one image, in the order they replace the placeholders."""
+        return self.image_tokens(image)[0]
+
+    def image_tokens(self, image: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """The image's features ``[N, D]`` and, with GlobalCom², the vision tokens they are (see
+        :func:`tokensieve.runtimes.globalcom2.select_features`)."""
         pixel_values, size = preprocess(image, self.host)
-        features = self.vision.run({"pixel_values": pixel_values})["image_features"]
-        return pack_features(features, size, self.host, self.newline)
+        out = self.vision.run({"pixel_values": pixel_values})
+        if self.image_compression is None:
+            return pack_features(out["image_features"], size, self.host, self.newline), None
+        args = (out["image_features"], out["cls_scores"], size, self.host, self.newline)
+        return select_features(*args, self.image_compression)
 
     def prompt_ids(self, prompt: str, template: str | None = None) -> np.ndarray:
         """Token ids of ``prompt`` put into the chat template (unless it already holds ``<image>``)."""
@@ -182,7 +195,7 @@ class LlavaRunner:
     ) -> Generation:
         """Greedy generation; stops at ``stop_ids`` (default: the model's EOS) unless ``ignore_eos``."""
         start = time.perf_counter()
-        features = self.image_features(image) if image is not None else None
+        features, kept_features = self.image_tokens(image) if image is not None else (None, None)
         t_vision = time.perf_counter()
         ids = self.prompt_ids(prompt, template) if input_ids is None else np.asarray(input_ids, np.int64).ravel()
         ids = expand_placeholders(ids, self.host["image_token_id"], None if features is None else len(features))
@@ -221,6 +234,7 @@ class LlavaRunner:
             prefill_logits=logits,
             stop=stop,
             kept_positions=kept,
+            kept_features=kept_features,
             cache_positions=extras.get("cache_positions"),
             retained_positions=decoder.retained() if isinstance(decoder, HeavyHitterDecoder) else None,
             timings_ms={

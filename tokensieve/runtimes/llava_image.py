@@ -22,6 +22,7 @@ import numpy as np
 from tokensieve.errors import InputError
 
 RESCALE = 1 / 255
+NEWLINE = -2  # marks image_newline among token indices (see emit_rows)
 
 
 def load_image(image: Any) -> np.ndarray:
@@ -137,33 +138,53 @@ def preprocess(image: Any, host: dict[str, Any]) -> tuple[np.ndarray, tuple[int,
     return np.stack(patches), array.shape[:2]
 
 
-def _unpad(features: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Drop the rows or columns of ``features [D, H, W]`` that came from padding (``unpad_image``)."""
-    (height, width), (current_h, current_w) = size, features.shape[1:]
+def unpad_band(size: tuple[int, int], current: tuple[int, int]) -> tuple[slice, slice]:
+    """The rows and columns of a ``current = (H, W)`` feature grid that hold the image of original ``size`` rather
+    than padding (``unpad_image``)."""
+    (height, width), (current_h, current_w) = size, current
     if width / height > current_w / current_h:
         new_height = int(round(height * (current_w / width), 7))
         pad = (current_h - new_height) // 2
-        return features[:, pad : current_h - pad, :]
+        return slice(pad, current_h - pad), slice(0, current_w)
     new_width = int(round(width * (current_h / height), 7))
     pad = (current_w - new_width) // 2
-    return features[:, :, pad : current_w - pad]
+    return slice(0, current_h), slice(pad, current_w - pad)
+
+
+def crop_grid(size: tuple[int, int], host: dict[str, Any]) -> tuple[int, int]:
+    """``(rows, columns)`` of LLaVA-NeXT crops for an image of original ``size``."""
+    return tuple(r // host["image_size"] for r in select_best_resolution(size, host["grid_pinpoints"]))
+
+
+def crop_layout(size: tuple[int, int], host: dict[str, Any], patches: int) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """The crops of a ``patches``-image AnyRes stack laid out on their grid: ``index [H, W]`` = which token of the
+    vision output flattened to ``[patches * n]`` sits at each grid position, and the unpadded band of the grid."""
+    side = host["image_size"] // host["patch_size"]
+    rows, columns = crop_grid(size, host)
+    tokens = np.arange(side * side, patches * side * side).reshape(rows, columns, side, side)
+    index = tokens.transpose(0, 2, 1, 3).reshape(rows * side, columns * side)
+    return index, unpad_band(size, index.shape)
+
+
+def emit_rows(grid: np.ndarray, flat: np.ndarray, newline: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``grid`` (token indices into ``flat``, -1 for an empty position) row by row, each row followed by
+    ``newline`` when given: ``(features [N, D], the token indices among them, in order)``."""
+    sequence = grid.ravel() if newline is None else np.concatenate([grid, np.full((len(grid), 1), NEWLINE)], 1).ravel()
+    sequence = sequence[sequence != -1]
+    if newline is None:
+        return flat[sequence], sequence
+    tokens = sequence >= 0
+    return np.where(tokens[:, None], flat[np.maximum(sequence, 0)], newline), sequence[tokens]
 
 
 def pack_features(
     features: np.ndarray, size: tuple[int, int], host: dict[str, Any], newline: np.ndarray | None
 ) -> np.ndarray:
     """Vision-graph output ``[P, n, D]`` -> the image's token features ``[N, D]`` in prompt order."""
+    flat = features.reshape(-1, features.shape[-1])
     if host["kind"] != "llava_next":
-        return features.reshape(-1, features.shape[-1])
-    base, crops = features[0], features[1:]
-    dim = features.shape[-1]
-    if not len(crops):
-        return np.concatenate([base, newline[None]]) if newline is not None else base
-    side = host["image_size"] // host["patch_size"]
-    grid_h, grid_w = (r // host["image_size"] for r in select_best_resolution(size, host["grid_pinpoints"]))
-    grid = crops.reshape(grid_h, grid_w, side, side, dim).transpose(4, 0, 2, 1, 3)
-    grid = _unpad(grid.reshape(dim, grid_h * side, grid_w * side), size)
-    if newline is not None:
-        column = np.broadcast_to(newline[:, None, None], (dim, grid.shape[1], 1))
-        grid = np.concatenate([grid, column], axis=2)
-    return np.concatenate([base, grid.reshape(dim, -1).T])
+        return flat
+    if len(features) == 1:
+        return np.concatenate([features[0], newline[None]]) if newline is not None else features[0]
+    index, band = crop_layout(size, host, len(features))
+    return np.concatenate([features[0], emit_rows(index[band], flat, newline)[0]])
