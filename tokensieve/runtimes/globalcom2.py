@@ -70,10 +70,10 @@ def select_features(
     guide[band] = bilinear(scores[0].reshape(side, side), *guide[band].shape)
     valid = np.zeros(index.shape, bool)
     valid[band] = True
-    columns = crop_grid(size, host)[1]
+    grid = crop_grid(size, host)
     placed = np.full(index.shape, -1)  # the vision token at each grid position of the output, -1 for none
-    for crop, scale in enumerate(crop_scales(scores[0], crop_grid(size, host), method)):
-        top, left = divmod(crop, columns)
+    for crop, scale in enumerate(crop_scales(scores[0], grid, method)):
+        top, left = divmod(crop, grid[1])
         top, left = top * side, left * side
         block = np.s_[top : top + side, left : left + side]
         local = np.flatnonzero(valid[block])  # the crop's valid tokens, raster order
