@@ -24,7 +24,7 @@ import numpy as np
 import tokensieve
 from tokensieve.bench import pyplot, save_figure, time_alternating
 from tokensieve.methods.fastv import FastV
-from tokensieve.runtimes.llava import prefill_feeds
+from tokensieve.runtimes.prefill import Prefill
 
 RESULTS = Path(__file__).parent / "results"
 SYSTEM, QUESTION = 36, 24  # tokens before the image (BOS + system prompt) and after it
@@ -39,21 +39,13 @@ def prefill_macs(decoder: dict, lengths: list[int]) -> int:
     return sum(t * per_token + t * t * attention for t in lengths) + hidden * decoder["vocab"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default="llava-1.5-7b-shapes")
-    parser.add_argument("--k", type=int, default=1)
-    parser.add_argument("--keep", nargs="+", default=["0.5", "0.25"])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--per-block", type=int, default=2)
-    args = parser.parse_args()
-    methods = {"none": None, **{f"fastv keep={r}": FastV(k=args.k, keep=Fraction(r)) for r in args.keep}}
+def bench_cut_prefill(source: str, methods: dict, threads: int, blocks: int, per_block: int) -> dict:
+    """Export ``source`` once per variant (``name: method`` with a decoder cut ``k``, or ``None``), time each
+    prefill on the same prompt (variants alternating in blocks) and compare with the MAC limit. The prefill is
+    :class:`tokensieve.runtimes.prefill.Prefill`: FastV's one graph, or ATP-LLaVA's head, host decision and tail."""
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {
-            name: tokensieve.export(
-                f"hf:{args.source}", method, out=Path(tmp) / str(i), capacity=1024, growing_cache=False
-            )
+            name: tokensieve.export(f"hf:{source}", method, out=Path(tmp) / str(i), capacity=1024, growing_cache=False)
             for i, (name, method) in enumerate(methods.items())
         }
         manifest = artifacts["none"].manifest
@@ -63,13 +55,11 @@ def main() -> None:
         embeds = np.random.default_rng(0).standard_normal((1, length, decoder["hidden"]), dtype=np.float32)
         runs, kept = {}, {}
         for name, artifact in artifacts.items():
-            runner = artifact.runner("prefill", threads=args.threads, spin=False)
-            feeds = prefill_feeds(runner, embeds, (SYSTEM, SYSTEM + image))
-            out = runner.run(feeds)
-            kept[name] = len(out["kept_positions"]) if "kept_positions" in out else length
-            runs[name] = lambda r=runner, f=feeds: r.run(f)
-            runs[name]()  # warm-up
-        times = time_alternating(runs, args.blocks, args.per_block)
+            prefill = Prefill.from_artifact(artifact, threads=threads, spin=False)
+            _, _, extras = prefill(embeds, (SYSTEM, SYSTEM + image))  # warm-up
+            kept[name] = len(extras["kept_positions"]) if "kept_positions" in extras else length
+            runs[name] = lambda p=prefill: p(embeds, (SYSTEM, SYSTEM + image))
+        times = time_alternating(runs, blocks, per_block)
     rows = {}
     full = prefill_macs(decoder, [length] * decoder["layers"])
     for name, method in methods.items():
@@ -85,19 +75,31 @@ def main() -> None:
     for row in rows.values():
         row["speedup"] = round(base / row["median_ms"], 3)
         row["fraction_of_limit"] = round(row["speedup"] / row["mac_limit_speedup"], 3)
-    results = {"source": args.source, "k": args.k, "prompt_tokens": length, "image_tokens": image, "rows": rows}
-    results["threads"] = args.threads
     for name, row in rows.items():
         print(
-            f"{name:<16} tokens/layer {row['tokens_per_layer']}  {row['median_ms']:8.1f} ms (min {row['min_ms']:.1f})"
+            f"{name:<24} tokens/layer {row['tokens_per_layer']}  {row['median_ms']:8.1f} ms (min {row['min_ms']:.1f})"
             f"  {row['speedup']:.3f}x of limit {row['mac_limit_speedup']:.3f}x ({row['fraction_of_limit']:.2f})"
         )
+    return {"source": source, "prompt_tokens": length, "image_tokens": image, "rows": rows, "threads": threads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default="llava-1.5-7b-shapes")
+    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--keep", nargs="+", default=["0.5", "0.25"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--per-block", type=int, default=2)
+    args = parser.parse_args()
+    methods = {"none": None, **{f"fastv keep={r}": FastV(k=args.k, keep=Fraction(r)) for r in args.keep}}
+    results = {"k": args.k, **bench_cut_prefill(args.source, methods, args.threads, args.blocks, args.per_block)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "llava_fastv.json").write_text(json.dumps(results, indent=2))
-    plot(results, RESULTS / "llava_fastv.png")
+    plot(results, RESULTS / "llava_fastv.png", f"FastV k={args.k}")
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, method: str) -> None:
     plt = pyplot()
     if plt is None:
         return
@@ -108,8 +110,7 @@ def plot(results: dict, path: Path) -> None:
     ax.plot(names, [rows[n]["mac_limit_speedup"] for n in names], "kD", label="MAC limit")
     ax.set_ylabel("prefill speedup vs unreduced")
     ax.set_title(
-        f"{results['source']}, FastV k={results['k']}, {results['prompt_tokens']} tokens "
-        f"(ORT CPU, {results['threads']} threads)",
+        f"{results['source']}, {method}, {results['prompt_tokens']} tokens (ORT CPU, {results['threads']} threads)",
         fontsize=8,
     )
     ax.legend(fontsize=8)

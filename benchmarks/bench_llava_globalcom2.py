@@ -30,8 +30,8 @@ import tokensieve
 from tokensieve.bench import pyplot, save_figure, time_alternating
 from tokensieve.methods.globalcom2 import GlobalCom2
 from tokensieve.runtimes.globalcom2 import select_features
-from tokensieve.runtimes.llava import prefill_feeds
 from tokensieve.runtimes.llava_image import pack_features, preprocess
+from tokensieve.runtimes.prefill import prefill_feeds
 
 RESULTS = Path(__file__).parent / "results"
 

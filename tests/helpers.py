@@ -84,3 +84,52 @@ def save_llava_checkpoint(model, tokenizer, directory: Path) -> None:
     LlavaImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}).save_pretrained(
         directory
     )
+
+
+def save_four_layer_llava(directory: Path) -> None:
+    """llava-tiny with 4 decoder layers, saved as a local checkpoint (so a cut at layer 2 has layers on both sides)."""
+    import transformers
+
+    from tokensieve.converters.init import randomize_weights
+    from tokensieve.converters.llava import build_llava
+
+    built = build_llava("llava-tiny")
+    config = built.model.config
+    config.text_config.num_hidden_layers = 4
+    model = transformers.LlavaForConditionalGeneration(config)
+    randomize_weights(model, 3)
+    save_llava_checkpoint(model, built.tokenizer, directory)
+
+
+def hf_greedy_cases(preset: str, count: int, seed: int, new_tokens: int):
+    """``(model, processor inputs, HF greedy ids with EOS off, last-position logits)`` for parity's default cases."""
+    import torch
+
+    from tokensieve.converters.llava import build_llava
+    from tokensieve.parity_llava import _hf_processor, default_cases
+
+    built = build_llava(preset)
+    model = built.model
+    model.generation_config.eos_token_id = None
+    processor = _hf_processor(built.host, built.tokenizer)
+    for prompt, image in default_cases(built.host, count, seed):
+        inputs = processor(images=image, text=built.host["template"].format(prompt=prompt), return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1]
+            generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=0)
+        yield model, inputs, generated[0, inputs["input_ids"].shape[1] :].tolist(), logits
+
+
+def generate_json(directory: Path, image_path: Path, capsys) -> dict:
+    """``tokensieve generate DIR --image IMG --prompt What? --json`` on a seeded 100x140 image, parsed."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from tokensieve.cli import main
+
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (100, 140, 3), dtype=np.uint8)).save(image_path)
+    capsys.readouterr()
+    assert main(["generate", str(directory), "--image", str(image_path), "--prompt", "What?", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)

@@ -3,46 +3,27 @@ reference itself against Hugging Face, both decode cache forms, lint, and errors
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from helpers import save_llava_checkpoint
-from PIL import Image
+from helpers import generate_json, hf_greedy_cases, save_four_layer_llava
 
 import tokensieve
 from tokensieve.cli import main
-from tokensieve.converters.llava import build_llava
 from tokensieve.errors import GraphRewriteError, MethodSpecError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.fastv import FastVPass
 from tokensieve.methods.fastv import FastV
-from tokensieve.parity_llava import _hf_processor, default_cases
 from tokensieve.reference.fastv import fastv_generate
 from tokensieve.runtimes.kv_cache import FixedCacheDecoder
 from tokensieve.runtimes.llava import expand_placeholders, image_span
 
 
-def _four_layer_checkpoint(directory):
-    """llava-tiny with 4 decoder layers, saved as a local checkpoint (so k=2 has layers on both sides)."""
-    import transformers
-
-    from tokensieve.converters.init import randomize_weights
-
-    built = build_llava("llava-tiny")
-    config = built.model.config
-    config.text_config.num_hidden_layers = 4
-    model = transformers.LlavaForConditionalGeneration(config)
-    randomize_weights(model, 3)
-    save_llava_checkpoint(model, built.tokenizer, directory)
-
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("fastv")
-    _four_layer_checkpoint(root / "ckpt")
+    save_four_layer_llava(root / "ckpt")
     cli = ["export", f"hf:{root / 'ckpt'}", "--method", "fastv(k=2, keep=0.5)", "--capacity", "256"]
     assert main([*cli, "--out", str(root / "llava")]) == 0
     nxt = tokensieve.export("hf:llava-next-tiny", "fastv(k=1, keep=0.3)", out=root / "next", growing_cache=False)
@@ -69,17 +50,8 @@ def test_parity_llava_next_image_sizes(artifacts):
 
 
 def test_reference_equals_hf_generate_at_keep_1_and_drops_at_keep_half():
-    built = build_llava("llava-next-tiny")
-    model = built.model
-    model.generation_config.eos_token_id = None
-    processor = _hf_processor(built.host, built.tokenizer)
     changed = 0
-    for prompt, image in default_cases(built.host, 2, 0):
-        inputs = processor(images=image, text=built.host["template"].format(prompt=prompt), return_tensors="pt")
-        with torch.no_grad():
-            logits = model(**inputs).logits[0, -1]
-            generated = model.generate(**inputs, max_new_tokens=12, do_sample=False, min_new_tokens=0)
-        expected = generated[0, inputs["input_ids"].shape[1] :].tolist()
+    for model, inputs, expected, logits in hf_greedy_cases("llava-next-tiny", 2, 0, 12):
         full = fastv_generate(model, inputs, FastV(k=1, keep=1), 12)
         assert len(full.kept_positions) == inputs["input_ids"].shape[1] and full.ids == expected
         assert torch.allclose(full.prefill_logits, logits, atol=1e-5, rtol=0)
@@ -123,10 +95,7 @@ def test_graphs_lint_clean_and_inspect(artifacts, capsys):
     directory = str(artifacts["llava"].path)
     assert main(["inspect", directory]) == 0
     assert "keep 32 of 64 image tokens" in capsys.readouterr().out
-    image = artifacts["root"] / "image.png"
-    Image.fromarray(np.random.default_rng(4).integers(0, 256, (100, 140, 3), dtype=np.uint8)).save(image)
-    assert main(["generate", directory, "--image", str(image), "--prompt", "What?", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = generate_json(directory, artifacts["root"] / "image.png", capsys)
     assert len(out["kept_positions"]) == out["prompt_tokens"] - 32 and out["image_span"][1] - out["image_span"][0] == 64
 
 

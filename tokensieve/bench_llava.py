@@ -6,8 +6,9 @@ The fixed-capacity decode graph always attends over all ``capacity`` slots (mask
 growing-cache graph attends over exactly ``L`` past positions but writes a new, one-longer cache every step. The
 crossover is what the numbers show. Same protocol as :mod:`tokensieve.bench`:
 warm-up, the two decode forms alternating in blocks, medians with minima, noisy measurements repeated. Prefill
-prompts are laid out ``[BOS, image, text]`` with the manifest's image token count (as much as fits), so a FastV
-prefill graph drops what it would drop on a real prompt.
+prompts are laid out ``[BOS, image, text]`` with the manifest's image token count (text only when the image does not
+fit), so a FastV or ATP-LLaVA prefill drops what it would drop on a real prompt (ATP-LLaVA: the prefill time
+includes its host decision and both graphs).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 
 from tokensieve.bench import pyplot, save_figure, time_alternating
 from tokensieve.runtimes.kv_cache import FixedCacheDecoder, kv_names
-from tokensieve.runtimes.llava import prefill_feeds
+from tokensieve.runtimes.prefill import Prefill, prefill_feeds
 
 
 @dataclass
@@ -118,13 +119,14 @@ def bench_llava(
                 break
         g = stats.get("growing", (None, None))
         report.decode.append(DecodeRow(context, stats["fixed"][0], g[0], stats["fixed"][1], g[1], noisy))
-    prefill = artifact.runner("prefill", **options)
+    prefill = Prefill.from_artifact(artifact, **options)  # one graph, or ATP-LLaVA's head -> host -> tail
     image_tokens = manifest["image_tokens"].get("count") or manifest["image_tokens"]["per_crop"]
     for length in prefill_lengths or [n for n in contexts if n <= 1024][:4]:
         embeds = rng.standard_normal((1, length, dec["hidden"]), dtype=np.float32)
-        feeds = prefill_feeds(prefill, embeds, (1, 1 + min(image_tokens, length - 2)))  # [BOS, image, text]
-        prefill.run(feeds)
-        report.prefill_ms[length] = _median_min(time_alternating({"p": lambda f=feeds: prefill.run(f)}, 3, 1)["p"])[0]
+        span = (1, 1 + image_tokens) if image_tokens + 2 <= length else None  # [BOS, image, text] or text only
+        prefill(embeds, span)
+        times = time_alternating({"p": lambda e=embeds, s=span: prefill(e, s)}, 3, 1)["p"]
+        report.prefill_ms[length] = _median_min(times)[0]
     vision = artifact.runner("vision", **options)
     patches = 5 if manifest["host"]["kind"] == "llava_next" else 1  # thumbnail + a 2x2 grid
     side = manifest["host"]["crop"]

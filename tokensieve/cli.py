@@ -179,7 +179,7 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         print(out.text)
         t = out.timings_ms
-        kept = "" if out.kept_positions is None else f" (FastV: {len(out.kept_positions)} kept in the later layers)"
+        kept = "" if out.kept_positions is None else f" ({len(out.kept_positions)} kept in the later layers)"
         if out.kept_features is not None:
             kept = f" (GlobalCom²: {len(out.kept_features)} vision tokens kept)"
         if out.cache_positions is not None:
@@ -223,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
         const="none",
         default="none",
         help='e.g. "topk(keep=0.7, layers=[3,6,9])", "tome(r=8)", "atp()"; MLLMs: "fastv(k=2, keep=0.5)", '
-        '"globalcom2(retention=0.25)" (LLaVA-NeXT), "streamingllm(sink=4)", "snapkv(budget=256, window=32)", '
-        '"a2sf(budget=256)" or "h2o(budget=256, recent=128)"; omitted or "none" exports the unreduced model',
+        '"atp_llava(k=2, offset=0.5)" (LLaVA), "globalcom2(retention=0.25)" (LLaVA-NeXT), "streamingllm(sink=4)", '
+        '"snapkv(budget=256, window=32)", "a2sf(budget=256)" or "h2o(budget=256, recent=128)"; omitted or "none" '
+        "exports the unreduced model",
     )
     p.add_argument("--out", required=True, help="artifact directory to create (replaced atomically if it exists)")
     p.add_argument("--weights", help="local checkpoint file for a timm model (random weights otherwise)")

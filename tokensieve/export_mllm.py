@@ -9,7 +9,10 @@ decode graphs are unchanged (the runtime writes new tokens after the compressed 
 prompt the same way (plus output ``cache_scores``) and moves eviction into the fixed-capacity decode graph (inputs
 ``visible_slots``, ``write_slots``, ``slot_positions``, ``h2o_scores``; outputs ``updated_h2o_scores``,
 ``evict_slots``); it has no growing-cache decode graph. ``globalcom2`` (LLaVA-NeXT) adds the vision graph's output
-``cls_scores``, from which the host selects the image tokens; the decoder graphs are unchanged.
+``cls_scores``, from which the host selects the image tokens; the decoder graphs are unchanged. ``atp_llava`` (plain
+LLaVA) replaces ``prefill.onnx`` by ``prefill_head.onnx`` (layers ``< k``; new input ``image_positions``, outputs
+``hidden_states`` and the scores ``image_self_score`` / ``image_cross_score``) and ``prefill_tail.onnx`` (layers
+``>= k`` on the positions the host keeps); its decode graphs are FastV's.
 
 Layout::
 
@@ -46,13 +49,16 @@ from tokensieve.artifact import (
 )
 from tokensieve.converters.sources import SourceSpec
 from tokensieve.graph_passes import run_passes
+from tokensieve.graph_passes.atp_scores import ATPScoresPass
 from tokensieve.graph_passes.cache_visibility import CacheVisibilityPass
+from tokensieve.graph_passes.cut_prefill import CutPrefillPass
 from tokensieve.graph_passes.fastv import FastVPass
 from tokensieve.graph_passes.heavy_hitters import HeavyHitterPass
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate_decoder import locate_decoder
 from tokensieve.graph_passes.prompt_cache import PromptCachePass
 from tokensieve.graph_passes.split_cache_slot import SplitCacheSlotPass
+from tokensieve.methods.atp_llava import ATPLLaVA
 from tokensieve.methods.fastv import FastV
 from tokensieve.methods.globalcom2 import GlobalCom2
 from tokensieve.methods.h2o import H2O
@@ -80,7 +86,7 @@ def export_mllm(
     spec: SourceSpec,
     out: str | os.PathLike,
     *,
-    method: FastV | GlobalCom2 | StreamingLLM | PromptCacheCompression | None = None,
+    method: FastV | ATPLLaVA | GlobalCom2 | StreamingLLM | PromptCacheCompression | None = None,
     capacity: int | None = None,
     opset: int = 18,
     growing: bool = True,
@@ -98,6 +104,10 @@ def export_mllm(
     # validate before the (slow) export
     if isinstance(method, FastV):
         method.validate(built.model.config.text_config.num_hidden_layers)
+    elif isinstance(method, ATPLLaVA):
+        method.validate(built.kind, built.model.config.text_config.num_hidden_layers)
+        if method.grid:
+            method.grid_positions(_image_tokens(built)["count"])
     elif isinstance(method, (StreamingLLM, PromptCacheCompression)):
         method.validate(capacity)
     elif isinstance(method, GlobalCom2):
@@ -106,6 +116,10 @@ def export_mllm(
     graphs, seconds = export_llava(built, capacity, opset, growing, cls_scores=isinstance(method, GlobalCom2))
     if isinstance(method, FastV):
         run_passes(graphs["prefill"], [FastVPass(method)])
+    elif isinstance(method, ATPLLaVA):  # the kept count is decided on the host, between two prefill graphs
+        graphs = _split_prefill(graphs, method)
+        seconds.update(prefill_head=seconds["prefill"], prefill_tail=seconds.pop("prefill"))
+    if isinstance(method, (FastV, ATPLLaVA)):
         for key in ("decode", "decode_growing"):
             if key in graphs:
                 run_passes(graphs[key], [SplitCacheSlotPass(method.k)])
@@ -117,12 +131,14 @@ def export_mllm(
             run_passes(graphs["decode"], [CacheVisibilityPass(), HeavyHitterPass(method)])
     text = built.model.config.text_config
     layers, kv_heads, head_dim = cache_geometry(built.model)
-    sites = {
-        key: locate_decoder(graphs[key]).summary() for key in ("prefill", "decode", "decode_growing") if key in graphs
-    }
+    decoders = ("prefill", "prefill_head", "prefill_tail", "decode", "decode_growing")
+    sites = {key: locate_decoder(graphs[key]).summary() for key in decoders if key in graphs}
     dynamic = {k: v for k, v in DYNAMIC.items() if k in graphs and (k != "vision" or built.kind == "llava_next")}
     if isinstance(method, FastV):
         dynamic["prefill"] = "sequence and image_tokens (FastV: the kept length is an expression of both)"
+    if isinstance(method, ATPLLaVA):
+        dynamic["prefill_head"] = "sequence and image_tokens"
+        dynamic["prefill_tail"] = "sequence (the kept positions: text + the image tokens ATP-LLaVA keeps)"
     lints = {key: lint(model, lint_target, profiles=key in dynamic).to_dict() for key, model in graphs.items()}
     files = {key: f"{key}.onnx" for key in graphs}
     with staged_directory(out) as staging:
@@ -169,6 +185,19 @@ def export_mllm(
         }
         write_manifest(staging, manifest)
     return Artifact.load(Path(out))
+
+
+def _split_prefill(graphs: dict[str, Any], method: ATPLLaVA) -> dict[str, Any]:
+    """``prefill`` -> ``prefill_head`` (layers < k, the scores of layer k - 1) and ``prefill_tail`` (layers >= k)."""
+    tail = graphs["prefill"]
+    head = tail.clone()  # the weights' tensors are shared, not copied
+    run_passes(head, [ATPScoresPass(method.k - 1), CutPrefillPass(method.k, "head")])
+    run_passes(tail, [CutPrefillPass(method.k, "tail")])
+    split = {"prefill_head": head, "prefill_tail": tail}
+    ordered: dict[str, Any] = {}
+    for key, model in graphs.items():
+        ordered.update(split if key == "prefill" else {key: model})
+    return ordered
 
 
 def _image_tokens(built) -> dict[str, Any]:

@@ -79,6 +79,16 @@ def _reduction(manifest: dict[str, Any]) -> str | None:
             f"{float(globalcom2.temperature):g}) plus the row newlines ({layout}); the host selects from the vision "
             "graph's cls_scores, and prefill runs on the shorter prompt"
         )
+    atp = methods.get("atp_llava")
+    if atp is not None:
+        count = manifest["image_tokens"]["count"]
+        rule = f"> {atp.threshold:g}" if atp.threshold is not None else f"> mean + {atp.offset:g} std (per image)"
+        return (
+            f"layers {atp.k}..{manifest['decoder']['layers'] - 1} keep the image tokens whose redundancy score "
+            f"(layer {atp.k - 1}: image-to-image logits and text-to-image attention) is {rule}, plus a spatial grid "
+            f"of {len(atp.grid_positions(count))} of {count}, and every text token at its original position; the "
+            "host decides between prefill_head and prefill_tail, so the count varies per image"
+        )
     fastv = methods.get("fastv")
     if fastv is None:
         return None

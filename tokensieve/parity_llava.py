@@ -11,14 +11,15 @@ Checked per case: the runtime's prompt ids (after placeholder expansion) equal t
 prefill logits agree within ``tolerance`` relative to their scale, and the ``new_tokens`` greedy ids are identical.
 
 Artifacts with FastV are held to the eager FastV reference (:mod:`tokensieve.reference.fastv`, itself equal to
-Hugging Face ``generate`` at ``keep=1``) instead, and also on the kept positions: identical sets. Artifacts with
-GlobalCom² are held to :mod:`tokensieve.reference.globalcom2` (its shortened prompt ids included), also on the vision
-tokens kept, in prompt order: identical. Artifacts with
-StreamingLLM are held to the eager StreamingLLM reference (:mod:`tokensieve.reference.streamingllm`) with the
-artifact's cache capacity as the budget. Artifacts with SnapKV or A2SF are held to the eager reference
-(:mod:`tokensieve.reference.prompt_cache`), also on the positions every layer and KV head keeps: identical sets.
-Artifacts with H2O are held to :mod:`tokensieve.reference.h2o`, also on the prompt positions prefill keeps and the
-positions cached at the end of the generation, per layer and KV head: identical sets.
+Hugging Face ``generate`` at ``keep=1``) instead, and also on the kept positions: identical sets; ATP-LLaVA
+artifacts likewise to :mod:`tokensieve.reference.atp_llava`. Artifacts with GlobalCom² are held to
+:mod:`tokensieve.reference.globalcom2` (its shortened prompt ids included), also on the vision tokens kept, in
+prompt order: identical. Artifacts with StreamingLLM are held to the eager StreamingLLM reference
+(:mod:`tokensieve.reference.streamingllm`) with the artifact's cache capacity as the budget. Artifacts with SnapKV
+or A2SF are held to the eager reference (:mod:`tokensieve.reference.prompt_cache`), also on the positions every
+layer and KV head keeps: identical sets. Artifacts with H2O are held to :mod:`tokensieve.reference.h2o`, also on the
+prompt positions prefill keeps and the positions cached at the end of the generation, per layer and KV head:
+identical sets.
 
 The eager side of every case (prompt, image, prompt ids, prefill logits, greedy ids, kept positions) is recorded in
 ``DIR/golden/cases.npz``; :func:`replay_llava_golden` holds the artifact to it again without torch or the model.
@@ -188,6 +189,7 @@ class Expected:
 def _expected(model, processor, template: str, methods: dict, capacity: int, prompt: str, image, new_tokens: int):
     import torch
 
+    from tokensieve.reference.atp_llava import atp_llava_generate
     from tokensieve.reference.fastv import fastv_generate
     from tokensieve.reference.globalcom2 import globalcom2_generate
     from tokensieve.reference.h2o import h2o_generate
@@ -198,8 +200,9 @@ def _expected(model, processor, template: str, methods: dict, capacity: int, pro
     prompt_ids = inputs["input_ids"][0].numpy()
     compression = methods.get("snapkv") or methods.get("a2sf")
     kept = None
-    if "fastv" in methods:
-        result = fastv_generate(model, inputs, methods["fastv"], new_tokens)
+    if "fastv" in methods or "atp_llava" in methods:
+        generate = fastv_generate if "fastv" in methods else atp_llava_generate
+        result = generate(model, inputs, methods.get("fastv") or methods["atp_llava"], new_tokens)
         kept = result.kept_positions.numpy()
     elif "globalcom2" in methods:  # the image run is shortened to the kept features
         result = globalcom2_generate(model, inputs, methods["globalcom2"], new_tokens)

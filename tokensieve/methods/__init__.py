@@ -3,8 +3,8 @@
 Each method has two faces that read the same dataclass: an eager PyTorch reference (``tokensieve.reference``) and
 a graph face (``tokensieve.graph_passes``). Several methods combine with ``+`` as long as they own disjoint blocks,
 e.g. ``"topk(keep=0.7, layers=[3]) + tome(r=8, layers=[4,5,6,7,8,9,10,11])"``. Methods with ``target = "mllm"``
-(``fastv``, ``globalcom2``, ``streamingllm``, ``snapkv``, ``a2sf``, ``h2o``) apply to MLLMs instead of ViT blocks
-(``globalcom2`` to LLaVA-NeXT's image tokens, the others to the decoder). This package is pure Python.
+(``fastv``, ``atp_llava``, ``globalcom2``, ``streamingllm``, ``snapkv``, ``a2sf``, ``h2o``) apply to MLLMs instead
+of ViT blocks (``globalcom2`` to LLaVA-NeXT's image tokens, the others to the decoder). This package is pure Python.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from tokensieve.errors import MethodSpecError
 from tokensieve.methods.a2sf import A2SF
 from tokensieve.methods.atp import ATPPrune
+from tokensieve.methods.atp_llava import ATPLLaVA
 from tokensieve.methods.base import Method, Schedule, SiteCount, check_target, schedule
 from tokensieve.methods.diffrate import DiffRate
 from tokensieve.methods.fastv import FastV
@@ -30,13 +31,14 @@ from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopKPrune
 
 VIT_METHODS = (TopKPrune, ToMe, PiToMe, DiffRate, ATPPrune)
-MLLM_METHODS = (FastV, GlobalCom2, StreamingLLM, SnapKV, A2SF, H2O)
+MLLM_METHODS = (FastV, ATPLLaVA, GlobalCom2, StreamingLLM, SnapKV, A2SF, H2O)
 REGISTRY: dict[str, type] = {cls.name: cls for cls in (*VIT_METHODS, *MLLM_METHODS)}
 
 __all__ = [
     "A2SF",
     "H2O",
     "REGISTRY",
+    "ATPLLaVA",
     "ATPPrune",
     "DiffRate",
     "FastV",

@@ -22,13 +22,12 @@ count are masked out of every later attention with an additive key bias, so vali
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
-from tokensieve.methods.base import SiteCount, check_depth, check_layers
+from tokensieve.methods.base import SiteCount, check_depth, check_layers, spatial_grid
 
 
 def _number(key: str, value: Any) -> float | None:
@@ -84,20 +83,9 @@ class ATPPrune:
         """The upper bound (every token kept); the real count is data-dependent."""
         return SiteCount(layer, tokens_in, tokens_in - specials, tokens_in, {"max": tokens_in})
 
-    @property
-    def stride(self) -> int:
-        return max(1, round(math.sqrt(1 / self.grid))) if self.grid else 0
-
     def grid_positions(self, candidates: int) -> list[int]:
         """Candidate indices of the spatial grid (SAP) on a square patch grid of ``candidates`` tokens."""
-        if not self.grid:
-            return []
-        side = math.isqrt(candidates)
-        if side * side != candidates:
-            raise MethodSpecError(
-                f"atp: the spatial grid needs a square patch grid, but the site has {candidates} candidates; use grid=0"
-            )
-        return [r * side + c for r in range(0, side, self.stride) for c in range(0, side, self.stride)]
+        return spatial_grid("atp", self.grid, candidates, "patch candidates")
 
     def with_threshold(self, threshold: float) -> ATPPrune:
         return ATPPrune(layers=self.layers, threshold=threshold, mass=None, grid=self.grid)

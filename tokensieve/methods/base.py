@@ -15,6 +15,7 @@ Counts live here and only here: the eager reference and the graph pass both read
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -148,3 +149,17 @@ def check_keep(name: str, keep: Any, example: str = "keep=0.7 keeps 70 %", argum
 def ceil_fraction(keep: Fraction, count: int) -> int:
     """``ceil(keep * count)`` in exact integer arithmetic."""
     return (keep.numerator * count + keep.denominator - 1) // keep.denominator
+
+
+def spatial_grid(name: str, grid: float, tokens: int, what: str) -> list[int]:
+    """ATP's spatial grid (SAP): indices of every ``stride``-th row and column of a square grid of ``tokens``,
+    ``stride = round(sqrt(1 / grid))`` (``grid`` = the fraction kept; 0: none)."""
+    if not grid or not tokens:
+        return []
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise MethodSpecError(
+            f"{name}: the spatial grid needs a square grid of {what}, but there are {tokens}; use grid=0"
+        )
+    stride = max(1, round(math.sqrt(1 / grid)))
+    return [r * side + c for r in range(0, side, stride) for c in range(0, side, stride)]

@@ -12,7 +12,9 @@ than the capacity raises :class:`CapacityError` before anything runs (not with S
 With SnapKV / A2SF / H2O the prefill graph returns the compressed prompt cache (``budget`` positions per layer and KV
 head) and new tokens are cached after it, at their absolute positions; H2O's decode graph then evicts one position
 per step once ``budget + 1`` are cached. With GlobalCom² the image features come from
-:func:`tokensieve.runtimes.globalcom2.select_features` instead of the plain AnyRes packing.
+:func:`tokensieve.runtimes.globalcom2.select_features` instead of the plain AnyRes packing. With ATP-LLaVA prefill
+runs as two graphs: ``prefill_head`` (layers before ``k`` and the scores), the host's decision
+(:mod:`tokensieve.runtimes.atp_llava`), then ``prefill_tail`` on the kept positions.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from tokensieve.methods.h2o import H2O
 from tokensieve.methods.prompt_cache import PromptCacheCompression
 from tokensieve.methods.streamingllm import StreamingLLM
 from tokensieve.runtimes.globalcom2 import select_features
-from tokensieve.runtimes.kv_cache import FixedCacheDecoder, GrowingCacheDecoder, HeavyHitterDecoder, kv_names
+from tokensieve.runtimes.kv_cache import FixedCacheDecoder, GrowingCacheDecoder, HeavyHitterDecoder
 from tokensieve.runtimes.llava_image import pack_features, preprocess
 from tokensieve.runtimes.ort import OrtRunner
+from tokensieve.runtimes.prefill import Prefill
 
 IMAGE_TOKEN = "<image>"
 CACHE_MODES = ("fixed", "growing")
@@ -49,7 +52,7 @@ class Generation:
     image_span: tuple[int, int] | None  # [start, end) of the image tokens in the sequence
     prefill_logits: np.ndarray  # [V] at the last prompt position
     stop: str  # "eos" | "max_new_tokens"
-    kept_positions: np.ndarray | None = None  # FastV: prompt positions the layers from k on keep
+    kept_positions: np.ndarray | None = None  # FastV, ATP-LLaVA: prompt positions the layers from k on keep
     kept_features: np.ndarray | None = None  # GlobalCom²: indices into the vision graph's [P * n] tokens, in order
     cache_positions: np.ndarray | None = None  # SnapKV / A2SF / H2O: [layers, kv_heads, K] prompt positions cached
     retained_positions: np.ndarray | None = None  # H2O: [layers, kv_heads, n] positions cached at the end
@@ -93,6 +96,7 @@ class LlavaRunner:
         cache: str = "fixed",
         providers: list[str] | None = None,
         threads: int | None = None,
+        spin: bool = True,
     ):
         if cache not in CACHE_MODES:
             raise RuntimeBackendError(f"unknown cache mode {cache!r}; choose one of {CACHE_MODES}")
@@ -107,13 +111,11 @@ class LlavaRunner:
                 raise RuntimeBackendError("h2o evicts inside the fixed-capacity decode graph; use the fixed cache")
             raise RuntimeBackendError(f"this artifact has no {decode_key} graph; re-export with the growing cache")
 
-        def runner(key: str) -> OrtRunner:
-            return OrtRunner(self.directory / graphs[key], providers=providers, threads=threads)
-
-        self.vision, self.embed, self.prefill_graph, self.decode = (
-            runner(k) for k in ("vision", "embed", "prefill", decode_key)
+        options = {"providers": providers, "threads": threads, "spin": spin}
+        self.vision, self.embed, self.decode = (
+            OrtRunner(self.directory / graphs[k], **options) for k in ("vision", "embed", decode_key)
         )
-        self.layers = manifest["decoder"]["layers"]
+        self.prefill = Prefill(self.directory, manifest, **options)
         self.capacity: int | None = manifest["decoder"]["capacity"] if cache == "fixed" else None
         self.eviction = next((m for m in methods if isinstance(m, StreamingLLM)), None)
         self.compression = next((m for m in methods if isinstance(m, PromptCacheCompression)), None)
@@ -156,17 +158,6 @@ class LlavaRunner:
         if features is not None and span is not None:
             embeds[0, span[0] : span[1]] = features
         return embeds
-
-    def prefill(
-        self, embeds: np.ndarray, span: tuple[int, int] | None = None
-    ) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
-        """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt (SnapKV /
-        A2SF / H2O: compressed), and the method's outputs: ``kept_positions`` (FastV) or ``cache_positions`` (and
-        H2O's ``cache_scores``); ``span`` = the image tokens' ``[start, end)``."""
-        out = self.prefill_graph.run(prefill_feeds(self.prefill_graph, embeds, span))
-        present = [out[f"present_{n}"] for n in kv_names(self.layers)]
-        extras = {name: out[name] for name in ("kept_positions", "cache_positions", "cache_scores") if name in out}
-        return out["logits"][0], present, extras
 
     def check_capacity(self, prompt_length: int, max_new_tokens: int) -> None:
         if self.capacity is None or self.eviction is not None or isinstance(self.compression, H2O):
@@ -243,11 +234,3 @@ class LlavaRunner:
                 "decode_per_token": 1e3 * (end - t_prefill) / decoded,
             },
         )
-
-
-def prefill_feeds(runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None) -> dict[str, np.ndarray]:
-    """Inputs of a prefill graph; FastV graphs also take ``image_positions`` (empty without an image)."""
-    feeds = {"inputs_embeds": embeds, "position_ids": np.arange(embeds.shape[1], dtype=np.int64)[None]}
-    if "image_positions" in runner.input_names:
-        feeds["image_positions"] = np.arange(*(span or (0, 0)), dtype=np.int64)
-    return feeds

@@ -1,0 +1,90 @@
+"""ATP-LLaVA adaptive visual-token pruning in an MLLM decoder (CVPR 2025): the method's single declaration.
+
+Training-free form of METHODS.md §4.3 (no official code; the paper's threshold heads are learned, so tokensieve
+replaces them by a rule on the scores, the approximation METHODS.md names). Both faces read this dataclass: the
+eager reference (``tokensieve.reference.atp_llava``) and the deployed face (the prefill graph cut at layer ``k``
+into ``prefill_head`` / ``prefill_tail`` with the scores as outputs, :mod:`tokensieve.graph_passes.atp_scores` and
+:mod:`tokensieve.graph_passes.cut_prefill`; the decision on the host, :mod:`tokensieve.runtimes.atp_llava`).
+
+* where: prefill, before decoder layer ``k`` (0-based), scored with layer ``k - 1``; layers ``< k`` see and cache
+  every token, layers ``>= k`` only the kept ones, for the whole generation (as FastV);
+* redundancy score (paper Eq. 3-4), head means: ``S_self[i]`` = mean over the image keys ``j`` of the pre-softmax
+  logits ``q_i . k_j * scale`` (every image key, the causal mask not applied); ``S_cross[i]`` = mean over the
+  prompt positions after the image of the post-softmax probability on image token ``i`` (0 when no text follows);
+  ``S_r = (S_self + S_cross) / 2``;
+* keep image token ``i`` iff ``S_r[i] > threshold`` or ``i`` is on the spatial grid (SAP, Eq. 5: every
+  ``stride``-th row and column of the square image-token grid, ``stride = round(sqrt(1 / grid))``); ``threshold``
+  is absolute when given, else per image ``mean(S_r) + offset * std(S_r)`` (population std) -- the learned,
+  per-instance threshold head replaced by a statistic of the same scores. The count is data-dependent;
+* positions: kept tokens keep their original position ids (paper: "original position ids"); decoding continues at
+  absolute positions, layers ``>= k`` writing slot ``position - dropped`` (the FastV decode graphs).
+
+Plain LLaVA only (one square grid of image tokens); LLaVA-NeXT's packed crops have no single grid for SAP.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, ClassVar
+
+from tokensieve.errors import MethodSpecError
+from tokensieve.methods.base import spatial_grid
+
+
+def _real(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)) or not math.isfinite(value):
+        raise MethodSpecError(f"atp_llava: {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ATPLLaVA:
+    """Keep the image tokens whose redundancy score clears a threshold, plus a spatial grid, before layer ``k``."""
+
+    k: int = 2
+    threshold: float | None = None
+    offset: float = 0.0
+    grid: float = 0.25
+    name: ClassVar[str] = "atp_llava"
+    target: ClassVar[str] = "mllm"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise MethodSpecError(
+                f"atp_llava: k must be a decoder layer index >= 1 (layer k-1 gives the scores), got {self.k!r}"
+            )
+        object.__setattr__(self, "threshold", _real("threshold", self.threshold))
+        object.__setattr__(self, "offset", _real("offset", self.offset))
+        if self.threshold is not None and self.offset:
+            raise MethodSpecError("atp_llava: give threshold (absolute) or offset (relative to the image), not both")
+        grid = _real("grid", self.grid)
+        if not 0 <= grid <= 1:
+            raise MethodSpecError(f"atp_llava: grid (fraction of image tokens kept) must be in [0, 1], got {grid:g}")
+        object.__setattr__(self, "grid", grid)
+
+    def grid_positions(self, image_tokens: int) -> list[int]:
+        """Indices (into the image tokens) of the spatial grid on the square ``sqrt(n) x sqrt(n)`` token grid."""
+        return spatial_grid("atp_llava", self.grid, image_tokens, "image tokens (CLS kept as a feature breaks it)")
+
+    def validate(self, kind: str, layers: int) -> None:
+        if kind != "llava":
+            raise MethodSpecError(
+                "atp_llava keeps a spatial grid of one square image-token grid; LLaVA-NeXT packs a thumbnail and "
+                "crops. Export a plain LLaVA source (hf:llava-tiny, a local checkpoint), or use fastv / globalcom2"
+            )
+        if self.k >= layers:
+            raise MethodSpecError(
+                f"atp_llava: k={self.k} is out of range; this decoder has {layers} layers, so k must be in "
+                f"1..{layers - 1}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "k": self.k, "threshold": self.threshold, "offset": self.offset, "grid": self.grid}
+
+    def describe(self) -> str:
+        rule = f"threshold={self.threshold:g}" if self.threshold is not None else f"offset={self.offset:g}"
+        return f"atp_llava(k={self.k}, {rule}, grid={self.grid:g})"
