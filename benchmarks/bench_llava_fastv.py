@@ -42,7 +42,7 @@ def prefill_macs(decoder: dict, lengths: list[int]) -> int:
 def bench_cut_prefill(source: str, methods: dict, threads: int, blocks: int, per_block: int) -> dict:
     """Export ``source`` once per variant (``name: method`` with a decoder cut ``k``, or ``None``), time each
     prefill on the same prompt (variants alternating in blocks) and compare with the MAC limit. The prefill is
-    :class:`tokensieve.runtimes.prefill.Prefill`: FastV's one graph, or ATP-LLaVA's head, host decision and tail."""
+    :class:`tokensieve.runtimes.prefill.Prefill`: FastV's one graph, or ATP-LLaVA's segments and host decisions."""
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {
             name: tokensieve.export(f"hf:{source}", method, out=Path(tmp) / str(i), capacity=1024, growing_cache=False)
@@ -53,17 +53,19 @@ def bench_cut_prefill(source: str, methods: dict, threads: int, blocks: int, per
         image = manifest["image_tokens"]["count"]
         length = SYSTEM + image + QUESTION
         embeds = np.random.default_rng(0).standard_normal((1, length, decoder["hidden"]), dtype=np.float32)
-        runs, kept = {}, {}
+        runs, per_layer = {}, {}
         for name, artifact in artifacts.items():
             prefill = Prefill.from_artifact(artifact, threads=threads, spin=False)
             _, _, extras = prefill(embeds, (SYSTEM, SYSTEM + image))  # warm-up
-            kept[name] = len(extras["kept_positions"]) if "kept_positions" in extras else length
+            counts = [length, *(len(c) for c in extras.get("cut_positions", []))]
+            cuts = methods[name].cuts if methods[name] else ()
+            per_layer[name] = [counts[sum(i >= k for k in cuts)] for i in range(decoder["layers"])]
             runs[name] = lambda p=prefill: p(embeds, (SYSTEM, SYSTEM + image))
         times = time_alternating(runs, blocks, per_block)
     rows = {}
     full = prefill_macs(decoder, [length] * decoder["layers"])
-    for name, method in methods.items():
-        lengths = [length if method is None or i < method.k else kept[name] for i in range(decoder["layers"])]
+    for name in methods:
+        lengths = per_layer[name]
         rows[name] = {
             "tokens_per_layer": lengths,
             "median_ms": round(statistics.median(times[name]) * 1e3, 1),

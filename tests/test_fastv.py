@@ -69,7 +69,7 @@ def test_decode_writes_the_later_layers_at_the_pruned_slot(artifacts):
     logits, present, extras = runner.prefill(runner.inputs_embeds(ids, features), image_span(ids, image_id))
     kept = extras["kept_positions"]
     assert [t.shape[2] for t in present] == [len(ids)] * 4 + [len(kept)] * 4
-    decoder = FixedCacheDecoder(runner.decode, present, 256, dropped=len(ids) - len(kept))
+    decoder = FixedCacheDecoder(runner.decode, present, 256, dropped=[len(ids) - len(kept)])
     for step in range(3):
         decoder.step(int(np.argmax(logits)), len(ids) + step)
     for index, length in ((0, len(ids)), (4, len(kept))):  # key_0 (layer 0), key_2 (layer 2 >= k)

@@ -170,6 +170,7 @@ def _generate(args: argparse.Namespace) -> int:
             "prompt_tokens": len(out.prompt_ids),
             "image_span": out.image_span,
             "kept_positions": None if out.kept_positions is None else out.kept_positions.tolist(),
+            "cut_counts": None if out.cut_positions is None else [len(c) for c in out.cut_positions],
             "kept_image_tokens": None if out.kept_features is None else len(out.kept_features),
             "cached_prompt_positions": None if out.cache_positions is None else out.cache_positions.shape[-1],
             "cached_positions_at_end": None if out.retained_positions is None else out.retained_positions.shape[-1],
@@ -179,7 +180,7 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         print(out.text)
         t = out.timings_ms
-        kept = "" if out.kept_positions is None else f" ({len(out.kept_positions)} kept in the later layers)"
+        kept = "" if out.cut_positions is None else f" (positions kept per cut: {[len(c) for c in out.cut_positions]})"
         if out.kept_features is not None:
             kept = f" (GlobalCom²: {len(out.kept_features)} vision tokens kept)"
         if out.cache_positions is not None:
@@ -223,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         const="none",
         default="none",
         help='e.g. "topk(keep=0.7, layers=[3,6,9])", "tome(r=8)", "atp()"; MLLMs: "fastv(k=2, keep=0.5)", '
-        '"atp_llava(k=2, offset=0.5)" (LLaVA), "globalcom2(retention=0.25)" (LLaVA-NeXT), "streamingllm(sink=4)", '
-        '"snapkv(budget=256, window=32)", "a2sf(budget=256)" or "h2o(budget=256, recent=128)"; omitted or "none" '
-        "exports the unreduced model",
+        '"atp_llava(layers=[2], offset=0.5)" (LLaVA), "globalcom2(retention=0.25)" (LLaVA-NeXT), '
+        '"streamingllm(sink=4)", "snapkv(budget=256, window=32)", "a2sf(budget=256)" or "h2o(budget=256, '
+        'recent=128)"; omitted or "none" exports the unreduced model',
     )
     p.add_argument("--out", required=True, help="artifact directory to create (replaced atomically if it exists)")
     p.add_argument("--weights", help="local checkpoint file for a timm model (random weights otherwise)")

@@ -10,9 +10,10 @@ prompt the same way (plus output ``cache_scores``) and moves eviction into the f
 ``visible_slots``, ``write_slots``, ``slot_positions``, ``h2o_scores``; outputs ``updated_h2o_scores``,
 ``evict_slots``); it has no growing-cache decode graph. ``globalcom2`` (LLaVA-NeXT) adds the vision graph's output
 ``cls_scores``, from which the host selects the image tokens; the decoder graphs are unchanged. ``atp_llava`` (plain
-LLaVA) replaces ``prefill.onnx`` by ``prefill_head.onnx`` (layers ``< k``; new input ``image_positions``, outputs
-``hidden_states`` and the scores ``image_self_score`` / ``image_cross_score``) and ``prefill_tail.onnx`` (layers
-``>= k`` on the positions the host keeps); its decode graphs are FastV's.
+LLaVA) replaces ``prefill.onnx`` by one segment per span between its cuts, ``prefill_0.onnx .. prefill_n.onnx``
+(input ``hidden_states`` instead of ``inputs_embeds`` after the first; all but the last: new input
+``image_positions``, outputs ``hidden_states_out`` and the scores ``image_self_score`` / ``image_cross_score``); its
+decode graphs are FastV's with one write-slot input per cut.
 
 Layout::
 
@@ -30,6 +31,7 @@ Written atomically like every artifact (a temporary sibling directory renamed in
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -118,11 +120,12 @@ def export_mllm(
         run_passes(graphs["prefill"], [FastVPass(method)])
     elif isinstance(method, ATPLLaVA):  # the kept count is decided on the host, between two prefill graphs
         graphs = _split_prefill(graphs, method)
-        seconds.update(prefill_head=seconds["prefill"], prefill_tail=seconds.pop("prefill"))
-    if isinstance(method, (FastV, ATPLLaVA)):
+        seconds.update({f"prefill_{i}": seconds["prefill"] for i in range(len(method.cuts) + 1)})
+        del seconds["prefill"]
+    if isinstance(method, (FastV, ATPLLaVA)):  # one cache length per group of layers between cuts
         for key in ("decode", "decode_growing"):
             if key in graphs:
-                run_passes(graphs[key], [SplitCacheSlotPass(method.k)])
+                run_passes(graphs[key], [SplitCacheSlotPass(first, g) for g, first in enumerate(method.cuts)])
     elif isinstance(method, StreamingLLM):  # the growing cache is cut on the host; the fixed one becomes a ring
         run_passes(graphs["decode"], [CacheVisibilityPass()])
     elif isinstance(method, PromptCacheCompression):
@@ -131,14 +134,15 @@ def export_mllm(
             run_passes(graphs["decode"], [CacheVisibilityPass(), HeavyHitterPass(method)])
     text = built.model.config.text_config
     layers, kv_heads, head_dim = cache_geometry(built.model)
-    decoders = ("prefill", "prefill_head", "prefill_tail", "decode", "decode_growing")
-    sites = {key: locate_decoder(graphs[key]).summary() for key in decoders if key in graphs}
+    sites = {key: locate_decoder(model).summary() for key, model in graphs.items() if key not in ("vision", "embed")}
     dynamic = {k: v for k, v in DYNAMIC.items() if k in graphs and (k != "vision" or built.kind == "llava_next")}
     if isinstance(method, FastV):
         dynamic["prefill"] = "sequence and image_tokens (FastV: the kept length is an expression of both)"
     if isinstance(method, ATPLLaVA):
-        dynamic["prefill_head"] = "sequence and image_tokens"
-        dynamic["prefill_tail"] = "sequence (the kept positions: text + the image tokens ATP-LLaVA keeps)"
+        dynamic.update(
+            {key: "sequence (the positions kept so far) and image_tokens" for key in graphs if key[:8] == "prefill_"}
+        )
+        dynamic[f"prefill_{len(method.cuts)}"] = "sequence (the positions the last cut keeps)"
     lints = {key: lint(model, lint_target, profiles=key in dynamic).to_dict() for key, model in graphs.items()}
     files = {key: f"{key}.onnx" for key in graphs}
     with staged_directory(out) as staging:
@@ -188,15 +192,18 @@ def export_mllm(
 
 
 def _split_prefill(graphs: dict[str, Any], method: ATPLLaVA) -> dict[str, Any]:
-    """``prefill`` -> ``prefill_head`` (layers < k, the scores of layer k - 1) and ``prefill_tail`` (layers >= k)."""
-    tail = graphs["prefill"]
-    head = tail.clone()  # the weights' tensors are shared, not copied
-    run_passes(head, [ATPScoresPass(method.k - 1), CutPrefillPass(method.k, "head")])
-    run_passes(tail, [CutPrefillPass(method.k, "tail")])
-    split = {"prefill_head": head, "prefill_tail": tail}
+    """``prefill`` -> ``prefill_0 .. prefill_n``: the segments between the cuts, each but the last with the scores of
+    its last layer (the layer before the next cut)."""
+    full = graphs["prefill"]
+    bounds = [0, *method.cuts, None]
+    segments = {}
+    for index, (start, end) in enumerate(itertools.pairwise(bounds)):
+        segment = full if end is None else full.clone()  # clones share the weights' tensors; the last is the original
+        run_passes(segment, [*([ATPScoresPass(end - 1)] if end else []), CutPrefillPass(start, end)])
+        segments[f"prefill_{index}"] = segment
     ordered: dict[str, Any] = {}
     for key, model in graphs.items():
-        ordered.update(split if key == "prefill" else {key: model})
+        ordered.update(segments if key == "prefill" else {key: model})
     return ordered
 
 

@@ -84,10 +84,11 @@ def _reduction(manifest: dict[str, Any]) -> str | None:
         count = manifest["image_tokens"]["count"]
         rule = f"> {atp.threshold:g}" if atp.threshold is not None else f"> mean + {atp.offset:g} std (per image)"
         return (
-            f"layers {atp.k}..{manifest['decoder']['layers'] - 1} keep the image tokens whose redundancy score "
-            f"(layer {atp.k - 1}: image-to-image logits and text-to-image attention) is {rule}, plus a spatial grid "
-            f"of {len(atp.grid_positions(count))} of {count}, and every text token at its original position; the "
-            "host decides between prefill_head and prefill_tail, so the count varies per image"
+            f"before each of layers {list(atp.layers)}, the image tokens still present whose redundancy score "
+            f"(the layer before: image-to-image logits and text-to-image attention) is {rule} stay, plus a spatial "
+            f"grid of {len(atp.grid_positions(count))} of {count}, with every text token at its original position; "
+            f"the host decides between the prefill segments prefill_0..prefill_{len(atp.cuts)}, so counts vary per "
+            "image"
         )
     fastv = methods.get("fastv")
     if fastv is None:

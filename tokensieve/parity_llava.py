@@ -12,14 +12,14 @@ prefill logits agree within ``tolerance`` relative to their scale, and the ``new
 
 Artifacts with FastV are held to the eager FastV reference (:mod:`tokensieve.reference.fastv`, itself equal to
 Hugging Face ``generate`` at ``keep=1``) instead, and also on the kept positions: identical sets; ATP-LLaVA
-artifacts likewise to :mod:`tokensieve.reference.atp_llava`. Artifacts with GlobalCom² are held to
-:mod:`tokensieve.reference.globalcom2` (its shortened prompt ids included), also on the vision tokens kept, in
-prompt order: identical. Artifacts with StreamingLLM are held to the eager StreamingLLM reference
-(:mod:`tokensieve.reference.streamingllm`) with the artifact's cache capacity as the budget. Artifacts with SnapKV
-or A2SF are held to the eager reference (:mod:`tokensieve.reference.prompt_cache`), also on the positions every
-layer and KV head keeps: identical sets. Artifacts with H2O are held to :mod:`tokensieve.reference.h2o`, also on the
-prompt positions prefill keeps and the positions cached at the end of the generation, per layer and KV head:
-identical sets.
+artifacts likewise to :mod:`tokensieve.reference.atp_llava`, on the positions every cut keeps. Artifacts with
+GlobalCom² are held to :mod:`tokensieve.reference.globalcom2` (its shortened prompt ids included), also on the
+vision tokens kept, in prompt order: identical. Artifacts with StreamingLLM are held to the eager StreamingLLM
+reference (:mod:`tokensieve.reference.streamingllm`) with the artifact's cache capacity as the budget. Artifacts
+with SnapKV or A2SF are held to the eager reference (:mod:`tokensieve.reference.prompt_cache`), also on the
+positions every layer and KV head keeps: identical sets. Artifacts with H2O are held to
+:mod:`tokensieve.reference.h2o`, also on the prompt positions prefill keeps and the positions cached at the end of
+the generation, per layer and KV head: identical sets.
 
 The eager side of every case (prompt, image, prompt ids, prefill logits, greedy ids, kept positions) is recorded in
 ``DIR/golden/cases.npz``; :func:`replay_llava_golden` holds the artifact to it again without torch or the model.
@@ -80,9 +80,9 @@ class LlavaParityCase:
     first_mismatch: int | None
     reference_ids: list[int] = field(repr=False)
     ids: list[int] = field(repr=False)
-    kept_tokens: int | None = None  # FastV: prompt positions later layers keep; SnapKV/A2SF: per layer and KV head;
-    # H2O: prefill's plus the end's, per layer and KV head
-    kept_match: bool | None = None  # the graph's kept positions equal the eager reference's
+    kept_tokens: int | None = None  # FastV, ATP-LLaVA: prompt positions the layers after the (last) cut keep;
+    # SnapKV/A2SF: per layer and KV head; H2O: prefill's plus the end's, per layer and KV head
+    kept_match: bool | None = None  # the graph's kept positions equal the eager reference's (ATP-LLaVA: every cut's)
 
     def ok(self, tolerance: float) -> bool:
         kept = self.kept_match is not False
@@ -200,10 +200,12 @@ def _expected(model, processor, template: str, methods: dict, capacity: int, pro
     prompt_ids = inputs["input_ids"][0].numpy()
     compression = methods.get("snapkv") or methods.get("a2sf")
     kept = None
-    if "fastv" in methods or "atp_llava" in methods:
-        generate = fastv_generate if "fastv" in methods else atp_llava_generate
-        result = generate(model, inputs, methods.get("fastv") or methods["atp_llava"], new_tokens)
+    if "fastv" in methods:
+        result = fastv_generate(model, inputs, methods["fastv"], new_tokens)
         kept = result.kept_positions.numpy()
+    elif "atp_llava" in methods:  # every cut's positions, one after the other
+        result = atp_llava_generate(model, inputs, methods["atp_llava"], new_tokens)
+        kept = torch.cat(result.cut_positions).numpy()
     elif "globalcom2" in methods:  # the image run is shortened to the kept features
         result = globalcom2_generate(model, inputs, methods["globalcom2"], new_tokens)
         kept, prompt_ids = result.kept_features.numpy(), result.prompt_ids.numpy()
@@ -231,6 +233,8 @@ def _graph_kept(out, methods: dict) -> np.ndarray | None:
         return out.cache_positions
     if "globalcom2" in methods:  # the vision tokens the image keeps, in prompt order
         return out.kept_features
+    if "atp_llava" in methods:
+        return np.concatenate(out.cut_positions)
     return out.kept_positions
 
 
@@ -255,7 +259,7 @@ def _compare(runner, cache: str, case: Expected, methods: dict) -> LlavaParityCa
         first_mismatch=mismatch,
         reference_ids=list(case.ids),
         ids=out.ids,
-        kept_tokens=None if kept is None else kept.shape[-1],
+        kept_tokens=len(out.kept_positions) if out.cut_positions else None if kept is None else kept.shape[-1],
         kept_match=_same(kept, case.kept),
     )
 

@@ -1,22 +1,26 @@
 """Graph pass: give the decoder layers from ``first`` on their own cache length, in a **decode** graph.
 
-After a prefill that dropped tokens before layer ``first`` (FastV), those layers cache fewer positions than the
-earlier ones, for the rest of the generation, while new tokens keep their absolute position ids.
+After a prefill that dropped tokens before layer ``first`` (FastV, ATP-LLaVA), those layers cache fewer positions
+than the earlier ones, for the rest of the generation, while new tokens keep their absolute position ids. A method
+that cuts before several layers (ATP-LLaVA with ``layers=[k1, k2, ...]``) runs the pass once per cut, in order,
+``group`` 0, 1, ...: each later group splits off the layers from its ``first`` on.
 
 Matches: the decoder layers of a decode graph (:func:`tokensieve.graph_passes.locate_decoder.locate_decoder`).
 
 Inserts:
 
 * fixed-capacity cache (input ``cache_position [1]``, one shared ``ScatterND`` index and visibility mask): a graph
-  input ``pruned_cache_position [1]`` (the slot the layers from ``first`` on write: ``cache_position - dropped``);
-  the write index and mask those layers read are re-derived from it
-  (:func:`tokensieve.graph_passes.rederive.rederive`); layers before ``first`` are untouched;
+  input :func:`slot_input` ``(group)`` ``[1]`` (``pruned_cache_position``, ``pruned_cache_position_1``, ...: the slot
+  the layers from ``first`` on write, ``cache_position - dropped``); the write index and mask those layers read are
+  re-derived from it (:func:`tokensieve.graph_passes.rederive.rederive`) in place of the slot input they read
+  before (``cache_position`` for group 0, the previous group's otherwise); earlier layers are untouched;
 * growing cache: nothing to compute (each layer's past length is its own input's); the past/present sequence
-  dimension of layers ``>= first`` is renamed ``past_kept`` so the two lengths are distinct symbols.
+  dimension of layers ``>= first`` is renamed ``past_kept`` (``past_kept_1``, ...) so the lengths are distinct
+  symbols.
 
-Preconditions (``requires``): a decode graph; ``1 <= first < layers``. Postconditions (``ensures``): fixed cache:
-the cache writes of the layers from ``first`` on derive their index from ``pruned_cache_position`` and not from
-``cache_position``; the other inputs and outputs are unchanged.
+Preconditions (``requires``): a decode graph; ``1 <= first < layers``; for ``group > 0`` the previous group's pass
+has run. Postconditions (``ensures``): fixed cache: the cache writes of the layers from ``first`` on derive their
+index from this group's slot input and not from the one before; the other inputs and outputs are unchanged.
 """
 
 from __future__ import annotations
@@ -33,12 +37,21 @@ PRUNED_SLOT = "pruned_cache_position"
 PAST_KEPT = "past_kept"
 
 
+def slot_input(group: int) -> str:
+    """The name of group ``group``'s write-slot input (``-1``: the unsplit ``cache_position``)."""
+    return "cache_position" if group < 0 else PRUNED_SLOT + (f"_{group}" if group else "")
+
+
+def _past_axis(group: int) -> str:
+    return PAST_KEPT + (f"_{group}" if group else "")
+
+
 class SplitCacheSlotPass(ir.passes.InPlacePass):
     """Let layers ``>= first`` of a decode graph use their own cache slot / length (see module docstring)."""
 
-    def __init__(self, first: int):
+    def __init__(self, first: int, group: int = 0):
         super().__init__()
-        self.first = first
+        self.first, self.group = first, group
         self.layout: DecoderLayout | None = None
 
     def requires(self, model: ir.Model) -> None:
@@ -57,16 +70,19 @@ class SplitCacheSlotPass(ir.passes.InPlacePass):
             for layer in later:
                 for value in (*layer.cache_inputs, *layer.cache_outputs):
                     dims = list(value.shape)
-                    dims[2] = str(dims[2]).replace(past, PAST_KEPT)
+                    dims[2] = str(dims[2]).replace(past, _past_axis(self.group))
                     value.shape = ir.Shape(dims)
             return ir.passes.PassResult(model, modified=True)
-        slot = next((v for v in graph.inputs if v.name == "cache_position"), None)
+        slot = next((v for v in graph.inputs if v.name == slot_input(self.group - 1)), None)
         if slot is None:
-            raise GraphRewriteError("split cache slot: the fixed-cache decode graph has no cache_position input")
-        pruned = ir.Value(name=PRUNED_SLOT, shape=ir.Shape(slot.shape), type=ir.TensorType(slot.dtype))
+            raise GraphRewriteError(
+                f"split cache slot: the fixed-cache decode graph has no {slot_input(self.group - 1)} input"
+            )
+        name = slot_input(self.group)
+        pruned = ir.Value(name=name, shape=ir.Shape(slot.shape), type=ir.TensorType(slot.dtype))
         graph.inputs.append(pruned)
         cut = later[0].stream_in
-        rederive(graph, downstream(cut), {slot: pruned}, [cut], "tokensieve/split_cache_slot")
+        rederive(graph, downstream(cut), {slot: pruned}, [cut], f"tokensieve/split_cache_slot{self.group}")
         TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=True)
 
@@ -74,8 +90,9 @@ class SplitCacheSlotPass(ir.passes.InPlacePass):
         if self.layout.cache != "fixed":
             return
         inputs = {v.name: v for v in model.graph.inputs}
+        before, own = inputs[slot_input(self.group - 1)], inputs[slot_input(self.group)]
         for layer in locate_decoder(model).layers[self.first :]:
             for write in layer.cache_writes:
                 sources = _ancestors(write.inputs[1])
-                if inputs["cache_position"] in sources or inputs[PRUNED_SLOT] not in sources:
-                    raise GraphRewriteError(f"split cache slot: {write.name} does not write at {PRUNED_SLOT}")
+                if before in sources or own not in sources:
+                    raise GraphRewriteError(f"split cache slot: {write.name} does not write at {own.name}")

@@ -2,22 +2,25 @@
 
 Training-free form of METHODS.md §4.3 (no official code; the paper's threshold heads are learned, so tokensieve
 replaces them by a rule on the scores, the approximation METHODS.md names). Both faces read this dataclass: the
-eager reference (``tokensieve.reference.atp_llava``) and the deployed face (the prefill graph cut at layer ``k``
-into ``prefill_head`` / ``prefill_tail`` with the scores as outputs, :mod:`tokensieve.graph_passes.atp_scores` and
-:mod:`tokensieve.graph_passes.cut_prefill`; the decision on the host, :mod:`tokensieve.runtimes.atp_llava`).
+eager reference (``tokensieve.reference.atp_llava``) and the deployed face (the prefill graph cut before each layer
+of ``layers`` into ``prefill_0 .. prefill_n`` with the scores as outputs, :mod:`tokensieve.graph_passes.atp_scores`
+and :mod:`tokensieve.graph_passes.cut_prefill`; the decisions on the host, :mod:`tokensieve.runtimes.atp_llava`).
 
-* where: prefill, before decoder layer ``k`` (0-based), scored with layer ``k - 1``; layers ``< k`` see and cache
-  every token, layers ``>= k`` only the kept ones, for the whole generation (as FastV);
-* redundancy score (paper Eq. 3-4), head means: ``S_self[i]`` = mean over the image keys ``j`` of the pre-softmax
-  logits ``q_i . k_j * scale`` (every image key, the causal mask not applied); ``S_cross[i]`` = mean over the
-  prompt positions after the image of the post-softmax probability on image token ``i`` (0 when no text follows);
-  ``S_r = (S_self + S_cross) / 2``;
+* where: prefill, before each decoder layer ``k`` in ``layers`` (0-based, ascending), scored with layer ``k - 1``
+  on the tokens still present; the layers between two cuts see and cache the tokens kept by the earlier cut, for the
+  whole generation (FastV's rule, once per cut);
+* redundancy score (paper Eq. 3-4), head means over the image tokens present: ``S_self[i]`` = mean over those image
+  keys ``j`` of the pre-softmax logits ``q_i . k_j * scale`` (every such key, the causal mask not applied);
+  ``S_cross[i]`` = mean over the positions after the image of the post-softmax probability on image token ``i``
+  (0 when no text follows); ``S_r = (S_self + S_cross) / 2``;
 * keep image token ``i`` iff ``S_r[i] > threshold`` or ``i`` is on the spatial grid (SAP, Eq. 5: every
-  ``stride``-th row and column of the square image-token grid, ``stride = round(sqrt(1 / grid))``); ``threshold``
-  is absolute when given, else per image ``mean(S_r) + offset * std(S_r)`` (population std) -- the learned,
-  per-instance threshold head replaced by a statistic of the same scores. The count is data-dependent;
+  ``stride``-th row and column of the square image-token grid, ``stride = round(sqrt(1 / grid))``; grid tokens
+  therefore survive every cut); ``threshold`` is absolute when given, else per image and cut
+  ``mean(S_r) + offset * std(S_r)`` (population std) -- the learned, per-instance threshold head replaced by a
+  statistic of the same scores. The counts are data-dependent;
 * positions: kept tokens keep their original position ids (paper: "original position ids"); decoding continues at
-  absolute positions, layers ``>= k`` writing slot ``position - dropped`` (the FastV decode graphs).
+  absolute positions, the layers after cut ``g`` writing slot ``position - dropped_g`` (FastV's decode graphs, one
+  slot input per cut).
 
 Plain LLaVA only (one square grid of image tokens); LLaVA-NeXT's packed crops have no single grid for SAP.
 """
@@ -30,7 +33,7 @@ from fractions import Fraction
 from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
-from tokensieve.methods.base import spatial_grid
+from tokensieve.methods.base import check_layers, spatial_grid
 
 
 def _real(key: str, value: Any) -> float | None:
@@ -45,7 +48,7 @@ def _real(key: str, value: Any) -> float | None:
 class ATPLLaVA:
     """Keep the image tokens whose redundancy score clears a threshold, plus a spatial grid, before layer ``k``."""
 
-    k: int = 2
+    layers: tuple[int, ...] = (2,)
     threshold: float | None = None
     offset: float = 0.0
     grid: float = 0.25
@@ -53,10 +56,13 @@ class ATPLLaVA:
     target: ClassVar[str] = "mllm"
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+        layers = check_layers("atp_llava", self.layers)
+        if not layers or layers[0] < 1:
             raise MethodSpecError(
-                f"atp_llava: k must be a decoder layer index >= 1 (layer k-1 gives the scores), got {self.k!r}"
+                "atp_llava: layers must list the decoder layers to prune before, each >= 1 (layer k-1 gives the "
+                f"scores for a cut before layer k), e.g. layers=[2] or layers=[2, 6]; got {self.layers!r}"
             )
+        object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "threshold", _real("threshold", self.threshold))
         object.__setattr__(self, "offset", _real("offset", self.offset))
         if self.threshold is not None and self.offset:
@@ -70,21 +76,32 @@ class ATPLLaVA:
         """Indices (into the image tokens) of the spatial grid on the square ``sqrt(n) x sqrt(n)`` token grid."""
         return spatial_grid("atp_llava", self.grid, image_tokens, "image tokens (CLS kept as a feature breaks it)")
 
+    @property
+    def cuts(self) -> tuple[int, ...]:
+        """The decoder layers the prefill is cut before (ascending)."""
+        return self.layers
+
     def validate(self, kind: str, layers: int) -> None:
         if kind != "llava":
             raise MethodSpecError(
                 "atp_llava keeps a spatial grid of one square image-token grid; LLaVA-NeXT packs a thumbnail and "
                 "crops. Export a plain LLaVA source (hf:llava-tiny, a local checkpoint), or use fastv / globalcom2"
             )
-        if self.k >= layers:
+        if self.layers[-1] >= layers:
             raise MethodSpecError(
-                f"atp_llava: k={self.k} is out of range; this decoder has {layers} layers, so k must be in "
-                f"1..{layers - 1}"
+                f"atp_llava: layer {self.layers[-1]} is out of range; this decoder has {layers} layers, so a cut "
+                f"must be before a layer in 1..{layers - 1}"
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "k": self.k, "threshold": self.threshold, "offset": self.offset, "grid": self.grid}
+        return {
+            "name": self.name,
+            "layers": list(self.layers),
+            "threshold": self.threshold,
+            "offset": self.offset,
+            "grid": self.grid,
+        }
 
     def describe(self) -> str:
         rule = f"threshold={self.threshold:g}" if self.threshold is not None else f"offset={self.offset:g}"
-        return f"atp_llava(k={self.k}, {rule}, grid={self.grid:g})"
+        return f"atp_llava(layers={list(self.layers)}, {rule}, grid={self.grid:g})"

@@ -43,6 +43,11 @@ class FastV:
             )
         object.__setattr__(self, "keep", check_keep("fastv", self.keep, "keep=0.5 keeps half the image tokens"))
 
+    @property
+    def cuts(self) -> tuple[int, ...]:
+        """The decoder layers the prefill is cut before."""
+        return (self.k,)
+
     def kept_count(self, image_tokens: int) -> int:
         """``ceil(keep * image_tokens)`` in exact integer arithmetic (0 for a prompt without an image)."""
         if image_tokens <= 0:

@@ -2,7 +2,7 @@
 ``transformers.DynamicCache`` (each layer its own length): the loop the MLLM references share.
 
 The decoder layers are the model's own; what a method changes is which positions prefill keeps per layer
-(``keep_from``) and what the cache holds before each step (``evict``).
+(``select``) and what the cache holds before each step (``evict``).
 """
 
 from __future__ import annotations
@@ -38,14 +38,19 @@ def attention_forward(model, inputs: dict):
 
 
 @torch.no_grad()
-def prefill(model, embeds: torch.Tensor, cache, keep_from: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Last-position logits ``[V]`` of ``embeds [1, T, D]``; ``keep_from = (k, positions)`` gathers the stream and
-    the position ids before layer ``k`` (FastV). Keys/values go to ``cache``."""
+def prefill(
+    model, embeds: torch.Tensor, cache, select: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
+) -> torch.Tensor:
+    """Last-position logits ``[V]`` of ``embeds [1, T, D]``. Before each layer ``index``, ``select(index,
+    positions)`` may return the prompt positions to keep (a subset of the ``positions [T']`` present, ascending):
+    the stream and the position ids are gathered there (FastV, ATP-LLaVA). Keys/values go to ``cache``."""
     lm = model.model.language_model
     hidden, positions = embeds, torch.arange(embeds.shape[1])[None]
     for index, layer in enumerate(lm.layers):
-        if keep_from is not None and index == keep_from[0]:
-            hidden, positions = hidden[:, keep_from[1]], positions[:, keep_from[1]]
+        keep = None if select is None else select(index, positions[0])
+        if keep is not None:
+            take = torch.searchsorted(positions[0], keep)
+            hidden, positions = hidden[:, take], positions[:, take]
         hidden = layer(
             hidden,
             attention_mask=causal_mask(hidden.shape[1]),

@@ -53,5 +53,5 @@ def fastv_generate(model, inputs: dict, method: FastV, new_tokens: int) -> FastV
     keep = fastv_select(full.attentions[method.k - 1], image, length, method)
 
     cache = DynamicCache()
-    logits = prefill(model, full.hidden_states[0], cache, keep_from=(method.k, keep))
+    logits = prefill(model, full.hidden_states[0], cache, lambda index, _: keep if index == method.k else None)
     return FastVResult(keep, logits, greedy(model, logits, cache, length, new_tokens))

@@ -4,8 +4,11 @@ state back (fixed-capacity cache with ONNX Runtime I/O binding, growing cache, H
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from tokensieve.graph_passes.split_cache_slot import slot_input
 from tokensieve.methods.h2o import H2O
 from tokensieve.methods.streamingllm import StreamingLLM
 from tokensieve.runtimes.ort import OrtRunner
@@ -20,25 +23,26 @@ class FixedCacheDecoder:
     ``cache_*`` input and as the ``updated_*`` output (ONNX Runtime I/O binding), so ``ScatterND`` finds input and
     output in the same buffer and writes one slot instead of copying the whole cache, the way a TensorRT engine
     updates a KV cache that is network I/O. Prefill's keys/values go to slots ``0..T-1`` first (each layer its own
-    ``T``). After FastV the later layers hold ``dropped`` fewer positions: they write slot ``position - dropped``
-    (input ``pruned_cache_position``). With StreamingLLM (``eviction``) the cache is a ring: position ``p`` goes to
-    ``eviction.slot(p)``, a prompt longer than the capacity keeps only its retained positions, and once the ring is
-    full every slot is attended to (input ``visible_slots``). After SnapKV / A2SF every layer holds ``offset`` fewer
-    positions than the prompt had: position ``p`` goes to slot ``p - offset``."""
+    ``T``). After FastV / ATP-LLaVA the layers after cut ``g`` hold ``dropped[g]`` fewer positions: they write slot
+    ``position - dropped[g]`` (inputs ``pruned_cache_position``, ``pruned_cache_position_1``, ...). With
+    StreamingLLM (``eviction``) the cache is a ring: position ``p`` goes to ``eviction.slot(p)``, a prompt longer
+    than the capacity keeps only its retained positions, and once the ring is full every slot is attended to (input
+    ``visible_slots``). After SnapKV / A2SF every layer holds ``offset`` fewer positions than the prompt had:
+    position ``p`` goes to slot ``p - offset``."""
 
     def __init__(
         self,
         runner: OrtRunner,
         present: list[np.ndarray],
         capacity: int,
-        dropped: int = 0,
+        dropped: Sequence[int] = (),
         eviction: StreamingLLM | None = None,
         offset: int = 0,
     ):
         import onnxruntime as ort
 
         self.runner, self.capacity, self.eviction, self.offset = runner, capacity, eviction, offset
-        self.dropped = dropped if "pruned_cache_position" in runner.input_names else None
+        self.dropped = {slot_input(g): d for g, d in enumerate(dropped) if slot_input(g) in runner.input_names}
         self.caches = []
         for tensor in present:
             cache = np.zeros((*tensor.shape[:2], capacity, tensor.shape[3]), tensor.dtype)
@@ -71,8 +75,8 @@ class FixedCacheDecoder:
         if self.eviction is not None:
             visible = min(position + 1, self.capacity)
             self.binding.bind_cpu_input("visible_slots", np.array([visible], np.int64))
-        if self.dropped is not None:
-            self.binding.bind_cpu_input("pruned_cache_position", np.array([position - self.dropped], np.int64))
+        for name, dropped in self.dropped.items():
+            self.binding.bind_cpu_input(name, np.array([position - dropped], np.int64))
 
     def cache(self, index: int) -> np.ndarray:
         """A copy of cache tensor ``index`` (order: key_0, value_0, key_1, ...)."""

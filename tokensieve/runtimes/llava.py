@@ -13,8 +13,7 @@ With SnapKV / A2SF / H2O the prefill graph returns the compressed prompt cache (
 head) and new tokens are cached after it, at their absolute positions; H2O's decode graph then evicts one position
 per step once ``budget + 1`` are cached. With GlobalCom² the image features come from
 :func:`tokensieve.runtimes.globalcom2.select_features` instead of the plain AnyRes packing. With ATP-LLaVA prefill
-runs as two graphs: ``prefill_head`` (layers before ``k`` and the scores), the host's decision
-(:mod:`tokensieve.runtimes.atp_llava`), then ``prefill_tail`` on the kept positions.
+runs as segment graphs with the host's decisions between them (:mod:`tokensieve.runtimes.prefill`).
 """
 
 from __future__ import annotations
@@ -52,7 +51,8 @@ class Generation:
     image_span: tuple[int, int] | None  # [start, end) of the image tokens in the sequence
     prefill_logits: np.ndarray  # [V] at the last prompt position
     stop: str  # "eos" | "max_new_tokens"
-    kept_positions: np.ndarray | None = None  # FastV, ATP-LLaVA: prompt positions the layers from k on keep
+    kept_positions: np.ndarray | None = None  # FastV, ATP-LLaVA: prompt positions the layers after the last cut keep
+    cut_positions: list[np.ndarray] | None = None  # FastV, ATP-LLaVA: the prompt positions each cut keeps
     kept_features: np.ndarray | None = None  # GlobalCom²: indices into the vision graph's [P * n] tokens, in order
     cache_positions: np.ndarray | None = None  # SnapKV / A2SF / H2O: [layers, kv_heads, K] prompt positions cached
     retained_positions: np.ndarray | None = None  # H2O: [layers, kv_heads, n] positions cached at the end
@@ -196,7 +196,7 @@ class LlavaRunner:
         t_prefill = time.perf_counter()
         stops = set() if ignore_eos else set(stop_ids if stop_ids is not None else [self.host["eos_id"]])
         kept = extras.get("kept_positions")
-        dropped = 0 if kept is None else len(ids) - len(kept)
+        dropped = [len(ids) - len(positions) for positions in extras.get("cut_positions", [])]
         if isinstance(self.compression, H2O):
             positions, scores = extras["cache_positions"], extras["cache_scores"]
             decoder = HeavyHitterDecoder(self.decode, present, self.capacity, self.compression, positions, scores)
@@ -225,6 +225,7 @@ class LlavaRunner:
             prefill_logits=logits,
             stop=stop,
             kept_positions=kept,
+            cut_positions=extras.get("cut_positions"),
             kept_features=kept_features,
             cache_positions=extras.get("cache_positions"),
             retained_positions=decoder.retained() if isinstance(decoder, HeavyHitterDecoder) else None,

@@ -1,6 +1,6 @@
-"""The prompt pass of an MLLM artifact on ONNX Runtime: one ``prefill`` graph, or, with ATP-LLaVA, ``prefill_head``
-(layers before ``k`` and the image tokens' scores), the host's decision (:mod:`tokensieve.runtimes.atp_llava`) and
-``prefill_tail`` (layers from ``k`` on the kept positions)."""
+"""The prompt pass of an MLLM artifact on ONNX Runtime: one ``prefill`` graph, or, with ATP-LLaVA, its segments
+``prefill_0 .. prefill_n`` with the host's decision (:mod:`tokensieve.runtimes.atp_llava`) after each but the last:
+the stream and the position ids are gathered at the kept positions and handed to the next segment."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import numpy as np
 
 from tokensieve.methods import methods_from_dicts
 from tokensieve.methods.atp_llava import ATPLLaVA
-from tokensieve.runtimes.atp_llava import kept_positions
+from tokensieve.runtimes.atp_llava import cut
 from tokensieve.runtimes.kv_cache import kv_names
 from tokensieve.runtimes.ort import OrtRunner
 
 EXTRAS = ("kept_positions", "cache_positions", "cache_scores")
+SCORES = ("image_self_score", "image_cross_score")
 
 
 class Prefill:
@@ -24,7 +25,7 @@ class Prefill:
     def __init__(self, directory: str | Path, manifest: dict[str, Any], **options: Any):
         graphs = manifest["graphs"]
         self.split = next((m for m in methods_from_dicts(manifest.get("methods")) if isinstance(m, ATPLLaVA)), None)
-        keys = ("prefill_head", "prefill_tail") if self.split else ("prefill",)
+        keys = [f"prefill_{i}" for i in range(len(self.split.cuts) + 1)] if self.split else ["prefill"]
         self.graphs = [OrtRunner(Path(directory) / graphs[key], **options) for key in keys]
         self.layers: int = manifest["decoder"]["layers"]
 
@@ -34,19 +35,40 @@ class Prefill:
 
     def __call__(
         self, embeds: np.ndarray, span: tuple[int, int] | None = None
-    ) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
+    ) -> tuple[np.ndarray, list[np.ndarray], dict[str, Any]]:
         """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt (SnapKV /
-        A2SF / H2O: compressed), and the method's outputs: ``kept_positions`` (FastV, ATP-LLaVA) or
-        ``cache_positions`` (and H2O's ``cache_scores``); ``span`` = the image tokens' ``[start, end)``."""
+        A2SF / H2O: compressed), and the method's outputs: ``kept_positions`` (FastV; ATP-LLaVA: after its last cut)
+        with ``cut_positions`` (the prompt positions kept by each cut, a list), or ``cache_positions`` (and H2O's
+        ``cache_scores``); ``span`` = the image tokens' ``[start, end)``."""
         first = self.graphs[0]
         out = first.run(prefill_feeds(first, embeds, span))
-        if self.split is not None:  # ATP-LLaVA: scores -> kept positions -> the layers from k on
-            scores = out["image_self_score"], out["image_cross_score"]
-            keep = kept_positions(*scores, span, embeds.shape[1], self.split)
-            tail = {"hidden_states": out["hidden_states"][:, keep], "position_ids": keep[None]}
-            out = {**out, **self.graphs[1].run(tail), "kept_positions": keep}
+        extras = {name: out[name] for name in EXTRAS if name in out}
+        if "kept_positions" in out:  # FastV: one cut, in the graph
+            extras["cut_positions"] = [out["kept_positions"]]
+        if self.split is not None:
+            out, extras["cut_positions"] = self._segments(out, embeds.shape[1], span or (0, 0))
+            extras["kept_positions"] = extras["cut_positions"][-1]
         present = [out[f"present_{n}"] for n in kv_names(self.layers)]
-        return out["logits"][0], present, {name: out[name] for name in EXTRAS if name in out}
+        return out["logits"][0], present, extras
+
+    def _segments(
+        self, out: dict[str, np.ndarray], length: int, span: tuple[int, int]
+    ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """ATP-LLaVA: decide, gather, run the next segment; every segment's outputs and the positions kept per cut."""
+        positions, image = np.arange(length), np.arange(*span)
+        merged, kept = dict(out), []
+        for graph in self.graphs[1:]:
+            scores = out[SCORES[0]], out[SCORES[1]]
+            new_positions, image = cut(positions, image, span, scores, self.split)
+            take = np.searchsorted(positions, new_positions)
+            positions = new_positions
+            kept.append(positions)
+            feeds = {"hidden_states": out["hidden_states_out"][:, take], "position_ids": positions[None]}
+            if "image_positions" in graph.input_names:
+                feeds["image_positions"] = np.searchsorted(positions, image)
+            out = graph.run(feeds)
+            merged.update(out)
+        return merged, kept
 
 
 def prefill_feeds(runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None) -> dict[str, np.ndarray]:
