@@ -19,7 +19,8 @@ from tokensieve.graph_passes.atp_scores import ATPScoresPass
 from tokensieve.graph_passes.cut_prefill import CutPrefillPass
 from tokensieve.methods.atp_llava import ATPLLaVA
 from tokensieve.parity_llava import _hf_processor, default_cases
-from tokensieve.reference.atp_llava import atp_keep, atp_llava_generate, atp_scores, capture_attention
+from tokensieve.reference.atp_llava import atp_keep, atp_llava_generate, atp_scores
+from tokensieve.reference.capture import capture_attention
 from tokensieve.reference.decoding import attention_forward
 from tokensieve.runtimes.atp_llava import cut, keep_image_tokens
 from tokensieve.runtimes.kv_cache import FixedCacheDecoder
@@ -118,7 +119,9 @@ def test_rule_on_hand_made_scores():
             eager = atp_keep(torch.from_numpy(s), torch.from_numpy(c), torch.from_numpy(present), 64, method)
             assert np.array_equal(host, eager.numpy())
             positions = np.setdiff1d(np.arange(80), 3 + np.setdiff1d(np.arange(64), present))
-            kept, kept_image = cut(positions, 3 + present, (3, 67), (s, c), method)
+            kept, kept_image = cut(
+                {"image_self_score": s, "image_cross_score": c}, positions, 3 + present, (3, 67), method
+            )
             assert np.array_equal(kept_image, 3 + present[host]) and len(kept) == 16 + host.sum()
     # 4x4 image tokens, grid 0.25 -> stride 2 -> tokens 0, 2, 8, 10; S_r = (self + cross) / 2
     self_score, cross, every = np.array([0.0] * 15 + [4.0], np.float32), np.zeros(16, np.float32), np.arange(16)
@@ -188,7 +191,7 @@ def test_bad_requests_are_typed_errors(tmp_path):
         ATPLLaVA(grid=2)
     with pytest.raises(MethodSpecError, match="threshold must be a finite number"):
         ATPLLaVA(threshold="high")
-    with pytest.raises(MethodSpecError, match="each >= 1"):
+    with pytest.raises(MethodSpecError, match="decoder layers >= 1 to cut before"):
         ATPLLaVA(layers=[0, 2])
     with pytest.raises(MethodSpecError, match="contain duplicates"):
         ATPLLaVA(layers=[2, 2])

@@ -13,7 +13,8 @@ prompt the same way (plus output ``cache_scores``) and moves eviction into the f
 LLaVA) replaces ``prefill.onnx`` by one segment per span between its cuts, ``prefill_0.onnx .. prefill_n.onnx``
 (input ``hidden_states`` instead of ``inputs_embeds`` after the first; all but the last: new input
 ``image_positions``, outputs ``hidden_states_out`` and the scores ``image_self_score`` / ``image_cross_score``); its
-decode graphs are FastV's with one write-slot input per cut.
+decode graphs are FastV's with one write-slot input per cut. ``dyvte`` is cut the same way, its segments scoring
+``image_attention_mass``.
 
 Layout::
 
@@ -56,11 +57,13 @@ from tokensieve.graph_passes.cache_visibility import CacheVisibilityPass
 from tokensieve.graph_passes.cut_prefill import CutPrefillPass
 from tokensieve.graph_passes.fastv import FastVPass
 from tokensieve.graph_passes.heavy_hitters import HeavyHitterPass
+from tokensieve.graph_passes.image_attention import ImageAttentionMassPass
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate_decoder import locate_decoder
 from tokensieve.graph_passes.prompt_cache import PromptCachePass
 from tokensieve.graph_passes.split_cache_slot import SplitCacheSlotPass
 from tokensieve.methods.atp_llava import ATPLLaVA
+from tokensieve.methods.dyvte import DyVTE
 from tokensieve.methods.fastv import FastV
 from tokensieve.methods.globalcom2 import GlobalCom2
 from tokensieve.methods.h2o import H2O
@@ -88,7 +91,7 @@ def export_mllm(
     spec: SourceSpec,
     out: str | os.PathLike,
     *,
-    method: FastV | ATPLLaVA | GlobalCom2 | StreamingLLM | PromptCacheCompression | None = None,
+    method: FastV | ATPLLaVA | DyVTE | GlobalCom2 | StreamingLLM | PromptCacheCompression | None = None,
     capacity: int | None = None,
     opset: int = 18,
     growing: bool = True,
@@ -106,9 +109,9 @@ def export_mllm(
     # validate before the (slow) export
     if isinstance(method, FastV):
         method.validate(built.model.config.text_config.num_hidden_layers)
-    elif isinstance(method, ATPLLaVA):
+    elif isinstance(method, (ATPLLaVA, DyVTE)):
         method.validate(built.kind, built.model.config.text_config.num_hidden_layers)
-        if method.grid:
+        if isinstance(method, ATPLLaVA) and method.grid:
             method.grid_positions(_image_tokens(built)["count"])
     elif isinstance(method, (StreamingLLM, PromptCacheCompression)):
         method.validate(capacity)
@@ -118,11 +121,11 @@ def export_mllm(
     graphs, seconds = export_llava(built, capacity, opset, growing, cls_scores=isinstance(method, GlobalCom2))
     if isinstance(method, FastV):
         run_passes(graphs["prefill"], [FastVPass(method)])
-    elif isinstance(method, ATPLLaVA):  # the kept count is decided on the host, between two prefill graphs
+    elif isinstance(method, (ATPLLaVA, DyVTE)):  # counts decided on the host, between prefill segments
         graphs = _split_prefill(graphs, method)
         seconds.update({f"prefill_{i}": seconds["prefill"] for i in range(len(method.cuts) + 1)})
         del seconds["prefill"]
-    if isinstance(method, (FastV, ATPLLaVA)):  # one cache length per group of layers between cuts
+    if isinstance(method, (FastV, ATPLLaVA, DyVTE)):  # one cache length per group of layers between cuts
         for key in ("decode", "decode_growing"):
             if key in graphs:
                 run_passes(graphs[key], [SplitCacheSlotPass(first, g) for g, first in enumerate(method.cuts)])
@@ -138,7 +141,7 @@ def export_mllm(
     dynamic = {k: v for k, v in DYNAMIC.items() if k in graphs and (k != "vision" or built.kind == "llava_next")}
     if isinstance(method, FastV):
         dynamic["prefill"] = "sequence and image_tokens (FastV: the kept length is an expression of both)"
-    if isinstance(method, ATPLLaVA):
+    if isinstance(method, (ATPLLaVA, DyVTE)):
         dynamic.update(
             {key: "sequence (the positions kept so far) and image_tokens" for key in graphs if key[:8] == "prefill_"}
         )
@@ -191,15 +194,16 @@ def export_mllm(
     return Artifact.load(Path(out))
 
 
-def _split_prefill(graphs: dict[str, Any], method: ATPLLaVA) -> dict[str, Any]:
+def _split_prefill(graphs: dict[str, Any], method: ATPLLaVA | DyVTE) -> dict[str, Any]:
     """``prefill`` -> ``prefill_0 .. prefill_n``: the segments between the cuts, each but the last with the scores of
-    its last layer (the layer before the next cut)."""
+    its last layer (the layer before the next cut): ATP-LLaVA's redundancy scores or DyVTE's attention mass."""
+    score = ATPScoresPass if isinstance(method, ATPLLaVA) else ImageAttentionMassPass
     full = graphs["prefill"]
     bounds = [0, *method.cuts, None]
     segments = {}
     for index, (start, end) in enumerate(itertools.pairwise(bounds)):
         segment = full if end is None else full.clone()  # clones share the weights' tensors; the last is the original
-        run_passes(segment, [*([ATPScoresPass(end - 1)] if end else []), CutPrefillPass(start, end)])
+        run_passes(segment, [*([score(end - 1)] if end else []), CutPrefillPass(start, end)])
         segments[f"prefill_{index}"] = segment
     ordered: dict[str, Any] = {}
     for key, model in graphs.items():

@@ -90,6 +90,13 @@ def _reduction(manifest: dict[str, Any]) -> str | None:
             f"the host decides between the prefill segments prefill_0..prefill_{len(atp.cuts)}, so counts vary per "
             "image"
         )
+    dyvte = methods.get("dyvte")
+    if dyvte is not None:
+        return (
+            f"before each of layers {list(dyvte.layers)}, every image token is removed once the last prompt token's "
+            f"attention mass on the image (the layer before, head mean) is below {dyvte.threshold:g}; text keeps its "
+            f"positions; the host decides between the prefill segments prefill_0..prefill_{len(dyvte.cuts)}"
+        )
     fastv = methods.get("fastv")
     if fastv is None:
         return None

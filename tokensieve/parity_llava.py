@@ -12,14 +12,14 @@ prefill logits agree within ``tolerance`` relative to their scale, and the ``new
 
 Artifacts with FastV are held to the eager FastV reference (:mod:`tokensieve.reference.fastv`, itself equal to
 Hugging Face ``generate`` at ``keep=1``) instead, and also on the kept positions: identical sets; ATP-LLaVA
-artifacts likewise to :mod:`tokensieve.reference.atp_llava`, on the positions every cut keeps. Artifacts with
-GlobalCom² are held to :mod:`tokensieve.reference.globalcom2` (its shortened prompt ids included), also on the
-vision tokens kept, in prompt order: identical. Artifacts with StreamingLLM are held to the eager StreamingLLM
-reference (:mod:`tokensieve.reference.streamingllm`) with the artifact's cache capacity as the budget. Artifacts
-with SnapKV or A2SF are held to the eager reference (:mod:`tokensieve.reference.prompt_cache`), also on the
-positions every layer and KV head keeps: identical sets. Artifacts with H2O are held to
-:mod:`tokensieve.reference.h2o`, also on the prompt positions prefill keeps and the positions cached at the end of
-the generation, per layer and KV head: identical sets.
+artifacts likewise to :mod:`tokensieve.reference.atp_llava`, on the positions every cut keeps, and DyVTE artifacts
+to :mod:`tokensieve.reference.dyvte`. Artifacts with GlobalCom² are held to :mod:`tokensieve.reference.globalcom2`
+(its shortened prompt ids included), also on the vision tokens kept, in prompt order: identical. Artifacts with
+StreamingLLM are held to the eager StreamingLLM reference (:mod:`tokensieve.reference.streamingllm`) with the
+artifact's cache capacity as the budget. Artifacts with SnapKV or A2SF are held to the eager reference
+(:mod:`tokensieve.reference.prompt_cache`), also on the positions every layer and KV head keeps: identical sets.
+Artifacts with H2O are held to :mod:`tokensieve.reference.h2o`, also on the prompt positions prefill keeps and the
+positions cached at the end of the generation, per layer and KV head: identical sets.
 
 The eager side of every case (prompt, image, prompt ids, prefill logits, greedy ids, kept positions) is recorded in
 ``DIR/golden/cases.npz``; :func:`replay_llava_golden` holds the artifact to it again without torch or the model.
@@ -190,6 +190,7 @@ def _expected(model, processor, template: str, methods: dict, capacity: int, pro
     import torch
 
     from tokensieve.reference.atp_llava import atp_llava_generate
+    from tokensieve.reference.dyvte import dyvte_generate
     from tokensieve.reference.fastv import fastv_generate
     from tokensieve.reference.globalcom2 import globalcom2_generate
     from tokensieve.reference.h2o import h2o_generate
@@ -203,8 +204,11 @@ def _expected(model, processor, template: str, methods: dict, capacity: int, pro
     if "fastv" in methods:
         result = fastv_generate(model, inputs, methods["fastv"], new_tokens)
         kept = result.kept_positions.numpy()
-    elif "atp_llava" in methods:  # every cut's positions, one after the other
-        result = atp_llava_generate(model, inputs, methods["atp_llava"], new_tokens)
+    elif "atp_llava" in methods or "dyvte" in methods:  # every cut's positions, one after the other
+        generate, method = (
+            (atp_llava_generate, methods["atp_llava"]) if "atp_llava" in methods else (dyvte_generate, methods["dyvte"])
+        )
+        result = generate(model, inputs, method, new_tokens)
         kept = torch.cat(result.cut_positions).numpy()
     elif "globalcom2" in methods:  # the image run is shortened to the kept features
         result = globalcom2_generate(model, inputs, methods["globalcom2"], new_tokens)
@@ -233,7 +237,7 @@ def _graph_kept(out, methods: dict) -> np.ndarray | None:
         return out.cache_positions
     if "globalcom2" in methods:  # the vision tokens the image keeps, in prompt order
         return out.kept_features
-    if "atp_llava" in methods:
+    if "atp_llava" in methods or "dyvte" in methods:
         return np.concatenate(out.cut_positions)
     return out.kept_positions
 

@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from tokensieve.errors import GraphRewriteError
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, typed
-from tokensieve.graph_passes.locate_decoder import DecoderLayout, locate_decoder, logits_matmul
+from tokensieve.graph_passes.locate_decoder import DecoderLayout, image_positions_input, logits_matmul, scoring_layout
 
 IMAGE_AXIS = "image_tokens"
 OUTPUTS = ("image_self_score", "image_cross_score")
@@ -42,13 +42,7 @@ class ATPScoresPass(ir.passes.InPlacePass):
         self.layout: DecoderLayout | None = None
 
     def requires(self, model: ir.Model) -> None:
-        self.layout = locate_decoder(model)
-        if self.layout.cache != "none":
-            raise GraphRewriteError(f"atp_llava: expected a prefill graph, got a {self.layout.cache}-cache graph")
-        if not 0 <= self.layer < len(self.layout.layers):
-            raise GraphRewriteError(f"atp_llava: no decoder layer {self.layer} to score with")
-        if logits_matmul(self.layout.layers[self.layer].softmax) is None:
-            raise GraphRewriteError(f"atp_llava: layer {self.layer}'s attention logits are not a Q·Kᵀ MatMul")
+        self.layout = scoring_layout(model, self.layer, "atp_llava")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, layout = model.graph, self.layout
@@ -60,8 +54,7 @@ class ATPScoresPass(ir.passes.InPlacePass):
         b = NodeBuilder(
             model, "tokensieve/atp_llava", {"tokensieve.site": str(self.layer), "tokensieve.method": "atp_llava"}
         )
-        image = ir.Value(name="image_positions", shape=ir.Shape([IMAGE_AXIS]), type=ir.TensorType(i64))
-        graph.inputs.append(image)
+        image = image_positions_input(graph)
 
         # self: q_i . mean_j k_j over the image rows and keys, head mean
         image_query = typed(b.op("Gather", [query, image], "image_query", axis=2), [1, heads, IMAGE_AXIS, dim], real)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from tokensieve.errors import LocateError
+from tokensieve.errors import GraphRewriteError, LocateError
 from tokensieve.graph_passes.locate import _ancestors, _is_constant, _residual_add, _scopes, _static_dims
 
 # ops between Q/K (after RoPE) and the logits MatMul: layout and GQA repeat_kv (data = input 0), and scaling
@@ -211,3 +211,23 @@ def locate_decoder(model: ir.Model) -> DecoderLayout:
     writes = {n.op_type for layer in layers for n in layer.cache_writes}
     cache = "fixed" if "ScatterND" in writes else "growing" if "Concat" in writes else "none"
     return DecoderLayout(layers, cache, heads, kv_heads, head_dim, uses_metadata)
+
+
+def scoring_layout(model: ir.Model, layer: int, method: str) -> DecoderLayout:
+    """The layout of a prefill graph whose decoder layer ``layer`` a method scores from: a typed error when the graph
+    is not a prefill graph, has no such layer, or that layer's logits are not a ``Q·Kᵀ`` ``MatMul``."""
+    layout = locate_decoder(model)
+    if layout.cache != "none":
+        raise GraphRewriteError(f"{method}: expected a prefill graph, got a {layout.cache}-cache graph")
+    if not 0 <= layer < len(layout.layers):
+        raise GraphRewriteError(f"{method}: no decoder layer {layer} to score with")
+    if logits_matmul(layout.layers[layer].softmax) is None:
+        raise GraphRewriteError(f"{method}: layer {layer}'s attention logits are not a Q·Kᵀ MatMul")
+    return layout
+
+
+def image_positions_input(graph: ir.Graph) -> ir.Value:
+    """Add the graph input ``image_positions [image_tokens]`` (int64): the image tokens' sequence positions."""
+    image = ir.Value(name="image_positions", shape=ir.Shape(["image_tokens"]), type=ir.TensorType(ir.DataType.INT64))
+    graph.inputs.append(image)
+    return image

@@ -3,8 +3,9 @@
 Each method has two faces that read the same dataclass: an eager PyTorch reference (``tokensieve.reference``) and
 a graph face (``tokensieve.graph_passes``). Several methods combine with ``+`` as long as they own disjoint blocks,
 e.g. ``"topk(keep=0.7, layers=[3]) + tome(r=8, layers=[4,5,6,7,8,9,10,11])"``. Methods with ``target = "mllm"``
-(``fastv``, ``atp_llava``, ``globalcom2``, ``streamingllm``, ``snapkv``, ``a2sf``, ``h2o``) apply to MLLMs instead
-of ViT blocks (``globalcom2`` to LLaVA-NeXT's image tokens, the others to the decoder). This package is pure Python.
+(``fastv``, ``atp_llava``, ``dyvte``, ``globalcom2``, ``streamingllm``, ``snapkv``, ``a2sf``, ``h2o``) apply to
+MLLMs instead of ViT blocks (``globalcom2`` to LLaVA-NeXT's image tokens, the others to the decoder). This package is
+pure Python.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tokensieve.methods.atp import ATPPrune
 from tokensieve.methods.atp_llava import ATPLLaVA
 from tokensieve.methods.base import Method, Schedule, SiteCount, check_target, schedule
 from tokensieve.methods.diffrate import DiffRate
+from tokensieve.methods.dyvte import DyVTE
 from tokensieve.methods.fastv import FastV
 from tokensieve.methods.globalcom2 import GlobalCom2
 from tokensieve.methods.h2o import H2O
@@ -31,7 +33,7 @@ from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopKPrune
 
 VIT_METHODS = (TopKPrune, ToMe, PiToMe, DiffRate, ATPPrune)
-MLLM_METHODS = (FastV, ATPLLaVA, GlobalCom2, StreamingLLM, SnapKV, A2SF, H2O)
+MLLM_METHODS = (FastV, ATPLLaVA, DyVTE, GlobalCom2, StreamingLLM, SnapKV, A2SF, H2O)
 REGISTRY: dict[str, type] = {cls.name: cls for cls in (*VIT_METHODS, *MLLM_METHODS)}
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "ATPLLaVA",
     "ATPPrune",
     "DiffRate",
+    "DyVTE",
     "FastV",
     "GlobalCom2",
     "Method",

@@ -27,25 +27,15 @@ Plain LLaVA only (one square grid of image tokens); LLaVA-NeXT's packed crops ha
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
-from tokensieve.methods.base import check_layers, spatial_grid
-
-
-def _real(key: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)) or not math.isfinite(value):
-        raise MethodSpecError(f"atp_llava: {key} must be a finite number, got {value!r}")
-    return float(value)
+from tokensieve.methods.base import PrefillCuts, check_real, spatial_grid
 
 
 @dataclass(frozen=True)
-class ATPLLaVA:
+class ATPLLaVA(PrefillCuts):
     """Keep the image tokens whose redundancy score clears a threshold, plus a spatial grid, before layer ``k``."""
 
     layers: tuple[int, ...] = (2,)
@@ -56,30 +46,19 @@ class ATPLLaVA:
     target: ClassVar[str] = "mllm"
 
     def __post_init__(self) -> None:
-        layers = check_layers("atp_llava", self.layers)
-        if not layers or layers[0] < 1:
-            raise MethodSpecError(
-                "atp_llava: layers must list the decoder layers to prune before, each >= 1 (layer k-1 gives the "
-                f"scores for a cut before layer k), e.g. layers=[2] or layers=[2, 6]; got {self.layers!r}"
-            )
-        object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "threshold", _real("threshold", self.threshold))
-        object.__setattr__(self, "offset", _real("offset", self.offset))
+        self.check_layers("layers=[2] or layers=[2, 6]")
+        object.__setattr__(self, "threshold", check_real("atp_llava", "threshold", self.threshold))
+        object.__setattr__(self, "offset", check_real("atp_llava", "offset", self.offset))
         if self.threshold is not None and self.offset:
             raise MethodSpecError("atp_llava: give threshold (absolute) or offset (relative to the image), not both")
-        grid = _real("grid", self.grid)
-        if not 0 <= grid <= 1:
-            raise MethodSpecError(f"atp_llava: grid (fraction of image tokens kept) must be in [0, 1], got {grid:g}")
+        grid = check_real("atp_llava", "grid", self.grid)
+        if grid is None or not 0 <= grid <= 1:
+            raise MethodSpecError(f"atp_llava: grid (fraction of image tokens kept) must be in [0, 1], got {grid!r}")
         object.__setattr__(self, "grid", grid)
 
     def grid_positions(self, image_tokens: int) -> list[int]:
         """Indices (into the image tokens) of the spatial grid on the square ``sqrt(n) x sqrt(n)`` token grid."""
         return spatial_grid("atp_llava", self.grid, image_tokens, "image tokens (CLS kept as a feature breaks it)")
-
-    @property
-    def cuts(self) -> tuple[int, ...]:
-        """The decoder layers the prefill is cut before (ascending)."""
-        return self.layers
 
     def validate(self, kind: str, layers: int) -> None:
         if kind != "llava":
@@ -87,11 +66,7 @@ class ATPLLaVA:
                 "atp_llava keeps a spatial grid of one square image-token grid; LLaVA-NeXT packs a thumbnail and "
                 "crops. Export a plain LLaVA source (hf:llava-tiny, a local checkpoint), or use fastv / globalcom2"
             )
-        if self.layers[-1] >= layers:
-            raise MethodSpecError(
-                f"atp_llava: layer {self.layers[-1]} is out of range; this decoder has {layers} layers, so a cut "
-                f"must be before a layer in 1..{layers - 1}"
-            )
+        self.check_range(layers)
 
     def to_dict(self) -> dict[str, Any]:
         return {

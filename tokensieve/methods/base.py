@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from tokensieve.errors import MethodSpecError
 
@@ -163,3 +163,50 @@ def spatial_grid(name: str, grid: float, tokens: int, what: str) -> list[int]:
         )
     stride = max(1, round(math.sqrt(1 / grid)))
     return [r * side + c for r in range(0, side, stride) for c in range(0, side, stride)]
+
+
+def check_cuts(name: str, layers: Any, example: str) -> tuple[int, ...]:
+    """Decoder layers a prefill is cut before (each >= 1: layer ``k - 1`` scores the cut before ``k``), sorted."""
+    cuts = check_layers(name, layers)
+    if not cuts or cuts[0] < 1:
+        raise MethodSpecError(
+            f"{name}: layers must list decoder layers >= 1 to cut before (layer k-1 scores the cut before layer k), "
+            f"e.g. {example}; got {layers!r}"
+        )
+    return cuts
+
+
+def check_cut_range(name: str, cuts: tuple[int, ...], layers: int) -> None:
+    if cuts[-1] >= layers:
+        raise MethodSpecError(
+            f"{name}: layer {cuts[-1]} is out of range; this decoder has {layers} layers, so a cut must be before a "
+            f"layer in 1..{layers - 1}"
+        )
+
+
+def check_real(name: str, key: str, value: Any) -> float | None:
+    """A finite number (``None`` passes through) as a float."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)) or not math.isfinite(value):
+        raise MethodSpecError(f"{name}: {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+class PrefillCuts:
+    """Base of the MLLM methods that cut the prefill before decoder ``layers`` and decide on the host between the
+    segments (ATP-LLaVA, DyVTE): the cut list's checks and the ``cuts`` the export and the runtime read."""
+
+    name: ClassVar[str]
+    layers: tuple[int, ...]
+
+    def check_layers(self, example: str) -> None:
+        object.__setattr__(self, "layers", check_cuts(self.name, self.layers, example))
+
+    @property
+    def cuts(self) -> tuple[int, ...]:
+        """The decoder layers the prefill is cut before (ascending)."""
+        return self.layers
+
+    def check_range(self, layers: int) -> None:
+        check_cut_range(self.name, self.layers, layers)

@@ -17,48 +17,13 @@ Written from the paper (Eq. 3-5) and METHODS.md §4.3 on the model's own modules
 
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tokensieve.methods.atp_llava import ATPLLaVA
-from tokensieve.reference.decoding import greedy, prefill
-
-CAPTURE = "tokensieve_capture"
-_records: dict[Any, dict[str, Any]] = {}  # attention module -> its last query, key, scaling, probabilities
-
-
-def _capturing_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Hugging Face's own eager attention of ``module``'s model family, recording the operands of watched modules."""
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    output, weights = eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if module in _records:
-        _records[module] = {"query": query, "key": key, "scaling": scaling, "probs": weights}
-    return output, weights
-
-
-@contextmanager
-def capture_attention(model, modules):
-    """Run ``model`` with eager attention that records each of ``modules``' query, key, scaling and probabilities
-    (the mapping yielded: module -> record, updated on every call)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(CAPTURE, _capturing_attention)
-    # without a mask function of its own, a custom attention gets no mask at all: use eager's causal mask
-    AttentionMaskInterface.register(CAPTURE, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(CAPTURE)
-    _records.clear()
-    _records.update({module: {} for module in modules})
-    try:
-        yield _records
-    finally:
-        model.set_attn_implementation(previous)
-        _records.clear()
+from tokensieve.reference.decoding import cut_generate
 
 
 @dataclass
@@ -98,32 +63,12 @@ def atp_keep(self_score, cross_score, present: torch.Tensor, image_tokens: int, 
     return (redundancy > threshold) | grid[present]
 
 
-@torch.no_grad()
 def atp_llava_generate(model, inputs: dict, method: ATPLLaVA, new_tokens: int) -> ATPLLaVAResult:
     """ATP-LLaVA greedy generation for processor ``inputs`` (batch 1) on a LLaVA ``model``."""
-    from transformers import DynamicCache
 
-    from tokensieve.reference.decoding import attention_forward
-
-    ids = inputs["input_ids"][0]
-    image = torch.nonzero(ids == model.config.image_token_id)[:, 0]  # prompt positions of the image
-    embeds = attention_forward(model, inputs).hidden_states[0]
-    layers = model.model.language_model.layers
-    scorers = {k: layers[k - 1].self_attn for k in method.cuts}
-    cuts: list[torch.Tensor] = []
-
-    def select(index: int, positions: torch.Tensor) -> torch.Tensor | None:
-        if index not in scorers:
-            return None
-        present = positions[torch.isin(positions, image)]  # image tokens still in the sequence
-        local = torch.searchsorted(positions, present)
-        scores = atp_scores(records[scorers[index]], local)
+    def decide(record, positions: torch.Tensor, present: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        scores = atp_scores(record, torch.searchsorted(positions, present))
         keep = atp_keep(*scores, present - (image[0] if len(image) else 0), len(image), method)
-        kept = torch.sort(torch.cat([positions[~torch.isin(positions, image)], present[keep]])).values
-        cuts.append(kept)
-        return kept
+        return torch.sort(torch.cat([positions[~torch.isin(positions, image)], present[keep]])).values
 
-    cache = DynamicCache()
-    with capture_attention(model, scorers.values()) as records:
-        logits = prefill(model, embeds, cache, select)
-    return ATPLLaVAResult(cuts, logits, greedy(model, logits, cache, len(ids), new_tokens))
+    return ATPLLaVAResult(*cut_generate(model, inputs, method.cuts, decide, new_tokens))

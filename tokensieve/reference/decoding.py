@@ -2,7 +2,8 @@
 ``transformers.DynamicCache`` (each layer its own length): the loop the MLLM references share.
 
 The decoder layers are the model's own; what a method changes is which positions prefill keeps per layer
-(``select``) and what the cache holds before each step (``evict``).
+(``select``; :func:`cut_generate` decides from the attention of the layer before each cut) and what the cache holds
+before each step (``evict``).
 """
 
 from __future__ import annotations
@@ -82,3 +83,39 @@ def greedy(
             hidden = layer(hidden, position_ids=positions, cache=cache, position_embeddings=embeddings)
         logits = model.lm_head(lm.norm(hidden[:, -1]))[0]
     return new
+
+
+@torch.no_grad()
+def cut_generate(
+    model,
+    inputs: dict,
+    cuts: tuple[int, ...],
+    decide: Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    new_tokens: int,
+) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:
+    """Greedy generation for processor ``inputs`` (batch 1) with a decision before each decoder layer in ``cuts``:
+    ``decide(record, positions, present, image)`` gets layer ``k - 1``'s recorded attention (query, key, scaling,
+    probabilities on the tokens present, :func:`tokensieve.reference.capture.capture_attention`), the prompt
+    positions present, the image positions among them and the image's positions in the prompt, and returns the
+    positions to keep. Returns the positions each cut kept, the prefill logits and the new tokens."""
+    from transformers import DynamicCache
+
+    from tokensieve.reference.capture import capture_attention
+
+    ids = inputs["input_ids"][0]
+    image = torch.nonzero(ids == model.config.image_token_id)[:, 0]
+    embeds = attention_forward(model, inputs).hidden_states[0]
+    layers = model.model.language_model.layers
+    scorers = {k: layers[k - 1].self_attn for k in cuts}
+    kept: list[torch.Tensor] = []
+
+    def select(index: int, positions: torch.Tensor) -> torch.Tensor | None:
+        if index not in scorers:
+            return None
+        kept.append(decide(records[scorers[index]], positions, positions[torch.isin(positions, image)], image))
+        return kept[-1]
+
+    cache = DynamicCache()
+    with capture_attention(model, scorers.values()) as records:
+        logits = prefill(model, embeds, cache, select)
+    return kept, logits, greedy(model, logits, cache, len(ids), new_tokens)

@@ -29,10 +29,11 @@ def keep_image_tokens(
 
 
 def cut(
-    positions: np.ndarray, image: np.ndarray, span: tuple[int, int], scores: tuple[np.ndarray, np.ndarray], method
+    out: dict[str, np.ndarray], positions: np.ndarray, image: np.ndarray, span: tuple[int, int], method: ATPLLaVA
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One cut: the prompt ``positions`` present (ascending) and the ``image`` positions among them -> the positions
-    and image positions kept (every text position stays)."""
+    """One cut from a segment's outputs ``out`` (the scores): the prompt ``positions`` present (ascending) and the
+    ``image`` positions among them -> the positions and image positions kept (every text position stays)."""
+    scores = out["image_self_score"], out["image_cross_score"]
     keep = keep_image_tokens(*scores, image - span[0], span[1] - span[0], method)
     kept_image = image[keep]
     return np.union1d(positions[~np.isin(positions, image)], kept_image), kept_image

@@ -1,6 +1,7 @@
-"""The prompt pass of an MLLM artifact on ONNX Runtime: one ``prefill`` graph, or, with ATP-LLaVA, its segments
-``prefill_0 .. prefill_n`` with the host's decision (:mod:`tokensieve.runtimes.atp_llava`) after each but the last:
-the stream and the position ids are gathered at the kept positions and handed to the next segment."""
+"""The prompt pass of an MLLM artifact on ONNX Runtime: one ``prefill`` graph, or, with ATP-LLaVA or DyVTE, its
+segments ``prefill_0 .. prefill_n`` with the host's decision (:mod:`tokensieve.runtimes.atp_llava`,
+:mod:`tokensieve.runtimes.dyvte`) after each but the last: the stream and the position ids are gathered at the kept
+positions and handed to the next segment."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import numpy as np
 
 from tokensieve.methods import methods_from_dicts
 from tokensieve.methods.atp_llava import ATPLLaVA
-from tokensieve.runtimes.atp_llava import cut
+from tokensieve.methods.dyvte import DyVTE
+from tokensieve.runtimes import atp_llava, dyvte
 from tokensieve.runtimes.kv_cache import kv_names
 from tokensieve.runtimes.ort import OrtRunner
 
 EXTRAS = ("kept_positions", "cache_positions", "cache_scores")
-SCORES = ("image_self_score", "image_cross_score")
+RULES = {ATPLLaVA: atp_llava.cut, DyVTE: dyvte.cut}  # methods that decide on the host between prefill segments
 
 
 class Prefill:
@@ -24,7 +26,7 @@ class Prefill:
 
     def __init__(self, directory: str | Path, manifest: dict[str, Any], **options: Any):
         graphs = manifest["graphs"]
-        self.split = next((m for m in methods_from_dicts(manifest.get("methods")) if isinstance(m, ATPLLaVA)), None)
+        self.split = next((m for m in methods_from_dicts(manifest.get("methods")) if type(m) in RULES), None)
         keys = [f"prefill_{i}" for i in range(len(self.split.cuts) + 1)] if self.split else ["prefill"]
         self.graphs = [OrtRunner(Path(directory) / graphs[key], **options) for key in keys]
         self.layers: int = manifest["decoder"]["layers"]
@@ -37,9 +39,9 @@ class Prefill:
         self, embeds: np.ndarray, span: tuple[int, int] | None = None
     ) -> tuple[np.ndarray, list[np.ndarray], dict[str, Any]]:
         """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt (SnapKV /
-        A2SF / H2O: compressed), and the method's outputs: ``kept_positions`` (FastV; ATP-LLaVA: after its last cut)
-        with ``cut_positions`` (the prompt positions kept by each cut, a list), or ``cache_positions`` (and H2O's
-        ``cache_scores``); ``span`` = the image tokens' ``[start, end)``."""
+        A2SF / H2O: compressed), and the method's outputs: ``kept_positions`` (FastV; ATP-LLaVA, DyVTE: after the
+        last cut) with ``cut_positions`` (the prompt positions kept by each cut, a list), or ``cache_positions`` (and
+        H2O's ``cache_scores``); ``span`` = the image tokens' ``[start, end)``."""
         first = self.graphs[0]
         out = first.run(prefill_feeds(first, embeds, span))
         extras = {name: out[name] for name in EXTRAS if name in out}
@@ -54,12 +56,11 @@ class Prefill:
     def _segments(
         self, out: dict[str, np.ndarray], length: int, span: tuple[int, int]
     ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-        """ATP-LLaVA: decide, gather, run the next segment; every segment's outputs and the positions kept per cut."""
+        """Decide, gather, run the next segment; every segment's outputs and the positions kept per cut."""
         positions, image = np.arange(length), np.arange(*span)
-        merged, kept = dict(out), []
+        merged, kept, rule = dict(out), [], RULES[type(self.split)]
         for graph in self.graphs[1:]:
-            scores = out[SCORES[0]], out[SCORES[1]]
-            new_positions, image = cut(positions, image, span, scores, self.split)
+            new_positions, image = rule(out, positions, image, span, self.split)
             take = np.searchsorted(positions, new_positions)
             positions = new_positions
             kept.append(positions)

@@ -1,0 +1,46 @@
+"""Eager DyVTE (training-free exit rule) on a Hugging Face LLaVA / LLaVA-NeXT model: the ground truth the exported
+graphs are held to.
+
+Written from METHODS.md §4.5 on the model's own modules, independently of the graph passes: prefill runs the decoder
+layers one by one (:func:`tokensieve.reference.decoding.cut_generate`, Hugging Face's own eager attention recorded
+in the layer before each candidate exit); before each candidate layer ``k``, the attention probabilities of layer
+``k - 1``'s last row on the image tokens still present are summed, averaged over heads, and if that mass is below
+``threshold`` every image token is removed (text keeps its positions); then greedy decoding at absolute positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokensieve.methods.dyvte import DyVTE
+from tokensieve.reference.decoding import cut_generate
+
+
+@dataclass
+class DyVTEResult:
+    cut_positions: list[torch.Tensor]  # the prompt positions each candidate exit keeps, ascending
+    prefill_logits: torch.Tensor  # [V] at the last prompt position
+    ids: list[int]  # greedy new tokens
+
+    @property
+    def kept_positions(self) -> torch.Tensor:
+        return self.cut_positions[-1]
+
+
+def image_attention_mass(probs: torch.Tensor, image: torch.Tensor) -> float:
+    """Head-mean attention mass of the last row of ``probs [1, H, T, T]`` on the sequence indices ``image``."""
+    return float(probs[0, :, -1][:, image].sum(-1).mean())
+
+
+@torch.no_grad()
+def dyvte_generate(model, inputs: dict, method: DyVTE, new_tokens: int) -> DyVTEResult:
+    """DyVTE greedy generation for processor ``inputs`` (batch 1) on a LLaVA(-NeXT) ``model``."""
+
+    def decide(record, positions: torch.Tensor, present: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        mass = image_attention_mass(record["probs"], torch.searchsorted(positions, present))
+        exits = len(present) > 0 and mass < method.threshold
+        return positions[~torch.isin(positions, image)] if exits else positions
+
+    return DyVTEResult(*cut_generate(model, inputs, method.cuts, decide, new_tokens))
