@@ -7,8 +7,8 @@ growing-cache graph attends over exactly ``L`` past positions but writes a new, 
 crossover is what the numbers show. Same protocol as :mod:`tokensieve.bench`:
 warm-up, the two decode forms alternating in blocks, medians with minima, noisy measurements repeated. Prefill
 prompts are laid out ``[BOS, image, text]`` with the manifest's image token count (text only when the image does not
-fit), so a FastV or ATP-LLaVA prefill drops what it would drop on a real prompt (ATP-LLaVA: the prefill time
-includes its host decision and both graphs).
+fit), so a FastV, ATP-LLaVA or DyVTE prefill drops what it would drop on a real prompt (ATP-LLaVA, DyVTE: the
+prefill time includes every segment graph and the host decisions between them).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def bench_llava(
                 break
         g = stats.get("growing", (None, None))
         report.decode.append(DecodeRow(context, stats["fixed"][0], g[0], stats["fixed"][1], g[1], noisy))
-    prefill = Prefill.from_artifact(artifact, **options)  # one graph, or ATP-LLaVA's head -> host -> tail
+    prefill = Prefill.from_artifact(artifact, **options)  # one graph, or segments with host decisions
     image_tokens = manifest["image_tokens"].get("count") or manifest["image_tokens"]["per_crop"]
     for length in prefill_lengths or [n for n in contexts if n <= 1024][:4]:
         embeds = rng.standard_normal((1, length, dec["hidden"]), dtype=np.float32)

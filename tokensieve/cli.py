@@ -223,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="none",
         default="none",
-        help='e.g. "topk(keep=0.7, layers=[3,6,9])", "tome(r=8)", "atp()"; MLLMs: "fastv(k=2, keep=0.5)", '
-        '"atp_llava(layers=[2], offset=0.5)" (LLaVA), "globalcom2(retention=0.25)" (LLaVA-NeXT), '
-        '"streamingllm(sink=4)", "snapkv(budget=256, window=32)", "a2sf(budget=256)" or "h2o(budget=256, '
-        'recent=128)"; omitted or "none" exports the unreduced model',
+        help=(
+            'e.g. "topk(keep=0.7, layers=[3,6,9])", "tome(r=8)", "atp()"; MLLMs: "fastv(k=2, keep=0.5)", '
+            '"atp_llava(layers=[2], offset=0.5)" (LLaVA), "dyvte(layers=[2, 4], threshold=0.1)", '
+            '"globalcom2(retention=0.25)" (LLaVA-NeXT), "streamingllm(sink=4)", "snapkv(budget=256, window=32)", '
+            '"a2sf(budget=256)" or "h2o(budget=256, recent=128)"; omitted or "none" exports the unreduced model'
+        ),
     )
     p.add_argument("--out", required=True, help="artifact directory to create (replaced atomically if it exists)")
     p.add_argument("--weights", help="local checkpoint file for a timm model (random weights otherwise)")

@@ -65,6 +65,8 @@ _WORDS = (
 _ASPECTS = ((1.0, 1.0), (0.8, 1.8), (2.7, 1.1), (2.0, 2.0))
 CASES = "cases.npz"
 
+CUT_METHODS = ("atp_llava", "dyvte")  # prefill cut on the host; parity compares every cut's kept positions
+
 
 @dataclass
 class LlavaParityCase:
@@ -80,9 +82,9 @@ class LlavaParityCase:
     first_mismatch: int | None
     reference_ids: list[int] = field(repr=False)
     ids: list[int] = field(repr=False)
-    kept_tokens: int | None = None  # FastV, ATP-LLaVA: prompt positions the layers after the (last) cut keep;
+    kept_tokens: int | None = None  # FastV, ATP-LLaVA, DyVTE: prompt positions the layers after the (last) cut keep;
     # SnapKV/A2SF: per layer and KV head; H2O: prefill's plus the end's, per layer and KV head
-    kept_match: bool | None = None  # the graph's kept positions equal the eager reference's (ATP-LLaVA: every cut's)
+    kept_match: bool | None = None  # the graph's kept positions equal the eager reference's (every cut's)
 
     def ok(self, tolerance: float) -> bool:
         kept = self.kept_match is not False
@@ -200,15 +202,14 @@ def _expected(model, processor, template: str, methods: dict, capacity: int, pro
     inputs = processor(images=image, text=template.format(prompt=prompt), return_tensors="pt")
     prompt_ids = inputs["input_ids"][0].numpy()
     compression = methods.get("snapkv") or methods.get("a2sf")
+    cut_method = next((name for name in CUT_METHODS if name in methods), None)
     kept = None
     if "fastv" in methods:
         result = fastv_generate(model, inputs, methods["fastv"], new_tokens)
         kept = result.kept_positions.numpy()
-    elif "atp_llava" in methods or "dyvte" in methods:  # every cut's positions, one after the other
-        generate, method = (
-            (atp_llava_generate, methods["atp_llava"]) if "atp_llava" in methods else (dyvte_generate, methods["dyvte"])
-        )
-        result = generate(model, inputs, method, new_tokens)
+    elif cut_method is not None:  # ATP-LLaVA, DyVTE: every cut's positions, one after the other
+        generate = {"atp_llava": atp_llava_generate, "dyvte": dyvte_generate}[cut_method]
+        result = generate(model, inputs, methods[cut_method], new_tokens)
         kept = torch.cat(result.cut_positions).numpy()
     elif "globalcom2" in methods:  # the image run is shortened to the kept features
         result = globalcom2_generate(model, inputs, methods["globalcom2"], new_tokens)
@@ -237,7 +238,7 @@ def _graph_kept(out, methods: dict) -> np.ndarray | None:
         return out.cache_positions
     if "globalcom2" in methods:  # the vision tokens the image keeps, in prompt order
         return out.kept_features
-    if "atp_llava" in methods or "dyvte" in methods:
+    if any(name in methods for name in CUT_METHODS):
         return np.concatenate(out.cut_positions)
     return out.kept_positions
 

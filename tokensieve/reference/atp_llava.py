@@ -17,24 +17,12 @@ Written from the paper (Eq. 3-5) and METHODS.md §4.3 on the model's own modules
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tokensieve.methods.atp_llava import ATPLLaVA
-from tokensieve.reference.decoding import cut_generate
-
-
-@dataclass
-class ATPLLaVAResult:
-    cut_positions: list[torch.Tensor]  # the prompt positions each cut keeps, ascending
-    prefill_logits: torch.Tensor  # [V] at the last prompt position
-    ids: list[int]  # greedy new tokens
-
-    @property
-    def kept_positions(self) -> torch.Tensor:
-        return self.cut_positions[-1]
+from tokensieve.reference.decoding import CutResult, cut_generate
 
 
 def atp_scores(record: dict[str, Any], image: torch.Tensor):
@@ -63,7 +51,7 @@ def atp_keep(self_score, cross_score, present: torch.Tensor, image_tokens: int, 
     return (redundancy > threshold) | grid[present]
 
 
-def atp_llava_generate(model, inputs: dict, method: ATPLLaVA, new_tokens: int) -> ATPLLaVAResult:
+def atp_llava_generate(model, inputs: dict, method: ATPLLaVA, new_tokens: int) -> CutResult:
     """ATP-LLaVA greedy generation for processor ``inputs`` (batch 1) on a LLaVA ``model``."""
 
     def decide(record, positions: torch.Tensor, present: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -71,4 +59,4 @@ def atp_llava_generate(model, inputs: dict, method: ATPLLaVA, new_tokens: int) -
         keep = atp_keep(*scores, present - (image[0] if len(image) else 0), len(image), method)
         return torch.sort(torch.cat([positions[~torch.isin(positions, image)], present[keep]])).values
 
-    return ATPLLaVAResult(*cut_generate(model, inputs, method.cuts, decide, new_tokens))
+    return cut_generate(model, inputs, method.cuts, decide, new_tokens)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -44,7 +45,7 @@ def prefill(
 ) -> torch.Tensor:
     """Last-position logits ``[V]`` of ``embeds [1, T, D]``. Before each layer ``index``, ``select(index,
     positions)`` may return the prompt positions to keep (a subset of the ``positions [T']`` present, ascending):
-    the stream and the position ids are gathered there (FastV, ATP-LLaVA). Keys/values go to ``cache``."""
+    the stream and the position ids are gathered there (FastV, ATP-LLaVA, DyVTE). Keys/values go to ``cache``."""
     lm = model.model.language_model
     hidden, positions = embeds, torch.arange(embeds.shape[1])[None]
     for index, layer in enumerate(lm.layers):
@@ -85,6 +86,19 @@ def greedy(
     return new
 
 
+@dataclass
+class CutResult:
+    """An eager generation with decisions before chosen decoder layers (ATP-LLaVA, DyVTE)."""
+
+    cut_positions: list[torch.Tensor]  # the prompt positions each cut keeps, ascending
+    prefill_logits: torch.Tensor  # [V] at the last prompt position
+    ids: list[int]  # greedy new tokens
+
+    @property
+    def kept_positions(self) -> torch.Tensor:
+        return self.cut_positions[-1]
+
+
 @torch.no_grad()
 def cut_generate(
     model,
@@ -92,12 +106,12 @@ def cut_generate(
     cuts: tuple[int, ...],
     decide: Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     new_tokens: int,
-) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:
+) -> CutResult:
     """Greedy generation for processor ``inputs`` (batch 1) with a decision before each decoder layer in ``cuts``:
     ``decide(record, positions, present, image)`` gets layer ``k - 1``'s recorded attention (query, key, scaling,
     probabilities on the tokens present, :func:`tokensieve.reference.capture.capture_attention`), the prompt
     positions present, the image positions among them and the image's positions in the prompt, and returns the
-    positions to keep. Returns the positions each cut kept, the prefill logits and the new tokens."""
+    positions to keep."""
     from transformers import DynamicCache
 
     from tokensieve.reference.capture import capture_attention
@@ -118,4 +132,4 @@ def cut_generate(
     cache = DynamicCache()
     with capture_attention(model, scorers.values()) as records:
         logits = prefill(model, embeds, cache, select)
-    return kept, logits, greedy(model, logits, cache, len(ids), new_tokens)
+    return CutResult(kept, logits, greedy(model, logits, cache, len(ids), new_tokens))

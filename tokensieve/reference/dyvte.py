@@ -10,23 +10,10 @@ in the layer before each candidate exit); before each candidate layer ``k``, the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from tokensieve.methods.dyvte import DyVTE
-from tokensieve.reference.decoding import cut_generate
-
-
-@dataclass
-class DyVTEResult:
-    cut_positions: list[torch.Tensor]  # the prompt positions each candidate exit keeps, ascending
-    prefill_logits: torch.Tensor  # [V] at the last prompt position
-    ids: list[int]  # greedy new tokens
-
-    @property
-    def kept_positions(self) -> torch.Tensor:
-        return self.cut_positions[-1]
+from tokensieve.reference.decoding import CutResult, cut_generate
 
 
 def image_attention_mass(probs: torch.Tensor, image: torch.Tensor) -> float:
@@ -35,7 +22,7 @@ def image_attention_mass(probs: torch.Tensor, image: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def dyvte_generate(model, inputs: dict, method: DyVTE, new_tokens: int) -> DyVTEResult:
+def dyvte_generate(model, inputs: dict, method: DyVTE, new_tokens: int) -> CutResult:
     """DyVTE greedy generation for processor ``inputs`` (batch 1) on a LLaVA(-NeXT) ``model``."""
 
     def decide(record, positions: torch.Tensor, present: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -43,4 +30,4 @@ def dyvte_generate(model, inputs: dict, method: DyVTE, new_tokens: int) -> DyVTE
         exits = len(present) > 0 and mass < method.threshold
         return positions[~torch.isin(positions, image)] if exits else positions
 
-    return DyVTEResult(*cut_generate(model, inputs, method.cuts, decide, new_tokens))
+    return cut_generate(model, inputs, method.cuts, decide, new_tokens)

@@ -12,8 +12,8 @@ than the capacity raises :class:`CapacityError` before anything runs (not with S
 With SnapKV / A2SF / H2O the prefill graph returns the compressed prompt cache (``budget`` positions per layer and KV
 head) and new tokens are cached after it, at their absolute positions; H2O's decode graph then evicts one position
 per step once ``budget + 1`` are cached. With GlobalCom² the image features come from
-:func:`tokensieve.runtimes.globalcom2.select_features` instead of the plain AnyRes packing. With ATP-LLaVA prefill
-runs as segment graphs with the host's decisions between them (:mod:`tokensieve.runtimes.prefill`).
+:func:`tokensieve.runtimes.globalcom2.select_features` instead of the plain AnyRes packing. With ATP-LLaVA or DyVTE
+prefill runs as segment graphs with the host's decisions between them (:mod:`tokensieve.runtimes.prefill`).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ class Generation:
     image_span: tuple[int, int] | None  # [start, end) of the image tokens in the sequence
     prefill_logits: np.ndarray  # [V] at the last prompt position
     stop: str  # "eos" | "max_new_tokens"
-    kept_positions: np.ndarray | None = None  # FastV, ATP-LLaVA: prompt positions the layers after the last cut keep
-    cut_positions: list[np.ndarray] | None = None  # FastV, ATP-LLaVA: the prompt positions each cut keeps
+    kept_positions: np.ndarray | None = None  # FastV, ATP-LLaVA, DyVTE: prompt positions after the last cut
+    cut_positions: list[np.ndarray] | None = None  # FastV, ATP-LLaVA, DyVTE: the prompt positions each cut keeps
     kept_features: np.ndarray | None = None  # GlobalCom²: indices into the vision graph's [P * n] tokens, in order
     cache_positions: np.ndarray | None = None  # SnapKV / A2SF / H2O: [layers, kv_heads, K] prompt positions cached
     retained_positions: np.ndarray | None = None  # H2O: [layers, kv_heads, n] positions cached at the end

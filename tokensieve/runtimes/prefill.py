@@ -73,8 +73,8 @@ class Prefill:
 
 
 def prefill_feeds(runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None) -> dict[str, np.ndarray]:
-    """Inputs of a prefill graph; FastV and ATP-LLaVA graphs also take ``image_positions`` (empty without an
-    image)."""
+    """Inputs of a prefill graph; FastV graphs and the first ATP-LLaVA / DyVTE segment also take
+    ``image_positions`` (empty without an image)."""
     feeds = {"inputs_embeds": embeds, "position_ids": np.arange(embeds.shape[1], dtype=np.int64)[None]}
     if "image_positions" in runner.input_names:
         feeds["image_positions"] = np.arange(*(span or (0, 0)), dtype=np.int64)
