@@ -81,13 +81,15 @@ def save_llava_checkpoint(model, tokenizer, directory: Path) -> None:
 
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    LlavaImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}).save_pretrained(
+    side = model.config.vision_config.image_size
+    LlavaImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
         directory
     )
 
 
-def save_four_layer_llava(directory: Path) -> None:
-    """llava-tiny with 4 decoder layers, saved as a local checkpoint (so a cut at layer 2 has layers on both sides)."""
+def save_four_layer_llava(directory: Path, image_size: int = 112) -> None:
+    """llava-tiny with 4 decoder layers, saved as a local checkpoint (so a cut at layer 2 has layers on both sides);
+    ``image_size=126`` gives a 9 x 9 patch grid (nine 3 x 3 windows for MustDrop's merge)."""
     import transformers
 
     from tokensieve.converters.init import randomize_weights
@@ -96,6 +98,8 @@ def save_four_layer_llava(directory: Path) -> None:
     built = build_llava("llava-tiny")
     config = built.model.config
     config.text_config.num_hidden_layers = 4
+    config.vision_config.image_size = image_size
+    config.image_seq_length = (image_size // config.vision_config.patch_size) ** 2
     model = transformers.LlavaForConditionalGeneration(config)
     randomize_weights(model, 3)
     save_llava_checkpoint(model, built.tokenizer, directory)

@@ -7,8 +7,9 @@ growing-cache graph attends over exactly ``L`` past positions but writes a new, 
 crossover is what the numbers show. Same protocol as :mod:`tokensieve.bench`:
 warm-up, the two decode forms alternating in blocks, medians with minima, noisy measurements repeated. Prefill
 prompts are laid out ``[BOS, image, text]`` with the manifest's image token count (text only when the image does not
-fit), so a FastV, ATP-LLaVA or DyVTE prefill drops what it would drop on a real prompt (ATP-LLaVA, DyVTE: the
-prefill time includes every segment graph and the host decisions between them).
+fit), so a FastV, ATP-LLaVA, DyVTE or MustDrop prefill drops what it would drop on a real prompt (ATP-LLaVA, DyVTE,
+MustDrop: the prefill time includes every segment graph and the host decisions between them; MustDrop's vision time
+includes both vision graphs and the window merge).
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from typing import Any
 import numpy as np
 
 from tokensieve.bench import pyplot, save_figure, time_alternating
+from tokensieve.methods import methods_from_dicts
+from tokensieve.methods.mustdrop import MustDrop
 from tokensieve.runtimes.kv_cache import FixedCacheDecoder, kv_names
+from tokensieve.runtimes.llava import VISION
+from tokensieve.runtimes.mustdrop import vision_tokens
 from tokensieve.runtimes.prefill import Prefill, prefill_feeds
 
 
@@ -127,12 +132,19 @@ def bench_llava(
         prefill(embeds, span)
         times = time_alternating({"p": lambda e=embeds, s=span: prefill(e, s)}, 3, 1)["p"]
         report.prefill_ms[length] = _median_min(times)[0]
-    vision = artifact.runner("vision", **options)
     patches = 5 if manifest["host"]["kind"] == "llava_next" else 1  # thumbnail + a 2x2 grid
     side = manifest["host"]["crop"]
-    pixels = {"pixel_values": rng.standard_normal((patches, 3, *side), dtype=np.float32)}
-    vision.run(pixels)
-    report.vision_ms = _median_min(time_alternating({"v": lambda: vision.run(pixels)}, 3, 1)["v"])[0]
+    pixels = rng.standard_normal((patches, 3, *side), dtype=np.float32)
+    mustdrop = next((m for m in methods_from_dicts(manifest.get("methods")) if isinstance(m, MustDrop)), None)
+    graphs = [artifact.runner(key, **options) for key in VISION if key in manifest["graphs"]]
+
+    def run_vision():  # MustDrop: vision_0, the window merge on the host, vision_1
+        if mustdrop is None:
+            return graphs[0].run({"pixel_values": pixels})
+        return vision_tokens(*graphs, pixels, mustdrop)
+
+    run_vision()
+    report.vision_ms = _median_min(time_alternating({"v": run_vision}, 3, 1)["v"])[0]
     report.vision_patches = patches
     report.export_seconds = manifest["export"]["seconds"]
     if save:

@@ -172,6 +172,8 @@ def _generate(args: argparse.Namespace) -> int:
             "kept_positions": None if out.kept_positions is None else out.kept_positions.tolist(),
             "cut_counts": None if out.cut_positions is None else [len(c) for c in out.cut_positions],
             "kept_image_tokens": None if out.kept_features is None else len(out.kept_features),
+            "merged_windows": None if out.merged_windows is None else out.merged_windows.tolist(),
+            "key_set": None if out.key_set is None else out.key_set.tolist(),
             "cached_prompt_positions": None if out.cache_positions is None else out.cache_positions.shape[-1],
             "cached_positions_at_end": None if out.retained_positions is None else out.retained_positions.shape[-1],
             "timings_ms": out.timings_ms,
@@ -183,6 +185,8 @@ def _generate(args: argparse.Namespace) -> int:
         kept = "" if out.cut_positions is None else f" (positions kept per cut: {[len(c) for c in out.cut_positions]})"
         if out.kept_features is not None:
             kept = f" (GlobalCom²: {len(out.kept_features)} vision tokens kept)"
+        if out.merged_windows is not None:
+            kept += f" (MustDrop: {len(out.merged_windows)} windows merged, key set of {len(out.key_set)})"
         if out.cache_positions is not None:
             kept = f" ({out.cache_positions.shape[-1]} prompt positions cached per layer and KV head)"
         if out.retained_positions is not None:
@@ -226,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             'e.g. "topk(keep=0.7, layers=[3,6,9])", "tome(r=8)", "atp()"; MLLMs: "fastv(k=2, keep=0.5)", '
             '"atp_llava(layers=[2], offset=0.5)" (LLaVA), "dyvte(layers=[2, 4], threshold=0.1)", '
+            '"mustdrop(layers=[2, 6, 10, 14])" (LLaVA), '
             '"globalcom2(retention=0.25)" (LLaVA-NeXT), "streamingllm(sink=4)", "snapkv(budget=256, window=32)", '
             '"a2sf(budget=256)" or "h2o(budget=256, recent=128)"; omitted or "none" exports the unreduced model'
         ),

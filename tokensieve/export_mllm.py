@@ -55,6 +55,7 @@ from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.atp_scores import ATPScoresPass
 from tokensieve.graph_passes.cache_visibility import CacheVisibilityPass
 from tokensieve.graph_passes.cut_prefill import CutPrefillPass
+from tokensieve.graph_passes.dual_attention import DualAttentionPass
 from tokensieve.graph_passes.fastv import FastVPass
 from tokensieve.graph_passes.heavy_hitters import HeavyHitterPass
 from tokensieve.graph_passes.image_attention import ImageAttentionMassPass
@@ -62,11 +63,13 @@ from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate_decoder import locate_decoder
 from tokensieve.graph_passes.prompt_cache import PromptCachePass
 from tokensieve.graph_passes.split_cache_slot import SplitCacheSlotPass
+from tokensieve.graph_passes.split_positions import SplitPositionsPass
 from tokensieve.methods.atp_llava import ATPLLaVA
 from tokensieve.methods.dyvte import DyVTE
 from tokensieve.methods.fastv import FastV
 from tokensieve.methods.globalcom2 import GlobalCom2
 from tokensieve.methods.h2o import H2O
+from tokensieve.methods.mustdrop import MustDrop
 from tokensieve.methods.prompt_cache import PromptCacheCompression
 from tokensieve.methods.streamingllm import StreamingLLM
 
@@ -91,7 +94,7 @@ def export_mllm(
     spec: SourceSpec,
     out: str | os.PathLike,
     *,
-    method: FastV | ATPLLaVA | DyVTE | GlobalCom2 | StreamingLLM | PromptCacheCompression | None = None,
+    method: FastV | ATPLLaVA | DyVTE | MustDrop | GlobalCom2 | StreamingLLM | PromptCacheCompression | None = None,
     capacity: int | None = None,
     opset: int = 18,
     growing: bool = True,
@@ -107,28 +110,38 @@ def export_mllm(
     if capacity < 2:
         raise SourceError(f"--capacity must be at least 2 cache slots, got {capacity}")
     # validate before the (slow) export
+    windows = None  # MustDrop's vision windows (when it merges)
     if isinstance(method, FastV):
         method.validate(built.model.config.text_config.num_hidden_layers)
     elif isinstance(method, (ATPLLaVA, DyVTE)):
         method.validate(built.kind, built.model.config.text_config.num_hidden_layers)
         if isinstance(method, ATPLLaVA) and method.grid:
             method.grid_positions(_image_tokens(built)["count"])
+    elif isinstance(method, MustDrop):
+        count, text = _image_tokens(built).get("count", 0), built.model.config.text_config
+        method.validate(built.kind, text.num_hidden_layers, built.host["select_strategy"], count)
+        windows = None if method.merge_threshold is None else method.windows(count)
     elif isinstance(method, (StreamingLLM, PromptCacheCompression)):
         method.validate(capacity)
     elif isinstance(method, GlobalCom2):
         method.validate(built.kind, built.host["select_strategy"])
     growing = growing and not isinstance(method, H2O)
-    graphs, seconds = export_llava(built, capacity, opset, growing, cls_scores=isinstance(method, GlobalCom2))
+    mustdrop = isinstance(method, MustDrop)
+    cls_scores = isinstance(method, GlobalCom2)
+    graphs, seconds = export_llava(
+        built, capacity, opset, growing, cls_scores=cls_scores, split_vision=mustdrop, windows=windows
+    )
     if isinstance(method, FastV):
         run_passes(graphs["prefill"], [FastVPass(method)])
-    elif isinstance(method, (ATPLLaVA, DyVTE)):  # counts decided on the host, between prefill segments
+    elif isinstance(method, (ATPLLaVA, DyVTE, MustDrop)):  # counts decided on the host, between prefill segments
         graphs = _split_prefill(graphs, method)
         seconds.update({f"prefill_{i}": seconds["prefill"] for i in range(len(method.cuts) + 1)})
         del seconds["prefill"]
-    if isinstance(method, (FastV, ATPLLaVA, DyVTE)):  # one cache length per group of layers between cuts
+    if isinstance(method, (FastV, ATPLLaVA, DyVTE, MustDrop)):  # one cache length per group of layers after a cut
         for key in ("decode", "decode_growing"):
             if key in graphs:
-                run_passes(graphs[key], [SplitCacheSlotPass(first, g) for g, first in enumerate(method.cuts)])
+                passes = [SplitCacheSlotPass(first, g) for g, first in enumerate(method.cache_cuts)]
+                run_passes(graphs[key], passes + [SplitPositionsPass(method.cache_cuts[0])] * mustdrop)
     elif isinstance(method, StreamingLLM):  # the growing cache is cut on the host; the fixed one becomes a ring
         run_passes(graphs["decode"], [CacheVisibilityPass()])
     elif isinstance(method, PromptCacheCompression):
@@ -137,11 +150,14 @@ def export_mllm(
             run_passes(graphs["decode"], [CacheVisibilityPass(), HeavyHitterPass(method)])
     text = built.model.config.text_config
     layers, kv_heads, head_dim = cache_geometry(built.model)
-    sites = {key: locate_decoder(model).summary() for key, model in graphs.items() if key not in ("vision", "embed")}
+    decoders = {key: model for key, model in graphs.items() if key[:6] not in ("vision", "embed")}
+    sites = {key: locate_decoder(model).summary() for key, model in decoders.items()}
     dynamic = {k: v for k, v in DYNAMIC.items() if k in graphs and (k != "vision" or built.kind == "llava_next")}
     if isinstance(method, FastV):
         dynamic["prefill"] = "sequence and image_tokens (FastV: the kept length is an expression of both)"
-    if isinstance(method, (ATPLLaVA, DyVTE)):
+    if mustdrop:
+        dynamic["vision_1"] = "vision_tokens (CLS + the tokens left after the window merge)"
+    if isinstance(method, (ATPLLaVA, DyVTE, MustDrop)):
         dynamic.update(
             {key: "sequence (the positions kept so far) and image_tokens" for key in graphs if key[:8] == "prefill_"}
         )
@@ -194,10 +210,14 @@ def export_mllm(
     return Artifact.load(Path(out))
 
 
-def _split_prefill(graphs: dict[str, Any], method: ATPLLaVA | DyVTE) -> dict[str, Any]:
+SCORES = {ATPLLaVA: ATPScoresPass, DyVTE: ImageAttentionMassPass, MustDrop: DualAttentionPass}
+
+
+def _split_prefill(graphs: dict[str, Any], method: ATPLLaVA | DyVTE | MustDrop) -> dict[str, Any]:
     """``prefill`` -> ``prefill_0 .. prefill_n``: the segments between the cuts, each but the last with the scores of
-    its last layer (the layer before the next cut): ATP-LLaVA's redundancy scores or DyVTE's attention mass."""
-    score = ATPScoresPass if isinstance(method, ATPLLaVA) else ImageAttentionMassPass
+    its last layer (the layer before the next cut): ATP-LLaVA's redundancy scores, DyVTE's attention mass or
+    MustDrop's dual attention."""
+    score = SCORES[type(method)]
     full = graphs["prefill"]
     bounds = [0, *method.cuts, None]
     segments = {}

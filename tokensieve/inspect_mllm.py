@@ -90,6 +90,23 @@ def _reduction(manifest: dict[str, Any]) -> str | None:
             f"the host decides between the prefill segments prefill_0..prefill_{len(atp.cuts)}, so counts vary per "
             "image"
         )
+    mustdrop = methods.get("mustdrop")
+    if mustdrop is not None:
+        count = manifest["image_tokens"]["count"]
+        merge = (
+            "no window merge"
+            if mustdrop.merge_threshold is None
+            else f"the 3x3 windows of the {count} patch tokens with mean cosine >= {mustdrop.merge_threshold:g} after "
+            "CLIP layer 0 merge into one token each (host, between vision_0 and vision_1)"
+        )
+        return (
+            f"{merge}; a key set of ceil({float(mustdrop.key_ratio):g} * n) image tokens (the last CLIP layer's CLS "
+            f"attention) is never dropped; after each of layers {list(mustdrop.layers)} the image tokens whose "
+            f"attention from the text after the image is below {mustdrop.global_threshold:g} of the total (column "
+            f"sum) and below {mustdrop.individual_threshold:g} (column max) are dropped, later layers at contiguous "
+            f"positions; the host decides between prefill_0..prefill_{len(mustdrop.cuts)}, and after prefill layers "
+            f"{mustdrop.layers[0]}.. keep only the final tokens' cache"
+        )
     dyvte = methods.get("dyvte")
     if dyvte is not None:
         return (

@@ -13,7 +13,9 @@ prefill logits agree within ``tolerance`` relative to their scale, and the ``new
 Artifacts with FastV are held to the eager FastV reference (:mod:`tokensieve.reference.fastv`, itself equal to
 Hugging Face ``generate`` at ``keep=1``) instead, and also on the kept positions: identical sets; ATP-LLaVA
 artifacts likewise to :mod:`tokensieve.reference.atp_llava`, on the positions every cut keeps, and DyVTE artifacts
-to :mod:`tokensieve.reference.dyvte`. Artifacts with GlobalCom² are held to :mod:`tokensieve.reference.globalcom2`
+to :mod:`tokensieve.reference.dyvte`. MustDrop artifacts are held to :mod:`tokensieve.reference.mustdrop` (its
+shortened prompt ids included) on the vision windows merged, the key set and every cut's positions. Artifacts with
+GlobalCom² are held to :mod:`tokensieve.reference.globalcom2`
 (its shortened prompt ids included), also on the vision tokens kept, in prompt order: identical. Artifacts with
 StreamingLLM are held to the eager StreamingLLM reference (:mod:`tokensieve.reference.streamingllm`) with the
 artifact's cache capacity as the budget. Artifacts with SnapKV or A2SF are held to the eager reference
@@ -65,7 +67,7 @@ _WORDS = (
 _ASPECTS = ((1.0, 1.0), (0.8, 1.8), (2.7, 1.1), (2.0, 2.0))
 CASES = "cases.npz"
 
-CUT_METHODS = ("atp_llava", "dyvte")  # prefill cut on the host; parity compares every cut's kept positions
+CUT_METHODS = ("atp_llava", "dyvte", "mustdrop")  # prefill cut on the host; parity compares every cut's positions
 
 
 @dataclass
@@ -196,6 +198,7 @@ def _expected(model, processor, template: str, methods: dict, capacity: int, pro
     from tokensieve.reference.fastv import fastv_generate
     from tokensieve.reference.globalcom2 import globalcom2_generate
     from tokensieve.reference.h2o import h2o_generate
+    from tokensieve.reference.mustdrop import mustdrop_generate
     from tokensieve.reference.prompt_cache import compressed_generate
     from tokensieve.reference.streamingllm import streaming_generate
 
@@ -207,6 +210,10 @@ def _expected(model, processor, template: str, methods: dict, capacity: int, pro
     if "fastv" in methods:
         result = fastv_generate(model, inputs, methods["fastv"], new_tokens)
         kept = result.kept_positions.numpy()
+    elif "mustdrop" in methods:  # the image run is shortened to the merged features
+        result = mustdrop_generate(model, inputs, methods["mustdrop"], new_tokens)
+        parts = (result.merged_windows, result.key_set, *result.cut_positions)
+        kept, prompt_ids = _chosen(*(t.numpy() for t in parts)), result.prompt_ids.numpy()
     elif cut_method is not None:  # ATP-LLaVA, DyVTE: every cut's positions, one after the other
         generate = {"atp_llava": atp_llava_generate, "dyvte": dyvte_generate}[cut_method]
         result = generate(model, inputs, methods[cut_method], new_tokens)
@@ -230,6 +237,11 @@ def _expected(model, processor, template: str, methods: dict, capacity: int, pro
     return Expected(prompt, image, prompt_ids, result.prefill_logits.numpy(), list(result.ids), kept)
 
 
+def _chosen(*parts: np.ndarray) -> np.ndarray:
+    """MustDrop's choices in one array: merged windows, key set, every cut's positions, each part ended by -1."""
+    return np.concatenate([np.append(np.asarray(part, np.int64), -1) for part in parts])
+
+
 def _graph_kept(out, methods: dict) -> np.ndarray | None:
     """The generation's counterpart of :attr:`Expected.kept`."""
     if "h2o" in methods:  # the prompt positions kept by prefill, then what the cache holds at the end
@@ -238,6 +250,8 @@ def _graph_kept(out, methods: dict) -> np.ndarray | None:
         return out.cache_positions
     if "globalcom2" in methods:  # the vision tokens the image keeps, in prompt order
         return out.kept_features
+    if "mustdrop" in methods:
+        return _chosen(out.merged_windows, out.key_set, *out.cut_positions)
     if any(name in methods for name in CUT_METHODS):
         return np.concatenate(out.cut_positions)
     return out.kept_positions

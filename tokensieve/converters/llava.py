@@ -307,6 +307,63 @@ def last_layer_cls_logits(layer: nn.Module, hidden: torch.Tensor) -> torch.Tenso
     return torch.einsum("pqhd,pnhd->phn", query, key).mean(1)
 
 
+def last_layer_cls_probs(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Head-mean post-softmax attention ``[P, n]`` of the CLS query over the patch keys (the softmax over every key,
+    CLS included), for a CLIP encoder ``layer`` whose input is ``hidden [P, 1 + n, C]`` (MustDrop's key-set score)."""
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden)
+    heads, head_dim = attention.num_heads, attention.head_dim
+    query = (attention.q_proj(normed[:, :1]) * attention.scale).reshape(-1, 1, heads, head_dim)
+    key = attention.k_proj(normed).reshape(hidden.shape[0], -1, heads, head_dim)
+    probs = torch.einsum("pqhd,pnhd->phn", query, key).softmax(-1)
+    return probs.mean(1)[:, 1:]
+
+
+class VisionStem(nn.Module):
+    """MustDrop's ``vision_0``: ``pixel_values [1, 3, H, W]`` -> CLIP layer 0's output ``[1, 1 + n, C]`` and, given
+    ``windows`` (``[W, 9]`` patch indices), each window's mean pairwise cosine ``[W]`` (self pairs excluded)."""
+
+    def __init__(self, model: nn.Module, windows: list[list[int]] | None):
+        super().__init__()
+        self.tower = model.model.vision_tower
+        self.windows = None if windows is None else torch.tensor(windows)
+
+    def forward(self, pixel_values: torch.Tensor):
+        hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values))
+        hidden = self.tower.encoder.layers[0](hidden, None)
+        if self.windows is None:
+            return hidden
+        tokens = hidden[0, 1:][self.windows]  # [W, 9, C]
+        unit = tokens / tokens.norm(dim=-1, keepdim=True)
+        cosine = unit @ unit.transpose(1, 2)
+        size = self.windows.shape[1]
+        off_diagonal = cosine * (1 - torch.eye(size))
+        return hidden, off_diagonal.sum((1, 2)) / (size * (size - 1))
+
+
+class VisionTail(nn.Module):
+    """MustDrop's ``vision_1``: CLIP layers 1.. on ``hidden_states [1, S, C]`` (S symbolic: CLS + the tokens left
+    after the window merge) -> the projected features of the selected layer without CLS ``[1, S - 1, D]`` and the
+    last layer's CLS attention on them ``[1, S - 1]`` (:func:`last_layer_cls_probs`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        layers = len(self.tower.encoder.layers)
+        self.feature = model.config.vision_feature_layer % (layers + 1)  # index into [embeddings, layer 0, ...]
+        if self.feature < 1:
+            raise SourceError("mustdrop: the vision feature layer must come after CLIP layer 0 (it merges there)")
+
+    def forward(self, hidden_states: torch.Tensor):
+        layers = self.tower.encoder.layers
+        states = {1: hidden_states}  # index k: the output of layer k - 1
+        for index in range(1, max(self.feature, len(layers) - 1)):
+            states[index + 1] = layers[index](states[index], None)
+        features = self.projector(states[self.feature][:, 1:])
+        return features, last_layer_cls_probs(layers[-1], states[len(layers) - 1])
+
+
 class TokenEmbedding(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -417,10 +474,18 @@ def cache_geometry(model: nn.Module) -> tuple[int, int, int]:
 
 
 def export_llava(
-    built: BuiltLlava, capacity: int, opset: int = 18, growing: bool = True, cls_scores: bool = False
+    built: BuiltLlava,
+    capacity: int,
+    opset: int = 18,
+    growing: bool = True,
+    cls_scores: bool = False,
+    split_vision: bool = False,
+    windows: list[list[int]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """The graphs of ``built`` as onnx-ir models (``vision``, ``embed``, ``prefill``, ``decode`` and optionally
-    ``decode_growing``) and the seconds each export took; ``cls_scores`` adds that output to the vision graph."""
+    ``decode_growing``) and the seconds each export took; ``cls_scores`` adds that output to the vision graph.
+    ``split_vision`` (MustDrop) exports ``vision_0`` / ``vision_1`` instead of ``vision`` (:class:`VisionStem` with
+    the similarity of ``windows``, when given, and :class:`VisionTail`)."""
     from tokensieve.converters.export import export_graph
 
     model = built.model
@@ -455,6 +520,21 @@ def export_llava(
             None,
         ),
     }
+    if split_vision:
+        stem_outputs = ["hidden_states", "window_similarity"] if windows else ["hidden_states"]
+        vision = model.config.vision_config
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        jobs = {
+            "vision_0": (VisionStem(model, windows), jobs["vision"][1], ["pixel_values"], stem_outputs, None),
+            "vision_1": (
+                VisionTail(model),
+                (torch.randn(1, tokens, vision.hidden_size),),
+                ["hidden_states"],
+                ["image_features", "cls_attention"],
+                {"hidden_states": {1: "vision_tokens"}},
+            ),
+            **{key: job for key, job in jobs.items() if key != "vision"},
+        }
     if growing:
         jobs["decode_growing"] = (
             DecodeGrowing(model),

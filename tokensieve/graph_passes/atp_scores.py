@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from tokensieve.errors import GraphRewriteError
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, typed
+from tokensieve.graph_passes.image_attention import rows_after_image
 from tokensieve.graph_passes.locate_decoder import DecoderLayout, image_positions_input, logits_matmul, scoring_layout
 
 IMAGE_AXIS = "image_tokens"
@@ -66,21 +67,13 @@ class ATPScoresPass(ir.passes.InPlacePass):
 
         # cross: the probability rows after the image (a 0/1 row weight, so no shape depends on the data), image
         # columns, mean over those rows (0 without rows) and heads
-        last = typed(b.op("Concat", [image, b.const([-1])], axis=0), ["image_tokens+1"], i64)
-        highest = typed(b.reduce("ReduceMax", last, [0], keepdims=True), [1], i64)
-        after = typed(b.op("Add", [highest, b.const([1])], "after"), [1], i64)
-        length = typed(b.op("Shape", [probs], start=2, end=3), [1], i64)
-        steps = typed(b.op("Range", [b.const(0), b.op("Squeeze", [length]), b.const(1)]), [seq], i64)
-        typed(steps.producer().inputs[1], [], i64)
-        follows = typed(b.op("GreaterOrEqual", [steps, after]), [seq], ir.DataType.BOOL)
-        weight = typed(b.op("Cast", [follows], to=real), [seq], real)
+        weight, rows = rows_after_image(b, image, probs)
         weight_row = typed(b.op("Reshape", [weight, b.const([1, 1, 1, -1])], "row_weight"), [1, 1, 1, seq], real)
         summed = typed(b.op("MatMul", [weight_row, probs], "row_sum"), [1, heads, 1, seq], real)
         columns = typed(b.op("Gather", [summed, image], "columns", axis=3), [1, heads, 1, IMAGE_AXIS], real)
         head_mean = typed(b.reduce("ReduceMean", columns, [0, 1, 2], keepdims=False), [IMAGE_AXIS], real)
-        rows = typed(b.op("Max", [b.op("Sub", [length, after]), b.const([1])], "rows"), [1], i64)
-        typed(rows.producer().inputs[0], [1], i64)
-        divisor = typed(b.op("Cast", [rows], to=real), [1], real)
+        at_least_one = typed(b.op("Max", [rows, b.const([1])]), [1], i64)
+        divisor = typed(b.op("Cast", [at_least_one], to=real), [1], real)
         cross_score = typed(b.op("Div", [head_mean, divisor], "cross"), [IMAGE_AXIS], real)
 
         graph.extend(b.nodes)

@@ -24,6 +24,23 @@ from tokensieve.graph_passes.locate_decoder import DecoderLayout, image_position
 OUTPUT = "image_attention_mass"
 
 
+def rows_after_image(b: NodeBuilder, image: ir.Value, probs: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """A 0/1 weight ``[T]`` over the rows of ``probs [1, H, T, T]`` that follow the image (from
+    ``max(image_positions) + 1``; ``ReduceMax`` over the positions and ``-1``, so an empty image gives every row:
+    no shape depends on the data) and the number of those rows ``[1]`` (int64)."""
+    seq, real, i64 = probs.shape[2], probs.dtype, ir.DataType.INT64
+    last = typed(b.op("Concat", [image, b.const([-1])], axis=0), ["image_tokens+1"], i64)
+    highest = typed(b.reduce("ReduceMax", last, [0], keepdims=True), [1], i64)
+    after = typed(b.op("Add", [highest, b.const([1])], "after"), [1], i64)
+    length = typed(b.op("Shape", [probs], start=2, end=3), [1], i64)
+    steps = typed(b.op("Range", [b.const(0), b.op("Squeeze", [length]), b.const(1)]), [seq], i64)
+    typed(steps.producer().inputs[1], [], i64)
+    follows = typed(b.op("GreaterOrEqual", [steps, after]), [seq], ir.DataType.BOOL)
+    weight = typed(b.op("Cast", [follows], to=real), [seq], real)
+    rows = typed(b.op("Sub", [length, after], "rows"), [1], i64)
+    return weight, rows
+
+
 class ImageAttentionMassPass(ir.passes.InPlacePass):
     """Expose the last position's head-mean attention mass on the image tokens in layer ``layer``."""
 

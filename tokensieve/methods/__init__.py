@@ -3,9 +3,9 @@
 Each method has two faces that read the same dataclass: an eager PyTorch reference (``tokensieve.reference``) and
 a graph face (``tokensieve.graph_passes``). Several methods combine with ``+`` as long as they own disjoint blocks,
 e.g. ``"topk(keep=0.7, layers=[3]) + tome(r=8, layers=[4,5,6,7,8,9,10,11])"``. Methods with ``target = "mllm"``
-(``fastv``, ``atp_llava``, ``dyvte``, ``globalcom2``, ``streamingllm``, ``snapkv``, ``a2sf``, ``h2o``) apply to
-MLLMs instead of ViT blocks (``globalcom2`` to LLaVA-NeXT's image tokens, the others to the decoder). This package is
-pure Python.
+(``fastv``, ``atp_llava``, ``dyvte``, ``mustdrop``, ``globalcom2``, ``streamingllm``, ``snapkv``, ``a2sf``,
+``h2o``) apply to MLLMs instead of ViT blocks (``globalcom2`` to LLaVA-NeXT's image tokens, ``mustdrop`` to LLaVA's
+vision tower and decoder, the others to the decoder). This package is pure Python.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from tokensieve.methods.dyvte import DyVTE
 from tokensieve.methods.fastv import FastV
 from tokensieve.methods.globalcom2 import GlobalCom2
 from tokensieve.methods.h2o import H2O
+from tokensieve.methods.mustdrop import MustDrop
 from tokensieve.methods.pitome import PiToMe
 from tokensieve.methods.snapkv import SnapKV
 from tokensieve.methods.spec import parse_method_calls
@@ -33,7 +34,7 @@ from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopKPrune
 
 VIT_METHODS = (TopKPrune, ToMe, PiToMe, DiffRate, ATPPrune)
-MLLM_METHODS = (FastV, ATPLLaVA, DyVTE, GlobalCom2, StreamingLLM, SnapKV, A2SF, H2O)
+MLLM_METHODS = (FastV, ATPLLaVA, DyVTE, MustDrop, GlobalCom2, StreamingLLM, SnapKV, A2SF, H2O)
 REGISTRY: dict[str, type] = {cls.name: cls for cls in (*VIT_METHODS, *MLLM_METHODS)}
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "FastV",
     "GlobalCom2",
     "Method",
+    "MustDrop",
     "PiToMe",
     "Schedule",
     "SiteCount",
@@ -86,12 +88,15 @@ def describe(methods: Sequence[Method]) -> str:
     return " + ".join(m.describe() for m in methods) or "none"
 
 
+FRACTIONS = ("keep", "forgetting_factor", "retention", "temperature", "key_ratio")  # exact, stored as strings
+
+
 def methods_from_dicts(data: Sequence[dict[str, Any]] | None) -> list[Method]:
     """Inverse of ``[m.to_dict() for m in methods]`` (used to read manifests)."""
     methods = []
     for entry in data or []:
         kwargs = {k: v for k, v in entry.items() if k != "name"}
-        for key in ("keep", "forgetting_factor", "retention", "temperature"):  # exact fractions, stored as strings
+        for key in FRACTIONS:
             if key in kwargs:
                 kwargs[key] = Fraction(kwargs[key])
         methods.append(_build(entry["name"], kwargs))

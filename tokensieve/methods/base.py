@@ -208,5 +208,10 @@ class PrefillCuts:
         """The decoder layers the prefill is cut before (ascending)."""
         return self.layers
 
+    @property
+    def cache_cuts(self) -> tuple[int, ...]:
+        """The decoder layers the decode graphs split their cache slot at (one group per cut)."""
+        return self.cuts
+
     def check_range(self, layers: int) -> None:
         check_cut_range(self.name, self.layers, layers)

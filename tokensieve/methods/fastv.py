@@ -48,6 +48,11 @@ class FastV:
         """The decoder layers the prefill is cut before."""
         return (self.k,)
 
+    @property
+    def cache_cuts(self) -> tuple[int, ...]:
+        """The decoder layers the decode graphs split their cache slot at."""
+        return self.cuts
+
     def kept_count(self, image_tokens: int) -> int:
         """``ceil(keep * image_tokens)`` in exact integer arithmetic (0 for a prompt without an image)."""
         if image_tokens <= 0:

@@ -41,35 +41,48 @@ def attention_forward(model, inputs: dict):
 
 @torch.no_grad()
 def prefill(
-    model, embeds: torch.Tensor, cache, select: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
+    model,
+    embeds: torch.Tensor,
+    cache,
+    select: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+    contiguous: bool = False,
 ) -> torch.Tensor:
     """Last-position logits ``[V]`` of ``embeds [1, T, D]``. Before each layer ``index``, ``select(index,
     positions)`` may return the prompt positions to keep (a subset of the ``positions [T']`` present, ascending):
-    the stream and the position ids are gathered there (FastV, ATP-LLaVA, DyVTE). Keys/values go to ``cache``."""
+    the stream and the position ids are gathered there (FastV, ATP-LLaVA, DyVTE), or, ``contiguous`` (MustDrop),
+    the position ids become ``0..T''-1``. Keys/values go to ``cache``."""
     lm = model.model.language_model
-    hidden, positions = embeds, torch.arange(embeds.shape[1])[None]
+    hidden, positions = embeds, torch.arange(embeds.shape[1])
     for index, layer in enumerate(lm.layers):
-        keep = None if select is None else select(index, positions[0])
+        keep = None if select is None else select(index, positions)
         if keep is not None:
-            take = torch.searchsorted(positions[0], keep)
-            hidden, positions = hidden[:, take], positions[:, take]
+            hidden, positions = hidden[:, torch.searchsorted(positions, keep)], keep
+        ids = (torch.arange(len(positions)) if contiguous else positions)[None]
         hidden = layer(
             hidden,
             attention_mask=causal_mask(hidden.shape[1]),
-            position_ids=positions,
+            position_ids=ids,
             cache=cache,
-            position_embeddings=lm.rotary_emb(hidden, positions),
+            position_embeddings=lm.rotary_emb(hidden, ids),
         )
     return model.lm_head(lm.norm(hidden[:, -1]))[0]
 
 
 @torch.no_grad()
 def greedy(
-    model, logits: torch.Tensor, cache, start: int, new_tokens: int, evict: Callable[[], None] | None = None
+    model,
+    logits: torch.Tensor,
+    cache,
+    start: int,
+    new_tokens: int,
+    evict: Callable[[], None] | None = None,
+    shift: tuple[int, int] = (0, 0),
 ) -> list[int]:
     """``new_tokens`` greedy tokens after prefill ``logits``; token ``i`` is fed at absolute position ``start + i``
-    and attends to everything in ``cache`` (after ``evict()``, when given)."""
+    (``shift = (first, dropped)``: layers from ``first`` on at ``start + i - dropped``, MustDrop) and attends to
+    everything in ``cache`` (after ``evict()``, when given)."""
     lm = model.model.language_model
+    first, dropped = shift
     new: list[int] = []
     for position in range(start, start + new_tokens):
         token = int(torch.argmax(logits))
@@ -78,10 +91,11 @@ def greedy(
             break
         if evict is not None:
             evict()
-        hidden, positions = lm.embed_tokens(torch.tensor([[token]])), torch.tensor([[position]])
-        embeddings = lm.rotary_emb(hidden, positions)
-        for layer in lm.layers:
-            hidden = layer(hidden, position_ids=positions, cache=cache, position_embeddings=embeddings)
+        hidden, ids = lm.embed_tokens(torch.tensor([[token]])), torch.tensor([[position]])
+        rope = {False: (ids, lm.rotary_emb(hidden, ids)), True: (ids - dropped, lm.rotary_emb(hidden, ids - dropped))}
+        for index, layer in enumerate(lm.layers):
+            at, embeddings = rope[bool(dropped) and index >= first]
+            hidden = layer(hidden, position_ids=at, cache=cache, position_embeddings=embeddings)
         logits = model.lm_head(lm.norm(hidden[:, -1]))[0]
     return new
 
@@ -100,25 +114,22 @@ class CutResult:
 
 
 @torch.no_grad()
-def cut_generate(
+def cut_prefill(
     model,
-    inputs: dict,
+    embeds: torch.Tensor,
+    image: torch.Tensor,
     cuts: tuple[int, ...],
     decide: Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    new_tokens: int,
-) -> CutResult:
-    """Greedy generation for processor ``inputs`` (batch 1) with a decision before each decoder layer in ``cuts``:
-    ``decide(record, positions, present, image)`` gets layer ``k - 1``'s recorded attention (query, key, scaling,
-    probabilities on the tokens present, :func:`tokensieve.reference.capture.capture_attention`), the prompt
-    positions present, the image positions among them and the image's positions in the prompt, and returns the
-    positions to keep."""
-    from transformers import DynamicCache
-
+    cache,
+    contiguous: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Prefill of ``embeds [1, T, D]`` (``image``: the image's positions) with a decision before each decoder layer
+    in ``cuts``: ``decide(record, positions, present, image)`` gets layer ``k - 1``'s recorded attention (query,
+    key, scaling, probabilities on the tokens present, :func:`tokensieve.reference.capture.capture_attention`), the
+    prompt positions present, the image positions among them and the image's positions in the prompt, and returns
+    the positions to keep. Returns the last-position logits and the positions each cut kept."""
     from tokensieve.reference.capture import capture_attention
 
-    ids = inputs["input_ids"][0]
-    image = torch.nonzero(ids == model.config.image_token_id)[:, 0]
-    embeds = attention_forward(model, inputs).hidden_states[0]
     layers = model.model.language_model.layers
     scorers = {k: layers[k - 1].self_attn for k in cuts}
     kept: list[torch.Tensor] = []
@@ -129,7 +140,26 @@ def cut_generate(
         kept.append(decide(records[scorers[index]], positions, positions[torch.isin(positions, image)], image))
         return kept[-1]
 
-    cache = DynamicCache()
     with capture_attention(model, scorers.values()) as records:
-        logits = prefill(model, embeds, cache, select)
+        logits = prefill(model, embeds, cache, select, contiguous)
+    return logits, kept
+
+
+@torch.no_grad()
+def cut_generate(
+    model,
+    inputs: dict,
+    cuts: tuple[int, ...],
+    decide: Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    new_tokens: int,
+) -> CutResult:
+    """Greedy generation for processor ``inputs`` (batch 1) with a decision before each decoder layer in ``cuts``
+    (:func:`cut_prefill`), then decoding at absolute positions."""
+    from transformers import DynamicCache
+
+    ids = inputs["input_ids"][0]
+    image = torch.nonzero(ids == model.config.image_token_id)[:, 0]
+    embeds = attention_forward(model, inputs).hidden_states[0]
+    cache = DynamicCache()
+    logits, kept = cut_prefill(model, embeds, image, cuts, decide, cache)
     return CutResult(kept, logits, greedy(model, logits, cache, len(ids), new_tokens))

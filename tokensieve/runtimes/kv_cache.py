@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tokensieve.graph_passes.split_cache_slot import slot_input
+from tokensieve.graph_passes.split_positions import PRUNED_POSITIONS
 from tokensieve.methods.h2o import H2O
 from tokensieve.methods.streamingllm import StreamingLLM
 from tokensieve.runtimes.ort import OrtRunner
@@ -16,6 +17,15 @@ from tokensieve.runtimes.ort import OrtRunner
 
 def kv_names(layers: int) -> list[str]:
     return [f"{k}_{i}" for i in range(layers) for k in ("key", "value")]
+
+
+def position_feeds(runner: OrtRunner, position: int, dropped: Sequence[int]) -> dict[str, np.ndarray]:
+    """``position_ids`` and, in MustDrop's decode graphs, ``pruned_position_ids`` (the layers after the first group's
+    cut rotate at their own cache length, ``position - dropped[0]``)."""
+    feeds = {"position_ids": np.array([[position]], np.int64)}
+    if PRUNED_POSITIONS in runner.input_names:
+        feeds[PRUNED_POSITIONS] = np.array([[position - dropped[0]]], np.int64)
+    return feeds
 
 
 class FixedCacheDecoder:
@@ -28,7 +38,8 @@ class FixedCacheDecoder:
     StreamingLLM (``eviction``) the cache is a ring: position ``p`` goes to ``eviction.slot(p)``, a prompt longer
     than the capacity keeps only its retained positions, and once the ring is full every slot is attended to (input
     ``visible_slots``). After SnapKV / A2SF every layer holds ``offset`` fewer positions than the prompt had:
-    position ``p`` goes to slot ``p - offset``."""
+    position ``p`` goes to slot ``p - offset``. After MustDrop the layers from the first filter layer on also rotate
+    the new token at ``position - dropped[0]`` (:func:`position_feeds`)."""
 
     def __init__(
         self,
@@ -42,6 +53,7 @@ class FixedCacheDecoder:
         import onnxruntime as ort
 
         self.runner, self.capacity, self.eviction, self.offset = runner, capacity, eviction, offset
+        self.groups = list(dropped)
         self.dropped = {slot_input(g): d for g, d in enumerate(dropped) if slot_input(g) in runner.input_names}
         self.caches = []
         for tensor in present:
@@ -64,7 +76,8 @@ class FixedCacheDecoder:
     def step(self, token: int, position: int) -> np.ndarray:
         """Logits ``[V]`` after feeding ``token`` at ``position`` (written where :meth:`bind_slots` says)."""
         self.binding.bind_cpu_input("input_ids", np.array([[token]], np.int64))
-        self.binding.bind_cpu_input("position_ids", np.array([[position]], np.int64))
+        for name, value in position_feeds(self.runner, position, self.groups).items():
+            self.binding.bind_cpu_input(name, value)
         self.bind_slots(position)
         self.runner.run_binding(self.binding)
         return self.binding.get_outputs()[0].numpy()[0]
@@ -147,12 +160,18 @@ class HeavyHitterDecoder(FixedCacheDecoder):
 class GrowingCacheDecoder:
     """Steps the growing-cache decode graph: past keys/values in, one-longer present keys/values out. With
     StreamingLLM (``eviction``), the past is cut on the host to ``budget`` positions after prefill and to
-    ``budget - 1`` before each step (attention sinks first, then the most recent)."""
+    ``budget - 1`` before each step (attention sinks first, then the most recent). ``dropped``: as in
+    :class:`FixedCacheDecoder` (the past lengths say the rest)."""
 
     def __init__(
-        self, runner: OrtRunner, present: list[np.ndarray], eviction: StreamingLLM | None = None, budget: int = 0
+        self,
+        runner: OrtRunner,
+        present: list[np.ndarray],
+        eviction: StreamingLLM | None = None,
+        budget: int = 0,
+        dropped: Sequence[int] = (),
     ):
-        self.runner, self.eviction, self.budget = runner, eviction, budget
+        self.runner, self.eviction, self.budget, self.dropped = runner, eviction, budget, list(dropped)
         self.past = [self._keep(t, budget) for t in present]
         names = kv_names(len(present) // 2)
         self.inputs, self.outputs = [f"past_{n}" for n in names], [f"present_{n}" for n in names]
@@ -161,7 +180,7 @@ class GrowingCacheDecoder:
         past = [self._keep(t, self.budget - 1) for t in self.past]
         feeds = {
             "input_ids": np.array([[token]], np.int64),
-            "position_ids": np.array([[position]], np.int64),
+            **position_feeds(self.runner, position, self.dropped),
             **dict(zip(self.inputs, past, strict=True)),
         }
         out = self.runner.run(feeds)

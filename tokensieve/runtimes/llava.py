@@ -12,8 +12,10 @@ than the capacity raises :class:`CapacityError` before anything runs (not with S
 With SnapKV / A2SF / H2O the prefill graph returns the compressed prompt cache (``budget`` positions per layer and KV
 head) and new tokens are cached after it, at their absolute positions; H2O's decode graph then evicts one position
 per step once ``budget + 1`` are cached. With GlobalCom² the image features come from
-:func:`tokensieve.runtimes.globalcom2.select_features` instead of the plain AnyRes packing. With ATP-LLaVA or DyVTE
-prefill runs as segment graphs with the host's decisions between them (:mod:`tokensieve.runtimes.prefill`).
+:func:`tokensieve.runtimes.globalcom2.select_features` instead of the plain AnyRes packing. With ATP-LLaVA, DyVTE or
+MustDrop prefill runs as segment graphs with the host's decisions between them (:mod:`tokensieve.runtimes.prefill`);
+MustDrop's vision runs as ``vision_0`` -> window merge -> ``vision_1`` and gives the key set
+(:mod:`tokensieve.runtimes.mustdrop`).
 """
 
 from __future__ import annotations
@@ -29,16 +31,19 @@ from tokensieve.errors import CapacityError, PromptError, RuntimeBackendError
 from tokensieve.methods import methods_from_dicts
 from tokensieve.methods.globalcom2 import GlobalCom2
 from tokensieve.methods.h2o import H2O
+from tokensieve.methods.mustdrop import MustDrop
 from tokensieve.methods.prompt_cache import PromptCacheCompression
 from tokensieve.methods.streamingllm import StreamingLLM
 from tokensieve.runtimes.globalcom2 import select_features
 from tokensieve.runtimes.kv_cache import FixedCacheDecoder, GrowingCacheDecoder, HeavyHitterDecoder
 from tokensieve.runtimes.llava_image import pack_features, preprocess
+from tokensieve.runtimes.mustdrop import vision_tokens
 from tokensieve.runtimes.ort import OrtRunner
 from tokensieve.runtimes.prefill import Prefill
 
 IMAGE_TOKEN = "<image>"
 CACHE_MODES = ("fixed", "growing")
+VISION = ("vision", "vision_0", "vision_1")  # one graph, or MustDrop's two (before and after the window merge)
 
 
 @dataclass
@@ -51,9 +56,11 @@ class Generation:
     image_span: tuple[int, int] | None  # [start, end) of the image tokens in the sequence
     prefill_logits: np.ndarray  # [V] at the last prompt position
     stop: str  # "eos" | "max_new_tokens"
-    kept_positions: np.ndarray | None = None  # FastV, ATP-LLaVA, DyVTE: prompt positions after the last cut
-    cut_positions: list[np.ndarray] | None = None  # FastV, ATP-LLaVA, DyVTE: the prompt positions each cut keeps
+    kept_positions: np.ndarray | None = None  # FastV, ATP-LLaVA, DyVTE, MustDrop: prompt positions after the last cut
+    cut_positions: list[np.ndarray] | None = None  # FastV, ATP-LLaVA, DyVTE, MustDrop: the positions each cut keeps
     kept_features: np.ndarray | None = None  # GlobalCom²: indices into the vision graph's [P * n] tokens, in order
+    merged_windows: np.ndarray | None = None  # MustDrop: the vision windows merged, by descending similarity
+    key_set: np.ndarray | None = None  # MustDrop: the image tokens never dropped (indices into the image)
     cache_positions: np.ndarray | None = None  # SnapKV / A2SF / H2O: [layers, kv_heads, K] prompt positions cached
     retained_positions: np.ndarray | None = None  # H2O: [layers, kv_heads, n] positions cached at the end
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -112,14 +119,14 @@ class LlavaRunner:
             raise RuntimeBackendError(f"this artifact has no {decode_key} graph; re-export with the growing cache")
 
         options = {"providers": providers, "threads": threads, "spin": spin}
-        self.vision, self.embed, self.decode = (
-            OrtRunner(self.directory / graphs[k], **options) for k in ("vision", "embed", decode_key)
-        )
+        self.vision = [OrtRunner(self.directory / graphs[k], **options) for k in VISION if k in graphs]
+        self.embed, self.decode = (OrtRunner(self.directory / graphs[k], **options) for k in ("embed", decode_key))
         self.prefill = Prefill(self.directory, manifest, **options)
         self.capacity: int | None = manifest["decoder"]["capacity"] if cache == "fixed" else None
         self.eviction = next((m for m in methods if isinstance(m, StreamingLLM)), None)
         self.compression = next((m for m in methods if isinstance(m, PromptCacheCompression)), None)
         self.image_compression = next((m for m in methods if isinstance(m, GlobalCom2)), None)
+        self.mustdrop = next((m for m in methods if isinstance(m, MustDrop)), None)
         self.budget: int = manifest["decoder"]["capacity"]  # positions an evicting cache keeps
         newline = self.directory / "image_newline.npy"
         self.newline = np.load(newline) if newline.is_file() else None
@@ -136,15 +143,18 @@ class LlavaRunner:
         """``[N, D]`` features of one image, in the order they replace the placeholders."""
         return self.image_tokens(image)[0]
 
-    def image_tokens(self, image: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        """The image's features ``[N, D]`` and, with GlobalCom², the vision tokens they are (see
-        :func:`tokensieve.runtimes.globalcom2.select_features`)."""
+    def image_tokens(self, image: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The image's features ``[N, D]`` and what the method chose there: GlobalCom²'s ``kept_features`` (see
+        :func:`tokensieve.runtimes.globalcom2.select_features`), MustDrop's ``merged_windows`` and ``key_set``."""
         pixel_values, size = preprocess(image, self.host)
-        out = self.vision.run({"pixel_values": pixel_values})
+        if self.mustdrop is not None:
+            return vision_tokens(*self.vision, pixel_values, self.mustdrop)
+        out = self.vision[0].run({"pixel_values": pixel_values})
         if self.image_compression is None:
-            return pack_features(out["image_features"], size, self.host, self.newline), None
+            return pack_features(out["image_features"], size, self.host, self.newline), {}
         args = (out["image_features"], out["cls_scores"], size, self.host, self.newline)
-        return select_features(*args, self.image_compression)
+        packed, kept = select_features(*args, self.image_compression)
+        return packed, {"kept_features": kept}
 
     def prompt_ids(self, prompt: str, template: str | None = None) -> np.ndarray:
         """Token ids of ``prompt`` put into the chat template (unless it already holds ``<image>``)."""
@@ -186,17 +196,17 @@ class LlavaRunner:
     ) -> Generation:
         """Greedy generation; stops at ``stop_ids`` (default: the model's EOS) unless ``ignore_eos``."""
         start = time.perf_counter()
-        features, kept_features = self.image_tokens(image) if image is not None else (None, None)
+        features, chosen = self.image_tokens(image) if image is not None else (None, {})
         t_vision = time.perf_counter()
         ids = self.prompt_ids(prompt, template) if input_ids is None else np.asarray(input_ids, np.int64).ravel()
         ids = expand_placeholders(ids, self.host["image_token_id"], None if features is None else len(features))
         self.check_capacity(len(ids), max_new_tokens)
         span = image_span(ids, self.host["image_token_id"])
-        logits, present, extras = self.prefill(self.inputs_embeds(ids, features), span)
+        logits, present, extras = self.prefill(self.inputs_embeds(ids, features), span, chosen.get("key_set"))
         t_prefill = time.perf_counter()
         stops = set() if ignore_eos else set(stop_ids if stop_ids is not None else [self.host["eos_id"]])
         kept = extras.get("kept_positions")
-        dropped = [len(ids) - len(positions) for positions in extras.get("cut_positions", [])]
+        dropped = [len(ids) - len(positions) for positions in extras.get("group_positions", [])]
         if isinstance(self.compression, H2O):
             positions, scores = extras["cache_positions"], extras["cache_scores"]
             decoder = HeavyHitterDecoder(self.decode, present, self.capacity, self.compression, positions, scores)
@@ -204,7 +214,7 @@ class LlavaRunner:
             offset = len(ids) - present[0].shape[2]
             decoder = FixedCacheDecoder(self.decode, present, self.capacity, dropped, self.eviction, offset)
         else:
-            decoder = GrowingCacheDecoder(self.decode, present, self.eviction, self.budget)
+            decoder = GrowingCacheDecoder(self.decode, present, self.eviction, self.budget, dropped)
         new: list[int] = []
         next_logits, stop = logits, "max_new_tokens"
         for position in range(len(ids), len(ids) + max_new_tokens):
@@ -226,7 +236,9 @@ class LlavaRunner:
             stop=stop,
             kept_positions=kept,
             cut_positions=extras.get("cut_positions"),
-            kept_features=kept_features,
+            kept_features=chosen.get("kept_features"),
+            merged_windows=chosen.get("merged_windows"),
+            key_set=chosen.get("key_set"),
             cache_positions=extras.get("cache_positions"),
             retained_positions=decoder.retained() if isinstance(decoder, HeavyHitterDecoder) else None,
             timings_ms={

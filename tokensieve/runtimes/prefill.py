@@ -1,10 +1,13 @@
-"""The prompt pass of an MLLM artifact on ONNX Runtime: one ``prefill`` graph, or, with ATP-LLaVA or DyVTE, its
-segments ``prefill_0 .. prefill_n`` with the host's decision (:mod:`tokensieve.runtimes.atp_llava`,
-:mod:`tokensieve.runtimes.dyvte`) after each but the last: the stream and the position ids are gathered at the kept
-positions and handed to the next segment."""
+"""The prompt pass of an MLLM artifact on ONNX Runtime: one ``prefill`` graph, or, with ATP-LLaVA, DyVTE or MustDrop,
+its segments ``prefill_0 .. prefill_n`` with the host's decision (:mod:`tokensieve.runtimes.atp_llava`,
+:mod:`tokensieve.runtimes.dyvte`, :mod:`tokensieve.runtimes.mustdrop`) after each but the last: the stream and the
+position ids are gathered at the kept positions and handed to the next segment (MustDrop: position ids re-indexed
+``0..T'-1``, and after the last segment every layer from the first filter layer on keeps only the final positions'
+keys/values)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +16,14 @@ import numpy as np
 from tokensieve.methods import methods_from_dicts
 from tokensieve.methods.atp_llava import ATPLLaVA
 from tokensieve.methods.dyvte import DyVTE
-from tokensieve.runtimes import atp_llava, dyvte
+from tokensieve.methods.mustdrop import MustDrop
+from tokensieve.runtimes import atp_llava, dyvte, mustdrop
 from tokensieve.runtimes.kv_cache import kv_names
 from tokensieve.runtimes.ort import OrtRunner
 
 EXTRAS = ("kept_positions", "cache_positions", "cache_scores")
-RULES = {ATPLLaVA: atp_llava.cut, DyVTE: dyvte.cut}  # methods that decide on the host between prefill segments
+# methods that decide on the host between prefill segments
+RULES = {ATPLLaVA: atp_llava.cut, DyVTE: dyvte.cut, MustDrop: mustdrop.cut}
 
 
 class Prefill:
@@ -36,40 +41,60 @@ class Prefill:
         return cls(artifact.path, artifact.manifest, **options)
 
     def __call__(
-        self, embeds: np.ndarray, span: tuple[int, int] | None = None
+        self, embeds: np.ndarray, span: tuple[int, int] | None = None, key_set: np.ndarray | None = None
     ) -> tuple[np.ndarray, list[np.ndarray], dict[str, Any]]:
         """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt (SnapKV /
-        A2SF / H2O: compressed), and the method's outputs: ``kept_positions`` (FastV; ATP-LLaVA, DyVTE: after the
-        last cut) with ``cut_positions`` (the prompt positions kept by each cut, a list), or ``cache_positions`` (and
-        H2O's ``cache_scores``); ``span`` = the image tokens' ``[start, end)``."""
+        A2SF / H2O: compressed; MustDrop: shrunk), and the method's outputs: ``kept_positions`` (FastV; ATP-LLaVA,
+        DyVTE, MustDrop: after the last cut) with ``cut_positions`` (the prompt positions kept by each cut, a list)
+        and ``group_positions`` (those the layers of each decode cache group hold), or ``cache_positions`` (and
+        H2O's ``cache_scores``); ``span`` = the image tokens' ``[start, end)``, ``key_set`` = MustDrop's protected
+        image tokens (indices into the image)."""
         first = self.graphs[0]
         out = first.run(prefill_feeds(first, embeds, span))
         extras = {name: out[name] for name in EXTRAS if name in out}
         if "kept_positions" in out:  # FastV: one cut, in the graph
-            extras["cut_positions"] = [out["kept_positions"]]
-        if self.split is not None:
-            out, extras["cut_positions"] = self._segments(out, embeds.shape[1], span or (0, 0))
-            extras["kept_positions"] = extras["cut_positions"][-1]
-        present = [out[f"present_{n}"] for n in kv_names(self.layers)]
-        return out["logits"][0], present, extras
+            extras["cut_positions"] = extras["group_positions"] = [out["kept_positions"]]
+        if self.split is None:
+            return out["logits"][0], [out[f"present_{n}"] for n in kv_names(self.layers)], extras
+        out, kept = self._segments(out, embeds.shape[1], span or (0, 0), key_set)
+        extras["cut_positions"], extras["kept_positions"] = kept, kept[-1]
+        extras["group_positions"] = [kept[-1]] if isinstance(self.split, MustDrop) else kept
+        return out["logits"][0], self._present(out, [np.arange(embeds.shape[1]), *kept]), extras
 
     def _segments(
-        self, out: dict[str, np.ndarray], length: int, span: tuple[int, int]
+        self, out: dict[str, np.ndarray], length: int, span: tuple[int, int], key_set: np.ndarray | None
     ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """Decide, gather, run the next segment; every segment's outputs and the positions kept per cut."""
         positions, image = np.arange(length), np.arange(*span)
         merged, kept, rule = dict(out), [], RULES[type(self.split)]
+        if isinstance(self.split, MustDrop):
+            rule = functools.partial(rule, key_set=np.arange(0) if key_set is None else key_set)
         for graph in self.graphs[1:]:
             new_positions, image = rule(out, positions, image, span, self.split)
             take = np.searchsorted(positions, new_positions)
             positions = new_positions
             kept.append(positions)
-            feeds = {"hidden_states": out["hidden_states_out"][:, take], "position_ids": positions[None]}
+            ids = np.arange(len(positions)) if isinstance(self.split, MustDrop) else positions  # MustDrop: contiguous
+            feeds = {"hidden_states": out["hidden_states_out"][:, take], "position_ids": ids[None]}
             if "image_positions" in graph.input_names:
                 feeds["image_positions"] = np.searchsorted(positions, image)
             out = graph.run(feeds)
             merged.update(out)
         return merged, kept
+
+    def _present(self, out: dict[str, np.ndarray], segments: list[np.ndarray]) -> list[np.ndarray]:
+        """The prompt's keys/values per layer (each layer's cache holds the positions of the segment it ran in);
+        MustDrop (stage 3): the layers from the first filter layer on keep only the last segment's positions."""
+        present = [out[f"present_{n}"] for n in kv_names(self.layers)]
+        if not isinstance(self.split, MustDrop):
+            return present
+        bounds = [0, *self.split.cuts, self.layers]
+        for index, start in enumerate(bounds[:-1]):
+            take = np.searchsorted(segments[index], segments[-1])
+            for layer in range(max(start, self.split.cache_cuts[0]), bounds[index + 1]):
+                present[2 * layer] = present[2 * layer][:, :, take]
+                present[2 * layer + 1] = present[2 * layer + 1][:, :, take]
+        return present
 
 
 def prefill_feeds(runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None) -> dict[str, np.ndarray]:
