@@ -45,7 +45,10 @@ def artifacts(tmp_path_factory):
     cli = ["export", f"hf:{root / 'ckpt'}", "--method", f"h2o(budget={BUDGET}, recent={RECENT})"]
     assert main([*cli, "--out", str(root / "llava")]) == 0
     nxt = tokensieve.export("hf:llava-next-tiny", "h2o(budget=120, recent=16)", out=root / "next")
-    return {"llava": tokensieve.load(root / "llava"), "next": nxt, "root": root}
+    a2sf = tokensieve.export(
+        f"hf:{root / 'ckpt'}", f"h2o(budget={BUDGET}, recent={RECENT}, forgetting_factor=0.5)", out=root / "a2sf"
+    )
+    return {"llava": tokensieve.load(root / "llava"), "next": nxt, "a2sf": a2sf, "root": root}
 
 
 def test_parity_llava_gqa_evicting_every_step(artifacts):
@@ -68,6 +71,30 @@ def test_parity_next_at_two_image_sizes(artifacts):
     report = artifacts["next"].parity(count=2, new_tokens=24)
     assert report.ok, report.text()
     assert all(c.kept_match and c.kept_tokens == 240 for c in report.cases)
+
+
+def test_a2sf_decode_form_parity_and_forgetting(artifacts):
+    """h2o(..., forgetting_factor=0.5): A2SF's decayed score in prefill and at every decode step. Parity with the eager
+    reference on both selections; the forgetting changes what is evicted; one hand-fed step multiplies the old
+    scores by the factor before adding the same attention as plain H2O's graph."""
+    artifact = artifacts["a2sf"]
+    assert artifact.manifest["method_text"] == f"h2o(budget={BUDGET}, recent={RECENT}, forgetting_factor=0.5)"
+    report = artifact.parity(count=3, new_tokens=32)
+    assert report.ok, report.text()
+    assert all(c.kept_match and c.tokens_match and c.kept_tokens == 2 * BUDGET for c in report.cases)
+    prompt, image = default_cases(artifact.manifest["host"], 1, 0)[0]
+    forgetting = artifact.llava_runner().generate(image, prompt, 32, ignore_eos=True)
+    plain = artifacts["llava"].llava_runner().generate(image, prompt, 32, ignore_eos=True)
+    assert not np.array_equal(forgetting.retained_positions, plain.retained_positions)
+    d = artifact.manifest["decoder"]
+    shape = (d["layers"], d["kv_heads"], d["capacity"])
+    held = np.broadcast_to(np.arange(d["capacity"]) + 60, shape).copy()
+    scores = np.random.default_rng(1).uniform(1, 9, shape).astype(np.float32)
+    write = np.full(shape[:2], 12, np.int64)
+    decayed = _decode_step(artifact, scores, held, write, 30, 100)["updated_h2o_scores"]
+    summed = _decode_step(artifacts["llava"], scores, held, write, 30, 100)["updated_h2o_scores"]
+    reset = np.where(np.arange(d["capacity"]) == 12, 0.0, scores)
+    np.testing.assert_allclose(decayed - 0.5 * reset, summed - reset, atol=1e-5)
 
 
 def _decode_step(artifact, scores: np.ndarray, held: np.ndarray, write: np.ndarray, visible: int, position: int):
@@ -138,8 +165,8 @@ def test_lint_inspect_generate_and_errors(artifacts, capsys, tmp_path):
         tokensieve.export("hf:llava-tiny", "h2o(budget=64)", out=tmp_path / "bad", capacity=64)
     with pytest.raises(MethodSpecError, match="recent"):
         H2O(budget=8, recent=8)
-    cli = ["export", "hf:llava-tiny", "--method", "h2o(forgetting_factor=0.5)", "--out", str(tmp_path / "b")]
-    assert main(cli) != 0
+    cli = ["export", "hf:llava-tiny", "--method", "h2o(forgetting_factor=1.5)", "--out", str(tmp_path / "b")]
+    assert main(cli) == 2
     model = ir.load(artifact.path / "prefill.onnx")
     with pytest.raises(GraphRewriteError, match="fixed-cache decode graph"):
         run_passes(model, [HeavyHitterPass(H2O(budget=BUDGET, recent=RECENT))])

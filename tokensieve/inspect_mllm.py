@@ -51,10 +51,12 @@ def _reduction(manifest: dict[str, Any]) -> str | None:
         )
     h2o = methods.get("h2o")
     if h2o is not None:
+        factor = float(h2o.forgetting_factor)
+        forgetting = "" if factor == 1 else f", older attention weighted by {factor:g} per step (A2SF)"
         return (
             f"every layer and KV head caches at most {h2o.budget} positions: the last {h2o.recent} and the heavy "
-            "hitters (the most attention accumulated since they were cached); prefill keeps them among the prompt, "
-            f"then the decode graph evicts the lightest older one per step once {h2o.slots()} are cached"
+            f"hitters (the most attention accumulated since they were cached{forgetting}); prefill keeps them among "
+            f"the prompt, then the decode graph evicts the lightest older one per step once {h2o.slots()} are cached"
         )
     compression = methods.get("snapkv") or methods.get("a2sf")
     if compression is not None:

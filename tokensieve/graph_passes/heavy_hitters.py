@@ -17,7 +17,8 @@ Inserts:
   shared index derived from ``cache_position``; that input and what only it fed are removed;
 * scoring: every layer's attention probabilities summed over each KV group's query heads, stacked
   ``[layers, H_kv, C]``, added to ``h2o_scores`` with the written slots reset to 0 (the new token starts with its
-  own attention) -> output ``updated_h2o_scores``;
+  own attention) and, with a ``forgetting_factor`` below 1 (A2SF), the old scores multiplied by it first -> output
+  ``updated_h2o_scores``;
 * selection: among the visible slots (``< visible_slots``) whose position, the new one written in, is at most
   ``position - recent``, the lowest updated score (``TopK`` K=1, ``largest=0``: lower slot first on ties) -> output
   ``evict_slots [layers, H_kv]``, the slot the host writes next once the cache holds ``budget + 1`` positions.
@@ -99,6 +100,9 @@ class HeavyHitterPass(ir.passes.InPlacePass):
         fresh = typed(b.op("Equal", [slots, written], "written"), [layers, kv, capacity], ir.DataType.BOOL)
         zero = b.const(0.0, "zero", dtype=real.numpy())
         kept = typed(b.op("Where", [fresh, zero, scores]), [layers, kv, capacity], real)
+        if self.method.forgetting_factor != 1:  # A2SF: acc <- factor * acc + step
+            factor = b.const(float(self.method.forgetting_factor), "forgetting_factor", dtype=real.numpy())
+            kept = typed(b.op("Mul", [kept, factor], "forget"), [layers, kv, capacity], real)
         updated = typed(b.op("Add", [kept, step], SCORES_OUT), [layers, kv, capacity], real)
         updated.name = SCORES_OUT
 

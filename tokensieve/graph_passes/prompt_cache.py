@@ -19,8 +19,8 @@ Inserts, per layer (the layer's own computation is untouched, so the prompt's lo
   the positions), ``GatherElements`` of the layer's keys and values along the sequence axis; they replace the
   ``present_*`` outputs (the full tensors stay internal, renamed ``*_full``);
 * one graph output ``cache_positions [layers, H_kv, K]`` (int64): the positions every layer and KV head keeps;
-  H2O (A2SF's score with factor 1) also outputs their scores, ``cache_scores [layers, H_kv, K]``, the accumulated
-  attention decoding goes on adding to.
+  H2O (A2SF's score with its forgetting factor, 1 by default) also outputs their scores, ``cache_scores [layers,
+  H_kv, K]``, the accumulated attention decoding goes on adding to.
 
 Preconditions (``requires``): a prefill graph; every layer's ``present_*`` outputs found; the logits of each layer
 are ``Q·Kᵀ`` (scaled operands) plus the causal mask. Postconditions (``ensures``): every ``present_*`` output has

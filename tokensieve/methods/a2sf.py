@@ -8,7 +8,8 @@ form), per layer and KV head: every prompt query row's post-softmax attention, w
 ``forgetting_factor ** (T - 1 - q)`` (the newest row weighs 1, older rows are forgotten geometrically), summed over
 the rows and over the query heads of the KV group. The last ``recent`` positions are always kept (16 in the official
 code; README example: budget 256, forgetting factor 0.95). ``forgetting_factor=1`` is H2O's accumulated score over
-the prompt (:mod:`tokensieve.methods.h2o` also keeps accumulating and evicting while decoding).
+the prompt (:mod:`tokensieve.methods.h2o` also keeps accumulating and evicting while decoding; ``h2o`` with a
+``forgetting_factor`` below 1 is A2SF's decode-time form, the forgetting applied at every step).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class A2SF(PromptCacheCompression):
         positive_int(self.name, "recent", self.recent)
         factor = self.forgetting_factor
         if isinstance(factor, bool) or not isinstance(factor, (int, Fraction)) or not 0 < factor <= 1:
-            raise MethodSpecError(f"a2sf: forgetting_factor must be in (0, 1], got {factor!r}")
+            raise MethodSpecError(f"{self.name}: forgetting_factor must be in (0, 1], got {factor!r}")
         object.__setattr__(self, "forgetting_factor", Fraction(factor))
         self.check_budget()
 

@@ -13,6 +13,11 @@ real-drop form ``H2OKVCache_LayerWise`` with ``hh_size = budget - recent``), per
 * every decode step attends to the cached positions and the new token (``budget + 1`` keys), adds the step's
   attention to the scores (the new token starts with its own), and, when ``budget + 1`` positions are cached, evicts
   the one with the lowest score among those older than the last ``recent`` positions;
+* ``forgetting_factor`` < 1 is A2SF's decode-time form (METHODS.md §5.2: ``acc <- factor * acc + step``): the
+  scores are multiplied by the factor before each step's attention is added, and prefill's scores are A2SF's
+  (every prompt row weighted ``factor ** (T - 1 - q)``), so a position's score is always
+  ``sum_q factor ** (n - q) * attention(q, position)`` over the queries ``q`` up to the current ``n``. 1 (the
+  default) is plain H2O;
 * storage: the fixed cache has ``budget + 1`` slots (more are allowed and stay unused); the prompt fills slots
   ``0..K-1`` in position order, new tokens take the next free slot and, once the cache is full, the slot just
   evicted. Ties in the eviction go to the lower slot (ONNX ``TopK``), which the eager reference mirrors;
@@ -21,7 +26,7 @@ real-drop form ``H2OKVCache_LayerWise`` with ``hh_size = budget - recent``), per
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar
 
@@ -31,11 +36,12 @@ from tokensieve.methods.a2sf import A2SF
 @dataclass(frozen=True)
 class H2O(A2SF):
     """Keep ``budget`` positions per layer and KV head: the ``recent`` newest and the heaviest hitters by
-    accumulated attention, evicting one per decode step once the cache is full."""
+    accumulated (with ``forgetting_factor`` < 1: A2SF's decayed) attention, evicting one per decode step once the
+    cache is full."""
 
     budget: int = 256
     recent: int = 128
-    forgetting_factor: Fraction = field(default=Fraction(1), init=False)
+    forgetting_factor: Fraction = Fraction(1)
     name: ClassVar[str] = "h2o"
 
     def slots(self) -> int:
@@ -43,7 +49,9 @@ class H2O(A2SF):
         return self.budget + 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "budget": self.budget, "recent": self.recent}
+        factor = {} if self.forgetting_factor == 1 else {"forgetting_factor": str(self.forgetting_factor)}
+        return {"name": self.name, "budget": self.budget, "recent": self.recent, **factor}
 
     def describe(self) -> str:
-        return f"h2o(budget={self.budget}, recent={self.recent})"
+        factor = "" if self.forgetting_factor == 1 else f", forgetting_factor={float(self.forgetting_factor):g}"
+        return f"h2o(budget={self.budget}, recent={self.recent}{factor})"

@@ -7,8 +7,9 @@ Written from METHODS.md §5.1 (the official real-drop form), independently of th
    summed over each KV group's query heads); the kept positions start with that score;
 2. greedy decoding with the model's own layers under eager attention, each layer's step probabilities captured by a
    forward hook on its attention module; after every step, per layer and KV head, the step's attention is added to
-   the scores (the new token's starts with its own) and, once ``budget + 1`` positions are cached, the lowest-scoring
-   one older than the last ``recent`` positions is evicted (first index on ties).
+   the scores (the new token's starts with its own; with a ``forgetting_factor`` below 1, A2SF's decode-time form,
+   the old scores are multiplied by it first) and, once ``budget + 1`` positions are cached, the lowest-scoring one
+   older than the last ``recent`` positions is evicted (first index on ties).
 
 The cache entries are kept in the graph's slot order (the new token takes the place of the entry evicted before it,
 see :mod:`tokensieve.methods.h2o`), so a tie resolves to the same entry on both sides.
@@ -59,7 +60,8 @@ class _HeavyHitters:
             step = probs.reshape(kv, -1, probs.shape[-1]).sum(1)
             new = torch.full((kv, 1), self.position, dtype=torch.long)
             positions = torch.cat([self.positions[index], new], dim=1)
-            scores = torch.cat([self.scores[index], torch.zeros(kv, 1, dtype=step.dtype)], dim=1) + step
+            old = self.scores[index] * float(self.method.forgetting_factor)  # A2SF's forgetting (1: H2O)
+            scores = torch.cat([old, torch.zeros(kv, 1, dtype=step.dtype)], dim=1) + step
             if self.pending[index] is not None:  # the new entry goes where the evicted one was
                 order = [self._insert(int(slot), positions.shape[1]) for slot in self.pending[index]]
                 perm = torch.tensor(order)
