@@ -84,7 +84,7 @@ class LlavaParityCase:
     first_mismatch: int | None
     reference_ids: list[int] = field(repr=False)
     ids: list[int] = field(repr=False)
-    kept_tokens: int | None = None  # FastV, ATP-LLaVA, DyVTE: prompt positions the layers after the (last) cut keep;
+    kept_tokens: int | None = None  # FastV, ATP-LLaVA, DyVTE, MustDrop: positions kept after the (last) cut;
     # SnapKV/A2SF: per layer and KV head; H2O: prefill's plus the end's, per layer and KV head
     kept_match: bool | None = None  # the graph's kept positions equal the eager reference's (every cut's)
 

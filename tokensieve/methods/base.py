@@ -195,7 +195,8 @@ def check_real(name: str, key: str, value: Any) -> float | None:
 
 class PrefillCuts:
     """Base of the MLLM methods that cut the prefill before decoder ``layers`` and decide on the host between the
-    segments (ATP-LLaVA, DyVTE): the cut list's checks and the ``cuts`` the export and the runtime read."""
+    segments (ATP-LLaVA, DyVTE, MustDrop): the cut list's checks and the ``cuts`` the export and the runtime read
+    (MustDrop's ``cache_cuts`` differ from its ``cuts``)."""
 
     name: ClassVar[str]
     layers: tuple[int, ...]

@@ -1,5 +1,6 @@
 """Record what Hugging Face's own eager attention computes in chosen layers, for references that score tokens from
-a layer's queries, keys or probabilities in the middle of their own layer-by-layer prefill (ATP-LLaVA, DyVTE)."""
+a layer's queries, keys or probabilities in the middle of their own layer-by-layer prefill (ATP-LLaVA, DyVTE,
+MustDrop)."""
 
 from __future__ import annotations
 

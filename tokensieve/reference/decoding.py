@@ -102,7 +102,8 @@ def greedy(
 
 @dataclass
 class CutResult:
-    """An eager generation with decisions before chosen decoder layers (ATP-LLaVA, DyVTE)."""
+    """An eager generation with decisions before chosen decoder layers (ATP-LLaVA, DyVTE; MustDrop has its own
+    result with the vision choices)."""
 
     cut_positions: list[torch.Tensor]  # the prompt positions each cut keeps, ascending
     prefill_logits: torch.Tensor  # [V] at the last prompt position

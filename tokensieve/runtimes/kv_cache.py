@@ -33,8 +33,8 @@ class FixedCacheDecoder:
     ``cache_*`` input and as the ``updated_*`` output (ONNX Runtime I/O binding), so ``ScatterND`` finds input and
     output in the same buffer and writes one slot instead of copying the whole cache, the way a TensorRT engine
     updates a KV cache that is network I/O. Prefill's keys/values go to slots ``0..T-1`` first (each layer its own
-    ``T``). After FastV / ATP-LLaVA / DyVTE the layers after cut ``g`` hold ``dropped[g]`` fewer positions: they
-    write slot ``position - dropped[g]`` (inputs ``pruned_cache_position``, ``pruned_cache_position_1``, ...). With
+    ``T``). After FastV / ATP-LLaVA / DyVTE / MustDrop the layers after cut ``g`` hold ``dropped[g]`` fewer positions:
+    they write slot ``position - dropped[g]`` (inputs ``pruned_cache_position``, ``pruned_cache_position_1``, ...). With
     StreamingLLM (``eviction``) the cache is a ring: position ``p`` goes to ``eviction.slot(p)``, a prompt longer
     than the capacity keeps only its retained positions, and once the ring is full every slot is attended to (input
     ``visible_slots``). After SnapKV / A2SF every layer holds ``offset`` fewer positions than the prompt had:

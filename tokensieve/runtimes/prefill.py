@@ -98,7 +98,7 @@ class Prefill:
 
 
 def prefill_feeds(runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None) -> dict[str, np.ndarray]:
-    """Inputs of a prefill graph; FastV graphs and the first ATP-LLaVA / DyVTE segment also take
+    """Inputs of a prefill graph; FastV graphs and the first ATP-LLaVA / DyVTE / MustDrop segment also take
     ``image_positions`` (empty without an image)."""
     feeds = {"inputs_embeds": embeds, "position_ids": np.arange(embeds.shape[1], dtype=np.int64)[None]}
     if "image_positions" in runner.input_names:
