@@ -227,10 +227,25 @@ class Artifact:
     def input_spec(self) -> dict[str, Any]:
         return self.manifest["inputs"][0]
 
-    def runner(self, graph: str = "model", **kwargs):
+    def runner(self, graph: str = "model", runtime: str = "onnxruntime", **kwargs):
+        """A runner of one graph: ONNX Runtime (``kwargs``: providers, threads, ...), or ``runtime="tensorrt"``
+        for the engine ``tokensieve build`` wrote (the ONNX Runtime options do not apply)."""
+        if runtime == "tensorrt":
+            from tokensieve.engines import plan_path
+            from tokensieve.runtimes.tensorrt import TensorRTRunner
+
+            return TensorRTRunner(plan_path(self, str(self.graph_path(graph).relative_to(self.path))))
+        if runtime != "onnxruntime":
+            raise ArtifactError(f"unknown runtime {runtime!r}; choose onnxruntime or tensorrt")
         from tokensieve.runtimes.ort import OrtRunner
 
         return OrtRunner(self.graph_path(graph), **kwargs)
+
+    def build(self, **kwargs) -> dict:
+        """TensorRT engines for every graph, into ``DIR/engines/`` (:func:`tokensieve.engines.build_engines`)."""
+        from tokensieve.engines import build_engines
+
+        return build_engines(self, **kwargs)
 
     def run(self, pixel_values, graph: str = "model", **kwargs) -> dict:
         """Run the graph on a numpy batch with ONNX Runtime (CPU unless ``providers=`` says otherwise)."""

@@ -48,7 +48,8 @@ class BenchReport:
 
     def text(self) -> str:
         lines = [
-            f"latency (ONNX Runtime {self.provider}, {self.threads} threads; medians of alternating blocks)",
+            f"latency ({', '.join(self.provider)}{f', {self.threads} threads' if self.threads else ''}; medians of "
+            "alternating blocks)",
             "  batch  baseline ms   model ms   speedup   MAC-limit   achieved/limit",
         ]
         for r in self.rows:
@@ -93,8 +94,11 @@ def bench_artifact(
     retries: int = 2,
     providers: list[str] | None = None,
     save: bool = True,
+    runtime: str = "onnxruntime",
 ) -> BenchReport:
     manifest = artifact.manifest
+    if runtime != "onnxruntime" and "stages" in manifest:
+        raise TokensieveError("a staged artifact's bucket dispatcher runs on ONNX Runtime; bench it without --runtime")
     if "stages" in manifest:
         return bench_staged(artifact, threads=threads, save=save)
     if manifest["graphs"]["model"] == manifest["graphs"]["baseline"]:
@@ -106,11 +110,11 @@ def bench_artifact(
             f"the graphs have a static batch of {static}; re-export with --batch or "
             "--dynamic-batch to benchmark other batch sizes"
         )
-    runners = {
-        name: artifact.runner(name, threads=threads, providers=providers, spin=False) for name in ("baseline", "model")
-    }
+    options = {"threads": threads, "providers": providers, "spin": False} if runtime == "onnxruntime" else {}
+    runners = {name: artifact.runner(name, runtime, **options) for name in ("baseline", "model")}
     shape = manifest["inputs"][0]["shape"][1:]
     macs = manifest["macs"]
+    threads = threads if runtime == "onnxruntime" else 0  # an engine's own scheduling
     report = BenchReport(threads, runners["model"].active, macs["baseline"], macs["model"])
     rng = np.random.default_rng(0)
     for batch in batches:

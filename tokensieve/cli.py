@@ -1,4 +1,4 @@
-"""``tokensieve`` command line: export, inspect, parity, lint, plan, bench, generate.
+"""``tokensieve`` command line: export, inspect, parity, build (TensorRT engines), lint, plan, bench, gate, generate.
 
 Exit codes: 0 success; 1 a check failed (parity mismatch, lint errors); 2 bad input or an operation that could
 not be carried out (a typed tokensieve error, printed as one line).
@@ -11,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from tokensieve.errors import TokensieveError
+from tokensieve.errors import ArtifactError, InputError, TokensieveError
+
+RUNTIMES = ("onnxruntime", "tensorrt")
 
 
 def _buckets(text: str | None):
@@ -66,8 +68,14 @@ def _parity(args: argparse.Namespace) -> int:
     from tokensieve.api import load
 
     artifact = load(args.dir)
+    if args.runtime != "onnxruntime" and (not args.replay or artifact.kind == "mllm"):
+        raise ArtifactError(
+            "--runtime tensorrt replays an image model's golden files on its engine: use it with --replay after "
+            "`tokensieve parity` and `tokensieve build` (MLLM generation runs on ONNX Runtime)"
+        )
     if args.replay:
-        report = artifact.replay(tolerance=args.tolerance)
+        kwargs = {"runtime": args.runtime} if artifact.kind != "mllm" else {}
+        report = artifact.replay(tolerance=args.tolerance, **kwargs)
     elif artifact.kind == "mllm":
         report = artifact.parity(
             count=args.cases,
@@ -127,10 +135,34 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from tokensieve.api import load
+
+    dims = {}
+    for text in args.dim:
+        axis, _, values = text.partition("=")
+        parts = values.split(":")
+        if not axis or len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise InputError(f"--dim {text!r}: expected AXIS=MIN:OPT:MAX with integers, e.g. sequence=1:640:2048")
+        low, opt, high = map(int, parts)
+        if not low <= opt <= high:
+            raise InputError(f"--dim {text!r}: needs MIN <= OPT <= MAX")
+        dims[axis] = (low, opt, high)
+    report = load(args.dir).build(fp16=args.fp16, max_batch=args.max_batch, dims=dims)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for onnx, engine in report["engines"].items():
+            print(f"{onnx} -> {engine['plan']} ({engine['bytes'] / 2**20:.1f} MiB, {engine['seconds']} s)")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from tokensieve.api import load
 
     artifact = load(args.dir)
+    if args.runtime != "onnxruntime" and (artifact.kind == "mllm" or "stages" in artifact.manifest):
+        raise ArtifactError("--runtime tensorrt benchmarks a single-graph image model's engines (tokensieve build)")
     if artifact.kind == "mllm":
         report = artifact.bench(
             contexts=args.contexts, threads=args.threads, blocks=args.blocks, per_block=args.per_block
@@ -149,6 +181,7 @@ def _bench(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             blocks=args.blocks,
             per_block=args.per_block,
+            runtime=args.runtime,
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     print(f"wrote {artifact.path / 'bench.json'}", file=sys.stderr)
@@ -280,8 +313,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cases", type=int, default=4, help="MLLMs: random prompt/image cases (several aspect ratios)")
     p.add_argument("--new-tokens", type=int, default=32, help="MLLMs: greedy tokens compared per case")
+    p.add_argument(
+        "--runtime", choices=RUNTIMES, default="onnxruntime", help="with --replay: run the engine `build` wrote"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_parity)
+
+    p = sub.add_parser("build", help="TensorRT engines for every graph (needs tensorrt and an NVIDIA GPU)")
+    p.add_argument("dir")
+    p.add_argument("--fp16", action="store_true", help="TensorRT 10.x FP16 (11.x: convert the ONNX instead)")
+    p.add_argument("--max-batch", type=int, default=32, help="profile maximum for a dynamic batch axis")
+    p.add_argument(
+        "--dim", action="append", default=[], metavar="AXIS=MIN:OPT:MAX", help="a symbolic axis' profile range"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_build)
 
     p = sub.add_parser("lint", help="TensorRT-compatibility report; exit 1 on errors")
     p.add_argument("path", help="an .onnx file or an artifact directory")
@@ -307,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-block", type=int, default=5, help="runs per variant per block")
     p.add_argument("--data", help="staged artifacts: images (folder or .npz) to measure over (default: samples)")
     p.add_argument("--contexts", type=int, nargs="+", help="MLLMs: context lengths for decode latency")
+    p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help="tensorrt: the engines `build` wrote")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
 

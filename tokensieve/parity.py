@@ -98,7 +98,7 @@ class ParityReport:
 
     def text(self) -> str:
         lines = [
-            f"parity: {'PASS' if self.ok else 'FAIL'} ({self.reference} vs ONNX Runtime {self.provider}, "
+            f"parity: {'PASS' if self.ok else 'FAIL'} ({self.reference} vs the graph on {self.provider}, "
             f"batch {self.batch}, tolerance {self.tolerance:g} of output scale)"
         ]
         for o in self.outputs:
@@ -362,18 +362,24 @@ def _check_graph(
     eager_records: dict[int, dict[str, np.ndarray]],
     tolerance: float,
     providers: list[str] | None,
+    runtime: str = "onnxruntime",
 ) -> tuple[ParityReport, dict[str, np.ndarray]]:
-    """Run the artifact's graph (with its site debug outputs) on ``feeds`` and compare it with the eager side."""
+    """Run the artifact's graph (with its site debug outputs) on ``feeds`` and compare it with the eager side. On
+    ``runtime="tensorrt"`` the built engine runs and only the outputs are compared (an engine has no debug
+    outputs, so the kept tokens are not)."""
     import onnx_ir as ir
 
     from tokensieve.runtimes.ort import OrtRunner
 
     manifest = artifact.manifest
-    sites = manifest.get("sites", []) if eager_records else []
+    sites = manifest.get("sites", []) if eager_records and runtime == "onnxruntime" else []
     model_path = artifact.graph_path("model")
     alive = {v.name for node in ir.load(model_path).graph for v in node.outputs}
     exposed = [name for site in sites for name in site["exposed"].values() if name in alive]
-    runner = OrtRunner(model_path, providers=providers, extra_outputs=exposed)
+    if runtime == "onnxruntime":
+        runner = OrtRunner(model_path, providers=providers, extra_outputs=exposed)
+    else:
+        runner = artifact.runner("model", runtime=runtime)
     graph_out = runner.run(feeds)
     names = [o["name"] for o in manifest["outputs"]]
     if len(names) != len(eager_out):
@@ -421,9 +427,17 @@ def _read_vit_golden(golden: Path) -> tuple[dict, Any, dict[int, dict[str, np.nd
     return dict(feeds), eager, records
 
 
-def replay_golden(artifact, *, tolerance: float = 1e-4, providers: list[str] | None = None) -> ParityReport:
+def replay_golden(
+    artifact, *, tolerance: float = 1e-4, providers: list[str] | None = None, runtime: str = "onnxruntime"
+) -> ParityReport:
     """Repeat the parity check from ``DIR/golden/`` alone (torch-free): the recorded inputs through the graph on
-    ONNX Runtime, compared with the recorded eager outputs and, at every site, the recorded eager selections."""
+    ONNX Runtime, compared with the recorded eager outputs and, at every site, the recorded eager selections; on
+    ``runtime="tensorrt"``, through the engine ``tokensieve build`` wrote, on the outputs only."""
+    if runtime != "onnxruntime" and "stages" in artifact.manifest:
+        raise ParityError(
+            "a staged artifact's replay runs its bucket dispatcher on ONNX Runtime only; replay on ONNX Runtime, or "
+            "run each stage engine with `polygraphy run --trt` on the golden inputs"
+        )
     if "stages" in artifact.manifest:
         from tokensieve.parity_staged import replay_staged_golden
 
@@ -433,6 +447,6 @@ def replay_golden(artifact, *, tolerance: float = 1e-4, providers: list[str] | N
     missing = [n for n in names if n not in eager]
     if missing:
         raise ParityError(f"the golden outputs lack {missing}; rewrite them with `tokensieve parity {artifact.path}`")
-    report, _ = _check_graph(artifact, feeds, [eager[n] for n in names], records, tolerance, providers)
+    report, _ = _check_graph(artifact, feeds, [eager[n] for n in names], records, tolerance, providers, runtime)
     report.golden, report.reference = str(artifact.path / "golden"), "golden eager outputs"
     return report

@@ -89,10 +89,12 @@ def _timm_options(query: str) -> dict[str, Any]:
     return options
 
 
-def parse_source(text: str, weights: str | None = None, seed: int = 0, img_size: int | None = None) -> SourceSpec:
+def parse_source(
+    text: str | os.PathLike, weights: str | None = None, seed: int = 0, img_size: int | None = None
+) -> SourceSpec:
     """``timm:vit_base_patch16_224[?key=value&...]``, ``hf:clip``, ``hf:/path/to/checkpoint_or_config``,
-    ``model.onnx``."""
-    text = text.strip()
+    ``model.onnx`` (a path object too)."""
+    text = os.fspath(text).strip()
     if weights is not None:
         weights = os.path.abspath(weights)
         if not os.path.isfile(weights):

@@ -1,0 +1,102 @@
+"""TensorRT engines (``tokensieve build``): the optimization profiles every graph gets (CPU), the clear errors where
+TensorRT or an engine is missing (CPU, skipped where TensorRT is installed), and on a machine with TensorRT and a
+GPU the build, the golden replay and the benchmark on the engines (skipped elsewhere)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import tokensieve
+from tokensieve.cli import main
+from tokensieve.engines import graph_paths, input_profile, symbol_ranges
+from tokensieve.errors import ArtifactError, RuntimeBackendError
+from tokensieve.runtimes.tensorrt import tensorrt_version
+
+TRT = tensorrt_version() is not None
+
+
+@pytest.fixture(scope="module")
+def vit(zoo, tmp_path_factory):
+    path, _ = zoo("timm:vit_small_patch16_224", dynamic_batch=True)
+    return tokensieve.export(path, "topk(keep=0.5, layers=[3])", out=tmp_path_factory.mktemp("trt") / "vit")
+
+
+def test_vit_profile_covers_the_dynamic_batch(vit):
+    assert graph_paths(vit) == ["model.onnx", "baseline.onnx"]
+    ranges = symbol_ranges(vit, max_batch=16)
+    profile = input_profile(vit.path / "model.onnx", ranges)
+    assert profile == {"pixel_values": ([1, 3, 224, 224], [8, 3, 224, 224], [16, 3, 224, 224])}
+
+
+def test_mllm_ranges_and_profiles(tmp_path):
+    artifact = tokensieve.export("hf:llava-tiny", "dyvte(layers=[1], threshold=0.5)", out=tmp_path / "llava")
+    ranges = symbol_ranges(artifact)
+    capacity = artifact.manifest["decoder"]["capacity"]
+    assert ranges["sequence"] == (1, 64 + 64, capacity) and ranges["past"] == (1, capacity // 2, capacity)
+    assert ranges["vision_tokens"] == (65, 65, 65)  # MustDrop's vision_1: an 8 x 8 grid has no 3 x 3 windows
+    first = input_profile(artifact.path / "prefill_0.onnx", ranges)
+    assert first["inputs_embeds"] == ([1, 1, 64], [1, 128, 64], [1, capacity, 64])
+    assert first["image_positions"] == ([0], [64], [capacity])
+    assert input_profile(artifact.path / "decode.onnx", ranges) == {}  # the fixed-capacity decode graph is static
+    growing = input_profile(artifact.path / "decode_growing.onnx", ranges)
+    assert growing["past_key_1"][2] == [1, 2, capacity, 16]  # past_kept (after the cut) takes past's range
+    assert set(graph_paths(artifact)) == {f"{k}.onnx" for k in artifact.manifest["graphs"] if k != "external_data"}
+
+
+def test_llava_next_patches_range():
+    manifest = {
+        "decoder": {"capacity": 1024},
+        "image_tokens": {"per_crop": 64},
+        "host": {"image_size": 112, "grid_pinpoints": [[112, 224], [224, 224], [336, 112]]},
+    }
+    ranges = symbol_ranges(SimpleNamespace(kind="mllm", manifest=manifest))
+    assert ranges["patches"] == (1, 5, 5) and "vision_tokens" not in ranges
+    manifest["image_tokens"] = {"count": 576}  # LLaVA-1.5: 64 windows, all merged leaves 64 tokens
+    assert symbol_ranges(SimpleNamespace(kind="mllm", manifest=manifest))["vision_tokens"] == (65, 577, 577)
+
+
+def test_unknown_axis_names_the_fix(tmp_path):
+    x = ir.Value(name="x", shape=ir.Shape(["frames", 4]), type=ir.TensorType(ir.DataType.FLOAT))
+    node = ir.node("Relu", [x])
+    node.outputs[0].name, node.outputs[0].shape = "y", ir.Shape(["frames", 4])
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 18})
+    ir.save(ir.Model(graph, ir_version=10), tmp_path / "m.onnx")
+    with pytest.raises(ArtifactError, match=r"symbolic axis 'frames'.*--dim frames=MIN:OPT:MAX"):
+        input_profile(tmp_path / "m.onnx", {"batch": (1, 8, 32)})
+    assert input_profile(tmp_path / "m.onnx", {"frames": (1, 2, 3)}) == {"x": ([1, 4], [2, 4], [3, 4])}
+
+
+@pytest.mark.skipif(TRT, reason="TensorRT is installed here")
+def test_without_tensorrt_every_entry_point_says_what_to_do(vit, capsys):
+    assert main(["build", str(vit.path)]) == 2
+    assert "TensorRT is not installed" in capsys.readouterr().err
+    assert not (vit.path / "engines").exists()
+    with pytest.raises(RuntimeBackendError, match="tokensieve build"):
+        vit.runner("model", runtime="tensorrt")
+    with pytest.raises(ArtifactError, match="unknown runtime"):
+        vit.runner("model", runtime="tvm")
+    assert main(["build", str(vit.path), "--dim", "sequence=4:2:8"]) == 2
+    assert "MIN <= OPT <= MAX" in capsys.readouterr().err
+    assert main(["parity", str(vit.path), "--runtime", "tensorrt"]) == 2  # only with --replay
+    assert "--replay" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not TRT, reason="needs TensorRT and an NVIDIA GPU")
+def test_engines_build_replay_and_bench(vit, capsys):
+    assert vit.parity(batch=2).ok
+    assert main(["build", str(vit.path), "--max-batch", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["engines"]) == {"model.onnx", "baseline.onnx"}
+    assert (vit.path / "engines" / "model.plan").is_file() and (vit.path / "engines" / "build.json").is_file()
+    replay = vit.replay(runtime="tensorrt", tolerance=1e-3)
+    assert replay.ok, replay.text()
+    out = vit.runner("model", runtime="tensorrt").run({"pixel_values": np.zeros((3, 3, 224, 224), np.float32)})
+    assert next(iter(out.values())).shape[0] == 3
+    bench = vit.bench(batches=[1, 8], runtime="tensorrt", save=False)
+    assert all(row.model_ms > 0 for row in bench.rows)

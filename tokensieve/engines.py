@@ -1,0 +1,127 @@
+"""``tokensieve build``: TensorRT engines for every deployable graph of an artifact, with optimization profiles.
+
+Each graph's inputs with symbolic axes get one optimization profile; the ranges come from what the artifact knows:
+
+* ``batch`` (dynamic-batch ViT graphs, stage graphs): ``1 .. max_batch`` (opt 8 or less);
+* ``slots`` (the symbolic-K stage of a staged artifact): its smallest .. largest bucket;
+* MLLM ``sequence``: ``1 .. capacity`` (opt: one image plus 64 text tokens); ``image_tokens``: ``0 .. capacity``;
+  ``past`` / ``past_kept*`` (growing cache): ``1 .. capacity``; ``patches`` (LLaVA-NeXT vision): ``1 .. 1 + the
+  largest grid``; ``vision_tokens`` (MustDrop's ``vision_1``): CLS plus ``n - 8 W .. n`` tokens;
+* anything else, or to override: ``dims={"sequence": (1, 512, 2048)}`` (CLI ``--dim sequence=1:512:2048``).
+
+Writes ``DIR/engines/<graph stem>.plan`` (where the trtexec recipes of staged artifacts put theirs) and
+``DIR/engines/build.json`` (TensorRT version, typing, precision, each graph's profile, plan size and build
+seconds); the folder is built next to the artifact and renamed into place, so a failed build leaves no partial
+``engines/``. The runtime side is
+:class:`tokensieve.runtimes.tensorrt.TensorRTRunner` (``Artifact.runner(graph, runtime="tensorrt")``, ``tokensieve
+bench --runtime tensorrt``, ``tokensieve parity --replay --runtime tensorrt``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tokensieve.errors import ArtifactError
+
+ENGINES = "engines"  # where the staged artifacts' trtexec recipes (trt/build_*.sh) put their plans too
+
+
+def graph_paths(artifact) -> list[str]:
+    """Relative paths of the ONNX files to build: every deployable graph (a ViT artifact's baseline too, so the
+    engine benchmark has its reference)."""
+    paths = [path for path, _ in artifact.graph_files()]
+    baseline = artifact.manifest.get("graphs", {}).get("baseline")
+    if artifact.kind != "mllm" and "stages" not in artifact.manifest and baseline:
+        paths.append(baseline)
+    return list(dict.fromkeys(paths))
+
+
+def plan_path(artifact, onnx: str) -> Path:
+    """``DIR/engines/<stem>.plan`` for the graph at the relative path ``onnx``."""
+    return artifact.path / ENGINES / f"{Path(onnx).stem}.plan"
+
+
+def symbol_ranges(artifact, max_batch: int = 32) -> dict[str, tuple[int, int, int]]:
+    """Default ``(min, opt, max)`` of every symbolic axis name the artifact's graphs use (see module docstring)."""
+    manifest = artifact.manifest
+    ranges = {"batch": (1, min(8, max_batch), max_batch)}
+    stages = manifest.get("stages")
+    if stages:
+        sizes = [k for route in stages["buckets"].values() for k in route]
+        ranges["slots"] = (min(sizes), max(sizes), max(sizes))
+    if artifact.kind != "mllm":
+        return ranges
+    capacity, image = manifest["decoder"]["capacity"], manifest["image_tokens"]
+    per_image = image.get("count") or image["per_crop"]
+    ranges |= {
+        "sequence": (1, min(capacity, per_image + 64), capacity),
+        "image_tokens": (0, min(capacity, per_image), capacity),
+        "past": (1, capacity // 2, capacity),
+    }
+    host = manifest["host"]
+    if "grid_pinpoints" in host:
+        side = host["image_size"]
+        largest = max(math.ceil(h / side) * math.ceil(w / side) for h, w in host["grid_pinpoints"])
+        ranges["patches"] = (1, min(5, 1 + largest), 1 + largest)
+    if "count" in image:  # MustDrop's vision_1: every 3 x 3 window of the square patch grid merged, or none
+        side = math.isqrt(image["count"])
+        windows = (side // 3) ** 2 if side % 3 == 0 else 0
+        ranges["vision_tokens"] = (1 + image["count"] - 8 * windows, 1 + image["count"], 1 + image["count"])
+    return ranges
+
+
+def input_profile(onnx: Path, ranges: Mapping[str, tuple[int, int, int]]) -> dict[str, tuple[list, list, list]]:
+    """Min / opt / max shapes of the inputs of ``onnx`` that have symbolic axes (a growing cache's ``past_kept_<g>``
+    axes take ``past``'s range)."""
+    import onnx_ir as ir
+
+    model = ir.load(onnx)
+    profile = {}
+    for value in model.graph.inputs:
+        dims = [d if isinstance(d, int) else str(d) for d in value.shape]
+        if all(isinstance(d, int) for d in dims):
+            continue
+        resolved: list[list[int]] = [[], [], []]
+        for d in dims:
+            key = "past" if isinstance(d, str) and d.startswith("past_kept") else d
+            if isinstance(d, str) and key not in ranges:
+                raise ArtifactError(
+                    f"{onnx.name}: input {value.name!r} has the symbolic axis {d!r}, whose range tokensieve does not "
+                    f"know; give it: --dim {d}=MIN:OPT:MAX"
+                )
+            for i in range(3):
+                resolved[i].append(d if isinstance(d, int) else ranges[key][i])
+        profile[value.name] = (resolved[0], resolved[1], resolved[2])
+    return profile
+
+
+def build_engines(
+    artifact,
+    *,
+    fp16: bool = False,
+    max_batch: int = 32,
+    dims: Mapping[str, tuple[int, int, int]] | None = None,
+) -> dict[str, Any]:
+    """Build every graph of ``artifact`` into ``DIR/engines/`` (see module docstring); returns ``build.json``'s
+    content."""
+    from tokensieve.artifact import staged_directory
+    from tokensieve.runtimes.tensorrt import build_engine, require_tensorrt
+
+    require_tensorrt()
+    ranges = {**symbol_ranges(artifact, max_batch), **(dims or {})}
+    jobs = [(onnx, input_profile(artifact.path / onnx, ranges)) for onnx in graph_paths(artifact)]
+    report: dict[str, Any] = {"fp16": fp16, "ranges": {k: list(v) for k, v in ranges.items()}, "engines": {}}
+    with staged_directory(artifact.path / ENGINES) as staging:
+        for onnx, profile in jobs:
+            plan = staging / plan_path(artifact, onnx).name
+            start = time.perf_counter()
+            built = build_engine(artifact.path / onnx, plan, profile, fp16=fp16)
+            built["seconds"] = round(time.perf_counter() - start, 1)
+            report["engines"][onnx] = {"plan": str(Path(ENGINES) / plan.relative_to(staging)), **built}
+        (staging / "build.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,124 @@
+"""TensorRT engines for an artifact's graphs: build a serialized plan from one ONNX file and run it.
+
+Optional: needs the ``tensorrt`` extra (``pip install 'tokensieve[tensorrt]'``) and an NVIDIA GPU; everything else in
+tokensieve works without it, and this module imports TensorRT only when a build or a run starts. The building and
+running go through Polygraphy's TensorRT backend (``NetworkFromOnnxPath`` -> ``CreateConfig`` ->
+``EngineBytesFromNetwork``; ``TrtRunner`` on ``EngineFromBytes``), which owns the CUDA buffers and follows the
+TensorRT API across versions.
+
+Versions (../shared/PLATFORMS.md §4.4): TensorRT 10.x builds weakly typed networks, FP32 by default and FP16 on
+request (``fp16=True``, the ``--fp16`` of trtexec); TensorRT 11 builds strongly typed networks only and has no
+precision flags, so there the precision is the ONNX file's (FP16 comes from converting the ONNX first, e.g. with
+``python -m modelopt.onnx.autocast``) and ``fp16=True`` is refused with that advice.
+
+Written against Polygraphy's documented Python API (0.49-0.53) and TensorRT's; tokensieve's CI has neither a GPU nor
+TensorRT, so these functions are exercised only on a machine that has both (``tests/test_tensorrt.py`` skips
+elsewhere).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from tokensieve.errors import RuntimeBackendError
+
+Range = tuple[list[int], list[int], list[int]]  # min, opt, max shape of one input
+
+
+def tensorrt_version() -> tuple[int, int] | None:
+    """``(major, minor)`` of the installed TensorRT Python package, ``None`` when it is not installed."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    import tensorrt
+
+    major, minor = tensorrt.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def require_tensorrt() -> tuple[int, int]:
+    version = tensorrt_version()
+    if version is None:
+        raise RuntimeBackendError(
+            "TensorRT is not installed: building or running engines needs an NVIDIA GPU machine with "
+            "`pip install 'tokensieve[tensorrt]'`; `tokensieve lint` checks TensorRT compatibility without it, and "
+            "trt/build_*.sh in staged artifacts are trtexec recipes"
+        )
+    return version
+
+
+def build_engine(onnx: Path, plan: Path, profile: Mapping[str, Range], fp16: bool = False) -> dict:
+    """Build ``onnx`` (its external weights next to it) into the serialized engine ``plan`` (written to a temporary
+    file, then renamed). ``profile`` gives each input with symbolic axes its min / opt / max shape (one optimization
+    profile; empty for a static graph). Returns what was built: TensorRT version, typing, precision, profile."""
+    version = require_tensorrt()
+    strongly_typed = version[0] >= 11
+    if fp16 and strongly_typed:
+        raise RuntimeBackendError(
+            f"TensorRT {version[0]}.{version[1]} has no precision flags (strongly typed networks only): convert the "
+            "ONNX to FP16 first (python -m modelopt.onnx.autocast --onnx_path in.onnx --output_path out.onnx) or "
+            "build FP32"
+        )
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    network = NetworkFromOnnxPath(str(onnx), strongly_typed=strongly_typed or None)
+    profiles = None
+    if profile:
+        shapes = Profile()
+        for name, (low, opt, high) in profile.items():
+            shapes.add(name, low, opt, high)
+        profiles = [shapes]
+    config = CreateConfig(fp16=fp16 or None, profiles=profiles)
+    try:
+        serialized = EngineBytesFromNetwork(network, config)()
+    except Exception as e:  # Polygraphy reports parser and builder failures as its own exceptions
+        raise RuntimeBackendError(f"TensorRT could not build {onnx.name}: {str(e).splitlines()[0]}") from e
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    temporary = plan.with_name(plan.name + ".partial")
+    temporary.write_bytes(bytes(serialized))
+    os.replace(temporary, plan)
+    return {
+        "tensorrt": f"{version[0]}.{version[1]}",
+        "strongly_typed": strongly_typed,
+        "fp16": fp16,
+        "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()},
+        "bytes": plan.stat().st_size,
+    }
+
+
+class TensorRTRunner:
+    """Run one serialized engine (``plan``) with TensorRT through Polygraphy's ``TrtRunner``: the same ``run(feeds)
+    -> {output: array}`` / ``input_names`` / ``active`` surface as :class:`tokensieve.runtimes.ort.OrtRunner`."""
+
+    def __init__(self, plan: str | os.PathLike):
+        self.path = Path(plan)
+        if not self.path.is_file():
+            raise RuntimeBackendError(
+                f"no TensorRT engine at {self.path}; build the artifact's engines first: tokensieve build "
+                f"{self.path.parent.parent}"
+            )
+        version = require_tensorrt()
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        self._runner = TrtRunner(EngineFromBytes(BytesFromPath(str(self.path))))
+        try:
+            self._runner.activate()
+        except Exception as e:
+            raise RuntimeBackendError(f"TensorRT cannot load {self.path.name}: {str(e).splitlines()[0]}") from e
+        self.active = [f"TensorRT {version[0]}.{version[1]}"]
+        self.input_names = list(self._runner.get_input_metadata().keys())
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            outputs = self._runner.infer(dict(feeds))
+        except Exception as e:
+            raise RuntimeBackendError(f"TensorRT failed on {self.path.name}: {str(e).splitlines()[0]}") from e
+        return {name: np.asarray(value) for name, value in outputs.items()}
+
+    def close(self) -> None:
+        self._runner.deactivate()
