@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +92,12 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise ArtifactError(f"cannot write {path}: {e.strerror}") from None
 
 
-def file_digests(directory: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``directory`` (relative POSIX path -> hex digest), the manifest excluded."""
+def file_digests(directory: Path, only: Collection[str] | None = None) -> dict[str, str]:
+    """SHA-256 of every file under ``directory`` (relative POSIX path -> hex digest), the manifest excluded; with
+    ``only``, of those of the named files that exist (engines built later are not read)."""
     digests = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+    files = directory.rglob("*") if only is None else (directory / name for name in only)
+    for path in sorted(p for p in files if p.is_file() and p.name != MANIFEST):
         sha = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -173,7 +173,7 @@ def _files(artifact: Artifact) -> Check:
     recorded = artifact.manifest.get("files")
     if not recorded:
         return Check("files", FAIL, "the manifest records no file digests; re-export with this tokensieve version")
-    current = file_digests(artifact.path)
+    current = file_digests(artifact.path, recorded)
     missing = sorted(set(recorded) - set(current))
     changed = sorted(name for name in recorded if name in current and current[name] != recorded[name])
     if missing or changed:
