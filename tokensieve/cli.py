@@ -73,24 +73,25 @@ def _parity(args: argparse.Namespace) -> int:
             "--runtime tensorrt replays an image model's golden files on its engine: use it with --replay after "
             "`tokensieve parity` and `tokensieve build` (MLLM generation runs on ONNX Runtime)"
         )
+    tolerance = {} if args.tolerance is None else {"tolerance": args.tolerance}
     if args.replay:
         kwargs = {"runtime": args.runtime} if artifact.kind != "mllm" else {}
-        report = artifact.replay(tolerance=args.tolerance, **kwargs)
+        report = artifact.replay(**tolerance, **kwargs)
     elif artifact.kind == "mllm":
         report = artifact.parity(
             count=args.cases,
             new_tokens=args.new_tokens,
             seed=args.seed,
-            tolerance=args.tolerance,
             golden=not args.no_golden,
+            **tolerance,
         )
     else:
         report = artifact.parity(
             reference=_reference(args),
             batch=args.batch,
             seed=args.seed,
-            tolerance=args.tolerance,
             golden=not args.no_golden,
+            **tolerance,
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     return 0 if report.ok else 1
@@ -133,6 +134,27 @@ def _plan(args: argparse.Namespace) -> int:
     rows = plan(args.source, args.method, specials=args.specials, seed=args.seed, img_size=args.img_size)
     print(json.dumps(plan_dicts(rows), indent=2) if args.json else format_plan(rows))
     return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from tokensieve.api import load
+    from tokensieve.calibration.quantize import quantize_artifact
+    from tokensieve.staged import load_data
+
+    source = load(args.dir)
+    pre = source.manifest.get("preprocessing")
+    if pre is None:
+        raise ArtifactError(f"{args.dir} records no preprocessing; quantize takes an image-model artifact")
+    data = load_data(args.calibrate, pre["shape"], pre["mean"], pre["std"], limit=args.limit)
+    artifact = quantize_artifact(
+        source, data, args.out, calibration=args.calibration, tolerance=args.tolerance, min_agreement=args.min_agreement
+    )
+    print(f"wrote {artifact.path} (INT8 QDQ, {len(data)} calibration images, lint {artifact.manifest['lint']['ok']})")
+    if args.no_parity:
+        return 0
+    report = artifact.parity(reference=_reference(args))
+    print(report.text())
+    return 0 if report.ok else 1
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -304,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="checkpoint for --reference")
     p.add_argument("--batch", type=int, help="batch for dynamic-batch graphs (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max error relative to the output scale")
+    p.add_argument(
+        "--tolerance", type=float, help="max error relative to the output scale (default 1e-4; quantized: its budget)"
+    )
     p.add_argument("--no-golden", action="store_true", help="do not write the golden files")
     p.add_argument(
         "--replay",
@@ -318,6 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_parity)
+
+    p = sub.add_parser("quantize", help="INT8 QDQ copy of an image-model artifact (token selection kept float32)")
+    p.add_argument("dir")
+    p.add_argument("--calibrate", required=True, help="images (folder) or .npz of input batches")
+    p.add_argument("--out", required=True, help="the quantized artifact's directory")
+    p.add_argument("--calibration", default="minmax", help="minmax, entropy or percentile")
+    p.add_argument("--limit", type=int, default=64, help="calibration images used (default 64)")
+    p.add_argument("--tolerance", type=float, default=0.05, help="drift budget: output error of the output scale")
+    p.add_argument(
+        "--min-agreement", type=float, default=0.9, help="drift budget: share of tokens in the same kept group"
+    )
+    p.add_argument("--no-parity", action="store_true", help="do not hold the result to the eager reference")
+    p.add_argument("--reference", help="eager source for artifacts exported from an .onnx file (timm:NAME, hf:...)")
+    p.add_argument("--weights", help="checkpoint for --reference")
+    p.set_defaults(func=_quantize)
 
     p = sub.add_parser("build", help="TensorRT engines for every graph (needs tensorrt and an NVIDIA GPU)")
     p.add_argument("dir")

@@ -109,14 +109,14 @@ def build_engines(
 ) -> dict[str, Any]:
     """Build every graph of ``artifact`` into ``DIR/engines/`` (see module docstring); returns ``build.json``'s
     content."""
-    from tokensieve.artifact import staged_directory
+    from tokensieve.artifact import replaced_directory
     from tokensieve.runtimes.tensorrt import build_engine, require_tensorrt
 
     require_tensorrt()
     ranges = {**symbol_ranges(artifact, max_batch), **(dims or {})}
     jobs = [(onnx, input_profile(artifact.path / onnx, ranges)) for onnx in graph_paths(artifact)]
     report: dict[str, Any] = {"fp16": fp16, "ranges": {k: list(v) for k, v in ranges.items()}, "engines": {}}
-    with staged_directory(artifact.path / ENGINES) as staging:
+    with replaced_directory(artifact.path / ENGINES, f"; check that {artifact.path} is writable") as staging:
         for onnx, profile in jobs:
             plan = staging / plan_path(artifact, onnx).name
             start = time.perf_counter()

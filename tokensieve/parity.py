@@ -19,7 +19,7 @@ or a registry gate with only ONNX Runtime).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +52,12 @@ class SiteParity:
     same_order: int  # samples whose output order is identical too
     min_agreement: float  # worst fraction of original tokens whose group matches
     size_error: float | None  # max |size difference| of matching groups, when the graph exposes sizes
+    required: float = 1.0  # the min_agreement that passes: 1 (identical groups) unless a quantized artifact's budget
 
     @property
     def ok(self) -> bool:
-        return self.same_groups == self.samples and (self.size_error is None or self.size_error <= 1e-3)
+        sizes = self.size_error is None or self.size_error <= 1e-3 or self.required < 1
+        return self.min_agreement >= self.required and sizes
 
 
 @dataclass
@@ -298,22 +300,33 @@ def _write_golden(
     return directory / "golden"
 
 
+def budget(artifact, tolerance: float | None) -> tuple[float, float]:
+    """``(output tolerance, required site agreement)``: exact parity (1e-4 of the output scale, identical groups)
+    unless the artifact is quantized, whose manifest records its drift budget; an explicit ``tolerance`` wins."""
+    quantization = artifact.manifest.get("quantization")
+    if quantization is None:
+        return (1e-4 if tolerance is None else tolerance), 1.0
+    return (quantization["tolerance"] if tolerance is None else tolerance), quantization["min_agreement"]
+
+
 def check_parity(
     artifact,
     *,
     reference=None,
     batch: int | None = None,
     seed: int = 0,
-    tolerance: float = 1e-4,
+    tolerance: float | None = None,
     golden: bool = True,
     providers: list[str] | None = None,
 ) -> ParityReport:
-    """Run the eager reference and the artifact's graph on the same seeded inputs and compare them."""
+    """Run the eager reference and the artifact's graph on the same seeded inputs and compare them (``tolerance``:
+    of the output scale; default :func:`budget`)."""
     import torch
 
     from tokensieve.reference.reduce import ReducedModel
 
     manifest = artifact.manifest
+    tolerance, required = budget(artifact, tolerance)
     methods = artifact.methods
     built = _reference_module(artifact, reference)
     static_batch = manifest["export"]["batch"]
@@ -336,7 +349,7 @@ def check_parity(
     )
 
     feeds = {manifest["inputs"][0]["name"]: pixels.numpy()}
-    report, graph_out = _check_graph(artifact, feeds, eager_out, eager_records, tolerance, providers)
+    report, graph_out = _check_graph(artifact, feeds, eager_out, eager_records, tolerance, providers, required=required)
     if golden:
         names = [o.name for o in report.outputs]
         directory = _write_golden(
@@ -363,6 +376,7 @@ def _check_graph(
     tolerance: float,
     providers: list[str] | None,
     runtime: str = "onnxruntime",
+    required: float = 1.0,
 ) -> tuple[ParityReport, dict[str, np.ndarray]]:
     """Run the artifact's graph (with its site debug outputs) on ``feeds`` and compare it with the eager side. On
     ``runtime="tensorrt"`` the built engine runs and only the outputs are compared (an engine has no debug
@@ -390,7 +404,7 @@ def _check_graph(
         len(next(iter(feeds.values()))),
         runner.active,
         compare_outputs(names, eager_out, graph_out, tolerance),
-        compare_sites(sites, specials, eager_records, graph_out),
+        [replace(s, required=required) for s in compare_sites(sites, specials, eager_records, graph_out)],
     )
     return report, graph_out
 
@@ -428,7 +442,7 @@ def _read_vit_golden(golden: Path) -> tuple[dict, Any, dict[int, dict[str, np.nd
 
 
 def replay_golden(
-    artifact, *, tolerance: float = 1e-4, providers: list[str] | None = None, runtime: str = "onnxruntime"
+    artifact, *, tolerance: float | None = None, providers: list[str] | None = None, runtime: str = "onnxruntime"
 ) -> ParityReport:
     """Repeat the parity check from ``DIR/golden/`` alone (torch-free): the recorded inputs through the graph on
     ONNX Runtime, compared with the recorded eager outputs and, at every site, the recorded eager selections; on
@@ -438,6 +452,7 @@ def replay_golden(
             "a staged artifact's replay runs its bucket dispatcher on ONNX Runtime only; replay on ONNX Runtime, or "
             "run each stage engine with `polygraphy run --trt` on the golden inputs"
         )
+    tolerance, required = budget(artifact, tolerance)
     if "stages" in artifact.manifest:
         from tokensieve.parity_staged import replay_staged_golden
 
@@ -447,6 +462,8 @@ def replay_golden(
     missing = [n for n in names if n not in eager]
     if missing:
         raise ParityError(f"the golden outputs lack {missing}; rewrite them with `tokensieve parity {artifact.path}`")
-    report, _ = _check_graph(artifact, feeds, [eager[n] for n in names], records, tolerance, providers, runtime)
+    report, _ = _check_graph(
+        artifact, feeds, [eager[n] for n in names], records, tolerance, providers, runtime, required
+    )
     report.golden, report.reference = str(artifact.path / "golden"), "golden eager outputs"
     return report
