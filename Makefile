@@ -9,6 +9,9 @@ $(STAMP): pyproject.toml constraints/ci.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints/ci.txt -e ".[dev]"
+	# test oracle only: Triton's ModelConfig proto checks the configs `tokensieve triton` writes (tritonclient pins
+	# protobuf < 7 and ml-dtypes <= 0.5.4 for its network clients, which onnx's pins exclude; the proto needs neither)
+	$(PY) -m pip install --quiet --no-deps -c constraints/ci.txt tritonclient
 	touch $(STAMP)
 
 .PHONY: setup demo test check bench-topk

@@ -249,6 +249,13 @@ class Artifact:
 
         return build_engines(self, **kwargs)
 
+    def triton(self, out: str | os.PathLike, **kwargs) -> list[str]:
+        """Write this artifact into a Triton model repository (:func:`tokensieve.deploy.triton.write_repository`);
+        returns the model names, the one clients call first."""
+        from tokensieve.deploy.triton import write_repository
+
+        return write_repository(self, out, **kwargs)
+
     def run(self, pixel_values, graph: str = "model", **kwargs) -> dict:
         """Run the graph on a numpy batch with ONNX Runtime (CPU unless ``providers=`` says otherwise)."""
         if self.kind == "mllm":

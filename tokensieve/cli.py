@@ -255,6 +255,17 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _triton(args: argparse.Namespace) -> int:
+    from tokensieve.api import load
+
+    models = load(args.dir).triton(
+        args.out, name=args.name, backend=args.backend, max_batch=args.max_batch, kind=args.kind
+    )
+    print(f"wrote {len(models)} model(s) into {args.out}: {', '.join(models)}")
+    print(f"clients call {models[0]!r}; serve with: tritonserver --model-repository {Path(args.out).resolve()}")
+    return 0
+
+
 def _gate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -367,6 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_build)
+
+    p = sub.add_parser("triton", help="write an image-model artifact into a Triton model repository")
+    p.add_argument("dir")
+    p.add_argument("--out", required=True, help="the model repository (created if absent; other models stay)")
+    p.add_argument("--name", help="model name clients call (default: the artifact folder's name)")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--max-batch", type=int, help="max_batch_size (default 8, or the engines' profile maximum)")
+    p.add_argument("--kind", choices=["auto", "gpu", "cpu"], default="auto", help="instance_group kind")
+    p.set_defaults(func=_triton)
 
     p = sub.add_parser("lint", help="TensorRT-compatibility report; exit 1 on errors")
     p.add_argument("path", help="an .onnx file or an artifact directory")

@@ -13,21 +13,35 @@ Modes:
 Outputs whose shapes agree across groups are stacked; token-level outputs (``last_hidden_state``) come back as a
 list of per-image arrays holding only the valid tokens (special tokens + kept tokens, in order). With ``expose``
 the kept positions of every site (debug outputs of the stage graphs) are collected per image in ``.exposed``.
+
+The stage graphs run on ONNX Runtime by default; ``runner_factory(relative path, extra outputs)`` substitutes any
+object with ``input_names`` and ``run(feeds) -> dict`` (the Triton router calls its stage models through Triton this
+way). Only numpy is imported here, so the dispatcher also runs where onnx and torch are not installed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from tokensieve.errors import RuntimeBackendError
-from tokensieve.runtimes.ort import OrtRunner
 
 MODES = ("bucketed", "oracle", "padmax")
+
+
+class StageRunner(Protocol):
+    """What the dispatcher needs of a stage graph's runner (:class:`tokensieve.runtimes.ort.OrtRunner` is one)."""
+
+    input_names: list[str]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+RunnerFactory = Callable[[str, Sequence[str]], StageRunner]
 
 
 class BucketOverflowError(RuntimeBackendError):
@@ -48,6 +62,24 @@ class StagedResult:
     outputs: dict[str, np.ndarray | list[np.ndarray]]
     routes: list[Route]
 
+    def packed(self, specials: int, slots: int) -> dict[str, np.ndarray]:
+        """Every output as one array: token-level outputs zero-padded to ``specials + slots`` tokens per image (the
+        largest last bucket, so the shape is static), plus ``kept_tokens`` and ``buckets`` ([batch, sites] int64:
+        the tokens each site kept for each image, after truncation, and the bucket it ran in)."""
+        out: dict[str, np.ndarray] = {}
+        for name, value in self.outputs.items():
+            if isinstance(value, list):
+                padded = np.zeros((len(value), specials + slots, *value[0].shape[1:]), value[0].dtype)
+                for i, part in enumerate(value):
+                    padded[i, : len(part)] = part
+                value = padded
+            out[name] = value
+        out["kept_tokens"] = np.array(
+            [[min(c, b) for c, b in zip(r.counts, r.buckets, strict=True)] for r in self.routes], np.int64
+        )
+        out["buckets"] = np.array([r.buckets for r in self.routes], np.int64)
+        return out
+
 
 def pick_bucket(count: int, buckets: list[int], allow_truncation: bool) -> tuple[int, bool]:
     """The smallest bucket holding ``count`` tokens; (largest bucket, truncated) if none does and that is allowed."""
@@ -63,7 +95,8 @@ def pick_bucket(count: int, buckets: list[int], allow_truncation: bool) -> tuple
 
 
 class StagedRunner:
-    """Run a staged artifact's graphs with ONNX Runtime (``stages`` is the manifest's ``stages`` entry)."""
+    """Run a staged artifact's graphs (``stages`` is the manifest's ``stages`` entry) with ONNX Runtime
+    (``runner_options``) or the runners ``runner_factory`` makes."""
 
     def __init__(
         self,
@@ -72,6 +105,7 @@ class StagedRunner:
         mode: str = "bucketed",
         allow_truncation: bool | None = None,
         expose: bool = False,
+        runner_factory: RunnerFactory | None = None,
         **runner_options,
     ):
         if mode not in MODES:
@@ -79,17 +113,24 @@ class StagedRunner:
         self.directory, self.stages, self.mode = Path(directory), stages, mode
         self.allow_truncation = stages.get("allow_truncation", False) if allow_truncation is None else allow_truncation
         self.options = runner_options
-        self._runners: dict[str, OrtRunner] = {}
+        self.factory = runner_factory or self._ort_runner
+        self._runners: dict[str, StageRunner] = {}
         self.expose = expose
         self.exposed: dict[int, dict[str, np.ndarray]] = {}
         self.sites = len(stages["sites"])
         self.specials = int(stages["specials"])
 
-    def runner(self, relative: str) -> OrtRunner:
+    def _ort_runner(self, relative: str, extra: Sequence[str]) -> StageRunner:
+        from tokensieve.runtimes.ort import OrtRunner
+
+        return OrtRunner(self.directory / relative, extra_outputs=extra, **self.options)
+
+    def runner(self, relative: str, extra: Sequence[str] | None = None) -> StageRunner:
         """The runner of one stage graph; with ``expose``, its kept positions come back as extra outputs."""
         if relative not in self._runners:
-            extra = [name for name in self.stages.get("exposed", {}).get(relative, [])] if self.expose else []
-            self._runners[relative] = OrtRunner(self.directory / relative, extra_outputs=extra, **self.options)
+            if extra is None:
+                extra = list(self.stages.get("exposed", {}).get(relative, [])) if self.expose else []
+            self._runners[relative] = self.factory(relative, extra)
         return self._runners[relative]
 
     def run(self, pixels: np.ndarray) -> StagedResult:
@@ -99,10 +140,7 @@ class StagedRunner:
 
     def _run_padmax(self, pixels: np.ndarray) -> StagedResult:
         count = f"tokensieve/site{self.stages['sites'][-1]}/count"
-        relative = self.stages["padmax"]
-        if relative not in self._runners:
-            self._runners[relative] = OrtRunner(self.directory / relative, extra_outputs=[count], **self.options)
-        runner = self._runners[relative]
+        runner = self.runner(self.stages["padmax"], extra=[count])
         out = runner.run({runner.input_names[0]: pixels})
         kept = out.pop(count).astype(np.int64)
         routes = [Route(counts=[int(c)], buckets=[self.stages["tokens"] - self.specials]) for c in kept]

@@ -1,0 +1,262 @@
+"""Triton model repositories (`tokensieve triton`): configs parsed with Triton's own ModelConfig proto, every BLS call
+of the bucket router checked against the called model's config and run on ONNX Runtime, and the router's answers
+compared with tokensieve's dispatcher on the artifact."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tokensieve
+from tokensieve.artifact import Artifact
+from tokensieve.cli import main
+from tokensieve.errors import ArtifactError
+from tokensieve.runtimes.buckets import StagedRunner
+from tokensieve.runtimes.ort import OrtRunner
+
+_tritonclient = importlib.util.find_spec("tritonclient")
+if _tritonclient is None:
+    pytest.skip("tritonclient (the test oracle for configs) is not installed", allow_module_level=True)
+_spec = importlib.util.spec_from_file_location(
+    "triton_model_config_pb2", Path(_tritonclient.submodule_search_locations[0]) / "grpc" / "model_config_pb2.py"
+)
+model_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(model_config)  # the proto module alone: the grpc client package needs grpcio
+
+from google.protobuf import text_format  # noqa: E402
+
+_NUMPY = {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64, "TYPE_BOOL": np.bool_}
+
+
+def load_config(folder: Path):
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config.ModelConfig())
+    assert config.name == folder.name
+    return config
+
+
+def check_tensors(config, tensors: dict[str, np.ndarray], section: str) -> None:
+    """What Triton enforces: the config's names, types and dims (batch axis up to max_batch_size)."""
+    declared = {t.name: t for t in getattr(config, section)}
+    assert set(tensors) == set(declared), (config.name, section, set(tensors), set(declared))
+    for name, value in tensors.items():
+        spec = declared[name]
+        assert value.dtype == _NUMPY[model_config.DataType.Name(spec.data_type)], (config.name, name, value.dtype)
+        dims = list(spec.reshape.shape) if spec.HasField("reshape") else list(spec.dims)
+        shape = list(value.shape)
+        if config.max_batch_size:
+            assert 1 <= shape[0] <= config.max_batch_size, (config.name, name, shape)
+            shape = shape[1:]
+        assert len(shape) == len(dims) and all(d in (-1, s) for d, s in zip(dims, shape, strict=True)), (
+            config.name,
+            name,
+            shape,
+            dims,
+        )
+
+
+class FakeTriton:
+    """Triton's ``triton_python_backend_utils`` and server, as far as the router uses them: BLS requests are checked
+    against the called model's config.pbtxt and run with ONNX Runtime on its ``1/model.onnx``."""
+
+    def __init__(self, repository: Path):
+        self.repository, self.sessions, self.calls = repository, {}, []
+        self.module = types.ModuleType("triton_python_backend_utils")
+        fake = self
+
+        class Tensor:
+            def __init__(self, name, value):
+                self._name, self._value = name, value
+
+            def name(self):
+                return self._name
+
+            def as_numpy(self):
+                return self._value
+
+        class TritonError:
+            def __init__(self, message):
+                self._message = message
+
+            def message(self):
+                return self._message
+
+        class InferenceResponse:
+            def __init__(self, output_tensors, error=None):
+                self.output_tensors, self._error = output_tensors, error
+
+            def has_error(self):
+                return self._error is not None
+
+            def error(self):
+                return self._error
+
+        class InferenceRequest:
+            def __init__(self, model_name, requested_output_names, inputs):
+                self.model_name, self.requested, self.inputs = model_name, requested_output_names, inputs
+
+            def exec(self):
+                return fake.infer(self.model_name, {t.name(): t.as_numpy() for t in self.inputs}, self.requested)
+
+        def by_name(holder, name):
+            tensors = holder.output_tensors if isinstance(holder, InferenceResponse) else holder.inputs
+            return next((t for t in tensors if t.name() == name), None)
+
+        for item in (Tensor, TritonError, InferenceResponse, InferenceRequest):
+            setattr(self.module, item.__name__, item)
+        self.module.get_input_tensor_by_name = by_name
+        self.module.get_output_tensor_by_name = by_name
+
+    def infer(self, model: str, feeds: dict[str, np.ndarray], requested: list[str]):
+        folder = self.repository / model
+        config = load_config(folder)
+        assert config.platform == "onnxruntime_onnx"
+        check_tensors(config, feeds, "input")
+        if model not in self.sessions:
+            self.sessions[model] = OrtRunner(folder / "1" / "model.onnx")
+        outputs = self.sessions[model].run(feeds, requested)
+        check_tensors(config, outputs, "output")
+        self.calls.append((model, len(next(iter(feeds.values())))))
+        return self.module.InferenceResponse([self.module.Tensor(k, v) for k, v in outputs.items()])
+
+    def router(self, name: str):
+        """Load the router's ``model.py`` as the Python backend would, and initialize it."""
+        folder = self.repository / name
+        sys.modules["triton_python_backend_utils"] = self.module
+        try:
+            spec = importlib.util.spec_from_file_location(f"router_{name}", folder / "1" / "model.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        finally:
+            del sys.modules["triton_python_backend_utils"]
+        model = module.TritonPythonModel()
+        model.initialize({"model_repository": str(folder), "model_version": "1", "model_name": name})
+        return model
+
+    def request(self, router, name: str, pixels: np.ndarray):
+        config = load_config(self.repository / name)
+        request = self.module.InferenceRequest(name, [], [self.module.Tensor(config.input[0].name, pixels)])
+        check_tensors(config, {config.input[0].name: pixels}, "input")
+        (response,) = router.execute([request])
+        if not response.has_error():
+            check_tensors(config, {t.name(): t.as_numpy() for t in response.output_tensors}, "output")
+        return response
+
+
+@pytest.fixture(scope="module")
+def staged(zoo, hf_config_dir, tmp_path_factory):
+    """A two-site staged HF ViT (token-level output) and its repository."""
+    path, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    root = tmp_path_factory.mktemp("triton")
+    artifact = tokensieve.export(
+        str(path), "atp(threshold=1.0, layers=[2, 4])", root / "vit_atp", buckets=[40, 104, 196]
+    )
+    models = artifact.triton(root / "repo", max_batch=4)
+    return artifact, root / "repo", models
+
+
+def test_router_answers_like_the_dispatcher(staged):
+    artifact, repo, models = staged
+    assert models[0] == "vit_atp" and len(models) == 1 + len(artifact.manifest["stages"]["graphs"]) + 1
+    for name in models:
+        config = load_config(repo / name)
+        assert config.max_batch_size == 4 and config.HasField("dynamic_batching")
+        assert config.backend == "python" if name == "vit_atp" else (repo / name / "1" / "model.onnx").is_file()
+    server = FakeTriton(repo)
+    router = server.router("vit_atp")
+    pixels = np.random.default_rng(3).standard_normal((4, 3, 224, 224), dtype=np.float32)
+    response = server.request(router, "vit_atp", pixels)
+    assert not response.has_error(), response.error().message()
+    got = {t.name(): t.as_numpy() for t in response.output_tensors}
+    expected = StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels)
+    assert got["buckets"].tolist() == [r.buckets for r in expected.routes]
+    assert got["kept_tokens"].tolist() == [r.counts for r in expected.routes]  # no truncation: counts fit
+    assert len({tuple(r.buckets) for r in expected.routes}) > 1  # the batch really was split between buckets
+    assert got["last_hidden_state"].shape == (4, 1 + 196, 192)  # padded to the largest last bucket
+    for i, valid in enumerate(expected.outputs["last_hidden_state"]):
+        np.testing.assert_allclose(got["last_hidden_state"][i, : len(valid)], valid, rtol=0, atol=1e-5)
+        assert not got["last_hidden_state"][i, len(valid) :].any()
+    np.testing.assert_allclose(got["pooler_output"], expected.outputs["pooler_output"], rtol=0, atol=1e-5)
+    stage1 = [n for n, b in server.calls if n == "vit_atp_stage1"]
+    assert stage1 == ["vit_atp_stage1"] and sum(b for n, b in server.calls if n.startswith("vit_atp_stage3")) == 4
+
+
+def test_router_imports_without_torch_or_onnx(staged):
+    _, repo, _ = staged
+    blocked = "; ".join(f"sys.modules[{m!r}] = None" for m in ("torch", "onnx", "onnx_ir", "onnxruntime", "timm"))
+    code = (
+        f"import sys, types; {blocked}; sys.modules['triton_python_backend_utils'] = types.ModuleType('pb'); "
+        f"import runpy; runpy.run_path({str(repo / 'vit_atp' / '1' / 'model.py')!r}); print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_overflow_is_an_error_response(zoo, hf_config_dir, tmp_path):
+    path, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), "atp(threshold=0.5, grid=0)", tmp_path / "a", buckets=[16, 32])
+    artifact.triton(tmp_path / "repo", name="small")
+    server = FakeTriton(tmp_path / "repo")
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    response = server.request(server.router("small"), "small", pixels)
+    assert response.has_error() and "largest bucket holds 32" in response.error().message()
+
+
+def test_single_graph_repository_and_replacement(zoo, hf_config_dir, tmp_path, capsys):
+    path, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "a")
+    repo = tmp_path / "repo"
+    (repo / "other" / "1").mkdir(parents=True)
+    (repo / "other" / "config.pbtxt").write_text('name: "other"\n')
+    assert main(["triton", str(tmp_path / "a"), "--out", str(repo), "--name", "vit", "--kind", "cpu"]) == 0
+    assert "clients call 'vit'" in capsys.readouterr().out
+    config = load_config(repo / "vit")
+    assert config.platform == "onnxruntime_onnx" and config.instance_group[0].kind == config.instance_group[0].KIND_CPU
+    pixels = np.random.default_rng(1).standard_normal((3, 3, 224, 224), dtype=np.float32)
+    served = FakeTriton(repo).infer("vit", {"pixel_values": pixels}, ["last_hidden_state", "pooler_output"])
+    direct = artifact.run(pixels)
+    for tensor in served.output_tensors:
+        np.testing.assert_array_equal(tensor.as_numpy(), direct[tensor.name()])
+    # a second bundle replaces tokensieve's own folder and leaves the others alone
+    assert main(["triton", str(tmp_path / "a"), "--out", str(repo), "--name", "vit", "--max-batch", "2"]) == 0
+    assert load_config(repo / "vit").max_batch_size == 2 and (repo / "other" / "config.pbtxt").is_file()
+    assert sorted(p.name for p in repo.iterdir()) == ["other", "vit"]  # no staging folder left behind
+    # a folder tokensieve did not write is never replaced
+    assert main(["triton", str(tmp_path / "a"), "--out", str(repo), "--name", "other"]) == 2
+    assert (
+        "did not write" in capsys.readouterr().err
+        and (repo / "other" / "config.pbtxt").read_text() == 'name: "other"\n'
+    )
+
+
+def test_tensorrt_backend_uses_the_built_engines(zoo, hf_config_dir, tmp_path):
+    path, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "a")
+    with pytest.raises(ArtifactError, match="no TensorRT engines; run `tokensieve build"):
+        artifact.triton(tmp_path / "repo", backend="tensorrt")
+    engines = tmp_path / "a" / "engines"  # what `tokensieve build --max-batch 16` leaves (plans are opaque here)
+    engines.mkdir()
+    (engines / "model.plan").write_bytes(b"plan")
+    (engines / "build.json").write_text(json.dumps({"ranges": {"batch": [1, 8, 16]}}))
+    artifact.triton(tmp_path / "repo", backend="tensorrt", name="vit_trt")
+    config = load_config(tmp_path / "repo" / "vit_trt")
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 16
+    assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+    assert (tmp_path / "repo" / "vit_trt" / "1" / "model.plan").read_bytes() == b"plan"
+    with pytest.raises(ArtifactError, match="exceeds the engines' profile maximum 16"):
+        artifact.triton(tmp_path / "repo", backend="tensorrt", max_batch=32)
+
+
+def test_bad_requests(tmp_path):
+    mllm = Artifact(tmp_path, {"kind": "mllm", "graphs": {}})
+    with pytest.raises(ArtifactError, match="image-model artifacts"):
+        mllm.triton(tmp_path / "repo")
+    with pytest.raises(ArtifactError, match="not a usable Triton model name"):
+        mllm.triton(tmp_path / "repo", name="a/b")
+    with pytest.raises(ArtifactError, match="unknown backend"):
+        mllm.triton(tmp_path / "repo", backend="tflite")
+    assert not (tmp_path / "repo").exists()

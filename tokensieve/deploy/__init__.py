@@ -1,0 +1,1 @@
+"""Deployment bundles: artifacts turned into what a serving stack loads (a Triton model repository)."""
