@@ -109,19 +109,24 @@ def test_legacy_shape_computations_are_evaluated():
 
 def test_symbolic_dims_keep_their_names_through_arithmetic():
     """A growing KV cache: Concat of [1, 2, past, 4] and [1, 2, 1, 4] is [1, 2, past+1, 4], not a proxy number;
-    products of symbols stay symbolic too."""
+    products of symbols stay symbolic too, and a later symbol plus one is that symbol plus one (the stream after a
+    symbolic-K selection, ``slots+1``), not a multiple of an earlier one that happens to land nearby."""
     past = helper.make_tensor_value_info("past", TensorProto.FLOAT, [1, 2, "past", 4])
     new = helper.make_tensor_value_info("new", TensorProto.FLOAT, [1, 2, 1, 4])
     grid = helper.make_tensor_value_info("grid", TensorProto.FLOAT, ["batch", "past", 3])
+    kept = helper.make_tensor_value_info("kept", TensorProto.FLOAT, ["batch", "slots", 4])
+    cls = helper.make_tensor_value_info("cls", TensorProto.FLOAT, ["batch", 1, 4])
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
     flat = helper.make_tensor_value_info("flat", TensorProto.FLOAT, None)
+    stream = helper.make_tensor_value_info("stream", TensorProto.FLOAT, None)
     shape = numpy_helper.from_array(np.array([-1, 3], np.int64), "shape")
     nodes = [
         helper.make_node("Concat", ["past", "new"], ["out"], axis=2),
         helper.make_node("Reshape", ["grid", "shape"], ["flat"]),
+        helper.make_node("Concat", ["cls", "kept"], ["stream"], axis=1),
     ]
-    graph = helper.make_graph(nodes, "g", [past, new, grid], [out, flat], initializer=[shape])
+    graph = helper.make_graph(nodes, "g", [past, new, grid, kept, cls], [out, flat, stream], initializer=[shape])
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
     propagate_shapes(model)
     dims = {v.name: [d if isinstance(d, int) else d.value for d in v.shape] for v in model.graph.outputs}
-    assert dims == {"out": [1, 2, "past+1", 4], "flat": ["past*batch", 3]}
+    assert dims == {"out": [1, 2, "past+1", 4], "flat": ["past*batch", 3], "stream": ["batch", "slots+1", 4]}

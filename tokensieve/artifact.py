@@ -256,6 +256,12 @@ class Artifact:
 
         return write_repository(self, out, **kwargs)
 
+    def jetson(self, out: str | os.PathLike, **kwargs) -> dict:
+        """Write a Jetson bundle (:func:`tokensieve.deploy.jetson.write_bundle`); returns its ``bundle.json``."""
+        from tokensieve.deploy.jetson import write_bundle
+
+        return write_bundle(self, out, **kwargs)
+
     def run(self, pixel_values, graph: str = "model", **kwargs) -> dict:
         """Run the graph on a numpy batch with ONNX Runtime (CPU unless ``providers=`` says otherwise)."""
         if self.kind == "mllm":

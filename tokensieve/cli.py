@@ -157,11 +157,10 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _build(args: argparse.Namespace) -> int:
-    from tokensieve.api import load
-
+def _dims(texts: list[str]) -> dict[str, tuple[int, int, int]]:
+    """``--dim AXIS=MIN:OPT:MAX`` options as profile ranges."""
     dims = {}
-    for text in args.dim:
+    for text in texts:
         axis, _, values = text.partition("=")
         parts = values.split(":")
         if not axis or len(parts) != 3 or not all(p.isdigit() for p in parts):
@@ -170,7 +169,27 @@ def _build(args: argparse.Namespace) -> int:
         if not low <= opt <= high:
             raise InputError(f"--dim {text!r}: needs MIN <= OPT <= MAX")
         dims[axis] = (low, opt, high)
-    report = load(args.dir).build(fp16=args.fp16, max_batch=args.max_batch, dims=dims)
+    return dims
+
+
+def _jetson(args: argparse.Namespace) -> int:
+    from tokensieve.api import load
+
+    info = load(args.dir).jetson(
+        args.out, jetpack=args.jetpack, fp16=args.fp16, max_batch=args.max_batch, dims=_dims(args.dim)
+    )
+    print(
+        f"wrote {args.out}: {len(info['graphs'])} graph(s) for JetPack {info['jetpack']} (TensorRT "
+        f"{info['tensorrt']}, {info['devices']}), {info['lint']['target']} lint clean; on the device run "
+        "jetson/build_engines.sh, then jetson/check.sh, from the bundle folder"
+    )
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from tokensieve.api import load
+
+    report = load(args.dir).build(fp16=args.fp16, max_batch=args.max_batch, dims=_dims(args.dim))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -378,6 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_build)
+
+    p = sub.add_parser("jetson", help="a bundle that builds and checks the engines on a Jetson with trtexec")
+    p.add_argument("dir")
+    p.add_argument("--out", required=True, help="the bundle: a folder, or a file ending in .tar.gz")
+    p.add_argument("--jetpack", default="6.2", help="6.1, 6.2, 7.0, 7.1, 7.2, 7.2.2 (sets TensorRT and the lint)")
+    p.add_argument("--fp16", action="store_true", help="trtexec --fp16 (TensorRT 10.x JetPacks)")
+    p.add_argument("--max-batch", type=int, default=8, help="profile maximum for a dynamic batch axis")
+    p.add_argument(
+        "--dim", action="append", default=[], metavar="AXIS=MIN:OPT:MAX", help="a symbolic axis' profile range"
+    )
+    p.set_defaults(func=_jetson)
 
     p = sub.add_parser("triton", help="write an image-model artifact into a Triton model repository")
     p.add_argument("dir")

@@ -3,7 +3,8 @@
 Each graph's inputs with symbolic axes get one optimization profile; the ranges come from what the artifact knows:
 
 * ``batch`` (dynamic-batch ViT graphs, stage graphs): ``1 .. max_batch`` (opt 8 or less);
-* ``slots`` (the symbolic-K stage of a staged artifact): its smallest .. largest bucket;
+* ``slots`` (the symbolic-K stages of a staged artifact): its smallest .. largest bucket; after the first site also
+  ``candidates`` (the previous site's slots, same range) and ``tokens`` (those plus the special tokens);
 * MLLM ``sequence``: ``1 .. capacity`` (opt: one image plus 64 text tokens); ``image_tokens``: ``0 .. capacity``;
   ``past`` / ``past_kept*`` (growing cache): ``1 .. capacity``; ``patches`` (LLaVA-NeXT vision): ``1 .. 1 + the
   largest grid``; ``vision_tokens`` (MustDrop's ``vision_1``): CLS plus ``n - 8 W .. n`` tokens;
@@ -51,9 +52,11 @@ def symbol_ranges(artifact, max_batch: int = 32) -> dict[str, tuple[int, int, in
     manifest = artifact.manifest
     ranges = {"batch": (1, min(8, max_batch), max_batch)}
     stages = manifest.get("stages")
-    if stages:
+    if stages:  # the symbolic-K chain: slots of a site; after the first site, the previous site's slots
         sizes = [k for route in stages["buckets"].values() for k in route]
-        ranges["slots"] = (min(sizes), max(sizes), max(sizes))
+        low, high, specials = min(sizes), max(sizes), int(stages["specials"])
+        ranges["slots"] = ranges["candidates"] = (low, high, high)
+        ranges["tokens"] = (specials + low, specials + high, specials + high)
     if artifact.kind != "mllm":
         return ranges
     capacity, image = manifest["decoder"]["capacity"], manifest["image_tokens"]

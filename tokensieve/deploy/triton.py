@@ -41,6 +41,7 @@ from typing import Any
 import onnx_ir as ir
 
 from tokensieve.artifact import WEIGHTS, describe_io
+from tokensieve.deploy.files import link_or_copy
 from tokensieve.engines import ENGINES, plan_path
 from tokensieve.errors import ArtifactError
 
@@ -97,7 +98,7 @@ class ModelSpec:
             # each model gets the weights it uses in its own folder (Triton loads every version folder on its own)
             ir.save(ir.load(self.source), version / "model.onnx", external_data=WEIGHTS)
         elif self.source is not None:
-            _link_or_copy(self.source, version / "model.plan")
+            link_or_copy(self.source, version / "model.plan")
         for name, text in self.files.items():
             (version / name).write_text(text)
 
@@ -111,13 +112,6 @@ def _tensor(spec: dict, batching: bool) -> str:
     if batching and not dims:  # a [batch] tensor: Triton wants dims [1] reshaped to nothing
         dims, reshape = [1], " reshape: { shape: [ ] }"
     return f'  {{ name: "{spec["name"]}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{reshape} }}'
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 def _batching(specs: Sequence[dict]) -> bool:

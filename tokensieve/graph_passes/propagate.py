@@ -118,16 +118,20 @@ class _Proxies:
         return "[" + ", ".join(str(self.unproxy(d)) for d in dims) + "]"
 
     def unproxy(self, v: int) -> int | str:
-        """Concrete int, or a symbolic name (``"batch"``, ``"batch*6"``, ``"past+1"``)."""
-        for exact in (True, False):
-            for prime, name in self._names.items():
-                factor, offset = divmod(v + _MAX_OFFSET, prime)
-                offset -= _MAX_OFFSET
-                if factor < 1 or (exact and offset) or abs(offset) >= _MAX_OFFSET:
-                    continue
-                text = name if factor == 1 else f"{name}*{self.unproxy(factor)}"
-                return text if not offset else f"{text}{offset:+d}"
-        return v
+        """Concrete int, or a symbolic name (``"batch"``, ``"batch*6"``, ``"past+1"``): an exact multiple of a proxy
+        first, else the proxy plus the smallest offset, a single proxy before a multiple (``slots+1``, not
+        ``batch*3+9``, which the same number also is)."""
+        candidates = []
+        for order, (prime, name) in enumerate(self._names.items()):  # ties: the first symbol seen
+            factor, offset = divmod(v + _MAX_OFFSET, prime)
+            offset -= _MAX_OFFSET
+            if factor >= 1 and abs(offset) < _MAX_OFFSET:
+                candidates.append((offset != 0, factor != 1, abs(offset), order, name, factor, offset))
+        if not candidates:
+            return v
+        *_, name, factor, offset = min(candidates)
+        text = name if factor == 1 else f"{name}*{self.unproxy(factor)}"
+        return text if not offset else f"{text}{offset:+d}"
 
 
 def _split_offset(text: str) -> tuple[str, int]:

@@ -1,0 +1,116 @@
+"""Jetson bundles (`tokensieve jetson`): the artifact plus trtexec build / check scripts for the JetPack's TensorRT.
+The scripts run here against stand-ins for trtexec and Polygraphy that record their arguments and write the plans."""
+
+import json
+import os
+import subprocess
+import tarfile
+
+import pytest
+
+import tokensieve
+from tokensieve.cli import main
+from tokensieve.errors import ArtifactError
+from tokensieve.gate import gate
+
+FAKE_TRTEXEC = """#!/usr/bin/env bash
+echo "$@" >> "$CALLS"
+for arg in "$@"; do case "$arg" in --saveEngine=*) echo plan > "${arg#--saveEngine=}";; esac; done
+"""
+FAKE_POLYGRAPHY = """#!/usr/bin/env bash
+echo "polygraphy $@" >> "$CALLS"
+"""
+
+
+def _tools(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("trtexec", FAKE_TRTEXEC), ("polygraphy", FAKE_POLYGRAPHY)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    # no tokensieve on this PATH: check.sh falls back to Polygraphy
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "TRTEXEC": str(bin_dir / "trtexec"), "CALLS": str(calls)}
+    return env, calls
+
+
+def _run(script, env):
+    result = subprocess.run(["bash", f"jetson/{script}"], cwd=env["BUNDLE"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_single_graph_bundle_builds_checks_and_stays_an_artifact(zoo, hf_config_dir, tmp_path, capsys):
+    path, built = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "a")
+    assert artifact.parity(reference=built).ok  # writes golden/
+    bundle = tmp_path / "bundle"
+    assert main(["jetson", str(artifact.path), "--out", str(bundle), "--jetpack", "6.2", "--fp16"]) == 0
+    assert "TensorRT 10.3, Orin" in capsys.readouterr().out
+    info = json.loads((bundle / "jetson" / "bundle.json").read_text())
+    assert info["lint"] == {"target": "trt10.3", "ok": True, "warnings": info["lint"]["warnings"]}
+    assert [g["onnx"] for g in info["graphs"]] == ["model.onnx", "baseline.onnx"]
+    env, calls = _tools(tmp_path)
+    env["BUNDLE"] = str(bundle)
+    _run("build_engines.sh", env)
+    builds = calls.read_text().splitlines()
+    assert len(builds) == 2 and all("--fp16" in line for line in builds)
+    assert "--minShapes=pixel_values:1x3x224x224 --optShapes=pixel_values:8x3x224x224" in builds[0]
+    assert "--maxShapes=pixel_values:8x3x224x224" in builds[0]
+    build = json.loads((bundle / "engines" / "build.json").read_text())
+    assert build["ranges"]["batch"] == [1, 8, 8] and build["fp16"] and build["tensorrt"] == "unknown"
+    assert (bundle / "engines" / "model.plan").read_text() == "plan\n"
+    calls.unlink()
+    _run("check.sh", env)
+    checks = calls.read_text().splitlines()
+    assert checks[0] == "--loadEngine=engines/model.plan --shapes=pixel_values:8x3x224x224"
+    assert checks[-1].startswith("polygraphy run engines/model.plan --model-type engine --trt")
+    assert "--load-outputs golden/eager_outputs.json --atol 1e-2" in checks[-1]
+    assert (
+        "tokensieve parity . --replay --runtime tensorrt --tolerance 0.01" in (bundle / "jetson/check.sh").read_text()
+    )
+    # the bundle folder is the artifact: it loads, its recorded digests and golden replay pass the gate, and the
+    # engines the script wrote serve through `tokensieve triton --backend tensorrt`
+    report = gate([bundle])
+    assert report.ok, report.text()
+    copy = tokensieve.load(bundle)
+    assert copy.triton(tmp_path / "repo", backend="tensorrt") == ["bundle"]
+    assert (tmp_path / "repo" / "bundle" / "1" / "model.plan").is_file()
+
+
+def test_staged_bundle_archive(zoo, hf_config_dir, tmp_path):
+    path, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), "atp(threshold=1.0, layers=[2, 4])", tmp_path / "a", buckets=[40, 104])
+    (artifact.path / "engines").mkdir()  # engines built elsewhere stay out of the bundle
+    (artifact.path / "engines" / "stage1.plan").write_text("other device")
+    info = artifact.jetson(tmp_path / "out" / "vit_atp.tar.gz", jetpack="7.2", max_batch=4)
+    assert info["tensorrt"] == "10.16" and info["lint"]["target"] == "trt10"
+    graphs = {g["onnx"]: g["profile"] for g in info["graphs"]}
+    assert len(graphs) == len(artifact.graph_files())
+    # the symbolic-K chain after the first site: tokens and candidates follow the buckets
+    assert graphs["stage3_dynamic.onnx"]["tokens"] == [[1, 41, 192], [4, 105, 192], [4, 105, 192]]
+    assert graphs["stage3_dynamic.onnx"]["order_key"] == [[1, 40], [4, 104], [4, 104]]
+    assert sorted(os.listdir(tmp_path / "out")) == ["vit_atp.tar.gz"]  # no scratch folder left
+    with tarfile.open(tmp_path / "out" / "vit_atp.tar.gz") as tar:
+        names = tar.getnames()
+        script = tar.extractfile("vit_atp/jetson/build_engines.sh").read().decode()
+    assert "vit_atp/manifest.json" in names and "vit_atp/jetson/check.sh" in names
+    assert not [n for n in names if "/engines" in n]
+    assert script.count("--saveEngine=") == len(graphs) and "--fp16" not in script
+
+
+def test_bad_requests(zoo, hf_config_dir, tmp_path):
+    path, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "a")
+    with pytest.raises(ArtifactError, match=r"unknown JetPack '5\.1'"):
+        artifact.jetson(tmp_path / "b", jetpack="5.1")
+    with pytest.raises(ArtifactError, match=r"TensorRT 11\.4, which has no --fp16"):
+        artifact.jetson(tmp_path / "b", jetpack="7.2.2", fp16=True)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    assert main(["jetson", str(artifact.path), "--out", str(tmp_path / "taken")]) == 2
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine" and not (tmp_path / "b").exists()
+    newer, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True, opset=21)
+    opset21 = tokensieve.export(str(newer), "topk(keep=0.5, layers=[2])", tmp_path / "c")
+    with pytest.raises(ArtifactError, match=r"fail the trt10\.3 lint that JetPack 6\.2"):
+        opset21.jetson(tmp_path / "b")
+    assert opset21.jetson(tmp_path / "b", jetpack="7.2")["lint"]["target"] == "trt10"
