@@ -85,7 +85,7 @@ def test_staged_bundle_archive(zoo, hf_config_dir, tmp_path):
     info = artifact.jetson(tmp_path / "out" / "vit_atp.tar.gz", jetpack="7.2", max_batch=4)
     assert info["tensorrt"] == "10.16" and info["lint"]["target"] == "trt10"
     graphs = {g["onnx"]: g["profile"] for g in info["graphs"]}
-    assert len(graphs) == len(artifact.graph_files())
+    assert len(graphs) == len(artifact.graph_files()) + 1 and "baseline.onnx" in graphs  # the bench reference too
     # the symbolic-K chain after the first site: tokens and candidates follow the buckets
     assert graphs["stage3_dynamic.onnx"]["tokens"] == [[1, 41, 192], [4, 105, 192], [4, 105, 192]]
     assert graphs["stage3_dynamic.onnx"]["order_key"] == [[1, 40], [4, 104], [4, 104]]

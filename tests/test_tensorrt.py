@@ -5,16 +5,20 @@ GPU the build, the golden replay and the benchmark on the engines (skipped elsew
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 import tokensieve
+from tokensieve.bench import bench_staged
 from tokensieve.cli import main
 from tokensieve.engines import graph_paths, input_profile, symbol_ranges
 from tokensieve.errors import ArtifactError, RuntimeBackendError
+from tokensieve.runtimes.ort import OrtRunner
 from tokensieve.runtimes.tensorrt import tensorrt_version
 
 TRT = tensorrt_version() is not None
@@ -87,6 +91,42 @@ def test_without_tensorrt_every_entry_point_says_what_to_do(vit, capsys):
     assert "--replay" in capsys.readouterr().err
 
 
+class OnnxEngine:
+    """Stand-in for TensorRTRunner on a CPU machine: runs the ONNX graph a plan is built from, and records the plan."""
+
+    opened: ClassVar[list[str]] = []
+
+    def __init__(self, plan):
+        plan = Path(plan)
+        OnnxEngine.opened.append(plan.name)
+        self._graph = OrtRunner(plan.parent.parent / f"{plan.stem}.onnx")
+        self.input_names = self._graph.input_names
+
+    def run(self, feeds):
+        return self._graph.run(feeds)
+
+
+def test_staged_dispatch_and_bench_take_the_engines(zoo, hf_config_dir, tmp_path, monkeypatch, capsys):
+    path, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), "atp(threshold=1.0, layers=[2, 4])", tmp_path / "a", buckets=[40, 104, 196])
+    monkeypatch.setattr("tokensieve.runtimes.tensorrt.TensorRTRunner", OnnxEngine)
+    monkeypatch.setattr(OnnxEngine, "opened", [])
+    pixels = np.random.default_rng(3).standard_normal((4, 3, 224, 224), dtype=np.float32)
+    engines, ort = artifact.staged_runner(runtime="tensorrt").run(pixels), artifact.staged_runner().run(pixels)
+    assert [r.buckets for r in engines.routes] == [r.buckets for r in ort.routes]
+    assert len({tuple(r.buckets) for r in ort.routes}) > 1
+    np.testing.assert_array_equal(engines.outputs["pooler_output"], ort.outputs["pooler_output"])
+    report = bench_staged(artifact, pixels, blocks=1, save=False, runtime="tensorrt")
+    assert report.runtime == "tensorrt" and "TensorRT engines" in report.text()
+    opened = set(OnnxEngine.opened)  # every plan the dispatcher and the benchmark open is one `build` makes
+    assert opened <= {f"{Path(p).stem}.plan" for p in graph_paths(artifact)}
+    assert {"stage1.plan", "stage2_dynamic.plan", "stage3_dynamic.plan", "padmax.plan", "baseline.plan"} <= opened
+    assert main(["bench", str(artifact.path), "--runtime", "tensorrt", "--blocks", "1"]) == 0
+    assert "TensorRT engines" in capsys.readouterr().out
+    with pytest.raises(ArtifactError, match="no debug outputs"):
+        artifact.staged_runner(runtime="tensorrt", expose=True)
+
+
 @pytest.mark.skipif(not TRT, reason="needs TensorRT and an NVIDIA GPU")
 def test_engines_build_replay_and_bench(vit, capsys):
     assert vit.parity(batch=2).ok
@@ -100,3 +140,18 @@ def test_engines_build_replay_and_bench(vit, capsys):
     assert next(iter(out.values())).shape[0] == 3
     bench = vit.bench(batches=[1, 8], runtime="tensorrt", save=False)
     assert all(row.model_ms > 0 for row in bench.rows)
+
+
+@pytest.mark.skipif(not TRT, reason="needs TensorRT and an NVIDIA GPU")
+def test_staged_engines_build_dispatch_and_bench(zoo, tmp_path):
+    path, _ = zoo("timm:vit_small_patch16_224", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), "atp(threshold=1.2)", tmp_path / "a", buckets=[64, 128, 196])
+    report = artifact.build(max_batch=8)
+    assert set(report["engines"]) == set(graph_paths(artifact))
+    pixels = np.random.default_rng(0).standard_normal((4, 3, 224, 224), dtype=np.float32)
+    engines, ort = artifact.staged_runner(runtime="tensorrt").run(pixels), artifact.staged_runner().run(pixels)
+    assert [r.buckets for r in engines.routes] == [r.buckets for r in ort.routes]
+    scale = np.abs(ort.outputs["logits"]).max()
+    np.testing.assert_allclose(engines.outputs["logits"], ort.outputs["logits"], rtol=0, atol=1e-3 * scale)
+    bench = bench_staged(artifact, pixels, blocks=2, save=False, runtime="tensorrt")
+    assert all(ms > 0 for ms in bench.mean_ms.values())

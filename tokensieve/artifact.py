@@ -243,6 +243,25 @@ class Artifact:
 
         return OrtRunner(self.graph_path(graph), **kwargs)
 
+    def staged_runner(self, mode: str = "bucketed", runtime: str = "onnxruntime", **kwargs):
+        """The bucket dispatcher of a staged artifact (:class:`tokensieve.runtimes.buckets.StagedRunner`) on ONNX
+        Runtime (``kwargs``: its options and the runner's), or on the engines ``tokensieve build`` wrote: every stage
+        graph, the symbolic-K chain (``mode="oracle"``) and the pad-to-max graph have one."""
+        from tokensieve.runtimes.buckets import StagedRunner
+
+        if "stages" not in self.manifest:
+            raise ArtifactError(f"{self.path} is not a staged artifact (export an adaptive method with --buckets)")
+        if runtime == "tensorrt":
+            if kwargs.get("expose"):
+                raise ArtifactError("an engine has no debug outputs: the kept tokens are exposed on ONNX Runtime only")
+            from tokensieve.engines import plan_path
+            from tokensieve.runtimes.tensorrt import TensorRTRunner
+
+            kwargs["runner_factory"] = lambda relative, extra: TensorRTRunner(plan_path(self, relative))
+        elif runtime != "onnxruntime":
+            raise ArtifactError(f"unknown runtime {runtime!r}; choose onnxruntime or tensorrt")
+        return StagedRunner(self.path, self.manifest["stages"], mode=mode, **kwargs)
+
     def build(self, **kwargs) -> dict:
         """TensorRT engines for every graph, into ``DIR/engines/`` (:func:`tokensieve.engines.build_engines`)."""
         from tokensieve.engines import build_engines

@@ -197,13 +197,15 @@ class StagedBenchReport:
     ratios: dict[str, float]
     buckets: list[int]
     counts: dict[str, float]
+    runtime: str = "onnxruntime"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def text(self) -> str:
+        where = f"ONNX Runtime CPU, {self.threads} threads" if self.runtime == "onnxruntime" else "TensorRT engines"
         lines = [
-            f"per-image latency, batch 1, ONNX Runtime CPU, {self.threads} threads, mean over {self.images} images "
+            f"per-image latency, batch 1, {where}, mean over {self.images} images "
             f"(counts {self.counts['min']:.0f}..{self.counts['max']:.0f}, mean {self.counts['mean']:.1f}; "
             f"buckets {self.buckets})"
         ]
@@ -214,12 +216,17 @@ class StagedBenchReport:
 
 
 def bench_staged(
-    artifact, data: np.ndarray | None = None, threads: int = 2, blocks: int = 4, save: bool = True
+    artifact,
+    data: np.ndarray | None = None,
+    threads: int = 2,
+    blocks: int = 4,
+    save: bool = True,
+    runtime: str = "onnxruntime",
 ) -> StagedBenchReport:
     """Bucketed dispatch vs the exact-count oracle (dynamic shapes) vs pad-to-max vs the unreduced graph, image by
-    image over a distribution of inputs (default: varied real-looking images, preprocessed like the model's)."""
-    from tokensieve.runtimes.buckets import StagedRunner
-
+    image over a distribution of inputs (default: varied real-looking images, preprocessed like the model's), on
+    ONNX Runtime or on the engines ``tokensieve build`` wrote (``runtime="tensorrt"``: the oracle is then the
+    engine with one optimization profile over every bucket size)."""
     manifest = artifact.manifest
     stages = manifest["stages"]
     if data is None:
@@ -227,12 +234,12 @@ def bench_staged(
 
         pre = manifest["preprocessing"]
         data = np.stack([preprocess(im, pre["shape"], pre["mean"], pre["std"]) for im in sample_images(24, seed=7)])
-    options = {"threads": threads, "spin": False}
+    options = {"threads": threads, "spin": False} if runtime == "onnxruntime" else {}
     runners = {
-        mode: StagedRunner(artifact.path, stages, mode=mode, allow_truncation=True, **options)
+        mode: artifact.staged_runner(mode, runtime, allow_truncation=True, **options)
         for mode in ("bucketed", "oracle", "padmax")
     }
-    baseline = artifact.runner("baseline", **options)
+    baseline = artifact.runner("baseline", runtime, **options)
     images = [data[i : i + 1] for i in range(len(data))]
     runs = {f"{mode}": (lambda r=runner: [r.run(x) for x in images]) for mode, runner in runners.items()}
     runs["unreduced"] = lambda: [baseline.run({baseline.input_names[0]: x}) for x in images]
@@ -252,6 +259,7 @@ def bench_staged(
         },
         stages["buckets"][""],
         {"min": float(min(counts)), "max": float(max(counts)), "mean": float(np.mean(counts))},
+        runtime,
     )
     if save:
         (artifact.path / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))

@@ -202,8 +202,8 @@ def _bench(args: argparse.Namespace) -> int:
     from tokensieve.api import load
 
     artifact = load(args.dir)
-    if args.runtime != "onnxruntime" and (artifact.kind == "mllm" or "stages" in artifact.manifest):
-        raise ArtifactError("--runtime tensorrt benchmarks a single-graph image model's engines (tokensieve build)")
+    if args.runtime != "onnxruntime" and artifact.kind == "mllm":
+        raise ArtifactError("--runtime tensorrt benchmarks an image model's engines (tokensieve build), not an MLLM's")
     if artifact.kind == "mllm":
         report = artifact.bench(
             contexts=args.contexts, threads=args.threads, blocks=args.blocks, per_block=args.per_block
@@ -214,7 +214,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         pre = artifact.manifest["preprocessing"]
         data = load_data(args.data, pre["shape"], pre["mean"], pre["std"]) if args.data else None
-        report = bench_staged(artifact, data, threads=args.threads, blocks=args.blocks)
+        report = bench_staged(artifact, data, threads=args.threads, blocks=args.blocks, runtime=args.runtime)
     else:
         report = artifact.bench(
             batches=args.batch,

@@ -33,11 +33,11 @@ ENGINES = "engines"  # where the staged artifacts' trtexec recipes (trt/build_*.
 
 
 def graph_paths(artifact) -> list[str]:
-    """Relative paths of the ONNX files to build: every deployable graph (a ViT artifact's baseline too, so the
+    """Relative paths of the ONNX files to build: every deployable graph (an image model's baseline too, so the
     engine benchmark has its reference)."""
     paths = [path for path, _ in artifact.graph_files()]
     baseline = artifact.manifest.get("graphs", {}).get("baseline")
-    if artifact.kind != "mllm" and "stages" not in artifact.manifest and baseline:
+    if artifact.kind != "mllm" and baseline:
         paths.append(baseline)
     return list(dict.fromkeys(paths))
 

@@ -142,8 +142,10 @@ class StagedRunner:
         count = f"tokensieve/site{self.stages['sites'][-1]}/count"
         runner = self.runner(self.stages["padmax"], extra=[count])
         out = runner.run({runner.input_names[0]: pixels})
-        kept = out.pop(count).astype(np.int64)
-        routes = [Route(counts=[int(c)], buckets=[self.stages["tokens"] - self.specials]) for c in kept]
+        slots = self.stages["tokens"] - self.specials
+        # the count is a debug output, which an engine does not have: there every slot is reported as kept
+        kept = out.pop(count, np.full(len(pixels), slots)).astype(np.int64)
+        routes = [Route(counts=[int(c)], buckets=[slots]) for c in kept]
         return self._assemble({i: {k: v[i] for k, v in out.items()} for i in range(len(pixels))}, routes)
 
     def first_stage(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
