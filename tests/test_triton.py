@@ -28,7 +28,7 @@ _spec = importlib.util.spec_from_file_location(
 model_config = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(model_config)  # the proto module alone: the grpc client package needs grpcio
 
-from google.protobuf import text_format  # noqa: E402
+from google.protobuf import json_format, text_format  # noqa: E402
 
 _NUMPY = {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64, "TYPE_BOOL": np.bool_}
 
@@ -134,17 +134,25 @@ class FakeTriton:
         finally:
             del sys.modules["triton_python_backend_utils"]
         model = module.TritonPythonModel()
-        model.initialize({"model_repository": str(folder), "model_version": "1", "model_name": name})
+        config = json_format.MessageToJson(load_config(folder), preserving_proto_field_name=True)
+        model.initialize(
+            {"model_repository": str(folder), "model_version": "1", "model_name": name, "model_config": config}
+        )
         return model
 
-    def request(self, router, name: str, pixels: np.ndarray):
+    def requests(self, router, name: str, *batches: np.ndarray) -> list:
+        """Hand the router one request per batch in a single ``execute`` call (what dynamic batching does)."""
         config = load_config(self.repository / name)
-        request = self.module.InferenceRequest(name, [], [self.module.Tensor(config.input[0].name, pixels)])
-        check_tensors(config, {config.input[0].name: pixels}, "input")
-        (response,) = router.execute([request])
-        if not response.has_error():
-            check_tensors(config, {t.name(): t.as_numpy() for t in response.output_tensors}, "output")
-        return response
+        requests = []
+        for pixels in batches:
+            check_tensors(config, {config.input[0].name: pixels}, "input")
+            requests.append(self.module.InferenceRequest(name, [], [self.module.Tensor(config.input[0].name, pixels)]))
+        responses = router.execute(requests)
+        assert len(responses) == len(requests)
+        for response in responses:
+            if not response.has_error():
+                check_tensors(config, {t.name(): t.as_numpy() for t in response.output_tensors}, "output")
+        return responses
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +177,7 @@ def test_router_answers_like_the_dispatcher(staged):
     server = FakeTriton(repo)
     router = server.router("vit_atp")
     pixels = np.random.default_rng(3).standard_normal((4, 3, 224, 224), dtype=np.float32)
-    response = server.request(router, "vit_atp", pixels)
+    (response,) = server.requests(router, "vit_atp", pixels)
     assert not response.has_error(), response.error().message()
     got = {t.name(): t.as_numpy() for t in response.output_tensors}
     expected = StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels)
@@ -183,6 +191,23 @@ def test_router_answers_like_the_dispatcher(staged):
     np.testing.assert_allclose(got["pooler_output"], expected.outputs["pooler_output"], rtol=0, atol=1e-5)
     stage1 = [n for n, b in server.calls if n == "vit_atp_stage1"]
     assert stage1 == ["vit_atp_stage1"] and sum(b for n, b in server.calls if n.startswith("vit_atp_stage3")) == 4
+
+
+def test_requests_batched_together_are_dispatched_as_one_batch(staged):
+    artifact, repo, _ = staged
+    server = FakeTriton(repo)
+    router = server.router("vit_atp")
+    pixels = np.random.default_rng(4).standard_normal((5, 3, 224, 224), dtype=np.float32)
+    responses = server.requests(router, "vit_atp", pixels[:2], pixels[2:3], pixels[3:])
+    # 5 images, max_batch_size 4: stage 1 runs twice (4 + 1), not once per request
+    assert [b for n, b in server.calls if n == "vit_atp_stage1"] == [4, 1]
+    expected = [*StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels[:4]).routes]
+    expected += StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels[4:]).routes
+    got = [{t.name(): t.as_numpy() for t in r.output_tensors} for r in responses]
+    assert [len(g["buckets"]) for g in got] == [2, 1, 2]
+    assert np.concatenate([g["buckets"] for g in got]).tolist() == [r.buckets for r in expected]
+    alone = {t.name(): t.as_numpy() for t in server.requests(router, "vit_atp", pixels[2:3])[0].output_tensors}
+    np.testing.assert_allclose(got[1]["pooler_output"], alone["pooler_output"], rtol=0, atol=1e-5)
 
 
 def test_router_imports_without_torch_or_onnx(staged):
@@ -202,8 +227,8 @@ def test_overflow_is_an_error_response(zoo, hf_config_dir, tmp_path):
     artifact.triton(tmp_path / "repo", name="small")
     server = FakeTriton(tmp_path / "repo")
     pixels = np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32)
-    response = server.request(server.router("small"), "small", pixels)
-    assert response.has_error() and "largest bucket holds 32" in response.error().message()
+    responses = server.requests(server.router("small"), "small", pixels, pixels[:1])
+    assert all(r.has_error() and "largest bucket holds 32" in r.error().message() for r in responses)
 
 
 def test_single_graph_repository_and_replacement(zoo, hf_config_dir, tmp_path, capsys):

@@ -5,7 +5,10 @@ routes each image to the smallest bucket that holds its token count, calling the
 through Business Logic Scripting, and reassembles the batch in order. ``routing.json`` beside this file names the
 stage models and holds the artifact's ``stages`` manifest entry. Token-level outputs are zero-padded to the largest
 last bucket; ``kept_tokens`` and ``buckets`` ([batch, sites]) say how many tokens each site kept and where each image
-ran. A count above the largest bucket is an error response unless the artifact allows truncation.
+ran. A count above the largest bucket is an error response unless the artifact allows truncation. The requests
+Triton hands over together (dynamic batching) are dispatched as one batch, in chunks of ``max_batch_size``, so each
+bucket model sees the images of all of them at once; if that fails, each request is answered on its own so an error
+reaches only the request it belongs to.
 
 The Python backend needs ``tokensieve`` importable: ``pip install --no-deps tokensieve`` plus numpy (the dispatcher
 imports neither torch nor onnx).
@@ -48,18 +51,38 @@ class TritonPythonModel:
         models = routing["models"]
         self.input, self.slots = routing["input"], routing["slots"]
         self.specials = int(routing["stages"]["specials"])
+        self.max_batch = int(json.loads(args["model_config"])["max_batch_size"])
         self.dispatcher = StagedRunner(
             "", routing["stages"], runner_factory=lambda relative, extra: TritonStage(**models[relative])
         )
 
+    def _run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        step = self.max_batch or len(pixels)
+        parts = [
+            self.dispatcher.run(pixels[i : i + step]).packed(self.specials, self.slots)
+            for i in range(0, len(pixels), step)
+        ]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def _respond(self, outputs: dict[str, np.ndarray]):
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
+
     def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
+        arrays = [pb_utils.get_input_tensor_by_name(r, self.input).as_numpy() for r in requests]
+        if self.max_batch and len(arrays) > 1:
             try:
-                pixels = pb_utils.get_input_tensor_by_name(request, self.input).as_numpy()
-                outputs = self.dispatcher.run(pixels).packed(self.specials, self.slots)
-                tensors = [pb_utils.Tensor(name, value) for name, value in outputs.items()]
-                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+                merged = self._run(np.concatenate(arrays))
+                ends = np.cumsum([len(a) for a in arrays])
+                return [
+                    self._respond({k: v[end - len(a) : end] for k, v in merged.items()})
+                    for a, end in zip(arrays, ends, strict=True)
+                ]
+            except TokensieveError:
+                pass  # answer request by request below, so only the failing request gets the error
+        responses = []
+        for pixels in arrays:
+            try:
+                responses.append(self._respond(self._run(pixels)))
             except TokensieveError as e:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))))
         return responses
