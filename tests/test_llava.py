@@ -195,6 +195,8 @@ def test_placeholders_capacity_and_bad_sources_are_typed_errors(artifacts, tmp_p
         runner.generate(image, input_ids=doubled)
     with pytest.raises(PromptError, match="no image was given"):
         runner.generate(None, "what is <image> here?")
+    assert runner.host["image_token_id"] in ids  # the chat template's <image> line, left out without an image
+    assert runner.host["image_token_id"] not in runner.prompt_ids("hello", image=False)
     with pytest.raises(CapacityError, match="holds 512"):
         runner.generate(image, "x" * 500)
     prompt_length = len(runner.prompt_ids("")) - 1 + 64  # the placeholder becomes 64 image tokens

@@ -30,7 +30,14 @@ _spec.loader.exec_module(model_config)  # the proto module alone: the grpc clien
 
 from google.protobuf import json_format, text_format  # noqa: E402
 
-_NUMPY = {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64, "TYPE_BOOL": np.bool_}
+_NUMPY = {
+    "TYPE_FP32": np.float32,
+    "TYPE_INT64": np.int64,
+    "TYPE_INT32": np.int32,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_BOOL": np.bool_,
+    "TYPE_STRING": np.object_,
+}
 
 
 def load_config(folder: Path):
@@ -40,9 +47,11 @@ def load_config(folder: Path):
 
 
 def check_tensors(config, tensors: dict[str, np.ndarray], section: str) -> None:
-    """What Triton enforces: the config's names, types and dims (batch axis up to max_batch_size)."""
+    """What Triton enforces: the config's names (optional inputs may be absent), types and dims (batch axis up to
+    max_batch_size)."""
     declared = {t.name: t for t in getattr(config, section)}
-    assert set(tensors) == set(declared), (config.name, section, set(tensors), set(declared))
+    required = {name for name, t in declared.items() if not (section == "input" and t.optional)}
+    assert required <= set(tensors) <= set(declared), (config.name, section, set(tensors), set(declared))
     for name, value in tensors.items():
         spec = declared[name]
         assert value.dtype == _NUMPY[model_config.DataType.Name(spec.data_type)], (config.name, name, value.dtype)
@@ -124,7 +133,7 @@ class FakeTriton:
         return self.module.InferenceResponse([self.module.Tensor(k, v) for k, v in outputs.items()])
 
     def router(self, name: str):
-        """Load the router's ``model.py`` as the Python backend would, and initialize it."""
+        """Load a Python-backend model's ``model.py`` as the backend would, and initialize it."""
         folder = self.repository / name
         sys.modules["triton_python_backend_utils"] = self.module
         try:
@@ -140,14 +149,16 @@ class FakeTriton:
         )
         return model
 
-    def requests(self, router, name: str, *batches: np.ndarray) -> list:
-        """Hand the router one request per batch in a single ``execute`` call (what dynamic batching does)."""
+    def requests(self, model, name: str, *feeds: np.ndarray | dict[str, np.ndarray]) -> list:
+        """Hand a Python-backend model one request per feed (a dict of inputs, or the first input's array) in a
+        single ``execute`` call (what dynamic batching does)."""
         config = load_config(self.repository / name)
         requests = []
-        for pixels in batches:
-            check_tensors(config, {config.input[0].name: pixels}, "input")
-            requests.append(self.module.InferenceRequest(name, [], [self.module.Tensor(config.input[0].name, pixels)]))
-        responses = router.execute(requests)
+        for feed in feeds:
+            feed = feed if isinstance(feed, dict) else {config.input[0].name: feed}
+            check_tensors(config, feed, "input")
+            requests.append(self.module.InferenceRequest(name, [], [self.module.Tensor(k, v) for k, v in feed.items()]))
+        responses = model.execute(requests)
         assert len(responses) == len(requests)
         for response in responses:
             if not response.has_error():
@@ -210,15 +221,21 @@ def test_requests_batched_together_are_dispatched_as_one_batch(staged):
     np.testing.assert_allclose(got[1]["pooler_output"], alone["pooler_output"], rtol=0, atol=1e-5)
 
 
-def test_router_imports_without_torch_or_onnx(staged):
-    _, repo, _ = staged
-    blocked = "; ".join(f"sys.modules[{m!r}] = None" for m in ("torch", "onnx", "onnx_ir", "onnxruntime", "timm"))
+def _imports_with(model_py: Path, *blocked: str) -> bool:
+    """``model.py`` imports in a fresh interpreter where the ``blocked`` packages cannot be imported."""
+    block = "; ".join(f"sys.modules[{m!r}] = None" for m in blocked)
     code = (
-        f"import sys, types; {blocked}; sys.modules['triton_python_backend_utils'] = types.ModuleType('pb'); "
-        f"import runpy; runpy.run_path({str(repo / 'vit_atp' / '1' / 'model.py')!r}); print('ok')"
+        f"import sys, types; {block}; sys.modules['triton_python_backend_utils'] = types.ModuleType('pb'); "
+        f"import runpy; runpy.run_path({str(model_py)!r}); print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    return True
+
+
+def test_router_imports_without_torch_or_onnx(staged):
+    _, repo, _ = staged
+    assert _imports_with(repo / "vit_atp" / "1" / "model.py", "torch", "onnx", "onnx_ir", "onnxruntime", "timm")
 
 
 def test_overflow_is_an_error_response(zoo, hf_config_dir, tmp_path):
@@ -276,12 +293,43 @@ def test_tensorrt_backend_uses_the_built_engines(zoo, hf_config_dir, tmp_path):
         artifact.triton(tmp_path / "repo", backend="tensorrt", max_batch=32)
 
 
+def test_mllm_generation_model(tmp_path):
+    artifact = tokensieve.export("hf:llava-tiny", "fastv(k=1, keep=0.5)", out=tmp_path / "llava")
+    assert artifact.triton(tmp_path / "repo") == ["llava"]
+    config = load_config(tmp_path / "repo" / "llava")
+    assert config.backend == "python" and config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+    assert [t.name for t in config.input if t.optional] == ["image", "max_new_tokens"]
+    assert (tmp_path / "repo" / "llava" / "1" / "artifact" / "manifest.json").is_file()
+    server = FakeTriton(tmp_path / "repo")
+    model = server.router("llava")
+    image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    prompt = np.array([b"What is in the picture?"], dtype=np.object_)
+    responses = server.requests(
+        model,
+        "llava",
+        {"prompt": prompt, "image": image, "max_new_tokens": np.array([12], np.int32)},
+        {"prompt": prompt},  # text only, default max_new_tokens (32)
+        {"prompt": prompt, "image": image, "max_new_tokens": np.array([5000], np.int32)},  # beyond the capacity
+    )
+    got = [{t.name(): t.as_numpy() for t in r.output_tensors} for r in responses[:2]]
+    expected = [
+        artifact.generate(image, "What is in the picture?", 12),
+        artifact.generate(None, "What is in the picture?"),
+    ]
+    for g, e in zip(got, expected, strict=True):
+        assert g["ids"].tolist() == e.ids and g["text"][0].decode() == e.text
+    assert responses[2].has_error() and "capacity" in responses[2].error().message()
+    with pytest.raises(ArtifactError, match="--backend onnxruntime"):
+        artifact.triton(tmp_path / "repo", backend="tensorrt")
+    assert _imports_with(tmp_path / "repo" / "llava" / "1" / "model.py", "torch", "transformers", "timm")
+
+
 def test_bad_requests(tmp_path):
     mllm = Artifact(tmp_path, {"kind": "mllm", "graphs": {}})
-    with pytest.raises(ArtifactError, match="image-model artifacts"):
-        mllm.triton(tmp_path / "repo")
     with pytest.raises(ArtifactError, match="not a usable Triton model name"):
         mllm.triton(tmp_path / "repo", name="a/b")
     with pytest.raises(ArtifactError, match="unknown backend"):
         mllm.triton(tmp_path / "repo", backend="tflite")
+    with pytest.raises(ArtifactError, match="unknown instance kind"):
+        mllm.triton(tmp_path / "repo", kind="tpu")
     assert not (tmp_path / "repo").exists()

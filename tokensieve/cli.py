@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_jetson)
 
-    p = sub.add_parser("triton", help="write an image-model artifact into a Triton model repository")
+    p = sub.add_parser("triton", help="write an artifact into a Triton model repository")
     p.add_argument("dir")
     p.add_argument("--out", required=True, help="the model repository (created if absent; other models stay)")
     p.add_argument("--name", help="model name clients call (default: the artifact folder's name)")

@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+from tokensieve.engines import ENGINES
+
 
 def link_or_copy(source: Path, target: Path) -> None:
     """Hard-link ``source`` to ``target`` (weights and plans are large), copying when the file system cannot."""
@@ -13,3 +15,22 @@ def link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
+
+
+def artifact_files(artifact) -> list[Path]:
+    """Everything of the artifact a bundle carries: not engines/ (they belong to one device and TensorRT version)
+    and not hidden temporary folders."""
+    return [
+        p
+        for p in sorted(artifact.path.rglob("*"))
+        if p.is_file()
+        and not any(part == ENGINES or part.startswith(".") for part in p.relative_to(artifact.path).parts)
+    ]
+
+
+def copy_artifact(artifact, folder: Path) -> None:
+    """Link (or copy) :func:`artifact_files` into ``folder``, keeping the layout: the copy is the artifact again."""
+    for path in artifact_files(artifact):
+        target = folder / path.relative_to(artifact.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(path, target)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tokensieve.artifact import replaced_directory
-from tokensieve.deploy.files import link_or_copy
+from tokensieve.deploy.files import copy_artifact
 from tokensieve.engines import ENGINES, graph_paths, input_profile, plan_path, symbol_ranges
 from tokensieve.errors import ArtifactError
 
@@ -123,16 +123,6 @@ def _replay(artifact, fp16: bool) -> str | None:
     )
 
 
-def _artifact_files(artifact) -> list[Path]:
-    """Everything of the artifact a bundle carries: not engines/ (per device) and not hidden temporary folders."""
-    return [
-        p
-        for p in sorted(artifact.path.rglob("*"))
-        if p.is_file()
-        and not any(part == ENGINES or part.startswith(".") for part in p.relative_to(artifact.path).parts)
-    ]
-
-
 def write_bundle(
     artifact,
     out: str | os.PathLike,
@@ -187,10 +177,7 @@ def write_bundle(
     out = Path(out)
 
     def fill(folder: Path) -> None:
-        for path in _artifact_files(artifact):
-            target_path = folder / path.relative_to(artifact.path)
-            target_path.parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(path, target_path)
+        copy_artifact(artifact, folder)
         (folder / "jetson").mkdir()
         for name, text in scripts.items():
             (folder / "jetson" / name).write_text(text)

@@ -1,4 +1,4 @@
-"""``tokensieve triton``: a Triton Inference Server model repository from an image-model artifact.
+"""``tokensieve triton``: a Triton Inference Server model repository from an artifact.
 
 Layout written into ``REPO`` (``NAME`` defaults to the artifact folder's name)::
 
@@ -13,6 +13,10 @@ Layout written into ``REPO`` (``NAME`` defaults to the artifact folder's name)::
       NAME/config.pbtxt, NAME/1/model.py, NAME/1/routing.json   the router: a Python-backend model that serves the
                                                                 artifact's input and outputs and runs tokensieve's
                                                                 dispatcher with the stage models as its runners
+    MLLM artifact:
+      NAME/config.pbtxt, NAME/1/model.py, NAME/1/artifact/      a Python-backend model running tokensieve's generation
+                                                                loop on the artifact with ONNX Runtime (prompt and
+                                                                optional image in, text and ids out)
 
 The router (:mod:`tokensieve.deploy.triton_router`, copied as ``model.py``) calls the stage models through Triton's
 Business Logic Scripting: an ensemble is a static graph and cannot route by count (PLATFORMS.md §7). Token-level
@@ -41,7 +45,7 @@ from typing import Any
 import onnx_ir as ir
 
 from tokensieve.artifact import WEIGHTS, describe_io
-from tokensieve.deploy.files import link_or_copy
+from tokensieve.deploy.files import copy_artifact, link_or_copy
 from tokensieve.engines import ENGINES, plan_path
 from tokensieve.errors import ArtifactError
 
@@ -60,7 +64,11 @@ _TYPES = {
     "INT8": "TYPE_INT8",
     "UINT8": "TYPE_UINT8",
     "BOOL": "TYPE_BOOL",
+    "STRING": "TYPE_STRING",
 }
+GENERATOR = Path(__file__).with_name("triton_generate.py")
+# what the generation model imports in Triton's Python backend (tokensieve itself: pip install --no-deps tokensieve)
+GENERATOR_REQUIREMENTS = "numpy\nonnxruntime  # or onnxruntime-gpu\nonnx-ir\ntokenizers\npillow\n"
 
 
 @dataclass
@@ -76,6 +84,7 @@ class ModelSpec:
     kind: str = "auto"
     source: Path | None = None  # the .onnx or .plan copied into the version folder
     files: dict[str, str] = field(default_factory=dict)  # extra version-folder files: name -> text
+    artifact: Any = None  # an artifact copied whole into the version folder's artifact/
 
     def config(self, max_batch: int) -> str:
         lines = [MARK, f'name: "{self.name}"']
@@ -101,6 +110,8 @@ class ModelSpec:
             link_or_copy(self.source, version / "model.plan")
         for name, text in self.files.items():
             (version / name).write_text(text)
+        if self.artifact is not None:
+            copy_artifact(self.artifact, version / "artifact")
 
 
 def _tensor(spec: dict, batching: bool) -> str:
@@ -111,7 +122,8 @@ def _tensor(spec: dict, batching: bool) -> str:
     reshape = ""
     if batching and not dims:  # a [batch] tensor: Triton wants dims [1] reshaped to nothing
         dims, reshape = [1], " reshape: { shape: [ ] }"
-    return f'  {{ name: "{spec["name"]}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{reshape} }}'
+    optional = " optional: true" if spec.get("optional") else ""
+    return f'  {{ name: "{spec["name"]}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{reshape}{optional} }}'
 
 
 def _batching(specs: Sequence[dict]) -> bool:
@@ -129,16 +141,19 @@ class RepositoryPlan:
             raise ArtifactError(f"unknown instance kind {kind!r}; choose one of {', '.join(KINDS)}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ArtifactError(f"{name!r} is not a usable Triton model name; give --name with letters, digits, _ . -")
-        if artifact.kind == "mllm":
+        if artifact.kind == "mllm" and backend != "onnxruntime":
             raise ArtifactError(
-                "Triton bundles cover image-model artifacts; an MLLM artifact's generation loop runs with "
-                "`tokensieve generate` (or LlavaRunner) on ONNX Runtime"
+                "an MLLM artifact is served by a Python-backend model that generates with ONNX Runtime (the KV cache "
+                "lives on the host between the graphs); bundle it with --backend onnxruntime"
             )
         self.artifact, self.name, self.backend = artifact, name, backend
         self.kind = "gpu" if backend == "tensorrt" and kind == "auto" else kind
         self.built = self._built_max_batch()
         stages = artifact.manifest.get("stages")
-        self.models = self._staged(stages) if stages else [self._graph(name, artifact.manifest["graphs"]["model"])]
+        if artifact.kind == "mllm":
+            self.models = [self._generator(name)]
+        else:
+            self.models = self._staged(stages) if stages else [self._graph(name, artifact.manifest["graphs"]["model"])]
 
     def _built_max_batch(self) -> int | None:
         if self.backend != "tensorrt":
@@ -163,6 +178,33 @@ class RepositoryPlan:
                 raise ArtifactError(f"{plan} is missing; rebuild the engines with `tokensieve build`")
             spec.platform, spec.source = "tensorrt_plan", plan
         return spec
+
+    def _generator(self, name: str) -> ModelSpec:
+        """An MLLM artifact: one Python-backend model that runs tokensieve's generation loop (LlavaRunner) on the
+        artifact's graphs with ONNX Runtime: a prompt and an optional RGB image in, the text and token ids out."""
+        cache = "fixed" if "decode" in self.artifact.manifest["graphs"] else "growing"
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.kind == "gpu" else ["CPUExecutionProvider"]
+        )
+        settings = {"cache": cache, "providers": providers, "max_new_tokens": 32}
+        return ModelSpec(
+            name,
+            [
+                {"name": "prompt", "dtype": "STRING", "shape": [1]},
+                {"name": "image", "dtype": "UINT8", "shape": ["height", "width", 3], "optional": True},
+                {"name": "max_new_tokens", "dtype": "INT32", "shape": [1], "optional": True},
+            ],
+            [{"name": "text", "dtype": "STRING", "shape": [1]}, {"name": "ids", "dtype": "INT64", "shape": ["new"]}],
+            batching=False,
+            backend="python",
+            kind="cpu" if self.kind == "auto" else self.kind,
+            files={
+                "model.py": GENERATOR.read_text(),
+                "generate.json": json.dumps(settings, indent=2),
+                "requirements.txt": GENERATOR_REQUIREMENTS,
+            },
+            artifact=self.artifact,
+        )
 
     def _staged(self, stages: dict[str, Any]) -> list[ModelSpec]:
         graphs, sites, specials = stages["graphs"], len(stages["sites"]), int(stages["specials"])

@@ -156,10 +156,14 @@ class LlavaRunner:
         packed, kept = select_features(*args, self.image_compression)
         return packed, {"kept_features": kept}
 
-    def prompt_ids(self, prompt: str, template: str | None = None) -> np.ndarray:
-        """Token ids of ``prompt`` put into the chat template (unless it already holds ``<image>``)."""
+    def prompt_ids(self, prompt: str, template: str | None = None, image: bool = True) -> np.ndarray:
+        """Token ids of ``prompt`` put into the chat template (unless it already holds ``<image>``); without an
+        ``image`` the template's ``<image>`` line is left out (``USER: {prompt} ASSISTANT:``)."""
         if IMAGE_TOKEN not in prompt:
-            prompt = (template or self.host["template"]).format(prompt=prompt)
+            template = template or self.host["template"]
+            if not image:
+                template = template.replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
+            prompt = template.format(prompt=prompt)
         return np.asarray(self.tokenizer.encode(prompt).ids, np.int64)
 
     def inputs_embeds(self, ids: np.ndarray, features: np.ndarray | None) -> np.ndarray:
@@ -198,7 +202,10 @@ class LlavaRunner:
         start = time.perf_counter()
         features, chosen = self.image_tokens(image) if image is not None else (None, {})
         t_vision = time.perf_counter()
-        ids = self.prompt_ids(prompt, template) if input_ids is None else np.asarray(input_ids, np.int64).ravel()
+        if input_ids is None:
+            ids = self.prompt_ids(prompt, template, image=features is not None)
+        else:
+            ids = np.asarray(input_ids, np.int64).ravel()
         ids = expand_placeholders(ids, self.host["image_token_id"], None if features is None else len(features))
         self.check_capacity(len(ids), max_new_tokens)
         span = image_span(ids, self.host["image_token_id"])
