@@ -198,3 +198,13 @@ def test_plan_compares_schedules_before_exporting(vits, capsys):
     assert rows[0]["gmacs"] > rows[1]["gmacs"] > rows[2]["gmacs"] and rows[2]["limit_speedup"] > 1.9
     assert main(["plan", str(vits), "--method", "tome(r=99)"]) == 2
     assert "larger than the tokens allow" in capsys.readouterr().err
+
+
+def test_parity_device_refuses_staged_artifacts(tmp_path, capsys):
+    from tokensieve.artifact import MANIFEST
+
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / MANIFEST).write_text(json.dumps({"format": "tokensieve-artifact", "graphs": {}, "stages": {}}))
+    assert main(["parity", str(staged), "--device", "cuda"]) == 2
+    assert "single-graph artifact" in capsys.readouterr().err

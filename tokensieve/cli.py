@@ -86,12 +86,15 @@ def _parity(args: argparse.Namespace) -> int:
             **tolerance,
         )
     else:
+        if args.device != "cpu" and "stages" in artifact.manifest:
+            raise ArtifactError("--device runs a single-graph artifact's eager reference on the GPU, not a staged one")
         report = artifact.parity(
             reference=_reference(args),
             batch=args.batch,
             seed=args.seed,
             golden=not args.no_golden,
             **tolerance,
+            **({"device": args.device} if args.device != "cpu" else {}),
         )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     return 0 if report.ok else 1
@@ -365,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check against the golden files a previous parity run wrote (no torch or eager model needed)",
     )
+    p.add_argument("--device", default="cpu", help="where the eager reference runs (cuda: a single-graph image model)")
     p.add_argument("--cases", type=int, default=4, help="MLLMs: random prompt/image cases (several aspect ratios)")
     p.add_argument("--new-tokens", type=int, default=32, help="MLLMs: greedy tokens compared per case")
     p.add_argument(

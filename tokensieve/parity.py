@@ -318,9 +318,11 @@ def check_parity(
     tolerance: float | None = None,
     golden: bool = True,
     providers: list[str] | None = None,
+    device: str = "cpu",
 ) -> ParityReport:
     """Run the eager reference and the artifact's graph on the same seeded inputs and compare them (``tolerance``:
-    of the output scale; default :func:`budget`)."""
+    of the output scale; default :func:`budget`). ``device="cuda"`` runs the eager reference on the GPU (single-graph
+    artifacts; TF32 off, so the reference stays float32)."""
     import torch
 
     from tokensieve.reference.reduce import ReducedModel
@@ -341,11 +343,16 @@ def check_parity(
         from tokensieve.parity_staged import check_staged_parity
 
         return check_staged_parity(artifact, eager_model, pixels.numpy(), tolerance, providers, golden)
+    if device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        eager_model = eager_model.to(device)
     with torch.no_grad():
-        eager_out = eager_model(pixels)
-    eager_out = [t.numpy() for t in (eager_out if isinstance(eager_out, (tuple, list)) else (eager_out,))]
+        eager_out = eager_model(pixels.to(device))
+    eager_out = [t.cpu().numpy() for t in (eager_out if isinstance(eager_out, (tuple, list)) else (eager_out,))]
     eager_records = (
-        {layer: {k: v.numpy() for k, v in rec.items()} for layer, rec in eager_model.records.items()} if methods else {}
+        {layer: {k: v.cpu().numpy() for k, v in rec.items()} for layer, rec in eager_model.records.items()}
+        if methods
+        else {}
     )
 
     feeds = {manifest["inputs"][0]["name"]: pixels.numpy()}

@@ -1,0 +1,137 @@
+"""The prepared run for a lent GPU machine: eager-on-CUDA vs exported parity, TensorRT engines and their latency.
+
+    python benchmarks/gpu_check.py --out OUT_DIR [--model timm:vit_base_patch16_224] [--device cuda]
+
+Sections; each records what it ran, and what it could not run and why, then goes on:
+
+1. environment: torch and its CUDA device, ONNX Runtime providers, TensorRT, Polygraphy;
+2. export ``--model`` with ``topk(keep=0.7, layers=[3, 6, 9])`` (dynamic batch) and hold the graph on ONNX Runtime
+   CPU to the eager reference on ``--device`` (values and kept tokens per site); golden files written;
+3. ONNX Runtime's CUDA provider, when it is there: the same parity with the graph on the GPU;
+4. TensorRT, when it imports: engines (FP32 and FP16), the golden replay on each engine, latency of the pruned and
+   the unpruned engine at batch 1 and 8 against the MAC-limit speedup;
+5. a bucketed ATP artifact of the same model on TensorRT: the dispatcher on the engines against ONNX Runtime
+   (routes, outputs), and bucketed vs dynamic-shape engine vs pad-to-max vs unreduced latency.
+
+Writes OUT_DIR/gpu_check.json (and prints it). On a CPU machine sections 3-5 report why they did not run, which
+is how this script is checked here (``--device cpu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import tokensieve
+from tokensieve.bench import bench_staged
+from tokensieve.runtimes.tensorrt import tensorrt_version
+
+
+def section(results: dict[str, Any], name: str):
+    """Decorator: run one section, store its dict (or the error that stopped it) under ``name``."""
+
+    def run(fn):
+        try:
+            results[name] = fn()
+        except Exception as e:  # a check script reports and goes on
+            results[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=3)}
+        print(f"== {name}: {json.dumps(results[name], default=str)[:600]}", flush=True)
+        return fn
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="timm:vit_base_patch16_224")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"model": args.model, "device": args.device}
+    trt = tensorrt_version() is not None
+    artifacts: dict[str, Any] = {}
+
+    @section(results, "environment")
+    def _():
+        import onnxruntime as ort
+        import torch
+
+        cuda = torch.cuda.is_available()
+        return {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+            "onnxruntime": ort.__version__,
+            "ort_providers": ort.get_available_providers(),
+            "tensorrt": ".".join(map(str, tensorrt_version())) if trt else None,
+            "polygraphy": importlib.util.find_spec("polygraphy") is not None,
+        }
+
+    @section(results, "parity_eager_on_device")
+    def _():
+        artifact = tokensieve.export(args.model, "topk(keep=0.7, layers=[3, 6, 9])", out / "topk", dynamic_batch=True)
+        artifacts["topk"] = artifact
+        report = artifact.parity(batch=4, device=args.device)
+        return {"ok": report.ok, "text": report.text()}
+
+    @section(results, "parity_ort_cuda")
+    def _():
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return {"skipped": "onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu is not installed)"}
+        report = artifacts["topk"].parity(batch=4, providers=["CUDAExecutionProvider"], golden=False)
+        return {"ok": report.ok, "provider": report.provider, "text": report.text()}
+
+    @section(results, "tensorrt_engines")
+    def _():
+        if not trt:
+            return {"skipped": "TensorRT is not installed"}
+        artifact, rows = artifacts["topk"], {}
+        for precision in ("fp32", "fp16"):
+            build = artifact.build(fp16=precision == "fp16", max_batch=8)
+            replay = artifact.replay(runtime="tensorrt", tolerance=1e-3 if precision == "fp32" else 1e-2)
+            bench = artifact.bench(batches=[1, 8], runtime="tensorrt", save=False)
+            rows[precision] = {
+                "build_seconds": {k: v["seconds"] for k, v in build["engines"].items()},
+                "replay_ok": replay.ok,
+                "replay": replay.text(),
+                "bench": bench.to_dict(),
+            }
+        return rows
+
+    @section(results, "tensorrt_buckets")
+    def _():
+        if not trt:
+            return {"skipped": "TensorRT is not installed"}
+        artifact = tokensieve.export(
+            args.model, "atp(threshold=1.0)", out / "atp", dynamic_batch=True, buckets=[96, 128, 160, 196]
+        )
+        artifact.build(max_batch=8)
+        pixels = np.random.default_rng(0).standard_normal((8, 3, 224, 224), dtype=np.float32)
+        engines, ort = artifact.staged_runner(runtime="tensorrt").run(pixels), artifact.staged_runner().run(pixels)
+        name = next(iter(ort.outputs))
+        scale = float(np.abs(np.asarray(ort.outputs[name])).max())
+        error = float(np.abs(np.asarray(engines.outputs[name]) - np.asarray(ort.outputs[name])).max())
+        bench = bench_staged(artifact, pixels, blocks=3, save=False, runtime="tensorrt")
+        return {
+            "same_routes": [r.buckets for r in engines.routes] == [r.buckets for r in ort.routes],
+            "max_error_of_scale": error / scale,
+            "bench": bench.to_dict(),
+        }
+
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"wrote {out / 'gpu_check.json'}")
+
+
+if __name__ == "__main__":
+    main()
