@@ -8,26 +8,23 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_generate_llava_example(tmp_path):
+def _run(script: str, out: Path) -> str:
+    """Run one example with ``out`` as its output folder; its stdout."""
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "generate_llava.py"), str(tmp_path / "next")],
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, str(EXAMPLES / script), str(out)], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "parity OK" in done.stdout
-    assert "image tokens at [" in done.stdout
+    return done.stdout
+
+
+def test_generate_llava_example(tmp_path):
+    stdout = _run("generate_llava.py", tmp_path / "next")
+    assert "parity OK" in stdout
+    assert "image tokens at [" in stdout
 
 
 def test_deploy_buckets_example(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "deploy_buckets.py"), str(tmp_path / "deploy")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "deploy OK" in done.stdout and "Triton: clients call 'vit_atp'" in done.stdout
+    stdout = _run("deploy_buckets.py", tmp_path / "deploy")
+    assert "deploy OK" in stdout and "Triton: clients call 'vit_atp'" in stdout
     assert (tmp_path / "deploy" / "triton_repo" / "vit_atp" / "1" / "model.py").is_file()
     assert (tmp_path / "deploy" / "vit_atp_jp62.tar.gz").is_file()

@@ -132,7 +132,7 @@ class FakeTriton:
         self.calls.append((model, len(next(iter(feeds.values())))))
         return self.module.InferenceResponse([self.module.Tensor(k, v) for k, v in outputs.items()])
 
-    def router(self, name: str):
+    def python_model(self, name: str):
         """Load a Python-backend model's ``model.py`` as the backend would, and initialize it."""
         folder = self.repository / name
         sys.modules["triton_python_backend_utils"] = self.module
@@ -186,7 +186,7 @@ def test_router_answers_like_the_dispatcher(staged):
         assert config.max_batch_size == 4 and config.HasField("dynamic_batching")
         assert config.backend == "python" if name == "vit_atp" else (repo / name / "1" / "model.onnx").is_file()
     server = FakeTriton(repo)
-    router = server.router("vit_atp")
+    router = server.python_model("vit_atp")
     pixels = np.random.default_rng(3).standard_normal((4, 3, 224, 224), dtype=np.float32)
     (response,) = server.requests(router, "vit_atp", pixels)
     assert not response.has_error(), response.error().message()
@@ -207,7 +207,7 @@ def test_router_answers_like_the_dispatcher(staged):
 def test_requests_batched_together_are_dispatched_as_one_batch(staged):
     artifact, repo, _ = staged
     server = FakeTriton(repo)
-    router = server.router("vit_atp")
+    router = server.python_model("vit_atp")
     pixels = np.random.default_rng(4).standard_normal((5, 3, 224, 224), dtype=np.float32)
     responses = server.requests(router, "vit_atp", pixels[:2], pixels[2:3], pixels[3:])
     # 5 images, max_batch_size 4: stage 1 runs twice (4 + 1), not once per request
@@ -244,7 +244,7 @@ def test_overflow_is_an_error_response(zoo, hf_config_dir, tmp_path):
     artifact.triton(tmp_path / "repo", name="small")
     server = FakeTriton(tmp_path / "repo")
     pixels = np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32)
-    responses = server.requests(server.router("small"), "small", pixels, pixels[:1])
+    responses = server.requests(server.python_model("small"), "small", pixels, pixels[:1])
     assert all(r.has_error() and "largest bucket holds 32" in r.error().message() for r in responses)
 
 
@@ -301,7 +301,7 @@ def test_mllm_generation_model(tmp_path):
     assert [t.name for t in config.input if t.optional] == ["image", "max_new_tokens"]
     assert (tmp_path / "repo" / "llava" / "1" / "artifact" / "manifest.json").is_file()
     server = FakeTriton(tmp_path / "repo")
-    model = server.router("llava")
+    model = server.python_model("llava")
     image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
     prompt = np.array([b"What is in the picture?"], dtype=np.object_)
     responses = server.requests(

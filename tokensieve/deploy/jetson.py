@@ -63,18 +63,12 @@ def _shapes(profile: Mapping[str, list[list[int]]], index: int) -> str:
 
 def _build_script(jobs: list[dict], fp16: bool, ranges: dict, jetpack: str, tensorrt: str) -> str:
     lines = [HEADER.format(what=f"JetPack {jetpack}, TensorRT {tensorrt}"), f"mkdir -p {ENGINES}"]
-    for job in jobs:
-        args = [
-            f"--onnx={job['onnx']}",
-            f"--saveEngine={job['plan']}",
-            *(f"--{kind}Shapes={_shapes(job['profile'], i)}" for i, kind in enumerate(("min", "opt", "max"))),
-        ]
-        if not job["profile"]:  # a static graph has no profile
-            args = args[:2]
+    for job in jobs:  # a static graph has no profile, so no shapes
+        shapes = [f"--{kind}Shapes={_shapes(job['profile'], i)}" for i, kind in enumerate(("min", "opt", "max"))]
+        args = [f"--onnx={job['onnx']}", f"--saveEngine={job['plan']}", *(shapes if job["profile"] else [])]
         lines.append(" ".join([TRTEXEC, *map(shlex.quote, args), *(["--fp16"] if fp16 else [])]))
-    build = {"fp16": fp16, "ranges": ranges, "built_by": "trtexec", "jetpack": jetpack, "engines": {}}
-    for job in jobs:
-        build["engines"][job["onnx"]] = {"plan": job["plan"], "profile": job["profile"], "fp16": fp16}
+    engines = {job["onnx"]: {"plan": job["plan"], "profile": job["profile"], "fp16": fp16} for job in jobs}
+    build = {"fp16": fp16, "ranges": ranges, "built_by": "trtexec", "jetpack": jetpack, "engines": engines}
     lines += [
         # the device facts that key an engine: TensorRT library version and the GPU (SM) it was built on
         "TRT_VERSION=$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || echo unknown)",
