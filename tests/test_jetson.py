@@ -6,12 +6,14 @@ import os
 import subprocess
 import tarfile
 
+import numpy as np
 import pytest
 
 import tokensieve
 from tokensieve.cli import main
 from tokensieve.errors import ArtifactError
 from tokensieve.gate import gate
+from tokensieve.parity import golden_output_scale
 
 FAKE_TRTEXEC = """#!/usr/bin/env bash
 echo "$@" >> "$CALLS"
@@ -64,7 +66,8 @@ def test_single_graph_bundle_builds_checks_and_stays_an_artifact(zoo, hf_config_
     checks = calls.read_text().splitlines()
     assert checks[0] == "--loadEngine=engines/model.plan --shapes=pixel_values:8x3x224x224"
     assert checks[-1].startswith("polygraphy run engines/model.plan --model-type engine --trt")
-    assert "--load-outputs golden/eager_outputs.json --atol 1e-2" in checks[-1]
+    assert "--load-outputs golden/eager_outputs.json --atol " in checks[-1] and checks[-1].endswith("--rtol 0")
+    assert float(checks[-1].split("--atol ")[1].split()[0]) == pytest.approx(1e-2 * golden_output_scale(artifact), 1e-3)
     assert (
         "tokensieve parity . --replay --runtime tensorrt --tolerance 0.01" in (bundle / "jetson/check.sh").read_text()
     )
@@ -96,6 +99,30 @@ def test_staged_bundle_archive(zoo, hf_config_dir, tmp_path):
     assert "vit_atp/manifest.json" in names and "vit_atp/jetson/check.sh" in names
     assert not [n for n in names if "/engines" in n]
     assert script.count("--saveEngine=") == len(graphs) and "--fp16" not in script
+
+
+def test_quantized_bundle_builds_int8_and_checks_within_the_drift_budget(zoo, hf_config_dir, tmp_path):
+    path, built = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    fp32 = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "fp32")
+    data = np.random.default_rng(0).standard_normal((8, *fp32.manifest["inputs"][0]["shape"][1:]), dtype=np.float32)
+    # the tiny random tower drifts far under INT8 (its token-level output most): the budget is set to pass here
+    int8 = fp32.quantize(data, tmp_path / "int8", tolerance=2.0, min_agreement=0.5)
+    assert int8.parity(reference=built).ok  # golden files with the drift budget
+    env, calls = _tools(tmp_path)
+    for jetpack, flagged in (("6.2", True), ("7.2.2", False)):
+        bundle = tmp_path / f"jp{jetpack}"
+        info = int8.jetson(bundle, jetpack=jetpack)
+        assert info["int8"] is flagged
+        env["BUNDLE"] = str(bundle)
+        calls.unlink(missing_ok=True)
+        _run("build_engines.sh", env)
+        builds = calls.read_text().splitlines()
+        assert len(builds) == 2 and all(("--int8" in line) is flagged for line in builds)  # model and baseline
+        assert json.loads((bundle / "engines" / "build.json").read_text())["int8"] is flagged
+    check = (bundle / "jetson" / "check.sh").read_text()
+    assert "tokensieve parity . --replay --runtime tensorrt --tolerance 2;" in check  # the recorded budget
+    atol = float(check.split("--atol ")[1].split()[0])
+    assert atol == pytest.approx(2.0 * golden_output_scale(int8), rel=1e-3)  # relative budget -> absolute bound
 
 
 def test_bad_requests(zoo, hf_config_dir, tmp_path):

@@ -19,7 +19,7 @@ from tokensieve.cli import main
 from tokensieve.engines import graph_paths, input_profile, symbol_ranges
 from tokensieve.errors import ArtifactError, RuntimeBackendError
 from tokensieve.runtimes.ort import OrtRunner
-from tokensieve.runtimes.tensorrt import tensorrt_version
+from tokensieve.runtimes.tensorrt import build_engine, tensorrt_version
 
 TRT = tensorrt_version() is not None
 
@@ -155,3 +155,52 @@ def test_staged_engines_build_dispatch_and_bench(zoo, tmp_path):
     np.testing.assert_allclose(engines.outputs["logits"], ort.outputs["logits"], rtol=0, atol=1e-3 * scale)
     bench = bench_staged(artifact, pixels, blocks=2, save=False, runtime="tensorrt")
     assert all(ms > 0 for ms in bench.mean_ms.values())
+
+
+class FakeEngineBuild:
+    """Stand-in for Polygraphy's EngineBytesFromNetwork: records the network loader and the builder config."""
+
+    seen: ClassVar[list] = []
+
+    def __init__(self, network, config):
+        FakeEngineBuild.seen.append((network, config))
+
+    def __call__(self):
+        return b"plan"
+
+
+@pytest.mark.parametrize(("version", "int8_flag", "strongly_typed"), [((10, 3), True, False), ((11, 4), False, True)])
+def test_qdq_graphs_build_with_the_int8_flag_on_tensorrt_10(tmp_path, monkeypatch, version, int8_flag, strongly_typed):
+    monkeypatch.setattr("tokensieve.runtimes.tensorrt.require_tensorrt", lambda: version)
+    monkeypatch.setattr("polygraphy.backend.trt.EngineBytesFromNetwork", FakeEngineBuild)
+    monkeypatch.setattr(FakeEngineBuild, "seen", [])
+    built = build_engine(tmp_path / "model.onnx", tmp_path / "engines" / "model.plan", {}, int8=True)
+    ((network, config),) = FakeEngineBuild.seen
+    assert config.int8 is int8_flag and not config.fp16  # TensorRT 11: the Q/DQ nodes type the network
+    assert bool(network.strongly_typed) is strongly_typed
+    assert built["int8_flag"] is int8_flag and (tmp_path / "engines" / "model.plan").read_bytes() == b"plan"
+    assert not list((tmp_path / "engines").glob("*.partial"))
+    if version[0] == 10:
+        build_engine(tmp_path / "model.onnx", tmp_path / "fp16.plan", {}, fp16=True, int8=True)
+        assert FakeEngineBuild.seen[-1][1].fp16 and FakeEngineBuild.seen[-1][1].int8  # trtexec's --best
+    else:
+        with pytest.raises(RuntimeBackendError, match="no precision flags"):
+            build_engine(tmp_path / "model.onnx", tmp_path / "fp16.plan", {}, fp16=True)
+
+
+def test_build_asks_for_int8_exactly_for_quantized_artifacts(zoo, hf_config_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def record(onnx, plan, profile, fp16=False, int8=False):
+        calls.append((onnx.name, int8))
+        plan.write_bytes(b"plan")
+        return {"bytes": 4}
+
+    monkeypatch.setattr("tokensieve.runtimes.tensorrt.require_tensorrt", lambda: (10, 3))
+    monkeypatch.setattr("tokensieve.runtimes.tensorrt.build_engine", record)
+    path, _ = zoo(f"hf:{hf_config_dir('vit')}")
+    fp32 = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "fp32")
+    data = np.random.default_rng(0).standard_normal((4, *fp32.manifest["inputs"][0]["shape"][1:]), dtype=np.float32)
+    int8 = fp32.quantize(data, tmp_path / "int8")
+    assert not fp32.build()["int8"] and int8.build()["int8"]
+    assert calls == [("model.onnx", False), ("baseline.onnx", False), ("model.onnx", True), ("baseline.onnx", True)]

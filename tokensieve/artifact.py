@@ -268,6 +268,13 @@ class Artifact:
 
         return build_engines(self, **kwargs)
 
+    def quantize(self, data, out: str | os.PathLike, **kwargs) -> Artifact:
+        """An INT8 (QDQ) copy at ``out`` calibrated on the batch ``data [N, C, H, W]``
+        (:func:`tokensieve.calibration.quantize.quantize_artifact`); returns the new artifact."""
+        from tokensieve.calibration.quantize import quantize_artifact
+
+        return quantize_artifact(self, data, out, **kwargs)
+
     def triton(self, out: str | os.PathLike, **kwargs) -> list[str]:
         """Write this artifact into a Triton model repository (:func:`tokensieve.deploy.triton.write_repository`);
         returns the model names, the one clients call first."""

@@ -141,7 +141,6 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace) -> int:
     from tokensieve.api import load
-    from tokensieve.calibration.quantize import quantize_artifact
     from tokensieve.staged import load_data
 
     source = load(args.dir)
@@ -149,8 +148,8 @@ def _quantize(args: argparse.Namespace) -> int:
     if pre is None:
         raise ArtifactError(f"{args.dir} records no preprocessing; quantize takes an image-model artifact")
     data = load_data(args.calibrate, pre["shape"], pre["mean"], pre["std"], limit=args.limit)
-    artifact = quantize_artifact(
-        source, data, args.out, calibration=args.calibration, tolerance=args.tolerance, min_agreement=args.min_agreement
+    artifact = source.quantize(
+        data, args.out, calibration=args.calibration, tolerance=args.tolerance, min_agreement=args.min_agreement
     )
     print(f"wrote {artifact.path} (INT8 QDQ, {len(data)} calibration images, lint {artifact.manifest['lint']['ok']})")
     if args.no_parity:

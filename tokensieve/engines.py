@@ -11,9 +11,9 @@ Each graph's inputs with symbolic axes get one optimization profile; the ranges 
 * anything else, or to override: ``dims={"sequence": (1, 512, 2048)}`` (CLI ``--dim sequence=1:512:2048``).
 
 Writes ``DIR/engines/<graph stem>.plan`` (where the trtexec recipes of staged artifacts put theirs) and
-``DIR/engines/build.json`` (TensorRT version, typing, precision, each graph's profile, plan size and build
-seconds); the folder is built next to the artifact and renamed into place, so a failed build leaves no partial
-``engines/``. The runtime side is
+``DIR/engines/build.json`` (TensorRT version, typing, precision: INT8 for a quantized artifact's QDQ graphs, each
+graph's profile, plan size and build seconds); the folder is built next to the artifact and renamed into place,
+so a failed build leaves no partial ``engines/``. The runtime side is
 :class:`tokensieve.runtimes.tensorrt.TensorRTRunner` (``Artifact.runner(graph, runtime="tensorrt")``, ``tokensieve
 bench --runtime tensorrt``, ``tokensieve parity --replay --runtime tensorrt``).
 """
@@ -118,12 +118,14 @@ def build_engines(
     require_tensorrt()
     ranges = {**symbol_ranges(artifact, max_batch), **(dims or {})}
     jobs = [(onnx, input_profile(artifact.path / onnx, ranges)) for onnx in graph_paths(artifact)]
-    report: dict[str, Any] = {"fp16": fp16, "ranges": {k: list(v) for k, v in ranges.items()}, "engines": {}}
+    int8 = "quantization" in artifact.manifest  # QDQ graphs: explicit quantization (the INT8 flag on TensorRT 10)
+    report: dict[str, Any] = {"fp16": fp16, "int8": int8, "ranges": {k: list(v) for k, v in ranges.items()}}
+    report["engines"] = {}
     with replaced_directory(artifact.path / ENGINES, f"; check that {artifact.path} is writable") as staging:
         for onnx, profile in jobs:
             plan = staging / plan_path(artifact, onnx).name
             start = time.perf_counter()
-            built = build_engine(artifact.path / onnx, plan, profile, fp16=fp16)
+            built = build_engine(artifact.path / onnx, plan, profile, fp16=fp16, int8=int8)
             built["seconds"] = round(time.perf_counter() - start, 1)
             report["engines"][onnx] = {"plan": str(Path(ENGINES) / plan.relative_to(staging)), **built}
         (staging / "build.json").write_text(json.dumps(report, indent=2))

@@ -367,12 +367,19 @@ def check_parity(
             eager_records,
         )
         report.golden = str(directory)
-        report.replay = (
-            f"polygraphy run {artifact.graph_path('model')} --trt "
-            f"--load-inputs {directory / 'inputs.json'} --load-outputs {directory / 'eager_outputs.json'} "
-            "--atol 1e-3 --rtol 1e-3"
-        )
+        scale = max((float(np.abs(out).max()) for out in eager_out), default=1.0) or 1.0
+        report.replay = polygraphy_replay(str(artifact.graph_path("model")), directory, max(1e-3, tolerance) * scale)
     return report
+
+
+def polygraphy_replay(model: str, golden, atol: float, engine: bool = False) -> str:
+    """The ``polygraphy run`` command that replays the golden files in ``golden`` on TensorRT: ``model`` an ONNX
+    file (``engine``: a built plan), outputs within the absolute ``atol`` of the recorded eager outputs."""
+    kind = " --model-type engine" if engine else ""
+    return (
+        f"polygraphy run {model}{kind} --trt --load-inputs {golden}/inputs.json "
+        f"--load-outputs {golden}/eager_outputs.json --atol {atol:.4g} --rtol 0"
+    )
 
 
 def _check_graph(
@@ -431,6 +438,12 @@ def read_golden(artifact, files: tuple[str, ...], read: Callable[[Path], Any]) -
         raise ParityError(
             f"the golden files in {golden} are unreadable ({e}); rewrite them with `tokensieve parity`"
         ) from None
+
+
+def golden_output_scale(artifact) -> float:
+    """The largest magnitude in the recorded eager outputs of a single-graph artifact (what tolerances scale by)."""
+    _, eager, _ = read_golden(artifact, ("inputs.json", "eager_outputs.json", SITES), _read_vit_golden)
+    return max((float(np.abs(np.asarray(value)).max()) for value in eager.values()), default=1.0) or 1.0
 
 
 def _read_vit_golden(golden: Path) -> tuple[dict, Any, dict[int, dict[str, np.ndarray]]]:

@@ -19,8 +19,9 @@ Layout of ``BUNDLE`` (a folder, or a ``.tar.gz`` of one)::
 The JetPack fixes the TensorRT version (../shared/PLATFORMS.md §5) and so the lint every graph must pass:
 JetPack 6.1 / 6.2 (Orin) TensorRT 10.3 -> ``trt10.3``; 7.0 / 7.1 (Thor) 10.13 -> ``trt10.3`` as well (10.13 has
 neither ``Attention``, from 10.14, nor ``TensorScatter``, from 10.15; the opset cap is conservative); 7.2 10.16 ->
-``trt10``; 7.2.2 and later 11.4 -> ``trt11`` (strongly typed: no ``--fp16``; convert the ONNX first). A graph with
-lint errors for the target is refused before anything is written. Engines are keyed by
+``trt10``; 7.2.2 and later 11.4 -> ``trt11`` (strongly typed: no ``--fp16``; convert the ONNX first). A quantized
+artifact's QDQ graphs build with ``--int8`` on TensorRT 10 (explicit quantization in a weakly typed network) and
+with no flag on 11. A graph with lint errors for the target is refused before anything is written. Engines are keyed by
 ``(TensorRT version, SM, JetPack, profiles)``: ``build_engines.sh`` records the device's TensorRT version and GPU
 into build.json so a plan copied to another device or JetPack is recognisable.
 """
@@ -61,14 +62,15 @@ def _shapes(profile: Mapping[str, list[list[int]]], index: int) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, shapes[index]))}" for name, shapes in profile.items())
 
 
-def _build_script(jobs: list[dict], fp16: bool, ranges: dict, jetpack: str, tensorrt: str) -> str:
+def _build_script(jobs: list[dict], flags: dict[str, bool], ranges: dict, jetpack: str, tensorrt: str) -> str:
     lines = [HEADER.format(what=f"JetPack {jetpack}, TensorRT {tensorrt}"), f"mkdir -p {ENGINES}"]
+    precision = [f"--{name}" for name, on in flags.items() if on]
     for job in jobs:  # a static graph has no profile, so no shapes
         shapes = [f"--{kind}Shapes={_shapes(job['profile'], i)}" for i, kind in enumerate(("min", "opt", "max"))]
         args = [f"--onnx={job['onnx']}", f"--saveEngine={job['plan']}", *(shapes if job["profile"] else [])]
-        lines.append(" ".join([TRTEXEC, *map(shlex.quote, args), *(["--fp16"] if fp16 else [])]))
-    engines = {job["onnx"]: {"plan": job["plan"], "profile": job["profile"], "fp16": fp16} for job in jobs}
-    build = {"fp16": fp16, "ranges": ranges, "built_by": "trtexec", "jetpack": jetpack, "engines": engines}
+        lines.append(" ".join([TRTEXEC, *map(shlex.quote, args), *precision]))
+    engines = {job["onnx"]: {"plan": job["plan"], "profile": job["profile"], **flags} for job in jobs}
+    build = {**flags, "ranges": ranges, "built_by": "trtexec", "jetpack": jetpack, "engines": engines}
     lines += [
         # the device facts that key an engine: TensorRT library version and the GPU (SM) it was built on
         "TRT_VERSION=$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || echo unknown)",
@@ -97,23 +99,25 @@ def _check_script(jobs: list[dict], replay: str | None) -> str:
 
 
 def _replay(artifact, fp16: bool) -> str | None:
-    """The golden check on the engine, or None where it does not apply (staged, MLLM, no golden files)."""
+    """The golden check on the engine, or None where it does not apply (staged, MLLM, no golden files). Bounds,
+    relative to the output scale: 1e-3 for FP32 engines (TF32 tactics), 1e-2 with FP16, at least the drift budget
+    of a quantized artifact."""
     if (
         artifact.kind == "mllm"
         or "stages" in artifact.manifest
         or not (artifact.path / "golden" / "inputs.json").is_file()
     ):
         return None
-    tolerance = " --tolerance 0.01" if fp16 else ""  # FP16 engines against the float32 eager reference
+    from tokensieve.parity import golden_output_scale, polygraphy_replay
+
+    quantization = artifact.manifest.get("quantization")
+    bound = max(1e-2 if fp16 else 1e-3, quantization["tolerance"] if quantization else 0.0)
+    atol = bound * golden_output_scale(artifact)  # Polygraphy compares element by element, in absolute terms
     plan = plan_path(artifact, artifact.manifest["graphs"]["model"]).relative_to(artifact.path)
-    bound = "1e-2" if fp16 else "1e-3"
-    polygraphy = (
-        f"polygraphy run {plan} --model-type engine --trt --load-inputs golden/inputs.json "
-        f"--load-outputs golden/eager_outputs.json --atol {bound} --rtol {bound}"
-    )
+    polygraphy = polygraphy_replay(str(plan), "golden", atol, engine=True)
     return (
-        f"if command -v tokensieve >/dev/null; then tokensieve parity . --replay --runtime tensorrt{tolerance}; "
-        f"else {polygraphy}; fi"
+        f"if command -v tokensieve >/dev/null; then tokensieve parity . --replay --runtime tensorrt --tolerance "
+        f"{bound:g}; else {polygraphy}; fi"
     )
 
 
@@ -144,6 +148,9 @@ def write_bundle(
             f"{errors[0].node}: {errors[0].message}; fix the export (e.g. --opset 18) or choose a later --jetpack"
         )
     ranges = {**symbol_ranges(artifact, max_batch), **(dims or {})}
+    # a quantized artifact's QDQ graphs need trtexec's --int8 on TensorRT 10 (explicit quantization in a weakly
+    # typed network); TensorRT 11 reads the Q/DQ types without a flag
+    int8 = "quantization" in artifact.manifest and not tensorrt.startswith("11")
     jobs = [
         {
             "onnx": onnx,
@@ -158,13 +165,14 @@ def write_bundle(
         "devices": devices,
         "lint": {"target": target, "ok": True, "warnings": len(report.findings)},
         "fp16": fp16,
+        "int8": int8,
         "ranges": {k: list(v) for k, v in ranges.items()},
         "graphs": jobs,
         "source": artifact.manifest["source"]["name"],
         "method": artifact.manifest.get("method_text", "none"),
     }
     scripts = {
-        "build_engines.sh": _build_script(jobs, fp16, info["ranges"], jetpack, tensorrt),
+        "build_engines.sh": _build_script(jobs, {"fp16": fp16, "int8": int8}, info["ranges"], jetpack, tensorrt),
         "check.sh": _check_script(jobs, _replay(artifact, fp16)),
         "bundle.json": json.dumps(info, indent=2) + "\n",
     }

@@ -9,7 +9,11 @@ TensorRT API across versions.
 Versions (../shared/PLATFORMS.md §4.4): TensorRT 10.x builds weakly typed networks, FP32 by default and FP16 on
 request (``fp16=True``, the ``--fp16`` of trtexec); TensorRT 11 builds strongly typed networks only and has no
 precision flags, so there the precision is the ONNX file's (FP16 comes from converting the ONNX first, e.g. with
-``python -m modelopt.onnx.autocast``) and ``fp16=True`` is refused with that advice.
+``python -m modelopt.onnx.autocast``) and ``fp16=True`` is refused with that advice. An INT8 (QDQ) artifact from
+``tokensieve quantize`` is explicit quantization: TensorRT 10.x builds its Q/DQ layers only with the INT8 builder
+flag set (``int8=True``, trtexec's ``--int8``; the scales come from the graph, no calibrator), which may be combined
+with ``fp16=True`` for the layers left in float (trtexec's ``--best``); TensorRT 11 reads the Q/DQ types without any
+flag.
 
 Written against Polygraphy's documented Python API (0.49-0.53) and TensorRT's; tokensieve's CI has neither a GPU nor
 TensorRT, so these functions are exercised only on a machine that has both (``tests/test_tensorrt.py`` skips
@@ -51,10 +55,11 @@ def require_tensorrt() -> tuple[int, int]:
     return version
 
 
-def build_engine(onnx: Path, plan: Path, profile: Mapping[str, Range], fp16: bool = False) -> dict:
+def build_engine(onnx: Path, plan: Path, profile: Mapping[str, Range], fp16: bool = False, int8: bool = False) -> dict:
     """Build ``onnx`` (its external weights next to it) into the serialized engine ``plan`` (written to a temporary
     file, then renamed). ``profile`` gives each input with symbolic axes its min / opt / max shape (one optimization
-    profile; empty for a static graph). Returns what was built: TensorRT version, typing, precision, profile."""
+    profile; empty for a static graph); ``int8``: the graph is QDQ-quantized (see the module docstring). Returns what
+    was built: TensorRT version, typing, precision, profile."""
     version = require_tensorrt()
     strongly_typed = version[0] >= 11
     if fp16 and strongly_typed:
@@ -72,7 +77,8 @@ def build_engine(onnx: Path, plan: Path, profile: Mapping[str, Range], fp16: boo
         for name, (low, opt, high) in profile.items():
             shapes.add(name, low, opt, high)
         profiles = [shapes]
-    config = CreateConfig(fp16=fp16 or None, profiles=profiles)
+    int8 = int8 and not strongly_typed  # a strongly typed network takes the INT8 types from the Q/DQ nodes
+    config = CreateConfig(fp16=fp16 or None, int8=int8 or None, profiles=profiles)
     try:
         serialized = EngineBytesFromNetwork(network, config)()
     except Exception as e:  # Polygraphy reports parser and builder failures as its own exceptions
@@ -85,6 +91,7 @@ def build_engine(onnx: Path, plan: Path, profile: Mapping[str, Range], fp16: boo
         "tensorrt": f"{version[0]}.{version[1]}",
         "strongly_typed": strongly_typed,
         "fp16": fp16,
+        "int8_flag": int8,
         "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()},
         "bytes": plan.stat().st_size,
     }
