@@ -1,6 +1,7 @@
 """INT8 QDQ quantization of an image-model artifact: the TensorRT recipe (symmetric QDQ, lint clean), the token
 selection kept in float32, parity against the float32 eager reference within the recorded drift budget (and its
-replay and gate), and typed errors for what it does not take."""
+replay and gate), staged (bucketed) artifacts with every stage graph calibrated on its own inputs, and typed errors
+for what it does not take."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import onnx_ir as ir
 import pytest
 
 import tokensieve
-from tokensieve.calibration.quantize import quantize_artifact
+from tokensieve.calibration.quantize import image_batches, quantize_artifact
+from tokensieve.calibration.quantize_staged import stage_feeds
 from tokensieve.cli import main
 from tokensieve.errors import ArtifactError, InputError
 
@@ -72,8 +74,38 @@ def test_bad_requests_are_typed_errors(artifacts, tmp_path):
     with pytest.raises(ArtifactError, match="already quantized"):
         quantize_artifact(artifacts["int8"], data, tmp_path / "d")
     llava = tokensieve.export("hf:llava-tiny", out=tmp_path / "llava")
-    with pytest.raises(ArtifactError, match="single-graph image-model artifact"):
+    with pytest.raises(ArtifactError, match="an image-model artifact"):
         quantize_artifact(llava, data, tmp_path / "e")
     calibration = str(artifacts["root"] / "calibration.npz")
     assert main(["quantize", str(llava.path), "--calibrate", calibration, "--out", str(tmp_path / "f")]) == 2
     assert not any((tmp_path / name).exists() for name in "abcdf")
+
+
+def test_staged_artifact_every_stage_graph_int8_and_parity_at_the_graph_counts(zoo, tmp_path):
+    path, built = zoo("timm:vit_small_patch16_224", dynamic_batch=True, img_size=112)  # 49 patch tokens
+    fp32 = tokensieve.export(path, "atp(threshold=1.2)", out=tmp_path / "fp32", buckets=[16, 49])
+    data = np.random.default_rng(1).standard_normal((8, 3, 112, 112)).astype(np.float32)
+    feeds = stage_feeds(fp32, image_batches("pixel_values", data, None))
+    stage_graphs = {p for p, _ in fp32.graph_files()} - {fp32.manifest["stages"]["padmax"]}
+    assert set(feeds) == stage_graphs  # every bucket graph gets data, however the images route
+    valid = [batch["valid"] for batch in feeds[fp32.manifest["stages"]["graphs"]["16"]]]
+    assert all(v.shape == (4, 16) for v in valid) and any(v.all(axis=1).any() for v in valid)  # full / truncated too
+    int8 = fp32.quantize(data, tmp_path / "int8", tolerance=0.15, min_agreement=0.9)
+    for relative, _ in int8.graph_files():
+        graph = ir.load(int8.path / relative).graph
+        assert any(n.op_type == "QuantizeLinear" for n in graph), relative
+        for topk in (n for n in graph if n.op_type == "TopK"):  # scores from the site's float32 nodes, or order_key
+            producer = topk.inputs[0].producer()
+            assert producer is None or "tokensieve.site" in producer.metadata_props, relative
+    assert int8.lint().ok and all(g["lint"]["ok"] for g in int8.manifest["stages"]["graph_info"].values())
+    assert "--int8" in (int8.path / "trt" / "build_trt10.sh").read_text()
+    assert "autocast" not in (int8.path / "trt" / "build_trt11.sh").read_text()
+    report = int8.parity(reference=built)
+    assert report.ok, report.text()
+    assert {c.label.split(" (")[0] for c in report.checks} >= {"bucketed", "oracle", "padmax"}
+    assert all(c.required == 0.9 for c in report.checks if c.same_kept is not None)
+    assert report.outputs[0].relative > 1e-4  # INT8 drifts: the budget passes, exact parity would not
+    assert int8.replay().ok and main(["gate", str(int8.path)]) == 0
+    assert not int8.replay(tolerance=1e-4).ok
+    routed = int8.staged_runner().run(data[:4])
+    assert routed.outputs["logits"].shape == (4, 1000) and {r.buckets[0] for r in routed.routes} <= {16, 49}

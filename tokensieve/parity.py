@@ -69,6 +69,7 @@ class StagedCheck:
     relative: float  # worst output error relative to the output scale, valid tokens only
     same_kept: int | None  # samples whose kept tokens match at every site (None: not compared)
     ok: bool
+    required: float = 1.0  # kept-token agreement that counts as a match: 1 (the same set) unless quantized
 
     @property
     def passed(self) -> bool:
@@ -116,7 +117,8 @@ class ParityReport:
                 f"{'ok' if s.ok else 'FAIL'}"
             )
         for c in self.checks:
-            kept = "" if c.same_kept is None else f", same kept tokens in {c.same_kept}/{c.samples}"
+            agree = "same kept tokens" if c.required >= 1 else f"kept tokens agree >= {c.required:g}"
+            kept = "" if c.same_kept is None else f", {agree} in {c.same_kept}/{c.samples}"
             lines.append(f"  staged {c.label:<40} relative {c.relative:.3e}{kept}  {'ok' if c.passed else 'FAIL'}")
         if self.golden:
             lines.append(f"  golden files: {self.golden}")
@@ -342,7 +344,7 @@ def check_parity(
     if "stages" in manifest:
         from tokensieve.parity_staged import check_staged_parity
 
-        return check_staged_parity(artifact, eager_model, pixels.numpy(), tolerance, providers, golden)
+        return check_staged_parity(artifact, eager_model, pixels.numpy(), tolerance, providers, golden, required)
     if device != "cpu":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         eager_model = eager_model.to(device)
@@ -476,7 +478,7 @@ def replay_golden(
     if "stages" in artifact.manifest:
         from tokensieve.parity_staged import replay_staged_golden
 
-        return replay_staged_golden(artifact, tolerance=tolerance, providers=providers)
+        return replay_staged_golden(artifact, tolerance=tolerance, providers=providers, required=required)
     feeds, eager, records = read_golden(artifact, ("inputs.json", "eager_outputs.json", SITES), _read_vit_golden)
     names = [o["name"] for o in artifact.manifest["outputs"]]
     missing = [n for n in names if n not in eager]

@@ -42,6 +42,7 @@ class EagerCheck:
     count: int | None
     outputs: list  # per graph output: an array, or a per-image list for variable-length outputs
     kept: list[dict[int, np.ndarray]]  # per image: site layer -> kept token indices
+    mode: str = "bucketed"  # the routing mode it holds; a quantized artifact's oracle and padmax have their own
 
 
 def _relative(names, eager, result: StagedResult, tolerance: float) -> tuple[float, bool]:
@@ -58,19 +59,36 @@ def _relative(names, eager, result: StagedResult, tolerance: float) -> tuple[flo
     return worst, worst <= tolerance
 
 
-def _same_kept(runner: StagedRunner, result: StagedResult, kept: list[dict[int, np.ndarray]], layers) -> int:
+def _same_kept(
+    runner: StagedRunner, result: StagedResult, kept: list[dict[int, np.ndarray]], layers, required: float
+) -> int:
+    """Images whose kept tokens agree with the eager ones at every site: the same set, or (``required`` < 1, a
+    quantized artifact) at least that share of the site's candidates with the same kept / dropped status."""
     same = 0
     for i, route in enumerate(result.routes):
         ok = True
+        candidates = runner.stages["tokens"] - runner.specials
         for site, layer in enumerate(layers):
             got = runner.exposed.get(i, {}).get(f"tokensieve/site{layer}/kept")
             count = min(route.counts[site], route.buckets[site])
-            ok &= got is not None and np.array_equal(np.sort(got[:count]), np.sort(kept[i][layer]))
+            if got is None:
+                ok = False
+                break
+            differ = np.setxor1d(got[:count], kept[i][layer]).size
+            ok &= differ == 0 if required >= 1 else 1 - differ / candidates >= required
+            candidates = count
         same += int(ok)
     return same
 
 
-def _eager(model, pixels, label: str, count: int | None, forced: list[dict[int, int]]) -> EagerCheck:
+def _graph_counts(result: StagedResult, layers) -> list[dict[int, int]]:
+    """Per image, the count the graph kept at every site (what a quantized artifact's eager side is forced to)."""
+    return [{layer: min(c, b) for layer, c, b in zip(layers, r.counts, r.buckets, strict=True)} for r in result.routes]
+
+
+def _eager(
+    model, pixels, label: str, count: int | None, forced: list[dict[int, int]], mode: str = "bucketed"
+) -> EagerCheck:
     import torch
 
     with torch.no_grad():
@@ -78,7 +96,7 @@ def _eager(model, pixels, label: str, count: int | None, forced: list[dict[int, 
     out = out if isinstance(out, tuple) else (out,)
     outputs = [[t.numpy() for t in o] if isinstance(o, list) else o.numpy() for o in out]
     kept = [{layer: rec["kept"].numpy().reshape(-1) for layer, rec in image.items()} for image in model.sample_records]
-    return EagerCheck(label, count, outputs, kept)
+    return EagerCheck(label, count, outputs, kept, mode)
 
 
 def force_count(state: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
@@ -107,22 +125,41 @@ def _edges(sizes: list[int]) -> list[tuple[int, str]]:
 
 
 def check_staged_parity(
-    artifact, eager_model, pixels: np.ndarray, tolerance: float, providers: list[str] | None, golden: bool = True
+    artifact,
+    eager_model,
+    pixels: np.ndarray,
+    tolerance: float,
+    providers: list[str] | None,
+    golden: bool = True,
+    required: float = 1.0,
 ) -> ParityReport:
+    """Every check against the eager reference. ``required`` < 1 (a quantized artifact's drift budget): the INT8
+    stage 1 may count differently from the float32 reference, so the eager side keeps, at every site, the count the
+    graph kept (its own highest-priority tokens); the kept tokens then agree on at least ``required`` of the
+    candidates and the outputs within ``tolerance``."""
     stages = artifact.manifest["stages"]
     layers = stages["sites"]
     runner = _runner(artifact, providers)
     state = runner.first_stage(pixels)
     natural = runner.continue_from(state)
-    forced = [
-        {layers[s]: r.buckets[s] for s in range(len(layers)) if r.counts[s] > r.buckets[s]} for r in natural.routes
-    ]
+    if required < 1:
+        forced = _graph_counts(natural, layers)
+    else:
+        forced = [
+            {layers[s]: r.buckets[s] for s in range(len(layers)) if r.counts[s] > r.buckets[s]} for r in natural.routes
+        ]
     checks = [_eager(eager_model, pixels, "natural counts", None, forced)]
-    checks += [
-        _eager(eager_model, pixels, label, count, [{layers[0]: count} for _ in pixels])
-        for count, label in _edges(stages["buckets"][""])
-    ]
-    report = _compare(artifact, runner, state, pixels, checks, tolerance, providers)
+    if required < 1:  # each INT8 routing mode's graphs count for themselves
+        for mode in ("oracle", "padmax"):
+            result = StagedRunner(artifact.path, stages, mode=mode, providers=providers).run(pixels)
+            checks.append(_eager(eager_model, pixels, "natural counts", None, _graph_counts(result, layers), mode))
+    for count, label in _edges(stages["buckets"][""]):
+        if required < 1:
+            forced = _graph_counts(runner.continue_from(force_count(state, count)), layers)
+        else:
+            forced = [{layers[0]: count} for _ in pixels]
+        checks.append(_eager(eager_model, pixels, label, count, forced))
+    report = _compare(artifact, runner, state, pixels, checks, tolerance, providers, required)
     if golden:
         report.golden = str(_write_golden(artifact.path, pixels, checks))
     return report
@@ -134,27 +171,32 @@ def _runner(artifact, providers) -> StagedRunner:
 
 
 def _compare(
-    artifact, runner: StagedRunner, state: dict, pixels, checks: list[EagerCheck], tolerance, providers
+    artifact, runner: StagedRunner, state: dict, pixels, checks: list[EagerCheck], tolerance, providers, required
 ) -> ParityReport:
     """The graph side: every check's routing from stage 1's ``state`` through the artifact, against its eager side."""
     stages = artifact.manifest["stages"]
     layers, names = stages["sites"], [o["name"] for o in artifact.manifest["outputs"]]
     report = ParityReport(tolerance, len(pixels), runner.runner(stages["graphs"][""]).active)
     for check in checks:
+        if check.mode != "bucketed":
+            other = StagedRunner(artifact.path, stages, mode=check.mode, providers=providers).run(pixels)
+            relative, ok = _relative(names, check.outputs, other, tolerance)
+            report.checks.append(StagedCheck(f"{check.mode} (natural counts)", len(pixels), relative, None, ok))
+            continue
         result = runner.continue_from(state if check.count is None else force_count(state, check.count))
         relative, ok = _relative(names, check.outputs, result, tolerance)
-        same = _same_kept(runner, result, check.kept, layers)
+        same = _same_kept(runner, result, check.kept, layers, required)
         if check.count is None:
             report.outputs = _output_rows(names, check.outputs, result, tolerance)
-            report.checks.append(StagedCheck("bucketed (natural counts)", len(pixels), relative, same, ok))
-            if not any(r.truncated for r in result.routes):
+            report.checks.append(StagedCheck("bucketed (natural counts)", len(pixels), relative, same, ok, required))
+            if required >= 1 and not any(r.truncated for r in result.routes):
                 for mode in ("oracle", "padmax"):
                     other = StagedRunner(artifact.path, stages, mode=mode, providers=providers).run(pixels)
                     relative, ok = _relative(names, check.outputs, other, tolerance)
                     report.checks.append(StagedCheck(f"{mode} (natural counts)", len(pixels), relative, None, ok))
         else:
             label = f"bucket {result.routes[0].buckets[0]}, count {check.count} ({check.label})"
-            report.checks.append(StagedCheck(label, len(pixels), relative, same, ok))
+            report.checks.append(StagedCheck(label, len(pixels), relative, same, ok, required))
     if not report.checks:
         raise ParityError("no staged check ran")
     return report
@@ -176,6 +218,7 @@ def _write_golden(directory, pixels: np.ndarray, checks: list[EagerCheck]):
     for c, check in enumerate(checks):
         arrays[f"{c}/label"] = np.array(check.label)
         arrays[f"{c}/count"] = np.array(-1 if check.count is None else check.count)
+        arrays[f"{c}/mode"] = np.array(check.mode)
         for o, output in enumerate(check.outputs):
             if isinstance(output, list):
                 arrays |= {f"{c}/out/{o}/{i}": image for i, image in enumerate(output)}
@@ -201,16 +244,18 @@ def _read_golden(path, outputs: int) -> tuple[np.ndarray, list[EagerCheck]]:
             kept = [
                 {int(k.rsplit("/", 1)[1]): data[k] for k in files if k.startswith(f"{c}/kept/{i}/")} for i in images
             ]
-            count = int(data[f"{c}/count"])
-            checks.append(EagerCheck(str(data[f"{c}/label"]), None if count < 0 else count, values, kept))
+            count, mode = int(data[f"{c}/count"]), str(data[f"{c}/mode"]) if f"{c}/mode" in files else "bucketed"
+            checks.append(EagerCheck(str(data[f"{c}/label"]), None if count < 0 else count, values, kept, mode))
     return pixels, checks
 
 
-def replay_staged_golden(artifact, *, tolerance: float = 1e-4, providers: list[str] | None = None) -> ParityReport:
+def replay_staged_golden(
+    artifact, *, tolerance: float = 1e-4, providers: list[str] | None = None, required: float = 1.0
+) -> ParityReport:
     """Repeat every staged check from ``DIR/golden/staged.npz`` alone (torch-free)."""
     outputs = len(artifact.manifest["outputs"])
     pixels, checks = read_golden(artifact, (STAGED,), lambda golden: _read_golden(golden / STAGED, outputs))
     runner = _runner(artifact, providers)
-    report = _compare(artifact, runner, runner.first_stage(pixels), pixels, checks, tolerance, providers)
+    report = _compare(artifact, runner, runner.first_stage(pixels), pixels, checks, tolerance, providers, required)
     report.golden, report.reference = str(artifact.path / "golden"), "golden eager outputs"
     return report

@@ -195,10 +195,12 @@ def _profile(inputs: dict[str, list], max_batch: int, slots: int | None = None) 
     )
 
 
-def trt_recipes(stages: dict, max_batch: int = 32) -> dict[str, str]:
+def trt_recipes(stages: dict, max_batch: int = 32, int8: bool = False) -> dict[str, str]:
     """trtexec command lines for TensorRT 10.x and 11.x: one engine per static stage graph (bucket), and one engine
     for the first symbolic-K stage with one optimization profile per bucket. Written against the documented CLI
-    (PLATFORMS.md §4.4: 11.x has no precision flags, FP16 comes from ModelOpt AutoCast); not executed here."""
+    (PLATFORMS.md §4.4: 11.x has no precision flags, FP16 comes from ModelOpt AutoCast); not executed here.
+    ``int8``: the graphs are QDQ-quantized: 10.x adds ``--int8`` (explicit quantization, the scales from the graph),
+    11.x builds them as they are (strongly typed by their Q/DQ nodes, the rest float32)."""
     info = stages["graph_info"]
     jobs = []  # (onnx path, engine path, shape arguments, comment)
     for key, path in stages["graphs"].items():
@@ -222,17 +224,21 @@ def trt_recipes(stages: dict, max_batch: int = 32) -> dict[str, str]:
         "artifact directory.\n# Written against the documented trtexec CLI; not executed by tokensieve.\n"
         "set -euo pipefail\nmkdir -p engines\n"
     )
+    flags = "--fp16 --int8" if int8 else "--fp16"
     trt10 = [
-        f"trtexec --onnx={onnx} --saveEngine={engine} --fp16 {shapes}  # {note}" for onnx, engine, shapes, note in jobs
+        f"trtexec --onnx={onnx} --saveEngine={engine} {flags} {shapes}  # {note}" for onnx, engine, shapes, note in jobs
     ]
     trt11 = []
     for onnx, engine, shapes, note in jobs:
-        fp16 = onnx.replace(".onnx", "_fp16.onnx")
-        trt11.append(f"python -m modelopt.onnx.autocast --onnx_path {onnx} --output_path {fp16}")
-        trt11.append(f"trtexec --onnx={fp16} --saveEngine={engine} {shapes}  # {note}")
+        typed = onnx
+        if not int8:
+            typed = onnx.replace(".onnx", "_fp16.onnx")
+            trt11.append(f"python -m modelopt.onnx.autocast --onnx_path {onnx} --output_path {typed}")
+        trt11.append(f"trtexec --onnx={typed} --saveEngine={engine} {shapes}  # {note}")
+    typing = "INT8 from the Q/DQ nodes" if int8 else "no --fp16"
     return {
         "build_trt10.sh": header + "\n".join(trt10) + "\n",
-        "build_trt11.sh": header + "# TensorRT 11 is strongly typed: no --fp16.\n" + "\n".join(trt11) + "\n",
+        "build_trt11.sh": header + f"# TensorRT 11 is strongly typed: {typing}.\n" + "\n".join(trt11) + "\n",
     }
 
 
@@ -324,9 +330,14 @@ def build_staged(
     stages["graph_info"] = builder.graphs
     stages["exposed"] = {path: info["exposed"] for path, info in builder.graphs.items()}
     stages["calibration"] = calibration
+    write_recipes(directory, stages)
+    return stages, method
+
+
+def write_recipes(directory: Path, stages: dict, int8: bool = False) -> None:
+    """``DIR/trt/build_trt10.sh`` and ``build_trt11.sh`` (:func:`trt_recipes`), executable."""
     trt = directory / "trt"
     trt.mkdir(exist_ok=True)
-    for name, text in trt_recipes(stages).items():
+    for name, text in trt_recipes(stages, int8=int8).items():
         (trt / name).write_text(text)
         (trt / name).chmod(0o755)
-    return stages, method

@@ -11,6 +11,9 @@ Every node a reduction site inserted (metadata ``tokensieve.site``: the attentio
 gathers, the merge matrices) is excluded, so the scores are computed and compared in float32 from the quantized
 stream: what can still flip a selection is the drift of the stream itself, and that is what parity measures.
 
+A staged (bucketed) artifact has every graph quantized, each calibrated on its own inputs
+(:mod:`tokensieve.calibration.quantize_staged`); its trtexec recipes gain ``--int8``.
+
 The new artifact keeps its source, methods and eager reference; its manifest gains ``quantization`` (recipe,
 calibration images, and the drift budget ``tolerance`` / ``min_agreement``). ``tokensieve parity`` holds it to the
 same float32 eager reference with that budget instead of exact equality: outputs within ``tolerance`` of the output
@@ -32,12 +35,16 @@ CALIBRATIONS = ("minmax", "entropy", "percentile")
 OP_TYPES = ("MatMul", "Gemm", "Conv")
 
 
-def quantize_graph(
-    source: Path, target: Path, input_name: str, data: np.ndarray, batch: int | None, calibration: str
-) -> int:
-    """QDQ-quantize ``source`` into ``target`` (weights inline, every value's shape inferred) calibrated on ``data
-    [N, C, H, W]`` fed in batches of ``batch`` (the graph's static batch; ``None``: 4 at a time); returns the
-    number of excluded site nodes."""
+def image_batches(input_name: str, data: np.ndarray, batch: int | None) -> list[dict[str, np.ndarray]]:
+    """``data [N, C, H, W]`` as feeds of ``batch`` images (the graph's static batch; ``None``: 4 at a time, since
+    calibration records every intermediate tensor); a last partial batch is left out."""
+    step = batch or 4
+    return [{input_name: data[start : start + step]} for start in range(0, len(data) - step + 1, step)]
+
+
+def quantize_graph(source: Path, target: Path, feeds: list[dict[str, np.ndarray]], calibration: str) -> int:
+    """QDQ-quantize ``source`` into ``target`` (weights inline, every value's shape inferred) calibrated on the
+    ``feeds`` (one dict of input arrays per calibration call); returns the number of excluded site nodes."""
     import onnx_ir as ir
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -48,16 +55,13 @@ def quantize_graph(
     )
 
     excluded = [node.name for node in ir.load(source).graph if "tokensieve.site" in node.metadata_props]
-    step = batch or 4  # a dynamic batch: 4 images per call (calibration records every intermediate tensor)
-    usable = len(data) - len(data) % step
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter(range(0, usable, step))
+            self.batches = iter(feeds)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            start = next(self.batches, None)
-            return None if start is None else {input_name: data[start : start + step]}
+            return next(self.batches, None)
 
     method = {
         "minmax": CalibrationMethod.MinMax,
@@ -99,16 +103,15 @@ def quantize_artifact(
     tolerance: float = 0.05,
     min_agreement: float = 0.9,
 ):
-    """Write the INT8 artifact ``out`` from ``artifact`` (a single-graph image model) calibrated on ``data``; see
-    the module docstring. Returns the new :class:`tokensieve.artifact.Artifact`."""
+    """Write the INT8 artifact ``out`` from ``artifact`` (an image model, single-graph or staged) calibrated on
+    ``data``; see the module docstring. Returns the new :class:`tokensieve.artifact.Artifact`."""
     from tokensieve.artifact import Artifact, staged_directory, write_manifest
     from tokensieve.graph_passes.lint import lint
 
     manifest = artifact.manifest
-    if artifact.kind == "mllm" or "stages" in manifest:
+    if artifact.kind == "mllm":
         raise ArtifactError(
-            "quantize takes a single-graph image-model artifact; staged (bucketed) and MLLM artifacts are not "
-            "supported yet"
+            "quantize takes an image-model artifact (single-graph or staged); MLLM artifacts are not supported yet"
         )
     if "quantization" in manifest:
         raise ArtifactError(f"{artifact.path} is already quantized; quantize the float32 artifact it came from")
@@ -124,20 +127,28 @@ def quantize_artifact(
     if len(data) < (batch or 4) * 2:
         raise InputError(f"calibration needs at least {(batch or 4) * 2} images, got {len(data)}")
     data = np.ascontiguousarray(data, dtype=np.float32)
-    graphs = {key: manifest["graphs"][key] for key in ("model", "baseline")}
+    images = image_batches(spec["name"], data, batch)
+    feeds = {manifest["graphs"][key]: images for key in ("model", "baseline")}
+    if "stages" in manifest:
+        from tokensieve.calibration.quantize_staged import stage_feeds
+
+        feeds |= stage_feeds(artifact, images)
     with staged_directory(out) as staging:
-        excluded = {
-            key: quantize_graph(artifact.path / path, staging / path, spec["name"], data, batch, calibration)
-            for key, path in graphs.items()
-        }
-        for leftover in staging.glob("*.onnx.data"):  # quantize_static writes weights inline; nothing else stays
+        excluded = {}
+        for path, batches in feeds.items():
+            (staging / path).parent.mkdir(parents=True, exist_ok=True)
+            excluded[path] = quantize_graph(artifact.path / path, staging / path, batches, calibration)
+        for leftover in staging.rglob("*.onnx.data"):  # quantize_static writes weights inline; nothing else stays
             leftover.unlink()
         import onnx_ir as ir
 
-        report = lint(ir.load(staging / graphs["model"]), manifest["lint"]["target"])
         new: dict[str, Any] = json.loads(json.dumps(manifest))
-        new["graphs"] = dict(graphs)
-        new["lint"] = report.to_dict()
+        new["graphs"] = {key: manifest["graphs"][key] for key in ("model", "baseline")}
+        new["lint"] = lint(ir.load(staging / new["graphs"]["model"]), manifest["lint"]["target"]).to_dict()
+        if "stages" in manifest:
+            from tokensieve.calibration.quantize_staged import restage
+
+            restage(new["stages"], staging, manifest["lint"]["target"])
         new["quantization"] = {
             "format": "QDQ",
             "dtype": "int8",
@@ -146,7 +157,7 @@ def quantize_artifact(
             "op_types": list(OP_TYPES),
             "calibration": calibration,
             "images": len(data),
-            "excluded_site_nodes": excluded["model"],
+            "excluded_site_nodes": sum(excluded.values()),
             "tolerance": tolerance,
             "min_agreement": min_agreement,
             "source_artifact": str(artifact.path),

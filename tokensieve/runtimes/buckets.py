@@ -139,13 +139,13 @@ class StagedRunner:
         return self.continue_from(self.first_stage(pixels))
 
     def _run_padmax(self, pixels: np.ndarray) -> StagedResult:
-        count = f"tokensieve/site{self.stages['sites'][-1]}/count"
-        runner = self.runner(self.stages["padmax"], extra=[count])
+        counts = [f"tokensieve/site{layer}/count" for layer in self.stages["sites"]]
+        runner = self.runner(self.stages["padmax"], extra=counts)
         out = runner.run({runner.input_names[0]: pixels})
         slots = self.stages["tokens"] - self.specials
-        # the count is a debug output, which an engine does not have: there every slot is reported as kept
-        kept = out.pop(count, np.full(len(pixels), slots)).astype(np.int64)
-        routes = [Route(counts=[int(c)], buckets=[slots]) for c in kept]
+        # the counts are debug outputs, which an engine does not have: there every slot is reported as kept
+        kept = np.stack([out.pop(name, np.full(len(pixels), slots)).astype(np.int64) for name in counts], axis=1)
+        routes = [Route(counts=[int(c) for c in row], buckets=[slots] * len(row)) for row in kept]
         return self._assemble({i: {k: v[i] for k, v in out.items()} for i in range(len(pixels))}, routes)
 
     def first_stage(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
