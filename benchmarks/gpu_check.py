@@ -10,10 +10,12 @@ Sections; each records what it ran, and what it could not run and why, then goes
 3. ONNX Runtime's CUDA provider, when it is there: the same parity with the graph on the GPU;
 4. TensorRT, when it imports: engines (FP32 and FP16), the golden replay on each engine, latency of the pruned and
    the unpruned engine at batch 1 and 8 against the MAC-limit speedup;
-5. a bucketed ATP artifact of the same model on TensorRT: the dispatcher on the engines against ONNX Runtime
+5. an INT8 (QDQ) copy of the pruned artifact: its ONNX Runtime drift, engines built with the INT8 flag, the golden
+   replay on the engine within the drift budget, and latency;
+6. a bucketed ATP artifact of the same model on TensorRT: the dispatcher on the engines against ONNX Runtime
    (routes, outputs), and bucketed vs dynamic-shape engine vs pad-to-max vs unreduced latency.
 
-Writes OUT_DIR/gpu_check.json (and prints it). On a CPU machine sections 3-5 report why they did not run, which
+Writes OUT_DIR/gpu_check.json (and prints it). On a CPU machine sections 3-6 report why they did not run, which
 is how this script is checked here (``--device cpu``).
 """
 
@@ -108,6 +110,26 @@ def main() -> None:
                 "bench": bench.to_dict(),
             }
         return rows
+
+    @section(results, "tensorrt_int8")
+    def _():
+        source = artifacts["topk"]
+        data = np.random.default_rng(1).standard_normal((32, 3, 224, 224), dtype=np.float32)
+        int8 = source.quantize(data, out / "topk_int8", tolerance=0.15, min_agreement=0.9)
+        drift = int8.parity(batch=4, device=args.device)  # ONNX Runtime CPU INT8 vs the float32 eager reference
+        if not trt:
+            return {"ort_drift_ok": drift.ok, "ort_drift": drift.text(), "skipped": "TensorRT is not installed"}
+        build = int8.build(max_batch=8)
+        replay = int8.replay(runtime="tensorrt")  # the engine against the same golden files, within the budget
+        bench = int8.bench(batches=[1, 8], runtime="tensorrt", save=False)
+        return {
+            "int8_flag": {k: v["int8_flag"] for k, v in build["engines"].items()},
+            "ort_drift_ok": drift.ok,
+            "ort_drift": drift.text(),
+            "replay_ok": replay.ok,
+            "replay": replay.text(),
+            "bench": bench.to_dict(),
+        }
 
     @section(results, "tensorrt_buckets")
     def _():
