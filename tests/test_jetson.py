@@ -125,6 +125,45 @@ def test_quantized_bundle_builds_int8_and_checks_within_the_drift_budget(zoo, hf
     assert atol == pytest.approx(2.0 * golden_output_scale(int8), rel=1e-3)  # relative budget -> absolute bound
 
 
+def test_dla_bundles_fix_the_batch_of_static_graphs_and_keep_the_rest_on_the_gpu(zoo, hf_config_dir, tmp_path):
+    path, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    staged = tokensieve.export(str(path), "atp(threshold=1.0, layers=[2])", tmp_path / "a", buckets=[40, 104])
+    bundle = tmp_path / "dla"
+    cli = ["jetson", str(staged.path), "--out", str(bundle), "--fp16", "--dla", "1", "--dla-batch", "2"]
+    assert main(cli) == 0
+    info = json.loads((bundle / "jetson" / "bundle.json").read_text())
+    assert info["dla"]["core"] == 1 and info["dla"]["batch"] == 2
+    assert info["dla"]["gpu_graphs"] == ["stage2_dynamic.onnx"]  # the symbolic-K graph keeps its profile
+    assert set(info["dla"]["graphs"]) == {
+        "stage1.onnx",
+        "stage2_b40.onnx",
+        "stage2_b104.onnx",
+        "padmax.onnx",
+        "baseline.onnx",
+    }
+    env, calls = _tools(tmp_path)
+    env["BUNDLE"] = str(bundle)
+    _run("build_engines.sh", env)
+    builds = {line.split()[0]: line for line in calls.read_text().splitlines()}
+    stage = builds["--onnx=stage2_b40.onnx"]
+    assert "--useDLACore=1 --allowGPUFallback" in stage and "--fp16" in stage
+    fixed = "tokens:2x197x192,order_key:2x196,valid:2x40"
+    assert all(f"--{kind}Shapes={fixed}" in stage for kind in ("min", "opt", "max"))  # static: min = opt = max
+    assert "--useDLACore" not in builds["--onnx=stage2_dynamic.onnx"]
+    assert json.loads((bundle / "engines" / "build.json").read_text())["engines"]["stage1.onnx"]["dla_core"] == 1
+    calls.unlink()
+    _run("check.sh", env)
+    assert any(
+        line.startswith("--loadEngine=engines/stage1.plan") and line.endswith("--useDLACore=1")
+        for line in calls.read_text().splitlines()
+    )
+    with pytest.raises(ArtifactError, match="FP16 or INT8 only"):
+        staged.jetson(tmp_path / "x", dla=0)
+    with pytest.raises(ArtifactError, match=r"JetPack 7\.1 has no DLA"):
+        staged.jetson(tmp_path / "x", jetpack="7.1", fp16=True, dla=0)
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_requests(zoo, hf_config_dir, tmp_path):
     path, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
     artifact = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "a")

@@ -19,7 +19,7 @@ from tokensieve.cli import main
 from tokensieve.engines import graph_paths, input_profile, symbol_ranges
 from tokensieve.errors import ArtifactError, RuntimeBackendError
 from tokensieve.runtimes.ort import OrtRunner
-from tokensieve.runtimes.tensorrt import build_engine, tensorrt_version
+from tokensieve.runtimes.tensorrt import TensorRTRunner, build_engine, static_batch, tensorrt_version
 
 TRT = tensorrt_version() is not None
 
@@ -204,3 +204,38 @@ def test_build_asks_for_int8_exactly_for_quantized_artifacts(zoo, hf_config_dir,
     int8 = fp32.quantize(data, tmp_path / "int8")
     assert not fp32.build()["int8"] and int8.build()["int8"]
     assert calls == [("model.onnx", False), ("baseline.onnx", False), ("model.onnx", True), ("baseline.onnx", True)]
+
+
+class FakeTrtRunner:
+    """Stand-in for Polygraphy's TrtRunner on an engine built for a fixed batch of 2 (a DLA engine): doubles."""
+
+    calls: ClassVar[list[int]] = []
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def activate(self):
+        pass
+
+    def get_input_metadata(self):
+        return {"pixel_values": SimpleNamespace(shape=(2, 3, 4, 4))}
+
+    def infer(self, feeds):
+        assert feeds["pixel_values"].shape[0] == 2  # the engine takes exactly its batch
+        FakeTrtRunner.calls.append(len(feeds["pixel_values"]))
+        return {"logits": feeds["pixel_values"].reshape(2, -1) * 2}
+
+
+def test_fixed_batch_engines_run_any_batch_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr("tokensieve.runtimes.tensorrt.require_tensorrt", lambda: (10, 3))
+    monkeypatch.setattr("polygraphy.backend.trt.TrtRunner", FakeTrtRunner)
+    monkeypatch.setattr(FakeTrtRunner, "calls", [])
+    (tmp_path / "model.plan").write_bytes(b"plan")
+    runner = TensorRTRunner(tmp_path / "model.plan")
+    assert runner.static_batch == 2
+    pixels = np.arange(5 * 48, dtype=np.float32).reshape(5, 3, 4, 4)
+    out = runner.run({"pixel_values": pixels})["logits"]
+    np.testing.assert_array_equal(out, pixels.reshape(5, -1) * 2)  # 3 chunks, the last padded, 5 rows back
+    assert FakeTrtRunner.calls == [2, 2, 2]
+    assert static_batch([[-1, 3, 224, 224]]) is None and static_batch([[1, 197], [2, 197]]) is None
+    assert static_batch([[4, 197, 384], [4, 196]]) == 4

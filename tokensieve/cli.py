@@ -178,13 +178,25 @@ def _jetson(args: argparse.Namespace) -> int:
     from tokensieve.api import load
 
     info = load(args.dir).jetson(
-        args.out, jetpack=args.jetpack, fp16=args.fp16, max_batch=args.max_batch, dims=_dims(args.dim)
+        args.out,
+        jetpack=args.jetpack,
+        fp16=args.fp16,
+        max_batch=args.max_batch,
+        dims=_dims(args.dim),
+        dla=args.dla,
+        dla_batch=args.dla_batch,
     )
     print(
         f"wrote {args.out}: {len(info['graphs'])} graph(s) for JetPack {info['jetpack']} (TensorRT "
         f"{info['tensorrt']}, {info['devices']}), {info['lint']['target']} lint clean; on the device run "
         "jetson/build_engines.sh, then jetson/check.sh, from the bundle folder"
     )
+    dla = info["dla"]
+    if dla:
+        print(
+            f"DLA core {dla['core']}: {len(dla['graphs'])} graph(s) at batch {dla['batch']} (GPU fallback for the "
+            f"layers the DLA lacks); {len(dla['gpu_graphs'])} graph(s) with other symbolic axes on the GPU"
+        )
     return 0
 
 
@@ -407,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jetpack", default="6.2", help="6.1, 6.2, 7.0, 7.1, 7.2, 7.2.2 (sets TensorRT and the lint)")
     p.add_argument("--fp16", action="store_true", help="trtexec --fp16 (TensorRT 10.x JetPacks)")
     p.add_argument("--max-batch", type=int, default=8, help="profile maximum for a dynamic batch axis")
+    p.add_argument("--dla", type=int, metavar="CORE", help="build the static graphs for this DLA core (GPU fallback)")
+    p.add_argument("--dla-batch", type=int, default=1, help="the fixed batch of DLA engines (default 1)")
     p.add_argument(
         "--dim", action="append", default=[], metavar="AXIS=MIN:OPT:MAX", help="a symbolic axis' profile range"
     )

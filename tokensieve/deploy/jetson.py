@@ -21,9 +21,11 @@ JetPack 6.1 / 6.2 (Orin) TensorRT 10.3 -> ``trt10.3``; 7.0 / 7.1 (Thor) 10.13 ->
 neither ``Attention``, from 10.14, nor ``TensorScatter``, from 10.15; the opset cap is conservative); 7.2 10.16 ->
 ``trt10``; 7.2.2 and later 11.4 -> ``trt11`` (strongly typed: no ``--fp16``; convert the ONNX first). A quantized
 artifact's QDQ graphs build with ``--int8`` on TensorRT 10 (explicit quantization in a weakly typed network) and
-with no flag on 11. A graph with lint errors for the target is refused before anything is written. Engines are keyed by
-``(TensorRT version, SM, JetPack, profiles)``: ``build_engines.sh`` records the device's TensorRT version and GPU
-into build.json so a plan copied to another device or JetPack is recognisable.
+with no flag on 11. ``dla=CORE`` puts the graphs whose only symbolic axis is the batch on that DLA core at a fixed
+batch, with GPU fallback (:mod:`tokensieve.deploy.dla`). A graph with lint errors for the target is refused before
+anything is written. Engines are keyed by ``(TensorRT version, SM, JetPack, profiles)``: ``build_engines.sh``
+records the device's TensorRT version and GPU into build.json so a plan copied to another device or JetPack is
+recognisable.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from tokensieve.artifact import replaced_directory
+from tokensieve.deploy.dla import check_dla, dla_job
 from tokensieve.deploy.files import copy_artifact
 from tokensieve.engines import ENGINES, graph_paths, input_profile, plan_path, symbol_ranges
 from tokensieve.errors import ArtifactError
@@ -68,8 +71,9 @@ def _build_script(jobs: list[dict], flags: dict[str, bool], ranges: dict, jetpac
     for job in jobs:  # a static graph has no profile, so no shapes
         shapes = [f"--{kind}Shapes={_shapes(job['profile'], i)}" for i, kind in enumerate(("min", "opt", "max"))]
         args = [f"--onnx={job['onnx']}", f"--saveEngine={job['plan']}", *(shapes if job["profile"] else [])]
-        lines.append(" ".join([TRTEXEC, *map(shlex.quote, args), *precision]))
-    engines = {job["onnx"]: {"plan": job["plan"], "profile": job["profile"], **flags} for job in jobs}
+        dla = [f"--useDLACore={job['dla_core']}", "--allowGPUFallback"] if "dla_core" in job else []
+        lines.append(" ".join([TRTEXEC, *map(shlex.quote, args), *precision, *dla]))
+    engines = {job["onnx"]: {**{k: v for k, v in job.items() if k != "onnx"}, **flags} for job in jobs}
     build = {**flags, "ranges": ranges, "built_by": "trtexec", "jetpack": jetpack, "engines": engines}
     lines += [
         # the device facts that key an engine: TensorRT library version and the GPU (SM) it was built on
@@ -87,6 +91,7 @@ def _check_script(jobs: list[dict], replay: str | None) -> str:
     lines = [HEADER.format(what="engine check")]
     for job in jobs:  # loads, runs at the opt shape and times every engine
         args = [f"--loadEngine={job['plan']}", *([f"--shapes={_shapes(job['profile'], 1)}"] if job["profile"] else [])]
+        args += [f"--useDLACore={job['dla_core']}"] if "dla_core" in job else []
         lines.append(" ".join([TRTEXEC, *map(shlex.quote, args)]))
     if replay:
         lines.append(replay)
@@ -129,9 +134,12 @@ def write_bundle(
     fp16: bool = False,
     max_batch: int = 8,
     dims: Mapping[str, tuple[int, int, int]] | None = None,
+    dla: int | None = None,
+    dla_batch: int = 1,
 ) -> dict[str, Any]:
     """Write the Jetson bundle of ``artifact`` to ``out`` (a folder, or a file ending in ``.tar.gz``); returns
-    ``bundle.json``'s content."""
+    ``bundle.json``'s content. ``dla``: build the graphs whose only symbolic axis is the batch for that DLA core,
+    at ``dla_batch`` images (:mod:`tokensieve.deploy.dla`)."""
     if jetpack not in JETPACKS:
         raise ArtifactError(f"unknown JetPack {jetpack!r}; choose one of {', '.join(JETPACKS)}")
     tensorrt, target, devices = JETPACKS[jetpack]
@@ -159,6 +167,14 @@ def write_bundle(
         }
         for onnx in graph_paths(artifact)
     ]
+    if dla is not None:
+        check_dla(artifact, jetpack, dla, dla_batch, fp16, int8 or "quantization" in artifact.manifest)
+        jobs = [dla_job(job, artifact.path / job["onnx"], dla, dla_batch) for job in jobs]
+        if not any("dla_core" in job for job in jobs):
+            raise ArtifactError(
+                "no graph of this artifact has static shapes apart from the batch, which the DLA needs; export "
+                "a single-graph model or a bucketed artifact (its per-bucket graphs qualify)"
+            )
     info = {
         "jetpack": jetpack,
         "tensorrt": tensorrt,
@@ -166,6 +182,14 @@ def write_bundle(
         "lint": {"target": target, "ok": True, "warnings": len(report.findings)},
         "fp16": fp16,
         "int8": int8,
+        "dla": None
+        if dla is None
+        else {
+            "core": dla,
+            "batch": dla_batch,
+            "graphs": [job["onnx"] for job in jobs if "dla_core" in job],
+            "gpu_graphs": [job["onnx"] for job in jobs if "dla_core" not in job],
+        },
         "ranges": {k: list(v) for k, v in ranges.items()},
         "graphs": jobs,
         "source": artifact.manifest["source"]["name"],

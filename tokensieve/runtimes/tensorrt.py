@@ -97,6 +97,15 @@ def build_engine(onnx: Path, plan: Path, profile: Mapping[str, Range], fp16: boo
     }
 
 
+def static_batch(shapes: list[list]) -> int | None:
+    """The batch every input of an engine is fixed to, or None when any input's leading axis is dynamic (-1)."""
+    leading = {shape[0] if shape else None for shape in shapes}
+    if len(leading) != 1:
+        return None
+    batch = leading.pop()
+    return batch if isinstance(batch, int) and batch > 0 else None
+
+
 class TensorRTRunner:
     """Run one serialized engine (``plan``) with TensorRT through Polygraphy's ``TrtRunner``: the same ``run(feeds)
     -> {output: array}`` / ``input_names`` / ``active`` surface as :class:`tokensieve.runtimes.ort.OrtRunner`."""
@@ -118,9 +127,27 @@ class TensorRTRunner:
         except Exception as e:
             raise RuntimeBackendError(f"TensorRT cannot load {self.path.name}: {str(e).splitlines()[0]}") from e
         self.active = [f"TensorRT {version[0]}.{version[1]}"]
-        self.input_names = list(self._runner.get_input_metadata().keys())
+        metadata = self._runner.get_input_metadata()
+        self.input_names = list(metadata.keys())
+        self.static_batch = static_batch([list(meta.shape) for meta in metadata.values()])
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs for ``feeds``; an engine built for a fixed batch (a DLA engine) runs the images in chunks of
+        that batch, the last one padded by repeating its last image, and returns exactly the images given."""
+        images = len(next(iter(feeds.values())))
+        step = self.static_batch
+        if step is None or images == step:
+            return self._infer(feeds)
+        parts = []
+        for start in range(0, images, step):
+            chunk = {name: value[start : start + step] for name, value in feeds.items()}
+            short = step - len(next(iter(chunk.values())))
+            if short:
+                chunk = {name: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for name, v in chunk.items()}
+            parts.append(self._infer(chunk))
+        return {name: np.concatenate([part[name] for part in parts])[:images] for name in parts[0]}
+
+    def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             outputs = self._runner.infer(dict(feeds))
         except Exception as e:
