@@ -28,10 +28,12 @@ def artifacts(zoo, tmp_path_factory):
     return {"fp32": fp32, "int8": tokensieve.load(root / "int8"), "root": root, "data": data, "built": built}
 
 
-def test_qdq_recipe_and_float_selection(artifacts):
+def test_qdq_recipe_and_float_selection(artifacts, capsys):
     artifact = artifacts["int8"]
     recipe = artifact.manifest["quantization"]
     assert recipe["format"] == "QDQ" and recipe["symmetric"] and recipe["images"] == 8
+    assert main(["inspect", str(artifact.path)]) == 0
+    assert "precision  INT8 QDQ (symmetric, on MatMul/Gemm/Conv; minmax on 8 images" in capsys.readouterr().out
     assert artifact.manifest["lint"]["ok"], artifact.manifest["lint"]["errors"][:3]
     graph = ir.load(artifact.path / "model.onnx").graph
     quantizers = [n for n in graph if n.op_type == "QuantizeLinear"]

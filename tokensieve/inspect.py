@@ -53,6 +53,7 @@ def inspect_artifact(artifact) -> dict[str, Any]:
         "sites": m.get("sites", []),
         "stages": _stages(m["stages"]) if "stages" in m else None,
         "macs": m["macs"],
+        "quantization": m.get("quantization"),
         "lint": {
             "target": m["lint"]["target"],
             "ok": m["lint"]["ok"],
@@ -105,6 +106,13 @@ def format_inspection(info: dict[str, Any]) -> str:
         lines.append(
             f"MACs       {macs['model'] / 1e9:.3f} G per sample (baseline {macs['baseline'] / 1e9:.3f} G, "
             f"MAC-limit speedup {macs['limit_speedup']:.3f}x)"
+        )
+    q = info.get("quantization")
+    if q:
+        lines.append(
+            f"precision  {q['dtype'].upper()} {q['format']} ({'symmetric' if q['symmetric'] else 'asymmetric'}, "
+            f"on {'/'.join(q['op_types'])}; {q['calibration']} on {q['images']} images; token selection float32); "
+            f"drift budget {q['tolerance']:g} of the output scale, site agreement >= {q['min_agreement']:g}"
         )
     lint = info["lint"]
     lines.append(
