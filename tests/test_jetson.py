@@ -126,8 +126,9 @@ def test_quantized_bundle_builds_int8_and_checks_within_the_drift_budget(zoo, hf
 
 
 def test_dla_bundles_fix_the_batch_of_static_graphs_and_keep_the_rest_on_the_gpu(zoo, hf_config_dir, tmp_path):
-    path, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    path, built = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
     staged = tokensieve.export(str(path), "atp(threshold=1.0, layers=[2])", tmp_path / "a", buckets=[40, 104])
+    assert staged.parity(reference=built).ok  # golden/staged.npz: check.sh replays it on the engines
     bundle = tmp_path / "dla"
     cli = ["jetson", str(staged.path), "--out", str(bundle), "--fp16", "--dla", "1", "--dla-batch", "2"]
     assert main(cli) == 0
@@ -157,6 +158,9 @@ def test_dla_bundles_fix_the_batch_of_static_graphs_and_keep_the_rest_on_the_gpu
         line.startswith("--loadEngine=engines/stage1.plan") and line.endswith("--useDLACore=1")
         for line in calls.read_text().splitlines()
     )
+    check = (bundle / "jetson" / "check.sh").read_text()
+    assert "then tokensieve parity . --replay --runtime tensorrt --tolerance 0.01;" in check
+    assert "install tokensieve on the device" in check  # no Polygraphy fallback for the dispatcher
     with pytest.raises(ArtifactError, match="FP16 or INT8 only"):
         staged.jetson(tmp_path / "x", dla=0)
     with pytest.raises(ArtifactError, match=r"JetPack 7\.1 has no DLA"):

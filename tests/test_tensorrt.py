@@ -101,14 +101,16 @@ class OnnxEngine:
         OnnxEngine.opened.append(plan.name)
         self._graph = OrtRunner(plan.parent.parent / f"{plan.stem}.onnx")
         self.input_names = self._graph.input_names
+        self.active = ["TensorRT stand-in"]
 
     def run(self, feeds):
         return self._graph.run(feeds)
 
 
-def test_staged_dispatch_and_bench_take_the_engines(zoo, hf_config_dir, tmp_path, monkeypatch, capsys):
-    path, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+def test_staged_dispatch_replay_and_bench_take_the_engines(zoo, hf_config_dir, tmp_path, monkeypatch, capsys):
+    path, built = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
     artifact = tokensieve.export(str(path), "atp(threshold=1.0, layers=[2, 4])", tmp_path / "a", buckets=[40, 104, 196])
+    assert artifact.parity(reference=built).ok  # golden/staged.npz
     monkeypatch.setattr("tokensieve.runtimes.tensorrt.TensorRTRunner", OnnxEngine)
     monkeypatch.setattr(OnnxEngine, "opened", [])
     pixels = np.random.default_rng(3).standard_normal((4, 3, 224, 224), dtype=np.float32)
@@ -125,6 +127,13 @@ def test_staged_dispatch_and_bench_take_the_engines(zoo, hf_config_dir, tmp_path
     assert "TensorRT engines" in capsys.readouterr().out
     with pytest.raises(ArtifactError, match="no debug outputs"):
         artifact.staged_runner(runtime="tensorrt", expose=True)
+    # the recorded staged parity replays on the engines: every bucket edge and routing mode, on the outputs
+    replay = artifact.replay(runtime="tensorrt")
+    assert replay.ok, replay.text()
+    labels = [c.label for c in replay.checks]
+    assert "oracle (natural counts)" in labels and "padmax (natural counts)" in labels and len(labels) > 5
+    assert all(c.same_kept is None for c in replay.checks)  # an engine has no kept-token outputs
+    assert main(["parity", str(artifact.path), "--replay", "--runtime", "tensorrt"]) == 0
 
 
 @pytest.mark.skipif(not TRT, reason="needs TensorRT and an NVIDIA GPU")

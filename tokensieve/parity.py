@@ -469,16 +469,13 @@ def replay_golden(
     """Repeat the parity check from ``DIR/golden/`` alone (torch-free): the recorded inputs through the graph on
     ONNX Runtime, compared with the recorded eager outputs and, at every site, the recorded eager selections; on
     ``runtime="tensorrt"``, through the engine ``tokensieve build`` wrote, on the outputs only."""
-    if runtime != "onnxruntime" and "stages" in artifact.manifest:
-        raise ParityError(
-            "a staged artifact's replay runs its bucket dispatcher on ONNX Runtime only; replay on ONNX Runtime, or "
-            "run each stage engine with `polygraphy run --trt` on the golden inputs"
-        )
     tolerance, required = budget(artifact, tolerance)
     if "stages" in artifact.manifest:
         from tokensieve.parity_staged import replay_staged_golden
 
-        return replay_staged_golden(artifact, tolerance=tolerance, providers=providers, required=required)
+        return replay_staged_golden(
+            artifact, tolerance=tolerance, providers=providers, required=required, runtime=runtime
+        )
     feeds, eager, records = read_golden(artifact, ("inputs.json", "eager_outputs.json", SITES), _read_vit_golden)
     names = [o["name"] for o in artifact.manifest["outputs"]]
     missing = [n for n in names if n not in eager]

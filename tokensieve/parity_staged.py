@@ -151,7 +151,7 @@ def check_staged_parity(
     checks = [_eager(eager_model, pixels, "natural counts", None, forced)]
     if required < 1:  # each INT8 routing mode's graphs count for themselves
         for mode in ("oracle", "padmax"):
-            result = StagedRunner(artifact.path, stages, mode=mode, providers=providers).run(pixels)
+            result = _runner(artifact, providers, mode=mode).run(pixels)
             checks.append(_eager(eager_model, pixels, "natural counts", None, _graph_counts(result, layers), mode))
     for count, label in _edges(stages["buckets"][""]):
         if required < 1:
@@ -165,35 +165,55 @@ def check_staged_parity(
     return report
 
 
-def _runner(artifact, providers) -> StagedRunner:
+def _runner(artifact, providers, runtime: str = "onnxruntime", mode: str = "bucketed") -> StagedRunner:
+    """The dispatcher the checks run: on ONNX Runtime with the kept tokens exposed (bucketed), or on the engines
+    ``tokensieve build`` wrote (no debug outputs there)."""
+    if runtime != "onnxruntime":
+        return artifact.staged_runner(mode, runtime, allow_truncation=True)
     stages = artifact.manifest["stages"]
-    return StagedRunner(artifact.path, stages, mode="bucketed", allow_truncation=True, expose=True, providers=providers)
+    expose = mode == "bucketed"
+    return StagedRunner(artifact.path, stages, mode=mode, allow_truncation=True, expose=expose, providers=providers)
 
 
 def _compare(
-    artifact, runner: StagedRunner, state: dict, pixels, checks: list[EagerCheck], tolerance, providers, required
+    artifact,
+    runner: StagedRunner,
+    state: dict,
+    pixels,
+    checks: list[EagerCheck],
+    tolerance,
+    providers,
+    required,
+    runtime: str = "onnxruntime",
 ) -> ParityReport:
-    """The graph side: every check's routing from stage 1's ``state`` through the artifact, against its eager side."""
+    """The graph side: every check's routing from stage 1's ``state`` through the artifact, against its eager side.
+    On engines the kept tokens are not compared (no debug outputs), nor pad-to-max's token-level outputs (no count
+    to cut them to the valid tokens)."""
     stages = artifact.manifest["stages"]
     layers, names = stages["sites"], [o["name"] for o in artifact.manifest["outputs"]]
     report = ParityReport(tolerance, len(pixels), runner.runner(stages["graphs"][""]).active)
+    engines = runtime != "onnxruntime"
+
+    def other_mode(mode: str, eager: list) -> None:
+        result = _runner(artifact, providers, runtime, mode).run(pixels)
+        pick = [i for i, out in enumerate(eager) if not (engines and mode == "padmax" and isinstance(out, list))]
+        if pick:
+            relative, ok = _relative([names[i] for i in pick], [eager[i] for i in pick], result, tolerance)
+            report.checks.append(StagedCheck(f"{mode} (natural counts)", len(pixels), relative, None, ok))
+
     for check in checks:
         if check.mode != "bucketed":
-            other = StagedRunner(artifact.path, stages, mode=check.mode, providers=providers).run(pixels)
-            relative, ok = _relative(names, check.outputs, other, tolerance)
-            report.checks.append(StagedCheck(f"{check.mode} (natural counts)", len(pixels), relative, None, ok))
+            other_mode(check.mode, check.outputs)
             continue
         result = runner.continue_from(state if check.count is None else force_count(state, check.count))
         relative, ok = _relative(names, check.outputs, result, tolerance)
-        same = _same_kept(runner, result, check.kept, layers, required)
+        same = None if engines else _same_kept(runner, result, check.kept, layers, required)
         if check.count is None:
             report.outputs = _output_rows(names, check.outputs, result, tolerance)
             report.checks.append(StagedCheck("bucketed (natural counts)", len(pixels), relative, same, ok, required))
             if required >= 1 and not any(r.truncated for r in result.routes):
                 for mode in ("oracle", "padmax"):
-                    other = StagedRunner(artifact.path, stages, mode=mode, providers=providers).run(pixels)
-                    relative, ok = _relative(names, check.outputs, other, tolerance)
-                    report.checks.append(StagedCheck(f"{mode} (natural counts)", len(pixels), relative, None, ok))
+                    other_mode(mode, check.outputs)
         else:
             label = f"bucket {result.routes[0].buckets[0]}, count {check.count} ({check.label})"
             report.checks.append(StagedCheck(label, len(pixels), relative, same, ok, required))
@@ -250,12 +270,19 @@ def _read_golden(path, outputs: int) -> tuple[np.ndarray, list[EagerCheck]]:
 
 
 def replay_staged_golden(
-    artifact, *, tolerance: float = 1e-4, providers: list[str] | None = None, required: float = 1.0
+    artifact,
+    *,
+    tolerance: float = 1e-4,
+    providers: list[str] | None = None,
+    required: float = 1.0,
+    runtime: str = "onnxruntime",
 ) -> ParityReport:
-    """Repeat every staged check from ``DIR/golden/staged.npz`` alone (torch-free)."""
+    """Repeat every staged check from ``DIR/golden/staged.npz`` alone (torch-free), on ONNX Runtime or on the
+    engines (``runtime="tensorrt"``: outputs only)."""
     outputs = len(artifact.manifest["outputs"])
     pixels, checks = read_golden(artifact, (STAGED,), lambda golden: _read_golden(golden / STAGED, outputs))
-    runner = _runner(artifact, providers)
-    report = _compare(artifact, runner, runner.first_stage(pixels), pixels, checks, tolerance, providers, required)
+    runner = _runner(artifact, providers, runtime)
+    state = runner.first_stage(pixels)
+    report = _compare(artifact, runner, state, pixels, checks, tolerance, providers, required, runtime)
     report.golden, report.reference = str(artifact.path / "golden"), "golden eager outputs"
     return report

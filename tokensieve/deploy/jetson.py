@@ -10,10 +10,10 @@ Layout of ``BUNDLE`` (a folder, or a ``.tar.gz`` of one)::
                              then engines/build.json: the layout ``tokensieve build`` writes, so ``parity --replay
                              --runtime tensorrt``, ``bench --runtime tensorrt`` and ``triton --backend tensorrt``
                              take these engines
-    jetson/check.sh          every engine loaded and timed by trtexec at its profile's opt shape; then, for a
-                             single-graph image model with golden files, the recorded parity replayed on the engine
-                             (``tokensieve parity . --replay --runtime tensorrt``, or Polygraphy where tokensieve is
-                             not installed)
+    jetson/check.sh          every engine loaded and timed by trtexec at its profile's opt shape; then, for an
+                             image model with golden files, the recorded parity replayed on the engines
+                             (``tokensieve parity . --replay --runtime tensorrt``; a single graph falls back to
+                             Polygraphy where tokensieve is not installed)
     jetson/bundle.json       JetPack, TensorRT, lint target, precision, each graph's profile, the engine key
 
 The JetPack fixes the TensorRT version (../shared/PLATFORMS.md §5) and so the lint every graph must pass:
@@ -45,6 +45,7 @@ from tokensieve.deploy.dla import check_dla, dla_job
 from tokensieve.deploy.files import copy_artifact
 from tokensieve.engines import ENGINES, graph_paths, input_profile, plan_path, symbol_ranges
 from tokensieve.errors import ArtifactError
+from tokensieve.parity_staged import STAGED
 
 JETPACKS = {  # JetPack -> (TensorRT, lint target, devices)
     "6.1": ("10.3", "trt10.3", "Orin"),
@@ -97,32 +98,34 @@ def _check_script(jobs: list[dict], replay: str | None) -> str:
         lines.append(replay)
     else:
         lines.append(
-            'echo "the golden replay on TensorRT covers single-graph image models with golden files; '
+            'echo "the golden replay on TensorRT covers image models with golden files (tokensieve parity); '
             'this bundle ran trtexec only"'
         )
     return "\n".join(lines) + "\n"
 
 
 def _replay(artifact, fp16: bool) -> str | None:
-    """The golden check on the engine, or None where it does not apply (staged, MLLM, no golden files). Bounds,
-    relative to the output scale: 1e-3 for FP32 engines (TF32 tactics), 1e-2 with FP16, at least the drift budget
-    of a quantized artifact."""
-    if (
-        artifact.kind == "mllm"
-        or "stages" in artifact.manifest
-        or not (artifact.path / "golden" / "inputs.json").is_file()
-    ):
+    """The golden check on the engines, or None where it does not apply (MLLM, no golden files). Bounds, relative to
+    the output scale: 1e-3 for FP32 engines (TF32 tactics), 1e-2 with FP16, at least the drift budget of a quantized
+    artifact. Without tokensieve on the device, a single graph falls back to Polygraphy; a staged artifact needs
+    tokensieve's bucket dispatcher."""
+    staged = "stages" in artifact.manifest
+    golden = artifact.path / "golden" / (STAGED if staged else "inputs.json")
+    if artifact.kind == "mllm" or not golden.is_file():
         return None
-    from tokensieve.parity import golden_output_scale, polygraphy_replay
-
     quantization = artifact.manifest.get("quantization")
     bound = max(1e-2 if fp16 else 1e-3, quantization["tolerance"] if quantization else 0.0)
-    atol = bound * golden_output_scale(artifact)  # Polygraphy compares element by element, in absolute terms
-    plan = plan_path(artifact, artifact.manifest["graphs"]["model"]).relative_to(artifact.path)
-    polygraphy = polygraphy_replay(str(plan), "golden", atol, engine=True)
+    if staged:
+        fallback = 'echo "the staged replay runs the bucket dispatcher: install tokensieve on the device to run it"'
+    else:
+        from tokensieve.parity import golden_output_scale, polygraphy_replay
+
+        atol = bound * golden_output_scale(artifact)  # Polygraphy compares element by element, in absolute terms
+        plan = plan_path(artifact, artifact.manifest["graphs"]["model"]).relative_to(artifact.path)
+        fallback = polygraphy_replay(str(plan), "golden", atol, engine=True)
     return (
-        f"if command -v tokensieve >/dev/null; then tokensieve parity . --replay --runtime tensorrt --tolerance "
-        f"{bound:g}; else {polygraphy}; fi"
+        "if command -v tokensieve >/dev/null; then tokensieve parity . --replay --runtime tensorrt --tolerance "
+        f"{bound:g}; else {fallback}; fi"
     )
 
 
