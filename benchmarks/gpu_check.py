@@ -12,8 +12,9 @@ Sections; each records what it ran, and what it could not run and why, then goes
    the unpruned engine at batch 1 and 8 against the MAC-limit speedup;
 5. an INT8 (QDQ) copy of the pruned artifact: its ONNX Runtime drift, engines built with the INT8 flag, the golden
    replay on the engine within the drift budget, and latency;
-6. a bucketed ATP artifact of the same model on TensorRT: the dispatcher on the engines against ONNX Runtime
-   (routes, outputs), and bucketed vs dynamic-shape engine vs pad-to-max vs unreduced latency.
+6. a bucketed ATP artifact of the same model on TensorRT: its recorded parity replayed on the engines (every
+   bucket edge and routing mode), the dispatcher on the engines against ONNX Runtime (routes, outputs), and
+   bucketed vs dynamic-shape engine vs pad-to-max vs unreduced latency.
 
 Writes OUT_DIR/gpu_check.json (and prints it). On a CPU machine sections 3-6 report why they did not run, which
 is how this script is checked here (``--device cpu``).
@@ -138,7 +139,9 @@ def main() -> None:
         artifact = tokensieve.export(
             args.model, "atp(threshold=1.0)", out / "atp", dynamic_batch=True, buckets=[96, 128, 160, 196]
         )
+        golden = artifact.parity(device=args.device)  # golden/staged.npz, then replayed on the engines
         artifact.build(max_batch=8)
+        replay = artifact.replay(runtime="tensorrt", tolerance=1e-3)
         pixels = np.random.default_rng(0).standard_normal((8, 3, 224, 224), dtype=np.float32)
         engines, ort = artifact.staged_runner(runtime="tensorrt").run(pixels), artifact.staged_runner().run(pixels)
         name = next(iter(ort.outputs))
@@ -146,6 +149,9 @@ def main() -> None:
         error = float(np.abs(np.asarray(engines.outputs[name]) - np.asarray(ort.outputs[name])).max())
         bench = bench_staged(artifact, pixels, blocks=3, save=False, runtime="tensorrt")
         return {
+            "parity_ok": golden.ok,
+            "replay_on_engines_ok": replay.ok,
+            "replay_on_engines": replay.text(),
             "same_routes": [r.buckets for r in engines.routes] == [r.buckets for r in ort.routes],
             "max_error_of_scale": error / scale,
             "bench": bench.to_dict(),
