@@ -111,3 +111,21 @@ def test_staged_artifact_every_stage_graph_int8_and_parity_at_the_graph_counts(z
     assert not int8.replay(tolerance=1e-4).ok
     routed = int8.staged_runner().run(data[:4])
     assert routed.outputs["logits"].shape == (4, 1000) and {r.buckets[0] for r in routed.routes} <= {16, 49}
+
+
+def test_two_site_staged_artifact_calibrates_every_route(zoo, hf_config_dir, tmp_path):
+    path, built = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    fp32 = tokensieve.export(str(path), "atp(threshold=1.0, layers=[2, 4])", tmp_path / "fp32", buckets=[40, 104])
+    data = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
+    feeds = stage_feeds(fp32, image_batches("pixel_values", data, None))
+    stages = fp32.manifest["stages"]
+    assert set(feeds) == {p for p, _ in fp32.graph_files()} - {stages["padmax"]}
+    assert {"stage3_b40_40.onnx", "stage3_b104_40.onnx", "stage3_b104_104.onnx", "stage3_dynamic.onnx"} <= set(feeds)
+    assert len(feeds["stage3_dynamic.onnx"]) == 3 * len(feeds["stage1.onnx"])  # one pass per route into site 2
+    # the tiny random tower drifts far under INT8 (its token-level output most): a loose budget, the plumbing checked
+    int8 = fp32.quantize(data, tmp_path / "int8", tolerance=3.0, min_agreement=0.5)
+    assert int8.lint().ok
+    report = int8.parity(reference=built)
+    assert report.ok, report.text()
+    assert all(np.isfinite(c.relative) for c in report.checks)  # every mode compared at its own counts
+    assert {c.label for c in report.checks} >= {"oracle (natural counts)", "padmax (natural counts)"}
