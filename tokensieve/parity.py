@@ -369,7 +369,7 @@ def check_parity(
             eager_records,
         )
         report.golden = str(directory)
-        scale = max((float(np.abs(out).max()) for out in eager_out), default=1.0) or 1.0
+        scale = _output_scale(eager_out)
         report.replay = polygraphy_replay(str(artifact.graph_path("model")), directory, max(1e-3, tolerance) * scale)
     return report
 
@@ -445,7 +445,11 @@ def read_golden(artifact, files: tuple[str, ...], read: Callable[[Path], Any]) -
 def golden_output_scale(artifact) -> float:
     """The largest magnitude in the recorded eager outputs of a single-graph artifact (what tolerances scale by)."""
     _, eager, _ = read_golden(artifact, ("inputs.json", "eager_outputs.json", SITES), _read_vit_golden)
-    return max((float(np.abs(np.asarray(value)).max()) for value in eager.values()), default=1.0) or 1.0
+    return _output_scale(eager.values())
+
+
+def _output_scale(outputs) -> float:
+    return max((float(np.abs(np.asarray(value)).max()) for value in outputs), default=1.0) or 1.0
 
 
 def _read_vit_golden(golden: Path) -> tuple[dict, Any, dict[int, dict[str, np.ndarray]]]:

@@ -14,11 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tokensieve.runtimes.buckets import bucket_feeds, without_debug
 from tokensieve.runtimes.ort import OrtRunner
-
-
-def _state(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: v for k, v in out.items() if not k.startswith("tokensieve/")}
 
 
 def stage_feeds(artifact, images: list[dict[str, np.ndarray]]) -> dict[str, list[dict[str, np.ndarray]]]:
@@ -27,24 +24,17 @@ def stage_feeds(artifact, images: list[dict[str, np.ndarray]]) -> dict[str, list
     first = stages["graphs"][""]
     feeds: dict[str, list[dict[str, np.ndarray]]] = {first: images}
     runner = OrtRunner(artifact.path / first)
-    states = [_state(runner.run(batch)) for batch in images]
+    states = [without_debug(runner.run(batch)) for batch in images]
 
     def walk(route: str, states: list[dict[str, np.ndarray]], table: str) -> None:
         for size in stages["buckets"][route]:
             child = f"{route}/{size}" if route else str(size)
             graph = stages[table][child if table == "graphs" else "/".join("*" for _ in child.split("/"))]
-            batches = [
-                {
-                    "tokens": state["stream"],
-                    "order_key": state["priority"],
-                    "valid": np.arange(size)[None, :] < state["count"].astype(np.int64)[:, None],
-                }
-                for state in states
-            ]
+            batches = [bucket_feeds(state, size) for state in states]
             feeds.setdefault(graph, []).extend(batches)
             if child in stages["buckets"]:  # a later site: continue down this route from this graph's outputs
                 later = OrtRunner(artifact.path / graph)
-                walk(child, [_state(later.run(batch)) for batch in batches], table)
+                walk(child, [without_debug(later.run(batch)) for batch in batches], table)
 
     walk("", states, "graphs")
     walk("", states, "dynamic")

@@ -171,7 +171,7 @@ def write_bundle(
         for onnx in graph_paths(artifact)
     ]
     if dla is not None:
-        check_dla(artifact, jetpack, dla, dla_batch, fp16, int8 or "quantization" in artifact.manifest)
+        check_dla(artifact, jetpack, dla, dla_batch, fp16, "quantization" in artifact.manifest)
         jobs = [dla_job(job, artifact.path / job["onnx"], dla, dla_batch) for job in jobs]
         if not any("dla_core" in job for job in jobs):
             raise ArtifactError(

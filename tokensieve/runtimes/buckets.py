@@ -81,6 +81,21 @@ class StagedResult:
         return out
 
 
+def without_debug(out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A stage graph's outputs without its debug outputs (``tokensieve/...``): the state the next stage takes."""
+    return {k: v for k, v in out.items() if not k.startswith("tokensieve/")}
+
+
+def bucket_feeds(state: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """The inputs of a stage graph with ``size`` slots, from the previous stage's ``state`` (stream, priority key,
+    count): the slots beyond each image's count are marked invalid."""
+    return {
+        "tokens": state["stream"],
+        "order_key": state["priority"],
+        "valid": np.arange(size)[None, :] < state["count"].astype(np.int64)[:, None],
+    }
+
+
 def pick_bucket(count: int, buckets: list[int], allow_truncation: bool) -> tuple[int, bool]:
     """The smallest bucket holding ``count`` tokens; (largest bucket, truncated) if none does and that is allowed."""
     for size in buckets:
@@ -151,7 +166,7 @@ class StagedRunner:
     def first_stage(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """Stage 1: ``stream``, ``priority`` (order key) and ``count`` at the first decision site."""
         first = self.runner(self.stages["graphs"][""])
-        return {k: v for k, v in first.run({first.input_names[0]: pixels}).items() if not k.startswith("tokensieve/")}
+        return without_debug(first.run({first.input_names[0]: pixels}))
 
     def continue_from(self, state: dict[str, np.ndarray]) -> StagedResult:
         """Route and run the rest of the chain from stage 1's outputs (which a test may have edited)."""
@@ -205,16 +220,11 @@ class StagedRunner:
             if key not in graphs:
                 raise RuntimeBackendError(f"the artifact has no stage graph for buckets {key!r}")
             runner = self.runner(graphs[key])
-            feeds = {
-                "tokens": state["stream"][group],
-                "order_key": state["priority"][group],
-                "valid": np.arange(size)[None, :] < counts[group][:, None],
-            }
-            out = runner.run(feeds)
+            out = runner.run(bucket_feeds({k: v[group] for k, v in state.items()}, int(size)))
             for name in [n for n in out if n.startswith("tokensieve/")]:  # debug outputs: kept positions per site
                 for j, i in enumerate(samples[group]):
                     self.exposed.setdefault(int(i), {})[name] = out[name][j]
-            out = {k: v for k, v in out.items() if not k.startswith("tokensieve/")}
+            out = without_debug(out)
             if site + 1 < self.sites:
                 self._advance(site + 1, key, samples[group], out, routes, collected)
             else:
