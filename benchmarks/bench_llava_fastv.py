@@ -24,19 +24,11 @@ import numpy as np
 import tokensieve
 from tokensieve.bench import pyplot, save_figure, time_alternating
 from tokensieve.methods.fastv import FastV
+from tokensieve.plan_mllm import prefill_macs
 from tokensieve.runtimes.prefill import Prefill
 
 RESULTS = Path(__file__).parent / "results"
 SYSTEM, QUESTION = 36, 24  # tokens before the image (BOS + system prompt) and after it
-
-
-def prefill_macs(decoder: dict, lengths: list[int]) -> int:
-    """Multiply-accumulates of one prefill whose layer i sees ``lengths[i]`` tokens."""
-    hidden, heads, kv, head_dim = decoder["hidden"], decoder["heads"], decoder["kv_heads"], decoder["head_dim"]
-    intermediate = decoder["intermediate"]
-    per_token = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * intermediate
-    attention = 2 * heads * head_dim  # Q·Kᵀ and P·V per (query, key) pair
-    return sum(t * per_token + t * t * attention for t in lengths) + hidden * decoder["vocab"]
 
 
 def bench_cut_prefill(source: str, methods: dict, threads: int, blocks: int, per_block: int) -> dict:

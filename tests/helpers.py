@@ -137,3 +137,33 @@ def generate_json(directory: Path, image_path: Path, capsys) -> dict:
     capsys.readouterr()
     assert main(["generate", str(directory), "--image", str(image_path), "--prompt", "What?", "--json"]) == 0
     return json.loads(capsys.readouterr().out)
+
+
+def assert_plan_matches_graphs(artifact, text_tokens: int = 20) -> None:
+    """``tokensieve plan``'s numbers for the artifact's method (planned from its manifest) are what its graphs
+    compute: the prefill graph's MACs with its symbolic axes bound to the planned prompt, and the fixed decode
+    graph's MACs and cache inputs (bytes) at the artifact's capacity (new tokens chosen to need exactly it)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from tokensieve.graph_passes.macs import count_macs
+    from tokensieve.graph_passes.propagate import propagate_shapes
+    from tokensieve.plan_mllm import plan_artifact
+
+    capacity = artifact.manifest["decoder"]["capacity"]
+    prompt, rows = plan_artifact(artifact, text_tokens)
+    row, method = rows[-1], artifact.manifest["method_text"]
+    assert row.slots == capacity, (row.slots, capacity)
+    prefill = ir.load(artifact.graph_path("prefill"))
+    dims = {"sequence": prompt.length, "image_tokens": prompt.image_tokens}
+    for value in prefill.graph.inputs:
+        value.shape = ir.Shape([d if isinstance(d, int) else dims[d.value] for d in value.shape])
+    propagate_shapes(prefill)
+    assert count_macs(prefill) == row.prefill_macs, method
+    decode = ir.load(artifact.graph_path("decode"))
+    assert count_macs(decode) == row.decode_macs, method
+    names = ("cache_key_", "cache_value_", "h2o_scores", "slot_positions")
+    cache_bytes = sum(
+        np.prod(v.shape.numpy()) * v.dtype.itemsize for v in decode.graph.inputs if v.name.startswith(names)
+    )
+    assert cache_bytes == row.cache_mib * 2**20, method

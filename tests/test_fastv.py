@@ -7,7 +7,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from helpers import generate_json, hf_greedy_cases, save_four_layer_llava
+from helpers import assert_plan_matches_graphs, generate_json, hf_greedy_cases, save_four_layer_llava
 
 import tokensieve
 from tokensieve.cli import main
@@ -154,3 +154,9 @@ def test_rederive_clones_shape_reads_and_refuses_value_reads():
     model, v = _side_input_graph(read_values=True)
     with pytest.raises(GraphRewriteError, match="reads the values of 'x'"):
         rederive(model.graph, downstream(v["cut"]), {v["x"]: v["x2"]}, [v["cut"]], "after", frozenset([v["x"]]))
+
+
+def test_plan_counts_what_the_graphs_compute(artifacts):
+    """`tokensieve plan`: prefill MACs, decode-step MACs and cache bytes as the exported graphs have them."""
+    for key in ["llava", "next"]:
+        assert_plan_matches_graphs(artifacts[key])

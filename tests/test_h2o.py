@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from helpers import save_llava_checkpoint
+from helpers import assert_plan_matches_graphs, save_llava_checkpoint
 
 import tokensieve
 from tokensieve.cli import main
@@ -171,3 +171,9 @@ def test_lint_inspect_generate_and_errors(artifacts, capsys, tmp_path):
     with pytest.raises(GraphRewriteError, match="fixed-cache decode graph"):
         run_passes(model, [HeavyHitterPass(H2O(budget=BUDGET, recent=RECENT))])
     assert not (tmp_path / "bad").exists()
+
+
+def test_plan_counts_what_the_graphs_compute(artifacts):
+    """`tokensieve plan`: prefill MACs, decode-step MACs and cache bytes as the exported graphs have them."""
+    for key in ["llava", "next", "a2sf"]:
+        assert_plan_matches_graphs(artifacts[key])

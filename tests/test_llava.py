@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import transformers
-from helpers import save_llava_checkpoint
+from helpers import assert_plan_matches_graphs, save_llava_checkpoint
 from PIL import Image
 
 import tokensieve
@@ -284,3 +284,39 @@ print(any(m.startswith(('tokensieve.converters', 'tokensieve.reference', 'transf
     assert result.returncode == 0, result.stderr
     ids, imported = result.stdout.strip().splitlines()
     assert ids == str(expected) and imported == "False"
+
+
+def test_plan_counts_what_the_graphs_compute_and_the_image_tokens_the_runtime_packs(artifacts, capsys):
+    from tokensieve.plan_mllm import image_token_count, plan_mllm
+
+    assert_plan_matches_graphs(artifacts["llava"])
+    assert_plan_matches_graphs(artifacts["next"])
+    runner = artifacts["next"].llava_runner()
+    for height, width in SIZES:
+        image = Image.new("RGB", (width, height))
+        assert image_token_count(runner.host, (height, width)) == len(runner.image_features(image))
+    # a preset plans like its artifact; the CLI prints the table or JSON
+    candidates = ["fastv(k=1, keep=0.25)", "h2o(budget=40, recent=8)", "streamingllm()", "snapkv(budget=48)"]
+    from_source = plan_mllm("hf:llava-tiny", candidates, capacity=64)
+    assert from_source == plan_mllm(str(artifacts["llava"].path), candidates, capacity=64)
+    prompt, rows = from_source
+    assert [r.slots for r in rows] == [prompt.length + 256, prompt.length + 256, 41, 64, 48 + 256]
+    assert rows[1].tokens_per_layer == [prompt.length, prompt.length - 64 + 16] and rows[1].limit_speedup > 1
+    assert [r.unbounded for r in rows] == [False, False, True, True, False]
+    assert rows[2].cached_per_layer == [40, 40] and rows[4].cached_per_layer == [48 + 256] * 2
+    cli = ["plan", "hf:llava-next-tiny", "--method", "fastv(k=1)", "--image-size", "300x120", "--new-tokens", "8"]
+    assert main([*cli, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prompt"] == {
+        "image_tokens": image_token_count(runner.host, (300, 120)),
+        "text_tokens": 60,
+        "new_tokens": 8,
+    }
+    assert main(cli) == 0 and "MAC-limit" in capsys.readouterr().out
+    assert main(["plan", "hf:llava-tiny", "--method", "atp_llava()"]) == 2
+    assert "data-dependent count" in capsys.readouterr().err
+    assert main(["plan", "hf:llava-tiny", "--method", "fastv(k=2)"]) == 2
+    assert "k must be in 1..1" in capsys.readouterr().err
+    assert main(["plan", "hf:llava-tiny", "--method", "tome(r=8)"]) == 2
+    with pytest.raises(SystemExit):
+        main(["plan", "hf:llava-tiny", "--method", "fastv(k=1)", "--image-size", "0x5"])

@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
+from helpers import assert_plan_matches_graphs
 
 import tokensieve
 from tokensieve.cli import main
@@ -192,3 +193,9 @@ def test_bad_snapkv_requests_are_typed_errors(artifacts, tmp_path):
     decode = ir.load(artifacts["next"].path / "decode.onnx")
     with pytest.raises(GraphRewriteError, match="expected a prefill graph"):
         run_passes(decode, [PromptCachePass(SnapKV(budget=64))])
+
+
+def test_plan_counts_what_the_graphs_compute(artifacts):
+    """`tokensieve plan`: prefill MACs, decode-step MACs and cache bytes as the exported graphs have them."""
+    for key in ["llava", "next", "a2sf", "a2sf_next"]:
+        assert_plan_matches_graphs(artifacts[key])

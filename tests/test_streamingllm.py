@@ -8,6 +8,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import assert_plan_matches_graphs
 
 import tokensieve
 from tokensieve.converters.llava import build_llava
@@ -100,3 +101,9 @@ def test_bad_streaming_requests_are_typed_errors(tmp_path):
     with pytest.raises(MethodSpecError, match="works on an MLLM decoder"):
         tokensieve.export("timm:vit_tiny_patch16_224", "streamingllm()", out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_counts_what_the_graphs_compute(artifacts):
+    """`tokensieve plan`: prefill MACs, decode-step MACs and cache bytes as the exported graphs have them."""
+    for key in ["ring", "plain"]:
+        assert_plan_matches_graphs(artifacts[key])

@@ -131,9 +131,34 @@ def _lint(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _is_mllm(source: str) -> bool:
+    """An ``hf:`` LLaVA source or an MLLM artifact directory."""
+    from tokensieve.converters.llava import is_mllm_source
+
+    manifest = Path(source) / "manifest.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("kind") == "mllm"
+    return source.startswith("hf:") and is_mllm_source(source.removeprefix("hf:"))
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``HxW`` -> ``(H, W)``."""
+    height, _, width = text.lower().partition("x")
+    if not (height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels such as 672x336, got {text!r}")
+    return int(height), int(width)
+
+
 def _plan(args: argparse.Namespace) -> int:
     from tokensieve.plan import format_plan, plan, plan_dicts
 
+    if _is_mllm(args.source):
+        from tokensieve.plan_mllm import format_mllm_plan, mllm_plan_dict, plan_mllm
+
+        options = ("text_tokens", "new_tokens", "image_size", "image_tokens", "capacity")
+        prompt, rows = plan_mllm(args.source, args.method, **{key: getattr(args, key) for key in options})
+        print(json.dumps(mllm_plan_dict(prompt, rows), indent=2) if args.json else format_mllm_plan(prompt, rows))
+        return 0
     rows = plan(args.source, args.method, specials=args.specials, seed=args.seed, img_size=args.img_size)
     print(json.dumps(plan_dicts(rows), indent=2) if args.json else format_plan(rows))
     return 0
@@ -441,12 +466,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_lint)
 
-    p = sub.add_parser("plan", help="tokens per block and MACs of candidate methods, before exporting")
+    p = sub.add_parser("plan", help="MACs of candidate methods before exporting (MLLMs: cache too)")
     p.add_argument("source", help="timm:NAME, hf:..., an .onnx file, or an artifact directory (its baseline)")
     p.add_argument("--method", action="append", required=True, help="a candidate; repeat to compare several")
     p.add_argument("--specials", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--img-size", type=int)
+    p.add_argument("--text-tokens", type=int, default=60, help="MLLMs: prompt tokens besides the image (default 60)")
+    p.add_argument("--new-tokens", type=int, default=256, help="MLLMs: tokens generated (default 256)")
+    p.add_argument("--image-size", type=_size, help="MLLMs: HxW of the image (LLaVA-NeXT's token count depends on it)")
+    p.add_argument("--image-tokens", type=int, help="MLLMs: image tokens (instead of --image-size)")
+    p.add_argument("--capacity", type=int, help="MLLMs: StreamingLLM's cache slots (default: the source's capacity)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plan)
 

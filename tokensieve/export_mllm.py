@@ -100,7 +100,7 @@ def export_mllm(
     growing: bool = True,
     lint_target: str = "trt10.3",
 ) -> Artifact:
-    from tokensieve.converters.llava import build_llava, cache_geometry, export_llava
+    from tokensieve.converters.llava import build_llava, decoder_geometry, export_llava
     from tokensieve.converters.sources import weights_digest
     from tokensieve.errors import SourceError
 
@@ -149,7 +149,6 @@ def export_mllm(
         if isinstance(method, H2O):  # evicts in the fixed decode graph, which has no growing-cache form
             run_passes(graphs["decode"], [CacheVisibilityPass(), HeavyHitterPass(method)])
     text = built.model.config.text_config
-    layers, kv_heads, head_dim = cache_geometry(built.model)
     decoders = {key: model for key, model in graphs.items() if key[:6] not in ("vision", "embed")}
     sites = {key: locate_decoder(model).summary() for key, model in decoders.items()}
     dynamic = {k: v for k, v in DYNAMIC.items() if k in graphs and (k != "vision" or built.kind == "llava_next")}
@@ -189,16 +188,7 @@ def export_mllm(
             "io": {
                 key: dict(zip(("inputs", "outputs"), describe_io(model), strict=True)) for key, model in graphs.items()
             },
-            "decoder": {
-                "layers": layers,
-                "heads": text.num_attention_heads,
-                "kv_heads": kv_heads,
-                "head_dim": head_dim,
-                "hidden": text.hidden_size,
-                "intermediate": text.intermediate_size,
-                "vocab": text.vocab_size,
-                "capacity": capacity,
-            },
+            "decoder": {**decoder_geometry(text), "capacity": capacity},
             "image_tokens": _image_tokens(built),
             "sites": sites,
             "host": built.host,

@@ -34,7 +34,16 @@ def inspect_mllm(artifact) -> dict[str, Any]:
         "image_token_id": m["host"]["image_token_id"],
         "sites": m["sites"],
         "lint_target": m["lint_target"],
+        "cost": _cost(artifact),
     }
+
+
+def _cost(artifact) -> dict[str, Any] | None:
+    """The plan of the artifact's method at a 60-token prompt besides the image (``None``: data-dependent)."""
+    from tokensieve.plan_mllm import mllm_plan_dict, plan_artifact
+
+    planned = plan_artifact(artifact)
+    return None if planned is None else mllm_plan_dict(*planned)
 
 
 def _reduction(manifest: dict[str, Any]) -> str | None:
@@ -158,6 +167,7 @@ def format_mllm(info: dict[str, Any]) -> str:
     image = info["image_tokens"]
     count = f"{image['count']} tokens" if "count" in image else f"{image['per_crop']} per crop, {image['rule']}"
     lines.append(f"image      {count}; span = the run of image_token_id {info['image_token_id']} in input_ids")
+    lines.append(_format_cost(info["cost"], info["method"]))
     for key, layout in info["sites"].items():
         lines.append(f"sites      {key} (cache: {layout['cache']}, located with {layout['located_with']})")
         for s in layout["sites"]:
@@ -176,3 +186,17 @@ def format_mllm(info: dict[str, Any]) -> str:
             elif outputs:
                 lines.append(f"            cache outputs {outputs} (keys after RoPE; no cache input)")
     return "\n".join(lines)
+
+
+def _format_cost(cost: dict[str, Any] | None, method: str) -> str:
+    if cost is None:
+        return f"cost       {method} keeps a data-dependent count: `tokensieve bench` measures it"
+    prompt, rows = cost["prompt"], cost["rows"]
+    row = rows[-1]
+    new = "any number of new tokens" if row["unbounded"] else f"{prompt['new_tokens']} new tokens"
+    versus = f" (MAC-limit speedup {row['limit_speedup']:.2f}x)" if len(rows) > 1 else ""
+    return (
+        f"cost       {prompt['image_tokens']} image + {prompt['text_tokens']} text tokens and {new} in "
+        f"{row['slots']} slots: prefill {row['prefill_macs'] / 1e9:.3g} GMACs{versus}, cache "
+        f"{row['cache_mib']:.3g} MiB float32, decode {row['decode_macs'] / 1e9:.3g} GMACs/token (`tokensieve plan`)"
+    )

@@ -149,8 +149,8 @@ class BuiltLlava:
     host: dict[str, Any] = field(default_factory=dict)  # preprocessing and prompt facts for the runtime
 
 
-def _host_config(model, kind: str, processor: dict[str, Any]) -> dict[str, Any]:
-    config = model.config
+def host_config(config, kind: str, processor: dict[str, Any]) -> dict[str, Any]:
+    """Preprocessing and prompt facts the runtime needs, from the model config and the processor config."""
     vision = config.vision_config
     size = processor.get("size", {})
     crop = processor.get("crop_size", {})
@@ -175,8 +175,9 @@ def _host_config(model, kind: str, processor: dict[str, Any]) -> dict[str, Any]:
     return host
 
 
-def build_llava(name: str, seed: int = 0) -> BuiltLlava:
-    """A preset name or a local checkpoint / config directory."""
+def llava_config(name: str):
+    """``(config, kind, processor config)`` of a preset name or a local checkpoint / config directory, without
+    building the model."""
     import transformers
 
     if name in LLAVA_PRESETS:
@@ -191,12 +192,9 @@ def build_llava(name: str, seed: int = 0) -> BuiltLlava:
             "vision_feature_select_strategy": "default",
         }
         if preset["kind"] == "llava":
-            config = transformers.LlavaConfig(**common)
-        else:
-            config = transformers.LlavaNextConfig(**common, image_grid_pinpoints=preset["image_grid_pinpoints"])
-        model = getattr(transformers, MLLM_TYPES[preset["kind"]])(config)
-        randomize_weights(model, seed)
-        return BuiltLlava(model.eval(), preset["kind"], byte_tokenizer(), _host_config(model, preset["kind"], {}))
+            return transformers.LlavaConfig(**common), "llava", {}
+        config = transformers.LlavaNextConfig(**common, image_grid_pinpoints=preset["image_grid_pinpoints"])
+        return config, "llava_next", {}
     path = Path(name)
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
@@ -205,8 +203,19 @@ def build_llava(name: str, seed: int = 0) -> BuiltLlava:
     kind = config.model_type
     if kind not in MLLM_TYPES:
         raise SourceError(f"{name}: model type {kind!r} is not a supported MLLM; supported: {', '.join(MLLM_TYPES)}")
+    processor_file = path / "preprocessor_config.json"
+    processor = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+    return config, kind, processor
+
+
+def build_llava(name: str, seed: int = 0) -> BuiltLlava:
+    """A preset name or a local checkpoint / config directory."""
+    import transformers
+
+    config, kind, processor = llava_config(name)
     cls = getattr(transformers, MLLM_TYPES[kind])
-    weights = any(
+    path = Path(name)
+    weights = name not in LLAVA_PRESETS and any(
         (path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     )
     if weights:
@@ -217,14 +226,14 @@ def build_llava(name: str, seed: int = 0) -> BuiltLlava:
     else:
         model = cls(config)
         randomize_weights(model, seed)
+    if name in LLAVA_PRESETS:
+        return BuiltLlava(model.eval(), kind, byte_tokenizer(), host_config(model.config, kind, processor))
     _check_supported(name, model)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError):
         tokenizer = byte_tokenizer()
-    processor_file = path / "preprocessor_config.json"
-    processor = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
-    return BuiltLlava(model.eval(), kind, tokenizer, _host_config(model, kind, processor))
+    return BuiltLlava(model.eval(), kind, tokenizer, host_config(model.config, kind, processor))
 
 
 def _check_supported(name: str, model: nn.Module) -> None:
@@ -468,9 +477,21 @@ class DecodeGrowing(_Decoder):
 
 def cache_geometry(model: nn.Module) -> tuple[int, int, int]:
     """(layers, kv heads, head dim) of the language model."""
-    text = model.config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return text.num_hidden_layers, text.num_key_value_heads, head_dim
+    geometry = decoder_geometry(model.config.text_config)
+    return geometry["layers"], geometry["kv_heads"], geometry["head_dim"]
+
+
+def decoder_geometry(text) -> dict[str, int]:
+    """The sizes of a language-model config that set its cost and cache (the manifest's ``decoder``)."""
+    return {
+        "layers": text.num_hidden_layers,
+        "heads": text.num_attention_heads,
+        "kv_heads": text.num_key_value_heads,
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        "hidden": text.hidden_size,
+        "intermediate": text.intermediate_size,
+        "vocab": text.vocab_size,
+    }
 
 
 def export_llava(

@@ -1,0 +1,230 @@
+"""``tokensieve plan`` for MLLMs: what a decoder method costs and caches, before exporting anything.
+
+From the language model's sizes alone (config only: no weights, no export; any LLaVA / LLaVA-NeXT preset or local
+checkpoint or config directory, or an MLLM artifact) and a prompt (image tokens, text tokens, new tokens), each
+candidate gets:
+
+* the tokens each decoder layer processes in prefill and the prefill MACs, with the MAC-limit speedup over the
+  unreduced model;
+* the positions each layer caches (per KV head) at the end of the generation;
+* the fixed-capacity decode graph it needs: slots (the ``--capacity`` to export with; StreamingLLM's is the given
+  capacity, H2O's ``budget + 1``, both for any number of new tokens), its float32 cache size (keys and values of
+  every layer, plus H2O's score state), and the MACs of one decode step at that capacity.
+
+MACs count what the exported graphs compute (projections, MLP, ``Q·Kᵀ`` and ``P·V`` over the full ``T × T`` of the
+prefill graph and over every slot of the fixed decode graph, the last-position LM head) plus each method's scoring
+products: FastV's attention row, SnapKV's observation-window rows, A2SF's / H2O's weighted sum of the probabilities.
+A test holds these numbers to the MACs counted in the exported graphs. Methods whose counts depend on the image or
+prompt (``atp_llava``, ``dyvte``, ``mustdrop``, ``globalcom2``) are measured with ``tokensieve bench`` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokensieve.errors import MethodSpecError, SourceError
+from tokensieve.methods import describe, parse_methods
+from tokensieve.methods.a2sf import A2SF
+from tokensieve.methods.base import check_target
+from tokensieve.methods.fastv import FastV
+from tokensieve.methods.h2o import H2O
+from tokensieve.methods.snapkv import SnapKV
+from tokensieve.methods.streamingllm import StreamingLLM
+
+PLANNED = (FastV, SnapKV, A2SF, StreamingLLM)  # H2O is an A2SF
+H2O_STATE_BYTES = 12  # per slot, layer and KV head: the float32 score and the int64 position
+
+
+@dataclass
+class MllmPlanRow:
+    method: str
+    tokens_per_layer: list[int]  # prefill sequence each decoder layer processes
+    prefill_macs: int
+    limit_speedup: float  # unreduced prefill MACs / these
+    cached_per_layer: list[int]  # positions each layer caches per KV head at the end of the generation
+    slots: int  # the fixed decode graph's capacity this generation needs
+    unbounded: bool  # any number of new tokens fits those slots (StreamingLLM, H2O)
+    cache_mib: float  # the fixed cache at those slots, float32 (plus H2O's score state)
+    decode_macs: int  # one fixed-cache decode step
+
+
+@dataclass
+class MllmPrompt:
+    image_tokens: int
+    text_tokens: int
+    new_tokens: int
+
+    @property
+    def length(self) -> int:
+        return self.image_tokens + self.text_tokens
+
+
+def image_token_count(host: dict[str, Any], size: tuple[int, int] | None = None) -> int:
+    """Sequence positions one image of ``size = (height, width)`` takes (LLaVA: fixed; LLaVA-NeXT: thumbnail +
+    unpadded crop grid + a newline per row; default size: the vision input side, square)."""
+    from tokensieve.runtimes.llava_image import crop_grid, pack_features
+
+    side = host["image_size"] // host["patch_size"]
+    per_crop = side * side + (0 if host["select_strategy"] == "default" else 1)
+    if host["kind"] == "llava":
+        return per_crop
+    size = size or (host["image_size"], host["image_size"])
+    rows, columns = crop_grid(size, host)
+    features = np.zeros((1 + rows * columns, per_crop, 1), np.float32)
+    return len(pack_features(features, size, host, np.zeros(1, np.float32)))
+
+
+def _source(source: str) -> tuple[dict[str, int], dict[str, Any], int]:
+    """``(decoder sizes, host facts, default capacity)`` of an MLLM artifact or an ``hf:`` source."""
+    path = Path(source)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        from tokensieve.artifact import Artifact
+
+        manifest = Artifact.load(path).manifest
+        if manifest.get("kind") != "mllm":
+            raise SourceError(f"{source} is an image-model artifact; this plan takes an MLLM")
+        decoder = dict(manifest["decoder"])
+        return decoder, manifest["host"], decoder.pop("capacity")
+    from tokensieve.converters.llava import LLAVA_PRESETS, decoder_geometry, host_config, llava_config
+
+    name = source.removeprefix("hf:")
+    config, kind, processor = llava_config(name)
+    text = config.text_config
+    capacity = LLAVA_PRESETS.get(name, {}).get("capacity") or min(text.max_position_embeddings, 4096)
+    return decoder_geometry(text), host_config(config, kind, processor), int(capacity)
+
+
+def _layer_macs(decoder: dict[str, int], tokens: int, keys: int) -> int:
+    """One decoder layer on ``tokens`` queries attending over ``keys`` positions."""
+    hidden, heads, kv, head_dim = decoder["hidden"], decoder["heads"], decoder["kv_heads"], decoder["head_dim"]
+    projections = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * decoder["intermediate"]
+    return tokens * projections + 2 * tokens * keys * heads * head_dim
+
+
+def prefill_macs(decoder: dict[str, int], lengths: list[int]) -> int:
+    """Multiply-accumulates of one prefill whose layer ``i`` sees ``lengths[i]`` tokens (full ``T × T``
+    attention, as the exported graph computes it), with the last position's LM head; no method scoring."""
+    return sum(_layer_macs(decoder, t, t) for t in lengths) + decoder["hidden"] * decoder["vocab"]
+
+
+def _row(decoder: dict[str, int], method, prompt: MllmPrompt, capacity: int) -> MllmPlanRow:
+    layers, heads, head_dim = decoder["layers"], decoder["heads"], decoder["head_dim"]
+    length, new = prompt.length, prompt.new_tokens
+    tokens = [length] * layers
+    cached = [length + new] * layers
+    scoring = 0  # the method's own products in prefill
+    slots, unbounded = length + new, False
+    if isinstance(method, FastV):
+        kept = length - prompt.image_tokens + method.kept_count(prompt.image_tokens)
+        tokens = [length] * method.k + [kept] * (layers - method.k)
+        cached = [t + new for t in tokens]
+        scoring = length * heads * head_dim  # layer k-1's last-position attention row
+    elif isinstance(method, StreamingLLM):
+        method.validate(capacity)
+        slots, unbounded = capacity, True
+        cached = [min(length + new, capacity)] * layers
+    elif isinstance(method, (SnapKV, A2SF)):
+        kept = method.kept_count(length)
+        if isinstance(method, SnapKV):  # the observation window's attention rows over the prompt
+            scoring = layers * min(method.window, length) * length * heads * head_dim
+        else:  # the forgetting-weighted sum of every probability row
+            scoring = layers * length * length * heads
+        if isinstance(method, H2O):
+            slots, unbounded = method.slots(), True
+            cached = [min(length + new, method.budget)] * layers
+        else:
+            slots = kept + new
+            cached = [kept + new] * layers
+    prefill = prefill_macs(decoder, tokens) + scoring
+    decode = layers * _layer_macs(decoder, 1, slots) + decoder["hidden"] * decoder["vocab"]
+    cache_bytes = layers * decoder["kv_heads"] * slots * (2 * head_dim * 4 + H2O_STATE_BYTES * isinstance(method, H2O))
+    return MllmPlanRow(
+        method=describe([method]) if method else "none",
+        tokens_per_layer=tokens,
+        prefill_macs=prefill,
+        limit_speedup=0.0,  # set against the unreduced row
+        cached_per_layer=cached,
+        slots=slots,
+        unbounded=unbounded,
+        cache_mib=cache_bytes / 2**20,
+        decode_macs=decode,
+    )
+
+
+def plan_mllm(
+    source: str,
+    candidates: list[str],
+    *,
+    text_tokens: int = 60,
+    new_tokens: int = 256,
+    image_size: tuple[int, int] | None = None,
+    image_tokens: int | None = None,
+    capacity: int | None = None,
+) -> tuple[MllmPrompt, list[MllmPlanRow]]:
+    """The prompt planned for and one row for the unreduced model, then one per candidate method string."""
+    decoder, host, default_capacity = _source(source)
+    if image_tokens is None:
+        image_tokens = image_token_count(host, image_size)
+    for name, value in (("image tokens", image_tokens), ("text tokens", text_tokens), ("new tokens", new_tokens)):
+        if value < 0:
+            raise MethodSpecError(f"plan: {name} must be >= 0, got {value}")
+    prompt = MllmPrompt(image_tokens, text_tokens, new_tokens)
+    capacity = capacity or default_capacity
+    methods = [None]
+    for text in candidates:
+        parsed = parse_methods(text)
+        check_target(parsed, "mllm")
+        if len(parsed) != 1 or not isinstance(parsed[0], PLANNED):
+            raise MethodSpecError(
+                f"plan: {text!r}: give one of fastv, snapkv, a2sf, h2o, streamingllm (atp_llava, dyvte, mustdrop and "
+                "globalcom2 keep a data-dependent count: measure them with `tokensieve bench`)"
+            )
+        if isinstance(parsed[0], FastV):
+            parsed[0].validate(decoder["layers"])
+        methods.append(parsed[0])
+    rows = [_row(decoder, method, prompt, capacity) for method in methods]
+    for row in rows:
+        row.limit_speedup = rows[0].prefill_macs / row.prefill_macs
+    return prompt, rows
+
+
+def plan_artifact(artifact, text_tokens: int = 60) -> tuple[MllmPrompt, list[MllmPlanRow]] | None:
+    """The artifact's own method (after the unreduced row) at a prompt of ``text_tokens`` besides the image, with
+    as many new tokens as its fixed cache holds (any number: 0 planned); ``None`` for methods with data-dependent
+    counts."""
+    text = artifact.manifest.get("method_text", "none")
+    candidates = [] if text == "none" else [text]
+    if candidates and not isinstance(parse_methods(text)[0], PLANNED):
+        return None
+    prompt, rows = plan_mllm(str(artifact.path), candidates, text_tokens=text_tokens, new_tokens=0)
+    room = artifact.manifest["decoder"]["capacity"] - rows[-1].slots
+    if rows[-1].unbounded or room <= 0:
+        return prompt, rows
+    return plan_mllm(str(artifact.path), candidates, text_tokens=text_tokens, new_tokens=room)
+
+
+def format_mllm_plan(prompt: MllmPrompt, rows: list[MllmPlanRow]) -> str:
+    width = max(len(r.method) for r in rows)
+    lines = [
+        f"prompt: {prompt.image_tokens} image + {prompt.text_tokens} text tokens, {prompt.new_tokens} new tokens; "
+        "fixed-capacity cache in float32",
+        f"{'method':<{width}}  prefill GMACs  MAC-limit  slots  cache MiB  decode GMACs/token  prefill tokens/layer",
+    ]
+    for r in rows:
+        slots = f"{r.slots}{'*' if r.unbounded else ''}"
+        prefill, decode = r.prefill_macs / 1e9, r.decode_macs / 1e9
+        lines.append(
+            f"{r.method:<{width}}  {prefill:>13.3f}  {r.limit_speedup:>8.3f}x  {slots:>5}  {r.cache_mib:>9.1f}"
+            f"  {decode:>18.4f}  {' '.join(map(str, r.tokens_per_layer))}"
+        )
+    if any(r.unbounded for r in rows):
+        lines.append("* these slots hold any number of new tokens (eviction)")
+    return "\n".join(lines)
+
+
+def mllm_plan_dict(prompt: MllmPrompt, rows: list[MllmPlanRow]) -> dict[str, Any]:
+    return {"prompt": asdict(prompt), "rows": [asdict(r) for r in rows]}
