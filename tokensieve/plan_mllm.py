@@ -20,6 +20,7 @@ prompt (``atp_llava``, ``dyvte``, ``mustdrop``, ``globalcom2``) are measured wit
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -219,11 +220,17 @@ def format_mllm_plan(prompt: MllmPrompt, rows: list[MllmPlanRow]) -> str:
         prefill, decode = r.prefill_macs / 1e9, r.decode_macs / 1e9
         lines.append(
             f"{r.method:<{width}}  {prefill:>13.3f}  {r.limit_speedup:>8.3f}x  {slots:>5}  {r.cache_mib:>9.1f}"
-            f"  {decode:>18.4f}  {' '.join(map(str, r.tokens_per_layer))}"
+            f"  {decode:>18.4f}  {_runs(r.tokens_per_layer)}"
         )
     if any(r.unbounded for r in rows):
         lines.append("* these slots hold any number of new tokens (eviction)")
     return "\n".join(lines)
+
+
+def _runs(values: list[int]) -> str:
+    """``[636, 636, 348, 348, 348]`` -> ``636x2 348x3``."""
+    groups = [(value, len(list(run))) for value, run in itertools.groupby(values)]
+    return " ".join(f"{value}x{count}" if count > 1 else str(value) for value, count in groups)
 
 
 def mllm_plan_dict(prompt: MllmPrompt, rows: list[MllmPlanRow]) -> dict[str, Any]:
