@@ -72,6 +72,7 @@ from tokensieve.methods.h2o import H2O
 from tokensieve.methods.mustdrop import MustDrop
 from tokensieve.methods.prompt_cache import PromptCacheCompression
 from tokensieve.methods.streamingllm import StreamingLLM
+from tokensieve.runtimes.llava_image import crop_tokens
 
 # graphs with symbolic axes: deployable with TensorRT optimization profiles (see `tokensieve lint`)
 DYNAMIC = {
@@ -80,14 +81,6 @@ DYNAMIC = {
     "prefill": "sequence",
     "decode_growing": "past (the cache grows by one position per step)",
 }
-
-
-def default_capacity(spec: SourceSpec, built) -> int:
-    """Cache slots when ``--capacity`` is not given: the preset's value, else the context length (max 4096)."""
-    from tokensieve.converters.llava import LLAVA_PRESETS
-
-    text = built.model.config.text_config
-    return int(LLAVA_PRESETS.get(spec.name, {}).get("capacity") or min(text.max_position_embeddings, 4096))
 
 
 def export_mllm(
@@ -100,25 +93,26 @@ def export_mllm(
     growing: bool = True,
     lint_target: str = "trt10.3",
 ) -> Artifact:
-    from tokensieve.converters.llava import build_llava, decoder_geometry, export_llava
+    from tokensieve.converters.llava import build_llava, decoder_geometry, default_capacity, export_llava
     from tokensieve.converters.sources import weights_digest
     from tokensieve.errors import SourceError
 
     built = build_llava(spec.name, spec.seed)
+    text = built.model.config.text_config
     if capacity is None:  # H2O needs budget + 1 slots; more would stay unused
-        capacity = method.slots() if isinstance(method, H2O) else default_capacity(spec, built)
+        capacity = method.slots() if isinstance(method, H2O) else default_capacity(spec.name, text)
     if capacity < 2:
         raise SourceError(f"--capacity must be at least 2 cache slots, got {capacity}")
     # validate before the (slow) export
     windows = None  # MustDrop's vision windows (when it merges)
     if isinstance(method, FastV):
-        method.validate(built.model.config.text_config.num_hidden_layers)
+        method.validate(text.num_hidden_layers)
     elif isinstance(method, (ATPLLaVA, DyVTE)):
-        method.validate(built.kind, built.model.config.text_config.num_hidden_layers)
+        method.validate(built.kind, text.num_hidden_layers)
         if isinstance(method, ATPLLaVA) and method.grid:
             method.grid_positions(_image_tokens(built)["count"])
     elif isinstance(method, MustDrop):
-        count, text = _image_tokens(built).get("count", 0), built.model.config.text_config
+        count = _image_tokens(built).get("count", 0)
         method.validate(built.kind, text.num_hidden_layers, built.host["select_strategy"], count)
         windows = None if method.merge_threshold is None else method.windows(count)
     elif isinstance(method, (StreamingLLM, PromptCacheCompression)):
@@ -148,7 +142,6 @@ def export_mllm(
         run_passes(graphs["prefill"], [PromptCachePass(method)])
         if isinstance(method, H2O):  # evicts in the fixed decode graph, which has no growing-cache form
             run_passes(graphs["decode"], [CacheVisibilityPass(), HeavyHitterPass(method)])
-    text = built.model.config.text_config
     decoders = {key: model for key, model in graphs.items() if key[:6] not in ("vision", "embed")}
     sites = {key: locate_decoder(model).summary() for key, model in decoders.items()}
     dynamic = {k: v for k, v in DYNAMIC.items() if k in graphs and (k != "vision" or built.kind == "llava_next")}
@@ -224,7 +217,7 @@ def _split_prefill(graphs: dict[str, Any], method: ATPLLaVA | DyVTE | MustDrop) 
 def _image_tokens(built) -> dict[str, Any]:
     """How many sequence positions one image takes: fixed for LLaVA, a function of the image size for NeXT."""
     host = built.host
-    per_crop = (host["image_size"] // host["patch_size"]) ** 2 + (0 if host["select_strategy"] == "default" else 1)
+    per_crop = crop_tokens(host)
     if built.kind == "llava":
         return {"count": per_crop, "varies_with_image_size": False}
     return {"per_crop": per_crop, "varies_with_image_size": True, "rule": "thumbnail + unpadded grid + newline per row"}

@@ -67,10 +67,9 @@ class MllmPrompt:
 def image_token_count(host: dict[str, Any], size: tuple[int, int] | None = None) -> int:
     """Sequence positions one image of ``size = (height, width)`` takes (LLaVA: fixed; LLaVA-NeXT: thumbnail +
     unpadded crop grid + a newline per row; default size: the vision input side, square)."""
-    from tokensieve.runtimes.llava_image import crop_grid, pack_features
+    from tokensieve.runtimes.llava_image import crop_grid, crop_tokens, pack_features
 
-    side = host["image_size"] // host["patch_size"]
-    per_crop = side * side + (0 if host["select_strategy"] == "default" else 1)
+    per_crop = crop_tokens(host)
     if host["kind"] == "llava":
         return per_crop
     size = size or (host["image_size"], host["image_size"])
@@ -90,13 +89,12 @@ def _source(source: str) -> tuple[dict[str, int], dict[str, Any], int]:
             raise SourceError(f"{source} is an image-model artifact; this plan takes an MLLM")
         decoder = dict(manifest["decoder"])
         return decoder, manifest["host"], decoder.pop("capacity")
-    from tokensieve.converters.llava import LLAVA_PRESETS, decoder_geometry, host_config, llava_config
+    from tokensieve.converters.llava import decoder_geometry, default_capacity, host_config, llava_config
 
     name = source.removeprefix("hf:")
     config, kind, processor = llava_config(name)
     text = config.text_config
-    capacity = LLAVA_PRESETS.get(name, {}).get("capacity") or min(text.max_position_embeddings, 4096)
-    return decoder_geometry(text), host_config(config, kind, processor), int(capacity)
+    return decoder_geometry(text), host_config(config, kind, processor), default_capacity(name, text)
 
 
 def _layer_macs(decoder: dict[str, int], tokens: int, keys: int) -> int:

@@ -481,6 +481,11 @@ def cache_geometry(model: nn.Module) -> tuple[int, int, int]:
     return geometry["layers"], geometry["kv_heads"], geometry["head_dim"]
 
 
+def default_capacity(name: str, text) -> int:
+    """Cache slots when ``--capacity`` is not given: the preset's value, else the context length (max 4096)."""
+    return int(LLAVA_PRESETS.get(name, {}).get("capacity") or min(text.max_position_embeddings, 4096))
+
+
 def decoder_geometry(text) -> dict[str, int]:
     """The sizes of a language-model config that set its cost and cache (the manifest's ``decoder``)."""
     return {

@@ -151,6 +151,11 @@ def unpad_band(size: tuple[int, int], current: tuple[int, int]) -> tuple[slice, 
     return slice(0, current_h), slice(pad, current_w - pad)
 
 
+def crop_tokens(host: dict[str, Any]) -> int:
+    """Image tokens the vision graph gives per crop (one more than the patches with the 'full' strategy's CLS)."""
+    return (host["image_size"] // host["patch_size"]) ** 2 + (0 if host["select_strategy"] == "default" else 1)
+
+
 def crop_grid(size: tuple[int, int], host: dict[str, Any]) -> tuple[int, int]:
     """``(rows, columns)`` of LLaVA-NeXT crops for an image of original ``size``."""
     return tuple(r // host["image_size"] for r in select_best_resolution(size, host["grid_pinpoints"]))
