@@ -141,8 +141,9 @@ def generate_json(directory: Path, image_path: Path, capsys) -> dict:
 
 def assert_plan_matches_graphs(artifact, text_tokens: int = 20) -> None:
     """``tokensieve plan``'s numbers for the artifact's method (planned from its manifest) are what its graphs
-    compute: the prefill graph's MACs with its symbolic axes bound to the planned prompt, and the fixed decode
-    graph's MACs and cache inputs (bytes) at the artifact's capacity (new tokens chosen to need exactly it)."""
+    compute: the vision graph's MACs per crop times the crops, the prefill graph's MACs with its symbolic axes bound
+    to the planned prompt, and the fixed decode graph's MACs and cache inputs (bytes) at the artifact's capacity
+    (new tokens chosen to need exactly it)."""
     import numpy as np
     import onnx_ir as ir
 
@@ -154,6 +155,7 @@ def assert_plan_matches_graphs(artifact, text_tokens: int = 20) -> None:
     prompt, rows = plan_artifact(artifact, text_tokens)
     row, method = rows[-1], artifact.manifest["method_text"]
     assert row.slots == capacity, (row.slots, capacity)
+    assert count_macs(ir.load(artifact.graph_path("vision"))) * prompt.crops == prompt.vision_macs, method
     prefill = ir.load(artifact.graph_path("prefill"))
     dims = {"sequence": prompt.length, "image_tokens": prompt.image_tokens}
     for value in prefill.graph.inputs:

@@ -16,6 +16,7 @@ from tokensieve.cli import main
 from tokensieve.converters.llava import LLAVA_PRESETS, SPECIAL_TOKENS, build_llava
 from tokensieve.errors import CapacityError, InputError, MethodSpecError, PromptError, SourceError
 from tokensieve.graph_passes.locate_decoder import locate_decoder
+from tokensieve.graph_passes.macs import count_macs
 from tokensieve.runtimes.llava_image import preprocess
 
 SIZES = [(112, 112), (90, 200), (300, 120), (57, 333), (224, 224), (113, 250)]
@@ -292,9 +293,10 @@ def test_plan_counts_what_the_graphs_compute_and_the_image_tokens_the_runtime_pa
     assert_plan_matches_graphs(artifacts["llava"])
     assert_plan_matches_graphs(artifacts["next"])
     runner = artifacts["next"].llava_runner()
-    for height, width in SIZES:
+    for height, width in SIZES:  # positions and crops as the runtime packs and preprocesses them
         image = Image.new("RGB", (width, height))
-        assert image_token_count(runner.host, (height, width)) == len(runner.image_features(image))
+        crops = len(preprocess(image, runner.host)[0])
+        assert image_token_count(runner.host, (height, width)) == (len(runner.image_features(image)), crops)
     # a preset plans like its artifact; the CLI prints the table or JSON
     candidates = ["fastv(k=1, keep=0.25)", "h2o(budget=40, recent=8)", "streamingllm()", "snapkv(budget=48)"]
     from_source = plan_mllm("hf:llava-tiny", candidates, capacity=64)
@@ -307,12 +309,24 @@ def test_plan_counts_what_the_graphs_compute_and_the_image_tokens_the_runtime_pa
     cli = ["plan", "hf:llava-next-tiny", "--method", "fastv(k=1)", "--image-size", "300x120", "--new-tokens", "8"]
     assert main([*cli, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    tokens, crops = image_token_count(runner.host, (300, 120))
+    per_crop = report["prompt"]["vision_macs"] // crops
     assert report["prompt"] == {
-        "image_tokens": image_token_count(runner.host, (300, 120)),
+        "image_tokens": tokens,
         "text_tokens": 60,
         "new_tokens": 8,
+        "crops": crops,
+        "vision_macs": crops * per_crop,
     }
-    assert main(cli) == 0 and "MAC-limit" in capsys.readouterr().out
+    assert per_crop == count_macs(ir.load(artifacts["next"].graph_path("vision")))
+    none, fastv = report["rows"]
+    vision = report["prompt"]["vision_macs"]
+    assert fastv["limit_speedup_with_vision"] == (vision + none["prefill_macs"]) / (vision + fastv["prefill_macs"])
+    assert 1 < fastv["limit_speedup_with_vision"] < fastv["limit_speedup"]
+    assert main(cli) == 0 and f"vision graph {vision / 1e9:.3f} GMACs ({crops} crops)" in capsys.readouterr().out
+    # a count given without the image size leaves a LLaVA-NeXT's crops, and so its vision cost, unknown
+    assert main(["plan", "hf:llava-next-tiny", "--method", "fastv(k=1)", "--image-tokens", "100"]) == 0
+    assert "crops unknown: give --image-size" in capsys.readouterr().out
     assert main(["plan", "hf:llava-tiny", "--method", "atp_llava()"]) == 2
     assert "data-dependent count" in capsys.readouterr().err
     assert main(["plan", "hf:llava-tiny", "--method", "fastv(k=2)"]) == 2

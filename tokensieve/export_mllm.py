@@ -93,7 +93,13 @@ def export_mllm(
     growing: bool = True,
     lint_target: str = "trt10.3",
 ) -> Artifact:
-    from tokensieve.converters.llava import build_llava, decoder_geometry, default_capacity, export_llava
+    from tokensieve.converters.llava import (
+        build_llava,
+        decoder_geometry,
+        default_capacity,
+        export_llava,
+        vision_geometry,
+    )
     from tokensieve.converters.sources import weights_digest
     from tokensieve.errors import SourceError
 
@@ -182,6 +188,7 @@ def export_mllm(
                 key: dict(zip(("inputs", "outputs"), describe_io(model), strict=True)) for key, model in graphs.items()
             },
             "decoder": {**decoder_geometry(text), "capacity": capacity},
+            "vision": vision_geometry(built.model.config),
             "image_tokens": _image_tokens(built),
             "sites": sites,
             "host": built.host,

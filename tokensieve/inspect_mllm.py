@@ -195,8 +195,9 @@ def _format_cost(cost: dict[str, Any] | None, method: str) -> str:
     row = rows[-1]
     new = "any number of new tokens" if row["unbounded"] else f"{prompt['new_tokens']} new tokens"
     versus = f" (MAC-limit speedup {row['limit_speedup']:.2f}x)" if len(rows) > 1 else ""
+    vision = "" if prompt["vision_macs"] is None else f"vision {prompt['vision_macs'] / 1e9:.3g} GMACs, "
     return (
         f"cost       {prompt['image_tokens']} image + {prompt['text_tokens']} text tokens and {new} in "
-        f"{row['slots']} slots: prefill {row['prefill_macs'] / 1e9:.3g} GMACs{versus}, cache "
+        f"{row['slots']} slots: {vision}prefill {row['prefill_macs'] / 1e9:.3g} GMACs{versus}, cache "
         f"{row['cache_mib']:.3g} MiB float32, decode {row['decode_macs'] / 1e9:.3g} GMACs/token (`tokensieve plan`)"
     )

@@ -9,12 +9,16 @@ candidate gets:
 * the positions each layer caches (per KV head) at the end of the generation;
 * the fixed-capacity decode graph it needs: slots (the ``--capacity`` to export with; StreamingLLM's is the given
   capacity, H2O's ``budget + 1``, both for any number of new tokens), its float32 cache size (keys and values of
-  every layer, plus H2O's score state), and the MACs of one decode step at that capacity.
+  every layer, plus H2O's score state), and the MACs of one decode step at that capacity;
+* the MAC-limit speedup of the whole prefill, the vision graph included: the CLIP layers up to the selected feature
+  layer and the projector, once per crop (LLaVA-NeXT: thumbnail + crop grid of the image size). Every planned
+  method leaves the vision graph as it is, so its MACs (shown once, with the prompt) dilute the decoder's speedup.
 
 MACs count what the exported graphs compute (projections, MLP, ``Q·Kᵀ`` and ``P·V`` over the full ``T × T`` of the
 prefill graph and over every slot of the fixed decode graph, the last-position LM head) plus each method's scoring
 products: FastV's attention row, SnapKV's observation-window rows, A2SF's / H2O's weighted sum of the probabilities.
-A test holds these numbers to the MACs counted in the exported graphs. Methods whose counts depend on the image or
+The vision graph's MACs are its patch convolution, the ``1 + n``-token encoder layers and the projector. A test holds
+these numbers to the MACs counted in the exported graphs. Methods whose counts depend on the image or
 prompt (``atp_llava``, ``dyvte``, ``mustdrop``, ``globalcom2``) are measured with ``tokensieve bench`` instead.
 """
 
@@ -46,6 +50,7 @@ class MllmPlanRow:
     tokens_per_layer: list[int]  # prefill sequence each decoder layer processes
     prefill_macs: int
     limit_speedup: float  # unreduced prefill MACs / these
+    limit_speedup_with_vision: float | None  # the same with the vision graph's MACs on both sides
     cached_per_layer: list[int]  # positions each layer caches per KV head at the end of the generation
     slots: int  # the fixed decode graph's capacity this generation needs
     unbounded: bool  # any number of new tokens fits those slots (StreamingLLM, H2O)
@@ -58,28 +63,43 @@ class MllmPrompt:
     image_tokens: int
     text_tokens: int
     new_tokens: int
+    crops: int | None = None  # vision graph runs (LLaVA-NeXT: thumbnail + grid); None: unknown
+    vision_macs: int | None = None  # of those runs (None: a vision tower this plan does not model)
 
     @property
     def length(self) -> int:
         return self.image_tokens + self.text_tokens
 
 
-def image_token_count(host: dict[str, Any], size: tuple[int, int] | None = None) -> int:
-    """Sequence positions one image of ``size = (height, width)`` takes (LLaVA: fixed; LLaVA-NeXT: thumbnail +
-    unpadded crop grid + a newline per row; default size: the vision input side, square)."""
+def image_token_count(host: dict[str, Any], size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``(sequence positions, vision crops)`` of one image of ``size = (height, width)`` (LLaVA: fixed, one crop;
+    LLaVA-NeXT: thumbnail + unpadded crop grid + a newline per row; default size: the vision input side, square)."""
     from tokensieve.runtimes.llava_image import crop_grid, crop_tokens, pack_features
 
     per_crop = crop_tokens(host)
     if host["kind"] == "llava":
-        return per_crop
+        return per_crop, 1
     size = size or (host["image_size"], host["image_size"])
     rows, columns = crop_grid(size, host)
     features = np.zeros((1 + rows * columns, per_crop, 1), np.float32)
-    return len(pack_features(features, size, host, np.zeros(1, np.float32)))
+    return len(pack_features(features, size, host, np.zeros(1, np.float32))), len(features)
 
 
-def _source(source: str) -> tuple[dict[str, int], dict[str, Any], int]:
-    """``(decoder sizes, host facts, default capacity)`` of an MLLM artifact or an ``hf:`` source."""
+def vision_macs(vision: dict[str, int], host: dict[str, Any]) -> int:
+    """Multiply-accumulates of one crop through the vision graph: patch convolution, the encoder layers up to the
+    feature layer on CLS + patches, the two-layer projector on the features it keeps."""
+    from tokensieve.runtimes.llava_image import crop_tokens
+
+    hidden, width = vision["hidden"], vision["projector"]
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    tokens = patches + 1
+    embedding = patches * hidden * vision["channels"] * vision["patch_size"] ** 2
+    layer = tokens * (4 * hidden * hidden + 2 * hidden * vision["intermediate"]) + 2 * tokens * tokens * hidden
+    return embedding + vision["layers"] * layer + crop_tokens(host) * (hidden * width + width * width)
+
+
+def _source(source: str) -> tuple[dict[str, int], dict[str, int] | None, dict[str, Any], int]:
+    """``(decoder sizes, vision sizes, host facts, default capacity)`` of an MLLM artifact or an ``hf:`` source."""
     path = Path(source)
     if path.is_dir() and (path / "manifest.json").is_file():
         from tokensieve.artifact import Artifact
@@ -88,13 +108,20 @@ def _source(source: str) -> tuple[dict[str, int], dict[str, Any], int]:
         if manifest.get("kind") != "mllm":
             raise SourceError(f"{source} is an image-model artifact; this plan takes an MLLM")
         decoder = dict(manifest["decoder"])
-        return decoder, manifest["host"], decoder.pop("capacity")
-    from tokensieve.converters.llava import decoder_geometry, default_capacity, host_config, llava_config
+        return decoder, manifest.get("vision"), manifest["host"], decoder.pop("capacity")
+    from tokensieve.converters.llava import (
+        decoder_geometry,
+        default_capacity,
+        host_config,
+        llava_config,
+        vision_geometry,
+    )
 
     name = source.removeprefix("hf:")
     config, kind, processor = llava_config(name)
     text = config.text_config
-    return decoder_geometry(text), host_config(config, kind, processor), default_capacity(name, text)
+    host = host_config(config, kind, processor)
+    return decoder_geometry(text), vision_geometry(config), host, default_capacity(name, text)
 
 
 def _layer_macs(decoder: dict[str, int], tokens: int, keys: int) -> int:
@@ -146,6 +173,7 @@ def _row(decoder: dict[str, int], method, prompt: MllmPrompt, capacity: int) -> 
         tokens_per_layer=tokens,
         prefill_macs=prefill,
         limit_speedup=0.0,  # set against the unreduced row
+        limit_speedup_with_vision=None,
         cached_per_layer=cached,
         slots=slots,
         unbounded=unbounded,
@@ -164,14 +192,21 @@ def plan_mllm(
     image_tokens: int | None = None,
     capacity: int | None = None,
 ) -> tuple[MllmPrompt, list[MllmPlanRow]]:
-    """The prompt planned for and one row for the unreduced model, then one per candidate method string."""
-    decoder, host, default_capacity = _source(source)
+    """The prompt planned for and one row for the unreduced model, then one per candidate method string.
+    ``image_tokens`` overrides the count of the image size; the vision cost then stays unknown for LLaVA-NeXT
+    unless ``image_size`` is given too."""
+    decoder, vision, host, default_capacity = _source(source)
+    counted, crops = image_token_count(host, image_size)
     if image_tokens is None:
-        image_tokens = image_token_count(host, image_size)
+        image_tokens = counted
+    elif image_size is None and host["kind"] != "llava":
+        crops = None
     for name, value in (("image tokens", image_tokens), ("text tokens", text_tokens), ("new tokens", new_tokens)):
         if value < 0:
             raise MethodSpecError(f"plan: {name} must be >= 0, got {value}")
-    prompt = MllmPrompt(image_tokens, text_tokens, new_tokens)
+    prompt = MllmPrompt(image_tokens, text_tokens, new_tokens, crops)
+    if vision is not None and crops is not None:
+        prompt.vision_macs = crops * vision_macs(vision, host)
     capacity = capacity or default_capacity
     methods = [None]
     for text in candidates:
@@ -188,6 +223,10 @@ def plan_mllm(
     rows = [_row(decoder, method, prompt, capacity) for method in methods]
     for row in rows:
         row.limit_speedup = rows[0].prefill_macs / row.prefill_macs
+        if prompt.vision_macs is not None:
+            row.limit_speedup_with_vision = (prompt.vision_macs + rows[0].prefill_macs) / (
+                prompt.vision_macs + row.prefill_macs
+            )
     return prompt, rows
 
 
@@ -210,19 +249,29 @@ def format_mllm_plan(prompt: MllmPrompt, rows: list[MllmPlanRow]) -> str:
     width = max(len(r.method) for r in rows)
     lines = [
         f"prompt: {prompt.image_tokens} image + {prompt.text_tokens} text tokens, {prompt.new_tokens} new tokens; "
-        "fixed-capacity cache in float32",
-        f"{'method':<{width}}  prefill GMACs  MAC-limit  slots  cache MiB  decode GMACs/token  prefill tokens/layer",
+        f"fixed-capacity cache in float32; {_vision(prompt)}",
+        f"{'method':<{width}}  prefill GMACs  MAC-limit  with vision  slots  cache MiB  decode GMACs/token"
+        "  prefill tokens/layer",
     ]
     for r in rows:
         slots = f"{r.slots}{'*' if r.unbounded else ''}"
         prefill, decode = r.prefill_macs / 1e9, r.decode_macs / 1e9
+        total = "-" if r.limit_speedup_with_vision is None else f"{r.limit_speedup_with_vision:.3f}x"
         lines.append(
-            f"{r.method:<{width}}  {prefill:>13.3f}  {r.limit_speedup:>8.3f}x  {slots:>5}  {r.cache_mib:>9.1f}"
-            f"  {decode:>18.4f}  {_runs(r.tokens_per_layer)}"
+            f"{r.method:<{width}}  {prefill:>13.3f}  {r.limit_speedup:>8.3f}x  {total:>11}  {slots:>5}"
+            f"  {r.cache_mib:>9.1f}  {decode:>18.4f}  {_runs(r.tokens_per_layer)}"
         )
     if any(r.unbounded for r in rows):
         lines.append("* these slots hold any number of new tokens (eviction)")
     return "\n".join(lines)
+
+
+def _vision(prompt: MllmPrompt) -> str:
+    if prompt.vision_macs is not None:
+        return f"vision graph {prompt.vision_macs / 1e9:.3f} GMACs ({prompt.crops} crop{'s' * (prompt.crops > 1)})"
+    if prompt.crops is None:
+        return "vision graph not planned (crops unknown: give --image-size with --image-tokens)"
+    return "vision graph not planned (its sizes are unknown: not a CLIP tower, or an artifact older than this plan)"
 
 
 def _runs(values: list[int]) -> str:

@@ -499,6 +499,23 @@ def decoder_geometry(text) -> dict[str, int]:
     }
 
 
+def vision_geometry(config) -> dict[str, int] | None:
+    """The sizes that set the vision graph's cost (the manifest's ``vision``): the CLIP layers run up to the selected
+    feature layer, the tower's widths, the projector's output width; ``None`` for other vision towers."""
+    vision = config.vision_config
+    if vision.model_type != "clip_vision_model" or not isinstance(config.vision_feature_layer, int):
+        return None
+    return {
+        "layers": config.vision_feature_layer % (vision.num_hidden_layers + 1),
+        "hidden": vision.hidden_size,
+        "intermediate": vision.intermediate_size,
+        "channels": vision.num_channels,
+        "patch_size": vision.patch_size,
+        "image_size": vision.image_size,
+        "projector": config.text_config.hidden_size,
+    }
+
+
 def export_llava(
     built: BuiltLlava,
     capacity: int,
