@@ -10,7 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from tokensieve.bench import time_alternating
 from tokensieve.cli import main
+from tokensieve.errors import OptionError
 
 METHOD = "topk(keep=0.7, layers=[3,6,9])"
 
@@ -130,6 +132,8 @@ def _no_leftovers(parent, name):
         (["hf:not-a-preset"], "neither a preset"),
         (["missing.onnx"], "does not exist"),
         (["resnet50"], "unknown model source"),
+        (["timm:vit_small_patch16_224", "--opset", "14"], "the dynamo exporter writes opset >= 18; use the legacy"),
+        (["timm:vit_small_patch16_224", "--opset", "21", "--exporter", "legacy"], "opset 14-20 with the legacy"),
     ],
 )
 def test_bad_export_input(tmp_path, capsys, args, message):
@@ -137,6 +141,28 @@ def test_bad_export_input(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
     assert _no_leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bench", "DIR", "--blocks", "0"],
+        ["bench", "DIR", "--contexts", "8", "0"],
+        ["bench", "DIR", "--threads", "two"],
+        ["parity", "DIR", "--cases", "0"],
+        ["parity", "DIR", "--new-tokens", "-1"],
+        ["generate", "DIR", "--prompt", "hi", "--max-new-tokens", "-3"],
+        ["plan", "hf:llava-tiny", "--method", "fastv(k=1)", "--text-tokens", "-1"],
+        ["export", "timm:vit_small_patch16_224", "--out", "DIR", "--batch", "0"],
+    ],
+)
+def test_counts_out_of_range_are_refused_before_any_work(tmp_path, capsys, args):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "a") if a == "DIR" else a for a in args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and ("must be at least" in err or "expected an integer" in err), err
+    with pytest.raises(OptionError, match="blocks must be at least 1, got 0"):  # the API holds the same rule
+        time_alternating({"a": lambda: None}, 0, 1)
 
 
 def test_corrupt_onnx(tmp_path, capsys):

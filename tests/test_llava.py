@@ -14,7 +14,7 @@ from PIL import Image
 import tokensieve
 from tokensieve.cli import main
 from tokensieve.converters.llava import LLAVA_PRESETS, SPECIAL_TOKENS, build_llava
-from tokensieve.errors import CapacityError, InputError, MethodSpecError, PromptError, SourceError
+from tokensieve.errors import CapacityError, InputError, MethodSpecError, OptionError, PromptError, SourceError
 from tokensieve.graph_passes.locate_decoder import locate_decoder
 from tokensieve.graph_passes.macs import count_macs
 from tokensieve.runtimes.llava_image import preprocess
@@ -206,6 +206,10 @@ def test_placeholders_capacity_and_bad_sources_are_typed_errors(artifacts, tmp_p
         runner.generate(image, max_new_tokens=514 - prompt_length)
     with pytest.raises(InputError, match="cannot read image"):
         runner.generate(tmp_path / "missing.png", "hi")
+    with pytest.raises(CapacityError, match=r"contexts must be in 1..511 for this artifact's 512-slot cache"):
+        artifact.bench(contexts=[32, 512])
+    with pytest.raises(OptionError, match="cases must be at least 1, got 0"):
+        artifact.parity(count=0)
     unsupported = tmp_path / "qwen"
     unsupported.mkdir()
     (unsupported / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))

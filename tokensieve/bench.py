@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokensieve.errors import TokensieveError
+from tokensieve.errors import TokensieveError, check_at_least
 
 
 @dataclass
@@ -63,6 +63,8 @@ class BenchReport:
 
 def time_alternating(runs: dict[str, callable], blocks: int, per_block: int) -> dict[str, list[float]]:
     """Call each ``runs[name]()`` ``blocks * per_block`` times, alternating variants block by block; seconds."""
+    check_at_least("blocks", blocks, 1)
+    check_at_least("per_block", per_block, 1)
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for block in range(blocks):

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from tokensieve.bench import pyplot, save_figure, time_alternating
+from tokensieve.errors import CapacityError
 from tokensieve.methods import methods_from_dicts
 from tokensieve.methods.mustdrop import MustDrop
 from tokensieve.runtimes.kv_cache import FixedCacheDecoder, kv_names
@@ -99,6 +100,12 @@ def bench_llava(
     dec = manifest["decoder"]
     layers, kv, head_dim, capacity = dec["layers"], dec["kv_heads"], dec["head_dim"], dec["capacity"]
     contexts = contexts or default_contexts(capacity)
+    for context in contexts:
+        if not 1 <= context < capacity:
+            raise CapacityError(
+                f"context {context}: a decode step from a context of n positions writes slot n, so contexts must be "
+                f"in 1..{capacity - 1} for this artifact's {capacity}-slot cache (export with a larger --capacity)"
+            )
     options = {"threads": threads, "spin": False}
     fixed = artifact.runner("decode", **options)
     growing = artifact.runner("decode_growing", **options) if "decode_growing" in manifest["graphs"] else None

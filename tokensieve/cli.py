@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from tokensieve.errors import ArtifactError, InputError, TokensieveError
+from tokensieve.errors import ArtifactError, InputError, OptionError, TokensieveError, check_at_least
 
 RUNTIMES = ("onnxruntime", "tensorrt")
 
@@ -139,6 +139,23 @@ def _is_mllm(source: str) -> bool:
     if manifest.is_file():
         return json.loads(manifest.read_text()).get("kind") == "mllm"
     return source.startswith("hf:") and is_mllm_source(source.removeprefix("hf:"))
+
+
+def _at_least(low: int):
+    """argparse type: an integer of at least ``low`` (the API's :func:`check_at_least` rule)."""
+
+    def parse(text: str) -> int:
+        try:
+            return check_at_least("value", int(text), low)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        except OptionError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -362,15 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="artifact directory to create (replaced atomically if it exists)")
     p.add_argument("--weights", help="local checkpoint file for a timm model (random weights otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and example input")
-    p.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
-    p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    p.add_argument("--img-size", type=POSITIVE, help="input resolution (default: the model's)")
+    p.add_argument("--batch", type=POSITIVE, default=1, help="static batch size (default 1)")
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch axis symbolic")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
-    p.add_argument("--specials", type=int, help="override the detected number of leading special tokens")
+    p.add_argument("--specials", type=NON_NEGATIVE, help="override the detected number of leading special tokens")
     p.add_argument("--lint-target", default="trt10.3", help="target recorded in the manifest's lint result")
     p.add_argument("--buckets", help="adaptive methods: 'auto' (from --calibrate data) or sizes, e.g. 64,96,128")
-    p.add_argument("--max-buckets", type=int, default=6, help="at most this many buckets with --buckets auto")
+    p.add_argument("--max-buckets", type=POSITIVE, default=6, help="at most this many buckets with --buckets auto")
     p.add_argument("--calibrate", help="calibration data: a folder of images or an .npz of input batches")
     p.add_argument("--target-keep", type=float, help="calibrate atp's threshold to keep this fraction on average")
     p.add_argument(
@@ -393,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--reference", help="eager source for artifacts exported from an .onnx file (timm:NAME, hf:...)")
     p.add_argument("--weights", help="checkpoint for --reference")
-    p.add_argument("--batch", type=int, help="batch for dynamic-batch graphs (default 2)")
+    p.add_argument("--batch", type=POSITIVE, help="batch for dynamic-batch graphs (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--tolerance", type=float, help="max error relative to the output scale (default 1e-4; quantized: its budget)"
@@ -405,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="check against the golden files a previous parity run wrote (no torch or eager model needed)",
     )
     p.add_argument("--device", default="cpu", help="where the eager reference runs (cuda: a single-graph image model)")
-    p.add_argument("--cases", type=int, default=4, help="MLLMs: random prompt/image cases (several aspect ratios)")
-    p.add_argument("--new-tokens", type=int, default=32, help="MLLMs: greedy tokens compared per case")
+    p.add_argument("--cases", type=POSITIVE, default=4, help="MLLMs: random prompt/image cases (several aspect ratios)")
+    p.add_argument("--new-tokens", type=POSITIVE, default=32, help="MLLMs: greedy tokens compared per case")
     p.add_argument(
         "--runtime", choices=RUNTIMES, default="onnxruntime", help="with --replay: run the engine `build` wrote"
     )
@@ -418,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", required=True, help="images (folder) or .npz of input batches")
     p.add_argument("--out", required=True, help="the quantized artifact's directory")
     p.add_argument("--calibration", default="minmax", help="minmax, entropy or percentile")
-    p.add_argument("--limit", type=int, default=64, help="calibration images used (default 64)")
+    p.add_argument("--limit", type=POSITIVE, default=64, help="calibration images used (default 64)")
     p.add_argument("--tolerance", type=float, default=0.05, help="drift budget: output error of the output scale")
     p.add_argument(
         "--min-agreement", type=float, default=0.9, help="drift budget: share of tokens in the same kept group"
@@ -431,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="TensorRT engines for every graph (needs tensorrt and an NVIDIA GPU)")
     p.add_argument("dir")
     p.add_argument("--fp16", action="store_true", help="TensorRT 10.x FP16 (11.x: convert the ONNX instead)")
-    p.add_argument("--max-batch", type=int, default=32, help="profile maximum for a dynamic batch axis")
+    p.add_argument("--max-batch", type=POSITIVE, default=32, help="profile maximum for a dynamic batch axis")
     p.add_argument(
         "--dim", action="append", default=[], metavar="AXIS=MIN:OPT:MAX", help="a symbolic axis' profile range"
     )
@@ -443,9 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the bundle: a folder, or a file ending in .tar.gz")
     p.add_argument("--jetpack", default="6.2", help="6.1, 6.2, 7.0, 7.1, 7.2, 7.2.2 (sets TensorRT and the lint)")
     p.add_argument("--fp16", action="store_true", help="trtexec --fp16 (TensorRT 10.x JetPacks)")
-    p.add_argument("--max-batch", type=int, default=8, help="profile maximum for a dynamic batch axis")
-    p.add_argument("--dla", type=int, metavar="CORE", help="build the static graphs for this DLA core (GPU fallback)")
-    p.add_argument("--dla-batch", type=int, default=1, help="the fixed batch of DLA engines (default 1)")
+    p.add_argument("--max-batch", type=POSITIVE, default=8, help="profile maximum for a dynamic batch axis")
+    p.add_argument(
+        "--dla", type=NON_NEGATIVE, metavar="CORE", help="build the static graphs for this DLA core (GPU fallback)"
+    )
+    p.add_argument("--dla-batch", type=POSITIVE, default=1, help="the fixed batch of DLA engines (default 1)")
     p.add_argument(
         "--dim", action="append", default=[], metavar="AXIS=MIN:OPT:MAX", help="a symbolic axis' profile range"
     )
@@ -456,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the model repository (created if absent; other models stay)")
     p.add_argument("--name", help="model name clients call (default: the artifact folder's name)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    p.add_argument("--max-batch", type=int, help="max_batch_size (default 8, or the engines' profile maximum)")
+    p.add_argument("--max-batch", type=POSITIVE, help="max_batch_size (default 8, or the engines' profile maximum)")
     p.add_argument("--kind", choices=["auto", "gpu", "cpu"], default="auto", help="instance_group kind")
     p.set_defaults(func=_triton)
 
@@ -469,26 +488,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="MACs of candidate methods before exporting (MLLMs: cache too)")
     p.add_argument("source", help="timm:NAME, hf:..., an .onnx file, or an artifact directory (its baseline)")
     p.add_argument("--method", action="append", required=True, help="a candidate; repeat to compare several")
-    p.add_argument("--specials", type=int)
+    p.add_argument("--specials", type=NON_NEGATIVE)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--text-tokens", type=int, default=60, help="MLLMs: prompt tokens besides the image (default 60)")
-    p.add_argument("--new-tokens", type=int, default=256, help="MLLMs: tokens generated (default 256)")
+    p.add_argument("--img-size", type=POSITIVE)
+    p.add_argument(
+        "--text-tokens", type=NON_NEGATIVE, default=60, help="MLLMs: prompt tokens besides the image (default 60)"
+    )
+    p.add_argument("--new-tokens", type=NON_NEGATIVE, default=256, help="MLLMs: tokens generated (default 256)")
     p.add_argument("--image-size", type=_size, help="MLLMs: HxW of the image (LLaVA-NeXT's token count depends on it)")
-    p.add_argument("--image-tokens", type=int, help="MLLMs: image tokens (instead of --image-size)")
+    p.add_argument("--image-tokens", type=NON_NEGATIVE, help="MLLMs: image tokens (instead of --image-size)")
     p.add_argument("--capacity", type=int, help="MLLMs: StreamingLLM's cache slots (default: the source's capacity)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("bench", help="latency of reduced vs unreduced graph against the MAC-limit speedup")
     p.add_argument("dir")
-    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: static batch, or 1 8)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--blocks", type=int, default=6, help="alternating measurement blocks")
-    p.add_argument("--per-block", type=int, default=5, help="runs per variant per block")
+    p.add_argument("--batch", type=POSITIVE, nargs="+", help="batch sizes (default: static batch, or 1 8)")
+    p.add_argument("--threads", type=POSITIVE, default=2)
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=5)
+    p.add_argument("--blocks", type=POSITIVE, default=6, help="alternating measurement blocks")
+    p.add_argument("--per-block", type=POSITIVE, default=5, help="runs per variant per block")
     p.add_argument("--data", help="staged artifacts: images (folder or .npz) to measure over (default: samples)")
-    p.add_argument("--contexts", type=int, nargs="+", help="MLLMs: context lengths for decode latency")
+    p.add_argument("--contexts", type=POSITIVE, nargs="+", help="MLLMs: context lengths for decode latency")
     p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help="tensorrt: the engines `build` wrote")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
@@ -505,11 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--image", help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", required=True, help="the question; put into the chat template unless it has <image>")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=32)
     p.add_argument("--cache", choices=["fixed", "growing"], default="fixed", help="decode graph to use")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--template", help='chat template with {prompt}, default "USER: <image>\\n{prompt} ASSISTANT:"')
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=POSITIVE, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_generate)
     return parser

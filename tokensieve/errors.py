@@ -64,6 +64,17 @@ class GateError(TokensieveError):
     """A registry-gate policy or path is unusable (unknown key, wrong type, no artifact found)."""
 
 
+class OptionError(TokensieveError):
+    """A count given to a command or API call is out of its range (timing blocks, parity cases, ...)."""
+
+
+def check_at_least(name: str, value: int, low: int) -> int:
+    """``value`` if it is at least ``low``, else an :class:`OptionError` naming ``name``."""
+    if value < low:
+        raise OptionError(f"{name} must be at least {low}, got {value}")
+    return value
+
+
 def read_json(path: str | Path, error: type[TokensieveError], what: str) -> Any:
     """Parse a JSON file the user named; an unreadable or malformed file is ``error`` naming ``what``."""
     try:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from tokensieve.artifact import replaced_directory
-from tokensieve.errors import ParityError
+from tokensieve.errors import ParityError, check_at_least
 from tokensieve.parity import read_golden
 
 _WORDS = (
@@ -312,6 +312,9 @@ def check_llava_parity(
     from tokensieve.converters.llava import build_llava
     from tokensieve.converters.sources import SourceSpec, weights_digest
 
+    check_at_least("new_tokens", new_tokens, 1)
+    if cases is None:
+        check_at_least("cases", count, 1)
     manifest = artifact.manifest
     spec = SourceSpec.from_dict(manifest["source"])
     built = build_llava(spec.name, spec.seed)

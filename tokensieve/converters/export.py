@@ -40,8 +40,10 @@ def export_graph(
     inputs is one dimension."""
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
-    if exporter == "legacy" and opset > 20:
-        raise ExportError(f"the legacy exporter supports opset <= 20, got {opset}")
+    if exporter == "legacy" and not 14 <= opset <= 20:
+        raise ExportError(f"opset {opset}: tokensieve exports opset 14-20 with the legacy exporter")
+    if exporter == "dynamo" and opset < 18:  # torch would silently write opset 18 instead
+        raise ExportError(f"opset {opset}: the dynamo exporter writes opset >= 18; use the legacy exporter for 14-17")
     module = module.eval()
     dynamic_axes = dynamic_axes or {}
     sink = io.StringIO()
