@@ -3,17 +3,19 @@
 import itertools
 import json
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import tokensieve
 from tokensieve.calibration.buckets import choose_buckets, quadratic_cost
 from tokensieve.calibration.data import load_calibration, sample_images
 from tokensieve.calibration.threshold import calibrate_threshold, keep_fraction
 from tokensieve.cli import main
-from tokensieve.errors import MethodSpecError, SourceError
+from tokensieve.errors import InputError, MethodSpecError, SourceError
 from tokensieve.gate import gate
 from tokensieve.runtimes.buckets import BucketOverflowError, StagedRunner, pick_bucket
 
@@ -167,6 +169,21 @@ def test_calibration_data_loading(calibration_folder, tmp_path):
         load_calibration(tmp_path / "bad.npz", (3, 224, 224), (0,) * 3, (1,) * 3)
     with pytest.raises(SourceError, match="has no images"):
         load_calibration(tmp_path, (3, 224, 224), (0,) * 3, (1,) * 3)
+    shape = (2, 3, 224, 224)
+    for array, message in (
+        (np.full(shape, "a"), "dtype <U1; give model-ready float32 inputs"),
+        (np.empty(shape, object), "cannot be read without pickle"),
+        (np.full(shape, np.nan, np.float32), "NaN or infinite"),
+        (np.zeros(shape, np.uint8), "holds integers (uint8), not model-ready inputs"),
+    ):
+        np.savez(tmp_path / "odd.npz", x=array)
+        with pytest.raises(SourceError, match=re.escape(message)):
+            load_calibration(tmp_path / "odd.npz", (3, 224, 224), (0,) * 3, (1,) * 3)
+    images = tmp_path / "deep"
+    images.mkdir()
+    Image.fromarray(np.full((32, 32), 40000, np.uint16)).save(images / "sixteen_bit.png")
+    with pytest.raises(InputError, match="has more than 8 bits per channel"):
+        load_calibration(images, (3, 224, 224), (0,) * 3, (1,) * 3)
 
 
 def test_pick_bucket():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from PIL import Image
 
 from tokensieve.bench import time_alternating
 from tokensieve.cli import main
@@ -124,6 +126,7 @@ def _no_leftovers(parent, name):
         ),
         (["timm:vit_small_patch16_224", "--method", "prune(k=3)"], "unknown method 'prune'"),
         (["timm:vit_small_patch16_224", "--method", "tome(r=120)"], "r=120 is larger than the tokens allow"),
+        (["timm:vit_small_patch16_224", "--method", "topk(keep=1e400)"], "got a number beyond 1e300"),
         (
             ["timm:vit_small_patch16_224", "--method", "diffrate(prune=[197, 150], merge=[197, 140])"],
             "the table has 2 entries but the model has 12 blocks",
@@ -166,10 +169,52 @@ def test_counts_out_of_range_are_refused_before_any_work(tmp_path, capsys, args)
 
 
 def test_corrupt_onnx(tmp_path, capsys):
-    bad = tmp_path / "bad.onnx"
+    bad, empty = tmp_path / "bad.onnx", tmp_path / "empty.onnx"
     bad.write_bytes(b"this is not a protobuf")
-    assert main(["lint", str(bad)]) == 2
-    assert "not a readable ONNX model" in capsys.readouterr().err
+    empty.write_bytes(b"")  # parses as a model without a graph
+    for path, message in ((bad, "not a readable ONNX model"), (empty, "holds no ONNX graph")):
+        for args in (["lint", str(path)], ["export", str(path), "--out", str(tmp_path / "out")]):
+            assert main(args) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert _no_leftovers(tmp_path, "out")
+
+
+def test_damaged_artifacts_and_outputs_inside_an_artifact_are_typed_errors(vits, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(vits, damaged)
+    with open(damaged / "model.onnx", "r+b") as f:
+        f.truncate(1000)
+    for command in ("lint", "parity", "bench"):
+        assert main([command, str(damaged)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "model.onnx" in err and err.count("\n") == 1, (command, err)
+    for manifest, message in (
+        ([1, 2], "is not a tokensieve manifest"),
+        ({"format": "tokensieve-artifact"}, "no graphs"),
+    ):
+        (damaged / "manifest.json").write_text(json.dumps(manifest))
+        assert main(["inspect", str(damaged)]) == 2 and message in capsys.readouterr().err
+    before = sorted(os.listdir(vits))
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(images / "black.png")
+    for args in (
+        ["quantize", str(vits), "--calibrate", str(images), "--out", str(vits)],
+        ["jetson", str(vits), "--out", str(vits / "bundle")],
+        ["triton", str(vits), "--out", str(vits / "repo")],
+        ["jetson", str(vits), "--out", str(tmp_path / "b"), "--dim", "tokens=1:2:3"],
+        ["jetson", str(vits), "--out", str(tmp_path / "b"), "--fp16", "--dla", "5"],
+        ["triton", str(vits), "--out", str(tmp_path / "r"), "--max-batch", "8"],  # a static batch-1 artifact
+        ["parity", str(vits), "--device", "tpu"],
+        ["parity", str(vits), "--tolerance", "nan"],
+        ["bench", str(vits), "--contexts", "64"],
+        ["plan", str(vits), "--method", "tome(r=8)", "--image-tokens", "5"],
+    ):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (args, err)
+    assert sorted(os.listdir(vits)) == before and not list(tmp_path.glob("[br]"))
 
 
 def test_non_transformer_onnx(tmp_path, capsys):
@@ -184,6 +229,10 @@ def test_non_transformer_onnx(tmp_path, capsys):
     code = main(["export", str(path), "--method", "topk(keep=0.5)", "--out", str(tmp_path / "out")])
     assert code == 2 and "no self-attention found" in capsys.readouterr().err
     assert _no_leftovers(tmp_path, "out")
+    # unreduced, any graph makes an artifact; inspect says what it could not find or count
+    assert main(["export", str(path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "blocks     not located: no self-attention found" in out and "MACs       none counted" in out
 
 
 def test_unwritable_output_directory(tmp_path, capsys):

@@ -126,6 +126,7 @@ def test_budgets(checked, tmp_path):
         ({"min_limit_speedup": "fast"}, "must be a non-negative number"),
         ({"require_golden": "yes"}, "must be true or false"),
         ({"methods": "topk"}, "must be a list of method names"),
+        ({"methods": ["topk", "tomee"]}, "names unknown method(s) ['tomee']; known:"),
         ({"target": "trt9"}, "lint target 'trt9' is unknown"),
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx_ir as ir
@@ -14,7 +15,15 @@ from PIL import Image
 import tokensieve
 from tokensieve.cli import main
 from tokensieve.converters.llava import LLAVA_PRESETS, SPECIAL_TOKENS, build_llava
-from tokensieve.errors import CapacityError, InputError, MethodSpecError, OptionError, PromptError, SourceError
+from tokensieve.errors import (
+    ArtifactError,
+    CapacityError,
+    InputError,
+    MethodSpecError,
+    OptionError,
+    PromptError,
+    SourceError,
+)
 from tokensieve.graph_passes.locate_decoder import locate_decoder
 from tokensieve.graph_passes.macs import count_macs
 from tokensieve.runtimes.llava_image import preprocess
@@ -206,6 +215,18 @@ def test_placeholders_capacity_and_bad_sources_are_typed_errors(artifacts, tmp_p
         runner.generate(image, max_new_tokens=514 - prompt_length)
     with pytest.raises(InputError, match="cannot read image"):
         runner.generate(tmp_path / "missing.png", "hi")
+    with pytest.raises(InputError, match="has more than 8 bits per channel"):  # PIL would clip it to white
+        runner.generate(Image.fromarray(np.full((32, 32), 40000, np.uint16)), "hi")
+    for template in ("USER: <image>\n ASSISTANT:", "{"):
+        with pytest.raises(PromptError, match=r"has no \{prompt\}"):
+            runner.prompt_ids("hi", template)
+    braces = runner.prompt_ids("hi", "USER: <image>\n{prompt} {as JSON} ASSISTANT:")  # other braces are text
+    assert runner.tokenizer.decode(braces.tolist()).endswith("hi {as JSON} ASSISTANT:")
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact.path, copy)
+    shutil.rmtree(copy / "tokenizer")
+    with pytest.raises(ArtifactError, match=r"the tokenizer .* cannot be read"):
+        tokensieve.load(copy).llava_runner()
     with pytest.raises(CapacityError, match=r"contexts must be in 1..511 for this artifact's 512-slot cache"):
         artifact.bench(contexts=[32, 512])
     with pytest.raises(OptionError, match="cases must be at least 1, got 0"):

@@ -325,7 +325,7 @@ def test_mllm_generation_model(tmp_path):
 
 
 def test_bad_requests(tmp_path):
-    mllm = Artifact(tmp_path, {"kind": "mllm", "graphs": {}})
+    mllm = Artifact(tmp_path / "artifact", {"kind": "mllm", "graphs": {}})
     with pytest.raises(ArtifactError, match="not a usable Triton model name"):
         mllm.triton(tmp_path / "repo", name="a/b")
     with pytest.raises(ArtifactError, match="unknown backend"):

@@ -36,6 +36,7 @@ from tokensieve.graph_passes.macs import count_macs
 from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.token_reduction import TokenReductionPass
 from tokensieve.methods import Method, check_target, describe, parse_methods, schedule
+from tokensieve.onnx_file import load_onnx
 
 logging.getLogger("onnxscript").setLevel(logging.ERROR)
 
@@ -48,7 +49,7 @@ def _baseline_from_source(spec, batch: int, dynamic_batch: bool, opset: int, exp
     from tokensieve.converters.sources import HALF, BuiltModel, build_module, weights_digest
 
     if spec.kind == "onnx":
-        model = ir.load(spec.name)
+        model = load_onnx(spec.name, SourceError)
         propagate_shapes(model)
         shape = [d if isinstance(d, int) else None for d in model.graph.inputs[0].shape][1:]
         return model, None, {"shape": shape, "mean": list(HALF[0]), "std": list(HALF[1])}

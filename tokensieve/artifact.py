@@ -32,7 +32,8 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from tokensieve.errors import ArtifactError, GraphRewriteError
+from tokensieve.errors import ArtifactError, GraphRewriteError, check_positive
+from tokensieve.onnx_file import load_onnx
 
 MANIFEST = "manifest.json"
 FORMAT = "tokensieve-artifact"
@@ -203,8 +204,10 @@ class Artifact:
             manifest = json.loads(manifest_path.read_text())
         except ValueError as e:
             raise ArtifactError(f"{manifest_path} is not valid JSON: {e}") from None
-        if manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ArtifactError(f"{manifest_path} is not a tokensieve manifest")
+        if not isinstance(manifest.get("graphs"), dict):
+            raise ArtifactError(f'{manifest_path} names no graphs (no "graphs" table); re-export the artifact')
         artifact = cls(path, manifest)
         for key, relative in manifest["graphs"].items():
             if key != "external_data" and not artifact.graph_path(key).is_file():
@@ -268,11 +271,20 @@ class Artifact:
 
         return build_engines(self, **kwargs)
 
+    def check_output(self, out: str | os.PathLike, what: str, replaced: bool) -> None:
+        """Refuse an output that is this artifact or lies inside it (the artifact would be overwritten, or copied
+        into itself), or, when the output is ``replaced`` as a whole, one that holds the artifact."""
+        target, own = Path(out).resolve(), self.path.resolve()
+        if target == own or own in target.parents or (replaced and target in own.parents):
+            where = "is" if target == own else "is inside" if own in target.parents else "holds"
+            raise ArtifactError(f"{what} {out} {where} the artifact {self.path}; write it somewhere else")
+
     def quantize(self, data, out: str | os.PathLike, **kwargs) -> Artifact:
         """An INT8 (QDQ) copy at ``out`` calibrated on the batch ``data [N, C, H, W]``
         (:func:`tokensieve.calibration.quantize.quantize_artifact`); returns the new artifact."""
         from tokensieve.calibration.quantize import quantize_artifact
 
+        self.check_output(out, "--out", replaced=True)
         return quantize_artifact(self, data, out, **kwargs)
 
     def triton(self, out: str | os.PathLike, **kwargs) -> list[str]:
@@ -280,12 +292,14 @@ class Artifact:
         returns the model names, the one clients call first."""
         from tokensieve.deploy.triton import write_repository
 
+        self.check_output(out, "the model repository", replaced=False)
         return write_repository(self, out, **kwargs)
 
     def jetson(self, out: str | os.PathLike, **kwargs) -> dict:
         """Write a Jetson bundle (:func:`tokensieve.deploy.jetson.write_bundle`); returns its ``bundle.json``."""
         from tokensieve.deploy.jetson import write_bundle
 
+        self.check_output(out, "the bundle", replaced=True)
         return write_bundle(self, out, **kwargs)
 
     def run(self, pixel_values, graph: str = "model", **kwargs) -> dict:
@@ -312,6 +326,8 @@ class Artifact:
         return inspect_artifact(self)
 
     def parity(self, **kwargs):
+        if kwargs.get("tolerance") is not None:
+            check_positive("tolerance", kwargs["tolerance"])
         if self.kind == "mllm":
             from tokensieve.parity_llava import check_llava_parity
 
@@ -322,6 +338,8 @@ class Artifact:
 
     def replay(self, **kwargs):
         """Parity against the golden files ``parity`` wrote: torch-free (:func:`tokensieve.parity.replay_golden`)."""
+        if kwargs.get("tolerance") is not None:
+            check_positive("tolerance", kwargs["tolerance"])
         if self.kind == "mllm":
             from tokensieve.parity_llava import replay_llava_golden
 
@@ -360,7 +378,7 @@ class Artifact:
 
         combined = LintReport(target)
         for relative, profiles in self.graph_files():
-            model = ir.load(self.path / relative)
+            model = load_onnx(self.path / relative)
             if self.kind != "mllm":  # MLLM graphs keep the shapes annotated at export (symbolic sequence axes)
                 propagate_shapes(model)
             report = lint(model, target, profiles=profiles)

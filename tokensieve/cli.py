@@ -11,7 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-from tokensieve.errors import ArtifactError, InputError, OptionError, TokensieveError, check_at_least
+from tokensieve.errors import (
+    ArtifactError,
+    InputError,
+    OptionError,
+    SourceError,
+    TokensieveError,
+    check_at_least,
+)
 
 RUNTIMES = ("onnxruntime", "tensorrt")
 
@@ -109,11 +116,10 @@ def _reference(args: argparse.Namespace):
 
 
 def _lint(args: argparse.Namespace) -> int:
-    import onnx_ir as ir
-
     from tokensieve.api import load
     from tokensieve.graph_passes.lint import lint
     from tokensieve.graph_passes.propagate import propagate_shapes
+    from tokensieve.onnx_file import load_onnx
 
     path = Path(args.path)
     if path.is_dir():
@@ -121,10 +127,7 @@ def _lint(args: argparse.Namespace) -> int:
     else:
         if not path.is_file():
             raise TokensieveError(f"{path} does not exist; pass an .onnx file or an artifact directory")
-        try:
-            model = ir.load(path)
-        except Exception as e:  # onnx raises DecodeError and friends for corrupt files
-            raise TokensieveError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0]}") from None
+        model = load_onnx(path, SourceError)
         propagate_shapes(model)
         report = lint(model, args.target)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
@@ -169,11 +172,17 @@ def _size(text: str) -> tuple[int, int]:
 def _plan(args: argparse.Namespace) -> int:
     from tokensieve.plan import format_plan, plan, plan_dicts
 
-    if _is_mllm(args.source):
+    mllm = _is_mllm(args.source)
+    options = ("text_tokens", "new_tokens", "image_size", "image_tokens", "capacity")
+    misplaced = [key for key in (("specials", "img_size") if mllm else options) if getattr(args, key) is not None]
+    if misplaced:
+        flag = "--" + misplaced[0].replace("_", "-")
+        raise SourceError(f"{flag} applies to {'image models' if mllm else 'MLLM sources'}, not to {args.source}")
+    if mllm:
         from tokensieve.plan_mllm import format_mllm_plan, mllm_plan_dict, plan_mllm
 
-        options = ("text_tokens", "new_tokens", "image_size", "image_tokens", "capacity")
-        prompt, rows = plan_mllm(args.source, args.method, **{key: getattr(args, key) for key in options})
+        given = {key: getattr(args, key) for key in options if getattr(args, key) is not None}
+        prompt, rows = plan_mllm(args.source, args.method, **given)
         print(json.dumps(mllm_plan_dict(prompt, rows), indent=2) if args.json else format_mllm_plan(prompt, rows))
         return 0
     rows = plan(args.source, args.method, specials=args.specials, seed=args.seed, img_size=args.img_size)
@@ -260,6 +269,14 @@ def _bench(args: argparse.Namespace) -> int:
     artifact = load(args.dir)
     if args.runtime != "onnxruntime" and artifact.kind == "mllm":
         raise ArtifactError("--runtime tensorrt benchmarks an image model's engines (tokensieve build), not an MLLM's")
+    kind = "mllm" if artifact.kind == "mllm" else "staged" if "stages" in artifact.manifest else "single"
+    for key, applies, what in (
+        ("batch", "single", "single-graph"),
+        ("data", "staged", "staged (bucketed)"),
+        ("contexts", "mllm", "MLLM"),
+    ):
+        if getattr(args, key) is not None and kind != applies:
+            raise ArtifactError(f"--{key} applies to {what} artifacts; {args.dir} is not one")
     if artifact.kind == "mllm":
         report = artifact.bench(
             contexts=args.contexts, threads=args.threads, blocks=args.blocks, per_block=args.per_block
@@ -491,10 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--specials", type=NON_NEGATIVE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--img-size", type=POSITIVE)
-    p.add_argument(
-        "--text-tokens", type=NON_NEGATIVE, default=60, help="MLLMs: prompt tokens besides the image (default 60)"
-    )
-    p.add_argument("--new-tokens", type=NON_NEGATIVE, default=256, help="MLLMs: tokens generated (default 256)")
+    p.add_argument("--text-tokens", type=NON_NEGATIVE, help="MLLMs: prompt tokens besides the image (default 60)")
+    p.add_argument("--new-tokens", type=NON_NEGATIVE, help="MLLMs: tokens generated (default 256)")
     p.add_argument("--image-size", type=_size, help="MLLMs: HxW of the image (LLaVA-NeXT's token count depends on it)")
     p.add_argument("--image-tokens", type=NON_NEGATIVE, help="MLLMs: image tokens (instead of --image-size)")
     p.add_argument("--capacity", type=int, help="MLLMs: StreamingLLM's cache slots (default: the source's capacity)")
@@ -529,7 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=32)
     p.add_argument("--cache", choices=["fixed", "growing"], default="fixed", help="decode graph to use")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-    p.add_argument("--template", help='chat template with {prompt}, default "USER: <image>\\n{prompt} ASSISTANT:"')
+    p.add_argument(
+        "--template",
+        help='chat template; {prompt} is replaced by the prompt (default "USER: <image>\\n{prompt} ASSISTANT:")',
+    )
     p.add_argument("--threads", type=POSITIVE, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_generate)

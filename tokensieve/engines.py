@@ -78,6 +78,31 @@ def symbol_ranges(artifact, max_batch: int = 32) -> dict[str, tuple[int, int, in
     return ranges
 
 
+def profile_ranges(
+    artifact, max_batch: int, dims: Mapping[str, tuple[int, int, int]] | None = None
+) -> dict[str, tuple[int, int, int]]:
+    """The ranges of every symbolic axis: tokensieve's defaults, overridden by ``dims``, whose axes must be ones the
+    artifact's graphs have."""
+    import onnx_ir as ir
+
+    dims = dict(dims or {})
+    if dims:
+        axes = {
+            "past" if str(d).startswith("past_kept") else str(d)
+            for onnx in graph_paths(artifact)
+            for value in ir.load(artifact.path / onnx).graph.inputs
+            for d in value.shape
+            if not isinstance(d, int)
+        }
+        unknown = sorted(set(dims) - axes)
+        if unknown:
+            raise ArtifactError(
+                f"--dim {unknown[0]}: no graph of {artifact.path} has that symbolic axis; "
+                f"its axes: {', '.join(sorted(axes)) or 'none (every graph is static)'}"
+            )
+    return {**symbol_ranges(artifact, max_batch), **dims}
+
+
 def input_profile(onnx: Path, ranges: Mapping[str, tuple[int, int, int]]) -> dict[str, tuple[list, list, list]]:
     """Min / opt / max shapes of the inputs of ``onnx`` that have symbolic axes (a growing cache's ``past_kept_<g>``
     axes take ``past``'s range)."""
@@ -116,7 +141,7 @@ def build_engines(
     from tokensieve.runtimes.tensorrt import build_engine, require_tensorrt
 
     require_tensorrt()
-    ranges = {**symbol_ranges(artifact, max_batch), **(dims or {})}
+    ranges = profile_ranges(artifact, max_batch, dims)
     jobs = [(onnx, input_profile(artifact.path / onnx, ranges)) for onnx in graph_paths(artifact)]
     int8 = "quantization" in artifact.manifest  # QDQ graphs: explicit quantization (the INT8 flag on TensorRT 10)
     report: dict[str, Any] = {"fp16": fp16, "int8": int8, "ranges": {k: list(v) for k, v in ranges.items()}}

@@ -6,6 +6,7 @@ The CLI turns them into a single line on stderr and a non-zero exit code (``Toke
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,13 @@ class GateError(TokensieveError):
 
 class OptionError(TokensieveError):
     """A count given to a command or API call is out of its range (timing blocks, parity cases, ...)."""
+
+
+def check_positive(name: str, value: float) -> float:
+    """``value`` if it is a finite number above 0, else an :class:`OptionError` naming ``name``."""
+    if not (math.isfinite(value) and value > 0):
+        raise OptionError(f"{name} must be a finite number above 0, got {value}")
+    return value
 
 
 def check_at_least(name: str, value: int, low: int) -> int:

@@ -31,6 +31,7 @@ from xml.etree import ElementTree
 from tokensieve.artifact import MANIFEST, Artifact, file_digests
 from tokensieve.errors import ArtifactError, GateError, TokensieveError, read_json
 from tokensieve.graph_passes.lint import TARGETS
+from tokensieve.methods import REGISTRY
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
@@ -68,6 +69,11 @@ class Policy:
             if key == "methods":
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise GateError(f"policy key 'methods' must be a list of method names, got {value!r}")
+                unknown = sorted(set(value) - set(REGISTRY))
+                if unknown:
+                    raise GateError(
+                        f"policy key 'methods' names unknown method(s) {unknown}; known: {', '.join(sorted(REGISTRY))}"
+                    )
                 value = tuple(value)
             elif key == "require_golden":
                 if not isinstance(value, bool):

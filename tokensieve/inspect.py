@@ -102,7 +102,9 @@ def format_inspection(info: dict[str, Any]) -> str:
     if info["stages"] is not None:
         lines += _format_stages(info["stages"], info["macs"])
     macs = info["macs"]
-    if info["stages"] is None:
+    if info["stages"] is None and macs["limit_speedup"] is None:  # a graph without MatMul / Conv / Attention
+        lines.append("MACs       none counted (no MatMul, Gemm, Conv or Attention with known shapes)")
+    elif info["stages"] is None:
         lines.append(
             f"MACs       {macs['model'] / 1e9:.3f} G per sample (baseline {macs['baseline'] / 1e9:.3f} G, "
             f"MAC-limit speedup {macs['limit_speedup']:.3f}x)"

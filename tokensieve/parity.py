@@ -27,6 +27,7 @@ import numpy as np
 
 from tokensieve.artifact import replaced_directory
 from tokensieve.errors import ParityError
+from tokensieve.onnx_file import load_onnx
 
 EAGER = "eager-pytorch"
 ORT = "onnxruntime"
@@ -311,6 +312,17 @@ def budget(artifact, tolerance: float | None) -> tuple[float, float]:
     return (quantization["tolerance"] if tolerance is None else tolerance), quantization["min_agreement"]
 
 
+def _check_device(torch, device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ParityError(f"--device {device!r} is not a torch device; use cpu or cuda (cuda:N)") from None
+    if kind != "cuda":
+        raise ParityError(f"--device {device!r}: the eager reference runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise ParityError(f"--device {device!r}: torch sees no CUDA GPU on this machine; use --device cpu")
+
+
 def check_parity(
     artifact,
     *,
@@ -329,6 +341,8 @@ def check_parity(
 
     from tokensieve.reference.reduce import ReducedModel
 
+    if device != "cpu":
+        _check_device(torch, device)
     manifest = artifact.manifest
     tolerance, required = budget(artifact, tolerance)
     methods = artifact.methods
@@ -397,14 +411,13 @@ def _check_graph(
     """Run the artifact's graph (with its site debug outputs) on ``feeds`` and compare it with the eager side. On
     ``runtime="tensorrt"`` the built engine runs and only the outputs are compared (an engine has no debug
     outputs, so the kept tokens are not)."""
-    import onnx_ir as ir
 
     from tokensieve.runtimes.ort import OrtRunner
 
     manifest = artifact.manifest
     sites = manifest.get("sites", []) if eager_records and runtime == "onnxruntime" else []
     model_path = artifact.graph_path("model")
-    alive = {v.name for node in ir.load(model_path).graph for v in node.outputs}
+    alive = {v.name for node in load_onnx(model_path).graph for v in node.outputs}
     exposed = [name for site in sites for name in site["exposed"].values() if name in alive]
     if runtime == "onnxruntime":
         runner = OrtRunner(model_path, providers=providers, extra_outputs=exposed)

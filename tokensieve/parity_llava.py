@@ -202,7 +202,7 @@ def _expected(model, processor, template: str, methods: dict, capacity: int, pro
     from tokensieve.reference.prompt_cache import compressed_generate
     from tokensieve.reference.streamingllm import streaming_generate
 
-    inputs = processor(images=image, text=template.format(prompt=prompt), return_tensors="pt")
+    inputs = processor(images=image, text=template.replace("{prompt}", prompt), return_tensors="pt")
     prompt_ids = inputs["input_ids"][0].numpy()
     compression = methods.get("snapkv") or methods.get("a2sf")
     cut_method = next((name for name in CUT_METHODS if name in methods), None)

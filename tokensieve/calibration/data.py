@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tokensieve.errors import SourceError
+from tokensieve.runtimes.llava_image import eight_bit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -26,7 +27,7 @@ def preprocess(image, shape: Sequence[int], mean: Sequence[float], std: Sequence
     from PIL import Image
 
     channels, height, width = shape
-    image = image.convert("RGB" if channels == 3 else "L")
+    image = eight_bit(image, "RGB" if channels == 3 else "L")
     scale = max(height / image.height, width / image.width)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(size, Image.BICUBIC)
@@ -67,7 +68,23 @@ def load_calibration(
             raise SourceError(f"calibration file {path} is not a readable .npz: {e}") from None
         if not data.files:
             raise SourceError(f"calibration file {path} holds no arrays")
-        array = np.asarray(data[input_name] if input_name in data.files else data[data.files[0]], dtype=np.float32)
+        name = input_name if input_name in data.files else data.files[0]
+        try:
+            array = data[name]
+        except ValueError as e:  # object arrays need pickle, which is never enabled for user files
+            raise SourceError(f"calibration array {name!r} in {path} cannot be read without pickle: {e}") from None
+        if array.dtype.kind in "iu":
+            raise SourceError(
+                f"calibration array {name!r} in {path} holds integers ({array.dtype}), not model-ready inputs: "
+                "normalise them with the model's mean and std, or give the images as a folder"
+            )
+        if array.dtype.kind != "f":
+            raise SourceError(
+                f"calibration array {name!r} in {path} has dtype {array.dtype}; give model-ready float32 inputs"
+            )
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise SourceError(f"calibration array {name!r} in {path} holds NaN or infinite values")
         if array.ndim == 3:
             array = array[None]
         if array.ndim != 4 or tuple(array.shape[1:]) != tuple(shape):

@@ -27,8 +27,11 @@ def check_dla(artifact, jetpack: str, core: int, batch: int, fp16: bool, int8: b
         )
     if artifact.kind == "mllm":
         raise ArtifactError("DLA engines are for image models; an MLLM's graphs have symbolic sequence axes")
-    if core < 0 or batch < 1:
-        raise ArtifactError(f"--dla takes a core index >= 0 and --dla-batch >= 1, got {core} and {batch}")
+    if core not in (0, 1) or batch < 1:
+        raise ArtifactError(
+            f"--dla takes a core index 0 or 1 (Orin has at most two DLA cores) and --dla-batch >= 1, got {core} and "
+            f"{batch}"
+        )
     if not (fp16 or int8):
         raise ArtifactError(
             "the DLA runs FP16 or INT8 only: give --fp16 (TensorRT 10 JetPacks) or an INT8 artifact from "

@@ -43,7 +43,7 @@ from typing import Any
 from tokensieve.artifact import replaced_directory
 from tokensieve.deploy.dla import check_dla, dla_job
 from tokensieve.deploy.files import copy_artifact
-from tokensieve.engines import ENGINES, graph_paths, input_profile, plan_path, symbol_ranges
+from tokensieve.engines import ENGINES, graph_paths, input_profile, plan_path, profile_ranges
 from tokensieve.errors import ArtifactError
 from tokensieve.parity_staged import STAGED
 
@@ -158,7 +158,7 @@ def write_bundle(
             f"{len(errors)} graph(s) fail the {target} lint that JetPack {jetpack} (TensorRT {tensorrt}) needs, first: "
             f"{errors[0].node}: {errors[0].message}; fix the export (e.g. --opset 18) or choose a later --jetpack"
         )
-    ranges = {**symbol_ranges(artifact, max_batch), **(dims or {})}
+    ranges = profile_ranges(artifact, max_batch, dims)
     # a quantized artifact's QDQ graphs need trtexec's --int8 on TensorRT 10 (explicit quantization in a weakly
     # typed network); TensorRT 11 reads the Q/DQ types without a flag
     int8 = "quantization" in artifact.manifest and not tensorrt.startswith("11")

@@ -254,6 +254,11 @@ class RepositoryPlan:
     def max_batch(self, requested: int | None) -> int:
         if requested is not None and requested < 1:
             raise ArtifactError(f"--max-batch must be at least 1, not {requested}")
+        if requested is not None and not any(m.batching for m in self.models):
+            raise ArtifactError(
+                f"--max-batch {requested}: no model of this artifact batches (a static batch, or an MLLM); leave it "
+                "out, or export with --dynamic-batch"
+            )
         if self.built is not None and requested is not None and requested > self.built:
             raise ArtifactError(
                 f"--max-batch {requested} exceeds the engines' profile maximum {self.built}; rebuild with "

@@ -142,7 +142,8 @@ def check_keep(name: str, keep: Any, example: str = "keep=0.7 keeps 70 %", argum
         raise MethodSpecError(f"{name}: {argument} must be a number in (0, 1], got {keep!r}")
     keep = Fraction(str(keep)) if isinstance(keep, float) else Fraction(keep)
     if not 0 < keep <= 1:
-        raise MethodSpecError(f"{name}: {argument} must be in (0, 1], got {float(keep):g}; e.g. {example}")
+        shown = f"{float(keep):g}" if abs(keep) < 10**300 else "a number beyond 1e300"
+        raise MethodSpecError(f"{name}: {argument} must be in (0, 1], got {shown}; e.g. {example}")
     return keep
 
 

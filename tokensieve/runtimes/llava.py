@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from tokensieve.errors import CapacityError, PromptError, RuntimeBackendError
+from tokensieve.errors import ArtifactError, CapacityError, PromptError, RuntimeBackendError
 from tokensieve.methods import methods_from_dicts
 from tokensieve.methods.globalcom2 import GlobalCom2
 from tokensieve.methods.h2o import H2O
@@ -129,10 +129,16 @@ class LlavaRunner:
         self.mustdrop = next((m for m in methods if isinstance(m, MustDrop)), None)
         self.budget: int = manifest["decoder"]["capacity"]  # positions an evicting cache keeps
         newline = self.directory / "image_newline.npy"
+        if self.host["kind"] == "llava_next" and not newline.is_file():
+            raise ArtifactError(f"artifact {self.directory} is incomplete: {newline.name} is missing; re-export it")
         self.newline = np.load(newline) if newline.is_file() else None
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(self.directory / manifest["tokenizer"]))
+        tokenizer = self.directory / manifest["tokenizer"]
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer))
+        except Exception as e:  # tokenizers raises a bare Exception for a missing or malformed file
+            raise ArtifactError(f"artifact {self.directory}: the tokenizer {tokenizer} cannot be read ({e})") from None
 
     @classmethod
     def from_artifact(cls, artifact, **kwargs) -> LlavaRunner:
@@ -161,9 +167,11 @@ class LlavaRunner:
         ``image`` the template's ``<image>`` line is left out (``USER: {prompt} ASSISTANT:``)."""
         if IMAGE_TOKEN not in prompt:
             template = template or self.host["template"]
+            if "{prompt}" not in template:
+                raise PromptError(f"the chat template {template!r} has no {{prompt}} for the prompt to go into")
             if not image:
                 template = template.replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
-            prompt = template.format(prompt=prompt)
+            prompt = template.replace("{prompt}", prompt)
         return np.asarray(self.tokenizer.encode(prompt).ids, np.int64)
 
     def inputs_embeds(self, ids: np.ndarray, features: np.ndarray | None) -> np.ndarray:

@@ -25,6 +25,17 @@ RESCALE = 1 / 255
 NEWLINE = -2  # marks image_newline among token indices (see emit_rows)
 
 
+def eight_bit(image, mode: str = "RGB"):
+    """``image`` (PIL) converted to ``mode``; 16-bit, 32-bit and float images are refused: PIL's conversion (which
+    the Hugging Face processors use too) clips them to white or black instead of rescaling."""
+    if image.mode.startswith(("I", "F")):
+        raise InputError(
+            f"an image in mode {image.mode} has more than 8 bits per channel, which converting to {mode} would clip; "
+            "rescale it to 8-bit first"
+        )
+    return image.convert(mode)
+
+
 def load_image(image: Any) -> np.ndarray:
     """An RGB ``uint8 [H, W, 3]`` array from a path, a PIL image or an array (HWC, or gray HW)."""
     from PIL import Image
@@ -32,11 +43,11 @@ def load_image(image: Any) -> np.ndarray:
     if isinstance(image, str | os.PathLike):
         try:
             with Image.open(image) as opened:
-                return np.asarray(opened.convert("RGB"))
+                return np.asarray(eight_bit(opened))
         except (OSError, ValueError) as e:  # missing file, not an image (PIL's UnidentifiedImageError is an OSError)
             raise InputError(f"cannot read image {os.fspath(image)!r}: {e}") from None
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(eight_bit(image))
     array = np.asarray(image)
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)

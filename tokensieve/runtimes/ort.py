@@ -19,12 +19,13 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from tokensieve.errors import RuntimeBackendError
+from tokensieve.onnx_file import load_onnx
 
 _EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
 def _with_outputs(path: Path, names: Sequence[str]) -> bytes:
-    model = ir.load(path)
+    model = load_onnx(path, RuntimeBackendError)
     values = {v.name: v for node in model.graph for v in node.outputs}
     for name in names:
         if name not in values:
@@ -79,7 +80,11 @@ class OrtRunner:
             else:
                 source = str(self.path)
             self.session = ort.InferenceSession(source, options, providers=providers_to_use)
-        except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as e:
+        except (
+            ort.capi.onnxruntime_pybind11_state.Fail,
+            ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
+            RuntimeError,
+        ) as e:
             raise RuntimeBackendError(f"ONNX Runtime cannot load {self.path.name}: {str(e).splitlines()[0]}") from e
         self.active = self.session.get_providers()
         if require and any(p not in self.active for p in self.requested):
