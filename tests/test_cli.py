@@ -127,6 +127,7 @@ def _no_leftovers(parent, name):
         (["timm:vit_small_patch16_224", "--method", "prune(k=3)"], "unknown method 'prune'"),
         (["timm:vit_small_patch16_224", "--method", "tome(r=120)"], "r=120 is larger than the tokens allow"),
         (["timm:vit_small_patch16_224", "--method", "topk(keep=1e400)"], "got a number beyond 1e300"),
+        (["timm:vit_small_patch16_224", "--method", "atp()", "--buckets", "64,,96"], "comma-separated token counts"),
         (
             ["timm:vit_small_patch16_224", "--method", "diffrate(prune=[197, 150], merge=[197, 140])"],
             "the table has 2 entries but the model has 12 blocks",
@@ -189,11 +190,15 @@ def test_damaged_artifacts_and_outputs_inside_an_artifact_are_typed_errors(vits,
         assert main([command, str(damaged)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "model.onnx" in err and err.count("\n") == 1, (command, err)
-    for manifest, message in (
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    (damaged / "weights.data").unlink()
+    assert main(["inspect", str(damaged)]) == 2 and "weights.data is missing" in capsys.readouterr().err
+    for bad, message in (
         ([1, 2], "is not a tokensieve manifest"),
         ({"format": "tokensieve-artifact"}, "no graphs"),
+        ({**manifest, "format_version": 99}, "format version 99, newer than this tokensieve reads"),
     ):
-        (damaged / "manifest.json").write_text(json.dumps(manifest))
+        (damaged / "manifest.json").write_text(json.dumps(bad))
         assert main(["inspect", str(damaged)]) == 2 and message in capsys.readouterr().err
     before = sorted(os.listdir(vits))
     images = tmp_path / "images"

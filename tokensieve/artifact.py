@@ -206,11 +206,16 @@ class Artifact:
             raise ArtifactError(f"{manifest_path} is not valid JSON: {e}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ArtifactError(f"{manifest_path} is not a tokensieve manifest")
+        if manifest.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ArtifactError(
+                f"{manifest_path} has format version {manifest['format_version']}, newer than this tokensieve reads "
+                f"({FORMAT_VERSION}); upgrade tokensieve"
+            )
         if not isinstance(manifest.get("graphs"), dict):
             raise ArtifactError(f'{manifest_path} names no graphs (no "graphs" table); re-export the artifact')
         artifact = cls(path, manifest)
-        for key, relative in manifest["graphs"].items():
-            if key != "external_data" and not artifact.graph_path(key).is_file():
+        for relative in manifest["graphs"].values():
+            if not (path / relative).is_file():
                 raise ArtifactError(f"artifact {path} is incomplete: {relative} is missing")
         return artifact
 

@@ -27,7 +27,7 @@ def _buckets(text: str | None):
     if text is None or text == "auto":
         return text
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        return [int(t) for t in text.split(",")]
     except ValueError:
         raise TokensieveError(f"--buckets takes 'auto' or comma-separated token counts, got {text!r}") from None
 
@@ -196,6 +196,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
     source = load(args.dir)
     pre = source.manifest.get("preprocessing")
+    if source.kind == "mllm":
+        raise ArtifactError(f"{args.dir} is an MLLM artifact; quantize takes an image-model artifact (no MLLM INT8)")
     if pre is None:
         raise ArtifactError(f"{args.dir} records no preprocessing; quantize takes an image-model artifact")
     data = load_data(args.calibrate, pre["shape"], pre["mean"], pre["std"], limit=args.limit)
