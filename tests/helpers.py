@@ -169,3 +169,16 @@ def assert_plan_matches_graphs(artifact, text_tokens: int = 20) -> None:
         np.prod(v.shape.numpy()) * v.dtype.itemsize for v in decode.graph.inputs if v.name.startswith(names)
     )
     assert cache_bytes == row.cache_mib * 2**20, method
+
+
+def assert_bench_runs(artifact) -> None:
+    """``tokensieve bench`` drives the artifact's decode graphs with its method's inputs (slot groups, ring,
+    heavy-hitter state), both caches where the artifact has them, and its prefill (segments and host decisions)
+    with the image in the prompt."""
+    image = artifact.manifest["image_tokens"]
+    contexts = [8, (image.get("count") or image["per_crop"]) + 10]
+    report = artifact.bench(contexts=contexts, warmup=0, blocks=1, per_block=1, save=False)
+    growing = "decode_growing" in artifact.manifest["graphs"]
+    assert [r.context for r in report.decode] == contexts
+    assert all(r.fixed_ms > 0 and (r.growing_ms is not None) == growing for r in report.decode)
+    assert sorted(report.prefill_ms) == contexts and report.vision_ms > 0

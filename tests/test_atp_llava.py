@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from helpers import generate_json, hf_greedy_cases, save_four_layer_llava
+from helpers import assert_bench_runs, generate_json, hf_greedy_cases, save_four_layer_llava
 
 import tokensieve
 from tokensieve.cli import main
@@ -212,3 +212,8 @@ def test_passes_refuse_what_they_cannot_cut(artifacts):
     tail = ir.load(artifacts["tiny"].path / "prefill_1.onnx")
     with pytest.raises(GraphRewriteError, match=r"layers \[0, 1\) are not a proper segment of 1 decoder layers"):
         run_passes(tail, [CutPrefillPass(0, 1)])
+
+
+def test_bench_drives_the_method_graphs(artifacts):
+    for key in ["deep"]:
+        assert_bench_runs(artifacts[key])

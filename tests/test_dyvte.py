@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from helpers import generate_json, hf_greedy_cases, save_four_layer_llava
+from helpers import assert_bench_runs, generate_json, hf_greedy_cases, save_four_layer_llava
 
 import tokensieve
 from tokensieve.cli import main
@@ -129,3 +129,8 @@ def test_bad_requests_are_typed_errors(tmp_path):
 def test_pass_refuses_a_decode_graph(artifacts):
     with pytest.raises(GraphRewriteError, match="dyvte: expected a prefill graph"):
         run_passes(ir.load(artifacts["deep"].path / "decode.onnx"), [ImageAttentionMassPass(0)])
+
+
+def test_bench_drives_the_method_graphs(artifacts):
+    for key in ["deep"]:
+        assert_bench_runs(artifacts[key])

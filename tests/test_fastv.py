@@ -7,7 +7,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from helpers import assert_plan_matches_graphs, generate_json, hf_greedy_cases, save_four_layer_llava
+from helpers import assert_bench_runs, assert_plan_matches_graphs, generate_json, hf_greedy_cases, save_four_layer_llava
 
 import tokensieve
 from tokensieve.cli import main
@@ -160,3 +160,8 @@ def test_plan_counts_what_the_graphs_compute(artifacts):
     """`tokensieve plan`: prefill MACs, decode-step MACs and cache bytes as the exported graphs have them."""
     for key in ["llava", "next"]:
         assert_plan_matches_graphs(artifacts[key])
+
+
+def test_bench_drives_the_method_graphs(artifacts):
+    for key in ["llava", "next"]:
+        assert_bench_runs(artifacts[key])

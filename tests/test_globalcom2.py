@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_bench_runs
 from PIL import Image
 
 import tokensieve
@@ -140,3 +141,19 @@ def test_bad_requests_are_typed_errors(tmp_path):
         with pytest.raises(MethodSpecError, match=message):
             parse_methods(text)
     assert main(["export", "hf:llava-tiny", "--method", "globalcom2()", "--out", str(tmp_path / "out")]) == 2
+
+
+def test_bench_drives_the_method_graphs(artifact):
+    assert_bench_runs(artifact)
+
+
+def test_images_too_thin_for_a_crop_row_keep_the_thumbnail_tokens(artifact):
+    """Unpadding a 2x400 (or 400x2) image leaves no crop row (column): only the thumbnail's selection is kept, on
+    both faces (the official code's interpolate would fail on the empty grid)."""
+    rng = np.random.default_rng(0)
+    cases = [
+        ("Wide?", rng.integers(0, 256, (2, 400, 3), dtype=np.uint8)),
+        ("Tall?", rng.integers(0, 256, (400, 2, 3), dtype=np.uint8)),
+    ]
+    report = artifact.parity(cases=cases, new_tokens=4, golden=False)
+    assert report.ok, report.text()

@@ -215,6 +215,20 @@ def test_placeholders_capacity_and_bad_sources_are_typed_errors(artifacts, tmp_p
         runner.generate(image, max_new_tokens=514 - prompt_length)
     with pytest.raises(InputError, match="cannot read image"):
         runner.generate(tmp_path / "missing.png", "hi")
+    with pytest.raises(InputError, match=r"the image is empty \(0x80 pixels\)"):
+        runner.generate(np.zeros((0, 80, 3), np.uint8), "hi")
+    for bad in ([-3, 1], [5.7, 6.2], [], [1, 10**6]):  # Gather would wrap a negative id; floats would truncate
+        with pytest.raises(PromptError, match="input_ids must be a non-empty sequence of integer token ids"):
+            runner.generate(input_ids=bad)
+    for count in (-1, 2.5, "4", None):
+        with pytest.raises(PromptError, match="max_new_tokens must be an integer >= 0"):
+            runner.generate(None, "hi", count)
+    with pytest.raises(PromptError, match="the prompt must be a str"):
+        runner.generate(None, None)
+    with pytest.raises(ArtifactError, match="check_llava_parity of an MLLM artifact takes no reference"):
+        artifact.parity(reference="timm:vit_small_patch16_224")
+    with pytest.raises(MethodSpecError, match="a method object or a list of them; got 5"):
+        tokensieve.export("hf:llava-tiny", ["fastv(k=1)", 5], out=tmp_path / "out")
     with pytest.raises(InputError, match="has more than 8 bits per channel"):  # PIL would clip it to white
         runner.generate(Image.fromarray(np.full((32, 32), 40000, np.uint16)), "hi")
     for template in ("USER: <image>\n ASSISTANT:", "{"):

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from helpers import generate_json, save_four_layer_llava
+from helpers import assert_bench_runs, generate_json, save_four_layer_llava
 
 import tokensieve
 from tokensieve.cli import main
@@ -208,8 +208,10 @@ def test_bad_requests_are_typed_errors(tmp_path):
     with pytest.raises(MethodSpecError, match="side divisible by 3, but there are 64 patch tokens"):
         tokensieve.export("hf:llava-tiny", "mustdrop(layers=[1])", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(MethodSpecError, match="filter layer 1 is out of range; this decoder has 2 layers"):
+    with pytest.raises(MethodSpecError, match="the decoder needs at least 3 layers; this one has 2"):
         tokensieve.export("hf:llava-tiny", "mustdrop(layers=[1], merge_threshold=none)", out=tmp_path / "out")
+    with pytest.raises(MethodSpecError, match="filter layer 3 is out of range; this decoder has 4 layers"):
+        MustDrop(layers=[1, 3], merge_threshold=None).validate("llava", 4, "default", 576)
     with pytest.raises(MethodSpecError, match="LLaVA-NeXT packs a thumbnail and crops"):
         tokensieve.export("hf:llava-next-tiny", "mustdrop(layers=[1])", out=tmp_path / "out")
     with pytest.raises(MethodSpecError, match=r"layers must list the decoder layers \(>= 1"):
@@ -227,3 +229,8 @@ def test_passes_refuse_the_wrong_graph(artifacts):
         run_passes(ir.load(artifacts["deep"].path / "decode.onnx"), [DualAttentionPass(0)])
     with pytest.raises(GraphRewriteError, match="split positions: expected a decode graph"):
         run_passes(ir.load(artifacts["deep"].path / "prefill_0.onnx"), [SplitPositionsPass(1)])
+
+
+def test_bench_drives_the_method_graphs(artifacts):
+    for key in ["deep"]:
+        assert_bench_runs(artifacts[key])

@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from helpers import assert_plan_matches_graphs
+from helpers import assert_bench_runs, assert_plan_matches_graphs
 
 import tokensieve
 from tokensieve.cli import main
@@ -199,3 +199,8 @@ def test_plan_counts_what_the_graphs_compute(artifacts):
     """`tokensieve plan`: prefill MACs, decode-step MACs and cache bytes as the exported graphs have them."""
     for key in ["llava", "next", "a2sf", "a2sf_next"]:
         assert_plan_matches_graphs(artifacts[key])
+
+
+def test_bench_drives_the_method_graphs(artifacts):
+    for key in ["llava", "a2sf"]:
+        assert_bench_runs(artifacts[key])

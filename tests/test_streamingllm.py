@@ -8,7 +8,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import assert_plan_matches_graphs
+from helpers import assert_bench_runs, assert_plan_matches_graphs
 
 import tokensieve
 from tokensieve.converters.llava import build_llava
@@ -107,3 +107,8 @@ def test_plan_counts_what_the_graphs_compute(artifacts):
     """`tokensieve plan`: prefill MACs, decode-step MACs and cache bytes as the exported graphs have them."""
     for key in ["ring", "plain"]:
         assert_plan_matches_graphs(artifacts[key])
+
+
+def test_bench_drives_the_method_graphs(artifacts):
+    for key in ["ring"]:
+        assert_bench_runs(artifacts[key])

@@ -35,7 +35,7 @@ from tokensieve.graph_passes.locate import ViTLayout, locate_vit
 from tokensieve.graph_passes.macs import count_macs
 from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.token_reduction import TokenReductionPass
-from tokensieve.methods import Method, check_target, describe, parse_methods, schedule
+from tokensieve.methods import REGISTRY, Method, check_target, describe, parse_methods, schedule
 from tokensieve.onnx_file import load_onnx
 
 logging.getLogger("onnxscript").setLevel(logging.ERROR)
@@ -110,7 +110,14 @@ def export(
     if method is None or isinstance(method, str):
         methods = parse_methods(method)
     else:
-        methods = list(method) if isinstance(method, (list, tuple)) else [method]
+        given = list(method) if isinstance(method, (list, tuple)) else [method]
+        methods = [m for item in given for m in (parse_methods(item) if isinstance(item, str) else [item])]
+        odd = [m for m in methods if not isinstance(m, tuple(REGISTRY.values()))]
+        if odd:
+            raise MethodSpecError(
+                f"method must be a method string such as 'topk(keep=0.7)', a method object or a list of them; got "
+                f"{odd[0]!r}"
+            )
     if spec.kind == "hf" and is_mllm_source(spec.name):
         from tokensieve.export_mllm import export_mllm
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import os
 import shutil
@@ -336,10 +337,10 @@ class Artifact:
         if self.kind == "mllm":
             from tokensieve.parity_llava import check_llava_parity
 
-            return check_llava_parity(self, **kwargs)
+            return self._call(check_llava_parity, kwargs)
         from tokensieve.parity import check_parity
 
-        return check_parity(self, **kwargs)
+        return self._call(check_parity, kwargs)
 
     def replay(self, **kwargs):
         """Parity against the golden files ``parity`` wrote: torch-free (:func:`tokensieve.parity.replay_golden`)."""
@@ -348,19 +349,31 @@ class Artifact:
         if self.kind == "mllm":
             from tokensieve.parity_llava import replay_llava_golden
 
-            return replay_llava_golden(self, **kwargs)
+            return self._call(replay_llava_golden, kwargs)
         from tokensieve.parity import replay_golden
 
-        return replay_golden(self, **kwargs)
+        return self._call(replay_golden, kwargs)
 
     def bench(self, **kwargs):
         if self.kind == "mllm":
             from tokensieve.bench_llava import bench_llava
 
-            return bench_llava(self, **kwargs)
+            return self._call(bench_llava, kwargs)
         from tokensieve.bench import bench_artifact
 
-        return bench_artifact(self, **kwargs)
+        return self._call(bench_artifact, kwargs)
+
+    def _call(self, function, kwargs: dict[str, Any]):
+        """``function(self, **kwargs)``, or an error naming the options this kind of artifact does not take."""
+        accepted = set(inspect.signature(function).parameters) - {"artifact"}
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            kind = "an MLLM" if self.kind == "mllm" else "an image-model"
+            raise ArtifactError(
+                f"{function.__name__} of {kind} artifact takes no {', '.join(unknown)}; it takes "
+                f"{', '.join(sorted(accepted))}"
+            )
+        return function(self, **kwargs)
 
     def graph_files(self) -> list[tuple[str, bool]]:
         """Every deployable graph: ``(relative path, has symbolic shapes meant for optimization profiles)``."""

@@ -26,8 +26,10 @@ import numpy as np
 from tokensieve.bench import pyplot, save_figure, time_alternating
 from tokensieve.errors import CapacityError
 from tokensieve.methods import methods_from_dicts
+from tokensieve.methods.h2o import H2O
 from tokensieve.methods.mustdrop import MustDrop
-from tokensieve.runtimes.kv_cache import FixedCacheDecoder, kv_names
+from tokensieve.methods.streamingllm import StreamingLLM
+from tokensieve.runtimes.kv_cache import FixedCacheDecoder, HeavyHitterDecoder, kv_names, position_feeds
 from tokensieve.runtimes.llava import VISION
 from tokensieve.runtimes.mustdrop import vision_tokens
 from tokensieve.runtimes.prefill import Prefill, prefill_feeds
@@ -84,6 +86,22 @@ def _median_min(times: list[float]) -> tuple[float, float]:
     return statistics.median(times) * 1e3, min(times) * 1e3
 
 
+def _decoder(fixed, caches: list[np.ndarray], capacity: int, methods: list, rng) -> FixedCacheDecoder:
+    """The decoder the runtime would drive for the artifact's method (in place), over random ``caches``: H2O's with
+    ``budget`` held positions and random scores, StreamingLLM's ring, FastV / ATP-LLaVA / DyVTE / MustDrop's
+    per-group slot inputs (nothing dropped: the fixed graph costs the same whatever the groups hold)."""
+    method = methods[0] if methods else None
+    if isinstance(method, H2O):
+        layers, kv = len(caches) // 2, caches[0].shape[1]
+        shape = (layers, kv, method.budget)
+        positions = np.broadcast_to(np.arange(method.budget), shape).copy()
+        scores = rng.random(shape, dtype=np.float32)
+        present = [c[:, :, : method.budget] for c in caches]
+        return HeavyHitterDecoder(fixed, present, capacity, method, positions, scores)
+    eviction = method if isinstance(method, StreamingLLM) else None
+    return FixedCacheDecoder(fixed, caches, capacity, [0] * len(getattr(method, "cache_cuts", ())), eviction)
+
+
 def bench_llava(
     artifact,
     contexts: list[int] | None = None,
@@ -100,8 +118,10 @@ def bench_llava(
     dec = manifest["decoder"]
     layers, kv, head_dim, capacity = dec["layers"], dec["kv_heads"], dec["head_dim"], dec["capacity"]
     contexts = contexts or default_contexts(capacity)
+    methods = methods_from_dicts(manifest.get("methods"))
+    evicting = any(isinstance(m, (StreamingLLM, H2O)) for m in methods)  # any context fits: evicting caches
     for context in contexts:
-        if not 1 <= context < capacity:
+        if context < 1 or (context >= capacity and not evicting):
             raise CapacityError(
                 f"context {context}: a decode step from a context of n positions writes slot n, so contexts must be "
                 f"in 1..{capacity - 1} for this artifact's {capacity}-slot cache (export with a larger --capacity)"
@@ -113,12 +133,14 @@ def bench_llava(
     names = kv_names(layers)
     report = LlavaBenchReport(manifest["source"]["name"], threads, capacity)
     caches = [rng.standard_normal((1, kv, capacity, head_dim), dtype=np.float32) for _ in names]
-    decoder = FixedCacheDecoder(fixed, caches, capacity)  # in place, as the runtime drives it
+    decoder = _decoder(fixed, caches, capacity, methods, rng)
     for context in contexts:
         runs = {"fixed": lambda c=context: decoder.step(7, c)}  # rewrites slot `context`: same cost every call
         if growing is not None:
-            past = {f"past_{n}": c[:, :, :context].copy() for n, c in zip(names, caches, strict=True)}
-            feeds = {"input_ids": np.array([[7]], np.int64), "position_ids": np.array([[context]], np.int64), **past}
+            held = min(context, capacity - 1)  # StreamingLLM's host cuts a longer past to the budget
+            past = {f"past_{n}": c[:, :, :held].copy() for n, c in zip(names, caches, strict=True)}
+            positions = position_feeds(growing, context, decoder.groups)  # MustDrop: the pruned position too
+            feeds = {"input_ids": np.array([[7]], np.int64), **positions, **past}
             runs["growing"] = lambda f=feeds: growing.run(f)  # one step from a `context`-long past
         for fn in runs.values():
             for _ in range(warmup):

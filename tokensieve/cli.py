@@ -340,10 +340,11 @@ def _generate(args: argparse.Namespace) -> int:
             kept = f" ({out.cache_positions.shape[-1]} prompt positions cached per layer and KV head)"
         if out.retained_positions is not None:
             kept = f" (H2O: {out.retained_positions.shape[-1]} positions cached per layer and KV head at the end)"
+        per_token = "-" if t["decode_per_token"] is None else f"{t['decode_per_token']:.2f}"
         print(
             f"[{len(out.ids)} tokens, stop: {out.stop}; prompt {len(out.prompt_ids)} tokens, image span "
             f"{out.image_span}{kept}; vision {t['vision']:.1f} ms, prefill {t['prefill']:.1f} ms, decode "
-            f"{t['decode_per_token']:.2f} ms/token, {args.cache} cache]",
+            f"{per_token} ms/token, {args.cache} cache]",
             file=sys.stderr,
         )
     return 0

@@ -113,6 +113,11 @@ class MustDrop(PrefillCuts):
             )
         if self.merge_threshold is not None:
             self.windows(image_tokens)
+        if layers < 3:
+            raise MethodSpecError(
+                f"mustdrop filters after a layer >= 1 with a layer after it, so the decoder needs at least 3 layers; "
+                f"this one has {layers}"
+            )
         if self.layers[-1] + 1 >= layers:
             raise MethodSpecError(
                 f"mustdrop: filter layer {self.layers[-1]} is out of range; this decoder has {layers} layers and a "

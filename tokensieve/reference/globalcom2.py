@@ -97,9 +97,12 @@ def select_tokens(
         for t in (features[1:], scores[1:, :, None], index)
     ]
     grid, crop_scores, index = laid[0], laid[1][0], laid[2][0].long()
-    guide = F.interpolate(
-        scores[0].view(1, 1, side, side), size=crop_scores.shape, mode="bilinear", align_corners=False
-    )[0, 0]
+    if crop_scores.numel():
+        guide = F.interpolate(
+            scores[0].view(1, 1, side, side), size=crop_scores.shape, mode="bilinear", align_corners=False
+        )[0, 0]
+    else:  # an image so thin that unpadding leaves no crop row (or column): only the thumbnail is kept
+        guide = crop_scores.clone()
     crop = (index - tokens) // tokens
     keep = torch.zeros_like(crop_scores, dtype=torch.bool)
     slots = torch.full((count - 1, tokens), -1)  # official layout: the token written at each crop position

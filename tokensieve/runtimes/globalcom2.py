@@ -20,7 +20,10 @@ from tokensieve.runtimes.llava_image import crop_grid, crop_layout, emit_rows
 
 def bilinear(grid: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize a 2-D ``grid`` to ``(height, width)``: bilinear, half-pixel centres, edges clamped (``align_corners``
-    false, as ``torch.nn.functional.interpolate``)."""
+    false, as ``torch.nn.functional.interpolate``); an empty target (an image so thin that unpadding leaves no crop
+    row or column) is an empty grid."""
+    if height == 0 or width == 0:
+        return np.zeros((height, width), grid.dtype)
 
     def taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # float32 source coordinates, as torch computes them for float32 input (values agree to float32 rounding)

@@ -128,6 +128,7 @@ class LlavaRunner:
         self.image_compression = next((m for m in methods if isinstance(m, GlobalCom2)), None)
         self.mustdrop = next((m for m in methods if isinstance(m, MustDrop)), None)
         self.budget: int = manifest["decoder"]["capacity"]  # positions an evicting cache keeps
+        self.vocab: int = manifest["decoder"]["vocab"]
         newline = self.directory / "image_newline.npy"
         if self.host["kind"] == "llava_next" and not newline.is_file():
             raise ArtifactError(f"artifact {self.directory} is incomplete: {newline.name} is missing; re-export it")
@@ -174,6 +175,15 @@ class LlavaRunner:
             prompt = template.replace("{prompt}", prompt)
         return np.asarray(self.tokenizer.encode(prompt).ids, np.int64)
 
+    def _ids(self, input_ids: Any) -> np.ndarray:
+        """``input_ids`` as given by a caller: a non-empty sequence of integer token ids inside the vocabulary."""
+        ids = np.asarray(input_ids)
+        if ids.size and ids.dtype.kind in "iu":
+            ids = ids.astype(np.int64).ravel()
+            if ((ids >= 0) & ((ids < self.vocab) | (ids == self.host["image_token_id"]))).all():
+                return ids
+        raise PromptError(f"input_ids must be a non-empty sequence of integer token ids in 0..{self.vocab - 1}")
+
     def inputs_embeds(self, ids: np.ndarray, features: np.ndarray | None) -> np.ndarray:
         embeds = self.embed.run({"input_ids": ids[None]})["inputs_embeds"]
         span = image_span(ids, self.host["image_token_id"])
@@ -207,13 +217,17 @@ class LlavaRunner:
         template: str | None = None,
     ) -> Generation:
         """Greedy generation; stops at ``stop_ids`` (default: the model's EOS) unless ``ignore_eos``."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 0:
+            raise PromptError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if input_ids is None and not isinstance(prompt, str):
+            raise PromptError(f"the prompt must be a str, got {type(prompt).__name__}")
         start = time.perf_counter()
         features, chosen = self.image_tokens(image) if image is not None else (None, {})
         t_vision = time.perf_counter()
         if input_ids is None:
             ids = self.prompt_ids(prompt, template, image=features is not None)
         else:
-            ids = np.asarray(input_ids, np.int64).ravel()
+            ids = self._ids(input_ids)
         ids = expand_placeholders(ids, self.host["image_token_id"], None if features is None else len(features))
         self.check_capacity(len(ids), max_new_tokens)
         span = image_span(ids, self.host["image_token_id"])
@@ -241,7 +255,7 @@ class LlavaRunner:
             if len(new) < max_new_tokens:
                 next_logits = decoder.step(token, position)
         end = time.perf_counter()
-        decoded = max(len(new) - 1, 1)
+        steps = len(new) - 1  # no decode step after the last token
         return Generation(
             ids=new,
             text=self.tokenizer.decode(new, skip_special_tokens=True),
@@ -259,6 +273,6 @@ class LlavaRunner:
             timings_ms={
                 "vision": 1e3 * (t_vision - start),
                 "prefill": 1e3 * (t_prefill - t_vision),
-                "decode_per_token": 1e3 * (end - t_prefill) / decoded,
+                "decode_per_token": 1e3 * (end - t_prefill) / steps if steps > 0 else None,
             },
         )

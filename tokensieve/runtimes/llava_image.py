@@ -48,11 +48,14 @@ def load_image(image: Any) -> np.ndarray:
             raise InputError(f"cannot read image {os.fspath(image)!r}: {e}") from None
     if isinstance(image, Image.Image):
         return np.asarray(eight_bit(image))
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
+    given = np.asarray(image)
+    array = np.repeat(given[..., None], 3, axis=2) if given.ndim == 2 else given
     if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
-        raise InputError(f"expected a uint8 RGB image [H, W, 3], got {array.dtype} {list(array.shape)}")
+        raise InputError(
+            f"expected a uint8 image [H, W, 3] (or RGBA, or gray [H, W]), got {given.dtype} {list(given.shape)}"
+        )
+    if 0 in array.shape[:2]:
+        raise InputError(f"the image is empty ({array.shape[0]}x{array.shape[1]} pixels)")
     return array[..., :3]
 
 
