@@ -1,6 +1,7 @@
 """Atomic artifact writes, the ONNX Runtime runner, MAC counts, and the no-torch import rule."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import tokensieve
-from tokensieve.errors import GraphRewriteError, RuntimeBackendError
+from tokensieve.errors import ArtifactError, GraphRewriteError, InputError, RuntimeBackendError
 
 METHOD = "topk(keep=0.7, layers=[3,6,9])"
 
@@ -46,6 +47,21 @@ def test_artifact_run_and_providers(artifact):
     assert out["logits"].shape == (1, 1000)
     runner = artifact.runner()
     assert runner.active == ["CPUExecutionProvider"] and not runner.fell_back
+    nan = x.copy()
+    nan[0, 0, 0, 0] = np.nan
+    for bad, message in (
+        ({"pixel_values": x}, "must be a numpy float32 array [N, 3, 224, 224], got dict"),
+        (x.astype(np.float64), "must be float32"),
+        (x[:, :, :100], "must be [N, 3, 224, 224], got [1, 3, 100, 224]"),
+        (np.concatenate([x, x]), "static batch of 1, got 2 images; export with --dynamic-batch"),
+        (nan, "NaN or infinite"),
+    ):
+        with pytest.raises(InputError, match=re.escape(message)):
+            artifact.run(bad)
+    with pytest.raises(ArtifactError, match="has no graph 'nope'; its graphs: model, baseline"):
+        artifact.run(x, graph="nope")
+    with pytest.raises(ArtifactError, match="bench_artifact of an image-model artifact takes no contexts"):
+        artifact.bench(contexts=[8])
 
 
 def test_requested_gpu_provider_fallback_is_reported(artifact):

@@ -17,7 +17,7 @@ from tokensieve.calibration.threshold import calibrate_threshold, keep_fraction
 from tokensieve.cli import main
 from tokensieve.errors import InputError, MethodSpecError, SourceError
 from tokensieve.gate import gate
-from tokensieve.runtimes.buckets import BucketOverflowError, StagedRunner, pick_bucket
+from tokensieve.runtimes.buckets import BucketOverflowError, Route, StagedRunner, pick_bucket
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,7 @@ def test_vit_small_explicit_buckets(zoo, tmp_path, method):
     path, built = zoo("timm:vit_small_patch16_224", dynamic_batch=True)
     artifact = tokensieve.export(str(path), method, tmp_path / "a", buckets=[64, 96, 128, 160, 196])
     report = _check(artifact, built, batch=4)
+    assert artifact.manifest["stages"]["token_outputs"] == []  # logits are per image
     if "layers=[2, 6]" in method:
         routes = artifact.manifest["stages"]["buckets"]
         assert routes["64"] == [64] and routes["196"] == [64, 96, 128, 160, 196]  # never more slots than before
@@ -101,6 +102,19 @@ def test_hf_tower_buckets(zoo, hf_config_dir, tmp_path, family):
     )
     report = _check(artifact, built)
     assert report.outputs[0].name == "last_hidden_state"  # token-level output compared on valid tokens
+    assert artifact.manifest["stages"]["token_outputs"] == ["last_hidden_state"]  # not pooler_output
+
+
+def test_per_image_outputs_are_never_cut_as_tokens():
+    """197 classes = CLS + 196 slots: the dispatcher cuts only the outputs the export recorded as token-level."""
+    runner = StagedRunner(".", {"sites": [3], "specials": 1, "token_outputs": ["tokens"]})
+    routes = [Route(counts=[150], buckets=[196]), Route(counts=[180], buckets=[196])]
+    collected = {i: {"logits": np.zeros(197), "tokens": np.zeros((197, 8))} for i in range(2)}
+    outputs = runner._assemble(collected, routes).outputs
+    assert outputs["logits"].shape == (2, 197)
+    assert [t.shape for t in outputs["tokens"]] == [(151, 8), (181, 8)]
+    with pytest.raises(InputError, match="holds no image"):
+        runner.run(np.zeros((0, 3, 224, 224), np.float32))
 
 
 def test_dispatcher_overflow_and_truncation(zoo, tmp_path):

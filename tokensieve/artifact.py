@@ -226,6 +226,8 @@ class Artifact:
         return self.manifest.get("kind", "vit")
 
     def graph_path(self, key: str = "model") -> Path:
+        if key not in self.manifest["graphs"]:
+            raise ArtifactError(f"{self.path} has no graph {key!r}; its graphs: {', '.join(self.manifest['graphs'])}")
         return self.path / self.manifest["graphs"][key]
 
     @property
@@ -310,8 +312,12 @@ class Artifact:
 
     def run(self, pixel_values, graph: str = "model", **kwargs) -> dict:
         """Run the graph on a numpy batch with ONNX Runtime (CPU unless ``providers=`` says otherwise)."""
+        from tokensieve.runtimes.pixels import check_pixels
+
         if self.kind == "mllm":
             raise ArtifactError("an MLLM artifact runs with Artifact.generate(image, prompt), not run()")
+        shape = self.manifest.get("preprocessing", {}).get("shape")
+        check_pixels(pixel_values, shape, self.manifest.get("export", {}).get("batch"))
         runner = self.runner(graph, **kwargs)
         return runner.run({runner.input_names[0]: pixel_values})
 
@@ -359,9 +365,9 @@ class Artifact:
             from tokensieve.bench_llava import bench_llava
 
             return self._call(bench_llava, kwargs)
-        from tokensieve.bench import bench_artifact
+        from tokensieve.bench import bench_artifact, bench_staged
 
-        return self._call(bench_artifact, kwargs)
+        return self._call(bench_staged if "stages" in self.manifest else bench_artifact, kwargs)
 
     def _call(self, function, kwargs: dict[str, Any]):
         """``function(self, **kwargs)``, or an error naming the options this kind of artifact does not take."""

@@ -99,10 +99,8 @@ def bench_artifact(
     runtime: str = "onnxruntime",
 ) -> BenchReport:
     manifest = artifact.manifest
-    if runtime != "onnxruntime" and "stages" in manifest:
-        raise TokensieveError("a staged artifact's bucket dispatcher runs on ONNX Runtime; bench it without --runtime")
     if "stages" in manifest:
-        return bench_staged(artifact, threads=threads, save=save)
+        raise TokensieveError("a staged artifact is benchmarked by bench_staged (Artifact.bench dispatches to it)")
     if manifest["graphs"]["model"] == manifest["graphs"]["baseline"]:
         raise TokensieveError("this artifact has no reduction (method none); there is nothing to compare")
     static = manifest["export"]["batch"]
@@ -200,16 +198,18 @@ class StagedBenchReport:
     buckets: list[int]
     counts: dict[str, float]
     runtime: str = "onnxruntime"
+    truncated: int = 0  # images above the largest bucket, run truncated in bucketed and pad-to-max modes
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def text(self) -> str:
         where = f"ONNX Runtime CPU, {self.threads} threads" if self.runtime == "onnxruntime" else "TensorRT engines"
+        over = f"; {self.truncated} above the largest bucket, run truncated" if self.truncated else ""
         lines = [
             f"per-image latency, batch 1, {where}, mean over {self.images} images "
             f"(counts {self.counts['min']:.0f}..{self.counts['max']:.0f}, mean {self.counts['mean']:.1f}; "
-            f"buckets {self.buckets})"
+            f"buckets {self.buckets}{over})"
         ]
         for mode, ms in self.mean_ms.items():
             lines.append(f"  {mode:<26} {ms:>9.2f} ms")
@@ -249,7 +249,8 @@ def bench_staged(
         fn()
     times = time_alternating(runs, blocks, 1)
     mean_ms = {mode: statistics.median(t) * 1e3 / len(images) for mode, t in times.items()}
-    counts = [r.counts[0] for x in images for r in runners["bucketed"].run(x).routes]
+    routes = [r for x in images for r in runners["bucketed"].run(x).routes]
+    counts = [r.counts[0] for r in routes]
     report = StagedBenchReport(
         threads,
         len(images),
@@ -262,6 +263,7 @@ def bench_staged(
         stages["buckets"][""],
         {"min": float(min(counts)), "max": float(max(counts)), "mean": float(np.mean(counts))},
         runtime,
+        sum(r.truncated for r in routes),
     )
     if save:
         (artifact.path / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))

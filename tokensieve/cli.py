@@ -284,12 +284,11 @@ def _bench(args: argparse.Namespace) -> int:
             contexts=args.contexts, threads=args.threads, blocks=args.blocks, per_block=args.per_block
         )
     elif "stages" in artifact.manifest:
-        from tokensieve.bench import bench_staged
         from tokensieve.staged import load_data
 
         pre = artifact.manifest["preprocessing"]
         data = load_data(args.data, pre["shape"], pre["mean"], pre["std"]) if args.data else None
-        report = bench_staged(artifact, data, threads=args.threads, blocks=args.blocks, runtime=args.runtime)
+        report = artifact.bench(data=data, threads=args.threads, blocks=args.blocks, runtime=args.runtime)
     else:
         report = artifact.bench(
             batches=args.batch,

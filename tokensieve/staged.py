@@ -129,6 +129,13 @@ def build_dynamic_chain(builder: StageBuilder, sites: int) -> dict[str, str]:
     return graphs
 
 
+def token_outputs(final: Path) -> list[str]:
+    """The outputs of the last stage that hold one row per kept token: a symbolic token axis in its symbolic-K
+    graph (the dispatcher cuts them to each image's valid tokens; others, such as logits, are per image)."""
+    model = ir.load(final)
+    return sorted(v.name for v in model.graph.outputs if any(not isinstance(d, int) for d in list(v.shape)[1:]))
+
+
 def build_padmax(builder: StageBuilder, sites: int) -> str:
     """One graph, every site keeping up to all its candidates (pad to the maximum count, masked)."""
     tokens, inline = builder.layout.tokens, {}
@@ -297,6 +304,7 @@ def build_staged(
     stages["graphs"] = {"": builder.save(builder.build(StageSpec(end=0)), "stage1.onnx")}
     stages["dynamic"] = build_dynamic_chain(builder, sites)
     stages["exposed"] = {path: info["exposed"] for path, info in builder.graphs.items()}
+    stages["token_outputs"] = token_outputs(directory / stages["dynamic"]["/".join(["*"] * sites)])
     candidates = layout.tokens - S
     if buckets == "auto":
         if data is None:

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tokensieve.errors import RuntimeBackendError
+from tokensieve.runtimes.pixels import check_pixels
 
 MODES = ("bucketed", "oracle", "padmax")
 
@@ -149,6 +150,7 @@ class StagedRunner:
         return self._runners[relative]
 
     def run(self, pixels: np.ndarray) -> StagedResult:
+        check_pixels(pixels)
         if self.mode == "padmax":
             return self._run_padmax(pixels)
         return self.continue_from(self.first_stage(pixels))
@@ -181,9 +183,11 @@ class StagedRunner:
         images = len(routes)
         outputs: dict[str, np.ndarray | list[np.ndarray]] = {}
         slots = [self.specials + r.buckets[-1] for r in routes]
+        recorded = self.stages.get("token_outputs")  # artifacts before it: token-level when the size says so
         for name in collected[0]:
             parts = [collected[i][name] for i in range(images)]
-            if all(p.ndim and p.shape[0] == n for p, n in zip(parts, slots, strict=True)):
+            sized = all(p.ndim and p.shape[0] == n for p, n in zip(parts, slots, strict=True))
+            if name in recorded if recorded is not None else sized:
                 # token-level output: keep each image's valid tokens (specials + its kept tokens)
                 valid = [self.specials + min(r.counts[-1], r.buckets[-1]) for r in routes]
                 outputs[name] = [p[:n] for p, n in zip(parts, valid, strict=True)]
