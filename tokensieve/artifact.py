@@ -338,8 +338,6 @@ class Artifact:
         return inspect_artifact(self)
 
     def parity(self, **kwargs):
-        if kwargs.get("tolerance") is not None:
-            check_positive("tolerance", kwargs["tolerance"])
         if self.kind == "mllm":
             from tokensieve.parity_llava import check_llava_parity
 
@@ -350,8 +348,6 @@ class Artifact:
 
     def replay(self, **kwargs):
         """Parity against the golden files ``parity`` wrote: torch-free (:func:`tokensieve.parity.replay_golden`)."""
-        if kwargs.get("tolerance") is not None:
-            check_positive("tolerance", kwargs["tolerance"])
         if self.kind == "mllm":
             from tokensieve.parity_llava import replay_llava_golden
 
@@ -370,7 +366,10 @@ class Artifact:
         return self._call(bench_staged if "stages" in self.manifest else bench_artifact, kwargs)
 
     def _call(self, function, kwargs: dict[str, Any]):
-        """``function(self, **kwargs)``, or an error naming the options this kind of artifact does not take."""
+        """``function(self, **kwargs)``, or an error naming the options this kind of artifact does not take (or a
+        tolerance that is not a finite number above 0)."""
+        if kwargs.get("tolerance") is not None:
+            check_positive("tolerance", kwargs["tolerance"])
         accepted = set(inspect.signature(function).parameters) - {"artifact"}
         unknown = sorted(set(kwargs) - accepted)
         if unknown:

@@ -78,6 +78,11 @@ def symbol_ranges(artifact, max_batch: int = 32) -> dict[str, tuple[int, int, in
     return ranges
 
 
+def range_key(axis: str) -> str:
+    """The range a symbolic axis takes: its own, except a growing cache's ``past_kept_<g>``, which takes ``past``'s."""
+    return "past" if axis.startswith("past_kept") else axis
+
+
 def profile_ranges(
     artifact, max_batch: int, dims: Mapping[str, tuple[int, int, int]] | None = None
 ) -> dict[str, tuple[int, int, int]]:
@@ -88,7 +93,7 @@ def profile_ranges(
     dims = dict(dims or {})
     if dims:
         axes = {
-            "past" if str(d).startswith("past_kept") else str(d)
+            range_key(str(d))
             for onnx in graph_paths(artifact)
             for value in ir.load(artifact.path / onnx).graph.inputs
             for d in value.shape
@@ -116,7 +121,7 @@ def input_profile(onnx: Path, ranges: Mapping[str, tuple[int, int, int]]) -> dic
             continue
         resolved: list[list[int]] = [[], [], []]
         for d in dims:
-            key = "past" if isinstance(d, str) and d.startswith("past_kept") else d
+            key = range_key(d) if isinstance(d, str) else d
             if isinstance(d, str) and key not in ranges:
                 raise ArtifactError(
                     f"{onnx.name}: input {value.name!r} has the symbolic axis {d!r}, whose range tokensieve does not "

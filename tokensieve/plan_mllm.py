@@ -39,6 +39,7 @@ from tokensieve.methods.fastv import FastV
 from tokensieve.methods.h2o import H2O
 from tokensieve.methods.snapkv import SnapKV
 from tokensieve.methods.streamingllm import StreamingLLM
+from tokensieve.runtimes.llava_image import crop_grid, crop_tokens, pack_features
 
 PLANNED = (FastV, SnapKV, A2SF, StreamingLLM)  # H2O is an A2SF
 H2O_STATE_BYTES = 12  # per slot, layer and KV head: the float32 score and the int64 position
@@ -74,8 +75,6 @@ class MllmPrompt:
 def image_token_count(host: dict[str, Any], size: tuple[int, int] | None = None) -> tuple[int, int]:
     """``(sequence positions, vision crops)`` of one image of ``size = (height, width)`` (LLaVA: fixed, one crop;
     LLaVA-NeXT: thumbnail + unpadded crop grid + a newline per row; default size: the vision input side, square)."""
-    from tokensieve.runtimes.llava_image import crop_grid, crop_tokens, pack_features
-
     per_crop = crop_tokens(host)
     if host["kind"] == "llava":
         return per_crop, 1
@@ -88,8 +87,6 @@ def image_token_count(host: dict[str, Any], size: tuple[int, int] | None = None)
 def vision_macs(vision: dict[str, int], host: dict[str, Any]) -> int:
     """Multiply-accumulates of one crop through the vision graph: patch convolution, the encoder layers up to the
     feature layer on CLS + patches, the two-layer projector on the features it keeps."""
-    from tokensieve.runtimes.llava_image import crop_tokens
-
     hidden, width = vision["hidden"], vision["projector"]
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
     tokens = patches + 1

@@ -186,8 +186,11 @@ class StagedRunner:
         recorded = self.stages.get("token_outputs")  # artifacts before it: token-level when the size says so
         for name in collected[0]:
             parts = [collected[i][name] for i in range(images)]
-            sized = all(p.ndim and p.shape[0] == n for p, n in zip(parts, slots, strict=True))
-            if name in recorded if recorded is not None else sized:
+            if recorded is not None:
+                token_level = name in recorded
+            else:
+                token_level = all(p.ndim and p.shape[0] == n for p, n in zip(parts, slots, strict=True))
+            if token_level:
                 # token-level output: keep each image's valid tokens (specials + its kept tokens)
                 valid = [self.specials + min(r.counts[-1], r.buckets[-1]) for r in routes]
                 outputs[name] = [p[:n] for p, n in zip(parts, valid, strict=True)]
