@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import tokensieve
-from tokensieve.bench import bench_staged, pyplot, save_figure
+from tokensieve.bench.image import bench_staged, pyplot, save_figure
 from tokensieve.calibration.data import preprocess, sample_images
 
 RESULTS = Path(__file__).parent / "results"

@@ -1,7 +1,7 @@
 """MLLM decode: per-token latency vs context length for the fixed-capacity and the growing KV cache, prefill
 latency, vision latency and export time.
 
-One run per source: export (timed per graph), then ``tokensieve.bench_llava.bench_llava`` on ONNX Runtime CPU
+One run per source: export (timed per graph), then ``tokensieve.bench.mllm.bench_llava`` on ONNX Runtime CPU
 (2 threads): the fixed and growing decode graphs alternate in blocks at each context length; medians. The default
 sources are LLaVA-1.5-7B layer shapes (hidden 4096, 32 heads, head dim 128, vocab 32064; 2 vision and 2 text
 layers, random weights) and the tiny preset. Writes ``benchmarks/results/llava_decode.json`` and
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import tokensieve
-from tokensieve.bench import pyplot, save_figure
+from tokensieve.bench.image import pyplot, save_figure
 
 RESULTS = Path(__file__).parent / "results"
 

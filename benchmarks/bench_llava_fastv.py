@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 import tokensieve
-from tokensieve.bench import pyplot, save_figure, time_alternating
+from tokensieve.bench.image import pyplot, save_figure, time_alternating
 from tokensieve.methods.fastv import FastV
-from tokensieve.plan_mllm import prefill_macs
+from tokensieve.plan.mllm import prefill_macs
 from tokensieve.runtimes.prefill import Prefill
 
 RESULTS = Path(__file__).parent / "results"

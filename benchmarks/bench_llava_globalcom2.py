@@ -7,7 +7,7 @@ ONNX Runtime CPU (2 threads): the vision graph (shared by every variant), each v
 for "none", GlobalCom²'s selection for each retention R), and the prefill graph on a LLaVA-shaped prompt of each
 variant's length: 36 tokens before the image (BOS + system prompt), the image tokens, 24 question tokens. Variants
 alternate in blocks after a warm-up; medians (minima kept to show noise). The MAC limit counts the decoder's matrix
-products for the prompt each variant prefills (:func:`tokensieve.plan_mllm.prefill_macs`). Writes
+products for the prompt each variant prefills (:func:`tokensieve.plan.mllm.prefill_macs`). Writes
 ``benchmarks/results/llava_globalcom2.json`` and ``.png``.
 
     python benchmarks/bench_llava_globalcom2.py [--source llava-next-7b-shapes] [--retention 0.25 0.1]
@@ -27,9 +27,9 @@ import numpy as np
 from bench_llava_fastv import QUESTION, SYSTEM
 
 import tokensieve
-from tokensieve.bench import pyplot, save_figure, time_alternating
+from tokensieve.bench.image import pyplot, save_figure, time_alternating
 from tokensieve.methods.globalcom2 import GlobalCom2
-from tokensieve.plan_mllm import prefill_macs
+from tokensieve.plan.mllm import prefill_macs
 from tokensieve.runtimes.globalcom2 import select_features
 from tokensieve.runtimes.llava_image import pack_features, preprocess
 from tokensieve.runtimes.prefill import prefill_feeds

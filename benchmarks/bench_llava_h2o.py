@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tokensieve.bench import pyplot, record_medians, save_figure, time_alternating
-from tokensieve.bench_llava import cache_bytes_per_slot, export_variants, time_prefills
+from tokensieve.bench.image import pyplot, record_medians, save_figure, time_alternating
+from tokensieve.bench.mllm import cache_bytes_per_slot, export_variants, time_prefills
 from tokensieve.methods.a2sf import A2SF
 from tokensieve.methods.h2o import H2O
 from tokensieve.runtimes.kv_cache import FixedCacheDecoder, HeavyHitterDecoder, kv_names

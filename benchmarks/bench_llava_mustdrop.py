@@ -10,7 +10,7 @@ own scores so the counts land where the paper's settings put them: the window me
 prompt (BOS + 35 system tokens, the image tokens, 24 question tokens; random text embeddings). Variants alternate in
 blocks after a warm-up; medians (minima kept to show noise). The MAC limit counts the CLIP layers (projections, MLP,
 ``Q·Kᵀ`` and ``P·V``; the window similarity and the key-set row are not counted), the projector and the decoder
-(``tokensieve.plan_mllm.prefill_macs``) for the tokens each layer sees. Writes
+(``tokensieve.plan.mllm.prefill_macs``) for the tokens each layer sees. Writes
 ``benchmarks/results/llava_mustdrop.json`` and ``llava_mustdrop.png``.
 
     python benchmarks/bench_llava_mustdrop.py [--layers 3]
@@ -29,9 +29,9 @@ import numpy as np
 from bench_llava_fastv import QUESTION, RESULTS, SYSTEM, plot
 
 import tokensieve
-from tokensieve.bench import time_alternating
+from tokensieve.bench.image import time_alternating
 from tokensieve.methods.mustdrop import MustDrop
-from tokensieve.plan_mllm import prefill_macs
+from tokensieve.plan.mllm import prefill_macs
 from tokensieve.runtimes.llava_image import preprocess
 from tokensieve.runtimes.mustdrop import vision_tokens
 from tokensieve.runtimes.ort import OrtRunner

@@ -35,7 +35,7 @@ import onnx_ir as ir
 import torch
 
 import tokensieve
-from tokensieve.bench import pyplot, save_figure, time_alternating
+from tokensieve.bench.image import pyplot, save_figure, time_alternating
 from tokensieve.converters.sources import build_module, parse_source
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.propagate import propagate_shapes

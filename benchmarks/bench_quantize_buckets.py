@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import tokensieve
-from tokensieve.bench import pyplot, save_figure, time_alternating
+from tokensieve.bench.image import pyplot, save_figure, time_alternating
 from tokensieve.calibration.data import preprocess, sample_images
 
 RESULTS = Path(__file__).parent / "results"

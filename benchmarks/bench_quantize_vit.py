@@ -2,7 +2,7 @@
 CPU, and the INT8 artifact's drift against the float32 eager reference.
 
 One run: export ``timm:<model>`` with ``topk(keep=K, layers=[3, 6, 9])`` and a dynamic batch, quantize it
-(``tokensieve.calibration.quantize``: symmetric per-channel INT8 QDQ on MatMul/Gemm/Conv, the token selection in
+(``tokensieve.quantize.image``: symmetric per-channel INT8 QDQ on MatMul/Gemm/Conv, the token selection in
 float32) on seeded images (random weights and random data: the drift figures say what the recipe does to an
 untrained network, not what a trained one loses), then time the four graphs (float32 baseline, float32 pruned, INT8
 baseline, INT8 pruned) alternating in blocks after a warm-up, at batch 1 and 8, 2 threads; medians with minima.
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 import tokensieve
-from tokensieve.bench import pyplot, save_figure, time_alternating
-from tokensieve.calibration.quantize import quantize_artifact
+from tokensieve.bench.image import pyplot, save_figure, time_alternating
+from tokensieve.quantize.image import quantize_artifact
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import tokensieve
-from tokensieve.bench import BenchReport, plot_bench
+from tokensieve.bench.image import BenchReport, plot_bench
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 import tokensieve
-from tokensieve.bench import bench_staged
+from tokensieve.bench.image import bench_staged
 from tokensieve.runtimes.tensorrt import tensorrt_version
 
 

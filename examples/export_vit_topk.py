@@ -3,7 +3,7 @@
 import numpy as np
 
 import tokensieve
-from tokensieve.inspect import format_inspection
+from tokensieve.inspect.image import format_inspection
 
 artifact = tokensieve.export(
     "timm:vit_small_patch16_224",  # random weights (no hub); pass weights="ckpt.pth" for a real checkpoint

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 import tokensieve
-from tokensieve.inspect import format_inspection
+from tokensieve.inspect.image import format_inspection
 
 out = sys.argv[1] if len(sys.argv) > 1 else "runs/llava_next_tiny"
 # A small random LLaVA-NeXT (no hub); pass "hf:/path/to/llava-v1.6-checkpoint" for a real local checkpoint.

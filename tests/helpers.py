@@ -110,7 +110,7 @@ def hf_greedy_cases(preset: str, count: int, seed: int, new_tokens: int):
     import torch
 
     from tokensieve.converters.llava import build_llava
-    from tokensieve.parity_llava import _hf_processor, default_cases
+    from tokensieve.parity.mllm import _hf_processor, default_cases
 
     built = build_llava(preset)
     model = built.model
@@ -149,7 +149,7 @@ def assert_plan_matches_graphs(artifact, text_tokens: int = 20) -> None:
 
     from tokensieve.graph_passes.macs import count_macs
     from tokensieve.graph_passes.propagate import propagate_shapes
-    from tokensieve.plan_mllm import plan_artifact
+    from tokensieve.plan.mllm import plan_artifact
 
     capacity = artifact.manifest["decoder"]["capacity"]
     prompt, rows = plan_artifact(artifact, text_tokens)

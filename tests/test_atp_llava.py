@@ -18,7 +18,7 @@ from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.atp_scores import ATPScoresPass
 from tokensieve.graph_passes.cut_prefill import CutPrefillPass
 from tokensieve.methods.atp_llava import ATPLLaVA
-from tokensieve.parity_llava import _hf_processor, default_cases
+from tokensieve.parity.mllm import _hf_processor, default_cases
 from tokensieve.reference.atp_llava import atp_keep, atp_llava_generate, atp_scores
 from tokensieve.reference.capture import capture_attention
 from tokensieve.reference.decoding import attention_forward

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from tokensieve.bench import time_alternating
+from tokensieve.bench.image import time_alternating
 from tokensieve.cli import main
 from tokensieve.errors import OptionError
 
@@ -281,7 +281,7 @@ def test_plan_compares_schedules_before_exporting(vits, capsys):
 
 
 def test_parity_device_refuses_staged_artifacts(tmp_path, capsys):
-    from tokensieve.artifact import MANIFEST
+    from tokensieve.artifact.store import MANIFEST
 
     staged = tmp_path / "staged"
     staged.mkdir()

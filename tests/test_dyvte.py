@@ -17,7 +17,7 @@ from tokensieve.errors import GraphRewriteError, MethodSpecError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.image_attention import ImageAttentionMassPass
 from tokensieve.methods.dyvte import DyVTE
-from tokensieve.parity_llava import _hf_processor, default_cases
+from tokensieve.parity.mllm import _hf_processor, default_cases
 from tokensieve.reference.decoding import attention_forward
 from tokensieve.reference.dyvte import dyvte_generate, image_attention_mass
 from tokensieve.runtimes.dyvte import cut

@@ -18,7 +18,7 @@ from tokensieve.cli import main
 from tokensieve.errors import MethodSpecError
 from tokensieve.methods import parse_methods
 from tokensieve.methods.globalcom2 import GlobalCom2
-from tokensieve.parity_llava import replay_llava_golden
+from tokensieve.parity.mllm import replay_llava_golden
 from tokensieve.reference.globalcom2 import select_tokens
 from tokensieve.runtimes.globalcom2 import bilinear, select_features
 

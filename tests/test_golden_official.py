@@ -9,7 +9,7 @@ import torch
 
 from tokensieve.methods import DiffRate, PiToMe, ToMe
 from tokensieve.methods.base import schedule
-from tokensieve.parity import assignment
+from tokensieve.parity.image import assignment
 from tokensieve.reference import diffrate, pitome, tome
 from tokensieve.reference.adapters import AttentionTensors
 from tokensieve.reference.sites import SiteContext

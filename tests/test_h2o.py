@@ -19,7 +19,7 @@ from tokensieve.errors import GraphRewriteError, MethodSpecError, RuntimeBackend
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.heavy_hitters import HeavyHitterPass
 from tokensieve.methods.h2o import H2O
-from tokensieve.parity_llava import default_cases
+from tokensieve.parity.mllm import default_cases
 from tokensieve.runtimes.kv_cache import kv_names
 from tokensieve.runtimes.ort import OrtRunner
 

@@ -13,7 +13,7 @@ import tokensieve
 from tokensieve.cli import main
 from tokensieve.errors import ArtifactError
 from tokensieve.gate import gate
-from tokensieve.parity import golden_output_scale
+from tokensieve.parity.image import golden_output_scale
 
 FAKE_TRTEXEC = """#!/usr/bin/env bash
 echo "$@" >> "$CALLS"

@@ -314,7 +314,7 @@ def test_generation_runs_without_torch(artifacts):
 import sys
 sys.modules['torch'] = None
 import numpy as np
-from tokensieve.artifact import Artifact
+from tokensieve.api import Artifact
 image = np.random.default_rng(3).integers(0, 256, (120, 80, 3), dtype=np.uint8)
 print(Artifact.load({str(directory)!r}).generate(image, "Describe it.", 12, ignore_eos=True).ids)
 loaded = [m for m in sys.modules if sys.modules[m] is not None]
@@ -327,7 +327,7 @@ print(any(m.startswith(('tokensieve.converters', 'tokensieve.reference', 'transf
 
 
 def test_plan_counts_what_the_graphs_compute_and_the_image_tokens_the_runtime_packs(artifacts, capsys):
-    from tokensieve.plan_mllm import image_token_count, plan_mllm
+    from tokensieve.plan.mllm import image_token_count, plan_mllm
 
     assert_plan_matches_graphs(artifacts["llava"])
     assert_plan_matches_graphs(artifacts["next"])

@@ -20,7 +20,7 @@ from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.dual_attention import DualAttentionPass
 from tokensieve.graph_passes.split_positions import SplitPositionsPass
 from tokensieve.methods.mustdrop import MustDrop
-from tokensieve.parity_llava import _hf_processor, default_cases
+from tokensieve.parity.mllm import _hf_processor, default_cases
 from tokensieve.reference.decoding import attention_forward
 from tokensieve.reference.mustdrop import filter_keep, mustdrop_generate, mustdrop_vision, window_similarity
 from tokensieve.runtimes.llava_image import preprocess

@@ -21,7 +21,7 @@ from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.prompt_cache import PromptCachePass
 from tokensieve.methods.a2sf import A2SF
 from tokensieve.methods.snapkv import SnapKV
-from tokensieve.parity_llava import _hf_processor, default_cases
+from tokensieve.parity.mllm import _hf_processor, default_cases
 from tokensieve.reference.decoding import prefill
 from tokensieve.reference.prompt_cache import compressed_generate, select
 from tokensieve.runtimes.llava import expand_placeholders

@@ -10,10 +10,10 @@ import onnx_ir as ir
 import pytest
 
 import tokensieve
-from tokensieve.calibration.quantize import image_batches, quantize_artifact
-from tokensieve.calibration.quantize_staged import stage_feeds
 from tokensieve.cli import main
 from tokensieve.errors import ArtifactError, InputError
+from tokensieve.quantize.image import image_batches, quantize_artifact
+from tokensieve.quantize.staged import stage_feeds
 
 
 @pytest.fixture(scope="module")

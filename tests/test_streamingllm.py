@@ -16,7 +16,7 @@ from tokensieve.errors import MethodSpecError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.cache_visibility import CacheVisibilityPass
 from tokensieve.methods.streamingllm import StreamingLLM
-from tokensieve.parity_llava import _hf_processor, default_cases
+from tokensieve.parity.mllm import _hf_processor, default_cases
 from tokensieve.reference.streamingllm import streaming_generate
 
 CAPACITY = 128

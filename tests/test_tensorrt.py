@@ -14,9 +14,9 @@ import onnx_ir as ir
 import pytest
 
 import tokensieve
-from tokensieve.bench import bench_staged
+from tokensieve.bench.image import bench_staged
 from tokensieve.cli import main
-from tokensieve.engines import graph_paths, input_profile, symbol_ranges
+from tokensieve.deploy.build import graph_paths, input_profile, symbol_ranges
 from tokensieve.errors import ArtifactError, RuntimeBackendError
 from tokensieve.runtimes.ort import OrtRunner
 from tokensieve.runtimes.tensorrt import TensorRTRunner, build_engine, static_batch, tensorrt_version

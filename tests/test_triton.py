@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tokensieve
-from tokensieve.artifact import Artifact
+from tokensieve.artifact.store import Artifact
 from tokensieve.cli import main
 from tokensieve.errors import ArtifactError
 from tokensieve.runtimes.buckets import StagedRunner

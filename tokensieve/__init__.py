@@ -19,11 +19,11 @@ from tokensieve.errors import TokensieveError
 
 if TYPE_CHECKING:
     from tokensieve.api import export, load
-    from tokensieve.artifact import Artifact
+    from tokensieve.api import Artifact
 
 __version__ = "0.1.0"
 __all__ = ["Artifact", "TokensieveError", "__version__", "export", "load"]
-_LAZY = {"export": "tokensieve.api", "load": "tokensieve.api", "Artifact": "tokensieve.artifact"}
+_LAZY = {"export": "tokensieve.api", "load": "tokensieve.api", "Artifact": "tokensieve.api"}
 
 
 def __getattr__(name: str) -> Any:

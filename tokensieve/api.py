@@ -1,265 +1,123 @@
-"""Python API: ``tokensieve.export(...)`` builds an artifact; ``tokensieve.load(DIR)`` opens one.
+"""The facade: ``tokensieve.export(...)`` builds an artifact, ``tokensieve.load(DIR)`` opens one, and
+:class:`Artifact` adds the verbs (parity, bench, inspect, quantize, build, triton, jetson, generate) to the stored
+artifact of :mod:`tokensieve.artifact.store`. Nothing inside the package imports this module.
 
-Data flow: model source -> converter (torch -> ONNX) -> normalising passes -> token-reduction pass -> artifact
-(ONNX + manifest) -> runtime. The eager reference and parity sit beside it (``Artifact.parity``).
+Data flow: model source -> converter (torch -> ONNX) -> graph passes -> artifact (ONNX + manifest) -> runtime; the
+eager reference and the checks (parity, bench, gate) sit beside it, deployment (TensorRT, Triton, Jetson) on top.
 """
 
 from __future__ import annotations
 
-import datetime
-import logging
+import functools
+import inspect
 import os
 from typing import Any
 
-import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-from tokensieve.artifact import (
-    FORMAT,
-    FORMAT_VERSION,
-    Artifact,
-    check_file,
-    describe_io,
-    save_baseline,
-    save_graph,
-    staged_directory,
-    versions,
-    write_manifest,
-)
-from tokensieve.errors import LocateError, MethodSpecError, SourceError
-from tokensieve.graph_passes import run_passes
-from tokensieve.graph_passes.builder import read_sites
-from tokensieve.graph_passes.drop_zero_masks import DropZeroMaskPass
-from tokensieve.graph_passes.lint import lint
-from tokensieve.graph_passes.locate import ViTLayout, locate_vit
-from tokensieve.graph_passes.macs import count_macs
-from tokensieve.graph_passes.propagate import propagate_shapes
-from tokensieve.graph_passes.token_reduction import TokenReductionPass
-from tokensieve.methods import REGISTRY, Method, check_target, describe, parse_methods, schedule
-from tokensieve.onnx_file import load_onnx
-
-logging.getLogger("onnxscript").setLevel(logging.ERROR)
+from tokensieve.artifact import store
+from tokensieve.errors import ArtifactError, check_positive
+from tokensieve.exporter import image as _exporter
 
 
-def _baseline_from_source(spec, batch: int, dynamic_batch: bool, opset: int, exporter: str, module=None):
-    """(baseline ONNX model, digest of the eager weights or None, input preprocessing {shape, mean, std})."""
-    import torch
+class Artifact(store.Artifact):
+    """A tokensieve artifact directory: run it, inspect it, check its parity, lint it, benchmark it, deploy it."""
 
-    from tokensieve.converters.export import export_onnx
-    from tokensieve.converters.sources import HALF, BuiltModel, build_module, weights_digest
+    def build(self, **kwargs) -> dict:
+        """TensorRT engines for every graph, into ``DIR/engines/`` (:func:`tokensieve.deploy.build.build_engines`)."""
+        from tokensieve.deploy.build import build_engines
 
-    if spec.kind == "onnx":
-        model = load_onnx(spec.name, SourceError)
-        propagate_shapes(model)
-        shape = [d if isinstance(d, int) else None for d in model.graph.inputs[0].shape][1:]
-        return model, None, {"shape": shape, "mean": list(HALF[0]), "std": list(HALF[1])}
-    built: BuiltModel = module if module is not None else build_module(spec)
-    generator = torch.Generator().manual_seed(spec.seed)
-    example = torch.randn(max(batch, 2) if dynamic_batch else batch, *built.input_shape, generator=generator)
-    model = export_onnx(
-        built.module, example, built.output_names, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter
-    )
-    preprocessing = {"shape": list(built.input_shape), "mean": list(built.mean), "std": list(built.std)}
-    return model, weights_digest(built.module), preprocessing
+        return build_engines(self, **kwargs)
 
+    def quantize(self, data, out: str | os.PathLike, **kwargs) -> Artifact:
+        """An INT8 (QDQ) copy at ``out`` calibrated on the batch ``data [N, C, H, W]``
+        (:func:`tokensieve.quantize.image.quantize_artifact`); returns the new artifact."""
+        from tokensieve.quantize.image import quantize_artifact
 
-def export(
-    source: str,
-    method: str | Method | list[Method] | None = None,
-    out: str | os.PathLike = "tokensieve-out",
-    *,
-    weights: str | None = None,
-    seed: int = 0,
-    img_size: int | None = None,
-    batch: int = 1,
-    dynamic_batch: bool = False,
-    opset: int = 18,
-    exporter: str = "dynamo",
-    specials: int | None = None,
-    lint_target: str = "trt10.3",
-    buckets: str | list[int] | None = None,
-    max_buckets: int = 6,
-    calibrate: str | os.PathLike | None = None,
-    target_keep: float | None = None,
-    allow_truncation: bool = False,
-    capacity: int | None = None,
-    growing_cache: bool = True,
-    module=None,
-) -> Artifact:
-    """Export ``source`` to ONNX, insert ``method`` into the graph, and write an artifact directory ``out``.
+        self.check_output(out, "--out", replaced=True)
+        return type(self).load(quantize_artifact(self, data, out, **kwargs).path)
 
-    ``source``: ``timm:NAME``, ``hf:PRESET`` / ``hf:PATH`` or a path to an ``.onnx`` file. ``method``: a method
-    string such as ``"topk(keep=0.7, layers=[3,6,9])"`` or ``"tome(r=8)"`` (combine with ``+``), method objects, or
-    ``None``/``"none"`` for the unreduced model in the same layout. ``module``: a prebuilt
-    :class:`tokensieve.converters.sources.BuiltModel` to export instead of building ``source``.
+    def triton(self, out: str | os.PathLike, **kwargs) -> list[str]:
+        """Write this artifact into a Triton model repository (:func:`tokensieve.deploy.triton.write_repository`);
+        returns the model names, the one clients call first."""
+        from tokensieve.deploy.triton import write_repository
 
-    Adaptive methods (``atp``) produce a staged artifact: ``buckets`` = ``"auto"`` (chosen from the counts on
-    ``calibrate`` data, at most ``max_buckets``) or a list of sizes; ``target_keep`` calibrates the threshold for a
-    mean keep fraction; ``allow_truncation`` lets the dispatcher squeeze an over-full image into the largest bucket.
-    The batch axis is made dynamic for them (the dispatcher runs groups of any size).
+        self.check_output(out, "the model repository", replaced=False)
+        return write_repository(self, out, **kwargs)
 
-    MLLM sources (``hf:llava-tiny``, ``hf:llava-next-tiny``, a local LLaVA / LLaVA-NeXT checkpoint) give a split
-    artifact (vision, embed, prefill, decode graphs; see :mod:`tokensieve.export_mllm`): ``method`` = ``None`` or a
-    decoder method (``"fastv(k=2, keep=0.5)"``), ``capacity`` = KV-cache slots of the static decode graph,
-    ``growing_cache`` adds the growing-cache decode graph.
-    """
-    from tokensieve.converters.llava import is_mllm_source
-    from tokensieve.converters.sources import parse_source
+    def jetson(self, out: str | os.PathLike, **kwargs) -> dict:
+        """Write a Jetson bundle (:func:`tokensieve.deploy.jetson.write_bundle`); returns its ``bundle.json``."""
+        from tokensieve.deploy.jetson import write_bundle
 
-    spec = parse_source(source, weights=weights, seed=seed, img_size=img_size)
-    if method is None or isinstance(method, str):
-        methods = parse_methods(method)
-    else:
-        given = list(method) if isinstance(method, (list, tuple)) else [method]
-        methods = [m for item in given for m in (parse_methods(item) if isinstance(item, str) else [item])]
-        odd = [m for m in methods if not isinstance(m, tuple(REGISTRY.values()))]
-        if odd:
-            raise MethodSpecError(
-                f"method must be a method string such as 'topk(keep=0.7)', a method object or a list of them; got "
-                f"{odd[0]!r}"
+        self.check_output(out, "the bundle", replaced=True)
+        return write_bundle(self, out, **kwargs)
+
+    def run(self, pixel_values, graph: str = "model", **kwargs) -> dict:
+        """Run the graph on a numpy batch with ONNX Runtime (CPU unless ``providers=`` says otherwise)."""
+        from tokensieve.runtimes.pixels import check_pixels
+
+        if self.kind == "mllm":
+            raise ArtifactError("an MLLM artifact runs with Artifact.generate(image, prompt), not run()")
+        shape = self.manifest.get("preprocessing", {}).get("shape")
+        check_pixels(pixel_values, shape, self.manifest.get("export", {}).get("batch"))
+        runner = self.runner(graph, **kwargs)
+        return runner.run({runner.input_names[0]: pixel_values})
+
+    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 32, cache: str = "fixed", **kwargs):
+        """MLLM artifacts: greedy generation on ONNX Runtime (see :class:`tokensieve.runtimes.llava.LlavaRunner`)."""
+        return self.llava_runner(cache=cache).generate(image, prompt, max_new_tokens, **kwargs)
+
+    def inspect(self) -> dict[str, Any]:
+        from tokensieve.inspect.image import inspect_artifact
+
+        return inspect_artifact(self)
+
+    def parity(self, **kwargs):
+        if self.kind == "mllm":
+            from tokensieve.parity.mllm import check_llava_parity
+
+            return self._call(check_llava_parity, kwargs)
+        from tokensieve.parity.image import check_parity
+
+        return self._call(check_parity, kwargs)
+
+    def replay(self, **kwargs):
+        """Parity against the golden files ``parity`` wrote, torch-free
+        (:func:`tokensieve.parity.image.replay_golden`)."""
+        if self.kind == "mllm":
+            from tokensieve.parity.mllm import replay_llava_golden
+
+            return self._call(replay_llava_golden, kwargs)
+        from tokensieve.parity.image import replay_golden
+
+        return self._call(replay_golden, kwargs)
+
+    def bench(self, **kwargs):
+        if self.kind == "mllm":
+            from tokensieve.bench.mllm import bench_llava
+
+            return self._call(bench_llava, kwargs)
+        from tokensieve.bench.image import bench_artifact, bench_staged
+
+        return self._call(bench_staged if "stages" in self.manifest else bench_artifact, kwargs)
+
+    def _call(self, function, kwargs: dict[str, Any]):
+        """``function(self, **kwargs)``, or an error naming the options this kind of artifact does not take (or a
+        tolerance that is not a finite number above 0)."""
+        if kwargs.get("tolerance") is not None:
+            check_positive("tolerance", kwargs["tolerance"])
+        accepted = set(inspect.signature(function).parameters) - {"artifact"}
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            kind = "an MLLM" if self.kind == "mllm" else "an image-model"
+            raise ArtifactError(
+                f"{function.__name__} of {kind} artifact takes no {', '.join(unknown)}; it takes "
+                f"{', '.join(sorted(accepted))}"
             )
-    if spec.kind == "hf" and is_mllm_source(spec.name):
-        from tokensieve.export_mllm import export_mllm
-
-        check_target(methods, "mllm")
-        if len(methods) > 1:
-            raise MethodSpecError("an MLLM export takes one decoder method (e.g. 'fastv(k=2, keep=0.5)')")
-        unsupported = {
-            "--buckets": buckets,
-            "--calibrate": calibrate,
-            "--img-size": img_size,
-            "--dynamic-batch": dynamic_batch,
-            "--batch": batch != 1,
-            "--exporter": exporter != "dynamo",
-        }
-        given = [flag for flag, value in unsupported.items() if value]
-        if given:
-            raise MethodSpecError(
-                f"{', '.join(given)} do not apply to MLLM exports; export with --out and optionally --method "
-                "'fastv(...)', --capacity, --opset"
-            )
-        return export_mllm(
-            spec,
-            out,
-            method=methods[0] if methods else None,
-            capacity=capacity,
-            opset=opset,
-            growing=growing_cache,
-            lint_target=lint_target,
-        )
-    if capacity is not None:
-        raise MethodSpecError("--capacity applies to MLLM sources (hf:llava-tiny, a LLaVA checkpoint)")
-    check_target(methods, "vit")
-    adaptive = any(getattr(m, "adaptive", False) for m in methods)
-    if adaptive and len(methods) > 1:
-        raise MethodSpecError("an adaptive method (atp) cannot be combined with other methods yet")
-    if not adaptive and (buckets or calibrate or target_keep is not None):
-        raise MethodSpecError("--buckets, --calibrate and --target-keep apply to adaptive methods such as atp()")
-    if batch < 1:
-        raise SourceError(f"batch must be >= 1, got {batch}")
-    baseline, digest, preprocessing = _baseline_from_source(
-        spec, batch, dynamic_batch or adaptive, opset, exporter, module
-    )
-    DropZeroMaskPass()(baseline)
-    layout: ViTLayout | None = None
-    locate_error = None
-    try:
-        layout = locate_vit(baseline, specials)
-    except LocateError as e:
-        if methods:
-            raise
-        locate_error = str(e)
-    if methods:
-        schedule(methods, layout.tokens, layout.specials, layout.depth)  # fails early, before anything is written
-    data = None
-    if calibrate is not None:
-        from tokensieve.staged import load_data
-
-        data = load_data(calibrate, preprocessing["shape"], preprocessing["mean"], preprocessing["std"])
-
-    stages = None
-    with staged_directory(out) as staging:
-        if not methods:
-            reduced = baseline
-            save_graph(baseline, staging / "model.onnx", weights=True)
-            graphs = {"model": "model.onnx", "baseline": "model.onnx"}
-            entering = [layout.tokens] * layout.depth if layout else None
-        elif adaptive:
-            from tokensieve.staged import build_staged
-
-            save_baseline(staging, baseline)
-            stages, calibrated = build_staged(
-                staging,
-                methods[0],
-                layout,
-                buckets=buckets,
-                max_buckets=max_buckets,
-                data=data,
-                target_keep=target_keep,
-                allow_truncation=allow_truncation,
-                lint_target=lint_target,
-            )
-            methods = [calibrated]
-            reduced = ir.load(staging / stages["padmax"])
-            graphs = {"model": stages["padmax"], "baseline": "baseline.onnx"}
-            entering = None
-        else:
-            reduced = save_baseline(staging, baseline)
-            run_passes(reduced, [TokenReductionPass(methods, specials=layout.specials), RemoveUnusedNodesPass()])
-            save_graph(reduced, staging / "model.onnx", weights=False)
-            check_file(staging / "model.onnx")
-            graphs = {"model": "model.onnx", "baseline": "baseline.onnx"}
-            entering = schedule(methods, layout.tokens, layout.specials, layout.depth).entering
-        inputs, outputs = describe_io(reduced)
-        batch_dim = inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else None
-        macs_model, macs_baseline = count_macs(reduced), count_macs(baseline)
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(),
-            "source": spec.to_dict(),
-            "weights_sha256": digest,
-            "preprocessing": preprocessing,
-            "export": {
-                "exporter": exporter if spec.kind != "onnx" else "file",
-                "opset": reduced.opset_imports.get(""),
-                "batch": batch_dim if isinstance(batch_dim, int) else None,
-                "dynamic_batch": not isinstance(batch_dim, int),
-            },
-            "methods": [m.to_dict() for m in methods],
-            "method_text": describe(methods),
-            "graphs": {**graphs, "external_data": "weights.data"},
-            "inputs": inputs,
-            "outputs": outputs,
-            "layout": layout.summary() if layout else None,
-            "locate_error": locate_error,
-            "tokens_per_block": {
-                "baseline": [layout.tokens] * layout.depth if layout else None,
-                "model": entering,
-            },
-            "sites": read_sites(reduced) if not adaptive else [],
-            "macs": {
-                "baseline": macs_baseline,
-                "model": macs_model,
-                "limit_speedup": round(macs_baseline / macs_model, 4) if macs_model else None,
-            },
-            "lint": lint(reduced, lint_target).to_dict(),
-        }
-        if stages is not None:
-            manifest["stages"] = stages
-            manifest["macs"]["expected"] = _expected_macs(stages)
-        write_manifest(staging, manifest)
-    return Artifact.load(out)
+        return function(self, **kwargs)
 
 
-def _expected_macs(stages: dict) -> float | None:
-    """Mean MACs per image over the calibration data through the bucketed chain (single decision site)."""
-    plans = stages["calibration"].get("plans")
-    if not plans or len(plans) != 1:
-        return None
-    stage1 = stages["graph_info"][stages["graphs"][""]]["macs"]
-    return stage1 + plans[0]["expected_cost"]
+@functools.wraps(_exporter.export)
+def export(*args: Any, **kwargs: Any) -> Artifact:
+    return Artifact.load(_exporter.export(*args, **kwargs).path)
 
 
 def load(path: str | os.PathLike) -> Artifact:

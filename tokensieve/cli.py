@@ -56,7 +56,7 @@ def _export(args: argparse.Namespace) -> int:
         capacity=args.capacity,
         growing_cache=not args.no_growing_cache,
     )
-    from tokensieve.inspect import format_inspection
+    from tokensieve.inspect.image import format_inspection
 
     print(format_inspection(artifact.inspect()))
     return 0
@@ -64,7 +64,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from tokensieve.api import load
-    from tokensieve.inspect import format_inspection
+    from tokensieve.inspect.image import format_inspection
 
     info = load(args.dir).inspect()
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
@@ -170,7 +170,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from tokensieve.plan import format_plan, plan, plan_dicts
+    from tokensieve.plan.image import format_plan, plan, plan_dicts
 
     mllm = _is_mllm(args.source)
     options = ("text_tokens", "new_tokens", "image_size", "image_tokens", "capacity")
@@ -179,7 +179,7 @@ def _plan(args: argparse.Namespace) -> int:
         flag = "--" + misplaced[0].replace("_", "-")
         raise SourceError(f"{flag} applies to {'image models' if mllm else 'MLLM sources'}, not to {args.source}")
     if mllm:
-        from tokensieve.plan_mllm import format_mllm_plan, mllm_plan_dict, plan_mllm
+        from tokensieve.plan.mllm import format_mllm_plan, mllm_plan_dict, plan_mllm
 
         given = {key: getattr(args, key) for key in options if getattr(args, key) is not None}
         prompt, rows = plan_mllm(args.source, args.method, **given)
@@ -192,7 +192,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace) -> int:
     from tokensieve.api import load
-    from tokensieve.staged import load_data
+    from tokensieve.exporter.staged import load_data
 
     source = load(args.dir)
     pre = source.manifest.get("preprocessing")
@@ -284,7 +284,7 @@ def _bench(args: argparse.Namespace) -> int:
             contexts=args.contexts, threads=args.threads, blocks=args.blocks, per_block=args.per_block
         )
     elif "stages" in artifact.manifest:
-        from tokensieve.staged import load_data
+        from tokensieve.exporter.staged import load_data
 
         pre = artifact.manifest["preprocessing"]
         data = load_data(args.data, pre["shape"], pre["mean"], pre["std"]) if args.data else None
@@ -363,7 +363,7 @@ def _triton(args: argparse.Namespace) -> int:
 def _gate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from tokensieve.artifact import atomic_write_text
+    from tokensieve.artifact.store import atomic_write_text
     from tokensieve.gate import Policy, gate
 
     policy = Policy.load(args.policy) if args.policy else Policy()

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
-from tokensieve.artifact import MANIFEST, Artifact, file_digests
+from tokensieve.artifact.store import MANIFEST, Artifact, file_digests
 from tokensieve.errors import ArtifactError, GateError, TokensieveError, read_json
 from tokensieve.graph_passes.lint import TARGETS
 from tokensieve.methods import REGISTRY

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from tokensieve.engines import ENGINES
+from tokensieve.artifact.store import ENGINES
 
 
 def link_or_copy(source: Path, target: Path) -> None:

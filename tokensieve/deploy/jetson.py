@@ -40,12 +40,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tokensieve.artifact import replaced_directory
+from tokensieve.artifact.store import ENGINES, plan_path, replaced_directory
+from tokensieve.deploy.build import graph_paths, input_profile, profile_ranges
 from tokensieve.deploy.dla import check_dla, dla_job
 from tokensieve.deploy.files import copy_artifact
-from tokensieve.engines import ENGINES, graph_paths, input_profile, plan_path, profile_ranges
 from tokensieve.errors import ArtifactError
-from tokensieve.parity_staged import STAGED
+from tokensieve.parity.staged import STAGED
 
 JETPACKS = {  # JetPack -> (TensorRT, lint target, devices)
     "6.1": ("10.3", "trt10.3", "Orin"),
@@ -118,7 +118,7 @@ def _replay(artifact, fp16: bool) -> str | None:
     if staged:
         fallback = 'echo "the staged replay runs the bucket dispatcher: install tokensieve on the device to run it"'
     else:
-        from tokensieve.parity import golden_output_scale, polygraphy_replay
+        from tokensieve.parity.image import golden_output_scale, polygraphy_replay
 
         atol = bound * golden_output_scale(artifact)  # Polygraphy compares element by element, in absolute terms
         plan = plan_path(artifact, artifact.manifest["graphs"]["model"]).relative_to(artifact.path)

@@ -44,9 +44,8 @@ from typing import Any
 
 import onnx_ir as ir
 
-from tokensieve.artifact import WEIGHTS, describe_io
+from tokensieve.artifact.store import ENGINES, WEIGHTS, describe_io, plan_path
 from tokensieve.deploy.files import copy_artifact, link_or_copy
-from tokensieve.engines import ENGINES, plan_path
 from tokensieve.errors import ArtifactError
 
 BACKENDS = ("onnxruntime", "tensorrt")

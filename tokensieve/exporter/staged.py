@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from tokensieve.artifact import save_graph
+from tokensieve.artifact.store import save_graph
 from tokensieve.errors import MethodSpecError, SourceError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.lint import lint

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokensieve.artifact import replaced_directory
+from tokensieve.artifact.store import replaced_directory
 from tokensieve.errors import ParityError
 from tokensieve.graph_passes.sites.atp import KEPT_WEIGHT
-from tokensieve.parity import (
+from tokensieve.parity.report import (
     OutputParity,
     ParityReport,
     StagedCheck,

@@ -99,7 +99,7 @@ def _source(source: str) -> tuple[dict[str, int], dict[str, int] | None, dict[st
     """``(decoder sizes, vision sizes, host facts, default capacity)`` of an MLLM artifact or an ``hf:`` source."""
     path = Path(source)
     if path.is_dir() and (path / "manifest.json").is_file():
-        from tokensieve.artifact import Artifact
+        from tokensieve.artifact.store import Artifact
 
         manifest = Artifact.load(path).manifest
         if manifest.get("kind") != "mllm":

@@ -37,12 +37,12 @@ def _baseline_path(source: str, directory: Path, **export_options) -> Path:
     """An unreduced ONNX file for ``source``: an artifact's baseline, an .onnx file, or a fresh export."""
     path = Path(source)
     if path.is_dir():
-        from tokensieve.artifact import Artifact
+        from tokensieve.artifact.store import Artifact
 
         return Artifact.load(path).graph_path("baseline")
     if path.suffix == ".onnx":
         return path
-    from tokensieve.api import export
+    from tokensieve.exporter.image import export
 
     return export(source, None, directory / "baseline", **export_options).graph_path("model")
 

@@ -40,7 +40,7 @@ def inspect_mllm(artifact) -> dict[str, Any]:
 
 def _cost(artifact) -> dict[str, Any] | None:
     """The plan of the artifact's method at a 60-token prompt besides the image (``None``: data-dependent)."""
-    from tokensieve.plan_mllm import mllm_plan_dict, plan_artifact
+    from tokensieve.plan.mllm import mllm_plan_dict, plan_artifact
 
     planned = plan_artifact(artifact)
     return None if planned is None else mllm_plan_dict(*planned)

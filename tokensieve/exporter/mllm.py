@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from tokensieve.artifact import (
+from tokensieve.artifact.store import (
     FORMAT,
     FORMAT_VERSION,
     Artifact,

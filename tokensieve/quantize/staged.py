@@ -45,8 +45,8 @@ def restage(stages: dict, directory: Path, target: str) -> None:
     """After quantization: every stage graph's lint (``graph_info``) and the trtexec recipes with INT8."""
     import onnx_ir as ir
 
+    from tokensieve.exporter.staged import write_recipes
     from tokensieve.graph_passes.lint import lint
-    from tokensieve.staged import write_recipes
 
     dynamic = set(stages["dynamic"].values()) - set(stages["graphs"].values())
     for path, info in stages["graph_info"].items():

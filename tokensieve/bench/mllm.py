@@ -4,7 +4,7 @@ prompt length, the vision graph, and the export time recorded at export.
 The fixed-capacity decode graph always attends over all ``capacity`` slots (masked) and updates its cache in place
 (:class:`tokensieve.runtimes.llava.FixedCacheDecoder`), so its cost is flat in the context length; the
 growing-cache graph attends over exactly ``L`` past positions but writes a new, one-longer cache every step. The
-crossover is what the numbers show. Same protocol as :mod:`tokensieve.bench`:
+crossover is what the numbers show. Same protocol as :mod:`tokensieve.bench.image`:
 warm-up, the two decode forms alternating in blocks, medians with minima, noisy measurements repeated. Prefill
 prompts are laid out ``[BOS, image, text]`` with the manifest's image token count (text only when the image does not
 fit), so a FastV, ATP-LLaVA, DyVTE or MustDrop prefill drops what it would drop on a real prompt (ATP-LLaVA, DyVTE,
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tokensieve.bench import pyplot, save_figure, time_alternating
+from tokensieve.bench.image import pyplot, save_figure, time_alternating
 from tokensieve.errors import CapacityError
 from tokensieve.methods import methods_from_dicts
 from tokensieve.methods.h2o import H2O
@@ -184,7 +184,7 @@ def bench_llava(
 
 def export_variants(source: str, variants: dict[str, tuple[Any, int]], directory: Path) -> dict[str, Any]:
     """Export ``source`` once per variant ``name: (method, capacity)`` into subfolders of ``directory``."""
-    from tokensieve.api import export
+    from tokensieve.exporter.image import export
 
     artifacts = {}
     for i, (name, (method, capacity)) in enumerate(variants.items()):

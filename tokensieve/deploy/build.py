@@ -27,9 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tokensieve.artifact.store import ENGINES, plan_path, replaced_directory
 from tokensieve.errors import ArtifactError
-
-ENGINES = "engines"  # where the staged artifacts' trtexec recipes (trt/build_*.sh) put their plans too
 
 
 def graph_paths(artifact) -> list[str]:
@@ -40,11 +39,6 @@ def graph_paths(artifact) -> list[str]:
     if artifact.kind != "mllm" and baseline:
         paths.append(baseline)
     return list(dict.fromkeys(paths))
-
-
-def plan_path(artifact, onnx: str) -> Path:
-    """``DIR/engines/<stem>.plan`` for the graph at the relative path ``onnx``."""
-    return artifact.path / ENGINES / f"{Path(onnx).stem}.plan"
 
 
 def symbol_ranges(artifact, max_batch: int = 32) -> dict[str, tuple[int, int, int]]:
@@ -142,7 +136,6 @@ def build_engines(
 ) -> dict[str, Any]:
     """Build every graph of ``artifact`` into ``DIR/engines/`` (see module docstring); returns ``build.json``'s
     content."""
-    from tokensieve.artifact import replaced_directory
     from tokensieve.runtimes.tensorrt import build_engine, require_tensorrt
 
     require_tensorrt()

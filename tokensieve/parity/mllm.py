@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from tokensieve.artifact import replaced_directory
+from tokensieve.artifact.store import replaced_directory
 from tokensieve.errors import ParityError, check_at_least
-from tokensieve.parity import read_golden
+from tokensieve.parity.report import read_golden
 
 _WORDS = (
     "what",

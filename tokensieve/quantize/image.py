@@ -12,7 +12,7 @@ gathers, the merge matrices) is excluded, so the scores are computed and compare
 stream: what can still flip a selection is the drift of the stream itself, and that is what parity measures.
 
 A staged (bucketed) artifact has every graph quantized, each calibrated on its own inputs
-(:mod:`tokensieve.calibration.quantize_staged`); its trtexec recipes gain ``--int8``.
+(:mod:`tokensieve.quantize.staged`); its trtexec recipes gain ``--int8``.
 
 The new artifact keeps its source, methods and eager reference; its manifest gains ``quantization`` (recipe,
 calibration images, and the drift budget ``tolerance`` / ``min_agreement``). ``tokensieve parity`` holds it to the
@@ -104,8 +104,8 @@ def quantize_artifact(
     min_agreement: float = 0.9,
 ):
     """Write the INT8 artifact ``out`` from ``artifact`` (an image model, single-graph or staged) calibrated on
-    ``data``; see the module docstring. Returns the new :class:`tokensieve.artifact.Artifact`."""
-    from tokensieve.artifact import Artifact, staged_directory, write_manifest
+    ``data``; see the module docstring. Returns the new :class:`tokensieve.artifact.store.Artifact`."""
+    from tokensieve.artifact.store import Artifact, staged_directory, write_manifest
     from tokensieve.graph_passes.lint import lint
 
     manifest = artifact.manifest
@@ -130,7 +130,7 @@ def quantize_artifact(
     images = image_batches(spec["name"], data, batch)
     feeds = {manifest["graphs"][key]: images for key in ("model", "baseline")}
     if "stages" in manifest:
-        from tokensieve.calibration.quantize_staged import stage_feeds
+        from tokensieve.quantize.staged import stage_feeds
 
         feeds |= stage_feeds(artifact, images)
     with staged_directory(out) as staging:
@@ -146,7 +146,7 @@ def quantize_artifact(
         new["graphs"] = {key: manifest["graphs"][key] for key in ("model", "baseline")}
         new["lint"] = lint(ir.load(staging / new["graphs"]["model"]), manifest["lint"]["target"]).to_dict()
         if "stages" in manifest:
-            from tokensieve.calibration.quantize_staged import restage
+            from tokensieve.quantize.staged import restage
 
             restage(new["stages"], staging, manifest["lint"]["target"])
         new["quantization"] = {

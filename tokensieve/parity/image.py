@@ -18,114 +18,28 @@ or a registry gate with only ONNX Runtime).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tokensieve.artifact import replaced_directory
+from tokensieve.artifact.store import replaced_directory
 from tokensieve.errors import ParityError
 from tokensieve.onnx_file import load_onnx
+from tokensieve.parity.report import (
+    EAGER,
+    ORT,
+    ParityReport,
+    SiteParity,
+    budget,
+    compare_outputs,
+    output_scale,
+    read_golden,
+)
+from tokensieve.parity.staged import check_staged_parity, replay_staged_golden
 
-EAGER = "eager-pytorch"
-ORT = "onnxruntime"
 SITES = "eager_sites.npz"
-
-
-@dataclass
-class OutputParity:
-    name: str
-    max_abs: float
-    scale: float
-    relative: float
-    ok: bool
-
-
-@dataclass
-class SiteParity:
-    layer: int
-    block: str
-    method: str
-    samples: int
-    same_groups: int  # samples whose merge source map (which original tokens each output token holds) matches
-    same_order: int  # samples whose output order is identical too
-    min_agreement: float  # worst fraction of original tokens whose group matches
-    size_error: float | None  # max |size difference| of matching groups, when the graph exposes sizes
-    required: float = 1.0  # the min_agreement that passes: 1 (identical groups) unless a quantized artifact's budget
-
-    @property
-    def ok(self) -> bool:
-        sizes = self.size_error is None or self.size_error <= 1e-3 or self.required < 1
-        return self.min_agreement >= self.required and sizes
-
-
-@dataclass
-class StagedCheck:
-    """One check of a staged artifact: a routing mode, or a bucket at a forced edge count."""
-
-    label: str
-    samples: int
-    relative: float  # worst output error relative to the output scale, valid tokens only
-    same_kept: int | None  # samples whose kept tokens match at every site (None: not compared)
-    ok: bool
-    required: float = 1.0  # kept-token agreement that counts as a match: 1 (the same set) unless quantized
-
-    @property
-    def passed(self) -> bool:
-        return self.ok and (self.same_kept is None or self.same_kept == self.samples)
-
-
-@dataclass
-class ParityReport:
-    tolerance: float
-    batch: int
-    provider: list[str]
-    outputs: list[OutputParity] = field(default_factory=list)
-    sites: list[SiteParity] = field(default_factory=list)
-    golden: str | None = None
-    replay: str | None = None
-    checks: list[StagedCheck] = field(default_factory=list)
-    reference: str = "eager PyTorch"  # or the recorded golden outputs (replay_golden)
-
-    @property
-    def ok(self) -> bool:
-        return all(o.ok for o in self.outputs) and all(s.ok for s in self.sites) and all(c.passed for c in self.checks)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["ok"] = self.ok
-        for s, d in zip(self.sites, data["sites"], strict=True):
-            d["ok"] = s.ok
-        return data
-
-    def text(self) -> str:
-        lines = [
-            f"parity: {'PASS' if self.ok else 'FAIL'} ({self.reference} vs the graph on {self.provider}, "
-            f"batch {self.batch}, tolerance {self.tolerance:g} of output scale)"
-        ]
-        for o in self.outputs:
-            lines.append(
-                f"  output {o.name:<20} max|diff| {o.max_abs:.3e}  scale {o.scale:.3e}  "
-                f"relative {o.relative:.3e}  {'ok' if o.ok else 'FAIL'}"
-            )
-        for s in self.sites:
-            sizes = "" if s.size_error is None else f", sizes within {s.size_error:.1e}"
-            lines.append(
-                f"  site   {s.block:<20} {s.method:<8} same token groups in {s.same_groups}/{s.samples} samples "
-                f"(same order {s.same_order}/{s.samples}, min agreement {s.min_agreement:.3f}{sizes})  "
-                f"{'ok' if s.ok else 'FAIL'}"
-            )
-        for c in self.checks:
-            agree = "same kept tokens" if c.required >= 1 else f"kept tokens agree >= {c.required:g}"
-            kept = "" if c.same_kept is None else f", {agree} in {c.same_kept}/{c.samples}"
-            lines.append(f"  staged {c.label:<40} relative {c.relative:.3e}{kept}  {'ok' if c.passed else 'FAIL'}")
-        if self.golden:
-            lines.append(f"  golden files: {self.golden}")
-        if self.replay:
-            lines.append(f"  replay on TensorRT: {self.replay}")
-        return "\n".join(lines)
 
 
 def assignment(site: dict, specials: int, raw: dict[str, np.ndarray]) -> np.ndarray:
@@ -238,21 +152,6 @@ def compare_sites(
     return out
 
 
-def compare_outputs(
-    names: list[str], eager: list[np.ndarray], graph: dict[str, np.ndarray], tolerance: float
-) -> list[OutputParity]:
-    out = []
-    for name, ref in zip(names, eager, strict=True):
-        got = graph[name]
-        if got.shape != ref.shape:
-            out.append(OutputParity(name, float("inf"), float(np.abs(ref).max()), float("inf"), False))
-            continue
-        max_abs = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
-        scale = float(np.abs(ref).max()) or 1.0
-        out.append(OutputParity(name, max_abs, scale, max_abs / scale, max_abs / scale <= tolerance))
-    return out
-
-
 def _reference_module(artifact, reference):
     """The eager module: rebuilt from the manifest's source (checked against its weight hash) or given."""
     from tokensieve.converters.sources import BuiltModel, SourceSpec, build_module, weights_digest
@@ -303,15 +202,6 @@ def _write_golden(
     return directory / "golden"
 
 
-def budget(artifact, tolerance: float | None) -> tuple[float, float]:
-    """``(output tolerance, required site agreement)``: exact parity (1e-4 of the output scale, identical groups)
-    unless the artifact is quantized, whose manifest records its drift budget; an explicit ``tolerance`` wins."""
-    quantization = artifact.manifest.get("quantization")
-    if quantization is None:
-        return (1e-4 if tolerance is None else tolerance), 1.0
-    return (quantization["tolerance"] if tolerance is None else tolerance), quantization["min_agreement"]
-
-
 def _check_device(torch, device: str) -> None:
     try:
         kind = torch.device(device).type
@@ -356,8 +246,6 @@ def check_parity(
     eager_model = ReducedModel(built.module, methods, specials) if methods else built.module.eval()
     pixels = torch.randn(batch, *built.input_shape, generator=torch.Generator().manual_seed(seed))
     if "stages" in manifest:
-        from tokensieve.parity_staged import check_staged_parity
-
         return check_staged_parity(artifact, eager_model, pixels.numpy(), tolerance, providers, golden, required)
     if device != "cpu":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -383,7 +271,7 @@ def check_parity(
             eager_records,
         )
         report.golden = str(directory)
-        scale = _output_scale(eager_out)
+        scale = output_scale(eager_out)
         report.replay = polygraphy_replay(str(artifact.graph_path("model")), directory, max(1e-3, tolerance) * scale)
     return report
 
@@ -438,33 +326,6 @@ def _check_graph(
     return report, graph_out
 
 
-def read_golden(artifact, files: tuple[str, ...], read: Callable[[Path], Any]) -> Any:
-    """``read(DIR/golden)`` once ``files`` are there; missing or unreadable golden files are a :class:`ParityError`
-    that says how to write them."""
-    golden = artifact.path / "golden"
-    if not all((golden / name).is_file() for name in files):
-        raise ParityError(
-            f"{artifact.path} has no complete golden files; write them with `tokensieve parity {artifact.path}` "
-            "where the eager model is available"
-        )
-    try:
-        return read(golden)
-    except (OSError, ValueError, KeyError, IndexError) as e:
-        raise ParityError(
-            f"the golden files in {golden} are unreadable ({e}); rewrite them with `tokensieve parity`"
-        ) from None
-
-
-def golden_output_scale(artifact) -> float:
-    """The largest magnitude in the recorded eager outputs of a single-graph artifact (what tolerances scale by)."""
-    _, eager, _ = read_golden(artifact, ("inputs.json", "eager_outputs.json", SITES), _read_vit_golden)
-    return _output_scale(eager.values())
-
-
-def _output_scale(outputs) -> float:
-    return max((float(np.abs(np.asarray(value)).max()) for value in outputs), default=1.0) or 1.0
-
-
 def _read_vit_golden(golden: Path) -> tuple[dict, Any, dict[int, dict[str, np.ndarray]]]:
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json
@@ -488,8 +349,6 @@ def replay_golden(
     ``runtime="tensorrt"``, through the engine ``tokensieve build`` wrote, on the outputs only."""
     tolerance, required = budget(artifact, tolerance)
     if "stages" in artifact.manifest:
-        from tokensieve.parity_staged import replay_staged_golden
-
         return replay_staged_golden(
             artifact, tolerance=tolerance, providers=providers, required=required, runtime=runtime
         )
@@ -503,3 +362,9 @@ def replay_golden(
     )
     report.golden, report.reference = str(artifact.path / "golden"), "golden eager outputs"
     return report
+
+
+def goldenoutput_scale(artifact) -> float:
+    """The largest magnitude in the recorded eager outputs of a single-graph artifact (what tolerances scale by)."""
+    _, eager, _ = read_golden(artifact, ("inputs.json", "eager_outputs.json", SITES), _read_vit_golden)
+    return output_scale(eager.values())

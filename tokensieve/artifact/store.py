@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import inspect
 import json
 import os
 import shutil
@@ -33,12 +32,13 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from tokensieve.errors import ArtifactError, GraphRewriteError, check_positive
+from tokensieve.errors import ArtifactError, GraphRewriteError
 from tokensieve.onnx_file import load_onnx
 
 MANIFEST = "manifest.json"
 FORMAT = "tokensieve-artifact"
 FORMAT_VERSION = 1
+ENGINES = "engines"  # where `tokensieve build` and the staged trtexec recipes (trt/build_*.sh) put their plans
 WEIGHTS = "weights.data"
 _VERSIONED = ("torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "timm", "transformers")
 _ALIGNMENT = 64
@@ -186,6 +186,11 @@ def check_file(path: Path) -> None:
         raise GraphRewriteError(f"{path.name} fails onnx's checker: {str(e).splitlines()[0]}") from e
 
 
+def plan_path(artifact: Artifact, onnx: str) -> Path:
+    """``DIR/engines/<stem>.plan`` for the graph at the relative path ``onnx``."""
+    return artifact.path / ENGINES / f"{Path(onnx).stem}.plan"
+
+
 class Artifact:
     """A tokensieve artifact directory: run it, inspect it, check its parity, lint it, benchmark it."""
 
@@ -244,7 +249,6 @@ class Artifact:
         """A runner of one graph: ONNX Runtime (``kwargs``: providers, threads, ...), or ``runtime="tensorrt"``
         for the engine ``tokensieve build`` wrote (the ONNX Runtime options do not apply)."""
         if runtime == "tensorrt":
-            from tokensieve.engines import plan_path
             from tokensieve.runtimes.tensorrt import TensorRTRunner
 
             return TensorRTRunner(plan_path(self, str(self.graph_path(graph).relative_to(self.path))))
@@ -265,19 +269,12 @@ class Artifact:
         if runtime == "tensorrt":
             if kwargs.get("expose"):
                 raise ArtifactError("an engine has no debug outputs: the kept tokens are exposed on ONNX Runtime only")
-            from tokensieve.engines import plan_path
             from tokensieve.runtimes.tensorrt import TensorRTRunner
 
             kwargs["runner_factory"] = lambda relative, extra: TensorRTRunner(plan_path(self, relative))
         elif runtime != "onnxruntime":
             raise ArtifactError(f"unknown runtime {runtime!r}; choose onnxruntime or tensorrt")
         return StagedRunner(self.path, self.manifest["stages"], mode=mode, **kwargs)
-
-    def build(self, **kwargs) -> dict:
-        """TensorRT engines for every graph, into ``DIR/engines/`` (:func:`tokensieve.engines.build_engines`)."""
-        from tokensieve.engines import build_engines
-
-        return build_engines(self, **kwargs)
 
     def check_output(self, out: str | os.PathLike, what: str, replaced: bool) -> None:
         """Refuse an output that is this artifact or lies inside it (the artifact would be overwritten, or copied
@@ -287,98 +284,12 @@ class Artifact:
             where = "is" if target == own else "is inside" if own in target.parents else "holds"
             raise ArtifactError(f"{what} {out} {where} the artifact {self.path}; write it somewhere else")
 
-    def quantize(self, data, out: str | os.PathLike, **kwargs) -> Artifact:
-        """An INT8 (QDQ) copy at ``out`` calibrated on the batch ``data [N, C, H, W]``
-        (:func:`tokensieve.calibration.quantize.quantize_artifact`); returns the new artifact."""
-        from tokensieve.calibration.quantize import quantize_artifact
-
-        self.check_output(out, "--out", replaced=True)
-        return quantize_artifact(self, data, out, **kwargs)
-
-    def triton(self, out: str | os.PathLike, **kwargs) -> list[str]:
-        """Write this artifact into a Triton model repository (:func:`tokensieve.deploy.triton.write_repository`);
-        returns the model names, the one clients call first."""
-        from tokensieve.deploy.triton import write_repository
-
-        self.check_output(out, "the model repository", replaced=False)
-        return write_repository(self, out, **kwargs)
-
-    def jetson(self, out: str | os.PathLike, **kwargs) -> dict:
-        """Write a Jetson bundle (:func:`tokensieve.deploy.jetson.write_bundle`); returns its ``bundle.json``."""
-        from tokensieve.deploy.jetson import write_bundle
-
-        self.check_output(out, "the bundle", replaced=True)
-        return write_bundle(self, out, **kwargs)
-
-    def run(self, pixel_values, graph: str = "model", **kwargs) -> dict:
-        """Run the graph on a numpy batch with ONNX Runtime (CPU unless ``providers=`` says otherwise)."""
-        from tokensieve.runtimes.pixels import check_pixels
-
-        if self.kind == "mllm":
-            raise ArtifactError("an MLLM artifact runs with Artifact.generate(image, prompt), not run()")
-        shape = self.manifest.get("preprocessing", {}).get("shape")
-        check_pixels(pixel_values, shape, self.manifest.get("export", {}).get("batch"))
-        runner = self.runner(graph, **kwargs)
-        return runner.run({runner.input_names[0]: pixel_values})
-
-    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 32, cache: str = "fixed", **kwargs):
-        """MLLM artifacts: greedy generation on ONNX Runtime (see :class:`tokensieve.runtimes.llava.LlavaRunner`)."""
-        return self.llava_runner(cache=cache).generate(image, prompt, max_new_tokens, **kwargs)
-
     def llava_runner(self, **kwargs):
         from tokensieve.runtimes.llava import LlavaRunner
 
         if self.kind != "mllm":
             raise ArtifactError(f"{self.path} holds an image model; generate() needs an MLLM artifact (hf:llava-tiny)")
         return LlavaRunner.from_artifact(self, **kwargs)
-
-    def inspect(self) -> dict[str, Any]:
-        from tokensieve.inspect import inspect_artifact
-
-        return inspect_artifact(self)
-
-    def parity(self, **kwargs):
-        if self.kind == "mllm":
-            from tokensieve.parity_llava import check_llava_parity
-
-            return self._call(check_llava_parity, kwargs)
-        from tokensieve.parity import check_parity
-
-        return self._call(check_parity, kwargs)
-
-    def replay(self, **kwargs):
-        """Parity against the golden files ``parity`` wrote: torch-free (:func:`tokensieve.parity.replay_golden`)."""
-        if self.kind == "mllm":
-            from tokensieve.parity_llava import replay_llava_golden
-
-            return self._call(replay_llava_golden, kwargs)
-        from tokensieve.parity import replay_golden
-
-        return self._call(replay_golden, kwargs)
-
-    def bench(self, **kwargs):
-        if self.kind == "mllm":
-            from tokensieve.bench_llava import bench_llava
-
-            return self._call(bench_llava, kwargs)
-        from tokensieve.bench import bench_artifact, bench_staged
-
-        return self._call(bench_staged if "stages" in self.manifest else bench_artifact, kwargs)
-
-    def _call(self, function, kwargs: dict[str, Any]):
-        """``function(self, **kwargs)``, or an error naming the options this kind of artifact does not take (or a
-        tolerance that is not a finite number above 0)."""
-        if kwargs.get("tolerance") is not None:
-            check_positive("tolerance", kwargs["tolerance"])
-        accepted = set(inspect.signature(function).parameters) - {"artifact"}
-        unknown = sorted(set(kwargs) - accepted)
-        if unknown:
-            kind = "an MLLM" if self.kind == "mllm" else "an image-model"
-            raise ArtifactError(
-                f"{function.__name__} of {kind} artifact takes no {', '.join(unknown)}; it takes "
-                f"{', '.join(sorted(accepted))}"
-            )
-        return function(self, **kwargs)
 
     def graph_files(self) -> list[tuple[str, bool]]:
         """Every deployable graph: ``(relative path, has symbolic shapes meant for optimization profiles)``."""

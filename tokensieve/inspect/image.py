@@ -21,7 +21,7 @@ def _stages(stages: dict[str, Any]) -> dict[str, Any]:
 
 def inspect_artifact(artifact) -> dict[str, Any]:
     if artifact.kind == "mllm":
-        from tokensieve.inspect_mllm import inspect_mllm
+        from tokensieve.inspect.mllm import inspect_mllm
 
         return inspect_mllm(artifact)
     m = artifact.manifest
@@ -65,7 +65,7 @@ def inspect_artifact(artifact) -> dict[str, Any]:
 
 def format_inspection(info: dict[str, Any]) -> str:
     if info.get("kind") == "mllm":
-        from tokensieve.inspect_mllm import format_mllm
+        from tokensieve.inspect.mllm import format_mllm
 
         return format_mllm(info)
     src = info["source"]
