@@ -364,7 +364,7 @@ def replay_golden(
     return report
 
 
-def goldenoutput_scale(artifact) -> float:
+def golden_output_scale(artifact) -> float:
     """The largest magnitude in the recorded eager outputs of a single-graph artifact (what tolerances scale by)."""
     _, eager, _ = read_golden(artifact, ("inputs.json", "eager_outputs.json", SITES), _read_vit_golden)
     return output_scale(eager.values())
