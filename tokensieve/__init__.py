@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 from tokensieve.errors import TokensieveError
 
 if TYPE_CHECKING:
-    from tokensieve.api import export, load
-    from tokensieve.api import Artifact
+    from tokensieve.api import Artifact, export, load
 
 __version__ = "0.1.0"
 __all__ = ["Artifact", "TokensieveError", "__version__", "export", "load"]

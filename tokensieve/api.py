@@ -15,7 +15,7 @@ from typing import Any
 
 from tokensieve.artifact import store
 from tokensieve.errors import ArtifactError, check_positive
-from tokensieve.exporter import image as _exporter
+from tokensieve.exporter import dispatch as _exporter
 
 
 class Artifact(store.Artifact):
@@ -56,8 +56,8 @@ class Artifact(store.Artifact):
 
         if self.kind == "mllm":
             raise ArtifactError("an MLLM artifact runs with Artifact.generate(image, prompt), not run()")
-        shape = self.manifest.get("preprocessing", {}).get("shape")
-        check_pixels(pixel_values, shape, self.manifest.get("export", {}).get("batch"))
+        shape = self.manifest.preprocessing.get("shape")
+        check_pixels(pixel_values, shape, self.manifest.export.get("batch"))
         runner = self.runner(graph, **kwargs)
         return runner.run({runner.input_names[0]: pixel_values})
 
@@ -97,7 +97,7 @@ class Artifact(store.Artifact):
             return self._call(bench_llava, kwargs)
         from tokensieve.bench.image import bench_artifact, bench_staged
 
-        return self._call(bench_staged if "stages" in self.manifest else bench_artifact, kwargs)
+        return self._call(bench_staged if self.kind == "staged" else bench_artifact, kwargs)
 
     def _call(self, function, kwargs: dict[str, Any]):
         """``function(self, **kwargs)``, or an error naming the options this kind of artifact does not take (or a

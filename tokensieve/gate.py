@@ -176,7 +176,7 @@ def find_artifacts(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 def _files(artifact: Artifact) -> Check:
-    recorded = artifact.manifest.get("files")
+    recorded = artifact.manifest.files
     if not recorded:
         return Check("files", FAIL, "the manifest records no file digests; re-export with this tokensieve version")
     current = file_digests(artifact.path, recorded)
@@ -252,18 +252,18 @@ def _budgets(artifact: Artifact, policy: Policy) -> list[Check]:
     manifest = artifact.manifest
     checks: list[Check | None] = []
     if policy.methods is not None:
-        used = [m["name"] for m in manifest.get("methods") or []]
+        used = [m["name"] for m in manifest.methods]
         outside = sorted(set(used) - set(policy.methods))
         detail = f"uses {used or 'no method'}" + (f"; not allowed: {outside}" if outside else "")
         checks.append(Check("methods", FAIL if outside else PASS, detail))
-    checks.append(_bound("max_opset", manifest["export"].get("opset"), policy.max_opset, at_most=True))
-    macs = manifest.get("macs") or {}
+    checks.append(_bound("max_opset", manifest.export.get("opset"), policy.max_opset, at_most=True))
+    macs = manifest.macs if artifact.kind != "mllm" else {}
     model = macs.get("expected") or macs.get("model")  # staged: the mean over the calibration data, bucketed
     limit = round(macs["baseline"] / model, 4) if model else None
     checks.append(_bound("min_limit_speedup", limit, policy.min_limit_speedup, at_most=False, unit="x"))
     checks.append(_bound("max_macs", model, policy.max_macs, at_most=True))
     checks.append(_measured_fraction(artifact, policy.min_fraction_of_limit))
-    capacity = (manifest.get("decoder") or {}).get("capacity")
+    capacity = manifest.decoder.get("capacity") if artifact.kind == "mllm" else None
     checks.append(_bound("max_cache_slots", capacity, policy.max_cache_slots, at_most=True))
     return [c for c in checks if c is not None]
 
@@ -285,8 +285,8 @@ def gate_artifact(path: Path, policy: Policy) -> ArtifactGate:
     except ArtifactError as e:
         return ArtifactGate(str(path), "unreadable", [Check("manifest", FAIL, str(e))])
     manifest = artifact.manifest
-    source = manifest["source"]
-    description = f"{source['kind']}:{source['name']}, {manifest.get('method_text') or 'none'}"
+    source = manifest.source
+    description = f"{source['kind']}:{source['name']}, {manifest.method_text or 'none'}"
     checks = [
         _guarded("files", _files, artifact),
         _guarded(f"lint {policy.target}", _lint, artifact, policy.target),

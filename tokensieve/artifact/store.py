@@ -32,12 +32,11 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from tokensieve.artifact import manifest as manifest_file
+from tokensieve.artifact.manifest import FORMAT, MANIFEST, Manifest
 from tokensieve.errors import ArtifactError, GraphRewriteError
 from tokensieve.onnx_file import load_onnx
 
-MANIFEST = "manifest.json"
-FORMAT = "tokensieve-artifact"
-FORMAT_VERSION = 1
 ENGINES = "engines"  # where `tokensieve build` and the staged trtexec recipes (trt/build_*.sh) put their plans
 WEIGHTS = "weights.data"
 _VERSIONED = ("torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "timm", "transformers")
@@ -108,10 +107,11 @@ def file_digests(directory: Path, only: Collection[str] | None = None) -> dict[s
     return digests
 
 
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(directory: Path, manifest: Manifest | dict[str, Any]) -> None:
     """Write ``manifest.json`` last, with the digests of every file already in ``directory``."""
-    manifest["files"] = file_digests(directory)
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if isinstance(manifest, dict):
+        manifest = manifest_file.read_dict({"format": FORMAT, **manifest}, str(directory / MANIFEST))
+    manifest_file.dump(directory, manifest, file_digests(directory))
 
 
 def save_graph(model: ir.Model, path: Path, weights: bool) -> None:
@@ -194,56 +194,39 @@ def plan_path(artifact: Artifact, onnx: str) -> Path:
 class Artifact:
     """A tokensieve artifact directory: run it, inspect it, check its parity, lint it, benchmark it."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    def __init__(self, path: Path, manifest: Manifest):
         self.path = path
         self.manifest = manifest
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Artifact:
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise ArtifactError(
-                f"{path} is not a tokensieve artifact (no {MANIFEST}); create one with `tokensieve export`"
-            )
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError as e:
-            raise ArtifactError(f"{manifest_path} is not valid JSON: {e}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ArtifactError(f"{manifest_path} is not a tokensieve manifest")
-        if manifest.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ArtifactError(
-                f"{manifest_path} has format version {manifest['format_version']}, newer than this tokensieve reads "
-                f"({FORMAT_VERSION}); upgrade tokensieve"
-            )
-        if not isinstance(manifest.get("graphs"), dict):
-            raise ArtifactError(f'{manifest_path} names no graphs (no "graphs" table); re-export the artifact')
-        artifact = cls(path, manifest)
-        for relative in manifest["graphs"].values():
+        artifact = cls(path, manifest_file.read(path))
+        for relative in artifact.manifest.graphs.values():
             if not (path / relative).is_file():
                 raise ArtifactError(f"artifact {path} is incomplete: {relative} is missing")
         return artifact
 
     @property
     def kind(self) -> str:
-        """``"vit"`` (one image model, possibly staged) or ``"mllm"`` (vision / embed / prefill / decode graphs)."""
-        return self.manifest.get("kind", "vit")
+        """``"image"`` (one image model), ``"staged"`` (an adaptive method's bucket graphs) or ``"mllm"`` (vision /
+        embed / prefill / decode graphs): the type of the manifest."""
+        return self.manifest.kind
 
     def graph_path(self, key: str = "model") -> Path:
-        if key not in self.manifest["graphs"]:
-            raise ArtifactError(f"{self.path} has no graph {key!r}; its graphs: {', '.join(self.manifest['graphs'])}")
-        return self.path / self.manifest["graphs"][key]
+        if key not in self.manifest.graphs:
+            raise ArtifactError(f"{self.path} has no graph {key!r}; its graphs: {', '.join(self.manifest.graphs)}")
+        return self.path / self.manifest.graphs[key]
 
     @property
     def methods(self) -> list:
         from tokensieve.methods import methods_from_dicts
 
-        return methods_from_dicts(self.manifest.get("methods"))
+        return methods_from_dicts(self.manifest.methods)
 
     @property
     def input_spec(self) -> dict[str, Any]:
-        return self.manifest["inputs"][0]
+        return self.manifest.inputs[0]
 
     def runner(self, graph: str = "model", runtime: str = "onnxruntime", **kwargs):
         """A runner of one graph: ONNX Runtime (``kwargs``: providers, threads, ...), or ``runtime="tensorrt"``
@@ -264,7 +247,7 @@ class Artifact:
         graph, the symbolic-K chain (``mode="oracle"``) and the pad-to-max graph have one."""
         from tokensieve.runtimes.buckets import StagedRunner
 
-        if "stages" not in self.manifest:
+        if self.kind != "staged":
             raise ArtifactError(f"{self.path} is not a staged artifact (export an adaptive method with --buckets)")
         if runtime == "tensorrt":
             if kwargs.get("expose"):
@@ -274,7 +257,7 @@ class Artifact:
             kwargs["runner_factory"] = lambda relative, extra: TensorRTRunner(plan_path(self, relative))
         elif runtime != "onnxruntime":
             raise ArtifactError(f"unknown runtime {runtime!r}; choose onnxruntime or tensorrt")
-        return StagedRunner(self.path, self.manifest["stages"], mode=mode, **kwargs)
+        return StagedRunner(self.path, self.manifest.stages, mode=mode, **kwargs)
 
     def check_output(self, out: str | os.PathLike, what: str, replaced: bool) -> None:
         """Refuse an output that is this artifact or lies inside it (the artifact would be overwritten, or copied
@@ -294,11 +277,11 @@ class Artifact:
     def graph_files(self) -> list[tuple[str, bool]]:
         """Every deployable graph: ``(relative path, has symbolic shapes meant for optimization profiles)``."""
         if self.kind == "mllm":
-            dynamic = self.manifest["dynamic"]
-            return [(rel, key in dynamic) for key, rel in self.manifest["graphs"].items() if key != "external_data"]
-        stages = self.manifest.get("stages")
-        if stages is None:
-            return [(self.manifest["graphs"]["model"], False)]
+            dynamic = self.manifest.dynamic
+            return [(rel, key in dynamic) for key, rel in self.manifest.graphs.items() if key != "external_data"]
+        if self.kind == "image":
+            return [(self.manifest.graphs["model"], False)]
+        stages = self.manifest.stages
         dynamic = set(stages["dynamic"].values()) - set(stages["graphs"].values())
         paths = [*stages["graphs"].values(), *sorted(dynamic), stages["padmax"]]
         return [(p, p in dynamic) for p in dict.fromkeys(paths)]
@@ -323,5 +306,5 @@ class Artifact:
         return combined
 
     def __repr__(self) -> str:
-        source, method = self.manifest["source"]["name"], self.manifest.get("method_text", "none")
+        source, method = self.manifest.source["name"], self.manifest.method_text
         return f"Artifact({str(self.path)!r}, source={source!r}, method={method!r})"

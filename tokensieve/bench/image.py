@@ -99,11 +99,11 @@ def bench_artifact(
     runtime: str = "onnxruntime",
 ) -> BenchReport:
     manifest = artifact.manifest
-    if "stages" in manifest:
+    if artifact.kind == "staged":
         raise TokensieveError("a staged artifact is benchmarked by bench_staged (Artifact.bench dispatches to it)")
-    if manifest["graphs"]["model"] == manifest["graphs"]["baseline"]:
+    if manifest.graphs["model"] == manifest.graphs["baseline"]:
         raise TokensieveError("this artifact has no reduction (method none); there is nothing to compare")
-    static = manifest["export"]["batch"]
+    static = manifest.export["batch"]
     batches = batches or ([static] if static else [1, 8])
     if static and any(b != static for b in batches):
         raise TokensieveError(
@@ -112,8 +112,8 @@ def bench_artifact(
         )
     options = {"threads": threads, "providers": providers, "spin": False} if runtime == "onnxruntime" else {}
     runners = {name: artifact.runner(name, runtime, **options) for name in ("baseline", "model")}
-    shape = manifest["inputs"][0]["shape"][1:]
-    macs = manifest["macs"]
+    shape = manifest.inputs[0]["shape"][1:]
+    macs = manifest.macs
     threads = threads if runtime == "onnxruntime" else 0  # an engine's own scheduling
     report = BenchReport(threads, runners["model"].active, macs["baseline"], macs["model"])
     rng = np.random.default_rng(0)
@@ -230,11 +230,11 @@ def bench_staged(
     ONNX Runtime or on the engines ``tokensieve build`` wrote (``runtime="tensorrt"``: the oracle is then the
     engine with one optimization profile over every bucket size)."""
     manifest = artifact.manifest
-    stages = manifest["stages"]
+    stages = manifest.stages
     if data is None:
         from tokensieve.calibration.data import preprocess, sample_images
 
-        pre = manifest["preprocessing"]
+        pre = manifest.preprocessing
         data = np.stack([preprocess(im, pre["shape"], pre["mean"], pre["std"]) for im in sample_images(24, seed=7)])
     options = {"threads": threads, "spin": False} if runtime == "onnxruntime" else {}
     runners = {

@@ -184,7 +184,7 @@ def bench_llava(
 
 def export_variants(source: str, variants: dict[str, tuple[Any, int]], directory: Path) -> dict[str, Any]:
     """Export ``source`` once per variant ``name: (method, capacity)`` into subfolders of ``directory``."""
-    from tokensieve.exporter.image import export
+    from tokensieve.exporter.dispatch import export
 
     artifacts = {}
     for i, (name, (method, capacity)) in enumerate(variants.items()):

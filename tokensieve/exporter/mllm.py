@@ -39,9 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from tokensieve.artifact.manifest import FORMAT, FORMAT_VERSION
 from tokensieve.artifact.store import (
-    FORMAT,
-    FORMAT_VERSION,
     Artifact,
     check_file,
     describe_io,

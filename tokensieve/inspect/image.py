@@ -25,8 +25,8 @@ def inspect_artifact(artifact) -> dict[str, Any]:
 
         return inspect_mllm(artifact)
     m = artifact.manifest
-    layout = m.get("layout") or {}
-    tokens = m.get("tokens_per_block") or {}
+    layout = m.layout or {}
+    tokens = m.tokens_per_block or {}
     blocks = []
     for i, block in enumerate(layout.get("blocks", [])):
         blocks.append(
@@ -41,24 +41,24 @@ def inspect_artifact(artifact) -> dict[str, Any]:
         )
     return {
         "path": str(artifact.path),
-        "source": m["source"],
-        "method": m.get("method_text", "none"),
-        "export": m["export"],
-        "inputs": m["inputs"],
-        "outputs": m["outputs"],
+        "source": m.source,
+        "method": m.method_text,
+        "export": m.export,
+        "inputs": m.inputs,
+        "outputs": m.outputs,
         "specials": layout.get("specials"),
         "located_with": layout.get("located_with"),
-        "locate_error": m.get("locate_error"),
+        "locate_error": m.locate_error,
         "blocks": blocks,
-        "sites": m.get("sites", []),
-        "stages": _stages(m["stages"]) if "stages" in m else None,
-        "macs": m["macs"],
-        "quantization": m.get("quantization"),
+        "sites": m.sites,
+        "stages": _stages(m.stages) if artifact.kind == "staged" else None,
+        "macs": m.macs,
+        "quantization": m.quantization,
         "lint": {
-            "target": m["lint"]["target"],
-            "ok": m["lint"]["ok"],
-            "errors": len(m["lint"]["errors"]),
-            "warnings": len(m["lint"]["warnings"]),
+            "target": m.lint["target"],
+            "ok": m.lint["ok"],
+            "errors": len(m.lint["errors"]),
+            "warnings": len(m.lint["warnings"]),
         },
     }
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from tokensieve.artifact.store import replaced_directory
 from tokensieve.errors import ParityError
 from tokensieve.onnx_file import load_onnx
 from tokensieve.parity.report import (
@@ -36,6 +35,8 @@ from tokensieve.parity.report import (
     compare_outputs,
     output_scale,
     read_golden,
+    save_arrays,
+    write_golden,
 )
 from tokensieve.parity.staged import check_staged_parity, replay_staged_golden
 
@@ -158,14 +159,14 @@ def _reference_module(artifact, reference):
 
     if reference is not None:
         return reference if isinstance(reference, BuiltModel) else build_module(reference)
-    spec = SourceSpec.from_dict(artifact.manifest["source"])
+    spec = SourceSpec.from_dict(artifact.manifest.source)
     if spec.kind == "onnx":
         raise ParityError(
             "this artifact was exported from an ONNX file, which has no eager model; pass the PyTorch source it "
             "came from: `tokensieve parity DIR --reference timm:NAME [--weights FILE]`"
         )
     built = build_module(spec)
-    expected = artifact.manifest.get("weights_sha256")
+    expected = artifact.manifest.weights_sha256
     if expected and weights_digest(built.module) != expected:
         raise ParityError(
             f"the eager model rebuilt from {spec.text} does not have the exported weights (hash mismatch: the "
@@ -191,15 +192,16 @@ def _write_golden(
     from polygraphy.comparator import IterationResult, RunResults
     from polygraphy.json import save_json
 
-    _quiet_polygraphy()
-    with replaced_directory(directory / "golden") as staging:
-        save_json([feeds], str(staging / "inputs.json"), description="tokensieve parity inputs")
+    def write(folder: Path) -> None:
+        save_json([feeds], str(folder / "inputs.json"), description="tokensieve parity inputs")
         for runner, outputs, file in ((EAGER, eager, "eager_outputs.json"), (ORT, graph, "ort_outputs.json")):
             results = RunResults()
             results.append((runner, [IterationResult(outputs, runner_name=runner)]))
-            results.save(str(staging / file))
-        np.savez(staging / SITES, **{f"{layer}/{role}": v for layer, rec in records.items() for role, v in rec.items()})
-    return directory / "golden"
+            results.save(str(folder / file))
+        save_arrays(SITES, {f"{layer}/{role}": v for layer, rec in records.items() for role, v in rec.items()})(folder)
+
+    _quiet_polygraphy()
+    return write_golden(directory, write)
 
 
 def _check_device(torch, device: str) -> None:
@@ -237,15 +239,15 @@ def check_parity(
     tolerance, required = budget(artifact, tolerance)
     methods = artifact.methods
     built = _reference_module(artifact, reference)
-    static_batch = manifest["export"]["batch"]
+    static_batch = manifest.export["batch"]
     if batch is None:
         batch = static_batch or 2
     elif static_batch and batch != static_batch:
         raise ParityError(f"the graph has a static batch of {static_batch}; cannot check batch {batch}")
-    specials = (manifest.get("layout") or {}).get("specials")
+    specials = (manifest.layout or {}).get("specials")
     eager_model = ReducedModel(built.module, methods, specials) if methods else built.module.eval()
     pixels = torch.randn(batch, *built.input_shape, generator=torch.Generator().manual_seed(seed))
-    if "stages" in manifest:
+    if artifact.kind == "staged":
         return check_staged_parity(artifact, eager_model, pixels.numpy(), tolerance, providers, golden, required)
     if device != "cpu":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -259,7 +261,7 @@ def check_parity(
         else {}
     )
 
-    feeds = {manifest["inputs"][0]["name"]: pixels.numpy()}
+    feeds = {manifest.inputs[0]["name"]: pixels.numpy()}
     report, graph_out = _check_graph(artifact, feeds, eager_out, eager_records, tolerance, providers, required=required)
     if golden:
         names = [o.name for o in report.outputs]
@@ -303,7 +305,7 @@ def _check_graph(
     from tokensieve.runtimes.ort import OrtRunner
 
     manifest = artifact.manifest
-    sites = manifest.get("sites", []) if eager_records and runtime == "onnxruntime" else []
+    sites = manifest.sites if eager_records and runtime == "onnxruntime" else []
     model_path = artifact.graph_path("model")
     alive = {v.name for node in load_onnx(model_path).graph for v in node.outputs}
     exposed = [name for site in sites for name in site["exposed"].values() if name in alive]
@@ -312,10 +314,10 @@ def _check_graph(
     else:
         runner = artifact.runner("model", runtime=runtime)
     graph_out = runner.run(feeds)
-    names = [o["name"] for o in manifest["outputs"]]
+    names = [o["name"] for o in manifest.outputs]
     if len(names) != len(eager_out):
         raise ParityError(f"the graph has {len(names)} outputs but the eager side has {len(eager_out)}")
-    specials = (manifest.get("layout") or {}).get("specials") or 0
+    specials = (manifest.layout or {}).get("specials") or 0
     report = ParityReport(
         tolerance,
         len(next(iter(feeds.values()))),
@@ -348,12 +350,12 @@ def replay_golden(
     ONNX Runtime, compared with the recorded eager outputs and, at every site, the recorded eager selections; on
     ``runtime="tensorrt"``, through the engine ``tokensieve build`` wrote, on the outputs only."""
     tolerance, required = budget(artifact, tolerance)
-    if "stages" in artifact.manifest:
+    if artifact.kind == "staged":
         return replay_staged_golden(
             artifact, tolerance=tolerance, providers=providers, required=required, runtime=runtime
         )
     feeds, eager, records = read_golden(artifact, ("inputs.json", "eager_outputs.json", SITES), _read_vit_golden)
-    names = [o["name"] for o in artifact.manifest["outputs"]]
+    names = [o["name"] for o in artifact.manifest.outputs]
     missing = [n for n in names if n not in eager]
     if missing:
         raise ParityError(f"the golden outputs lack {missing}; rewrite them with `tokensieve parity {artifact.path}`")

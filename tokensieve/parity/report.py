@@ -10,7 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from tokensieve.artifact.store import replaced_directory
 from tokensieve.errors import ParityError
+
+GOLDEN = "golden"
 
 EAGER = "eager-pytorch"
 
@@ -130,16 +133,29 @@ def compare_outputs(
 def budget(artifact, tolerance: float | None) -> tuple[float, float]:
     """``(output tolerance, required site agreement)``: exact parity (1e-4 of the output scale, identical groups)
     unless the artifact is quantized, whose manifest records its drift budget; an explicit ``tolerance`` wins."""
-    quantization = artifact.manifest.get("quantization")
+    quantization = artifact.manifest.quantization
     if quantization is None:
         return (1e-4 if tolerance is None else tolerance), 1.0
     return (quantization["tolerance"] if tolerance is None else tolerance), quantization["min_agreement"]
 
 
+def write_golden(directory: Path, write: Callable[[Path], None]) -> Path:
+    """The one writer of golden files: ``write(folder)`` fills a fresh folder that then replaces ``DIR/golden`` as a
+    whole (a failure leaves the old golden files as they were). Returns ``DIR/golden``."""
+    with replaced_directory(directory / GOLDEN) as staging:
+        write(staging)
+    return directory / GOLDEN
+
+
+def save_arrays(name: str, arrays: dict[str, np.ndarray]) -> Callable[[Path], None]:
+    """A golden-file writer of one ``.npz`` file ``name`` holding ``arrays``."""
+    return lambda folder: np.savez(folder / name, **arrays)
+
+
 def read_golden(artifact, files: tuple[str, ...], read: Callable[[Path], Any]) -> Any:
     """``read(DIR/golden)`` once ``files`` are there; missing or unreadable golden files are a :class:`ParityError`
     that says how to write them."""
-    golden = artifact.path / "golden"
+    golden = artifact.path / GOLDEN
     if not all((golden / name).is_file() for name in files):
         raise ParityError(
             f"{artifact.path} has no complete golden files; write them with `tokensieve parity {artifact.path}` "

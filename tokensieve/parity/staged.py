@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokensieve.artifact.store import replaced_directory
 from tokensieve.errors import ParityError
 from tokensieve.graph_passes.sites.atp import KEPT_WEIGHT
 from tokensieve.parity.report import (
@@ -28,6 +27,8 @@ from tokensieve.parity.report import (
     StagedCheck,
     compare_outputs,
     read_golden,
+    save_arrays,
+    write_golden,
 )
 from tokensieve.runtimes.buckets import StagedResult, StagedRunner
 
@@ -137,7 +138,7 @@ def check_staged_parity(
     stage 1 may count differently from the float32 reference, so the eager side keeps, at every site, the count the
     graph kept (its own highest-priority tokens); the kept tokens then agree on at least ``required`` of the
     candidates and the outputs within ``tolerance``."""
-    stages = artifact.manifest["stages"]
+    stages = artifact.manifest.stages
     layers = stages["sites"]
     runner = _runner(artifact, providers)
     state = runner.first_stage(pixels)
@@ -170,7 +171,7 @@ def _runner(artifact, providers, runtime: str = "onnxruntime", mode: str = "buck
     ``tokensieve build`` wrote (no debug outputs there)."""
     if runtime != "onnxruntime":
         return artifact.staged_runner(mode, runtime, allow_truncation=True)
-    stages = artifact.manifest["stages"]
+    stages = artifact.manifest.stages
     expose = mode == "bucketed"
     return StagedRunner(artifact.path, stages, mode=mode, allow_truncation=True, expose=expose, providers=providers)
 
@@ -189,8 +190,8 @@ def _compare(
     """The graph side: every check's routing from stage 1's ``state`` through the artifact, against its eager side.
     On engines the kept tokens are not compared (no debug outputs), nor pad-to-max's token-level outputs (no count
     to cut them to the valid tokens)."""
-    stages = artifact.manifest["stages"]
-    layers, names = stages["sites"], [o["name"] for o in artifact.manifest["outputs"]]
+    stages = artifact.manifest.stages
+    layers, names = stages["sites"], [o["name"] for o in artifact.manifest.outputs]
     report = ParityReport(tolerance, len(pixels), runner.runner(stages["graphs"][""]).active)
     engines = runtime != "onnxruntime"
 
@@ -246,9 +247,7 @@ def _write_golden(directory, pixels: np.ndarray, checks: list[EagerCheck]):
                 arrays[f"{c}/out/{o}"] = output
         for i, image in enumerate(check.kept):
             arrays |= {f"{c}/kept/{i}/{layer}": kept for layer, kept in image.items()}
-    with replaced_directory(directory / "golden") as staging:
-        np.savez(staging / STAGED, **arrays)
-    return directory / "golden"
+    return write_golden(directory, save_arrays(STAGED, arrays))
 
 
 def _read_golden(path, outputs: int) -> tuple[np.ndarray, list[EagerCheck]]:
@@ -279,7 +278,7 @@ def replay_staged_golden(
 ) -> ParityReport:
     """Repeat every staged check from ``DIR/golden/staged.npz`` alone (torch-free), on ONNX Runtime or on the
     engines (``runtime="tensorrt"``: outputs only)."""
-    outputs = len(artifact.manifest["outputs"])
+    outputs = len(artifact.manifest.outputs)
     pixels, checks = read_golden(artifact, (STAGED,), lambda golden: _read_golden(golden / STAGED, outputs))
     runner = _runner(artifact, providers, runtime)
     state = runner.first_stage(pixels)

@@ -42,7 +42,7 @@ def _baseline_path(source: str, directory: Path, **export_options) -> Path:
         return Artifact.load(path).graph_path("baseline")
     if path.suffix == ".onnx":
         return path
-    from tokensieve.exporter.image import export
+    from tokensieve.exporter.dispatch import export
 
     return export(source, None, directory / "baseline", **export_options).graph_path("model")
 

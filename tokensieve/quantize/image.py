@@ -22,10 +22,8 @@ scale, and at every site at least ``min_agreement`` of the original tokens in th
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -113,14 +111,14 @@ def quantize_artifact(
         raise ArtifactError(
             "quantize takes an image-model artifact (single-graph or staged); MLLM artifacts are not supported yet"
         )
-    if "quantization" in manifest:
+    if manifest.quantization is not None:
         raise ArtifactError(f"{artifact.path} is already quantized; quantize the float32 artifact it came from")
     if calibration not in CALIBRATIONS:
         raise InputError(f"unknown calibration {calibration!r}; choose one of {CALIBRATIONS}")
     if not (tolerance > 0 and 0 <= min_agreement <= 1):
         raise InputError("tolerance must be > 0 and min_agreement in [0, 1]")
-    spec = manifest["inputs"][0]
-    batch = manifest["export"]["batch"]
+    spec = manifest.inputs[0]
+    batch = manifest.export["batch"]
     if data.ndim != 4 or list(data.shape[1:]) != list(spec["shape"][1:]):
         wanted = ", ".join(map(str, spec["shape"][1:]))
         raise InputError(f"calibration data has shape {list(data.shape)}; the graph takes [N, {wanted}]")
@@ -128,8 +126,8 @@ def quantize_artifact(
         raise InputError(f"calibration needs at least {(batch or 4) * 2} images, got {len(data)}")
     data = np.ascontiguousarray(data, dtype=np.float32)
     images = image_batches(spec["name"], data, batch)
-    feeds = {manifest["graphs"][key]: images for key in ("model", "baseline")}
-    if "stages" in manifest:
+    feeds = {manifest.graphs[key]: images for key in ("model", "baseline")}
+    if artifact.kind == "staged":
         from tokensieve.quantize.staged import stage_feeds
 
         feeds |= stage_feeds(artifact, images)
@@ -142,14 +140,14 @@ def quantize_artifact(
             leftover.unlink()
         import onnx_ir as ir
 
-        new: dict[str, Any] = json.loads(json.dumps(manifest))
-        new["graphs"] = {key: manifest["graphs"][key] for key in ("model", "baseline")}
-        new["lint"] = lint(ir.load(staging / new["graphs"]["model"]), manifest["lint"]["target"]).to_dict()
-        if "stages" in manifest:
+        target = manifest.lint["target"]
+        new = manifest.replace(graphs={key: manifest.graphs[key] for key in ("model", "baseline")})
+        new.lint = lint(ir.load(staging / new.graphs["model"]), target).to_dict()
+        if artifact.kind == "staged":
             from tokensieve.quantize.staged import restage
 
-            restage(new["stages"], staging, manifest["lint"]["target"])
-        new["quantization"] = {
+            restage(new.stages, staging, target)
+        new.quantization = {
             "format": "QDQ",
             "dtype": "int8",
             "symmetric": True,
@@ -163,6 +161,6 @@ def quantize_artifact(
             "source_artifact": str(artifact.path),
         }
         for name in ("bench", "golden"):
-            new.pop(name, None)
+            new.extra.pop(name, None)
         write_manifest(staging, new)
     return Artifact.load(Path(out))

@@ -20,7 +20,7 @@ from tokensieve.runtimes.ort import OrtRunner
 
 def stage_feeds(artifact, images: list[dict[str, np.ndarray]]) -> dict[str, list[dict[str, np.ndarray]]]:
     """Relative graph path -> calibration feeds, for stage 1 and every bucket and symbolic-K stage graph."""
-    stages = artifact.manifest["stages"]
+    stages = artifact.manifest.stages
     first = stages["graphs"][""]
     feeds: dict[str, list[dict[str, np.ndarray]]] = {first: images}
     runner = OrtRunner(artifact.path / first)
