@@ -42,7 +42,7 @@ def test_kept_count_is_exact_integer_arithmetic():
 
 
 def test_schedule_matches_evit_deit_small():
-    # METHODS.md §3.5: DeiT-S@224, keep 0.7: 197 -> 139 -> 98 -> 69 (no fusion); 197 -> 140 -> 100 -> 72 (fusion)
+    # docs/methods.md#top-k: DeiT-S@224, keep 0.7: 197 -> 139 -> 98 -> 69 (no fusion); 197 -> 140 -> 100 -> 72 (fusion)
     plan = schedule(parse_methods("topk(keep=0.7)"), 197, 1, 12)
     assert [c.tokens_out for _, c in plan.sites] == [139, 98, 69]
     assert plan.entering == [197] * 4 + [139] * 3 + [98] * 3 + [69] * 2
@@ -51,7 +51,7 @@ def test_schedule_matches_evit_deit_small():
 
 
 def test_tome_schedules_match_tome():
-    # METHODS.md §3.1: ViT-S/16@224, r=16 -> 181, 165, ..., 21, 11; r=13 -> 184, ..., 41
+    # docs/methods.md#tome: ViT-S/16@224, r=16 -> 181, 165, ..., 21, 11; r=13 -> 184, ..., 41
     plan = schedule([ToMe(r=16)], 197, 1, 12)
     assert [c.tokens_out for _, c in plan.sites] == [181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21, 11]
     assert [c.tokens_out for _, c in schedule([ToMe(r=13)], 197, 1, 12).sites][::11] == [184, 41]

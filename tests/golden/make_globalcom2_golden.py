@@ -1,6 +1,6 @@
 """Regenerate ``official_globalcom2.npz``: what the official GlobalCom² code (xuyang-liu16/GlobalCom2 @ 96b2d00,
 Apache-2.0) packs for seeded synthetic scores and features on several LLaVA-NeXT geometries. Only the inputs and
-the resulting tensors are committed, never the official code (METHODS.md §0).
+the resulting tensors are committed, never the official code (docs/methods.md#licences).
 
     python tests/golden/make_globalcom2_golden.py --globalcom2 DIR
 

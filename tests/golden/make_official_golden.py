@@ -1,5 +1,5 @@
 """Regenerate ``official_merging.npz``: outputs of the official ToMe, PiToMe and DiffRate merge functions on
-seeded synthetic tensors (METHODS.md §0: only the resulting tensors and the inputs are committed, never the
+seeded synthetic tensors (docs/methods.md#licences: only the resulting tensors and the inputs are committed, never the
 official code, which is CC-BY-NC or unlicensed).
 
     python tests/golden/make_official_golden.py --tome DIR --pitome DIR --diffrate DIR

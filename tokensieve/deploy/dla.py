@@ -1,4 +1,4 @@
-"""Which graphs of a Jetson bundle go on a DLA core, at which fixed shapes (../shared/PLATFORMS.md §5).
+"""Which graphs of a Jetson bundle go on a DLA core, at which fixed shapes (docs/deploy.md#dla).
 
 The DLA takes static shapes only (min = opt = max), FP16 or INT8 only, and runs convolution-like layers; what it
 cannot run (``TopK``, ``Gather``, ``ScatterND``, matrix products of two activations, ...) falls back to the GPU

@@ -16,7 +16,7 @@ Layout of ``BUNDLE`` (a folder, or a ``.tar.gz`` of one)::
                              Polygraphy where tokensieve is not installed)
     jetson/bundle.json       JetPack, TensorRT, lint target, precision, each graph's profile, the engine key
 
-The JetPack fixes the TensorRT version (../shared/PLATFORMS.md §5) and so the lint every graph must pass:
+The JetPack fixes the TensorRT version (docs/deploy.md#jetpack-versions) and so the lint every graph must pass:
 JetPack 6.1 / 6.2 (Orin) TensorRT 10.3 -> ``trt10.3``; 7.0 / 7.1 (Thor) 10.13 -> ``trt10.3`` as well (10.13 has
 neither ``Attention``, from 10.14, nor ``TensorScatter``, from 10.15; the opset cap is conservative); 7.2 10.16 ->
 ``trt10``; 7.2.2 and later 11.4 -> ``trt11`` (strongly typed: no ``--fp16``; convert the ONNX first). A quantized

@@ -19,7 +19,7 @@ Layout written into ``REPO`` (``NAME`` defaults to the artifact folder's name)::
                                                                 optional image in, text and ids out)
 
 The router (:mod:`tokensieve.deploy.triton_router`, copied as ``model.py``) calls the stage models through Triton's
-Business Logic Scripting: an ensemble is a static graph and cannot route by count (PLATFORMS.md §7). Token-level
+Business Logic Scripting: an ensemble is a static graph and cannot route by count (docs/deploy.md#triton). Token-level
 outputs come back zero-padded to the largest last bucket, with ``kept_tokens`` and ``buckets`` ([batch, sites]) saying
 which rows are valid and where each image ran. The Python backend needs ``tokensieve`` importable (``pip install
 --no-deps tokensieve`` plus numpy: the dispatcher imports neither torch nor onnx).

@@ -205,7 +205,7 @@ def _profile(inputs: dict[str, list], max_batch: int, slots: int | None = None) 
 def trt_recipes(stages: dict, max_batch: int = 32, int8: bool = False) -> dict[str, str]:
     """trtexec command lines for TensorRT 10.x and 11.x: one engine per static stage graph (bucket), and one engine
     for the first symbolic-K stage with one optimization profile per bucket. Written against the documented CLI
-    (PLATFORMS.md §4.4: 11.x has no precision flags, FP16 comes from ModelOpt AutoCast); not executed here.
+    (docs/deploy.md#tensorrt-versions: 11.x has no precision flags, FP16 from ModelOpt AutoCast); not executed here.
     ``int8``: the graphs are QDQ-quantized: 10.x adds ``--int8`` (explicit quantization, the scales from the graph),
     11.x builds them as they are (strongly typed by their Q/DQ nodes, the rest float32)."""
     info = stages["graph_info"]

@@ -3,7 +3,7 @@
 Matches: every node and value of the main graph. Inserts nothing; ``LintPass(target)`` leaves the model unchanged
 and stores a :class:`LintReport` on ``.report``.
 
-Checks (errors unless noted), following ../shared/PLATFORMS.md §4 and onnx-tensorrt ``docs/operators.md``:
+Checks (errors unless noted), following docs/deploy.md#lint-rules and onnx-tensorrt ``docs/operators.md``:
 
 * static shapes: every graph input, output and intermediate value has a fully known shape; a symbolic *batch*
   axis on inputs/outputs is a warning (it needs an optimization profile), any other symbolic axis is an error;

@@ -3,7 +3,7 @@ declaration.
 
 Both faces read this dataclass: the eager reference (``tokensieve.reference.a2sf``) and the scoring step of the
 prompt-cache pass (``tokensieve.graph_passes.prompt_cache``). Selection and positions:
-:mod:`tokensieve.methods.prompt_cache`. Score (METHODS.md §5.2, the official code's current one-shot prefill
+:mod:`tokensieve.methods.prompt_cache`. Score (docs/methods.md#a2sf, the official code's current one-shot prefill
 form), per layer and KV head: every prompt query row's post-softmax attention, weighted by
 ``forgetting_factor ** (T - 1 - q)`` (the newest row weighs 1, older rows are forgotten geometrically), summed over
 the rows and over the query heads of the KV group. The last ``recent`` positions are always kept (16 in the official

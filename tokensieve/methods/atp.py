@@ -1,6 +1,6 @@
 """ATP-style adaptive token pruning on ViTs: a per-image number of tokens, served with static-shape buckets.
 
-A ViT adaptation of ATP-LLaVA (METHODS.md §4.3; training-free: the learned threshold heads are replaced by a
+A ViT adaptation of ATP-LLaVA (docs/methods.md#atp-llava; training-free: the learned threshold heads are replaced by a
 calibrated threshold). At each decision site (after the attention of a block, before its MLP):
 
 * score: post-softmax CLS-row attention over the candidates, head mean, renormalised to sum to 1 over the
@@ -15,7 +15,7 @@ Defaults (``atp()``): one site after block 3 (0-based), ``mass=0.9``, ``grid=0.2
 the patches). ``threshold`` overrides ``mass``; ``tokensieve export --calibrate DATA --target-keep R`` sets the
 threshold that keeps a fraction R of the candidates on average.
 
-Graph form (METHODS.md R2/R4): the decision (stage 1) outputs the stream, a priority key (kept tokens first) and
+Graph form (docs/methods.md#static-shapes): stage 1 (the decision) outputs the stream, a priority key (kept first) and
 the count; the tail (stage 2) is specialised per bucket size ``K`` (static ``TopK``), and the slots beyond the
 count are masked out of every later attention with an additive key bias, so valid tokens equal exact dropping.
 """

@@ -1,7 +1,7 @@
 """ATP-LLaVA adaptive visual-token pruning in an MLLM decoder (CVPR 2025): the method's single declaration.
 
-Training-free form of METHODS.md §4.3 (no official code; the paper's threshold heads are learned, so tokensieve
-replaces them by a rule on the scores, the approximation METHODS.md names). Both faces read this dataclass: the
+Training-free form of docs/methods.md#atp-llava (no official code; the paper's threshold heads are learned, so it
+replaces them by a rule on the scores, the approximation docs/methods.md names). Both faces read this dataclass: the
 eager reference (``tokensieve.reference.atp_llava``) and the deployed face (the prefill graph cut before each layer
 of ``layers`` into ``prefill_0 .. prefill_n`` with the scores as outputs, :mod:`tokensieve.graph_passes.atp_scores`
 and :mod:`tokensieve.graph_passes.cut_prefill`; the decisions on the host, :mod:`tokensieve.runtimes.atp_llava`).

@@ -1,6 +1,6 @@
 """DiffRate (Chen et al., ICCV 2023): prune by CLS attention and merge, in the same block, from a keep table.
 
-Semantics (METHODS.md §3.3; written from the paper and the description of the official inference code):
+Semantics (docs/methods.md#diffrate; written from the paper and the description of the official inference code):
 
 * score: post-softmax CLS-row attention over the candidates, head mean (proportional attention included);
   candidates are sorted by it, descending (ties: lower index first); specials stay first;

@@ -1,8 +1,8 @@
 """DyVTE (dynamic visual-token exit) in an MLLM decoder, training-free: the method's single declaration.
 
-DyVTE (METHODS.md §4.5; official code DoubtedSteam/DyVTE, no licence file) trains a small router per decoder layer
+DyVTE (docs/methods.md#dyvte; official code DoubtedSteam/DyVTE, no licence file) trains a small router per decoder layer
 that decides, from the text tokens' hidden states, when the text has absorbed the image; from that layer on every
-visual token is removed. No router checkpoint is published, so tokensieve implements METHODS.md's training-free
+visual token is removed. No router checkpoint is published, so tokensieve implements the training-free
 approximation. Both faces read this dataclass: the eager reference (``tokensieve.reference.dyvte``) and the deployed
 face (the prefill graph cut before each candidate layer into segments, :mod:`tokensieve.graph_passes.cut_prefill`,
 with the score of :mod:`tokensieve.graph_passes.image_attention`; the decision on the host,

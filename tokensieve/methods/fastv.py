@@ -2,7 +2,7 @@
 
 Both faces read this dataclass: the eager reference (``tokensieve.reference.fastv``) and the graph passes
 (``tokensieve.graph_passes.fastv`` on the prefill graph, ``tokensieve.graph_passes.split_cache_slot`` on the
-fixed-capacity decode graph). Semantics (METHODS.md §4.1, official "inplace" variant):
+fixed-capacity decode graph). Semantics (docs/methods.md#fastv, official "inplace" variant):
 
 * where: prefill, before decoder layer ``k`` (0-based); layers ``< k`` see and cache every token, layers ``>= k``
   only the kept ones, for the whole generation;

@@ -3,7 +3,7 @@
 Both faces read this dataclass: the eager reference (``tokensieve.reference.globalcom2``, torch, on the Hugging Face
 model) and the deployed face: the vision graph gains an output ``cls_scores [P, n]`` (the converter exports it) and
 the host selects with :mod:`tokensieve.runtimes.globalcom2` (numpy), where LLaVA-NeXT's AnyRes geometry already
-lives. Semantics (METHODS.md §4.6, official code at 96b2d00):
+lives. Semantics (docs/methods.md#globalcom2, official code at 96b2d00):
 
 * score: the **last** CLIP layer's head-mean pre-softmax attention logits ``(q * scale) . k``, CLS row, patch
   columns, for the thumbnail and every crop (the features still come from ``vision_feature_layer``);

@@ -2,7 +2,7 @@
 
 Both faces read this dataclass: the eager reference (``tokensieve.reference.h2o``) and the graph face (the
 prompt-cache pass on the prefill graph, ``tokensieve.graph_passes.prompt_cache``, and the eviction pass on the
-fixed-capacity decode graph, ``tokensieve.graph_passes.heavy_hitters``). Semantics (METHODS.md §5.1, the official
+fixed-capacity decode graph, ``tokensieve.graph_passes.heavy_hitters``). Semantics (docs/methods.md#h2o, the official
 real-drop form ``H2OKVCache_LayerWise`` with ``hh_size = budget - recent``), per layer and KV head:
 
 * a position's score is the attention it has received, accumulated over every query since it entered the cache
@@ -13,7 +13,7 @@ real-drop form ``H2OKVCache_LayerWise`` with ``hh_size = budget - recent``), per
 * every decode step attends to the cached positions and the new token (``budget + 1`` keys), adds the step's
   attention to the scores (the new token starts with its own), and, when ``budget + 1`` positions are cached, evicts
   the one with the lowest score among those older than the last ``recent`` positions;
-* ``forgetting_factor`` < 1 is A2SF's decode-time form (METHODS.md §5.2: ``acc <- factor * acc + step``): the
+* ``forgetting_factor`` < 1 is A2SF's decode-time form (docs/methods.md#a2sf: ``acc <- factor * acc + step``): the
   scores are multiplied by the factor before each step's attention is added, and prefill's scores are A2SF's
   (every prompt row weighted ``factor ** (T - 1 - q)``), so a position's score is always
   ``sum_q factor ** (n - q) * attention(q, position)`` over the queries ``q`` up to the current ``n``. 1 (the

@@ -1,6 +1,6 @@
 """MustDrop (multi-stage vision token dropping) in a LLaVA MLLM: the method's single declaration.
 
-Semantics of the official code (liuting20/MustDrop @ 909afa5, no licence file; METHODS.md §4.4, read, not copied).
+Semantics of the official code (liuting20/MustDrop @ 909afa5, unlicensed: read, not copied): docs/methods.md#mustdrop.
 Both faces read this dataclass: the eager reference (``tokensieve.reference.mustdrop``) and the deployed face (the
 vision graph split after CLIP layer 0 with the window similarities as outputs and the last layer's CLS attention,
 :mod:`tokensieve.converters.llava`; the prefill graph cut after each filter layer with the dual-attention scores as

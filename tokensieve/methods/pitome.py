@@ -1,6 +1,6 @@
 """PiToMe (spectrum-preserving token merging, Tran et al., NeurIPS 2024): energy-score merging.
 
-Semantics (METHODS.md §3.2; written from the paper and the description of the official code):
+Semantics (docs/methods.md#pitome; written from the paper and the description of the official code):
 
 * metric: the block's attention keys averaged over heads, L2-normalised, special tokens excluded;
 * energy of token i: ``mean_j ELU(cos(i, j) - margin_l, alpha)`` over the ``T`` candidates; high energy = member
@@ -10,7 +10,7 @@ Semantics (METHODS.md §3.2; written from the paper and the description of the o
   protected. Mergeable tokens alternate in energy order: A = even ranks, B = odd ranks; every A token merges into
   its most similar B token (size-weighted mean). All ``r`` A tokens merge;
 * output order: ``[specials, protected (energy order), B (energy order)]``;
-* per-block margin: ``margin * (1 - l / depth)`` (METHODS.md: 0.9 - 0.9·l/L), or a list, one per owned block;
+* per-block margin: ``margin * (1 - l / depth)`` (default 0.9 - 0.9·l/L), or a list, one per owned block;
 * proportional attention in later blocks (``prop_attn``).
 
 ``bsm_layers`` selects blocks that run the official code's BSM variant instead (at 550b5de its DeiT patch does so in

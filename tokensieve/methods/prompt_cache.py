@@ -3,7 +3,7 @@ positions per layer and KV head, the last ``protected`` positions always among t
 prefill.
 
 The graph face is one pass (``tokensieve.graph_passes.prompt_cache``) with a scoring step per method and a shared
-selection step; the eager face is ``tokensieve.reference.prompt_cache``. Semantics of the selection (METHODS.md §5):
+selection step; the eager face is ``tokensieve.reference.prompt_cache``. Semantics (docs/methods.md#prompt-cache):
 
 * a prompt of ``T <= budget`` positions is cached whole;
 * otherwise each layer and KV head keeps the last ``protected`` positions plus the ``budget - protected`` earlier

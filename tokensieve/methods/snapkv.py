@@ -3,7 +3,7 @@
 Both faces read this dataclass: the eager reference (``tokensieve.reference.snapkv``) and the scoring step of the
 prompt-cache pass (``tokensieve.graph_passes.prompt_cache`` on the prefill graph; the decode graphs are unchanged,
 the runtime writes new tokens after the compressed prompt). Selection and positions:
-:mod:`tokensieve.methods.prompt_cache`. Score (METHODS.md §5.5), per layer:
+:mod:`tokensieve.methods.prompt_cache`. Score (docs/methods.md#snapkv), per layer:
 
 * the attention probabilities of the last ``window`` prompt positions (query rows, causal inside the window),
   summed over those rows, for the prefix columns (the window's columns score 0, the window is always kept);

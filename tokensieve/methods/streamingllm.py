@@ -2,7 +2,7 @@
 
 Both faces read this dataclass: the eager reference (``tokensieve.reference.streamingllm``) and the graph face
 (``tokensieve.graph_passes.cache_visibility`` on the decode graph, plus the slot policy below, which the runtime
-applies). Semantics (METHODS.md §5.4, with the position rule of kvpress / H2O, §2.3):
+applies). Semantics (docs/methods.md#streamingllm, with the position rule of kvpress / H2O):
 
 * the cache holds at most ``capacity`` positions: the first ``sink`` positions of the sequence (attention sinks)
   and the most recent ``capacity - sink``;

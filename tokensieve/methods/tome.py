@@ -1,6 +1,6 @@
 """ToMe (Token Merging, Bolya et al., ICLR 2023): bipartite soft matching between attention and MLP.
 
-Semantics (METHODS.md §3.1; written from the paper and the behaviour of the official code, none of which is used):
+Semantics (docs/methods.md#tome; written from the paper and the behaviour of the official code, none of which is used):
 
 * metric: the block's attention keys averaged over heads, L2-normalised per token (cosine similarity);
 * split: alternate tokens of the current sequence, A = even positions, B = odd positions;

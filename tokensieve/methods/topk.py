@@ -3,7 +3,7 @@
 Both faces of the method read this dataclass: the eager reference (``tokensieve.reference.topk``) and the graph
 face (``tokensieve.graph_passes.sites.topk``). Counts are computed here, once, with exact rational arithmetic.
 
-Semantics (METHODS.md §3.5, with the differences stated):
+Semantics (docs/methods.md#top-k, with the differences stated):
 
 * where: after the attention residual and before the MLP of each block in ``layers`` (0-based);
 * score: ``"cls"`` = post-softmax attention of the CLS query row, averaged over heads, over the candidate

@@ -2,7 +2,7 @@
 
 ``quantize_artifact(artifact, data, out)`` writes a new artifact whose ``model`` and ``baseline`` graphs are ONNX
 Runtime's static quantization of the originals (``onnxruntime.quantization.quantize_static``) in the form TensorRT
-consumes as explicit quantization (the only INT8 route in TensorRT 11, ../shared/PLATFORMS.md §4.4):
+consumes as explicit quantization (the only INT8 route in TensorRT 11, docs/deploy.md#tensorrt-versions):
 ``QuantizeLinear``/``DequantizeLinear`` pairs (QDQ), signed INT8, symmetric (zero point 0) activations and
 weights, per-channel weights, on the inputs of ``MatMul`` / ``Gemm`` / ``Conv`` only (the transformer recipe:
 LayerNorm, Softmax and GELU stay float). The scales come from ``data`` (MinMax, Entropy or Percentile calibration).

@@ -1,6 +1,6 @@
 """Eager A2SF score (the scoring step; selection and generation: :mod:`tokensieve.reference.prompt_cache`).
 
-Written from METHODS.md §5.2 (the official code's current one-shot prefill form), independently of the graph pass:
+Written from docs/methods.md#a2sf (the official code's current one-shot prefill form), independently of the graph pass:
 from one layer's attention probabilities ``[1, H, T, T]`` (Hugging Face's own), every query row ``q`` weighted by
 ``forgetting_factor ** (T - 1 - q)``, summed over the rows and over each KV group's query heads.
 """

@@ -1,7 +1,7 @@
 """Eager ATP-LLaVA (training-free form) on a Hugging Face LLaVA model: the ground truth the exported graphs are
 held to.
 
-Written from the paper (Eq. 3-5) and METHODS.md §4.3 on the model's own modules, independently of the graph passes:
+Written from the paper (Eq. 3-5) and docs/methods.md#atp-llava on the model's modules, independent of the graph passes:
 
 1. prefill runs the decoder layers one by one (:mod:`tokensieve.reference.decoding`) under a registered attention
    function that runs Hugging Face's own eager attention of the model family and records, for the layers before

@@ -1,5 +1,5 @@
 """Eager reference of DiffRate inference (:class:`tokensieve.methods.DiffRate`): prune by CLS attention, then merge
-by hidden-state similarity, written from the paper and METHODS.md §3.3."""
+by hidden-state similarity, written from the paper and docs/methods.md#diffrate."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Eager DyVTE (training-free exit rule) on a Hugging Face LLaVA / LLaVA-NeXT model: the ground truth the exported
 graphs are held to.
 
-Written from METHODS.md §4.5 on the model's own modules, independently of the graph passes: prefill runs the decoder
+Written from docs/methods.md#dyvte on the model's own modules, independent of the graph passes: prefill runs the decoder
 layers one by one (:func:`tokensieve.reference.decoding.cut_generate`, Hugging Face's own eager attention recorded
 in the layer before each candidate exit); before each candidate layer ``k``, the attention probabilities of layer
 ``k - 1``'s last row on the image tokens still present are summed, averaged over heads, and if that mass is below

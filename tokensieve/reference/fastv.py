@@ -1,6 +1,6 @@
 """Eager FastV on a Hugging Face LLaVA / LLaVA-NeXT model: the ground truth the exported graphs are held to.
 
-Written from the paper and METHODS.md §4.1 on the model's own modules, independently of the graph pass:
+Written from the paper and docs/methods.md#fastv on the model's own modules, independently of the graph pass:
 
 1. the score comes from Hugging Face itself: one unreduced forward with ``output_attentions`` (eager attention)
    gives layer ``k - 1``'s attention probabilities (FastV changes nothing before layer ``k``, so they are the

@@ -1,6 +1,6 @@
 """Eager GlobalCom² on a Hugging Face LLaVA-NeXT model: the ground truth the artifact's host selection is held to.
 
-Written from the paper, METHODS.md §4.6 and the official code's semantics, in torch, leaning on Hugging Face for
+Written from the paper, docs/methods.md#globalcom2 and the official code's rules, in torch, leaning on Hugging Face for
 the geometry (independently of :mod:`tokensieve.runtimes.globalcom2`):
 
 1. the vision tower runs on the processor's crops; a pre-hook on the last encoder layer's attention captures its

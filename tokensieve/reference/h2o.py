@@ -1,6 +1,6 @@
 """Eager H2O on a Hugging Face LLaVA / LLaVA-NeXT model: the ground truth of the H2O prefill and decode graphs.
 
-Written from METHODS.md §5.1 (the official real-drop form), independently of the graph passes:
+Written from docs/methods.md#h2o (the official real-drop form), independently of the graph passes:
 
 1. prefill over the whole prompt, then the prompt-cache selection (:mod:`tokensieve.reference.prompt_cache`) with
    H2O's score, the attention every position received from all prompt queries (Hugging Face's own probabilities,

@@ -1,6 +1,6 @@
 """Eager MustDrop on a Hugging Face LLaVA model: the ground truth the exported graphs are held to.
 
-Written from METHODS.md §4.4 and a reading of the official code (liuting20/MustDrop, not copied) on the model's own
+Written from docs/methods.md#mustdrop and the official code as read (liuting20/MustDrop, not copied) on the model's own
 modules, independently of the graphs and the host code:
 
 1. vision: CLIP's embeddings and layer 0; each ``3 x 3`` window's mean pairwise cosine (a loop over the windows);

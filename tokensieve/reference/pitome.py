@@ -1,5 +1,5 @@
 """Eager reference of PiToMe energy-score merging (:class:`tokensieve.methods.PiToMe`), written from the paper and
-METHODS.md §3.2 (the official code is CC-BY-NC and is not used), with the official code's BSM variant for the blocks
+docs/methods.md#pitome (the official code, CC-BY-NC, is not used), with the official code's BSM variant for the blocks
 in ``bsm_layers``."""
 
 from __future__ import annotations

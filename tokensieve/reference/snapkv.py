@@ -1,6 +1,6 @@
 """Eager SnapKV score (the scoring step; selection and generation: :mod:`tokensieve.reference.prompt_cache`).
 
-Written from the paper and METHODS.md §5.5, independently of the graph pass: from one layer's attention
+Written from the paper and docs/methods.md#snapkv, independently of the graph pass: from one layer's attention
 probabilities (Hugging Face's own, ``output_attentions`` with eager attention), the last ``window`` rows summed, the
 window's columns zeroed, mean over each KV group's query heads, ``avg_pool1d`` / ``max_pool1d`` (kernel, stride 1,
 padding ``kernel // 2``, zero padding counted).

@@ -1,6 +1,6 @@
 """Eager StreamingLLM on a Hugging Face LLaVA / LLaVA-NeXT model: the ground truth of the ring-cache decode graph.
 
-Written from METHODS.md §5.4 with the kvpress / H2O position rule (keys cached after RoPE at their original
+Written from docs/methods.md#streamingllm with the kvpress / H2O position rule (keys cached after RoPE at their original
 positions, new tokens at absolute positions): prefill over the whole prompt with the model's own layers; the cache
 is then cut to the first ``sink`` positions plus the most recent ones so that it holds ``capacity`` positions, and
 before every decode step to ``capacity - 1`` (the new token's key makes ``capacity``). The cache is a

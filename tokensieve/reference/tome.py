@@ -1,5 +1,5 @@
 """Eager reference of ToMe bipartite soft matching (:class:`tokensieve.methods.ToMe`), written from the paper and
-METHODS.md §3.1 (the official code is CC-BY-NC and is not used). Register and distillation tokens are protected
+docs/methods.md#tome (the official code is CC-BY-NC and is not used). Register and distillation tokens are protected
 like the CLS token, and LayerScale is the block's own (the official patch drops both)."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ running go through Polygraphy's TensorRT backend (``NetworkFromOnnxPath`` -> ``C
 ``EngineBytesFromNetwork``; ``TrtRunner`` on ``EngineFromBytes``), which owns the CUDA buffers and follows the
 TensorRT API across versions.
 
-Versions (../shared/PLATFORMS.md §4.4): TensorRT 10.x builds weakly typed networks, FP32 by default and FP16 on
+Versions (docs/deploy.md#tensorrt-versions): TensorRT 10.x builds weakly typed networks, FP32 by default and FP16 on
 request (``fp16=True``, the ``--fp16`` of trtexec); TensorRT 11 builds strongly typed networks only and has no
 precision flags, so there the precision is the ONNX file's (FP16 comes from converting the ONNX first, e.g. with
 ``python -m modelopt.onnx.autocast``) and ``fp16=True`` is refused with that advice. An INT8 (QDQ) artifact from

@@ -1,7 +1,7 @@
 """Building blocks shared by the site emitters: attention rows, key metrics, token gathers, merges.
 
 Everything here emits ONNX ops TensorRT parses with static shapes: constant-K ``TopK``, ``GatherND`` /
-``GatherElements``, and merges as one-hot ``MatMul``\\ s (METHODS.md R3), never ``ScatterElements`` with a
+``GatherElements``, merges as one-hot ``MatMul``\\ s (docs/methods.md#static-shapes), never ``ScatterElements`` with a
 reduction (which ONNX Runtime rejects, TensorRT handles only through a plugin, and the dynamo exporter gets
 silently wrong for ``mean``).
 """
