@@ -43,7 +43,11 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object ``manifest.json`` holds (current format version)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        data = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "extra" and not (f.metadata.get("omit_none") and getattr(self, f.name) is None)
+        }
         data.update(format=FORMAT, format_version=FORMAT_VERSION, kind=self.kind)
         return {**self.extra, **json.loads(json.dumps(data))}
 
@@ -80,7 +84,7 @@ class ImageManifest(Manifest):
     sites: list[dict[str, Any]] = field(default_factory=list)
     macs: dict[str, Any] = field(default_factory=dict)
     lint: dict[str, Any] = field(default_factory=dict)
-    quantization: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})  # INT8 copies only
 
 
 @dataclass(kw_only=True)

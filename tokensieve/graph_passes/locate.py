@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import onnx_ir as ir
 
@@ -269,18 +270,7 @@ def _block_name(node: ir.Node, index: int) -> tuple[str, str | None]:
 def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
     """Find the blocks, token axis, token count and special tokens of a ViT graph (shapes must be annotated)."""
     graph = model.graph
-    cores = []
-    for node in graph:
-        if node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
-            core = _softmax_core(node)
-            if core is not None:
-                query, key_t, chain = core
-                cores.append((node, query, key_t, True, chain, None, node.outputs[0]))
-        elif node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
-            fused = _fused_core(node)
-            if fused is not None:
-                query, key, scale = fused
-                cores.append((node, query, key, False, [], scale, None))
+    cores = _attention_cores(graph)
     if not cores:
         raise LocateError(
             "no self-attention found: expected Softmax over [B, H, N, N] logits from MatMul(Q, K^T), or an ONNX "
@@ -288,47 +278,11 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
         )
     blocks: list[AttentionBlock] = []
     uses_metadata = False
-    for node, query, key, transposed, chain, scale, probs in cores:
-        found = _residual_add(node.outputs[0], _ancestors(query))
-        if found is None:
-            continue  # self-attention without a residual stream around it
-        add, stream_in = found
-        qd, sd = _static_dims(query), _static_dims(stream_in)
-        index = len(blocks)
-        name, attn_scope = _block_name(node, index)
-        if attn_scope is not None:
-            uses_metadata = True
-            add_scopes = _scopes(add) or []
-            if name not in add_scopes or attn_scope in add_scopes:
-                raise LocateError(
-                    f"block {name}: the residual Add found structurally ({add.name!r}) is not in module {name} "
-                    "according to the exporter's metadata; the graph's structure is ambiguous"
-                )
-        if sd[1] != qd[-2]:
-            raise LocateError(f"block {name}: attention runs over {qd[-2]} tokens but the residual stream has {sd[1]}")
-        if any(b.residual_add is add for b in blocks):
-            raise LocateError(
-                f"block {name} has several attention maps feeding one residual branch (e.g. differential "
-                "attention); only single-softmax self-attention is supported"
-            )
-        blocks.append(
-            AttentionBlock(
-                index=index,
-                name=name,
-                stream_in=stream_in,
-                residual_add=add,
-                query=query,
-                key=key,
-                key_transposed=transposed,
-                logit_ops=chain,
-                scale=scale,
-                probs=probs,
-                attention=node,
-                heads=int(qd[1]),
-                head_dim=int(qd[-1]),
-                tokens=int(sd[1]),
-            )
-        )
+    for core in cores:
+        block, scoped = _block(core, blocks)
+        if block is not None:
+            blocks.append(block)
+            uses_metadata |= scoped
     if not blocks:
         raise LocateError("found attention ops but no residual blocks around them; not a ViT-style encoder")
     first = _static_dims(blocks[0].stream_in)
@@ -356,6 +310,79 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
         notes=notes,
         pooling_attention=_pooling_attention(graph, blocks[-1], int(tokens)),
     )
+
+
+class _Core(NamedTuple):
+    """One self-attention core before its block is known."""
+
+    node: ir.Node  # the Softmax, or the fused Attention op
+    query: ir.Value
+    key: ir.Value  # K^T for a Softmax core, K for a fused one
+    transposed: bool
+    chain: list[ir.Node]  # logit ops between the QK MatMul and the Softmax
+    scale: float | None  # a fused op's scale attribute
+    probs: ir.Value | None  # the attention probabilities (Softmax cores)
+
+
+def _attention_cores(graph: ir.Graph) -> list[_Core]:
+    """Every self-attention core: Softmax over MatMul(Q, K^T) logits, or a fused ONNX Attention op."""
+    cores = []
+    for node in graph:
+        if node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
+            core = _softmax_core(node)
+            if core is not None:
+                query, key_t, chain = core
+                cores.append(_Core(node, query, key_t, True, chain, None, node.outputs[0]))
+        elif node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+            fused = _fused_core(node)
+            if fused is not None:
+                query, key, scale = fused
+                cores.append(_Core(node, query, key, False, [], scale, None))
+    return cores
+
+
+def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | None, bool]:
+    """The residual block around one attention core (``None`` without a residual stream around it), and whether the
+    exporter's name-scope metadata named it."""
+    node, query, key, transposed, chain, scale, probs = core
+    found = _residual_add(node.outputs[0], _ancestors(query))
+    if found is None:
+        return None, False
+    add, stream_in = found
+    qd, sd = _static_dims(query), _static_dims(stream_in)
+    index = len(blocks)
+    name, attn_scope = _block_name(node, index)
+    if attn_scope is not None:
+        add_scopes = _scopes(add) or []
+        if name not in add_scopes or attn_scope in add_scopes:
+            raise LocateError(
+                f"block {name}: the residual Add found structurally ({add.name!r}) is not in module {name} "
+                "according to the exporter's metadata; the graph's structure is ambiguous"
+            )
+    if sd[1] != qd[-2]:
+        raise LocateError(f"block {name}: attention runs over {qd[-2]} tokens but the residual stream has {sd[1]}")
+    if any(b.residual_add is add for b in blocks):
+        raise LocateError(
+            f"block {name} has several attention maps feeding one residual branch (e.g. differential "
+            "attention); only single-softmax self-attention is supported"
+        )
+    block = AttentionBlock(
+        index=index,
+        name=name,
+        stream_in=stream_in,
+        residual_add=add,
+        query=query,
+        key=key,
+        key_transposed=transposed,
+        logit_ops=chain,
+        scale=scale,
+        probs=probs,
+        attention=node,
+        heads=int(qd[1]),
+        head_dim=int(qd[-1]),
+        tokens=int(sd[1]),
+    )
+    return block, attn_scope is not None
 
 
 def _pooling_attention(graph: ir.Graph, last: AttentionBlock, tokens: int) -> list[ir.Node]:
