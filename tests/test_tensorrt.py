@@ -332,7 +332,7 @@ class SilentFailure:
 def test_an_empty_error_message_still_names_the_failure(tmp_path, monkeypatch):
     monkeypatch.setattr("tokensieve.runtimes.tensorrt.require_tensorrt", lambda: (10, 3))
     monkeypatch.setattr("polygraphy.backend.trt.EngineBytesFromNetwork", SilentFailure)
-    with pytest.raises(RuntimeBackendError, match="could not build model.onnx: RuntimeError"):
+    with pytest.raises(RuntimeBackendError, match=r"could not build model\.onnx: RuntimeError"):
         build_engine(tmp_path / "model.onnx", tmp_path / "model.plan", {})
 
 

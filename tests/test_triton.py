@@ -404,6 +404,16 @@ def _engines(artifact, repo: Path) -> dict[str, Path]:
     return {entry["model"]: artifact.path / relative for relative, entry in routing["models"].items()}
 
 
+def _answers_like_the_dispatcher(server: FakeTriton, name: str, artifact, seed: int) -> None:
+    """Three images through the router ``name`` give the dispatcher's pooled output."""
+    pixels = np.random.default_rng(seed).standard_normal((3, 3, 224, 224), dtype=np.float32)
+    (response,) = server.requests(server.python_model(name), name, pixels)
+    assert not response.has_error(), response.error().message()
+    got = {t.name(): t.as_numpy() for t in response.output_tensors}
+    expected = StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels)
+    np.testing.assert_allclose(got["pooler_output"], expected.outputs["pooler_output"], rtol=0, atol=1e-5)
+
+
 def test_router_on_tensorrt_stages_asks_for_cpu_outputs(staged, tmp_path):
     """Issue 27 item 7: a TensorRT stage answers in GPU memory unless the BLS request prefers CPU."""
     artifact, _, _ = staged
@@ -415,12 +425,7 @@ def test_router_on_tensorrt_stages_asks_for_cpu_outputs(staged, tmp_path):
     try:
         artifact.triton(tmp_path / "repo", backend="tensorrt")
         server = FakeTriton(tmp_path / "repo", graphs=_engines(artifact, tmp_path / "repo"))
-        pixels = np.random.default_rng(5).standard_normal((3, 3, 224, 224), dtype=np.float32)
-        (response,) = server.requests(server.python_model("vit_atp"), "vit_atp", pixels)
-        assert not response.has_error(), response.error().message()
-        got = {t.name(): t.as_numpy() for t in response.output_tensors}
-        expected = StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels)
-        np.testing.assert_allclose(got["pooler_output"], expected.outputs["pooler_output"], rtol=0, atol=1e-5)
+        _answers_like_the_dispatcher(server, "vit_atp", artifact, seed=5)
     finally:
         for path in engines.iterdir():
             path.unlink()
@@ -480,10 +485,5 @@ def test_dla_engines_serve_at_their_batch(zoo, hf_config_dir, tmp_path):
         else:
             assert config.max_batch_size == 8 and not group.secondary_devices
     server = FakeTriton(repo, graphs=_engines(bundle, repo), profiles=profiles)
-    pixels = np.random.default_rng(7).standard_normal((3, 3, 224, 224), dtype=np.float32)
-    (response,) = server.requests(server.python_model("vit_dla"), "vit_dla", pixels)
-    assert not response.has_error(), response.error().message()
-    got = {t.name(): t.as_numpy() for t in response.output_tensors}
-    expected = StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels)
-    np.testing.assert_allclose(got["pooler_output"], expected.outputs["pooler_output"], rtol=0, atol=1e-5)
+    _answers_like_the_dispatcher(server, "vit_dla", artifact, seed=7)
     assert {b for n, b in server.calls if n.removeprefix("vit_dla_") in on_dla} == {1}
