@@ -203,7 +203,11 @@ def _parity(artifact: Artifact, policy: Policy) -> Check:
     if not (artifact.path / "golden").is_dir():
         status = FAIL if policy.require_golden else SKIP
         return Check("parity", status, f"no golden files; run `tokensieve parity {artifact.path}` before publishing")
-    report = artifact.replay(**({} if policy.tolerance is None else {"tolerance": policy.tolerance}))
+    if artifact.kind == "mllm":  # the storage Artifact has no replay(): the parity replays, torch-free
+        from tokensieve.parity.mllm import replay_llava_golden as replay
+    else:
+        from tokensieve.parity.image import replay_golden as replay
+    report = replay(artifact, **({} if policy.tolerance is None else {"tolerance": policy.tolerance}))
     if artifact.kind == "mllm":
         bad = [c for c in report.cases if not c.ok(report.tolerance)]
         summary = f"{len(report.cases) - len(bad)}/{len(report.cases)} recorded cases reproduced"
