@@ -144,9 +144,19 @@ def bench_llava(
         prefill(embeds, span)
         times = time_alternating({"p": lambda e=embeds, s=span: prefill(e, s)}, 3, 1)["p"]
         report.prefill_ms[length] = _median_min(times)[0]
-    patches = 5 if manifest["host"]["kind"] == "llava_next" else 1  # thumbnail + a 2x2 grid
-    side = manifest["host"]["crop"]
-    pixels = rng.standard_normal((patches, 3, *side), dtype=np.float32)
+    report.vision_ms, report.vision_patches = _time_vision(artifact, method, options, rng)
+    report.export_seconds = manifest["export"]["seconds"]
+    if save:
+        (artifact.path / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))
+        plot_decode(report, artifact.path / "bench.png")
+    return report
+
+
+def _time_vision(artifact, method, options: dict[str, Any], rng: np.random.Generator) -> tuple[float, int]:
+    """The vision graph's median ms on random pixels and the patches it ran (LLaVA-NeXT: thumbnail + a 2x2 grid)."""
+    manifest = artifact.manifest
+    patches = 5 if manifest["host"]["kind"] == "llava_next" else 1
+    pixels = rng.standard_normal((patches, 3, *manifest["host"]["crop"]), dtype=np.float32)
     graphs = [artifact.runner(key, **options) for key in VISION if key in manifest["graphs"]]
     split = method if method is not None and method.split_vision else None
     tokens = FACES.lookup("image_tokens", split)
@@ -157,13 +167,7 @@ def bench_llava(
         return tokens(graphs, pixels, None, manifest["host"], None, split)
 
     run_vision()
-    report.vision_ms = _median_min(time_alternating({"v": run_vision}, 3, 1)["v"])[0]
-    report.vision_patches = patches
-    report.export_seconds = manifest["export"]["seconds"]
-    if save:
-        (artifact.path / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))
-        plot_decode(report, artifact.path / "bench.png")
-    return report
+    return _median_min(time_alternating({"v": run_vision}, 3, 1)["v"])[0], patches
 
 
 def export_variants(source: str, variants: dict[str, tuple[Any, int]], directory: Path) -> dict[str, Any]:
