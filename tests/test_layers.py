@@ -25,7 +25,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "tokensieve"
 LAYERS = [
     {"errors"},
-    {"methods", "onnx_file"},
+    {"methods", "onnx_file", "manifest"},
     {"graph_passes", "runtimes", "reference"},
     {"converters", "calibration"},
     {"artifact"},

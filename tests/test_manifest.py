@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import tokensieve
-from tokensieve.artifact import manifest as manifest_file
-from tokensieve.artifact.manifest import FORMAT_VERSION, ImageManifest, MllmManifest, StagedManifest
+from tokensieve import manifest as manifest_file
+from tokensieve.manifest import FORMAT_VERSION, ImageManifest, MllmManifest, StagedManifest
 from tokensieve.errors import ArtifactError
 
 V1 = Path(__file__).parent / "data" / "v1"

@@ -40,9 +40,9 @@ def concrete_checks() -> list[str]:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             is_check = isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-            if is_check and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2:
-                if _names(node.args[1]) & CLASSES:
-                    found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+            checks = is_check and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2
+            if checks and _names(node.args[1]) & CLASSES:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     return found
 
 
@@ -77,8 +77,7 @@ def test_registry_is_discovered():
     assert {cls.name for cls in VIT_METHODS} == {"topk", "tome", "pitome", "diffrate", "atp"}
 
 
-def _manifest() -> dict:
-    return {"image_tokens": {"count": 576, "per_crop": 576}, "decoder": {"layers": 32, "capacity": 4096}}
+DECODER, IMAGE_TOKENS = {"layers": 32, "capacity": 4096}, {"count": 576, "per_crop": 576}
 
 
 @pytest.mark.parametrize("cls", MLLM_METHODS, ids=lambda cls: cls.name)
@@ -102,7 +101,7 @@ def test_every_mllm_method_has_every_face(cls):
         assert graph_faces.has("cache_score", cls) and reference_faces.has("cache_score_reference", cls)
     fields = {f.name for f in dataclasses.fields(Generation)}
     assert set(cls.kept_fields) <= fields, "parity reads the kept positions from Generation's fields"
-    explanation = method.explain(_manifest())
+    explanation = method.explain(DECODER, IMAGE_TOKENS)
     assert isinstance(explanation, str) and explanation, "inspect's explanation"
     cost = method.plan(PlanInput(32, 32, 128, 576, 636, 64, 4096))
     assert cls.data_dependent == (cost is None), "plan: a cost unless the counts depend on the data"

@@ -96,10 +96,10 @@ def bench_llava(
     save: bool = True,
 ) -> LlavaBenchReport:
     manifest = artifact.manifest
-    dec = manifest["decoder"]
+    dec = manifest.decoder
     layers, kv, head_dim, capacity = dec["layers"], dec["kv_heads"], dec["head_dim"], dec["capacity"]
     contexts = contexts or default_contexts(capacity)
-    methods = methods_from_dicts(manifest.get("methods"))
+    methods = methods_from_dicts(manifest.methods)
     method = methods[0] if methods else None  # an MLLM artifact has one at most
     evicting = method is not None and method.evicts  # any context fits: evicting caches
     for context in contexts:
@@ -110,10 +110,10 @@ def bench_llava(
             )
     options = {"threads": threads, "spin": False}
     fixed = artifact.runner("decode", **options)
-    growing = artifact.runner("decode_growing", **options) if "decode_growing" in manifest["graphs"] else None
+    growing = artifact.runner("decode_growing", **options) if "decode_growing" in manifest.graphs else None
     rng = np.random.default_rng(0)
     names = kv_names(layers)
-    report = LlavaBenchReport(manifest["source"]["name"], threads, capacity)
+    report = LlavaBenchReport(manifest.source["name"], threads, capacity)
     caches = [rng.standard_normal((1, kv, capacity, head_dim), dtype=np.float32) for _ in names]
     # the decoder the runtime would drive for the artifact's method (in place), over random caches
     decoder = FACES.lookup("bench_decoder", method)(fixed, caches, capacity, method, rng)
@@ -137,7 +137,7 @@ def bench_llava(
         g = stats.get("growing", (None, None))
         report.decode.append(DecodeRow(context, stats["fixed"][0], g[0], stats["fixed"][1], g[1], noisy))
     prefill = Prefill.from_artifact(artifact, **options)  # one graph, or segments with host decisions
-    image_tokens = manifest["image_tokens"].get("count") or manifest["image_tokens"]["per_crop"]
+    image_tokens = manifest.image_tokens.get("count") or manifest.image_tokens["per_crop"]
     for length in prefill_lengths or [n for n in contexts if n <= 1024][:4]:
         embeds = rng.standard_normal((1, length, dec["hidden"]), dtype=np.float32)
         span = (1, 1 + image_tokens) if image_tokens + 2 <= length else None  # [BOS, image, text] or text only
@@ -145,7 +145,7 @@ def bench_llava(
         times = time_alternating({"p": lambda e=embeds, s=span: prefill(e, s)}, 3, 1)["p"]
         report.prefill_ms[length] = _median_min(times)[0]
     report.vision_ms, report.vision_patches = _time_vision(artifact, method, options, rng)
-    report.export_seconds = manifest["export"]["seconds"]
+    report.export_seconds = manifest.export["seconds"]
     if save:
         (artifact.path / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))
         plot_decode(report, artifact.path / "bench.png")
@@ -155,16 +155,16 @@ def bench_llava(
 def _time_vision(artifact, method, options: dict[str, Any], rng: np.random.Generator) -> tuple[float, int]:
     """The vision graph's median ms on random pixels and the patches it ran (LLaVA-NeXT: thumbnail + a 2x2 grid)."""
     manifest = artifact.manifest
-    patches = 5 if manifest["host"]["kind"] == "llava_next" else 1
-    pixels = rng.standard_normal((patches, 3, *manifest["host"]["crop"]), dtype=np.float32)
-    graphs = [artifact.runner(key, **options) for key in VISION if key in manifest["graphs"]]
+    patches = 5 if manifest.host["kind"] == "llava_next" else 1
+    pixels = rng.standard_normal((patches, 3, *manifest.host["crop"]), dtype=np.float32)
+    graphs = [artifact.runner(key, **options) for key in VISION if key in manifest.graphs]
     split = method if method is not None and method.split_vision else None
     tokens = FACES.lookup("image_tokens", split)
 
     def run_vision():  # a split vision graph (MustDrop: vision_0, the window merge on the host, vision_1)
         if split is None:
             return graphs[0].run({"pixel_values": pixels})
-        return tokens(graphs, pixels, None, manifest["host"], None, split)
+        return tokens(graphs, pixels, None, manifest.host, None, split)
 
     run_vision()
     return _median_min(time_alternating({"v": run_vision}, 3, 1)["v"])[0], patches

@@ -32,6 +32,7 @@ from typing import Any
 
 from tokensieve.artifact.store import ENGINES, plan_path, replaced_directory
 from tokensieve.errors import ArtifactError
+from tokensieve.manifest import MllmManifest
 
 PROMPT_TEXT_TOKENS = 512  # text tokens next to the largest image in the longest prompt an evicting cache is built for
 
@@ -40,7 +41,7 @@ def graph_paths(artifact) -> list[str]:
     """Relative paths of the ONNX files to build: every deployable graph (an image model's baseline too, so the
     engine benchmark has its reference)."""
     paths = [path for path, _ in artifact.graph_files()]
-    baseline = artifact.manifest.get("graphs", {}).get("baseline")
+    baseline = artifact.manifest.graphs.get("baseline")
     if artifact.kind != "mllm" and baseline:
         paths.append(baseline)
     return list(dict.fromkeys(paths))
@@ -50,15 +51,17 @@ def symbol_ranges(artifact, max_batch: int = 32) -> dict[str, tuple[int, int, in
     """Default ``(min, opt, max)`` of every symbolic axis name the artifact's graphs use (see module docstring)."""
     manifest = artifact.manifest
     ranges = {"batch": (1, min(8, max_batch), max_batch)}
-    stages = manifest.get("stages")
-    if stages:  # the symbolic-K chain: slots of a site; after the first site, the previous site's slots
+    if (
+        artifact.kind == "staged"
+    ):  # the symbolic-K chain: slots of a site; after the first site, the previous site's slots
+        stages = manifest.stages
         sizes = [k for route in stages["buckets"].values() for k in route]
         low, high, specials = min(sizes), max(sizes), int(stages["specials"])
         ranges["slots"] = ranges["candidates"] = (low, high, high)
         ranges["tokens"] = (specials + low, specials + high, specials + high)
     if artifact.kind != "mllm":
         return ranges
-    capacity, image, host = manifest["decoder"]["capacity"], manifest["image_tokens"], manifest["host"]
+    capacity, image, host = manifest.decoder["capacity"], manifest.image_tokens, manifest.host
     per_image = image.get("count") or image["per_crop"]
     largest = 0
     if "grid_pinpoints" in host:
@@ -81,14 +84,14 @@ def symbol_ranges(artifact, max_batch: int = 32) -> dict[str, tuple[int, int, in
     return ranges
 
 
-def evicts_prompt(manifest: Mapping[str, Any]) -> bool:
+def evicts_prompt(manifest: MllmManifest) -> bool:
     """True when an MLLM artifact's methods take prompts longer than its cache capacity: a StreamingLLM ring or a
     prompt-cache compression (H2O, SnapKV, ...) prefills the whole prompt and keeps only part of it."""
     from tokensieve.methods import methods_from_dicts
     from tokensieve.methods.prompt_cache import PromptCacheCompression
     from tokensieve.methods.streamingllm import StreamingLLM
 
-    methods = methods_from_dicts(manifest.get("methods"))
+    methods = methods_from_dicts(manifest.methods)
     return any(isinstance(m, StreamingLLM | PromptCacheCompression) for m in methods)
 
 
@@ -161,7 +164,9 @@ def build_engines(
     version = require_tensorrt()
     ranges = profile_ranges(artifact, max_batch, dims)
     jobs = [(onnx, input_profile(artifact.path / onnx, ranges)) for onnx in graph_paths(artifact)]
-    int8 = "quantization" in artifact.manifest  # QDQ graphs: explicit quantization (the INT8 flag on TensorRT 10)
+    int8 = (
+        artifact.manifest.quantization is not None
+    )  # QDQ graphs: explicit quantization (the INT8 flag on TensorRT 10)
     tf32 = True if version[0] < 11 else None  # TensorRT 10: TF32 tactics on, as trtexec; 11: the network's types
     report: dict[str, Any] = {
         "fp16": fp16,

@@ -139,11 +139,11 @@ def _replay(artifact, fp16: bool, golden_dir: str = "golden") -> str | None:
     artifact. Without tokensieve on the device, a single graph falls back to Polygraphy on the golden files in
     ``golden_dir`` (``jetson/golden`` when the engine takes a fixed batch); a staged artifact needs tokensieve's
     bucket dispatcher."""
-    staged = "stages" in artifact.manifest
+    staged = artifact.kind == "staged"
     golden = artifact.path / "golden" / (STAGED if staged else "inputs.json")
     if artifact.kind == "mllm" or not golden.is_file():
         return None
-    quantization = artifact.manifest.get("quantization")
+    quantization = artifact.manifest.quantization
     bound = max(1e-2 if fp16 else 1e-3, quantization["tolerance"] if quantization else 0.0)
     if staged:
         fallback = 'echo "the staged replay runs the bucket dispatcher: install tokensieve on the device to run it"'
@@ -151,7 +151,7 @@ def _replay(artifact, fp16: bool, golden_dir: str = "golden") -> str | None:
         from tokensieve.parity.image import golden_output_scale, polygraphy_replay
 
         atol = bound * golden_output_scale(artifact)  # Polygraphy compares element by element, in absolute terms
-        plan = plan_path(artifact, artifact.manifest["graphs"]["model"]).relative_to(artifact.path)
+        plan = plan_path(artifact, artifact.manifest.graphs["model"]).relative_to(artifact.path)
         fallback = polygraphy_replay(str(plan), golden_dir, atol, engine=True)
     return (
         "if command -v tokensieve >/dev/null; then tokensieve parity . --replay --runtime tensorrt --tolerance "
@@ -162,7 +162,7 @@ def _replay(artifact, fp16: bool, golden_dir: str = "golden") -> str | None:
 def _dla_jobs(artifact, jobs: list[dict], jetpack: str, dla: int, dla_batch: int, fp16: bool) -> list[dict]:
     """``jobs`` with the graphs whose only symbolic axis is the batch on DLA core ``dla``, at most
     :data:`~tokensieve.deploy.dla.LOADABLES_PER_CORE` of them (the rest stay on the GPU)."""
-    check_dla(artifact, jetpack, dla, dla_batch, fp16, "quantization" in artifact.manifest)
+    check_dla(artifact, jetpack, dla, dla_batch, fp16, artifact.manifest.quantization is not None)
     placed = [dla_job(job, artifact.path / job["onnx"], dla, dla_batch) for job in jobs]
     if not any("dla_core" in job for job in placed):
         raise ArtifactError(
@@ -245,12 +245,12 @@ def write_bundle(
     ranges, jobs, report = _jobs(artifact, jetpack, max_batch, dims)
     # a quantized artifact's QDQ graphs need trtexec's --int8 on TensorRT 10 (explicit quantization in a weakly
     # typed network); TensorRT 11 reads the Q/DQ types without a flag
-    int8 = "quantization" in artifact.manifest and not tensorrt.startswith("11")
+    int8 = artifact.manifest.quantization is not None and not tensorrt.startswith("11")
     if dla is not None:
         jobs = _dla_jobs(artifact, jobs, jetpack, dla, dla_batch, fp16)
     files = _recorded_inputs(artifact, jobs) if artifact.kind == "mllm" else {}
-    model = artifact.manifest.get("graphs", {}).get("model")
-    staged = "stages" in artifact.manifest  # its replay runs tokensieve's dispatcher, which chunks by itself
+    model = artifact.manifest.graphs.get("model")
+    staged = artifact.kind == "staged"  # its replay runs tokensieve's dispatcher, which chunks by itself
     model_on_dla = not staged and any("dla_core" in job and job["onnx"] == model for job in jobs)
     info = {
         "jetpack": jetpack,
@@ -264,8 +264,8 @@ def write_bundle(
         "ranges": {k: list(v) for k, v in ranges.items()},
         "graphs": jobs,
         "left_out": [f"{name}/" for name in LEFT_OUT if (artifact.path / name).exists()],
-        "source": artifact.manifest["source"]["name"],
-        "method": artifact.manifest.get("method_text", "none"),
+        "source": artifact.manifest.source["name"],
+        "method": artifact.manifest.method_text,
     }
     replay = _replay(artifact, fp16, "jetson/golden" if model_on_dla else "golden")
     scripts = {
@@ -309,8 +309,8 @@ def _forget(folder: Path, left_out: list[str]) -> None:
     if not left_out:
         return
     manifest = json.loads((folder / MANIFEST).read_text())
-    files = manifest.get("files", {})
-    manifest["files"] = {k: v for k, v in files.items() if not any(k.startswith(p) for p in left_out)}
+    files = manifest.files or {}
+    manifest.files = {k: v for k, v in files.items() if not any(k.startswith(p) for p in left_out)}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 

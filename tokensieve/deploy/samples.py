@@ -89,7 +89,7 @@ def _recording(root: Path, record: dict[str, dict[str, np.ndarray]]) -> Iterator
 
 def sample_image(artifact) -> np.ndarray:
     """A fixed RGB image of the vision tower's input size."""
-    side = int(artifact.manifest["host"].get("image_size", 224))
+    side = int(artifact.manifest.host.get("image_size", 224))
     return np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
 
 
@@ -97,7 +97,7 @@ def sample_feeds(artifact) -> dict[str, dict[str, np.ndarray]]:
     """Relative graph path -> the feeds of its first call while the artifact generates two tokens for
     :func:`sample_image` and the longest of :data:`SAMPLE_PROMPTS` the cache takes, with every cache the artifact
     has (the fixed-capacity ``decode`` and the growing ``decode_growing`` graph)."""
-    graphs = artifact.manifest["graphs"]
+    graphs = artifact.manifest.graphs
     caches = [cache for cache, key in (("fixed", "decode"), ("growing", "decode_growing")) if key in graphs]
     record: dict[str, dict[str, np.ndarray]] = {}
     with _recording(artifact.path, record):

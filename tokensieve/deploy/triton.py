@@ -204,11 +204,12 @@ class RepositoryPlan:
         self.kind = "gpu" if backend == "tensorrt" and kind == "auto" else kind
         self.engines: dict[str, dict] = {}
         self.built = self._built_max_batch()
-        stages = artifact.manifest.get("stages")
         if artifact.kind == "mllm":
             self.models = [self._generator(name)]
+        elif artifact.kind == "staged":
+            self.models = self._staged(artifact.manifest.stages)
         else:
-            self.models = self._staged(stages) if stages else [self._graph(name, artifact.manifest["graphs"]["model"])]
+            self.models = [self._graph(name, artifact.manifest.graphs["model"])]
 
     def _built_max_batch(self) -> int | None:
         if self.backend != "tensorrt":
@@ -246,7 +247,7 @@ class RepositoryPlan:
     def _generator(self, name: str) -> ModelSpec:
         """An MLLM artifact: one Python-backend model that runs tokensieve's generation loop (LlavaRunner) on the
         artifact's graphs with ONNX Runtime: a prompt and an optional RGB image in, the text and token ids out."""
-        cache = "fixed" if "decode" in self.artifact.manifest["graphs"] else "growing"
+        cache = "fixed" if "decode" in self.artifact.manifest.graphs else "growing"
         providers = (
             ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.kind == "gpu" else ["CPUExecutionProvider"]
         )

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from tokensieve.artifact.manifest import ImageManifest, StagedManifest
 from tokensieve.artifact.store import (
     Artifact,
     check_file,
@@ -34,6 +33,7 @@ from tokensieve.graph_passes.locate import ViTLayout, locate_vit
 from tokensieve.graph_passes.macs import count_macs
 from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.token_reduction import TokenReductionPass
+from tokensieve.manifest import ImageManifest, StagedManifest
 from tokensieve.methods import Method, check_target, describe, schedule
 from tokensieve.onnx_file import load_onnx
 

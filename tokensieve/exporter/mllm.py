@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 
-from tokensieve.artifact.manifest import FORMAT, FORMAT_VERSION
 from tokensieve.artifact.store import (
     Artifact,
     check_file,
@@ -52,6 +51,7 @@ from tokensieve.converters.sources import SourceSpec
 from tokensieve.graph_passes import FACES
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate_decoder import locate_decoder
+from tokensieve.manifest import FORMAT, FORMAT_VERSION
 from tokensieve.methods.decoder import DecoderContext, DecoderMethod
 from tokensieve.runtimes.llava_image import crop_tokens
 

@@ -50,8 +50,8 @@ def _reduction(manifest: dict[str, Any]) -> str | None:
     """What a decoder method does to the sequence or the cache, in words (the method's ``explain``)."""
     from tokensieve.methods import methods_from_dicts
 
-    method = next(iter(methods_from_dicts(manifest.get("methods"))), None)
-    return None if method is None else method.explain(manifest)
+    method = next(iter(methods_from_dicts(manifest.methods)), None)
+    return None if method is None else method.explain(manifest.decoder, manifest.image_tokens)
 
 
 def _shape(value: dict[str, Any]) -> str:

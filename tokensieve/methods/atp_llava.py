@@ -69,8 +69,8 @@ class ATPLLaVA(PrefillCuts):
         self.check_range(ctx.layers)
         self.grid_positions(ctx.image_tokens)
 
-    def explain(self, manifest: dict[str, Any]) -> str:
-        count = manifest["image_tokens"]["count"]
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
+        count = image_tokens["count"]
         rule = f"> {self.threshold:g}" if self.threshold is not None else f"> mean + {self.offset:g} std (per image)"
         return (
             f"before each of layers {list(self.layers)}, the image tokens still present whose redundancy score "

@@ -10,7 +10,7 @@ A decoder method is a frozen dataclass deriving from :class:`DecoderMethod`. Pur
   ``fixed_capacity``), what parity compares (``kept_fields``, ``kept_separated``, ``shortens_prompt``) and which
   graphs get symbolic axes and why (``dynamic``);
 * ``plan(p)``: the cost arithmetic of :class:`PlanInput` (``None``: the counts depend on the data, ``data_dependent``);
-* ``explain(manifest)``: what the method does to an exported artifact, in words (``tokensieve inspect``).
+* ``explain(decoder, image_tokens)``: what the method does to an exported artifact, in words (``tokensieve inspect``).
 
 The faces that need numpy, onnx or torch register themselves per class (:mod:`tokensieve.methods.faces`): the
 export rewrite (``"export"``, ``tokensieve.graph_passes``), the eager reference (``"reference"``,
@@ -118,6 +118,7 @@ class DecoderMethod:
         """The cost of one generation (``None`` when ``data_dependent``)."""
         return None
 
-    def explain(self, manifest: dict[str, Any]) -> str | None:
-        """What the method does to the sequence or the cache of the artifact ``manifest`` describes, in words."""
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str | None:
+        """What the method does to the sequence or the cache, in words, given the manifest's decoder geometry and image
+        token facts."""
         return None

@@ -48,7 +48,7 @@ class DyVTE(PrefillCuts):
     def validate(self, ctx: DecoderContext) -> None:
         self.check_range(ctx.layers)
 
-    def explain(self, manifest: dict[str, Any]) -> str:
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
         return (
             f"before each of layers {list(self.layers)}, every image token is removed once the last prompt token's "
             f"attention mass on the image (the layer before, head mean) is below {self.threshold:g}; text keeps its "

@@ -80,11 +80,11 @@ class FastV(DecoderMethod):
         scoring = p.length * p.heads * p.head_dim  # layer k-1's last-position attention row
         return PlanCost(tokens, [t + p.new_tokens for t in tokens], p.length + p.new_tokens, scoring)
 
-    def explain(self, manifest: dict[str, Any]) -> str:
-        image = manifest["image_tokens"]
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
+        image = image_tokens
         kept = f"{self.kept_count(image['count'])} of {image['count']}" if "count" in image else "ceil(keep * N) of N"
         return (
-            f"layers {self.k}..{manifest['decoder']['layers'] - 1} keep {kept} image tokens (the most attended by the "
+            f"layers {self.k}..{decoder['layers'] - 1} keep {kept} image tokens (the most attended by the "
             f"last prompt token in layer {self.k - 1}) and every text token, at their original positions"
         )
 

@@ -79,8 +79,8 @@ class GlobalCom2(DecoderMethod):
                 "keeps CLS among the features, which the method does not define"
             )
 
-    def explain(self, manifest: dict[str, Any]) -> str:
-        tokens = manifest["image_tokens"]["per_crop"]
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
+        tokens = image_tokens["per_crop"]
         layout = "the official code's packing" if self.layout == "official" else "grid positions"
         return (
             f"the image keeps {self.thumbnail_count(tokens)} of {tokens} thumbnail tokens and about "

@@ -62,7 +62,7 @@ class H2O(A2SF):
         cached = [min(p.length + p.new_tokens, self.budget)] * p.layers
         return replace(super().plan(p), cached=cached, slots=self.slots(), unbounded=True, state_bytes=STATE_BYTES)
 
-    def explain(self, manifest: dict[str, Any]) -> str:
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
         factor = float(self.forgetting_factor)
         forgetting = "" if factor == 1 else f", older attention weighted by {factor:g} per step (A2SF)"
         return (

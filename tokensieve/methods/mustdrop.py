@@ -138,8 +138,8 @@ class MustDrop(PrefillCuts):
                 f"filter needs a layer after it (1..{layers - 2})"
             )
 
-    def explain(self, manifest: dict[str, Any]) -> str:
-        count = manifest["image_tokens"]["count"]
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
+        count = image_tokens["count"]
         merge = (
             "no window merge"
             if self.merge_threshold is None

@@ -71,7 +71,7 @@ class PromptCacheCompression(DecoderMethod):
         kept = self.kept_count(p.length) + p.new_tokens
         return PlanCost([p.length] * p.layers, [kept] * p.layers, kept, self.scoring_macs(p))
 
-    def explain(self, manifest: dict[str, Any]) -> str:
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
         return (
             f"after prefill every layer and KV head caches at most {self.budget} prompt positions: the last "
             f"{self.protected} and {self.selection()}; new tokens are cached after them at their absolute positions"

@@ -53,8 +53,8 @@ class StreamingLLM(DecoderMethod):
         cached = [min(p.length + p.new_tokens, p.capacity)] * p.layers
         return PlanCost([p.length] * p.layers, cached, p.capacity, unbounded=True)
 
-    def explain(self, manifest: dict[str, Any]) -> str:
-        capacity = manifest["decoder"]["capacity"]
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
+        capacity = decoder["capacity"]
         return (
             f"the cache keeps the first {self.sink} positions (attention sinks) and the latest {capacity - self.sink}; "
             "the fixed decode graph is a ring (slot and visible slots from the host)"

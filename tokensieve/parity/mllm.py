@@ -250,7 +250,7 @@ def _compare(runner, cache: str, case: Expected, method) -> LlavaParityCase:
 
 
 def _runners(artifact, caches: tuple[str, ...]) -> dict:
-    caches = tuple(c for c in caches if c == "fixed" or "decode_growing" in artifact.manifest["graphs"])
+    caches = tuple(c for c in caches if c == "fixed" or "decode_growing" in artifact.manifest.graphs)
     return {cache: artifact.llava_runner(cache=cache) for cache in caches}
 
 
@@ -258,7 +258,7 @@ def _method(artifact):
     """The artifact's decoder method (an MLLM artifact has one at most), or None."""
     from tokensieve.methods import methods_from_dicts
 
-    return next(iter(methods_from_dicts(artifact.manifest.get("methods"))), None)
+    return next(iter(methods_from_dicts(artifact.manifest.methods)), None)
 
 
 def check_llava_parity(
@@ -283,9 +283,9 @@ def check_llava_parity(
     if cases is None:
         check_at_least("cases", count, 1)
     manifest = artifact.manifest
-    spec = SourceSpec.from_dict(manifest["source"])
+    spec = SourceSpec.from_dict(manifest.source)
     built = build_llava(spec.name, spec.seed)
-    if weights_digest(built.model) != manifest["weights_sha256"]:
+    if weights_digest(built.model) != manifest.weights_sha256:
         raise ParityError(
             f"the eager model rebuilt from {spec.text} does not have the weights the artifact was exported with "
             "(different seed, checkpoint or library version); re-export the artifact"
@@ -293,13 +293,13 @@ def check_llava_parity(
     model = built.model
     model.generation_config.eos_token_id = None  # generate exactly new_tokens, like ignore_eos on our side
     tokenizer = AutoTokenizer.from_pretrained(artifact.path / "tokenizer")
-    processor = _hf_processor(manifest["host"], tokenizer)
+    processor = _hf_processor(manifest.host, tokenizer)
     method = _method(artifact)
     runners = _runners(artifact, caches)
-    template, capacity = manifest["host"]["template"], manifest["decoder"]["capacity"]
+    template, capacity = manifest.host["template"], manifest.decoder["capacity"]
     expected = [
         _expected(model, processor, template, method, capacity, prompt, image, new_tokens)
-        for prompt, image in cases or default_cases(manifest["host"], count, seed)
+        for prompt, image in cases or default_cases(manifest.host, count, seed)
     ]
     results = [_compare(runner, cache, case, method) for case in expected for cache, runner in runners.items()]
     report = LlavaParityReport(results, tolerance)

@@ -95,10 +95,10 @@ def _source(source: str) -> tuple[dict[str, int], dict[str, int] | None, dict[st
         from tokensieve.artifact.store import Artifact
 
         manifest = Artifact.load(path).manifest
-        if manifest.get("kind") != "mllm":
+        if manifest.kind != "mllm":
             raise SourceError(f"{source} is an image-model artifact; this plan takes an MLLM")
-        decoder = dict(manifest["decoder"])
-        return decoder, manifest.get("vision"), manifest["host"], decoder.pop("capacity")
+        decoder = dict(manifest.decoder)
+        return decoder, manifest.vision, manifest.host, decoder.pop("capacity")
     from tokensieve.converters.llava import (
         decoder_geometry,
         default_capacity,
@@ -203,12 +203,12 @@ def plan_artifact(artifact, text_tokens: int = 60) -> tuple[MllmPrompt, list[Mll
     """The artifact's own method (after the unreduced row) at a prompt of ``text_tokens`` besides the image, with
     as many new tokens as its fixed cache holds (any number: 0 planned); ``None`` for methods with data-dependent
     counts."""
-    text = artifact.manifest.get("method_text", "none")
+    text = artifact.manifest.method_text
     candidates = [] if text == "none" else [text]
     if candidates and parse_methods(text)[0].data_dependent:
         return None
     prompt, rows = plan_mllm(str(artifact.path), candidates, text_tokens=text_tokens, new_tokens=0)
-    room = artifact.manifest["decoder"]["capacity"] - rows[-1].slots
+    room = artifact.manifest.decoder["capacity"] - rows[-1].slots
     if rows[-1].unbounded or room <= 0:
         return prompt, rows
     return plan_mllm(str(artifact.path), candidates, text_tokens=text_tokens, new_tokens=room)

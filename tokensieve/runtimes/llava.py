@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from tokensieve.runtimes.kv_cache import DecodeSetup
 from tokensieve.runtimes.llava_image import pack_features, preprocess
 from tokensieve.runtimes.ort import OrtRunner
 from tokensieve.runtimes.prefill import Prefill
+
+if TYPE_CHECKING:
+    from tokensieve.manifest import MllmManifest
 
 IMAGE_TOKEN = "<image>"
 CACHE_MODES = ("fixed", "growing")
@@ -95,7 +98,7 @@ class LlavaRunner:
     def __init__(
         self,
         directory: str | Path,
-        manifest: dict[str, Any],
+        manifest: MllmManifest,
         cache: str = "fixed",
         providers: list[str] | None = None,
         threads: int | None = None,
@@ -104,10 +107,10 @@ class LlavaRunner:
         if cache not in CACHE_MODES:
             raise RuntimeBackendError(f"unknown cache mode {cache!r}; choose one of {CACHE_MODES}")
         self.directory = Path(directory)
-        self.host: dict[str, Any] = manifest["host"]
+        self.host: dict[str, Any] = manifest.host
         self.cache = cache
-        graphs = manifest["graphs"]
-        methods = methods_from_dicts(manifest.get("methods"))
+        graphs = manifest.graphs
+        methods = methods_from_dicts(manifest.methods)
         decode_key = "decode" if cache == "fixed" else "decode_growing"
         self.method: DecoderMethod | None = methods[0] if methods else None  # an MLLM artifact has one at most
         if decode_key not in graphs:
@@ -121,17 +124,17 @@ class LlavaRunner:
         self.vision = [OrtRunner(self.directory / graphs[k], **options) for k in VISION if k in graphs]
         self.embed, self.decode = (OrtRunner(self.directory / graphs[k], **options) for k in ("embed", decode_key))
         self.prefill = Prefill(self.directory, manifest, **options)
-        self.capacity: int | None = manifest["decoder"]["capacity"] if cache == "fixed" else None
+        self.capacity: int | None = manifest.decoder["capacity"] if cache == "fixed" else None
         self.eviction = next((m for m in methods if m.ring), None)  # the fixed cache is a ring (StreamingLLM)
-        self.budget: int = manifest["decoder"]["capacity"]  # positions an evicting cache keeps
-        self.vocab: int = manifest["decoder"]["vocab"]
+        self.budget: int = manifest.decoder["capacity"]  # positions an evicting cache keeps
+        self.vocab: int = manifest.decoder["vocab"]
         newline = self.directory / "image_newline.npy"
         if self.host["kind"] == "llava_next" and not newline.is_file():
             raise ArtifactError(f"artifact {self.directory} is incomplete: {newline.name} is missing; re-export it")
         self.newline = np.load(newline) if newline.is_file() else None
         from tokenizers import Tokenizer
 
-        tokenizer = self.directory / manifest["tokenizer"]
+        tokenizer = self.directory / manifest.tokenizer
         try:
             self.tokenizer = Tokenizer.from_file(str(tokenizer))
         except Exception as e:  # tokenizers raises a bare Exception for a missing or malformed file

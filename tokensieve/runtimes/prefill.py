@@ -8,7 +8,7 @@ keys/values)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,19 +17,22 @@ from tokensieve.runtimes import FACES
 from tokensieve.runtimes.kv_cache import kv_names
 from tokensieve.runtimes.ort import OrtRunner
 
+if TYPE_CHECKING:
+    from tokensieve.manifest import MllmManifest
+
 EXTRAS = ("kept_positions", "cache_positions", "cache_scores")
 
 
 class Prefill:
     """``Prefill(directory, manifest, threads=2)(embeds, span) -> (logits, present, extras)``."""
 
-    def __init__(self, directory: str | Path, manifest: dict[str, Any], **options: Any):
-        graphs = manifest["graphs"]
+    def __init__(self, directory: str | Path, manifest: MllmManifest, **options: Any):
+        graphs = manifest.graphs
         # the method that decides on the host between prefill segments (its "prefill_cut" face)
-        self.split = next((m for m in methods_from_dicts(manifest.get("methods")) if m.host_cuts), None)
+        self.split = next((m for m in methods_from_dicts(manifest.methods) if m.host_cuts), None)
         keys = [f"prefill_{i}" for i in range(len(self.split.cuts) + 1)] if self.split else ["prefill"]
         self.graphs = [OrtRunner(Path(directory) / graphs[key], **options) for key in keys]
-        self.layers: int = manifest["decoder"]["layers"]
+        self.layers: int = manifest.decoder["layers"]
 
     @classmethod
     def from_artifact(cls, artifact, **options: Any) -> Prefill:

@@ -37,6 +37,7 @@ class Manifest:
     weights_sha256: str | None = None
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})  # INT8 copies only
     files: dict[str, str] | None = None  # SHA-256 of every file written with the manifest (set by dump)
     format_version: int = FORMAT_VERSION  # the version the file was written with (dump writes the current one)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this release does not know, kept as they were
@@ -84,7 +85,6 @@ class ImageManifest(Manifest):
     sites: list[dict[str, Any]] = field(default_factory=list)
     macs: dict[str, Any] = field(default_factory=dict)
     lint: dict[str, Any] = field(default_factory=dict)
-    quantization: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})  # INT8 copies only
 
 
 @dataclass(kw_only=True)
