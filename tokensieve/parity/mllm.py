@@ -34,9 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from tokensieve.artifact.store import replaced_directory
 from tokensieve.errors import ParityError, check_at_least
-from tokensieve.parity.report import read_golden
+from tokensieve.parity.report import read_golden, save_arrays, write_golden
 
 _WORDS = (
     "what",
@@ -320,9 +319,7 @@ def _write_golden(directory, expected: list[Expected]):
         }
         if case.kept is not None:
             arrays[f"{i}/kept"] = case.kept
-    with replaced_directory(directory / "golden") as staging:
-        np.savez(staging / CASES, **arrays)
-    return directory / "golden"
+    return write_golden(directory, save_arrays(CASES, arrays))
 
 
 def replay_llava_golden(
