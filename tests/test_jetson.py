@@ -109,7 +109,7 @@ def test_staged_bundle_archive(zoo, hf_config_dir, tmp_path):
 def test_quantized_bundle_builds_int8_and_checks_within_the_drift_budget(zoo, hf_config_dir, tmp_path):
     path, built = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
     fp32 = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "fp32")
-    data = np.random.default_rng(0).standard_normal((8, *fp32.manifest["inputs"][0]["shape"][1:]), dtype=np.float32)
+    data = np.random.default_rng(0).standard_normal((8, *fp32.manifest.inputs[0]["shape"][1:]), dtype=np.float32)
     # the tiny random tower drifts far under INT8 (its token-level output most): the budget is set to pass here
     int8 = fp32.quantize(data, tmp_path / "int8", tolerance=2.0, min_agreement=0.5)
     assert int8.parity(reference=built).ok  # golden files with the drift budget
@@ -228,12 +228,12 @@ def test_mllm_check_times_engines_on_a_real_prompt(tmp_path):
     """Issue 27 items 4 and 11: an evicting method prefills the whole prompt, so check.sh runs every engine at the
     shapes of a real generation, with its recorded inputs (trtexec's random INT64 would be out-of-range slots)."""
     artifact = tokensieve.export("hf:llava-tiny", "h2o(budget=40, recent=8)", out=tmp_path / "h2o")
-    capacity = artifact.manifest["decoder"]["capacity"]
+    capacity = artifact.manifest.decoder["capacity"]
     info = artifact.jetson(tmp_path / "bundle")
     bundle = tmp_path / "bundle"
     jobs = {job["onnx"]: job for job in info["graphs"]}
     assert all(job["inputs"] for job in jobs.values())  # every graph ran in the generation
-    prefill = jobs[artifact.manifest["graphs"]["prefill"]]
+    prefill = jobs[artifact.manifest.graphs["prefill"]]
     length = prefill["inputs"]["inputs_embeds"]["shape"][1]
     assert length > capacity and prefill["profile"]["inputs_embeds"][2][1] >= length
     for job in jobs.values():

@@ -11,8 +11,8 @@ import pytest
 
 import tokensieve
 from tokensieve import manifest as manifest_file
-from tokensieve.manifest import FORMAT_VERSION, ImageManifest, MllmManifest, StagedManifest
 from tokensieve.errors import ArtifactError
+from tokensieve.manifest import FORMAT_VERSION, ImageManifest, MllmManifest, StagedManifest
 
 V1 = Path(__file__).parent / "data" / "v1"
 

@@ -96,7 +96,7 @@ def test_dual_attention_equals_hugging_face(artifacts):
     probabilities on processor inputs (no window merge: the plain artifact)."""
     built = artifacts["built"]
     first = artifacts["plain"].llava_runner().prefill.graphs[0]
-    scorer = artifacts["plain"].manifest["methods"][0]["layers"][0]
+    scorer = artifacts["plain"].manifest.methods[0]["layers"][0]
     for inputs, _ in _cases(built, 3, 2):
         full = attention_forward(built.model, inputs)
         image = torch.nonzero(inputs["input_ids"][0] == built.model.config.image_token_id)[:, 0]
@@ -181,19 +181,19 @@ def _image() -> np.ndarray:
 def test_lint_inspect_generate(artifacts, capsys):
     artifact = artifacts["deep"]
     manifest = artifact.manifest
-    assert manifest["method_text"] == (
+    assert manifest.method_text == (
         "mustdrop(layers=[1, 2], global_threshold=0.0105, individual_threshold=0.02, key_ratio=0.08, "
         "merge_threshold=0.1)"
     )
-    graphs = [k for k in manifest["graphs"] if k != "external_data"]
+    graphs = [k for k in manifest.graphs if k != "external_data"]
     prefill = ["prefill_0", "prefill_1", "prefill_2"]
     assert graphs == ["vision_0", "vision_1", "embed", *prefill, "decode", "decode_growing"]
-    for entry in (*manifest["lint"].values(), *artifacts["plain"].manifest["lint"].values()):
+    for entry in (*manifest.lint.values(), *artifacts["plain"].manifest.lint.values()):
         assert entry["ok"], entry
-    decode = {v["name"] for v in manifest["io"]["decode"]["inputs"]}
+    decode = {v["name"] for v in manifest.io["decode"]["inputs"]}
     assert {"pruned_cache_position", "pruned_position_ids"} <= decode and "pruned_cache_position_1" not in decode
-    assert {v["name"] for v in manifest["io"]["vision_0"]["outputs"]} == {"hidden_states", "window_similarity"}
-    assert "window_similarity" not in {v["name"] for v in artifacts["plain"].manifest["io"]["vision_0"]["outputs"]}
+    assert {v["name"] for v in manifest.io["vision_0"]["outputs"]} == {"hidden_states", "window_similarity"}
+    assert "window_similarity" not in {v["name"] for v in artifacts["plain"].manifest.io["vision_0"]["outputs"]}
     assert main(["inspect", str(artifact.path)]) == 0
     assert "mean cosine >= 0.1 after CLIP layer 0" in capsys.readouterr().out
     from PIL import Image

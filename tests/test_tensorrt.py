@@ -18,6 +18,7 @@ from tokensieve.bench.image import bench_staged
 from tokensieve.cli import main
 from tokensieve.deploy.build import graph_paths, input_profile, symbol_ranges
 from tokensieve.errors import ArtifactError, RuntimeBackendError
+from tokensieve.manifest import MllmManifest
 from tokensieve.runtimes.ort import OrtRunner
 from tokensieve.runtimes.tensorrt import POLYGRAPHY_FLOOR, TensorRTRunner, build_engine, tensorrt_version
 
@@ -40,7 +41,7 @@ def test_vit_profile_covers_the_dynamic_batch(vit):
 def test_mllm_ranges_and_profiles(tmp_path):
     artifact = tokensieve.export("hf:llava-tiny", "dyvte(layers=[1], threshold=0.5)", out=tmp_path / "llava")
     ranges = symbol_ranges(artifact)
-    capacity = artifact.manifest["decoder"]["capacity"]
+    capacity = artifact.manifest.decoder["capacity"]
     assert ranges["sequence"] == (1, 64 + 64, capacity) and ranges["past"] == (1, capacity // 2, capacity)
     assert ranges["vision_tokens"] == (65, 65, 65)  # MustDrop's vision_1: an 8 x 8 grid has no 3 x 3 windows
     first = input_profile(artifact.path / "prefill_0.onnx", ranges)
@@ -49,18 +50,20 @@ def test_mllm_ranges_and_profiles(tmp_path):
     assert input_profile(artifact.path / "decode.onnx", ranges) == {}  # the fixed-capacity decode graph is static
     growing = input_profile(artifact.path / "decode_growing.onnx", ranges)
     assert growing["past_key_1"][2] == [1, 2, capacity, 16]  # past_kept (after the cut) takes past's range
-    assert set(graph_paths(artifact)) == {f"{k}.onnx" for k in artifact.manifest["graphs"] if k != "external_data"}
+    assert set(graph_paths(artifact)) == {f"{k}.onnx" for k in artifact.manifest.graphs if k != "external_data"}
 
 
 def test_llava_next_patches_range():
-    manifest = {
-        "decoder": {"capacity": 1024},
-        "image_tokens": {"per_crop": 64},
-        "host": {"image_size": 112, "grid_pinpoints": [[112, 224], [224, 224], [336, 112]]},
-    }
+    manifest = MllmManifest(
+        source={},
+        graphs={},
+        decoder={"capacity": 1024},
+        image_tokens={"per_crop": 64},
+        host={"image_size": 112, "grid_pinpoints": [[112, 224], [224, 224], [336, 112]]},
+    )
     ranges = symbol_ranges(SimpleNamespace(kind="mllm", manifest=manifest))
     assert ranges["patches"] == (1, 5, 5) and "vision_tokens" not in ranges
-    manifest["image_tokens"] = {"count": 576}  # LLaVA-1.5: 64 windows, all merged leaves 64 tokens
+    manifest.image_tokens = {"count": 576}  # LLaVA-1.5: 64 windows, all merged leaves 64 tokens
     assert symbol_ranges(SimpleNamespace(kind="mllm", manifest=manifest))["vision_tokens"] == (65, 577, 577)
 
 
@@ -209,7 +212,7 @@ def test_build_asks_for_int8_exactly_for_quantized_artifacts(zoo, hf_config_dir,
     monkeypatch.setattr("tokensieve.runtimes.tensorrt.build_engine", record)
     path, _ = zoo(f"hf:{hf_config_dir('vit')}")
     fp32 = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "fp32")
-    data = np.random.default_rng(0).standard_normal((4, *fp32.manifest["inputs"][0]["shape"][1:]), dtype=np.float32)
+    data = np.random.default_rng(0).standard_normal((4, *fp32.manifest.inputs[0]["shape"][1:]), dtype=np.float32)
     int8 = fp32.quantize(data, tmp_path / "int8")
     assert not fp32.build()["int8"] and int8.build()["int8"]
     assert calls == [("model.onnx", False), ("baseline.onnx", False), ("model.onnx", True), ("baseline.onnx", True)]
@@ -367,12 +370,12 @@ def test_evicting_methods_profile_takes_the_whole_prompt(tmp_path):
     """Issue 27 item 4: H2O prefills the whole prompt (image tokens + text) before evicting down to its budget, so
     the prefill profile must reach the prompt, not the 41-slot capacity."""
     artifact = tokensieve.export("hf:llava-tiny", "h2o(budget=40, recent=8)", out=tmp_path / "h2o")
-    capacity = artifact.manifest["decoder"]["capacity"]
+    capacity = artifact.manifest.decoder["capacity"]
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     prompt = " ".join(["describe the picture and every object in it"] * 8)
     length = len(artifact.generate(image, prompt, 2).prompt_ids)
     assert length > capacity  # the runtime takes it: an evicting cache has no prompt limit
     ranges = symbol_ranges(artifact)
     assert ranges["sequence"][2] >= length
-    prefill = input_profile(artifact.path / artifact.manifest["graphs"]["prefill"], ranges)
+    prefill = input_profile(artifact.path / artifact.manifest.graphs["prefill"], ranges)
     assert prefill["inputs_embeds"][2][1] >= length

@@ -16,6 +16,7 @@ import tokensieve
 from tokensieve.api import Artifact
 from tokensieve.cli import main
 from tokensieve.errors import ArtifactError
+from tokensieve.manifest import MllmManifest
 from tokensieve.runtimes.buckets import StagedRunner
 from tokensieve.runtimes.ort import OrtRunner
 
@@ -242,7 +243,7 @@ def staged(zoo, hf_config_dir, tmp_path_factory):
 
 def test_router_answers_like_the_dispatcher(staged):
     artifact, repo, models = staged
-    assert models[0] == "vit_atp" and len(models) == 1 + len(artifact.manifest["stages"]["graphs"]) + 1
+    assert models[0] == "vit_atp" and len(models) == 1 + len(artifact.manifest.stages["graphs"]) + 1
     for name in models:
         config = load_config(repo / name)
         assert config.max_batch_size == 4 and config.HasField("dynamic_batching")
@@ -253,7 +254,7 @@ def test_router_answers_like_the_dispatcher(staged):
     (response,) = server.requests(router, "vit_atp", pixels)
     assert not response.has_error(), response.error().message()
     got = {t.name(): t.as_numpy() for t in response.output_tensors}
-    expected = StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels)
+    expected = StagedRunner(artifact.path, artifact.manifest.stages).run(pixels)
     assert got["buckets"].tolist() == [r.buckets for r in expected.routes]
     assert got["kept_tokens"].tolist() == [r.counts for r in expected.routes]  # no truncation: counts fit
     assert len({tuple(r.buckets) for r in expected.routes}) > 1  # the batch really was split between buckets
@@ -274,8 +275,8 @@ def test_requests_batched_together_are_dispatched_as_one_batch(staged):
     responses = server.requests(router, "vit_atp", pixels[:2], pixels[2:3], pixels[3:])
     # 5 images, max_batch_size 4: stage 1 runs twice (4 + 1), not once per request
     assert [b for n, b in server.calls if n == "vit_atp_stage1"] == [4, 1]
-    expected = [*StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels[:4]).routes]
-    expected += StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels[4:]).routes
+    expected = [*StagedRunner(artifact.path, artifact.manifest.stages).run(pixels[:4]).routes]
+    expected += StagedRunner(artifact.path, artifact.manifest.stages).run(pixels[4:]).routes
     got = [{t.name(): t.as_numpy() for t in r.output_tensors} for r in responses]
     assert [len(g["buckets"]) for g in got] == [2, 1, 2]
     assert np.concatenate([g["buckets"] for g in got]).tolist() == [r.buckets for r in expected]
@@ -388,7 +389,7 @@ def test_mllm_generation_model(tmp_path):
 
 
 def test_bad_requests(tmp_path):
-    mllm = Artifact(tmp_path / "artifact", {"kind": "mllm", "graphs": {}})
+    mllm = Artifact(tmp_path / "artifact", MllmManifest(source={}, graphs={}))
     with pytest.raises(ArtifactError, match="not a usable Triton model name"):
         mllm.triton(tmp_path / "repo", name="a/b")
     with pytest.raises(ArtifactError, match="unknown backend"):
@@ -410,7 +411,7 @@ def _answers_like_the_dispatcher(server: FakeTriton, name: str, artifact, seed: 
     (response,) = server.requests(server.python_model(name), name, pixels)
     assert not response.has_error(), response.error().message()
     got = {t.name(): t.as_numpy() for t in response.output_tensors}
-    expected = StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels)
+    expected = StagedRunner(artifact.path, artifact.manifest.stages).run(pixels)
     np.testing.assert_allclose(got["pooler_output"], expected.outputs["pooler_output"], rtol=0, atol=1e-5)
 
 

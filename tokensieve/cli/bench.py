@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 # option -> (the artifact kind it applies to, how the error message names that kind)
 KIND_OPTIONS = {
-    "batch": ("single", "single-graph"),
+    "batch": ("image", "single-graph"),
     "data": ("staged", "staged (bucketed)"),
     "contexts": ("mllm", "MLLM"),
 }
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     artifact = load(args.dir)
     if args.runtime != "onnxruntime" and artifact.kind == "mllm":
         raise ArtifactError("--runtime tensorrt benchmarks an image model's engines (tokensieve build), not an MLLM's")
-    kind = "mllm" if artifact.kind == "mllm" else "staged" if "stages" in artifact.manifest else "single"
+    kind = artifact.kind
     for key, (applies, what) in KIND_OPTIONS.items():
         if getattr(args, key) is not None and kind != applies:
             raise ArtifactError(f"--{key} applies to {what} artifacts; {args.dir} is not one")
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _bench(artifact: Artifact, kind: str, args: argparse.Namespace) -> Any:
-    """The measurement the artifact's kind takes (``single``, ``staged`` or ``mllm``)."""
+    """The measurement the artifact's kind takes (``image``, ``staged`` or ``mllm``)."""
     if kind == "mllm":
         return artifact.bench(
             contexts=args.contexts, threads=args.threads, blocks=args.blocks, per_block=args.per_block
@@ -60,7 +60,7 @@ def _bench(artifact: Artifact, kind: str, args: argparse.Namespace) -> Any:
     if kind == "staged":
         from tokensieve.exporter.staged import load_data
 
-        pre = artifact.manifest["preprocessing"]
+        pre = artifact.manifest.preprocessing
         data = load_data(args.data, pre["shape"], pre["mean"], pre["std"]) if args.data else None
         return artifact.bench(data=data, threads=args.threads, blocks=args.blocks, runtime=args.runtime)
     return artifact.bench(

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _image_parity(artifact: Artifact, args: argparse.Namespace, tolerance: dict[str, float]) -> Any:
     """An image model's graph against its eager reference (on ``--device`` for a single-graph artifact)."""
-    if args.device != "cpu" and "stages" in artifact.manifest:
+    if args.device != "cpu" and artifact.kind == "staged":
         raise ArtifactError("--device runs a single-graph artifact's eager reference on the GPU, not a staged one")
     return artifact.parity(
         reference=options.reference_source(args),

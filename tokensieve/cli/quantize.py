@@ -31,16 +31,14 @@ def run(args: argparse.Namespace) -> int:
     from tokensieve.exporter.staged import load_data
 
     source = load(args.dir)
-    pre = source.manifest.get("preprocessing")
     if source.kind == "mllm":
         raise ArtifactError(f"{args.dir} is an MLLM artifact; quantize takes an image-model artifact (no MLLM INT8)")
-    if pre is None:
-        raise ArtifactError(f"{args.dir} records no preprocessing; quantize takes an image-model artifact")
+    pre = source.manifest.preprocessing
     data = load_data(args.calibrate, pre["shape"], pre["mean"], pre["std"], limit=args.limit)
     artifact = source.quantize(
         data, args.out, calibration=args.calibration, tolerance=args.tolerance, min_agreement=args.min_agreement
     )
-    print(f"wrote {artifact.path} (INT8 QDQ, {len(data)} calibration images, lint {artifact.manifest['lint']['ok']})")
+    print(f"wrote {artifact.path} (INT8 QDQ, {len(data)} calibration images, lint {artifact.manifest.lint['ok']})")
     if args.no_parity:
         return 0
     report = artifact.parity(reference=options.reference_source(args))

@@ -10,30 +10,30 @@ def inspect_mllm(artifact) -> dict[str, Any]:
     graphs = {
         key: {
             "file": path,
-            "inputs": m["io"][key]["inputs"],
-            "outputs": m["io"][key]["outputs"],
-            "dynamic": m["dynamic"].get(key),
-            "lint_ok": m["lint"][key]["ok"],
-            "lint_errors": len(m["lint"][key]["errors"]),
-            "export_seconds": m["export"]["seconds"].get(key),
+            "inputs": m.io[key]["inputs"],
+            "outputs": m.io[key]["outputs"],
+            "dynamic": m.dynamic.get(key),
+            "lint_ok": m.lint[key]["ok"],
+            "lint_errors": len(m.lint[key]["errors"]),
+            "export_seconds": m.export["seconds"].get(key),
         }
-        for key, path in m["graphs"].items()
+        for key, path in m.graphs.items()
         if key != "external_data"
     }
     return {
         "kind": "mllm",
         "path": str(artifact.path),
-        "source": m["source"],
-        "architecture": m["architecture"],
-        "method": m.get("method_text", "none"),
+        "source": m.source,
+        "architecture": m.architecture,
+        "method": m.method_text,
         "reduction": _reduction(m),
-        "export": m["export"],
+        "export": m.export,
         "graphs": graphs,
-        "decoder": m["decoder"],
-        "image_tokens": m["image_tokens"],
-        "image_token_id": m["host"]["image_token_id"],
-        "sites": m["sites"],
-        "lint_target": m["lint_target"],
+        "decoder": m.decoder,
+        "image_tokens": m.image_tokens,
+        "image_token_id": m.host["image_token_id"],
+        "sites": m.sites,
+        "lint_target": m.lint_target,
         "cost": _cost(artifact),
     }
 
@@ -46,9 +46,10 @@ def _cost(artifact) -> dict[str, Any] | None:
     return None if planned is None else mllm_plan_dict(*planned)
 
 
-def _reduction(manifest: dict[str, Any]) -> str | None:
+def _reduction(manifest: MllmManifest) -> str | None:
     """What a decoder method does to the sequence or the cache, in words (the method's ``explain``)."""
-    from tokensieve.methods import methods_from_dicts
+    from tokensieve.manifest import MllmManifest
+from tokensieve.methods import methods_from_dicts
 
     method = next(iter(methods_from_dicts(manifest.methods)), None)
     return None if method is None else method.explain(manifest.decoder, manifest.image_tokens)
