@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokensieve.manifest import MllmManifest
 
 
 def inspect_mllm(artifact) -> dict[str, Any]:
@@ -48,8 +51,7 @@ def _cost(artifact) -> dict[str, Any] | None:
 
 def _reduction(manifest: MllmManifest) -> str | None:
     """What a decoder method does to the sequence or the cache, in words (the method's ``explain``)."""
-    from tokensieve.manifest import MllmManifest
-from tokensieve.methods import methods_from_dicts
+    from tokensieve.methods import methods_from_dicts
 
     method = next(iter(methods_from_dicts(manifest.methods)), None)
     return None if method is None else method.explain(manifest.decoder, manifest.image_tokens)
