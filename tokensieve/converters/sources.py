@@ -123,7 +123,7 @@ def parse_source(
     if text.endswith(".onnx"):
         if not os.path.isfile(text):
             raise SourceError(f"ONNX file {text!r} does not exist")
-        return SourceSpec("onnx", os.path.abspath(text))
+        return SourceSpec("onnx", os.path.abspath(text), img_size=img_size)
     raise SourceError(
         f"unknown model source {text!r}; use timm:NAME (e.g. timm:vit_base_patch16_224), hf:PRESET or hf:PATH, "
         "or a path to an .onnx file"

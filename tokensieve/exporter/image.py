@@ -43,19 +43,28 @@ if TYPE_CHECKING:
 logging.getLogger("onnxscript").setLevel(logging.ERROR)
 
 
-def _baseline_from_source(spec, batch: int, dynamic_batch: bool, opset: int, exporter: str, module=None):
-    """(baseline ONNX model, digest of the eager weights or None, input preprocessing {shape, mean, std}, the eager
-    model or None for an ONNX file)."""
+@dataclass
+class _Source:
+    """The unreduced graph and what the manifest records about where it came from."""
+
+    model: ir.Model
+    digest: str | None  # SHA-256 of the eager weights (None for an ONNX file)
+    preprocessing: dict[str, Any]  # input shape (without batch), mean, std
+    built: Any | None  # the eager model (converters.sources.BuiltModel), None for an ONNX file
+    reference: str | None = None  # an ONNX file's checkpoint beside it: the eager reference parity takes
+
+
+def _baseline_from_source(
+    spec, batch: int, dynamic_batch: bool, opset: int, exporter: str, module=None, pin: bool = False
+):
+    """The baseline ONNX graph of ``spec`` with what the manifest records about its source."""
     import torch
 
     from tokensieve.converters.export import export_onnx
-    from tokensieve.converters.sources import HALF, BuiltModel, build_module, weights_digest
+    from tokensieve.converters.sources import BuiltModel, build_module, weights_digest
 
     if spec.kind == "onnx":
-        model = load_onnx(spec.name, SourceError)
-        propagate_shapes(model)
-        shape = [d if isinstance(d, int) else None for d in model.graph.inputs[0].shape][1:]
-        return model, None, {"shape": shape, "mean": list(HALF[0]), "std": list(HALF[1])}, None
+        return _foreign_baseline(spec, pin)
     built: BuiltModel = module if module is not None else build_module(spec)
     generator = torch.Generator().manual_seed(spec.seed)
     example = torch.randn(max(batch, 2) if dynamic_batch else batch, *built.input_shape, generator=generator)
@@ -63,7 +72,26 @@ def _baseline_from_source(spec, batch: int, dynamic_batch: bool, opset: int, exp
         built.module, example, built.output_names, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter
     )
     preprocessing = {"shape": list(built.input_shape), "mean": list(built.mean), "std": list(built.std)}
-    return model, weights_digest(built.module), preprocessing, built
+    return _Source(model, weights_digest(built.module), preprocessing, built)
+
+
+def _foreign_baseline(spec, pin: bool):
+    """An ONNX file's graph, its symbolic image axes pinned (always when ``pin``: a method needs a fixed token count),
+    and the normalisation its exporter's files record (:mod:`tokensieve.converters.foreign`)."""
+    from tokensieve.converters.foreign import pin_image_axes, read_beside
+    from tokensieve.converters.sources import HALF
+
+    model = load_onnx(spec.name, SourceError)
+    beside = read_beside(spec.name)
+    image = model.graph.inputs[0]
+    if pin or spec.img_size or beside.size:
+        pinned = pin_image_axes(list(image.shape or []), spec.img_size, beside, spec.name)
+        if pinned is not None:
+            image.shape = ir.Shape(pinned)
+    propagate_shapes(model)
+    shape = [d if isinstance(d, int) else None for d in model.graph.inputs[0].shape][1:]
+    mean, std = (beside.mean, beside.std) if beside.mean else (list(HALF[0]), list(HALF[1]))
+    return _Source(model, None, {"shape": shape, "mean": mean, "std": std}, None, beside.checkpoint)
 
 
 def export_image(
@@ -95,9 +123,8 @@ def export_image(
         raise MethodSpecError("--buckets, --calibrate and --target-keep apply to adaptive methods such as atp()")
     if batch < 1:
         raise SourceError(f"batch must be >= 1, got {batch}")
-    baseline, digest, preprocessing, built = _baseline_from_source(
-        spec, batch, dynamic_batch or adaptive, opset, exporter, module
-    )
+    source = _baseline_from_source(spec, batch, dynamic_batch or adaptive, opset, exporter, module, pin=bool(methods))
+    baseline, preprocessing = source.model, source.preprocessing
     DropZeroMaskPass()(baseline)
     layout, locate_error = _locate(baseline, specials, methods)
     data = None
@@ -118,8 +145,8 @@ def export_image(
         batch_dim = graphs.reduced.graph.inputs[0].shape[0]
         specials = layout.specials if layout else None
         static = batch_dim if isinstance(batch_dim, int) else None
-        verify_export(staging, graphs.files["model"], graphs.stages, graphs.methods, specials, built, static)
-        manifest = _manifest(spec, digest, preprocessing, exporter, baseline, graphs, layout, locate_error, lint_target)
+        verify_export(staging, graphs.files["model"], graphs.stages, graphs.methods, specials, source.built, static)
+        manifest = _manifest(spec, source, exporter, graphs, layout, locate_error, lint_target)
         write_manifest(staging, manifest)
     return Artifact.load(out)
 
@@ -181,10 +208,8 @@ def _write_graphs(
 
 def _manifest(
     spec: SourceSpec,
-    digest: str | None,
-    preprocessing: dict[str, Any],
+    source: _Source,
     exporter: str,
-    baseline: ir.Model,
     graphs: _Graphs,
     layout: ViTLayout | None,
     locate_error: str | None,
@@ -194,15 +219,16 @@ def _manifest(
     reduced, methods = graphs.reduced, graphs.methods
     inputs, outputs = describe_io(reduced)
     batch_dim = inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else None
-    macs_model, macs_baseline = count_macs(reduced), count_macs(baseline)
+    macs_model, macs_baseline = count_macs(reduced), count_macs(source.model)
     common = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "source": spec.to_dict(),
-        "weights_sha256": digest,
-        "preprocessing": preprocessing,
+        "weights_sha256": source.digest,
+        "preprocessing": source.preprocessing,
         "export": {
             "exporter": exporter if spec.kind != "onnx" else "file",
+            **({"reference": source.reference} if source.reference else {}),
             "opset": reduced.opset_imports.get(""),
             "batch": batch_dim if isinstance(batch_dim, int) else None,
             "dynamic_batch": not isinstance(batch_dim, int),

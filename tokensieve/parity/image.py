@@ -155,11 +155,16 @@ def compare_sites(
 
 def _reference_module(artifact, reference):
     """The eager module: rebuilt from the manifest's source (checked against its weight hash) or given."""
-    from tokensieve.converters.sources import BuiltModel, SourceSpec, build_module, weights_digest
+    from tokensieve.converters.sources import BuiltModel, SourceSpec, build_module, parse_source, weights_digest
 
     if reference is not None:
-        return reference if isinstance(reference, BuiltModel) else build_module(reference)
+        if isinstance(reference, BuiltModel):
+            return reference
+        return build_module(parse_source(reference) if isinstance(reference, str) else reference)
     spec = SourceSpec.from_dict(artifact.manifest.source)
+    beside = artifact.manifest.export.get("reference")  # the checkpoint an ONNX file's exporter left beside it
+    if spec.kind == "onnx" and beside:
+        return build_module(parse_source(beside))
     if spec.kind == "onnx":
         raise ParityError(
             "this artifact was exported from an ONNX file, which has no eager model; pass the PyTorch source it "
