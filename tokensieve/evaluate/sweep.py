@@ -1,0 +1,200 @@
+"""``tokensieve sweep``: export every strength of a method grid, evaluate and benchmark each, and chart quality
+against measured latency (with the latency the MAC counts allow) to pick an operating point.
+
+Layout of the output folder (written into a hidden sibling and renamed into place at the end, so a failed sweep
+leaves nothing behind and an earlier sweep at the same place stays until the new one is complete)::
+
+    OUT/
+      sweep.json, sweep.png   the table and the Pareto chart
+      0_r_4/ 1_r_8/ ...       one artifact per strength, each with its eval.json and bench.json
+      baseline/               MLLMs: the unreduced artifact the strengths are compared with (unless given)
+
+Latency: image models are timed with :func:`tokensieve.bench.image.bench_artifact` (reduced vs unreduced graph,
+alternating blocks; the MAC limit is the baseline latency divided by the MAC-limit speedup), staged artifacts with
+:func:`tokensieve.bench.image.bench_staged` (bucketed dispatch over the evaluation images), MLLMs by the mean
+generation time of the evaluation prompts (vision + prefill + decode per token x the new tokens after the first),
+with no MAC limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokensieve.errors import ArtifactError
+from tokensieve.evaluate.grid import Strength, expand_grid
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass
+class SweepRow:
+    label: str
+    method: str
+    artifact: str
+    agreement: float
+    accuracy_drop: float | None
+    latency_ms: float
+    baseline_ms: float
+    limit_ms: float | None  # the latency the MAC counts allow (None: MLLMs)
+    pareto: bool = False
+
+
+@dataclass
+class SweepReport:
+    source: str
+    grid: str
+    task: str
+    unit: str  # what latency_ms measures
+    rows: list[SweepRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        lines = [
+            f"{self.source} {self.grid}: task {self.task}, latency {self.unit}",
+            f"  {'strength':<14} {'agreement':>9} {'acc drop':>9} {'ms':>9} {'baseline':>9} {'MAC limit':>9}  pareto",
+        ]
+        for r in self.rows:
+            drop = "-" if r.accuracy_drop is None else f"{r.accuracy_drop:+.4f}"
+            limit = "-" if r.limit_ms is None else f"{r.limit_ms:.2f}"
+            lines.append(
+                f"  {r.label:<14} {r.agreement:>9.4f} {drop:>9} {r.latency_ms:>9.2f} {r.baseline_ms:>9.2f} "
+                f"{limit:>9}  {'*' if r.pareto else ''}"
+            )
+        return "\n".join(lines)
+
+
+def mark_pareto(rows: list[SweepRow]) -> None:
+    """Flag the rows no other row beats on both latency (lower) and agreement (higher)."""
+    for r in rows:
+        r.pareto = not any(
+            o is not r and o.latency_ms <= r.latency_ms and o.agreement >= r.agreement
+            and (o.latency_ms < r.latency_ms or o.agreement > r.agreement)
+            for o in rows
+        )
+
+
+def _folder(index: int, strength: Strength) -> str:
+    return f"{index}_{re.sub(r'[^A-Za-z0-9.]+', '_', strength.label).strip('_')}"
+
+
+def _latency(artifact, report, data, bench: dict[str, Any], new_tokens: int) -> tuple[float, float, float | None]:
+    """``(latency ms, baseline ms, MAC-limit ms)`` of one strength (see the module docstring)."""
+    if artifact.kind == "mllm":
+        t = report.timings_ms
+
+        def total(prefix: str) -> float:
+            per_token = t[f"{prefix}decode_per_token"] or 0.0
+            return t[f"{prefix}vision"] + t[f"{prefix}prefill"] + per_token * max(new_tokens - 1, 0)
+
+        return total(""), total("baseline_"), None
+    from tokensieve.bench.image import bench_artifact, bench_staged
+
+    if artifact.kind == "staged":
+        from tokensieve.evaluate.data import image_set, load_pixels
+
+        images = image_set(data, artifact.manifest.preprocessing, limit=8)
+        pixels = load_pixels(images, 0, len(images), artifact.manifest.preprocessing)
+        staged = bench_staged(artifact, pixels, threads=bench["threads"], blocks=bench["blocks"])
+        macs = artifact.manifest.macs
+        unreduced = staged.mean_ms["unreduced"]
+        return staged.mean_ms["bucketed"], unreduced, unreduced * macs["expected"] / macs["baseline"]
+    row = bench_artifact(artifact, warmup=2, **bench).rows[0]
+    return row.model_ms, row.baseline_ms, row.baseline_ms / row.limit_speedup
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / SWEEP_FILE).is_file())):
+        raise ArtifactError(f"{out} exists and is not a tokensieve sweep; choose another --out or remove it")
+
+
+def sweep(
+    source: str,
+    method: str,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    baseline=None,
+    task: str | None = None,
+    limit: int | None = None,
+    new_tokens: int = 16,
+    threads: int = 2,
+    blocks: int = 3,
+    per_block: int = 3,
+    quiet: bool = True,
+    **export_options: Any,
+) -> SweepReport:
+    """Export ``source`` at every strength of the grid ``method`` into ``out``, evaluate each on ``data`` and time it;
+    writes ``sweep.json`` and ``sweep.png`` there. ``baseline``: an unreduced MLLM artifact (exported otherwise)."""
+    from tqdm import tqdm
+
+    from tokensieve.artifact.store import replaced_directory
+    from tokensieve.evaluate import evaluate
+    from tokensieve.exporter.dispatch import export
+
+    strengths = expand_grid(method)
+    out = Path(out).absolute()
+    _check_out(out)
+    bar = {"disable": quiet, "leave": False}
+    bench = {"threads": threads, "blocks": blocks, "per_block": per_block}
+    with replaced_directory(out, "; choose a writable --out") as staging:
+        artifacts = [
+            export(source, s.method, staging / _folder(i, s), **export_options)
+            for i, s in enumerate(tqdm(strengths, desc="export", unit="strength", **bar))
+        ]
+        if artifacts[0].kind == "mllm" and baseline is None:
+            baseline = export(source, "none", staging / "baseline", **export_options)
+        report = SweepReport(source, " ".join(method.split()), task or "", "")
+        for strength, artifact in zip(tqdm(strengths, desc="eval + bench", unit="strength", **bar), artifacts):
+            quality = evaluate(artifact, data, baseline, task=task, limit=limit, new_tokens=new_tokens, save=False)
+            latency, base_ms, limit_ms = _latency(artifact, quality, data, bench, new_tokens)
+            quality.artifact = str(out / artifact.path.name)
+            quality.save(artifact.path)
+            report.task = quality.task
+            folder = artifact.path.name
+            row = SweepRow(strength.label, strength.method, folder, quality.agreement, quality.accuracy_drop,
+                           latency, base_ms, limit_ms)
+            report.rows.append(row)
+        report.unit = "ms per generation" if artifacts[0].kind == "mllm" else "ms per image batch"
+        mark_pareto(report.rows)
+        (staging / SWEEP_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        plot_sweep(report, staging / "sweep.png")
+    return report
+
+
+def plot_sweep(report: SweepReport, path: Path) -> bool:
+    """Quality vs latency: measured points (Pareto front joined), MAC-limit points, the unreduced baseline;
+    skipped (False) without matplotlib."""
+    from tokensieve.bench.image import pyplot, save_figure
+
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = report.rows
+    ax.plot([r.latency_ms for r in rows], [r.agreement for r in rows], "o", color="C0", label="measured")
+    front = sorted((r for r in rows if r.pareto), key=lambda r: r.latency_ms)
+    ax.plot([r.latency_ms for r in front], [r.agreement for r in front], "-", color="C0", alpha=0.5)
+    for r in rows:
+        ax.annotate(r.label, (r.latency_ms, r.agreement), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if r.limit_ms is not None:
+            ax.plot([r.limit_ms, r.latency_ms], [r.agreement] * 2, ":", color="gray", lw=0.8)
+    limits = [r for r in rows if r.limit_ms is not None]
+    if limits:
+        ax.plot([r.limit_ms for r in limits], [r.agreement for r in limits], "o", mfc="none", color="C1",
+                label="MAC limit")
+    baseline_ms = sum(r.baseline_ms for r in rows) / len(rows)
+    ax.plot([baseline_ms], [1.0], "*", color="k", ms=10, label="unreduced")
+    ax.set_xlabel(f"latency ({report.unit})")
+    ax.set_ylabel({"classify": "top-1 agreement", "embed": "cosine", "dense": "map correlation"}.get(
+        report.task, "greedy-token agreement"))
+    ax.set_title(f"{report.source} {report.grid}", fontsize=8)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return True
