@@ -1,4 +1,5 @@
-"""``tokensieve`` command line: export, inspect, parity, build (TensorRT engines), lint, plan, bench, gate, generate.
+"""``tokensieve`` command line: export, inspect, parity, build (TensorRT engines), lint, plan, bench, gate, generate,
+eval, sweep.
 
 Exit codes: 0 success; 1 a check failed (parity mismatch, lint errors); 2 bad input or an operation that could
 not be carried out (a typed tokensieve error, printed as one line).
@@ -376,6 +377,77 @@ def _gate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from tokensieve.api import load
+
+    artifact = load(args.dir)
+    options = {"task": args.task, "limit": args.limit, "quiet": args.json}
+    if artifact.kind == "mllm":
+        options["new_tokens"] = args.new_tokens
+    report = artifact.eval(args.data, baseline=args.baseline, **options)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    print(f"wrote {artifact.path / 'eval.json'}", file=sys.stderr)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from tokensieve.api import sweep
+
+    given = {key: getattr(args, key) for key in ("img_size", "weights", "calibrate", "capacity") if getattr(args, key)}
+    if args.buckets:
+        given["buckets"] = _buckets(args.buckets)
+    report = sweep(
+        args.source,
+        args.method,
+        args.data,
+        args.out,
+        baseline=args.baseline,
+        task=args.task,
+        limit=args.limit,
+        new_tokens=args.new_tokens,
+        threads=args.threads,
+        quiet=args.json,
+        seed=args.seed,
+        **given,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    print(f"wrote {Path(args.out) / 'sweep.json'} and sweep.png", file=sys.stderr)
+    return 0
+
+
+def _add_eval_commands(sub) -> None:
+    """``eval`` and ``sweep``: quality against the unreduced model, method-strength sweeps."""
+    tasks = ["classify", "embed", "dense", "generate"]
+    p = sub.add_parser("eval", help="quality against the unreduced model on your data (writes eval.json)")
+    p.add_argument("dir")
+    p.add_argument("--data", required=True, help="images (folder, ImageFolder tree, .npz) or MLLMs: a JSONL file")
+    p.add_argument("--baseline", help="MLLMs: the unreduced artifact (exported with --method none)")
+    p.add_argument("--task", choices=tasks, help="override the task read from the outputs")
+    p.add_argument("--limit", type=POSITIVE, help="evaluate at most this many images / prompts")
+    p.add_argument("--new-tokens", type=POSITIVE, default=16, help="MLLMs: greedy tokens per prompt (default 16)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("sweep", help="export, eval and bench every strength of a method grid; Pareto chart")
+    p.add_argument("source", help="timm:NAME, hf:PRESET|hf:PATH, or path/to/model.onnx")
+    p.add_argument("--method", required=True, help='a grid with one list argument, e.g. "tome(r=[4,8,12,16])"')
+    p.add_argument("--data", required=True, help="images (folder, ImageFolder tree, .npz) or MLLMs: a JSONL file")
+    p.add_argument("--out", required=True, help="sweep folder (artifacts, sweep.json, sweep.png), replaced at the end")
+    p.add_argument("--baseline", help="MLLMs: an unreduced artifact to compare with (exported otherwise)")
+    p.add_argument("--task", choices=tasks, help="override the task read from the outputs")
+    p.add_argument("--limit", type=POSITIVE, help="evaluate at most this many images / prompts")
+    p.add_argument("--new-tokens", type=POSITIVE, default=16, help="MLLMs: greedy tokens per prompt (default 16)")
+    p.add_argument("--threads", type=POSITIVE, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--img-size", type=POSITIVE, help="input resolution (default: the model's)")
+    p.add_argument("--weights", help="local checkpoint file for a timm model")
+    p.add_argument("--buckets", help="adaptive methods: 'auto' (from --calibrate data) or sizes, e.g. 64,96,128")
+    p.add_argument("--calibrate", help="adaptive methods: calibration images")
+    p.add_argument("--capacity", type=int, help="MLLMs: KV-cache slots of the decode graph")
+    p.add_argument("--json", action="store_true", help="print JSON; no progress bars")
+    p.set_defaults(func=_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokensieve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -553,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=POSITIVE, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_generate)
+    _add_eval_commands(sub)
     return parser
 
 

@@ -35,13 +35,18 @@ def compare_ids(model: list[int], baseline: list[int]) -> tuple[float, int | Non
     return sum(same) / longest, first
 
 
+def _source(artifact) -> str:
+    source = artifact.manifest.source
+    return f"{source['kind']}:{source['name']}" if source["kind"] in ("hf", "timm") else source["name"]
+
+
 def check_baseline(artifact, baseline) -> tuple[Any, list[str]]:
     """The baseline artifact (the artifact itself when it is unreduced and none is given) and notes about it."""
     if baseline is None:
         if artifact.manifest.methods:
             raise ArtifactError(
                 "an MLLM artifact holds no unreduced decoder: pass --baseline DIR, the same source exported with "
-                f"--method none (tokensieve export {artifact.manifest.source['name']} --out DIR)"
+                f"--method none (tokensieve export {_source(artifact)} --out DIR)"
             )
         return artifact, ["the artifact has no reduction (method none): it is its own baseline"]
     if baseline.kind != "mllm":

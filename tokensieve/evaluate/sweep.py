@@ -104,9 +104,20 @@ def _latency(artifact, report, data, bench: dict[str, Any], new_tokens: int) -> 
         staged = bench_staged(artifact, pixels, threads=bench["threads"], blocks=bench["blocks"])
         macs = artifact.manifest.macs
         unreduced = staged.mean_ms["unreduced"]
-        return staged.mean_ms["bucketed"], unreduced, unreduced * macs["expected"] / macs["baseline"]
+        expected = macs.get("expected") or macs["model"]  # the bucketed mean over the calibration data, if recorded
+        return staged.mean_ms["bucketed"], unreduced, unreduced * expected / macs["baseline"]
     row = bench_artifact(artifact, warmup=2, **bench).rows[0]
     return row.model_ms, row.baseline_ms, row.baseline_ms / row.limit_speedup
+
+
+def check_data(data: str | os.PathLike, limit: int | None) -> None:
+    """Read the evaluation data's listing (a JSONL file: every line) before anything is exported."""
+    from tokensieve.evaluate.data import image_set, read_prompts
+
+    if Path(data).suffix in (".jsonl", ".json"):
+        read_prompts(data, limit)
+    elif Path(data).suffix != ".npz":
+        image_set(data, {}, limit)
 
 
 def _check_out(out: Path) -> None:
@@ -141,6 +152,7 @@ def sweep(
     strengths = expand_grid(method)
     out = Path(out).absolute()
     _check_out(out)
+    check_data(data, limit)
     bar = {"disable": quiet, "leave": False}
     bench = {"threads": threads, "blocks": blocks, "per_block": per_block}
     with replaced_directory(out, "; choose a writable --out") as staging:
