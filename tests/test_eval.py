@@ -84,7 +84,7 @@ def test_a_damaged_graph_reports_a_drop_against_labels(classifiers, images, tmp_
     assert report.metrics["logit_kl"] > 0
     assert main(["eval", str(classifiers["tome"]), "--data", str(data), "--json"]) == 0
     wrong = _image_folder(images, tmp_path / "named", ["cat", "dog", "cat", "dog"])
-    with pytest.raises(DataError, match="2 class folders .* do not match the classifier's 1000 classes"):
+    with pytest.raises(DataError, match=r"2 class folders .* do not match the classifier's 1000 classes"):
         tokensieve.load(classifiers["tome"]).eval(wrong)
 
 
@@ -128,13 +128,13 @@ def test_bad_input_names_the_line_or_file(images, tmp_path):
         model.eval(bad, baseline=model)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    with pytest.raises(DataError, match="broken.png cannot be read"):
+    with pytest.raises(DataError, match=r"broken\.png cannot be read"):
         model.eval(_prompts(tmp_path / "b.jsonl", images, [{"image": str(broken), "prompt": "x"}]), baseline=model)
     folder = tmp_path / "imgs"
     shutil.copytree(images, folder)
     shutil.copy(broken, folder / "9.png")
     embed = tokensieve.load(_copy("image_topk", tmp_path))
-    with pytest.raises(DataError, match="9.png cannot be read"):
+    with pytest.raises(DataError, match=r"9\.png cannot be read"):
         embed.eval(folder)
     assert not (embed.path / "eval.json").exists()
     (tmp_path / "empty").mkdir()

@@ -68,7 +68,9 @@ def expand_grid(text: str) -> list[Strength]:
     name, kw = axes[0]
     values = kw.value.elts
     if len(values) < 2:
-        raise MethodSpecError(f"method grid {text!r}: {name}({kw.arg}=...) has {len(values)} value(s); a sweep needs 2+")
+        raise MethodSpecError(
+            f"method grid {text!r}: {name}({kw.arg}=...) has {len(values)} value(s); a sweep needs 2+"
+        )
     start, end = kw.value.col_offset, kw.value.end_col_offset
     strengths = []
     for value in values:

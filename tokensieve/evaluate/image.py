@@ -123,7 +123,7 @@ def dense_metrics(model: np.ndarray, baseline: np.ndarray) -> dict[str, Any]:
             "dense evaluation needs the tokens restored to the full grid (not implemented); use --task embed"
         )
     a, b = np.linalg.norm(model, axis=-1), np.linalg.norm(baseline, axis=-1)  # [B, N] token-norm maps
-    top = max(1, int(round(TOP_FRACTION * a.shape[1])))
+    top = max(1, round(TOP_FRACTION * a.shape[1]))
     corr, iou = [], []
     for x, y in zip(a, b, strict=True):
         corr.append(1.0 if np.array_equal(x, y) else float(np.corrcoef(x, y)[0, 1]))

@@ -74,7 +74,9 @@ def mark_pareto(rows: list[SweepRow]) -> None:
     """Flag the rows no other row beats on both latency (lower) and agreement (higher)."""
     for r in rows:
         r.pareto = not any(
-            o is not r and o.latency_ms <= r.latency_ms and o.agreement >= r.agreement
+            o is not r
+            and o.latency_ms <= r.latency_ms
+            and o.agreement >= r.agreement
             and (o.latency_ms < r.latency_ms or o.agreement > r.agreement)
             for o in rows
         )
@@ -154,7 +156,6 @@ def sweep(
     _check_out(out)
     check_data(data, limit)
     bar = {"disable": quiet, "leave": False}
-    bench = {"threads": threads, "blocks": blocks, "per_block": per_block}
     with replaced_directory(out, "; choose a writable --out") as staging:
         artifacts = [
             export(source, s.method, staging / _folder(i, s), **export_options)
@@ -162,17 +163,21 @@ def sweep(
         ]
         if artifacts[0].kind == "mllm" and baseline is None:
             baseline = export(source, "none", staging / "baseline", **export_options)
-        report = SweepReport(source, " ".join(method.split()), task or "", "")
-        for strength, artifact in zip(tqdm(strengths, desc="eval + bench", unit="strength", **bar), artifacts):
-            quality = evaluate(artifact, data, baseline, task=task, limit=limit, new_tokens=new_tokens, save=False)
-            latency, base_ms, limit_ms = _latency(artifact, quality, data, bench, new_tokens)
+        options = {"task": task, "limit": limit, "new_tokens": new_tokens, "save": False}
+        qualities = [
+            evaluate(a, data, baseline, **options) for a in tqdm(artifacts, desc="eval", unit="artifact", **bar)
+        ]
+        pairs = list(zip(artifacts, qualities, strict=True))
+        bench = {"threads": threads, "blocks": blocks, "per_block": per_block}
+        timings = [
+            _latency(a, q, data, bench, new_tokens) for a, q in tqdm(pairs, desc="bench", unit="artifact", **bar)
+        ]
+        report = SweepReport(source, " ".join(method.split()), qualities[0].task, "")
+        for strength, (artifact, quality), timing in zip(strengths, pairs, timings, strict=True):
             quality.artifact = str(out / artifact.path.name)
             quality.save(artifact.path)
-            report.task = quality.task
-            folder = artifact.path.name
-            row = SweepRow(strength.label, strength.method, folder, quality.agreement, quality.accuracy_drop,
-                           latency, base_ms, limit_ms)
-            report.rows.append(row)
+            quality_row = (quality.agreement, quality.accuracy_drop)
+            report.rows.append(SweepRow(strength.label, strength.method, artifact.path.name, *quality_row, *timing))
         report.unit = "ms per generation" if artifacts[0].kind == "mllm" else "ms per image batch"
         mark_pareto(report.rows)
         (staging / SWEEP_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -199,13 +204,17 @@ def plot_sweep(report: SweepReport, path: Path) -> bool:
             ax.plot([r.limit_ms, r.latency_ms], [r.agreement] * 2, ":", color="gray", lw=0.8)
     limits = [r for r in rows if r.limit_ms is not None]
     if limits:
-        ax.plot([r.limit_ms for r in limits], [r.agreement for r in limits], "o", mfc="none", color="C1",
-                label="MAC limit")
+        ax.plot(
+            [r.limit_ms for r in limits], [r.agreement for r in limits], "o", mfc="none", color="C1", label="MAC limit"
+        )
     baseline_ms = sum(r.baseline_ms for r in rows) / len(rows)
     ax.plot([baseline_ms], [1.0], "*", color="k", ms=10, label="unreduced")
     ax.set_xlabel(f"latency ({report.unit})")
-    ax.set_ylabel({"classify": "top-1 agreement", "embed": "cosine", "dense": "map correlation"}.get(
-        report.task, "greedy-token agreement"))
+    ax.set_ylabel(
+        {"classify": "top-1 agreement", "embed": "cosine", "dense": "map correlation"}.get(
+            report.task, "greedy-token agreement"
+        )
+    )
     ax.set_title(f"{report.source} {report.grid}", fontsize=8)
     ax.legend(fontsize=7)
     save_figure(fig, path)
