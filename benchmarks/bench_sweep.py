@@ -91,13 +91,15 @@ def main() -> None:
             (RESULTS / f"sweep_{name}.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
             shutil.copy(out / "sweep.png", RESULTS / f"sweep_{name}.png")
             rows += [(name, report, row) for row in report.rows]
-    print("| sweep | strength | task | agreement | latency ms | unreduced ms | MAC-limit ms | Pareto |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| sweep | strength | task | agreement | latency ms | unreduced ms | relative | MAC-limit relative | Pareto |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, report, r in rows:
-        limit = "-" if r.limit_ms is None else f"{r.limit_ms:.2f}"
+        limit = "-" if r.limit_relative is None else f"{r.limit_relative:.3f}"
         print(
             f"| {name} | {r.label} | {report.task} | {r.agreement:.4f} | {r.latency_ms:.2f} | {r.baseline_ms:.2f} | "
-            f"{limit} | {'yes' if r.pareto else ''} |"
+            f"{r.relative:.3f} | {limit} | {'yes' if r.pareto else ''} |"
         )
 
 

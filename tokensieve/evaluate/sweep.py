@@ -43,6 +43,15 @@ class SweepRow:
     limit_ms: float | None  # the latency the MAC counts allow (None: MLLMs)
     pareto: bool = False
 
+    @property
+    def relative(self) -> float:
+        """Latency as a fraction of the unreduced model's, both measured together (drift hits both alike)."""
+        return self.latency_ms / self.baseline_ms
+
+    @property
+    def limit_relative(self) -> float | None:
+        return None if self.limit_ms is None else self.limit_ms / self.baseline_ms
+
 
 @dataclass
 class SweepReport:
@@ -53,31 +62,36 @@ class SweepReport:
     rows: list[SweepRow] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for row, data in zip(self.rows, out["rows"], strict=True):
+            data.update(relative=row.relative, limit_relative=row.limit_relative)
+        return out
 
     def text(self) -> str:
         lines = [
             f"{self.source} {self.grid}: task {self.task}, latency {self.unit}",
-            f"  {'strength':<14} {'agreement':>9} {'acc drop':>9} {'ms':>9} {'baseline':>9} {'MAC limit':>9}  pareto",
+            f"  {'strength':<14} {'agreement':>9} {'acc drop':>9} {'ms':>9} {'baseline':>9} {'relative':>8} "
+            f"{'MAC limit':>9}  pareto",
         ]
         for r in self.rows:
             drop = "-" if r.accuracy_drop is None else f"{r.accuracy_drop:+.4f}"
             limit = "-" if r.limit_ms is None else f"{r.limit_ms:.2f}"
             lines.append(
                 f"  {r.label:<14} {r.agreement:>9.4f} {drop:>9} {r.latency_ms:>9.2f} {r.baseline_ms:>9.2f} "
-                f"{limit:>9}  {'*' if r.pareto else ''}"
+                f"{r.relative:>8.3f} {limit:>9}  {'*' if r.pareto else ''}"
             )
         return "\n".join(lines)
 
 
 def mark_pareto(rows: list[SweepRow]) -> None:
-    """Flag the rows no other row beats on both latency (lower) and agreement (higher)."""
+    """Flag the rows no other row beats on both relative latency (lower) and agreement (higher): latency relative to
+    the unreduced model measured alongside, so that a shared machine's drift between strengths does not decide."""
     for r in rows:
         r.pareto = not any(
             o is not r
-            and o.latency_ms <= r.latency_ms
+            and o.relative <= r.relative
             and o.agreement >= r.agreement
-            and (o.latency_ms < r.latency_ms or o.agreement > r.agreement)
+            and (o.relative < r.relative or o.agreement > r.agreement)
             for o in rows
         )
 
@@ -195,21 +209,19 @@ def plot_sweep(report: SweepReport, path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = report.rows
-    ax.plot([r.latency_ms for r in rows], [r.agreement for r in rows], "o", color="C0", label="measured")
-    front = sorted((r for r in rows if r.pareto), key=lambda r: r.latency_ms)
-    ax.plot([r.latency_ms for r in front], [r.agreement for r in front], "-", color="C0", alpha=0.5)
+    ax.plot([r.relative for r in rows], [r.agreement for r in rows], "o", color="C0", label="measured")
+    front = sorted((r for r in rows if r.pareto), key=lambda r: r.relative)
+    ax.plot([r.relative for r in front], [r.agreement for r in front], "-", color="C0", alpha=0.5)
     for r in rows:
-        ax.annotate(r.label, (r.latency_ms, r.agreement), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if r.limit_ms is not None:
-            ax.plot([r.limit_ms, r.latency_ms], [r.agreement] * 2, ":", color="gray", lw=0.8)
-    limits = [r for r in rows if r.limit_ms is not None]
+        ax.annotate(r.label, (r.relative, r.agreement), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if r.limit_relative is not None:
+            ax.plot([r.limit_relative, r.relative], [r.agreement] * 2, ":", color="gray", lw=0.8)
+    limits = [r for r in rows if r.limit_relative is not None]
     if limits:
-        ax.plot(
-            [r.limit_ms for r in limits], [r.agreement for r in limits], "o", mfc="none", color="C1", label="MAC limit"
-        )
-    baseline_ms = sum(r.baseline_ms for r in rows) / len(rows)
-    ax.plot([baseline_ms], [1.0], "*", color="k", ms=10, label="unreduced")
-    ax.set_xlabel(f"latency ({report.unit})")
+        x, y = [r.limit_relative for r in limits], [r.agreement for r in limits]
+        ax.plot(x, y, "o", mfc="none", color="C1", label="MAC limit")
+    ax.plot([1.0], [1.0], "*", color="k", ms=10, label="unreduced")
+    ax.set_xlabel(f"latency / unreduced latency ({report.unit}, measured together)")
     ax.set_ylabel(
         {"classify": "top-1 agreement", "embed": "cosine", "dense": "map correlation"}.get(
             report.task, "greedy-token agreement"
