@@ -33,22 +33,30 @@ PROMPTS = [
     ("What is the main object?", None),
     ("Where was this taken?", None),
 ]
+STORY = (
+    "The harbour town woke early. Fishing boats slid out past the breakwater while the bakery on the square lit its "
+    "ovens, and the ferry from the island sounded its horn twice as it turned into the channel. "
+)
+TEXT = [  # long text prompts with a given continuation: the KV-cache methods' perplexity
+    (STORY * 3 + "Summarise the morning in one sentence.", "Boats left, bread baked and the ferry arrived."),
+    (STORY * 2 + "What sounded twice?", "The ferry's horn sounded twice as it turned into the channel."),
+]
 
 
 def photos(count: int = 6) -> Path:
-    """``benchmarks/data/photos/`` (created once) and the prompts JSONL next to it."""
+    """``benchmarks/data/photos/`` (created once) and the prompts JSONL next to it (image questions, and long text
+    prompts with a continuation whose perplexity the KV-cache methods change)."""
     folder = DATA / "photos"
     if not folder.is_dir():
         folder.mkdir(parents=True)
         for i, image in enumerate(sample_images(count, seed=11, size=160)):
             image.save(folder / f"photo_{i}.jpg", quality=85)
-    jsonl = DATA / "prompts.jsonl"
-    if not jsonl.is_file():
-        lines = [
-            {"image": f"photos/photo_{i}.jpg", "prompt": prompt, **({"answer": answer} if answer else {})}
-            for i, (prompt, answer) in enumerate(PROMPTS[:count])
-        ]
-        jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    lines = [
+        {"image": f"photos/photo_{i}.jpg", "prompt": prompt, **({"answer": answer} if answer else {})}
+        for i, (prompt, answer) in enumerate(PROMPTS[:count])
+    ]
+    lines += [{"prompt": prompt, "continuation": continuation} for prompt, continuation in TEXT]
+    (DATA / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return folder
 
 
@@ -76,6 +84,8 @@ def main() -> None:
     parser.add_argument("--llava", default="hf:llava-tiny")
     parser.add_argument("--only", nargs="+", help="run only these sweeps")
     parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--blocks", type=int, default=6, help="image models: alternating timing blocks")
+    parser.add_argument("--per-block", type=int, default=5)
     args = parser.parse_args()
     images = photos()
     RESULTS.mkdir(exist_ok=True)
@@ -86,7 +96,10 @@ def main() -> None:
                 continue
             data = DATA / "prompts.jsonl" if source == args.llava else images
             out = Path(tmp) / name
-            report = tokensieve.sweep(source, grid, data, out, new_tokens=args.new_tokens, quiet=False, **options)
+            timing = {"blocks": args.blocks, "per_block": args.per_block}
+            report = tokensieve.sweep(
+                source, grid, data, out, new_tokens=args.new_tokens, quiet=False, **timing, **options
+            )
             print(report.text(), flush=True)
             (RESULTS / f"sweep_{name}.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
             shutil.copy(out / "sweep.png", RESULTS / f"sweep_{name}.png")

@@ -108,16 +108,22 @@ def test_mllm_against_itself_and_damaged(images, tmp_path):
     data = _prompts(
         tmp_path / "p.jsonl",
         images,
-        [{"image": str(images / "0.png"), "prompt": "What is this?", "answer": "x"}, {"prompt": "Say hi"}],
+        [
+            {"image": str(images / "0.png"), "prompt": "What is this?", "answer": "x"},
+            {"prompt": "Say hi " * 20, "continuation": "and goodbye to all of you"},
+        ],
     )
     same = tokensieve.load(model).eval(data, baseline=model, new_tokens=6)
     assert same.task == "generate" and same.agreement == 1.0 and same.metrics["identical"] == 1.0
     assert same.accuracy_drop == 0.0 and same.timings_ms["prefill"] > 0 and len(same.cases) == 2
+    perplexity = same.metrics["perplexity"]
+    assert perplexity == same.metrics["baseline_perplexity"] and 1 < perplexity < 1e6
     damaged = Path(shutil.copytree(model, tmp_path / "damaged"))
     for graph in ("prefill.onnx", "decode.onnx"):
         _negate(damaged / graph, "logits")
     report = tokensieve.load(damaged).eval(data, baseline=model, new_tokens=6)
     assert report.agreement < 1.0 and report.cases[0]["first_divergence"] == 0
+    assert report.metrics["perplexity"] != report.metrics["baseline_perplexity"]
     assert main(["eval", str(damaged), "--data", str(data)]) == 2  # no --baseline: a typed error
 
 

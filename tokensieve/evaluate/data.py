@@ -6,8 +6,9 @@ bad file stops an evaluation before anything runs (the error names the file or l
   indices; otherwise there must be one folder per class of the classifier, in sorted order (``torchvision``'s
   ``ImageFolder`` rule);
 * an ``.npz`` of model-ready batches (:func:`tokensieve.calibration.data.load_calibration`): no labels;
-* a JSONL file of ``{"image": PATH, "prompt": TEXT, "answer": TEXT}`` lines for MLLMs (``image`` relative to the
-  JSONL file and ``answer`` optional).
+* a JSONL file of ``{"image": PATH, "prompt": TEXT, "answer": TEXT, "continuation": TEXT}`` lines for MLLMs
+  (``image`` relative to the JSONL file; ``answer`` and ``continuation`` optional; a long text prompt without an
+  image and with a ``continuation`` measures a KV-cache method's perplexity).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class PromptCase:
     image: Path | None
     prompt: str
     answer: str | None = None
+    continuation: str | None = None  # a given continuation whose perplexity is measured (teacher forcing)
 
 
 def _case(path: Path, number: int, text: str) -> PromptCase:
@@ -131,7 +133,7 @@ def _case(path: Path, number: int, text: str) -> PromptCase:
         raise DataError(f'{where} is not a JSON object; write {{"image": ..., "prompt": ..., "answer": ...}}')
     if not isinstance(record.get("prompt"), str):
         raise DataError(f'{where} has no "prompt" string; every line needs one')
-    for key in ("image", "answer"):
+    for key in ("image", "answer", "continuation"):
         if record.get(key) is not None and not isinstance(record[key], str):
             raise DataError(f'{where}: "{key}" must be a string, got {type(record[key]).__name__}')
     image = None
@@ -139,7 +141,7 @@ def _case(path: Path, number: int, text: str) -> PromptCase:
         image = (path.parent / record["image"]).resolve()
         if not image.is_file():
             raise DataError(f"{where}: image {image} does not exist; paths are relative to the JSONL file")
-    return PromptCase(number, image, record["prompt"], record.get("answer"))
+    return PromptCase(number, image, record["prompt"], record.get("answer"), record.get("continuation"))
 
 
 def read_prompts(path: str | os.PathLike, limit: int | None = None) -> list[PromptCase]:

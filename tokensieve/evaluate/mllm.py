@@ -6,7 +6,10 @@ itself). An unreduced artifact is its own baseline when none is given. Both gene
 prompt the report records the greedy-token agreement (positions where both artifacts produced the same token, of
 the longer of the two generations), the first divergence (the first position that differs, None when identical),
 and, where the line has an ``answer``, exact match and contains (case-insensitive, surrounding punctuation
-ignored) for both. Timings are means over the prompts: prefill ms and decode ms per token of each.
+ignored) for both. Where the line has a ``continuation``, its tokens are forced through each artifact's decoding
+(prefill of the prompt, then one decode step per token, with the method's compressed or evicting cache) and the
+report gives the perplexity of the continuation under each (``exp`` of the mean negative log-likelihood over every
+forced token). Timings are means over the prompts: prefill ms and decode ms per token of each.
 """
 
 from __future__ import annotations
@@ -72,6 +75,24 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
+def continuation_nll(runner, case) -> tuple[float, int] | None:
+    """``(negative log-likelihood, tokens)`` of the case's continuation after its prompt (None without one)."""
+    if not case.continuation:
+        return None
+    ids = runner.tokenizer.encode(case.continuation, add_special_tokens=False).ids
+    if not ids:
+        return None
+    out = runner.generate(case.image, case.prompt, len(ids), ignore_eos=True, forced=ids)
+    return -float(np.sum(out.forced_logprobs)), len(ids)
+
+
+def _perplexity(values: list[tuple[float, int] | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    if not kept:
+        return None
+    return float(np.exp(sum(nll for nll, _ in kept) / sum(count for _, count in kept)))
+
+
 def _case(case, model, base) -> dict[str, Any]:
     agreement, first = compare_ids(model.ids, base.ids)
     exact, contains = _answer_scores(model.text, case.answer)
@@ -121,6 +142,7 @@ def eval_mllm(
     for case in tqdm(prompts, desc="eval", unit="prompt", disable=quiet, leave=False):
         model, base = (r.generate(case.image, case.prompt, new_tokens) for r in runners)
         cases.append(_case(case, model, base))
+        cases[-1]["nll"], cases[-1]["baseline_nll"] = (continuation_nll(r, case) for r in runners)
     diverged = [c["first_divergence"] for c in cases if c["first_divergence"] is not None]
     report = EvalReport(
         str(artifact.path),
@@ -137,6 +159,8 @@ def eval_mllm(
             "first_divergence_mean": _mean(diverged),
             "contains": _mean([c["contains"] for c in cases]),
             "baseline_contains": _mean([c["baseline_contains"] for c in cases]),
+            "perplexity": _perplexity([c["nll"] for c in cases]),
+            "baseline_perplexity": _perplexity([c["baseline_nll"] for c in cases]),
         },
         timings_ms=_timings(cases),
         cases=cases,
