@@ -38,8 +38,8 @@ STORY = (
     "ovens, and the ferry from the island sounded its horn twice as it turned into the channel. "
 )
 TEXT = [  # long text prompts with a given continuation: the KV-cache methods' perplexity
-    (STORY * 3 + "Summarise the morning in one sentence.", "Boats left, bread baked and the ferry arrived."),
-    (STORY * 2 + "What sounded twice?", "The ferry's horn sounded twice as it turned into the channel."),
+    (STORY * 2 + "Summarise the morning in one sentence.", "Boats left, bread baked and the ferry arrived."),
+    (STORY + "What sounded twice?", "The ferry's horn sounded twice as it turned into the channel."),
 ]
 
 
