@@ -60,16 +60,16 @@ def main() -> None:
                 calibrate=calibration,
                 target_keep=args.target_keep,
             )
-            pre = artifact.manifest["preprocessing"]
+            pre = artifact.manifest.preprocessing
             data = np.stack([preprocess(im, pre["shape"], pre["mean"], pre["std"]) for im in held_out])
             report = bench_staged(artifact, data, threads=args.threads, blocks=args.blocks, save=False)
-            stages = artifact.manifest["stages"]
+            stages = artifact.manifest.stages
             results["models"][name] = {
                 **report.to_dict(),
                 "calibration": stages["calibration"],
-                "method": artifact.manifest["method_text"],
+                "method": artifact.manifest.method_text,
             }
-            print(f"{name}  {artifact.manifest['method_text']}\n{report.text()}\n")
+            print(f"{name}  {artifact.manifest.method_text}\n{report.text()}\n")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "buckets_vit.json").write_text(json.dumps(results, indent=2))
     _plot(results, RESULTS / "buckets_vit.png")

@@ -54,7 +54,7 @@ def main() -> None:
             f"hf:{args.source}", "globalcom2()", out=Path(tmp) / "a", growing_cache=False, capacity=8
         )
         gc.collect()
-        manifest, host = artifact.manifest, artifact.manifest["host"]
+        manifest, host = artifact.manifest, artifact.manifest.host
         newline = np.load(artifact.path / "image_newline.npy")
         vision = artifact.runner("vision", threads=args.threads, spin=False)
         prefill = artifact.runner("prefill", threads=args.threads, spin=False)

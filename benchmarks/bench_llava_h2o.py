@@ -51,7 +51,7 @@ def main() -> None:
     options = {"threads": args.threads, "spin": False}
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = export_variants(f"hf:{args.source}", variants, Path(tmp))
-        geometry = artifacts["none"].manifest["decoder"]
+        geometry = artifacts["none"].manifest.decoder
         embeds = np.random.default_rng(0).standard_normal((1, length, geometry["hidden"]), dtype=np.float32)
         prefills, timings["prefill"] = time_prefills(artifacts, embeds, options, args.blocks, 1)
         steps = {}

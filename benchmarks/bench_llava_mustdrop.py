@@ -87,7 +87,7 @@ def main() -> None:
 
         vision = OrtRunner(plain.path / manifest["graphs"]["vision"], **options)
         prefill = Prefill.from_artifact(plain, **options)
-        graphs = reduced.manifest["graphs"]
+        graphs = reduced.manifest.graphs
         stem, tail = (OrtRunner(reduced.path / graphs[k], **options) for k in ("vision_0", "vision_1"))
         cut_prefill = Prefill.from_artifact(reduced, **options)
 

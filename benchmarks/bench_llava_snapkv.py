@@ -48,7 +48,7 @@ def main() -> None:
     rows, timings = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = export_variants(f"hf:{args.source}", variants, Path(tmp))
-        decoder = artifacts["none"].manifest["decoder"]
+        decoder = artifacts["none"].manifest.decoder
         names = kv_names(decoder["layers"])
         embeds = np.random.default_rng(0).standard_normal((1, length, decoder["hidden"]), dtype=np.float32)
         prefills, timings["prefill"] = time_prefills(artifacts, embeds, options, args.blocks, args.per_block)

@@ -124,8 +124,8 @@ def main() -> None:
                 art = tokensieve.export(source, method, Path(tmp) / f"{label.replace(' ', '_')}_b{batch}", batch=batch)
                 runners.setdefault("baseline", art.runner("baseline", threads=args.threads, spin=False))
                 runners[label] = art.runner("model", threads=args.threads, spin=False)
-                macs["baseline"] = art.manifest["macs"]["baseline"]
-                macs[label] = art.manifest["macs"]["model"]
+                macs["baseline"] = art.manifest.macs["baseline"]
+                macs[label] = art.manifest.macs["model"]
             for label, method in naive.items():
                 path = Path(tmp) / f"{label.replace(' ', '_')}_b{batch}.onnx"
                 naive_export(source, method, batch, path)

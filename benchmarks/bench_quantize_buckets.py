@@ -51,7 +51,7 @@ def main() -> None:
             target_keep=args.target_keep,
             dynamic_batch=True,
         )
-        pre = fp32.manifest["preprocessing"]
+        pre = fp32.manifest.preprocessing
 
         def pixels(image):
             return preprocess(image, pre["shape"], pre["mean"], pre["std"])
@@ -86,8 +86,8 @@ def main() -> None:
         )
         results = {
             "model": args.model,
-            "method": fp32.manifest["method_text"],
-            "buckets": fp32.manifest["stages"]["buckets"][""],
+            "method": fp32.manifest.method_text,
+            "buckets": fp32.manifest.stages["buckets"][""],
             "threads": args.threads,
             "images": len(held_out),
             "mean_ms": {name: round(v, 2) for name, v in ms.items()},

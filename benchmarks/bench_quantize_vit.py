@@ -41,7 +41,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = tokensieve.export(f"timm:{args.model}", method, out=Path(tmp) / "fp32", dynamic_batch=True)
-        data = rng.standard_normal((args.images, *fp32.manifest["inputs"][0]["shape"][1:]), dtype=np.float32)
+        data = rng.standard_normal((args.images, *fp32.manifest.inputs[0]["shape"][1:]), dtype=np.float32)
         int8 = quantize_artifact(fp32, data, Path(tmp) / "int8", tolerance=1.0, min_agreement=0.0)
         drift = int8.parity(batch=8, golden=False)
         options = {"threads": args.threads, "spin": False}
@@ -50,7 +50,7 @@ def main() -> None:
             for precision, artifact in (("fp32", fp32), ("int8", int8))
             for graph in ("baseline", "model")
         }
-        macs = fp32.manifest["macs"]
+        macs = fp32.manifest.macs
         rows = {}
         for batch in (1, 8):
             feeds = {"pixel_values": rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)}

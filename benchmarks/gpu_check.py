@@ -14,7 +14,11 @@ Sections; each records what it ran, and what it could not run and why, then goes
    replay on the engine within the drift budget, and latency;
 6. a bucketed ATP artifact of the same model on TensorRT: its recorded parity replayed on the engines (every
    bucket edge and routing mode), the dispatcher on the engines against ONNX Runtime (routes, outputs), and
-   bucketed vs dynamic-shape engine vs pad-to-max vs unreduced latency.
+   bucketed vs dynamic-shape engine vs pad-to-max vs unreduced latency;
+7. what a GPU can confirm of the deployment fixes (docs/deploy.md): Polygraphy's version against the 0.50.3 floor,
+   ``tf32`` recorded in build.json, the engine's input shape (-1) and profile batch the runner reads, 20 images
+   through a max-batch-8 engine in chunks equal to one-by-one runs (no reused host buffer leaks between chunks), and
+   the ``polygraphy run`` replay command the parity report prints, run as printed.
 
 Writes OUT_DIR/gpu_check.json (and prints it). On a CPU machine sections 3-6 report why they did not run, which
 is how this script is checked here (``--device cpu``).
@@ -155,6 +159,35 @@ def main() -> None:
             "same_routes": [r.buckets for r in engines.routes] == [r.buckets for r in ort.routes],
             "max_error_of_scale": error / scale,
             "bench": bench.to_dict(),
+        }
+
+    @section(results, "deploy_fixes")
+    def _():
+        import subprocess
+
+        import polygraphy
+
+        found = {"polygraphy": polygraphy.__version__}
+        if not trt:
+            return {**found, "skipped": "TensorRT is not installed"}
+        artifact = artifacts["topk"]
+        build = artifact.build(max_batch=8)
+        runner = artifact.runner("model", runtime="tensorrt")
+        pixels = np.random.default_rng(2).standard_normal((20, 3, 224, 224), dtype=np.float32)
+        chunked = runner.run({runner.input_names[0]: pixels})
+        single = [runner.run({runner.input_names[0]: pixels[i : i + 1]}) for i in range(len(pixels))]
+        name = next(iter(chunked))
+        error = float(np.abs(chunked[name] - np.concatenate([s[name] for s in single])).max())
+        report = artifact.parity(batch=2, device=args.device)
+        replay = subprocess.run(report.replay.split(), capture_output=True, text=True)
+        return {
+            **found,
+            "tf32_recorded": build.get("tf32"),
+            "runner_batches": runner.batches,
+            "chunked_vs_single_max_error": error,
+            "replay_command": report.replay,
+            "replay_rc": replay.returncode,
+            "replay_tail": replay.stdout[-1500:] + replay.stderr[-1500:],
         }
 
     (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))

@@ -26,7 +26,7 @@ artifact = tokensieve.export(
     target_keep=0.5,  # threshold calibrated to keep half the patch tokens on average
     dynamic_batch=True,
 )
-stages = artifact.manifest["stages"]
+stages = artifact.manifest.stages
 print("buckets:", stages["buckets"][""], "threshold:", round(stages["calibration"]["threshold"], 4))
 
 report = artifact.parity(batch=2)  # every bucket at its edge counts, the oracle and pad-to-max graphs

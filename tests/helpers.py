@@ -61,7 +61,7 @@ def assert_parity(artifact, built, *, batch: int | None = None, tolerance: float
     """Values and kept-token sets match the eager reference; the graph is lint-clean."""
     report = artifact.parity(reference=built, batch=batch, tolerance=tolerance, golden=False)
     assert report.ok, report.text()
-    assert [s.layer for s in report.sites] == [s["layer"] for s in artifact.manifest["sites"]]
+    assert [s.layer for s in report.sites] == [s["layer"] for s in artifact.manifest.sites]
     assert all(s.samples >= 1 and s.ok for s in report.sites)
     lint = artifact.lint(lint_target)
     assert lint.ok, lint.text()
@@ -151,9 +151,9 @@ def assert_plan_matches_graphs(artifact, text_tokens: int = 20) -> None:
     from tokensieve.graph_passes.propagate import propagate_shapes
     from tokensieve.plan.mllm import plan_artifact
 
-    capacity = artifact.manifest["decoder"]["capacity"]
+    capacity = artifact.manifest.decoder["capacity"]
     prompt, rows = plan_artifact(artifact, text_tokens)
-    row, method = rows[-1], artifact.manifest["method_text"]
+    row, method = rows[-1], artifact.manifest.method_text
     assert row.slots == capacity, (row.slots, capacity)
     assert count_macs(ir.load(artifact.graph_path("vision"))) * prompt.crops == prompt.vision_macs, method
     prefill = ir.load(artifact.graph_path("prefill"))
@@ -175,10 +175,10 @@ def assert_bench_runs(artifact) -> None:
     """``tokensieve bench`` drives the artifact's decode graphs with its method's inputs (slot groups, ring,
     heavy-hitter state), both caches where the artifact has them, and its prefill (segments and host decisions)
     with the image in the prompt."""
-    image = artifact.manifest["image_tokens"]
+    image = artifact.manifest.image_tokens
     contexts = [8, (image.get("count") or image["per_crop"]) + 10]
     report = artifact.bench(contexts=contexts, warmup=0, blocks=1, per_block=1, save=False)
-    growing = "decode_growing" in artifact.manifest["graphs"]
+    growing = "decode_growing" in artifact.manifest.graphs
     assert [r.context for r in report.decode] == contexts
     assert all(r.fixed_ms > 0 and (r.growing_ms is not None) == growing for r in report.decode)
     assert sorted(report.prefill_ms) == contexts and report.vision_ms > 0

@@ -37,7 +37,7 @@ def test_reexport_replaces_an_artifact(zoo, tmp_path):
     path, _ = zoo("timm:vit_small_patch16_224")
     first = tokensieve.export(str(path), METHOD, tmp_path / "a")
     second = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "a")
-    assert first.path == second.path and second.manifest["sites"][0]["params"]["kept"] == 98
+    assert first.path == second.path and second.manifest.sites[0]["params"]["kept"] == 98
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
@@ -77,8 +77,8 @@ def test_macs_match_the_analytic_count(artifact):
     n, c, depth = 197, 384, 12
     block = n * c * 3 * c + 2 * n * n * c + n * c * c + 2 * n * c * 4 * c
     baseline = 196 * c * 3 * 16 * 16 + depth * block + c * 1000
-    assert artifact.manifest["macs"]["baseline"] == baseline
-    macs = artifact.manifest["macs"]
+    assert artifact.manifest.macs["baseline"] == baseline
+    macs = artifact.manifest.macs
     assert macs["limit_speedup"] == pytest.approx(macs["baseline"] / macs["model"], abs=1e-4)
 
 

@@ -156,15 +156,15 @@ def test_text_only_prompt_keeps_everything(artifacts):
 def test_graphs_lint_clean_inspect_and_generate(artifacts, capsys):
     artifact = artifacts["tiny"]
     manifest = artifact.manifest
-    assert manifest["method_text"] == "atp_llava(layers=[1], offset=0, grid=0.25)"
-    assert list(manifest["graphs"])[:6] == ["vision", "embed", "prefill_0", "prefill_1", "decode", "decode_growing"]
-    for entry in (*manifest["lint"].values(), *artifacts["deep"].manifest["lint"].values()):
+    assert manifest.method_text == "atp_llava(layers=[1], offset=0, grid=0.25)"
+    assert list(manifest.graphs)[:6] == ["vision", "embed", "prefill_0", "prefill_1", "decode", "decode_growing"]
+    for entry in (*manifest.lint.values(), *artifacts["deep"].manifest.lint.values()):
         assert entry["ok"], entry
-    io = manifest["io"]
+    io = manifest.io
     assert [v["name"] for v in io["prefill_0"]["inputs"]] == ["inputs_embeds", "position_ids", "image_positions"]
     assert io["prefill_0"]["outputs"][0]["name"] == "hidden_states_out"
     assert [v["name"] for v in io["prefill_1"]["inputs"]] == ["hidden_states", "position_ids"]
-    middle = artifacts["deep"].manifest["io"]["prefill_1"]
+    middle = artifacts["deep"].manifest.io["prefill_1"]
     assert [v["name"] for v in middle["inputs"]] == ["hidden_states", "position_ids", "image_positions"]
     assert "pruned_cache_position" in [v["name"] for v in io["decode"]["inputs"]]
     for key in ("prefill_0", "prefill_1"):

@@ -33,7 +33,7 @@ def _check(artifact, built, batch=3, golden=False):
     assert report.ok, report.text()
     labels = [c.label for c in report.checks]
     assert any(label.startswith("oracle") for label in labels) and any(label.startswith("padmax") for label in labels)
-    sizes = artifact.manifest["stages"]["buckets"][""]
+    sizes = artifact.manifest.stages["buckets"][""]
     exact = [label for label in labels if "exact fit" in label or "largest bucket" in label]
     assert len(exact) == len(sizes)  # every bucket checked at its edge
     lint = artifact.lint("trt10.3")
@@ -46,7 +46,7 @@ def test_vit_small_auto_buckets_with_calibrated_threshold(zoo, calibration_folde
     artifact = tokensieve.export(
         str(path), "atp()", tmp_path / "a", buckets="auto", max_buckets=4, calibrate=calibration_folder, target_keep=0.5
     )
-    stages = artifact.manifest["stages"]
+    stages = artifact.manifest.stages
     calibration = stages["calibration"]
     assert abs(calibration["achieved_keep"] - 0.5) < 0.02 and calibration["samples"] == 24
     assert len(stages["buckets"][""]) <= 4 and stages["buckets"][""][-1] == calibration["counts"]["max"][0]
@@ -79,9 +79,9 @@ def test_vit_small_explicit_buckets(zoo, tmp_path, method):
     path, built = zoo("timm:vit_small_patch16_224", dynamic_batch=True)
     artifact = tokensieve.export(str(path), method, tmp_path / "a", buckets=[64, 96, 128, 160, 196])
     report = _check(artifact, built, batch=4)
-    assert artifact.manifest["stages"]["token_outputs"] == []  # logits are per image
+    assert artifact.manifest.stages["token_outputs"] == []  # logits are per image
     if "layers=[2, 6]" in method:
-        routes = artifact.manifest["stages"]["buckets"]
+        routes = artifact.manifest.stages["buckets"]
         assert routes["64"] == [64] and routes["196"] == [64, 96, 128, 160, 196]  # never more slots than before
         assert report.checks[0].same_kept == 4
 
@@ -102,7 +102,7 @@ def test_hf_tower_buckets(zoo, hf_config_dir, tmp_path, family):
     )
     report = _check(artifact, built)
     assert report.outputs[0].name == "last_hidden_state"  # token-level output compared on valid tokens
-    assert artifact.manifest["stages"]["token_outputs"] == ["last_hidden_state"]  # not pooler_output
+    assert artifact.manifest.stages["token_outputs"] == ["last_hidden_state"]  # not pooler_output
 
 
 def test_per_image_outputs_are_never_cut_as_tokens():
@@ -122,8 +122,8 @@ def test_dispatcher_overflow_and_truncation(zoo, tmp_path):
     artifact = tokensieve.export(str(path), "atp(threshold=0.5, grid=0)", tmp_path / "a", buckets=[16, 32])
     pixels = np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32)
     with pytest.raises(BucketOverflowError, match="largest bucket holds 32"):
-        StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels)
-    result = StagedRunner(artifact.path, artifact.manifest["stages"], allow_truncation=True).run(pixels)
+        StagedRunner(artifact.path, artifact.manifest.stages).run(pixels)
+    result = StagedRunner(artifact.path, artifact.manifest.stages, allow_truncation=True).run(pixels)
     assert all(r.truncated and r.buckets == [32] and r.counts[0] > 32 for r in result.routes)
     assert result.outputs["logits"].shape == (2, 1000)
     report = artifact.parity(reference=built, batch=2, golden=False)  # truncation keeps the top-priority tokens

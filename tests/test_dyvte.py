@@ -101,11 +101,11 @@ def test_reference_equals_hf_generate_when_it_never_exits():
 def test_lint_inspect_generate_and_text_only(artifacts, capsys):
     artifact = artifacts["deep"]
     manifest = artifact.manifest
-    assert manifest["method_text"] == "dyvte(layers=[1, 2, 3], threshold=0.5)"
-    assert [k for k in manifest["graphs"] if k.startswith("prefill")] == [f"prefill_{i}" for i in range(4)]
-    for entry in (*manifest["lint"].values(), *artifacts["next"].manifest["lint"].values()):
+    assert manifest.method_text == "dyvte(layers=[1, 2, 3], threshold=0.5)"
+    assert [k for k in manifest.graphs if k.startswith("prefill")] == [f"prefill_{i}" for i in range(4)]
+    for entry in (*manifest.lint.values(), *artifacts["next"].manifest.lint.values()):
         assert entry["ok"], entry
-    decode = {v["name"] for v in manifest["io"]["decode"]["inputs"]}
+    decode = {v["name"] for v in manifest.io["decode"]["inputs"]}
     assert {"pruned_cache_position", "pruned_cache_position_1", "pruned_cache_position_2"} <= decode
     assert main(["inspect", str(artifact.path)]) == 0
     assert "is below 0.5" in capsys.readouterr().out

@@ -117,9 +117,9 @@ def test_official_layout_and_other_parameters_hold_parity(tmp_path):
 
 def test_lint_inspect_generate(artifact, capsys, tmp_path):
     manifest = artifact.manifest
-    assert manifest["method_text"] == "globalcom2(retention=0.25, temperature=10)"
-    assert all(entry["ok"] for entry in manifest["lint"].values()), manifest["lint"]
-    assert [v["name"] for v in manifest["io"]["vision"]["outputs"]] == ["image_features", "cls_scores"]
+    assert manifest.method_text == "globalcom2(retention=0.25, temperature=10)"
+    assert all(entry["ok"] for entry in manifest.lint.values()), manifest.lint
+    assert [v["name"] for v in manifest.io["vision"]["outputs"]] == ["image_features", "cls_scores"]
     assert main(["inspect", str(artifact.path)]) == 0
     assert "keeps 16 of 64 thumbnail tokens" in capsys.readouterr().out
     image = tmp_path / "image.png"

@@ -53,15 +53,15 @@ def artifacts(tmp_path_factory):
 
 def test_parity_llava_gqa_evicting_every_step(artifacts):
     artifact = artifacts["llava"]
-    assert artifact.manifest["decoder"]["capacity"] == BUDGET + 1  # the default: budget + 1 slots
-    assert "decode_growing" not in artifact.manifest["graphs"]
+    assert artifact.manifest.decoder["capacity"] == BUDGET + 1  # the default: budget + 1 slots
+    assert "decode_growing" not in artifact.manifest.graphs
     report = artifact.parity(count=3, new_tokens=32)
     assert report.ok, report.text()
     for case in report.cases:
         assert case.cache == "fixed" and case.kept_match and case.kept_tokens == 2 * BUDGET
         assert case.tokens_match and case.new_tokens == 32 and case.logits_error < 1e-5
         assert case.prompt_tokens > BUDGET + 1  # the prompt is compressed and every step evicts
-    prompt, image = default_cases(artifact.manifest["host"], 1, 0)[0]
+    prompt, image = default_cases(artifact.manifest.host, 1, 0)[0]
     out = artifact.llava_runner().generate(image, prompt, 32, ignore_eos=True)
     evicted = ~np.isin(out.cache_positions, out.retained_positions)  # prompt heavy hitters evicted while decoding
     assert evicted.sum() > 8, "eviction only ever dropped positions leaving the recent window"
@@ -78,15 +78,15 @@ def test_a2sf_decode_form_parity_and_forgetting(artifacts):
     reference on both selections; the forgetting changes what is evicted; one hand-fed step multiplies the old
     scores by the factor before adding the same attention as plain H2O's graph."""
     artifact = artifacts["a2sf"]
-    assert artifact.manifest["method_text"] == f"h2o(budget={BUDGET}, recent={RECENT}, forgetting_factor=0.5)"
+    assert artifact.manifest.method_text == f"h2o(budget={BUDGET}, recent={RECENT}, forgetting_factor=0.5)"
     report = artifact.parity(count=3, new_tokens=32)
     assert report.ok, report.text()
     assert all(c.kept_match and c.tokens_match and c.kept_tokens == 2 * BUDGET for c in report.cases)
-    prompt, image = default_cases(artifact.manifest["host"], 1, 0)[0]
+    prompt, image = default_cases(artifact.manifest.host, 1, 0)[0]
     forgetting = artifact.llava_runner().generate(image, prompt, 32, ignore_eos=True)
     plain = artifacts["llava"].llava_runner().generate(image, prompt, 32, ignore_eos=True)
     assert not np.array_equal(forgetting.retained_positions, plain.retained_positions)
-    d = artifact.manifest["decoder"]
+    d = artifact.manifest.decoder
     shape = (d["layers"], d["kv_heads"], d["capacity"])
     held = np.broadcast_to(np.arange(d["capacity"]) + 60, shape).copy()
     scores = np.random.default_rng(1).uniform(1, 9, shape).astype(np.float32)
@@ -98,8 +98,8 @@ def test_a2sf_decode_form_parity_and_forgetting(artifacts):
 
 
 def _decode_step(artifact, scores: np.ndarray, held: np.ndarray, write: np.ndarray, visible: int, position: int):
-    runner = OrtRunner(artifact.path / artifact.manifest["graphs"]["decode"])
-    d = artifact.manifest["decoder"]
+    runner = OrtRunner(artifact.path / artifact.manifest.graphs["decode"])
+    d = artifact.manifest.decoder
     rng = np.random.default_rng(0)
     shape = (1, d["kv_heads"], d["capacity"], d["head_dim"])
     feeds = {
@@ -119,7 +119,7 @@ def test_scoring_and_eviction_rule_on_hand_made_state(artifacts):
     sums to the query heads per KV head), and the lightest slot outside the recent window and the unused slots is
     evicted."""
     artifact = artifacts["llava"]
-    d = artifact.manifest["decoder"]
+    d = artifact.manifest.decoder
     layers, kv, capacity, groups = d["layers"], d["kv_heads"], d["capacity"], d["heads"] // d["kv_heads"]
     visible, position = 30, 100  # slots 0..29 in use, the new token (position 100) written to slot 12
     held = np.broadcast_to(np.arange(capacity) + 60, (layers, kv, capacity)).copy()  # slot s holds 60 + s
@@ -145,8 +145,8 @@ def test_scoring_and_eviction_rule_on_hand_made_state(artifacts):
 
 def test_lint_inspect_generate_and_errors(artifacts, capsys, tmp_path):
     artifact = artifacts["llava"]
-    assert all(report["ok"] for report in artifact.manifest["lint"].values()), artifact.manifest["lint"]
-    inputs = {v["name"] for v in artifact.manifest["io"]["decode"]["inputs"]}
+    assert all(report["ok"] for report in artifact.manifest.lint.values()), artifact.manifest.lint
+    inputs = {v["name"] for v in artifact.manifest.io["decode"]["inputs"]}
     assert {"write_slots", "slot_positions", "h2o_scores", "visible_slots"} <= inputs and "cache_position" not in inputs
     assert main(["inspect", str(artifact.path)]) == 0
     assert "heavy hitters" in capsys.readouterr().out

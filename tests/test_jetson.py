@@ -5,11 +5,13 @@ import json
 import os
 import subprocess
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import tokensieve
+from tokensieve.artifact.store import file_digests
 from tokensieve.cli import main
 from tokensieve.errors import ArtifactError
 from tokensieve.gate import gate
@@ -60,6 +62,7 @@ def test_single_graph_bundle_builds_checks_and_stays_an_artifact(zoo, hf_config_
     assert "--maxShapes=pixel_values:8x3x224x224" in builds[0]
     build = json.loads((bundle / "engines" / "build.json").read_text())
     assert build["ranges"]["batch"] == [1, 8, 8] and build["fp16"] and build["tensorrt"] == "unknown"
+    assert build["tf32"] is True and build["engines"]["model.onnx"]["tf32"] is True  # trtexec's default, recorded
     assert (bundle / "engines" / "model.plan").read_text() == "plan\n"
     calls.unlink()
     _run("check.sh", env)
@@ -98,13 +101,15 @@ def test_staged_bundle_archive(zoo, hf_config_dir, tmp_path):
         script = tar.extractfile("vit_atp/jetson/build_engines.sh").read().decode()
     assert "vit_atp/manifest.json" in names and "vit_atp/jetson/check.sh" in names
     assert not [n for n in names if "/engines" in n]
+    # the artifact's own recipes (batch 32, bare trtexec) stay out: jetson/build_engines.sh is the bundle's recipe
+    assert (artifact.path / "trt" / "build_trt10.sh").is_file() and not [n for n in names if "/trt/" in n]
     assert script.count("--saveEngine=") == len(graphs) and "--fp16" not in script
 
 
 def test_quantized_bundle_builds_int8_and_checks_within_the_drift_budget(zoo, hf_config_dir, tmp_path):
     path, built = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
     fp32 = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "fp32")
-    data = np.random.default_rng(0).standard_normal((8, *fp32.manifest["inputs"][0]["shape"][1:]), dtype=np.float32)
+    data = np.random.default_rng(0).standard_normal((8, *fp32.manifest.inputs[0]["shape"][1:]), dtype=np.float32)
     # the tiny random tower drifts far under INT8 (its token-level output most): the budget is set to pass here
     int8 = fp32.quantize(data, tmp_path / "int8", tolerance=2.0, min_agreement=0.5)
     assert int8.parity(reference=built).ok  # golden files with the drift budget
@@ -118,7 +123,8 @@ def test_quantized_bundle_builds_int8_and_checks_within_the_drift_budget(zoo, hf
         _run("build_engines.sh", env)
         builds = calls.read_text().splitlines()
         assert len(builds) == 2 and all(("--int8" in line) is flagged for line in builds)  # model and baseline
-        assert json.loads((bundle / "engines" / "build.json").read_text())["int8"] is flagged
+        build = json.loads((bundle / "engines" / "build.json").read_text())
+        assert build["int8"] is flagged and build["tf32"] is (True if flagged else None)  # TensorRT 11: typed
     check = (bundle / "jetson" / "check.sh").read_text()
     assert "tokensieve parity . --replay --runtime tensorrt --tolerance 2;" in check  # the recorded budget
     atol = float(check.split("--atol ")[1].split()[0])
@@ -161,6 +167,9 @@ def test_dla_bundles_fix_the_batch_of_static_graphs_and_keep_the_rest_on_the_gpu
     check = (bundle / "jetson" / "check.sh").read_text()
     assert "then tokensieve parity . --replay --runtime tensorrt --tolerance 0.01;" in check
     assert "install tokensieve on the device" in check  # no Polygraphy fallback for the dispatcher
+    recorded = json.loads((bundle / "manifest.json").read_text())["files"]
+    assert file_digests(bundle, recorded) == recorded  # the manifest no longer records the left-out trt/ recipes
+    assert not (bundle / "trt").exists() and not [name for name in recorded if name.startswith("trt/")]
     with pytest.raises(ArtifactError, match="FP16 or INT8 only"):
         staged.jetson(tmp_path / "x", dla=0)
     with pytest.raises(ArtifactError, match=r"JetPack 7\.1 has no DLA"):
@@ -173,7 +182,7 @@ def test_bad_requests(zoo, hf_config_dir, tmp_path):
     artifact = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "a")
     with pytest.raises(ArtifactError, match=r"unknown JetPack '5\.1'"):
         artifact.jetson(tmp_path / "b", jetpack="5.1")
-    with pytest.raises(ArtifactError, match=r"TensorRT 11\.4, which has no --fp16"):
+    with pytest.raises(ArtifactError, match=r"TensorRT 11\.4\.1, which has no --fp16"):
         artifact.jetson(tmp_path / "b", jetpack="7.2.2", fp16=True)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
@@ -184,3 +193,68 @@ def test_bad_requests(zoo, hf_config_dir, tmp_path):
     with pytest.raises(ArtifactError, match=r"fail the trt10\.3 lint that JetPack 6\.2"):
         opset21.jetson(tmp_path / "b")
     assert opset21.jetson(tmp_path / "b", jetpack="7.2")["lint"]["target"] == "trt10"
+
+
+def test_dla_check_replays_goldens_at_the_engine_batch(zoo, hf_config_dir, tmp_path):
+    """Issue 27 item 3: golden files of batch 2 on an engine built for batch 1 (min = opt = max) are replayed in
+    iterations of the engine's batch."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    path, built = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "a")
+    assert artifact.parity(reference=built, batch=3).ok
+    bundle = tmp_path / "dla"
+    artifact.jetson(bundle, fp16=True, dla=0, dla_batch=2)
+    env, calls = _tools(tmp_path)
+    env["BUNDLE"] = str(bundle)
+    _run("build_engines.sh", env)
+    profile = json.loads((bundle / "engines" / "build.json").read_text())["engines"]["model.onnx"]["profile"]
+    batch = {shape[0] for shape in profile["pixel_values"]}
+    assert batch == {2}  # the engine's batch: min = opt = max
+    calls.unlink()
+    _run("check.sh", env)
+    replay = calls.read_text().splitlines()[-1]
+    assert "--load-inputs jetson/golden/inputs.json --load-outputs jetson/golden/eager_outputs.json" in replay
+    iterations = load_json(str(bundle / "jetson" / "golden" / "inputs.json"))
+    assert [len(feed["pixel_values"]) for feed in iterations] == [2, 2]  # 3 golden images, the last one repeated
+    eager = RunResults.load(str(bundle / "jetson" / "golden" / "eager_outputs.json"))[0][1]
+    golden = RunResults.load(str(artifact.path / "golden" / "eager_outputs.json"))[0][1][0]
+    name = next(iter(golden.keys()))
+    np.testing.assert_array_equal(np.concatenate([it[name] for it in eager])[:3], golden[name])
+
+
+def test_mllm_check_times_engines_on_a_real_prompt(tmp_path):
+    """Issue 27 items 4 and 11: an evicting method prefills the whole prompt, so check.sh runs every engine at the
+    shapes of a real generation, with its recorded inputs (trtexec's random INT64 would be out-of-range slots)."""
+    artifact = tokensieve.export("hf:llava-tiny", "h2o(budget=40, recent=8)", out=tmp_path / "h2o")
+    capacity = artifact.manifest.decoder["capacity"]
+    info = artifact.jetson(tmp_path / "bundle")
+    bundle = tmp_path / "bundle"
+    jobs = {job["onnx"]: job for job in info["graphs"]}
+    assert all(job["inputs"] for job in jobs.values())  # every graph ran in the generation
+    prefill = jobs[artifact.manifest.graphs["prefill"]]
+    length = prefill["inputs"]["inputs_embeds"]["shape"][1]
+    assert length > capacity and prefill["profile"]["inputs_embeds"][2][1] >= length
+    for job in jobs.values():
+        for name, value in job["inputs"].items():
+            data = np.fromfile(bundle / value["file"], dtype=value["dtype"]).reshape(value["shape"])
+            if name == "cache_position":  # the ScatterND write slot of the fixed-capacity decode graph
+                assert data.min() >= 0 and data.max() < capacity
+    env, calls = _tools(tmp_path)
+    env["BUNDLE"] = str(bundle)
+    _run("check.sh", env)
+    lines = calls.read_text().splitlines()
+    assert len(lines) == len(jobs) and all("--loadInputs=" in line for line in lines)
+    line = next(line for line in lines if f"--loadEngine=engines/{Path(prefill['onnx']).stem}.plan" in line)
+    assert f"inputs_embeds:1x{length}x" in line
+
+
+def test_a_dla_core_takes_at_most_16_loadables():
+    from tokensieve.deploy.dla import LOADABLES_PER_CORE, limit_loadables
+
+    gpu = [{"onnx": f"g{i}.onnx", "profile": {}} for i in range(20)]
+    dla = [{**job, "dla_core": 0} for job in gpu[:19]] + [gpu[19]]
+    placed = limit_loadables(gpu, dla)
+    assert sum("dla_core" in job for job in placed) == LOADABLES_PER_CORE == 16
+    assert [job["onnx"] for job in placed if job.get("dla_over_limit")] == ["g16.onnx", "g17.onnx", "g18.onnx"]

@@ -22,10 +22,10 @@ from tokensieve.graph_passes.propagate import propagate_shapes
 def test_legacy_opset14_parity(zoo, tmp_path, source, img_size, method, specials):
     entry = zoo(source, exporter="legacy", opset=14, img_size=img_size)
     artifact = export_and_check(entry, method, tmp_path / "a")
-    layout = artifact.manifest["layout"]
+    layout = artifact.manifest.layout
     assert layout["located_with"] == "structure"
     assert layout["specials"] == specials
-    assert artifact.manifest["export"]["opset"] == 14
+    assert artifact.manifest.export["opset"] == 14
 
 
 @pytest.mark.parametrize(
@@ -44,7 +44,7 @@ def test_legacy_opset14_parity(zoo, tmp_path, source, img_size, method, specials
 def test_legacy_hf_tower(zoo, hf_config_dir, tmp_path, tower, method):
     entry = zoo(f"hf:{hf_config_dir(tower)}", exporter="legacy", opset=14)
     artifact = export_and_check(entry, method, tmp_path / "a")
-    assert artifact.manifest["layout"]["located_with"] == "structure"
+    assert artifact.manifest.layout["located_with"] == "structure"
 
 
 def test_legacy_exporter_failure_is_a_typed_error(hf_config_dir, tmp_path):
@@ -83,5 +83,5 @@ def test_export_cli_path_with_legacy_exporter(tmp_path):
         exporter="legacy",
         opset=14,
     )
-    assert art.manifest["export"]["exporter"] == "legacy"
+    assert art.manifest.export["exporter"] == "legacy"
     assert art.parity(golden=False).ok

@@ -89,7 +89,7 @@ def test_all_graphs_are_lint_clean_and_the_decode_graph_is_static(artifacts):
     for kind in ("llava", "next"):
         artifact = artifacts[kind]
         assert artifact.lint("trt10.3").ok
-        assert set(artifact.manifest["graphs"]) == {
+        assert set(artifact.manifest.graphs) == {
             "vision",
             "embed",
             "prefill",
@@ -99,10 +99,10 @@ def test_all_graphs_are_lint_clean_and_the_decode_graph_is_static(artifacts):
         }
         decode = ir.load(artifact.graph_path("decode"))
         assert all(isinstance(d, int) for v in [*decode.graph.inputs, *decode.graph.outputs] for d in v.shape)
-        assert "decode" not in artifact.manifest["dynamic"]
-        assert [n.op_type for n in decode.graph].count("ScatterND") == 2 * artifact.manifest["decoder"]["layers"]
-    assert "vision" not in artifacts["llava"].manifest["dynamic"]  # one image, one patch: static
-    assert "vision" in artifacts["next"].manifest["dynamic"]
+        assert "decode" not in artifact.manifest.dynamic
+        assert [n.op_type for n in decode.graph].count("ScatterND") == 2 * artifact.manifest.decoder["layers"]
+    assert "vision" not in artifacts["llava"].manifest.dynamic  # one image, one patch: static
+    assert "vision" in artifacts["next"].manifest.dynamic
 
 
 def test_weights_are_stored_once(artifacts):
@@ -119,7 +119,7 @@ def test_decoder_sites_are_q_and_k_after_rope(artifacts):
     from tokensieve.runtimes.ort import OrtRunner
 
     artifact = artifacts["llava"]
-    decoder = artifact.manifest["decoder"]
+    decoder = artifact.manifest.decoder
     path = artifact.graph_path("decode")
     layout = locate_decoder(ir.load(path))
     assert layout.cache == "fixed" and len(layout.layers) == decoder["layers"]
@@ -148,9 +148,9 @@ def test_decoder_sites_are_q_and_k_after_rope(artifacts):
     expected = np.exp(logits - logits.max(-1, keepdims=True))
     expected /= expected.sum(-1, keepdims=True)
     np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
-    prefill = artifact.manifest["sites"]["prefill"]["sites"][0]
+    prefill = artifact.manifest.sites["prefill"]["sites"][0]
     assert prefill["key"]["value"] == "present_key_0" and prefill["query"]["shape"] == [1, 4, "sequence", 16]
-    growing = artifact.manifest["sites"]["decode_growing"]
+    growing = artifact.manifest.sites["decode_growing"]
     assert growing["cache"] == "growing" and growing["sites"][0]["cache_read"] == ["past_key_0", "past_value_0"]
 
 
@@ -160,7 +160,7 @@ def test_checkpoint_directory_source(tmp_path):
     checkpoint = tmp_path / "ckpt"
     save_llava_checkpoint(built.model, built.tokenizer, checkpoint)
     artifact = tokensieve.export(f"hf:{checkpoint}", out=tmp_path / "art", capacity=256, growing_cache=False)
-    assert artifact.manifest["decoder"]["capacity"] == 256 and "decode_growing" not in artifact.manifest["graphs"]
+    assert artifact.manifest.decoder["capacity"] == 256 and "decode_growing" not in artifact.manifest.graphs
     report = artifact.parity(count=2, new_tokens=12)
     assert report.ok, report.text()
     assert [c.cache for c in report.cases] == ["fixed", "fixed"]

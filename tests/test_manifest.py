@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import tokensieve
-from tokensieve.artifact import manifest as manifest_file
-from tokensieve.artifact.manifest import FORMAT_VERSION, ImageManifest, MllmManifest, StagedManifest
+from tokensieve import manifest as manifest_file
 from tokensieve.errors import ArtifactError
+from tokensieve.manifest import FORMAT_VERSION, ImageManifest, MllmManifest, StagedManifest
 
 V1 = Path(__file__).parent / "data" / "v1"
 

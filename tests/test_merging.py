@@ -43,9 +43,9 @@ CASES = [
 @pytest.mark.parametrize(("source", "img_size", "method"), CASES)
 def test_merging_parity(zoo, tmp_path, source, img_size, method):
     artifact = export_and_check(zoo(source, img_size=img_size), method, tmp_path / "a")
-    sites = artifact.manifest["sites"]
+    sites = artifact.manifest.sites
     assert sites and all(s["exposed"] for s in sites)
-    assert artifact.manifest["macs"]["limit_speedup"] > 1.0
+    assert artifact.manifest.macs["limit_speedup"] > 1.0
 
 
 @pytest.mark.slow

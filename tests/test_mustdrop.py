@@ -19,6 +19,7 @@ from tokensieve.errors import GraphRewriteError, MethodSpecError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.dual_attention import DualAttentionPass
 from tokensieve.graph_passes.split_positions import SplitPositionsPass
+from tokensieve.methods.decoder import DecoderContext
 from tokensieve.methods.mustdrop import MustDrop
 from tokensieve.parity.mllm import _hf_processor, default_cases
 from tokensieve.reference.decoding import attention_forward
@@ -71,7 +72,7 @@ def test_vision_graphs_equal_the_reference(artifacts):
     """vision_0's window similarities, the host merge and vision_1's features and key set against the eager vision
     reference (its own loop over the windows and Hugging Face's eager CLIP attention)."""
     built, runner = artifacts["built"], artifacts["deep"].llava_runner()
-    method = runner.mustdrop
+    method = runner.method
     merged_counts = set()
     for inputs, image in _cases(built, 4, 3):
         features, merged, key_set = mustdrop_vision(built.model, inputs["pixel_values"], method)
@@ -95,7 +96,7 @@ def test_dual_attention_equals_hugging_face(artifacts):
     probabilities on processor inputs (no window merge: the plain artifact)."""
     built = artifacts["built"]
     first = artifacts["plain"].llava_runner().prefill.graphs[0]
-    scorer = artifacts["plain"].manifest["methods"][0]["layers"][0]
+    scorer = artifacts["plain"].manifest.methods[0]["layers"][0]
     for inputs, _ in _cases(built, 3, 2):
         full = attention_forward(built.model, inputs)
         image = torch.nonzero(inputs["input_ids"][0] == built.model.config.image_token_id)[:, 0]
@@ -158,7 +159,7 @@ def test_decode_rotates_later_layers_at_their_cache_length(artifacts):
     position there instead changes the logits (what the parity above holds to the official per-layer rule)."""
     runner = artifacts["deep"].llava_runner(cache="growing")
     # the thresholds are host-side: drop every image token but the key set
-    runner.prefill.split = dataclasses.replace(runner.mustdrop, global_threshold=1.0, individual_threshold=1.0)
+    runner.prefill.split = dataclasses.replace(runner.method, global_threshold=1.0, individual_threshold=1.0)
     out = runner.generate(_image(), "what is this", 3, ignore_eos=True)
     dropped = len(out.prompt_ids) - len(out.kept_positions)
     assert dropped > 0
@@ -180,19 +181,19 @@ def _image() -> np.ndarray:
 def test_lint_inspect_generate(artifacts, capsys):
     artifact = artifacts["deep"]
     manifest = artifact.manifest
-    assert manifest["method_text"] == (
+    assert manifest.method_text == (
         "mustdrop(layers=[1, 2], global_threshold=0.0105, individual_threshold=0.02, key_ratio=0.08, "
         "merge_threshold=0.1)"
     )
-    graphs = [k for k in manifest["graphs"] if k != "external_data"]
+    graphs = [k for k in manifest.graphs if k != "external_data"]
     prefill = ["prefill_0", "prefill_1", "prefill_2"]
     assert graphs == ["vision_0", "vision_1", "embed", *prefill, "decode", "decode_growing"]
-    for entry in (*manifest["lint"].values(), *artifacts["plain"].manifest["lint"].values()):
+    for entry in (*manifest.lint.values(), *artifacts["plain"].manifest.lint.values()):
         assert entry["ok"], entry
-    decode = {v["name"] for v in manifest["io"]["decode"]["inputs"]}
+    decode = {v["name"] for v in manifest.io["decode"]["inputs"]}
     assert {"pruned_cache_position", "pruned_position_ids"} <= decode and "pruned_cache_position_1" not in decode
-    assert {v["name"] for v in manifest["io"]["vision_0"]["outputs"]} == {"hidden_states", "window_similarity"}
-    assert "window_similarity" not in {v["name"] for v in artifacts["plain"].manifest["io"]["vision_0"]["outputs"]}
+    assert {v["name"] for v in manifest.io["vision_0"]["outputs"]} == {"hidden_states", "window_similarity"}
+    assert "window_similarity" not in {v["name"] for v in artifacts["plain"].manifest.io["vision_0"]["outputs"]}
     assert main(["inspect", str(artifact.path)]) == 0
     assert "mean cosine >= 0.1 after CLIP layer 0" in capsys.readouterr().out
     from PIL import Image
@@ -211,7 +212,7 @@ def test_bad_requests_are_typed_errors(tmp_path):
     with pytest.raises(MethodSpecError, match="the decoder needs at least 3 layers; this one has 2"):
         tokensieve.export("hf:llava-tiny", "mustdrop(layers=[1], merge_threshold=none)", out=tmp_path / "out")
     with pytest.raises(MethodSpecError, match="filter layer 3 is out of range; this decoder has 4 layers"):
-        MustDrop(layers=[1, 3], merge_threshold=None).validate("llava", 4, "default", 576)
+        MustDrop(layers=[1, 3], merge_threshold=None).validate(DecoderContext(4, "llava", "default", 576, 64))
     with pytest.raises(MethodSpecError, match="LLaVA-NeXT packs a thumbnail and crops"):
         tokensieve.export("hf:llava-next-tiny", "mustdrop(layers=[1])", out=tmp_path / "out")
     with pytest.raises(MethodSpecError, match=r"layers must list the decoder layers \(>= 1"):

@@ -24,11 +24,11 @@ CASES = [
 @pytest.mark.parametrize(("family", "method", "specials"), CASES)
 def test_hf_tower_topk_parity(zoo, hf_config_dir, tmp_path, family, method, specials):
     artifact = export_and_check(zoo(f"hf:{hf_config_dir(family)}"), method, tmp_path / "a")
-    assert artifact.manifest["layout"]["specials"] == specials
-    assert [o["name"] for o in artifact.manifest["outputs"]] == ["last_hidden_state", "pooler_output"]
+    assert artifact.manifest.layout["specials"] == specials
+    assert [o["name"] for o in artifact.manifest.outputs] == ["last_hidden_state", "pooler_output"]
     (topk,) = artifact.methods
     assert topk.resolved_score(specials) == ("cls" if specials else "mean_received")
-    assert artifact.manifest["outputs"][0]["shape"][1] == artifact.manifest["sites"][-1]["tokens_out"]
+    assert artifact.manifest.outputs[0]["shape"][1] == artifact.manifest.sites[-1]["tokens_out"]
 
 
 def test_hidden_size_equal_to_token_count(zoo, tmp_path_factory, tmp_path):
@@ -46,11 +46,11 @@ def test_hidden_size_equal_to_token_count(zoo, tmp_path_factory, tmp_path):
     (directory / "config.json").write_text(json.dumps(config))
     entry = zoo(f"hf:{directory}")
     artifact = export_and_check(entry, "topk(keep=0.5, layers=[0,1])", tmp_path / "a")
-    assert artifact.manifest["tokens_per_block"]["model"] == [64, 32, 16]
-    assert artifact.manifest["outputs"][0]["shape"] == [1, 16, 64]
+    assert artifact.manifest.tokens_per_block["model"] == [64, 32, 16]
+    assert artifact.manifest.outputs[0]["shape"] == [1, 16, 64]
 
 
 @pytest.mark.slow
 def test_hf_vit_base_preset(zoo, tmp_path):
     artifact = export_and_check(zoo("hf:vit"), "topk(keep=0.7, layers=[3,6,9])", tmp_path / "a")
-    assert artifact.manifest["tokens_per_block"]["model"][-1] == 69
+    assert artifact.manifest.tokens_per_block["model"][-1] == 69

@@ -27,7 +27,7 @@ CASES = [
 def test_timm_topk_parity(zoo, tmp_path, source, img_size, method):
     artifact = export_and_check(zoo(source, img_size=img_size), method, tmp_path / "a")
     expected_specials = {"timm:vit_small_patch14_reg4_dinov2": 5, "timm:deit_small_distilled_patch16_224": 2}
-    assert artifact.manifest["layout"]["specials"] == expected_specials.get(source, 1)
+    assert artifact.manifest.layout["specials"] == expected_specials.get(source, 1)
 
 
 @pytest.mark.slow
@@ -35,7 +35,7 @@ def test_timm_topk_parity(zoo, tmp_path, source, img_size, method):
 def test_vit_base_topk_parity(zoo, tmp_path, method):
     artifact = export_and_check(zoo("timm:vit_base_patch16_224"), method, tmp_path / "a")
     if method.startswith("topk(keep=0.7"):
-        assert artifact.manifest["tokens_per_block"]["model"] == [197] * 4 + [139] * 3 + [98] * 3 + [69] * 2
+        assert artifact.manifest.tokens_per_block["model"] == [197] * 4 + [139] * 3 + [98] * 3 + [69] * 2
 
 
 def test_dynamic_batch_parity(zoo, tmp_path):
@@ -45,7 +45,7 @@ def test_dynamic_batch_parity(zoo, tmp_path):
         tmp_path / "a",
         batch=3,
     )
-    assert artifact.manifest["inputs"][0]["shape"][0] == "batch"
+    assert artifact.manifest.inputs[0]["shape"][0] == "batch"
     lint = artifact.lint("trt10.3")
     assert lint.ok and any(w.rule == "dynamic-batch" for w in lint.warnings)
 
@@ -58,6 +58,6 @@ def test_fused_attention_op_opset23(zoo, tmp_path):
     """opset 23: the dynamo exporter emits ONNX Attention ops; the CLS row is recomputed from Q and K."""
     entry = zoo("timm:vit_small_patch16_224", opset=23)
     artifact = export_and_check(entry, "topk(keep=0.7, layers=[3,6,9])", tmp_path / "a", lint_target="trt10")
-    assert {b["attention"] for b in artifact.manifest["layout"]["blocks"]} == {"fused Attention op"}
+    assert {b["attention"] for b in artifact.manifest.layout["blocks"]} == {"fused Attention op"}
     jetpack6 = artifact.lint("trt10.3")
     assert {f.rule for f in jetpack6.errors} == {"opset", "unsupported-op"}

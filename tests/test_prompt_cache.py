@@ -113,7 +113,7 @@ def test_a2sf_parity_llava_both_caches_and_next_without_forgetting(artifacts):
     report = artifacts["a2sf_next"].parity(count=2, new_tokens=24, caches=("fixed",))
     assert report.ok, report.text()
     assert all(c.kept_match and c.kept_tokens == 96 for c in report.cases)
-    assert all(entry["ok"] for entry in artifacts["a2sf"].manifest["lint"].values())
+    assert all(entry["ok"] for entry in artifacts["a2sf"].manifest.lint.values())
 
 
 def test_a2sf_rule_on_hand_made_attention():
@@ -147,12 +147,12 @@ def test_compression_changes_the_generation():
 def test_lint_inspect_generate_and_capacity(artifacts, capsys):
     artifact = artifacts["llava"]
     manifest = artifact.manifest
-    assert manifest["method_text"] == "snapkv(budget=48, window=8, kernel=5, pool='avg')"
-    assert all(entry["ok"] for entry in manifest["lint"].values()), manifest["lint"]
-    outputs = {v["name"]: v["shape"] for v in manifest["io"]["prefill"]["outputs"]}
+    assert manifest.method_text == "snapkv(budget=48, window=8, kernel=5, pool='avg')"
+    assert all(entry["ok"] for entry in manifest.lint.values()), manifest.lint
+    outputs = {v["name"]: v["shape"] for v in manifest.io["prefill"]["outputs"]}
     assert outputs["cache_positions"] == [2, 2, "min(sequence,48)"]
     assert outputs["present_key_0"] == [1, 2, "min(sequence,48)", 16]
-    assert manifest["sites"]["prefill"]["sites"][1]["cache_out"] == ["present_key_1", "present_value_1"]
+    assert manifest.sites["prefill"]["sites"][1]["cache_out"] == ["present_key_1", "present_value_1"]
     ops = {n.op_type for n in ir.load(artifact.path / "prefill.onnx").graph}
     assert {"TopK", "AveragePool", "GatherElements"} <= ops and not ops & {"NonZero", "Loop", "ScatterElements"}
     directory = str(artifact.path)

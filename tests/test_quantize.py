@@ -30,11 +30,11 @@ def artifacts(zoo, tmp_path_factory):
 
 def test_qdq_recipe_and_float_selection(artifacts, capsys):
     artifact = artifacts["int8"]
-    recipe = artifact.manifest["quantization"]
+    recipe = artifact.manifest.quantization
     assert recipe["format"] == "QDQ" and recipe["symmetric"] and recipe["images"] == 8
     assert main(["inspect", str(artifact.path)]) == 0
     assert "precision  INT8 QDQ (symmetric, on MatMul/Gemm/Conv; minmax on 8 images" in capsys.readouterr().out
-    assert artifact.manifest["lint"]["ok"], artifact.manifest["lint"]["errors"][:3]
+    assert artifact.manifest.lint["ok"], artifact.manifest.lint["errors"][:3]
     graph = ir.load(artifact.path / "model.onnx").graph
     quantizers = [n for n in graph if n.op_type == "QuantizeLinear"]
     assert quantizers and all(int(n.inputs[2].const_value.numpy()) == 0 for n in quantizers if len(n.inputs) > 2)
@@ -88,9 +88,9 @@ def test_staged_artifact_every_stage_graph_int8_and_parity_at_the_graph_counts(z
     fp32 = tokensieve.export(path, "atp(threshold=1.2)", out=tmp_path / "fp32", buckets=[16, 49])
     data = np.random.default_rng(1).standard_normal((8, 3, 112, 112)).astype(np.float32)
     feeds = stage_feeds(fp32, image_batches("pixel_values", data, None))
-    stage_graphs = {p for p, _ in fp32.graph_files()} - {fp32.manifest["stages"]["padmax"]}
+    stage_graphs = {p for p, _ in fp32.graph_files()} - {fp32.manifest.stages["padmax"]}
     assert set(feeds) == stage_graphs  # every bucket graph gets data, however the images route
-    valid = [batch["valid"] for batch in feeds[fp32.manifest["stages"]["graphs"]["16"]]]
+    valid = [batch["valid"] for batch in feeds[fp32.manifest.stages["graphs"]["16"]]]
     assert all(v.shape == (4, 16) for v in valid) and any(v.all(axis=1).any() for v in valid)  # full / truncated too
     int8 = fp32.quantize(data, tmp_path / "int8", tolerance=0.15, min_agreement=0.9)
     for relative, _ in int8.graph_files():
@@ -99,7 +99,7 @@ def test_staged_artifact_every_stage_graph_int8_and_parity_at_the_graph_counts(z
         for topk in (n for n in graph if n.op_type == "TopK"):  # scores from the site's float32 nodes, or order_key
             producer = topk.inputs[0].producer()
             assert producer is None or "tokensieve.site" in producer.metadata_props, relative
-    assert int8.lint().ok and all(g["lint"]["ok"] for g in int8.manifest["stages"]["graph_info"].values())
+    assert int8.lint().ok and all(g["lint"]["ok"] for g in int8.manifest.stages["graph_info"].values())
     assert "--int8" in (int8.path / "trt" / "build_trt10.sh").read_text()
     assert "autocast" not in (int8.path / "trt" / "build_trt11.sh").read_text()
     report = int8.parity(reference=built)
@@ -118,7 +118,7 @@ def test_two_site_staged_artifact_calibrates_every_route(zoo, hf_config_dir, tmp
     fp32 = tokensieve.export(str(path), "atp(threshold=1.0, layers=[2, 4])", tmp_path / "fp32", buckets=[40, 104])
     data = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
     feeds = stage_feeds(fp32, image_batches("pixel_values", data, None))
-    stages = fp32.manifest["stages"]
+    stages = fp32.manifest.stages
     assert set(feeds) == {p for p, _ in fp32.graph_files()} - {stages["padmax"]}
     assert {"stage3_b40_40.onnx", "stage3_b104_40.onnx", "stage3_b104_104.onnx", "stage3_dynamic.onnx"} <= set(feeds)
     assert len(feeds["stage3_dynamic.onnx"]) == 3 * len(feeds["stage1.onnx"])  # one pass per route into site 2

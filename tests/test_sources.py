@@ -26,8 +26,8 @@ def test_timm_checkpoint_file_round_trip(tmp_path):
     artifact = tokensieve.export(
         "timm:vit_small_patch16_224", "topk(keep=0.5, layers=[4])", tmp_path / "a", weights=str(checkpoint)
     )
-    assert artifact.manifest["source"]["weights"] == str(checkpoint)
-    assert artifact.manifest["weights_sha256"] == weights_digest(built.module)
+    assert artifact.manifest.source["weights"] == str(checkpoint)
+    assert artifact.manifest.weights_sha256 == weights_digest(built.module)
     assert artifact.parity(golden=False).ok  # parity reloads the checkpoint from its path
 
 
@@ -41,7 +41,7 @@ def test_hf_checkpoint_directory(tmp_path):
     artifact = tokensieve.export(f"hf:{tmp_path / 'ckpt'}", "topk(keep=0.5, layers=[1])", tmp_path / "a")
     report = artifact.parity(golden=False)
     assert report.ok, report.text()
-    assert artifact.manifest["tokens_per_block"]["model"] == [65, 65, 33]
+    assert artifact.manifest.tokens_per_block["model"] == [65, 65, 33]
 
 
 def test_bad_weights_file(tmp_path):

@@ -79,7 +79,7 @@ def test_visibility_pass_reproduces_the_plain_decode_graph(artifacts, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(expected, same, strict=True))
     wider = ring.run(None, {**feeds, "visible_slots": np.array([CAPACITY])})
     assert not np.allclose(wider[0], expected[0])  # the slots after the write position now count
-    assert artifacts["ring"].manifest["lint"]["decode"]["ok"]
+    assert artifacts["ring"].manifest.lint["decode"]["ok"]
 
 
 def test_ring_slots_and_retained_positions():

@@ -18,8 +18,9 @@ from tokensieve.bench.image import bench_staged
 from tokensieve.cli import main
 from tokensieve.deploy.build import graph_paths, input_profile, symbol_ranges
 from tokensieve.errors import ArtifactError, RuntimeBackendError
+from tokensieve.manifest import MllmManifest
 from tokensieve.runtimes.ort import OrtRunner
-from tokensieve.runtimes.tensorrt import TensorRTRunner, build_engine, static_batch, tensorrt_version
+from tokensieve.runtimes.tensorrt import POLYGRAPHY_FLOOR, TensorRTRunner, build_engine, tensorrt_version
 
 TRT = tensorrt_version() is not None
 
@@ -40,7 +41,7 @@ def test_vit_profile_covers_the_dynamic_batch(vit):
 def test_mllm_ranges_and_profiles(tmp_path):
     artifact = tokensieve.export("hf:llava-tiny", "dyvte(layers=[1], threshold=0.5)", out=tmp_path / "llava")
     ranges = symbol_ranges(artifact)
-    capacity = artifact.manifest["decoder"]["capacity"]
+    capacity = artifact.manifest.decoder["capacity"]
     assert ranges["sequence"] == (1, 64 + 64, capacity) and ranges["past"] == (1, capacity // 2, capacity)
     assert ranges["vision_tokens"] == (65, 65, 65)  # MustDrop's vision_1: an 8 x 8 grid has no 3 x 3 windows
     first = input_profile(artifact.path / "prefill_0.onnx", ranges)
@@ -49,18 +50,20 @@ def test_mllm_ranges_and_profiles(tmp_path):
     assert input_profile(artifact.path / "decode.onnx", ranges) == {}  # the fixed-capacity decode graph is static
     growing = input_profile(artifact.path / "decode_growing.onnx", ranges)
     assert growing["past_key_1"][2] == [1, 2, capacity, 16]  # past_kept (after the cut) takes past's range
-    assert set(graph_paths(artifact)) == {f"{k}.onnx" for k in artifact.manifest["graphs"] if k != "external_data"}
+    assert set(graph_paths(artifact)) == {f"{k}.onnx" for k in artifact.manifest.graphs if k != "external_data"}
 
 
 def test_llava_next_patches_range():
-    manifest = {
-        "decoder": {"capacity": 1024},
-        "image_tokens": {"per_crop": 64},
-        "host": {"image_size": 112, "grid_pinpoints": [[112, 224], [224, 224], [336, 112]]},
-    }
+    manifest = MllmManifest(
+        source={},
+        graphs={},
+        decoder={"capacity": 1024},
+        image_tokens={"per_crop": 64},
+        host={"image_size": 112, "grid_pinpoints": [[112, 224], [224, 224], [336, 112]]},
+    )
     ranges = symbol_ranges(SimpleNamespace(kind="mllm", manifest=manifest))
     assert ranges["patches"] == (1, 5, 5) and "vision_tokens" not in ranges
-    manifest["image_tokens"] = {"count": 576}  # LLaVA-1.5: 64 windows, all merged leaves 64 tokens
+    manifest.image_tokens = {"count": 576}  # LLaVA-1.5: 64 windows, all merged leaves 64 tokens
     assert symbol_ranges(SimpleNamespace(kind="mllm", manifest=manifest))["vision_tokens"] == (65, 577, 577)
 
 
@@ -209,42 +212,170 @@ def test_build_asks_for_int8_exactly_for_quantized_artifacts(zoo, hf_config_dir,
     monkeypatch.setattr("tokensieve.runtimes.tensorrt.build_engine", record)
     path, _ = zoo(f"hf:{hf_config_dir('vit')}")
     fp32 = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "fp32")
-    data = np.random.default_rng(0).standard_normal((4, *fp32.manifest["inputs"][0]["shape"][1:]), dtype=np.float32)
+    data = np.random.default_rng(0).standard_normal((4, *fp32.manifest.inputs[0]["shape"][1:]), dtype=np.float32)
     int8 = fp32.quantize(data, tmp_path / "int8")
     assert not fp32.build()["int8"] and int8.build()["int8"]
     assert calls == [("model.onnx", False), ("baseline.onnx", False), ("model.onnx", True), ("baseline.onnx", True)]
 
 
-class FakeTrtRunner:
-    """Stand-in for Polygraphy's TrtRunner on an engine built for a fixed batch of 2 (a DLA engine): doubles."""
+class FakeEngine:
+    """Stand-in for ``tensorrt.ICudaEngine``: one optimization profile per input (``get_tensor_profile_shape``)."""
 
+    def __init__(self, profile):
+        self.profile = profile
+
+    def get_tensor_profile_shape(self, name, index):
+        assert index == 0
+        return self.profile[name]
+
+
+class FakeTrtRunner:
+    """Stand-in for Polygraphy's TrtRunner, following its documented behaviour: the input metadata has the engine's
+    tensor shapes (-1 for an axis the profile bounds), ``engine`` is set once active, a batch outside the profile is
+    an error (as TensorRT's setInputShape), and outputs are views of host buffers reused on every call."""
+
+    shape: ClassVar[tuple] = (-1, 3, 4, 4)
+    profile: ClassVar[tuple] = ([2, 3, 4, 4], [2, 3, 4, 4], [2, 3, 4, 4])
     calls: ClassVar[list[int]] = []
 
     def __init__(self, loader):
-        self.loader = loader
+        self.loader, self.engine, self.host = loader, None, None
 
     def activate(self):
-        pass
+        self.engine = FakeEngine({"pixel_values": self.profile})
 
     def get_input_metadata(self):
-        return {"pixel_values": SimpleNamespace(shape=(2, 3, 4, 4))}
+        return {"pixel_values": SimpleNamespace(shape=self.shape)}
 
     def infer(self, feeds):
-        assert feeds["pixel_values"].shape[0] == 2  # the engine takes exactly its batch
-        FakeTrtRunner.calls.append(len(feeds["pixel_values"]))
-        return {"logits": feeds["pixel_values"].reshape(2, -1) * 2}
+        batch = len(feeds["pixel_values"])
+        if not self.profile[0][0] <= batch <= self.profile[2][0]:
+            raise RuntimeError(f"batch {batch} is outside the optimization profile")
+        FakeTrtRunner.calls.append(batch)
+        if self.host is None or len(self.host) < batch:
+            self.host = np.empty((self.profile[2][0], 48), np.float32)
+        out = self.host[:batch]  # the runner's host buffer, overwritten by the next call
+        out[...] = feeds["pixel_values"].reshape(batch, -1) * 2
+        return {"logits": out}
 
 
-def test_fixed_batch_engines_run_any_batch_in_chunks(tmp_path, monkeypatch):
+def _fake_runner(tmp_path, monkeypatch, shape, profile):
     monkeypatch.setattr("tokensieve.runtimes.tensorrt.require_tensorrt", lambda: (10, 3))
     monkeypatch.setattr("polygraphy.backend.trt.TrtRunner", FakeTrtRunner)
     monkeypatch.setattr(FakeTrtRunner, "calls", [])
+    monkeypatch.setattr(FakeTrtRunner, "shape", shape)
+    monkeypatch.setattr(FakeTrtRunner, "profile", profile)
     (tmp_path / "model.plan").write_bytes(b"plan")
-    runner = TensorRTRunner(tmp_path / "model.plan")
-    assert runner.static_batch == 2
+    return TensorRTRunner(tmp_path / "model.plan")
+
+
+def test_fixed_batch_engines_run_any_batch_in_chunks(tmp_path, monkeypatch):
+    """Issue 27 item 3: a DLA engine's batch is fixed by its profile (min = opt = max), its tensor shape says -1."""
+    runner = _fake_runner(tmp_path, monkeypatch, (-1, 3, 4, 4), ([2, 3, 4, 4],) * 3)
+    assert runner.static_batch == 2 and runner.batches == (2, 2)
     pixels = np.arange(5 * 48, dtype=np.float32).reshape(5, 3, 4, 4)
     out = runner.run({"pixel_values": pixels})["logits"]
     np.testing.assert_array_equal(out, pixels.reshape(5, -1) * 2)  # 3 chunks, the last padded, 5 rows back
     assert FakeTrtRunner.calls == [2, 2, 2]
-    assert static_batch([[-1, 3, 224, 224]]) is None and static_batch([[1, 197], [2, 197]]) is None
-    assert static_batch([[4, 197, 384], [4, 196]]) == 4
+
+
+def test_chunked_outputs_are_copies_of_the_reused_host_buffers(tmp_path, monkeypatch):
+    """Issue 27 item 9: Polygraphy reuses its host output buffers; every chunk must keep its own values."""
+    runner = _fake_runner(tmp_path, monkeypatch, (2, 3, 4, 4), ([2, 3, 4, 4],) * 3)  # a static-batch engine
+    pixels = np.random.default_rng(0).standard_normal((6, 3, 4, 4), dtype=np.float32)
+    out = runner.run({"pixel_values": pixels})["logits"]
+    np.testing.assert_array_equal(out, pixels.reshape(6, -1) * 2)
+    single = runner.run({"pixel_values": pixels[:2]})["logits"]
+    runner.run({"pixel_values": pixels[2:4]})
+    np.testing.assert_array_equal(single, pixels[:2].reshape(2, -1) * 2)  # not overwritten by the next call
+
+
+def test_dynamic_profile_runs_more_images_than_its_maximum_in_chunks(tmp_path, monkeypatch):
+    runner = _fake_runner(tmp_path, monkeypatch, (-1, 3, 4, 4), ([1, 3, 4, 4], [4, 3, 4, 4], [4, 3, 4, 4]))
+    assert runner.static_batch is None and runner.batches == (1, 4)
+    pixels = np.random.default_rng(1).standard_normal((9, 3, 4, 4), dtype=np.float32)
+    np.testing.assert_array_equal(runner.run({"pixel_values": pixels})["logits"], pixels.reshape(9, -1) * 2)
+    assert FakeTrtRunner.calls == [4, 4, 1]
+
+
+@pytest.mark.parametrize(("version", "tf32"), [((10, 3), True), ((11, 4), None)])
+def test_fp32_engines_record_and_request_tf32_like_trtexec(tmp_path, monkeypatch, version, tf32):
+    """Issue 27 item 10: Polygraphy's CreateConfig clears TF32 unless asked (trtexec keeps it on): ask, record it."""
+    monkeypatch.setattr("tokensieve.runtimes.tensorrt.require_tensorrt", lambda: version)
+    monkeypatch.setattr("polygraphy.backend.trt.EngineBytesFromNetwork", FakeEngineBuild)
+    monkeypatch.setattr(FakeEngineBuild, "seen", [])
+    built = build_engine(tmp_path / "model.onnx", tmp_path / "model.plan", {})
+    ((_, config),) = FakeEngineBuild.seen
+    assert config.tf32 is bool(tf32) and built["tf32"] is tf32
+
+
+def test_polygraphy_floor_guards_precision_is_set(tmp_path, monkeypatch):
+    """Issue 27 item 8: Polygraphy before 0.50.3 reads ILayer.precision_is_set, which TensorRT 11 removed."""
+    import polygraphy
+
+    text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert f'"polygraphy>={".".join(map(str, POLYGRAPHY_FLOOR))}"' in text and POLYGRAPHY_FLOOR == (0, 50, 3)
+    monkeypatch.setattr("tokensieve.runtimes.tensorrt.require_tensorrt", lambda: (11, 4))
+    monkeypatch.setattr("polygraphy.backend.trt.EngineBytesFromNetwork", FakeEngineBuild)
+    monkeypatch.setattr(polygraphy, "__version__", "0.49.26")
+    with pytest.raises(RuntimeBackendError, match=r"pip install 'polygraphy>=0\.50\.3'"):
+        build_engine(tmp_path / "model.onnx", tmp_path / "model.plan", {})
+    monkeypatch.setattr(polygraphy, "__version__", "0.50.3")
+    assert build_engine(tmp_path / "model.onnx", tmp_path / "model.plan", {})["tf32"] is None
+
+
+class SilentFailure:
+    def __init__(self, network, config):
+        pass
+
+    def __call__(self):
+        raise RuntimeError()  # a builder failure with an empty message
+
+
+def test_an_empty_error_message_still_names_the_failure(tmp_path, monkeypatch):
+    monkeypatch.setattr("tokensieve.runtimes.tensorrt.require_tensorrt", lambda: (10, 3))
+    monkeypatch.setattr("polygraphy.backend.trt.EngineBytesFromNetwork", SilentFailure)
+    with pytest.raises(RuntimeBackendError, match=r"could not build model\.onnx: RuntimeError"):
+        build_engine(tmp_path / "model.onnx", tmp_path / "model.plan", {})
+
+
+def test_polygraphy_replay_command_fits_the_golden_batch(zoo, hf_config_dir, tmp_path):
+    """Issue 27 item 5: without shapes, Polygraphy's default profile sets every dynamic axis to 1; the printed
+    replay must give a profile the golden inputs (batch 2) fit."""
+    from polygraphy import constants
+    from polygraphy.json import load_json
+
+    path, built = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    vit = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "a")
+    report = vit.parity(reference=built, batch=2)
+    feeds = load_json(str(vit.path / "golden" / "inputs.json"))[0]
+    words = report.replay.split()
+    assert words[:3] == ["polygraphy", "run", str(vit.graph_path("model"))]
+
+    def given(which: str) -> dict[str, list[int]]:  # --trt-min-shapes name:[1,3,224,224] ...
+        flag = f"--trt-{which}-shapes"
+        if flag not in words:
+            return {}
+        name, shape = words[words.index(flag) + 1].split(":")
+        return {name: json.loads(shape)}
+
+    for value in ir.load(vit.graph_path("model")).graph.inputs:
+        default = [d if isinstance(d, int) else constants.DEFAULT_SHAPE_VALUE for d in value.shape]
+        low, high = given("min").get(value.name, default), given("max").get(value.name, default)
+        shape = list(feeds[value.name].shape)
+        assert shape[0] == 2 and all(a <= d <= b for a, d, b in zip(low, shape, high, strict=True)), (low, high)
+
+
+def test_evicting_methods_profile_takes_the_whole_prompt(tmp_path):
+    """Issue 27 item 4: H2O prefills the whole prompt (image tokens + text) before evicting down to its budget, so
+    the prefill profile must reach the prompt, not the 41-slot capacity."""
+    artifact = tokensieve.export("hf:llava-tiny", "h2o(budget=40, recent=8)", out=tmp_path / "h2o")
+    capacity = artifact.manifest.decoder["capacity"]
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    prompt = " ".join(["describe the picture and every object in it"] * 8)
+    length = len(artifact.generate(image, prompt, 2).prompt_ids)
+    assert length > capacity  # the runtime takes it: an evicting cache has no prompt limit
+    ranges = symbol_ranges(artifact)
+    assert ranges["sequence"][2] >= length
+    prefill = input_profile(artifact.path / artifact.manifest.graphs["prefill"], ranges)
+    assert prefill["inputs_embeds"][2][1] >= length

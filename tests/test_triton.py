@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 import tokensieve
-from tokensieve.artifact.store import Artifact
+from tokensieve.api import Artifact
 from tokensieve.cli import main
 from tokensieve.errors import ArtifactError
+from tokensieve.manifest import MllmManifest
 from tokensieve.runtimes.buckets import StagedRunner
 from tokensieve.runtimes.ort import OrtRunner
 
@@ -46,16 +47,17 @@ def load_config(folder: Path):
     return config
 
 
-def check_tensors(config, tensors: dict[str, np.ndarray], section: str) -> None:
+def check_tensors(config, tensors: dict[str, np.ndarray], section: str, wire: bool = False) -> None:
     """What Triton enforces: the config's names (optional inputs may be absent), types and dims (batch axis up to
-    max_batch_size)."""
+    max_batch_size). Triton's reshape rule: the model sees a tensor in its ``reshape`` shape, its callers (``wire``:
+    a client or a BLS request) in its ``dims`` shape."""
     declared = {t.name: t for t in getattr(config, section)}
     required = {name for name, t in declared.items() if not (section == "input" and t.optional)}
     assert required <= set(tensors) <= set(declared), (config.name, section, set(tensors), set(declared))
     for name, value in tensors.items():
         spec = declared[name]
         assert value.dtype == _NUMPY[model_config.DataType.Name(spec.data_type)], (config.name, name, value.dtype)
-        dims = list(spec.reshape.shape) if spec.HasField("reshape") else list(spec.dims)
+        dims = list(spec.reshape.shape) if spec.HasField("reshape") and not wire else list(spec.dims)
         shape = list(value.shape)
         if config.max_batch_size:
             assert 1 <= shape[0] <= config.max_batch_size, (config.name, name, shape)
@@ -68,24 +70,68 @@ def check_tensors(config, tensors: dict[str, np.ndarray], section: str) -> None:
         )
 
 
+def reshaped(config, tensors: dict[str, np.ndarray], section: str, to_model: bool) -> dict[str, np.ndarray]:
+    """Triton's reshape rule between the caller's ``dims`` and the model's ``reshape`` shape (batch axis kept)."""
+    declared = {t.name: t for t in getattr(config, section)}
+    out = {}
+    for name, value in tensors.items():
+        spec = declared[name]
+        if spec.HasField("reshape"):
+            shape = list(spec.reshape.shape) if to_model else list(spec.dims)
+            value = value.reshape(([len(value)] if config.max_batch_size else []) + shape)
+        out[name] = value
+    return out
+
+
+def onnx_file(version: Path) -> Path:
+    """The ONNX Runtime backend's model file: ``model.onnx``, or for a multi-file model (external data) the
+    directory ``model.onnx/`` holding ``model.onnx``; a single file is read from memory, so its external data could
+    not be found."""
+    import onnx
+
+    path = version / "model.onnx"
+    if path.is_dir():
+        return path / "model.onnx"
+    model = onnx.load(path, load_external_data=False)
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert not external, f"{path}: a model with external data must be the directory model.onnx/"
+    return path
+
+
 class FakeTriton:
     """Triton's ``triton_python_backend_utils`` and server, as far as the router uses them: BLS requests are checked
-    against the called model's config.pbtxt and run with ONNX Runtime on its ``1/model.onnx``."""
+    against the called model's config.pbtxt (Triton's reshape rule applied both ways) and run with ONNX Runtime on
+    its ONNX file; a ``tensorrt_plan`` model runs the ONNX graph its plan was built from (``graphs``: model name ->
+    ONNX path) and, like Triton's TensorRT backend, refuses a config whose batch the engine's profile (``profiles``:
+    model name -> (min, max) batch) does not cover, and answers in GPU memory unless the request prefers CPU."""
 
-    def __init__(self, repository: Path):
+    def __init__(self, repository: Path, graphs: dict | None = None, profiles: dict | None = None):
         self.repository, self.sessions, self.calls = repository, {}, []
+        self.graphs, self.profiles = graphs or {}, profiles or {}
         self.module = types.ModuleType("triton_python_backend_utils")
         fake = self
 
+        class TritonModelException(Exception):
+            pass
+
         class Tensor:
-            def __init__(self, name, value):
-                self._name, self._value = name, value
+            def __init__(self, name, value, gpu=False):
+                self._name, self._value, self._gpu = name, value, gpu
 
             def name(self):
                 return self._name
 
+            def is_cpu(self):
+                return not self._gpu
+
             def as_numpy(self):
+                if self._gpu:  # python_backend: as_numpy() reads CPU tensors only
+                    raise TritonModelException("tensor is stored in GPU memory; use from_dlpack or ask for CPU")
                 return self._value
+
+        class PreferredMemory:
+            def __init__(self, memory_type, device_id=0):
+                self.memory_type, self.device_id = memory_type, device_id
 
         class TritonError:
             def __init__(self, message):
@@ -105,32 +151,49 @@ class FakeTriton:
                 return self._error
 
         class InferenceRequest:
-            def __init__(self, model_name, requested_output_names, inputs):
+            def __init__(self, model_name, requested_output_names, inputs, preferred_memory=None):
                 self.model_name, self.requested, self.inputs = model_name, requested_output_names, inputs
+                self.preferred_memory = preferred_memory
 
             def exec(self):
-                return fake.infer(self.model_name, {t.name(): t.as_numpy() for t in self.inputs}, self.requested)
+                feeds = {t.name(): t.as_numpy() for t in self.inputs}
+                return fake.infer(self.model_name, feeds, self.requested, self.preferred_memory)
 
         def by_name(holder, name):
             tensors = holder.output_tensors if isinstance(holder, InferenceResponse) else holder.inputs
             return next((t for t in tensors if t.name() == name), None)
 
-        for item in (Tensor, TritonError, InferenceResponse, InferenceRequest):
+        for item in (Tensor, TritonError, InferenceResponse, InferenceRequest, PreferredMemory, TritonModelException):
             setattr(self.module, item.__name__, item)
+        self.module.TRITONSERVER_MEMORY_GPU, self.module.TRITONSERVER_MEMORY_CPU = 2, 0
         self.module.get_input_tensor_by_name = by_name
         self.module.get_output_tensor_by_name = by_name
 
-    def infer(self, model: str, feeds: dict[str, np.ndarray], requested: list[str]):
+    def load(self, model: str, config) -> OrtRunner:
         folder = self.repository / model
-        config = load_config(folder)
-        assert config.platform == "onnxruntime_onnx"
-        check_tensors(config, feeds, "input")
+        if config.platform == "onnxruntime_onnx":
+            return OrtRunner(onnx_file(folder / "1"))
+        assert config.platform == "tensorrt_plan" and (folder / "1" / "model.plan").is_file()
+        low, high = self.profiles.get(model, (1, config.max_batch_size))
+        if config.max_batch_size:  # the TensorRT backend checks the config against the engine's profile
+            assert low <= 1 and config.max_batch_size <= high, (model, config.max_batch_size, (low, high))
+        else:
+            assert all(low <= t.dims[0] <= high for t in config.input), (model, [list(t.dims) for t in config.input])
+        return OrtRunner(self.graphs[model])
+
+    def infer(self, model: str, feeds: dict[str, np.ndarray], requested: list[str], preferred=None):
+        config = load_config(self.repository / model)
+        check_tensors(config, feeds, "input", wire=True)
         if model not in self.sessions:
-            self.sessions[model] = OrtRunner(folder / "1" / "model.onnx")
-        outputs = self.sessions[model].run(feeds, requested)
+            self.sessions[model] = self.load(model, config)
+        outputs = self.sessions[model].run(reshaped(config, feeds, "input", to_model=True), requested)
         check_tensors(config, outputs, "output")
+        outputs = reshaped(config, outputs, "output", to_model=False)
+        check_tensors(config, outputs, "output", wire=True)
         self.calls.append((model, len(next(iter(feeds.values())))))
-        return self.module.InferenceResponse([self.module.Tensor(k, v) for k, v in outputs.items()])
+        cpu = preferred is not None and preferred.memory_type == self.module.TRITONSERVER_MEMORY_CPU
+        gpu = config.platform == "tensorrt_plan" and not cpu  # TensorRT outputs stay where the engine wrote them
+        return self.module.InferenceResponse([self.module.Tensor(k, v, gpu) for k, v in outputs.items()])
 
     def python_model(self, name: str):
         """Load a Python-backend model's ``model.py`` as the backend would, and initialize it."""
@@ -180,18 +243,18 @@ def staged(zoo, hf_config_dir, tmp_path_factory):
 
 def test_router_answers_like_the_dispatcher(staged):
     artifact, repo, models = staged
-    assert models[0] == "vit_atp" and len(models) == 1 + len(artifact.manifest["stages"]["graphs"]) + 1
+    assert models[0] == "vit_atp" and len(models) == 1 + len(artifact.manifest.stages["graphs"]) + 1
     for name in models:
         config = load_config(repo / name)
         assert config.max_batch_size == 4 and config.HasField("dynamic_batching")
-        assert config.backend == "python" if name == "vit_atp" else (repo / name / "1" / "model.onnx").is_file()
+        assert config.backend == "python" if name == "vit_atp" else (repo / name / "1" / "model.onnx").is_dir()
     server = FakeTriton(repo)
     router = server.python_model("vit_atp")
     pixels = np.random.default_rng(3).standard_normal((4, 3, 224, 224), dtype=np.float32)
     (response,) = server.requests(router, "vit_atp", pixels)
     assert not response.has_error(), response.error().message()
     got = {t.name(): t.as_numpy() for t in response.output_tensors}
-    expected = StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels)
+    expected = StagedRunner(artifact.path, artifact.manifest.stages).run(pixels)
     assert got["buckets"].tolist() == [r.buckets for r in expected.routes]
     assert got["kept_tokens"].tolist() == [r.counts for r in expected.routes]  # no truncation: counts fit
     assert len({tuple(r.buckets) for r in expected.routes}) > 1  # the batch really was split between buckets
@@ -212,8 +275,8 @@ def test_requests_batched_together_are_dispatched_as_one_batch(staged):
     responses = server.requests(router, "vit_atp", pixels[:2], pixels[2:3], pixels[3:])
     # 5 images, max_batch_size 4: stage 1 runs twice (4 + 1), not once per request
     assert [b for n, b in server.calls if n == "vit_atp_stage1"] == [4, 1]
-    expected = [*StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels[:4]).routes]
-    expected += StagedRunner(artifact.path, artifact.manifest["stages"]).run(pixels[4:]).routes
+    expected = [*StagedRunner(artifact.path, artifact.manifest.stages).run(pixels[:4]).routes]
+    expected += StagedRunner(artifact.path, artifact.manifest.stages).run(pixels[4:]).routes
     got = [{t.name(): t.as_numpy() for t in r.output_tensors} for r in responses]
     assert [len(g["buckets"]) for g in got] == [2, 1, 2]
     assert np.concatenate([g["buckets"] for g in got]).tolist() == [r.buckets for r in expected]
@@ -259,6 +322,7 @@ def test_single_graph_repository_and_replacement(zoo, hf_config_dir, tmp_path, c
     config = load_config(repo / "vit")
     assert config.platform == "onnxruntime_onnx" and config.instance_group[0].kind == config.instance_group[0].KIND_CPU
     pixels = np.random.default_rng(1).standard_normal((3, 3, 224, 224), dtype=np.float32)
+    assert (repo / "vit" / "1" / "model.onnx" / "model.onnx").is_file()  # multi-file model: a directory
     served = FakeTriton(repo).infer("vit", {"pixel_values": pixels}, ["last_hidden_state", "pooler_output"])
     direct = artifact.run(pixels)
     for tensor in served.output_tensors:
@@ -325,7 +389,7 @@ def test_mllm_generation_model(tmp_path):
 
 
 def test_bad_requests(tmp_path):
-    mllm = Artifact(tmp_path / "artifact", {"kind": "mllm", "graphs": {}})
+    mllm = Artifact(tmp_path / "artifact", MllmManifest(source={}, graphs={}))
     with pytest.raises(ArtifactError, match="not a usable Triton model name"):
         mllm.triton(tmp_path / "repo", name="a/b")
     with pytest.raises(ArtifactError, match="unknown backend"):
@@ -333,3 +397,94 @@ def test_bad_requests(tmp_path):
     with pytest.raises(ArtifactError, match="unknown instance kind"):
         mllm.triton(tmp_path / "repo", kind="tpu")
     assert not (tmp_path / "repo").exists()
+
+
+def _engines(artifact, repo: Path) -> dict[str, Path]:
+    """Stage model name -> the ONNX graph its plan stands for (from the router's routing.json)."""
+    routing = json.loads((repo / artifact.path.name / "1" / "routing.json").read_text())
+    return {entry["model"]: artifact.path / relative for relative, entry in routing["models"].items()}
+
+
+def _answers_like_the_dispatcher(server: FakeTriton, name: str, artifact, seed: int) -> None:
+    """Three images through the router ``name`` give the dispatcher's pooled output."""
+    pixels = np.random.default_rng(seed).standard_normal((3, 3, 224, 224), dtype=np.float32)
+    (response,) = server.requests(server.python_model(name), name, pixels)
+    assert not response.has_error(), response.error().message()
+    got = {t.name(): t.as_numpy() for t in response.output_tensors}
+    expected = StagedRunner(artifact.path, artifact.manifest.stages).run(pixels)
+    np.testing.assert_allclose(got["pooler_output"], expected.outputs["pooler_output"], rtol=0, atol=1e-5)
+
+
+def test_router_on_tensorrt_stages_asks_for_cpu_outputs(staged, tmp_path):
+    """Issue 27 item 7: a TensorRT stage answers in GPU memory unless the BLS request prefers CPU."""
+    artifact, _, _ = staged
+    engines = artifact.path / "engines"  # what `tokensieve build --max-batch 4` leaves (plans are opaque here)
+    engines.mkdir(exist_ok=True)
+    for relative, _ in artifact.graph_files():
+        (engines / f"{Path(relative).stem}.plan").write_bytes(b"plan")
+    (engines / "build.json").write_text(json.dumps({"ranges": {"batch": [1, 4, 4]}, "engines": {}}))
+    try:
+        artifact.triton(tmp_path / "repo", backend="tensorrt")
+        server = FakeTriton(tmp_path / "repo", graphs=_engines(artifact, tmp_path / "repo"))
+        _answers_like_the_dispatcher(server, "vit_atp", artifact, seed=5)
+    finally:
+        for path in engines.iterdir():
+            path.unlink()
+        engines.rmdir()
+
+
+def test_router_turns_any_failure_into_error_responses(staged, monkeypatch):
+    """A stage failing with an untyped (even empty) exception answers every request with an error, not a crash."""
+    _, repo, _ = staged
+    server = FakeTriton(repo)
+    router = server.python_model("vit_atp")
+
+    def broken(*args, **kwargs):
+        raise ValueError()
+
+    monkeypatch.setattr(server, "infer", broken)
+    pixels = np.random.default_rng(6).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    responses = server.requests(router, "vit_atp", pixels[:1], pixels[1:])
+    assert all(r.has_error() and "ValueError" in r.error().message() for r in responses)
+
+
+def test_triton_after_jetson_on_the_same_artifact(zoo, hf_config_dir, tmp_path):
+    """Issue 27 item 2: a bundle must not hard-link weights.data (onnx_ir refuses external data with nlink > 1)."""
+    path, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), "topk(keep=0.5, layers=[2])", tmp_path / "a")
+    artifact.jetson(tmp_path / "bundle")
+    assert (artifact.path / "weights.data").stat().st_nlink == 1
+    assert artifact.triton(tmp_path / "repo") == ["a"]
+    copy = tokensieve.load(tmp_path / "bundle")
+    assert copy.triton(tmp_path / "repo2") == ["bundle"]
+
+
+def test_dla_engines_serve_at_their_batch(zoo, hf_config_dir, tmp_path):
+    """Issue 27 item 6: a DLA engine takes its fixed batch (max_batch_size 0, that batch in the dims) on its DLA
+    core (secondary_devices KIND_NVDLA); the router feeds it in chunks of that batch."""
+    import subprocess
+
+    from test_jetson import _tools
+
+    path, _ = zoo(f"hf:{hf_config_dir('vit')}", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), "atp(threshold=1.0, layers=[2])", tmp_path / "a", buckets=[40, 104, 196])
+    info = artifact.jetson(tmp_path / "vit_dla", fp16=True, dla=1, dla_batch=1)
+    env, _ = _tools(tmp_path)
+    result = subprocess.run(["bash", "jetson/build_engines.sh"], cwd=tmp_path / "vit_dla", env=env, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    bundle = tokensieve.load(tmp_path / "vit_dla")
+    bundle.triton(tmp_path / "repo", backend="tensorrt")
+    repo, on_dla = tmp_path / "repo", {Path(g).stem for g in info["dla"]["graphs"]}
+    profiles = {}
+    for model in _engines(bundle, repo):
+        config = load_config(repo / model)
+        group = config.instance_group[0]
+        if model.removeprefix("vit_dla_") in on_dla:
+            assert config.max_batch_size == 0 and all(t.dims[0] == 1 for t in config.input), model
+            assert [(d.kind, d.device_id) for d in group.secondary_devices] == [(group.SecondaryDevice.KIND_NVDLA, 1)]
+            profiles[model] = (1, 1)
+        else:
+            assert config.max_batch_size == 8 and not group.secondary_devices
+    server = FakeTriton(repo, graphs=_engines(bundle, repo), profiles=profiles)
+    _answers_like_the_dispatcher(server, "vit_dla", artifact, seed=7)
+    assert {b for n, b in server.calls if n.removeprefix("vit_dla_") in on_dla} == {1}

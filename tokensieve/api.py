@@ -71,33 +71,22 @@ class Artifact(store.Artifact):
         return inspect_artifact(self)
 
     def parity(self, **kwargs):
-        if self.kind == "mllm":
-            from tokensieve.parity.mllm import check_llava_parity
+        """Exported graphs vs the eager reference, on values and kept tokens; writes the golden files."""
+        from tokensieve.parity.by_kind import CHECK
 
-            return self._call(check_llava_parity, kwargs)
-        from tokensieve.parity.image import check_parity
-
-        return self._call(check_parity, kwargs)
+        return self._call(CHECK[self.kind], kwargs)
 
     def replay(self, **kwargs):
-        """Parity against the golden files ``parity`` wrote, torch-free
-        (:func:`tokensieve.parity.image.replay_golden`)."""
-        if self.kind == "mllm":
-            from tokensieve.parity.mllm import replay_llava_golden
+        """Parity against the golden files ``parity`` wrote, torch-free."""
+        from tokensieve.parity.by_kind import REPLAY
 
-            return self._call(replay_llava_golden, kwargs)
-        from tokensieve.parity.image import replay_golden
-
-        return self._call(replay_golden, kwargs)
+        return self._call(REPLAY[self.kind], kwargs)
 
     def bench(self, **kwargs):
-        if self.kind == "mllm":
-            from tokensieve.bench.mllm import bench_llava
+        """Latency of the reduced graphs against the unreduced ones."""
+        from tokensieve.bench.by_kind import BENCH
 
-            return self._call(bench_llava, kwargs)
-        from tokensieve.bench.image import bench_artifact, bench_staged
-
-        return self._call(bench_staged if self.kind == "staged" else bench_artifact, kwargs)
+        return self._call(BENCH[self.kind], kwargs)
 
     def eval(self, data, baseline: str | os.PathLike | Artifact | None = None, **kwargs):
         """Quality against the unreduced model on ``data`` (:func:`tokensieve.evaluate.evaluate`): images for image

@@ -34,6 +34,7 @@ from tokensieve.artifact.store import MANIFEST, Artifact, file_digests
 from tokensieve.errors import ArtifactError, GateError, TokensieveError, read_json
 from tokensieve.graph_passes.lint import TARGETS
 from tokensieve.methods import REGISTRY
+from tokensieve.parity.by_kind import replay
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
@@ -207,7 +208,7 @@ def _parity(artifact: Artifact, policy: Policy) -> Check:
     if not (artifact.path / "golden").is_dir():
         status = FAIL if policy.require_golden else SKIP
         return Check("parity", status, f"no golden files; run `tokensieve parity {artifact.path}` before publishing")
-    report = artifact.replay(**({} if policy.tolerance is None else {"tolerance": policy.tolerance}))
+    report = replay(artifact, **({} if policy.tolerance is None else {"tolerance": policy.tolerance}))
     if artifact.kind == "mllm":
         bad = [c for c in report.cases if not c.ok(report.tolerance)]
         summary = f"{len(report.cases) - len(bad)}/{len(report.cases)} recorded cases reproduced"

@@ -32,9 +32,9 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from tokensieve.artifact import manifest as manifest_file
-from tokensieve.artifact.manifest import FORMAT, MANIFEST, Manifest
+from tokensieve import manifest as manifest_file
 from tokensieve.errors import ArtifactError, GraphRewriteError
+from tokensieve.manifest import FORMAT, MANIFEST, Manifest
 from tokensieve.onnx_file import load_onnx
 
 ENGINES = "engines"  # where `tokensieve build` and the staged trtexec recipes (trt/build_*.sh) put their plans

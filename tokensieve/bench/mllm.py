@@ -26,12 +26,9 @@ import numpy as np
 from tokensieve.bench.image import pyplot, save_figure, time_alternating
 from tokensieve.errors import CapacityError
 from tokensieve.methods import methods_from_dicts
-from tokensieve.methods.h2o import H2O
-from tokensieve.methods.mustdrop import MustDrop
-from tokensieve.methods.streamingllm import StreamingLLM
-from tokensieve.runtimes.kv_cache import FixedCacheDecoder, HeavyHitterDecoder, kv_names, position_feeds
+from tokensieve.runtimes import FACES
+from tokensieve.runtimes.kv_cache import kv_names, position_feeds
 from tokensieve.runtimes.llava import VISION
-from tokensieve.runtimes.mustdrop import vision_tokens
 from tokensieve.runtimes.prefill import Prefill, prefill_feeds
 
 
@@ -86,22 +83,6 @@ def _median_min(times: list[float]) -> tuple[float, float]:
     return statistics.median(times) * 1e3, min(times) * 1e3
 
 
-def _decoder(fixed, caches: list[np.ndarray], capacity: int, methods: list, rng) -> FixedCacheDecoder:
-    """The decoder the runtime would drive for the artifact's method (in place), over random ``caches``: H2O's with
-    ``budget`` held positions and random scores, StreamingLLM's ring, FastV / ATP-LLaVA / DyVTE / MustDrop's
-    per-group slot inputs (nothing dropped: the fixed graph costs the same whatever the groups hold)."""
-    method = methods[0] if methods else None
-    if isinstance(method, H2O):
-        layers, kv = len(caches) // 2, caches[0].shape[1]
-        shape = (layers, kv, method.budget)
-        positions = np.broadcast_to(np.arange(method.budget), shape).copy()
-        scores = rng.random(shape, dtype=np.float32)
-        present = [c[:, :, : method.budget] for c in caches]
-        return HeavyHitterDecoder(fixed, present, capacity, method, positions, scores)
-    eviction = method if isinstance(method, StreamingLLM) else None
-    return FixedCacheDecoder(fixed, caches, capacity, [0] * len(getattr(method, "cache_cuts", ())), eviction)
-
-
 def bench_llava(
     artifact,
     contexts: list[int] | None = None,
@@ -115,11 +96,12 @@ def bench_llava(
     save: bool = True,
 ) -> LlavaBenchReport:
     manifest = artifact.manifest
-    dec = manifest["decoder"]
+    dec = manifest.decoder
     layers, kv, head_dim, capacity = dec["layers"], dec["kv_heads"], dec["head_dim"], dec["capacity"]
     contexts = contexts or default_contexts(capacity)
-    methods = methods_from_dicts(manifest.get("methods"))
-    evicting = any(isinstance(m, (StreamingLLM, H2O)) for m in methods)  # any context fits: evicting caches
+    methods = methods_from_dicts(manifest.methods)
+    method = methods[0] if methods else None  # an MLLM artifact has one at most
+    evicting = method is not None and method.evicts  # any context fits: evicting caches
     for context in contexts:
         if context < 1 or (context >= capacity and not evicting):
             raise CapacityError(
@@ -128,12 +110,13 @@ def bench_llava(
             )
     options = {"threads": threads, "spin": False}
     fixed = artifact.runner("decode", **options)
-    growing = artifact.runner("decode_growing", **options) if "decode_growing" in manifest["graphs"] else None
+    growing = artifact.runner("decode_growing", **options) if "decode_growing" in manifest.graphs else None
     rng = np.random.default_rng(0)
     names = kv_names(layers)
-    report = LlavaBenchReport(manifest["source"]["name"], threads, capacity)
+    report = LlavaBenchReport(manifest.source["name"], threads, capacity)
     caches = [rng.standard_normal((1, kv, capacity, head_dim), dtype=np.float32) for _ in names]
-    decoder = _decoder(fixed, caches, capacity, methods, rng)
+    # the decoder the runtime would drive for the artifact's method (in place), over random caches
+    decoder = FACES.lookup("bench_decoder", method)(fixed, caches, capacity, method, rng)
     for context in contexts:
         runs = {"fixed": lambda c=context: decoder.step(7, c)}  # rewrites slot `context`: same cost every call
         if growing is not None:
@@ -154,32 +137,37 @@ def bench_llava(
         g = stats.get("growing", (None, None))
         report.decode.append(DecodeRow(context, stats["fixed"][0], g[0], stats["fixed"][1], g[1], noisy))
     prefill = Prefill.from_artifact(artifact, **options)  # one graph, or segments with host decisions
-    image_tokens = manifest["image_tokens"].get("count") or manifest["image_tokens"]["per_crop"]
+    image_tokens = manifest.image_tokens.get("count") or manifest.image_tokens["per_crop"]
     for length in prefill_lengths or [n for n in contexts if n <= 1024][:4]:
         embeds = rng.standard_normal((1, length, dec["hidden"]), dtype=np.float32)
         span = (1, 1 + image_tokens) if image_tokens + 2 <= length else None  # [BOS, image, text] or text only
         prefill(embeds, span)
         times = time_alternating({"p": lambda e=embeds, s=span: prefill(e, s)}, 3, 1)["p"]
         report.prefill_ms[length] = _median_min(times)[0]
-    patches = 5 if manifest["host"]["kind"] == "llava_next" else 1  # thumbnail + a 2x2 grid
-    side = manifest["host"]["crop"]
-    pixels = rng.standard_normal((patches, 3, *side), dtype=np.float32)
-    mustdrop = next((m for m in methods_from_dicts(manifest.get("methods")) if isinstance(m, MustDrop)), None)
-    graphs = [artifact.runner(key, **options) for key in VISION if key in manifest["graphs"]]
-
-    def run_vision():  # MustDrop: vision_0, the window merge on the host, vision_1
-        if mustdrop is None:
-            return graphs[0].run({"pixel_values": pixels})
-        return vision_tokens(*graphs, pixels, mustdrop)
-
-    run_vision()
-    report.vision_ms = _median_min(time_alternating({"v": run_vision}, 3, 1)["v"])[0]
-    report.vision_patches = patches
-    report.export_seconds = manifest["export"]["seconds"]
+    report.vision_ms, report.vision_patches = _time_vision(artifact, method, options, rng)
+    report.export_seconds = manifest.export["seconds"]
     if save:
         (artifact.path / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))
         plot_decode(report, artifact.path / "bench.png")
     return report
+
+
+def _time_vision(artifact, method, options: dict[str, Any], rng: np.random.Generator) -> tuple[float, int]:
+    """The vision graph's median ms on random pixels and the patches it ran (LLaVA-NeXT: thumbnail + a 2x2 grid)."""
+    manifest = artifact.manifest
+    patches = 5 if manifest.host["kind"] == "llava_next" else 1
+    pixels = rng.standard_normal((patches, 3, *manifest.host["crop"]), dtype=np.float32)
+    graphs = [artifact.runner(key, **options) for key in VISION if key in manifest.graphs]
+    split = method if method is not None and method.split_vision else None
+    tokens = FACES.lookup("image_tokens", split)
+
+    def run_vision():  # a split vision graph (MustDrop: vision_0, the window merge on the host, vision_1)
+        if split is None:
+            return graphs[0].run({"pixel_values": pixels})
+        return tokens(graphs, pixels, None, manifest.host, None, split)
+
+    run_vision()
+    return _median_min(time_alternating({"v": run_vision}, 3, 1)["v"])[0], patches
 
 
 def export_variants(source: str, variants: dict[str, tuple[Any, int]], directory: Path) -> dict[str, Any]:

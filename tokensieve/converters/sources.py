@@ -101,7 +101,13 @@ def parse_source(
             raise SourceError(f"weights file {weights!r} does not exist")
     if text.startswith("timm:"):
         name, _, query = text[5:].partition("?")
-        return SourceSpec("timm", name, weights, seed, img_size, _timm_options(query))
+        options = _timm_options(query)
+        if "img_size" in options:  # ?img_size=N is the --img-size of the source text
+            given = options.pop("img_size")
+            if img_size is not None and img_size != given:
+                raise SourceError(f"{text}: img_size={given} in the source and --img-size {img_size} disagree")
+            img_size = given
+        return SourceSpec("timm", name, weights, seed, img_size, options)
     if text.startswith("hf:"):
         name = text[3:]
         if name not in HF_PRESETS and name not in LLAVA_PRESETS:

@@ -5,7 +5,10 @@ Each graph's inputs with symbolic axes get one optimization profile; the ranges 
 * ``batch`` (dynamic-batch ViT graphs, stage graphs): ``1 .. max_batch`` (opt 8 or less);
 * ``slots`` (the symbolic-K stages of a staged artifact): its smallest .. largest bucket; after the first site also
   ``candidates`` (the previous site's slots, same range) and ``tokens`` (those plus the special tokens);
-* MLLM ``sequence``: ``1 .. capacity`` (opt: one image plus 64 text tokens); ``image_tokens``: ``0 .. capacity``;
+* MLLM ``sequence``: ``1 .. the longest prompt the runtime accepts`` (opt: one image plus 64 text tokens): the cache
+  capacity, except for methods that prefill the whole prompt and then evict or compress the cache (StreamingLLM,
+  H2O, SnapKV, ...), whose prompts are bounded by the largest image's tokens plus ``PROMPT_TEXT_TOKENS`` text tokens;
+  ``image_tokens``: ``0 ..`` the same bound;
   ``past`` / ``past_kept*`` (growing cache): ``1 .. capacity``; ``patches`` (LLaVA-NeXT vision): ``1 .. 1 + the
   largest grid``; ``vision_tokens`` (MustDrop's ``vision_1``): CLS plus ``n - 8 W .. n`` tokens;
 * anything else, or to override: ``dims={"sequence": (1, 512, 2048)}`` (CLI ``--dim sequence=1:512:2048``).
@@ -29,13 +32,16 @@ from typing import Any
 
 from tokensieve.artifact.store import ENGINES, plan_path, replaced_directory
 from tokensieve.errors import ArtifactError
+from tokensieve.manifest import MllmManifest
+
+PROMPT_TEXT_TOKENS = 512  # text tokens next to the largest image in the longest prompt an evicting cache is built for
 
 
 def graph_paths(artifact) -> list[str]:
     """Relative paths of the ONNX files to build: every deployable graph (an image model's baseline too, so the
     engine benchmark has its reference)."""
     paths = [path for path, _ in artifact.graph_files()]
-    baseline = artifact.manifest.get("graphs", {}).get("baseline")
+    baseline = artifact.manifest.graphs.get("baseline")
     if artifact.kind != "mllm" and baseline:
         paths.append(baseline)
     return list(dict.fromkeys(paths))
@@ -45,31 +51,48 @@ def symbol_ranges(artifact, max_batch: int = 32) -> dict[str, tuple[int, int, in
     """Default ``(min, opt, max)`` of every symbolic axis name the artifact's graphs use (see module docstring)."""
     manifest = artifact.manifest
     ranges = {"batch": (1, min(8, max_batch), max_batch)}
-    stages = manifest.get("stages")
-    if stages:  # the symbolic-K chain: slots of a site; after the first site, the previous site's slots
+    if (
+        artifact.kind == "staged"
+    ):  # the symbolic-K chain: slots of a site; after the first site, the previous site's slots
+        stages = manifest.stages
         sizes = [k for route in stages["buckets"].values() for k in route]
         low, high, specials = min(sizes), max(sizes), int(stages["specials"])
         ranges["slots"] = ranges["candidates"] = (low, high, high)
         ranges["tokens"] = (specials + low, specials + high, specials + high)
     if artifact.kind != "mllm":
         return ranges
-    capacity, image = manifest["decoder"]["capacity"], manifest["image_tokens"]
+    capacity, image, host = manifest.decoder["capacity"], manifest.image_tokens, manifest.host
     per_image = image.get("count") or image["per_crop"]
-    ranges |= {
-        "sequence": (1, min(capacity, per_image + 64), capacity),
-        "image_tokens": (0, min(capacity, per_image), capacity),
-        "past": (1, capacity // 2, capacity),
-    }
-    host = manifest["host"]
+    largest = 0
     if "grid_pinpoints" in host:
         side = host["image_size"]
         largest = max(math.ceil(h / side) * math.ceil(w / side) for h, w in host["grid_pinpoints"])
         ranges["patches"] = (1, min(5, 1 + largest), 1 + largest)
+    prompt = capacity
+    if evicts_prompt(manifest):  # the whole prompt is prefilled, then the cache evicts down to its capacity
+        image_max = image.get("count") or image["per_crop"] * (1 + largest)
+        prompt = max(capacity, image_max + PROMPT_TEXT_TOKENS)
+    ranges |= {
+        "sequence": (1, min(prompt, per_image + 64), prompt),
+        "image_tokens": (0, min(prompt, per_image), prompt),
+        "past": (1, capacity // 2, capacity),
+    }
     if "count" in image:  # MustDrop's vision_1: every 3 x 3 window of the square patch grid merged, or none
         side = math.isqrt(image["count"])
         windows = (side // 3) ** 2 if side % 3 == 0 else 0
         ranges["vision_tokens"] = (1 + image["count"] - 8 * windows, 1 + image["count"], 1 + image["count"])
     return ranges
+
+
+def evicts_prompt(manifest: MllmManifest) -> bool:
+    """True when an MLLM artifact's methods take prompts longer than its cache capacity: a StreamingLLM ring or a
+    prompt-cache compression (H2O, SnapKV, ...) prefills the whole prompt and keeps only part of it."""
+    from tokensieve.methods import methods_from_dicts
+    from tokensieve.methods.prompt_cache import PromptCacheCompression
+    from tokensieve.methods.streamingllm import StreamingLLM
+
+    methods = methods_from_dicts(manifest.methods)
+    return any(isinstance(m, StreamingLLM | PromptCacheCompression) for m in methods)
 
 
 def range_key(axis: str) -> str:
@@ -138,11 +161,19 @@ def build_engines(
     content."""
     from tokensieve.runtimes.tensorrt import build_engine, require_tensorrt
 
-    require_tensorrt()
+    version = require_tensorrt()
     ranges = profile_ranges(artifact, max_batch, dims)
     jobs = [(onnx, input_profile(artifact.path / onnx, ranges)) for onnx in graph_paths(artifact)]
-    int8 = "quantization" in artifact.manifest  # QDQ graphs: explicit quantization (the INT8 flag on TensorRT 10)
-    report: dict[str, Any] = {"fp16": fp16, "int8": int8, "ranges": {k: list(v) for k, v in ranges.items()}}
+    int8 = (
+        artifact.manifest.quantization is not None
+    )  # QDQ graphs: explicit quantization (the INT8 flag on TensorRT 10)
+    tf32 = True if version[0] < 11 else None  # TensorRT 10: TF32 tactics on, as trtexec; 11: the network's types
+    report: dict[str, Any] = {
+        "fp16": fp16,
+        "int8": int8,
+        "tf32": tf32,
+        "ranges": {k: list(v) for k, v in ranges.items()},
+    }
     report["engines"] = {}
     with replaced_directory(artifact.path / ENGINES, f"; check that {artifact.path} is writable") as staging:
         for onnx, profile in jobs:

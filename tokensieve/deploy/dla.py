@@ -7,6 +7,12 @@ graph qualifies when its only symbolic axis is the batch: it is built for the DL
 (``dla_batch``). Graphs with other symbolic axes (a staged artifact's symbolic-K chain; MLLM sequences) stay on the
 GPU with their optimization profile. The DLA exists on Orin with JetPack 6.x (TensorRT 10.3) and, from TensorRT
 11.4.1, on AGX Orin with JetPack 7.2.2; Thor has none.
+
+A DLA core holds at most 16 loadables at once, and the staged dispatcher (like a Triton repository) keeps every
+engine it opened loaded: a bundle puts at most :data:`LOADABLES_PER_CORE` graphs on the core, in the order the
+dispatcher needs them (stage 1, then the buckets), and leaves the rest on the GPU (``bundle.json``'s
+``dla.over_limit``). One engine may hold more than one DLA loadable when GPU fallback splits it; ``check.sh``'s
+trtexec run on the device is where that shows.
 """
 
 from __future__ import annotations
@@ -53,3 +59,19 @@ def dla_job(job: dict, onnx: Path, core: int, batch: int) -> dict:
             shape = [batch if d == "batch" else d for d in dims]
             fixed[value.name] = [shape, shape, shape]
     return {**job, "profile": fixed, "dla_core": core}
+
+
+LOADABLES_PER_CORE = 16
+
+
+def limit_loadables(gpu_jobs: list[dict], dla_jobs: list[dict]) -> list[dict]:
+    """``dla_jobs``, but with the DLA graphs past the first :data:`LOADABLES_PER_CORE` back on the GPU (their job in
+    ``gpu_jobs``, marked ``dla_over_limit``)."""
+    placed, on_core = [], 0
+    for gpu, job in zip(gpu_jobs, dla_jobs, strict=True):
+        if "dla_core" in job:
+            on_core += 1
+            if on_core > LOADABLES_PER_CORE:
+                job = {**gpu, "dla_over_limit": True}
+        placed.append(job)
+    return placed

@@ -2,35 +2,28 @@
 
 from __future__ import annotations
 
-import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 from tokensieve.artifact.store import ENGINES
 
 
-def link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link ``source`` to ``target`` (weights and plans are large), copying when the file system cannot."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
+def artifact_files(artifact, leave_out: Collection[str] = ()) -> list[Path]:
+    """Everything of the artifact a bundle carries: not engines/ (they belong to one device and TensorRT version),
+    not hidden temporary folders, and not the top-level folders named in ``leave_out``."""
+    files = []
+    for path in sorted(artifact.path.rglob("*")):
+        parts = path.relative_to(artifact.path).parts
+        if path.is_file() and parts[0] not in leave_out and not any(p == ENGINES or p.startswith(".") for p in parts):
+            files.append(path)
+    return files
 
 
-def artifact_files(artifact) -> list[Path]:
-    """Everything of the artifact a bundle carries: not engines/ (they belong to one device and TensorRT version)
-    and not hidden temporary folders."""
-    return [
-        p
-        for p in sorted(artifact.path.rglob("*"))
-        if p.is_file()
-        and not any(part == ENGINES or part.startswith(".") for part in p.relative_to(artifact.path).parts)
-    ]
-
-
-def copy_artifact(artifact, folder: Path) -> None:
-    """Link (or copy) :func:`artifact_files` into ``folder``, keeping the layout: the copy is the artifact again."""
-    for path in artifact_files(artifact):
+def copy_artifact(artifact, folder: Path, leave_out: Collection[str] = ()) -> None:
+    """Copy :func:`artifact_files` into ``folder``, keeping the layout: the copy is the artifact again. Copied, never
+    hard-linked: onnx_ir refuses to read external data (``weights.data``) that has more than one link."""
+    for path in artifact_files(artifact, leave_out):
         target = folder / path.relative_to(artifact.path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        link_or_copy(path, target)
+        shutil.copyfile(path, target)

@@ -3,7 +3,10 @@
 Layout written into ``REPO`` (``NAME`` defaults to the artifact folder's name)::
 
     single-graph artifact (pruned / merged / quantized ViT):
-      NAME/config.pbtxt, NAME/1/model.onnx + weights.data       ONNX Runtime backend (``--backend onnxruntime``)
+      NAME/config.pbtxt, NAME/1/model.onnx/model.onnx + weights.data
+                                                                ONNX Runtime backend (``--backend onnxruntime``; a
+                                                                model with external data is a directory, as Triton's
+                                                                model repository documentation asks)
                          NAME/1/model.plan                      TensorRT backend (``--backend tensorrt``: the engine
                                                                 ``tokensieve build`` wrote for this GPU)
     staged artifact (adaptive pruning served with buckets):
@@ -26,8 +29,17 @@ which rows are valid and where each image ran. The Python backend needs ``tokens
 
 Dimensions follow Triton's rules: with a symbolic ``batch`` axis the models batch (``max_batch_size``, dims without
 it, an output of shape [batch] as ``dims: [1]`` with an empty ``reshape``) and use dynamic batching; a static batch
-gives ``max_batch_size: 0`` and full dims. Models are written into a hidden folder inside ``REPO`` first and swapped
-into place only when all are complete; a model folder not written by tokensieve is never replaced.
+gives ``max_batch_size: 0`` and full dims. Triton hands a tensor with a ``reshape`` to the model in the ``reshape``
+shape but to its callers (clients, and the router's BLS requests) in the ``dims`` shape (batch + ``[1]`` for a
+``[batch]`` tensor), so ``routing.json`` records those tensors and the router converts both ways.
+
+With ``--backend tensorrt`` each model takes the batch range of its engine's profile (``engines/build.json``): an
+engine built for a fixed batch (a Jetson bundle's DLA engines, min = opt = max) gets ``max_batch_size: 0`` and that
+batch in its dims (Triton's TensorRT backend refuses a ``max_batch_size`` beyond the profile), the router feeding it
+in chunks of that batch; a DLA engine's instance group names the core as ``secondary_devices { kind: KIND_NVDLA }``.
+
+Models are written into a hidden folder inside ``REPO`` first and swapped into place only when all are complete; a
+model folder not written by tokensieve is never replaced.
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ from typing import Any
 import onnx_ir as ir
 
 from tokensieve.artifact.store import ENGINES, WEIGHTS, describe_io, plan_path
-from tokensieve.deploy.files import copy_artifact, link_or_copy
+from tokensieve.deploy.files import copy_artifact
 from tokensieve.errors import ArtifactError
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -84,6 +96,7 @@ class ModelSpec:
     source: Path | None = None  # the .onnx or .plan copied into the version folder
     files: dict[str, str] = field(default_factory=dict)  # extra version-folder files: name -> text
     artifact: Any = None  # an artifact copied whole into the version folder's artifact/
+    dla_core: int | None = None  # a DLA engine's core (Triton: a KIND_NVDLA secondary device)
 
     def config(self, max_batch: int) -> str:
         lines = [MARK, f'name: "{self.name}"']
@@ -92,8 +105,14 @@ class ModelSpec:
         for section, tensors in (("input", self.inputs), ("output", self.outputs)):
             entries = [_tensor(t, self.batching) for t in tensors]
             lines.append(f"{section} [\n" + ",\n".join(entries) + "\n]")
-        if self.kind != "auto":
-            lines.append(f"instance_group [ {{ kind: KIND_{self.kind.upper()} count: 1 }} ]")
+        if self.kind != "auto" or self.dla_core is not None:
+            kind = "gpu" if self.dla_core is not None else self.kind
+            dla = (
+                ""
+                if self.dla_core is None
+                else f" secondary_devices [ {{ kind: KIND_NVDLA device_id: {self.dla_core} }} ]"
+            )
+            lines.append(f"instance_group [ {{ kind: KIND_{kind.upper()} count: 1{dla} }} ]")
         if self.batching:
             lines.append("dynamic_batching { }")
         return "\n".join(lines) + "\n"
@@ -103,26 +122,62 @@ class ModelSpec:
         version.mkdir(parents=True)
         (folder / "config.pbtxt").write_text(self.config(max_batch))
         if self.source is not None and self.source.suffix == ".onnx":
-            # each model gets the weights it uses in its own folder (Triton loads every version folder on its own)
-            ir.save(ir.load(self.source), version / "model.onnx", external_data=WEIGHTS)
+            # each model gets the weights it uses in its own folder (Triton loads every version folder on its own);
+            # a model with external data is the directory model.onnx/ holding model.onnx and its data file
+            (version / "model.onnx").mkdir()
+            ir.save(ir.load(self.source), version / "model.onnx" / "model.onnx", external_data=WEIGHTS)
         elif self.source is not None:
-            link_or_copy(self.source, version / "model.plan")
+            shutil.copyfile(self.source, version / "model.plan")
         for name, text in self.files.items():
             (version / name).write_text(text)
         if self.artifact is not None:
             copy_artifact(self.artifact, version / "artifact")
 
 
+def triton_dims(shape: Sequence, batching: bool) -> tuple[list[int], list[int] | None]:
+    """A tensor's config ``dims`` and ``reshape`` (None: no reshape): a [batch] tensor of a batching model is
+    ``dims: [1]`` reshaped to ``[]``, which is how Triton names a tensor with no axis besides the batch."""
+    dims = [d if isinstance(d, int) else -1 for d in (shape[1:] if batching else shape)]
+    if batching and not dims:
+        return [1], []
+    return dims, None
+
+
 def _tensor(spec: dict, batching: bool) -> str:
     dtype = _TYPES.get(spec["dtype"])
     if dtype is None:
         raise ArtifactError(f"tensor {spec['name']!r} has the type {spec['dtype']}, which Triton configs cannot name")
-    dims = [d if isinstance(d, int) else -1 for d in (spec["shape"][1:] if batching else spec["shape"])]
-    reshape = ""
-    if batching and not dims:  # a [batch] tensor: Triton wants dims [1] reshaped to nothing
-        dims, reshape = [1], " reshape: { shape: [ ] }"
+    dims, shape = triton_dims(spec["shape"], batching)
+    reshape = "" if shape is None else f" reshape: {{ shape: [ {', '.join(map(str, shape))} ] }}"
     optional = " optional: true" if spec.get("optional") else ""
     return f'  {{ name: "{spec["name"]}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{reshape}{optional} }}'
+
+
+def fixed_batch(profile: dict[str, list[list[int]]]) -> int | None:
+    """The batch an engine's profile fixes (every input's leading axis with min = max, all alike), or None."""
+    batches = {(shapes[0][0], shapes[2][0]) for shapes in profile.values() if shapes[0]}
+    if len(batches) != 1:
+        return None
+    low, high = batches.pop()
+    return low if low == high else None
+
+
+def _wire(spec: ModelSpec) -> dict[str, Any]:
+    """What the router needs to call ``spec`` through BLS: its tensor names, the tensors Triton reshapes (their
+    ``dims`` and ``reshape`` shape, batch axis left out) and the fixed batch of a non-batching model."""
+    reshape = {}
+    for tensor in spec.inputs + spec.outputs:
+        dims, shape = triton_dims(tensor["shape"], spec.batching)
+        if shape is not None:
+            reshape[tensor["name"]] = {"dims": dims, "shape": shape}
+    first = spec.inputs[0]["shape"][0] if spec.inputs and spec.inputs[0]["shape"] else None
+    return {
+        "model": spec.name,
+        "inputs": [t["name"] for t in spec.inputs],
+        "outputs": [t["name"] for t in spec.outputs],
+        "reshape": reshape,
+        "batch": None if spec.batching or not isinstance(first, int) else first,
+    }
 
 
 def _batching(specs: Sequence[dict]) -> bool:
@@ -147,12 +202,14 @@ class RepositoryPlan:
             )
         self.artifact, self.name, self.backend = artifact, name, backend
         self.kind = "gpu" if backend == "tensorrt" and kind == "auto" else kind
+        self.engines: dict[str, dict] = {}
         self.built = self._built_max_batch()
-        stages = artifact.manifest.get("stages")
         if artifact.kind == "mllm":
             self.models = [self._generator(name)]
+        elif artifact.kind == "staged":
+            self.models = self._staged(artifact.manifest.stages)
         else:
-            self.models = self._staged(stages) if stages else [self._graph(name, artifact.manifest["graphs"]["model"])]
+            self.models = [self._graph(name, artifact.manifest.graphs["model"])]
 
     def _built_max_batch(self) -> int | None:
         if self.backend != "tensorrt":
@@ -163,7 +220,9 @@ class RepositoryPlan:
                 f"{self.artifact.path} has no TensorRT engines; run `tokensieve build {self.artifact.path}` on the "
                 "GPU that will serve them, or bundle with --backend onnxruntime"
             )
-        return json.loads(build.read_text())["ranges"]["batch"][2]
+        report = json.loads(build.read_text())
+        self.engines = report.get("engines", {})
+        return report["ranges"]["batch"][2]
 
     def _graph(self, name: str, relative: str) -> ModelSpec:
         onnx = self.artifact.path / relative
@@ -171,17 +230,24 @@ class RepositoryPlan:
         spec = ModelSpec(name, inputs, outputs, _batching(inputs + outputs), kind=self.kind)
         if self.backend == "onnxruntime":
             spec.platform, spec.source = "onnxruntime_onnx", onnx
-        else:
-            plan = plan_path(self.artifact, relative)
-            if not plan.is_file():
-                raise ArtifactError(f"{plan} is missing; rebuild the engines with `tokensieve build`")
-            spec.platform, spec.source = "tensorrt_plan", plan
+            return spec
+        plan = plan_path(self.artifact, relative)
+        if not plan.is_file():
+            raise ArtifactError(f"{plan} is missing; rebuild the engines with `tokensieve build`")
+        spec.platform, spec.source = "tensorrt_plan", plan
+        engine = self.engines.get(relative, {})
+        spec.dla_core = engine.get("dla_core")
+        batch = fixed_batch(engine.get("profile") or {})
+        if spec.batching and batch is not None:  # min = opt = max: Triton may not batch it (see module docstring)
+            spec.batching = False
+            spec.inputs = [{**t, "shape": [batch, *t["shape"][1:]]} for t in spec.inputs]
+            spec.outputs = [{**t, "shape": [batch, *t["shape"][1:]]} for t in spec.outputs]
         return spec
 
     def _generator(self, name: str) -> ModelSpec:
         """An MLLM artifact: one Python-backend model that runs tokensieve's generation loop (LlavaRunner) on the
         artifact's graphs with ONNX Runtime: a prompt and an optional RGB image in, the text and token ids out."""
-        cache = "fixed" if "decode" in self.artifact.manifest["graphs"] else "growing"
+        cache = "fixed" if "decode" in self.artifact.manifest.graphs else "growing"
         providers = (
             ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.kind == "gpu" else ["CPUExecutionProvider"]
         )
@@ -211,39 +277,35 @@ class RepositoryPlan:
             relative: self._graph(f"{self.name}_{Path(relative).stem}", relative)
             for relative in dict.fromkeys([*graphs.values(), stages["padmax"]])
         }
-        first = models[graphs[""]]
+        # the router serves the artifact's own input and outputs (ONNX shapes), whatever batch the engines fix
+        first_inputs, _ = describe_io(ir.load(self.artifact.path / graphs[""]))
         last = {
-            int(key.split("/")[-1]): models[rel] for key, rel in graphs.items() if key and key.count("/") == sites - 1
+            int(key.split("/")[-1]): describe_io(ir.load(self.artifact.path / rel))[1]
+            for key, rel in graphs.items()
+            if key and key.count("/") == sites - 1
         }
         slots = max(last)
 
         def token_level(name: str) -> bool:  # in every last-stage graph, axis 1 holds the specials + its bucket
-            shapes = [next(o["shape"] for o in m.outputs if o["name"] == name) for m in last.values()]
+            shapes = [next(o["shape"] for o in outputs if o["name"] == name) for outputs in last.values()]
             return all(len(s) > 2 and s[1] == specials + k for s, k in zip(shapes, last, strict=True))
 
         outputs = [
             {**o, "shape": [o["shape"][0], specials + slots, *o["shape"][2:]]} if token_level(o["name"]) else o
-            for o in last[slots].outputs
+            for o in last[slots]
         ]
-        route = {"dtype": "INT64", "shape": [first.inputs[0]["shape"][0], sites]}
+        route = {"dtype": "INT64", "shape": [first_inputs[0]["shape"][0], sites]}
         routing = {
-            "input": first.inputs[0]["name"],
+            "input": first_inputs[0]["name"],
             "stages": stages,
             "slots": slots,
-            "models": {
-                relative: {
-                    "model": spec.name,
-                    "inputs": [t["name"] for t in spec.inputs],
-                    "outputs": [t["name"] for t in spec.outputs],
-                }
-                for relative, spec in models.items()
-            },
+            "models": {relative: _wire(spec) for relative, spec in models.items()},
         }
         router = ModelSpec(
             self.name,
-            first.inputs,
+            first_inputs,
             [*outputs, {"name": "kept_tokens", **route}, {"name": "buckets", **route}],
-            first.batching,
+            _batching(first_inputs + outputs),
             backend="python",
             kind="cpu",
             files={"model.py": ROUTER.read_text(), "routing.json": json.dumps(routing, indent=2)},

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from tokensieve.artifact.manifest import ImageManifest, StagedManifest
 from tokensieve.artifact.store import (
     Artifact,
     check_file,
@@ -25,6 +24,7 @@ from tokensieve.artifact.store import (
     write_manifest,
 )
 from tokensieve.errors import LocateError, MethodSpecError, SourceError
+from tokensieve.exporter.verify import verify_export
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.builder import read_sites
 from tokensieve.graph_passes.drop_zero_masks import DropZeroMaskPass
@@ -33,6 +33,7 @@ from tokensieve.graph_passes.locate import ViTLayout, locate_vit
 from tokensieve.graph_passes.macs import count_macs
 from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.token_reduction import TokenReductionPass
+from tokensieve.manifest import ImageManifest, StagedManifest
 from tokensieve.methods import Method, check_target, describe, schedule
 from tokensieve.onnx_file import load_onnx
 
@@ -43,7 +44,8 @@ logging.getLogger("onnxscript").setLevel(logging.ERROR)
 
 
 def _baseline_from_source(spec, batch: int, dynamic_batch: bool, opset: int, exporter: str, module=None):
-    """(baseline ONNX model, digest of the eager weights or None, input preprocessing {shape, mean, std})."""
+    """(baseline ONNX model, digest of the eager weights or None, input preprocessing {shape, mean, std}, the eager
+    model or None for an ONNX file)."""
     import torch
 
     from tokensieve.converters.export import export_onnx
@@ -53,7 +55,7 @@ def _baseline_from_source(spec, batch: int, dynamic_batch: bool, opset: int, exp
         model = load_onnx(spec.name, SourceError)
         propagate_shapes(model)
         shape = [d if isinstance(d, int) else None for d in model.graph.inputs[0].shape][1:]
-        return model, None, {"shape": shape, "mean": list(HALF[0]), "std": list(HALF[1])}
+        return model, None, {"shape": shape, "mean": list(HALF[0]), "std": list(HALF[1])}, None
     built: BuiltModel = module if module is not None else build_module(spec)
     generator = torch.Generator().manual_seed(spec.seed)
     example = torch.randn(max(batch, 2) if dynamic_batch else batch, *built.input_shape, generator=generator)
@@ -61,7 +63,7 @@ def _baseline_from_source(spec, batch: int, dynamic_batch: bool, opset: int, exp
         built.module, example, built.output_names, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter
     )
     preprocessing = {"shape": list(built.input_shape), "mean": list(built.mean), "std": list(built.std)}
-    return model, weights_digest(built.module), preprocessing
+    return model, weights_digest(built.module), preprocessing, built
 
 
 def export_image(
@@ -93,7 +95,7 @@ def export_image(
         raise MethodSpecError("--buckets, --calibrate and --target-keep apply to adaptive methods such as atp()")
     if batch < 1:
         raise SourceError(f"batch must be >= 1, got {batch}")
-    baseline, digest, preprocessing = _baseline_from_source(
+    baseline, digest, preprocessing, built = _baseline_from_source(
         spec, batch, dynamic_batch or adaptive, opset, exporter, module
     )
     DropZeroMaskPass()(baseline)
@@ -113,6 +115,10 @@ def export_image(
     }
     with staged_directory(out) as staging:
         graphs = _write_graphs(staging, baseline, methods, layout, adaptive, staged_options)
+        batch_dim = graphs.reduced.graph.inputs[0].shape[0]
+        specials = layout.specials if layout else None
+        static = batch_dim if isinstance(batch_dim, int) else None
+        verify_export(staging, graphs.files["model"], graphs.stages, graphs.methods, specials, built, static)
         manifest = _manifest(spec, digest, preprocessing, exporter, baseline, graphs, layout, locate_error, lint_target)
         write_manifest(staging, manifest)
     return Artifact.load(out)

@@ -32,14 +32,12 @@ Written atomically like every artifact (a temporary sibling directory renamed in
 from __future__ import annotations
 
 import datetime
-import itertools
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tokensieve.artifact.manifest import FORMAT, FORMAT_VERSION
 from tokensieve.artifact.store import (
     Artifact,
     check_file,
@@ -50,27 +48,11 @@ from tokensieve.artifact.store import (
     write_manifest,
 )
 from tokensieve.converters.sources import SourceSpec
-from tokensieve.graph_passes import run_passes
-from tokensieve.graph_passes.atp_scores import ATPScoresPass
-from tokensieve.graph_passes.cache_visibility import CacheVisibilityPass
-from tokensieve.graph_passes.cut_prefill import CutPrefillPass
-from tokensieve.graph_passes.dual_attention import DualAttentionPass
-from tokensieve.graph_passes.fastv import FastVPass
-from tokensieve.graph_passes.heavy_hitters import HeavyHitterPass
-from tokensieve.graph_passes.image_attention import ImageAttentionMassPass
+from tokensieve.graph_passes import FACES
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate_decoder import locate_decoder
-from tokensieve.graph_passes.prompt_cache import PromptCachePass
-from tokensieve.graph_passes.split_cache_slot import SplitCacheSlotPass
-from tokensieve.graph_passes.split_positions import SplitPositionsPass
-from tokensieve.methods.atp_llava import ATPLLaVA
-from tokensieve.methods.dyvte import DyVTE
-from tokensieve.methods.fastv import FastV
-from tokensieve.methods.globalcom2 import GlobalCom2
-from tokensieve.methods.h2o import H2O
-from tokensieve.methods.mustdrop import MustDrop
-from tokensieve.methods.prompt_cache import PromptCacheCompression
-from tokensieve.methods.streamingllm import StreamingLLM
+from tokensieve.manifest import FORMAT, FORMAT_VERSION
+from tokensieve.methods.decoder import DecoderContext, DecoderMethod
 from tokensieve.runtimes.llava_image import crop_tokens
 
 # graphs with symbolic axes: deployable with TensorRT optimization profiles (see `tokensieve lint`)
@@ -86,7 +68,7 @@ def export_mllm(
     spec: SourceSpec,
     out: str | os.PathLike,
     *,
-    method: FastV | ATPLLaVA | DyVTE | MustDrop | GlobalCom2 | StreamingLLM | PromptCacheCompression | None = None,
+    method: DecoderMethod | None = None,
     capacity: int | None = None,
     opset: int = 18,
     growing: bool = True,
@@ -100,65 +82,26 @@ def export_mllm(
         vision_geometry,
     )
     from tokensieve.converters.sources import weights_digest
-    from tokensieve.errors import SourceError
 
     built = build_llava(spec.name, spec.seed)
     text = built.model.config.text_config
-    if capacity is None:  # H2O needs budget + 1 slots; more would stay unused
-        capacity = method.slots() if isinstance(method, H2O) else default_capacity(spec.name, text)
-    if capacity < 2:
-        raise SourceError(f"--capacity must be at least 2 cache slots, got {capacity}")
-    # validate before the (slow) export
-    windows = None  # MustDrop's vision windows (when it merges)
-    if isinstance(method, FastV):
-        method.validate(text.num_hidden_layers)
-    elif isinstance(method, (ATPLLaVA, DyVTE)):
-        method.validate(built.kind, text.num_hidden_layers)
-        if isinstance(method, ATPLLaVA) and method.grid:
-            method.grid_positions(_image_tokens(built)["count"])
-    elif isinstance(method, MustDrop):
-        count = _image_tokens(built).get("count", 0)
-        method.validate(built.kind, text.num_hidden_layers, built.host["select_strategy"], count)
-        windows = None if method.merge_threshold is None else method.windows(count)
-    elif isinstance(method, (StreamingLLM, PromptCacheCompression)):
-        method.validate(capacity)
-    elif isinstance(method, GlobalCom2):
-        method.validate(built.kind, built.host["select_strategy"])
-    growing = growing and not isinstance(method, H2O)
-    mustdrop = isinstance(method, MustDrop)
-    cls_scores = isinstance(method, GlobalCom2)
+    if capacity is None:  # e.g. H2O needs budget + 1 slots; more would stay unused
+        capacity = (method and method.fixed_capacity()) or default_capacity(spec.name, text)
+    windows = _validate(built, method, capacity)  # before the (slow) export
+    growing = growing and (method is None or method.growing_cache)
+    split_vision, cls_scores = bool(method and method.split_vision), bool(method and method.cls_scores)
     graphs, seconds = export_llava(
-        built, capacity, opset, growing, cls_scores=cls_scores, split_vision=mustdrop, windows=windows
+        built, capacity, opset, growing, cls_scores=cls_scores, split_vision=split_vision, windows=windows
     )
-    if isinstance(method, FastV):
-        run_passes(graphs["prefill"], [FastVPass(method)])
-    elif isinstance(method, (ATPLLaVA, DyVTE, MustDrop)):  # counts decided on the host, between prefill segments
-        graphs = _split_prefill(graphs, method)
-        seconds.update({f"prefill_{i}": seconds["prefill"] for i in range(len(method.cuts) + 1)})
+    if method is not None:  # the method's graph passes (its "export" face)
+        graphs = FACES.lookup("export", method)(graphs, method)
+    if "prefill" not in graphs:  # cut into segments, each exported with the prefill
+        seconds.update({key: seconds["prefill"] for key in graphs if key[:8] == "prefill_"})
         del seconds["prefill"]
-    if isinstance(method, (FastV, ATPLLaVA, DyVTE, MustDrop)):  # one cache length per group of layers after a cut
-        for key in ("decode", "decode_growing"):
-            if key in graphs:
-                passes = [SplitCacheSlotPass(first, g) for g, first in enumerate(method.cache_cuts)]
-                run_passes(graphs[key], passes + [SplitPositionsPass(method.cache_cuts[0])] * mustdrop)
-    elif isinstance(method, StreamingLLM):  # the growing cache is cut on the host; the fixed one becomes a ring
-        run_passes(graphs["decode"], [CacheVisibilityPass()])
-    elif isinstance(method, PromptCacheCompression):
-        run_passes(graphs["prefill"], [PromptCachePass(method)])
-        if isinstance(method, H2O):  # evicts in the fixed decode graph, which has no growing-cache form
-            run_passes(graphs["decode"], [CacheVisibilityPass(), HeavyHitterPass(method)])
     decoders = {key: model for key, model in graphs.items() if key[:6] not in ("vision", "embed")}
     sites = {key: locate_decoder(model).summary() for key, model in decoders.items()}
     dynamic = {k: v for k, v in DYNAMIC.items() if k in graphs and (k != "vision" or built.kind == "llava_next")}
-    if isinstance(method, FastV):
-        dynamic["prefill"] = "sequence and image_tokens (FastV: the kept length is an expression of both)"
-    if mustdrop:
-        dynamic["vision_1"] = "vision_tokens (CLS + the tokens left after the window merge)"
-    if isinstance(method, (ATPLLaVA, DyVTE, MustDrop)):
-        dynamic.update(
-            {key: "sequence (the positions kept so far) and image_tokens" for key in graphs if key[:8] == "prefill_"}
-        )
-        dynamic[f"prefill_{len(method.cuts)}"] = "sequence (the positions the last cut keeps)"
+    dynamic.update(method.dynamic(graphs) if method else {})
     lints = {key: lint(model, lint_target, profiles=key in dynamic).to_dict() for key, model in graphs.items()}
     files = {key: f"{key}.onnx" for key in graphs}
     with staged_directory(out) as staging:
@@ -199,25 +142,17 @@ def export_mllm(
     return Artifact.load(Path(out))
 
 
-SCORES = {ATPLLaVA: ATPScoresPass, DyVTE: ImageAttentionMassPass, MustDrop: DualAttentionPass}
+def _validate(built, method: DecoderMethod | None, capacity: int) -> list[list[int]] | None:
+    """Check ``capacity`` and ``method`` against the model; the vision windows the split vision graph scores."""
+    from tokensieve.errors import SourceError
 
-
-def _split_prefill(graphs: dict[str, Any], method: ATPLLaVA | DyVTE | MustDrop) -> dict[str, Any]:
-    """``prefill`` -> ``prefill_0 .. prefill_n``: the segments between the cuts, each but the last with the scores of
-    its last layer (the layer before the next cut): ATP-LLaVA's redundancy scores, DyVTE's attention mass or
-    MustDrop's dual attention."""
-    score = SCORES[type(method)]
-    full = graphs["prefill"]
-    bounds = [0, *method.cuts, None]
-    segments = {}
-    for index, (start, end) in enumerate(itertools.pairwise(bounds)):
-        segment = full if end is None else full.clone()  # clones share the weights' tensors; the last is the original
-        run_passes(segment, [*([score(end - 1)] if end else []), CutPrefillPass(start, end)])
-        segments[f"prefill_{index}"] = segment
-    ordered: dict[str, Any] = {}
-    for key, model in graphs.items():
-        ordered.update(segments if key == "prefill" else {key: model})
-    return ordered
+    if capacity < 2:
+        raise SourceError(f"--capacity must be at least 2 cache slots, got {capacity}")
+    if method is None:
+        return None
+    layers, count = built.model.config.text_config.num_hidden_layers, _image_tokens(built).get("count", 0)
+    method.validate(DecoderContext(layers, built.kind, built.host["select_strategy"], count, capacity))
+    return method.vision_windows(count)
 
 
 def _image_tokens(built) -> dict[str, Any]:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from tokensieve.errors import GraphRewriteError, TokensieveError
+from tokensieve.methods.faces import Faces
+
+FACES = Faces(__name__)  # the methods' graph faces ("export", "prefill_scores", "cache_score", "site"), by class
 
 
 def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> ir.passes.PassResult:

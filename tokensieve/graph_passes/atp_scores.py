@@ -29,11 +29,14 @@ from tokensieve.errors import GraphRewriteError
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, typed
 from tokensieve.graph_passes.image_attention import rows_after_image
 from tokensieve.graph_passes.locate_decoder import DecoderLayout, image_positions_input, logits_matmul, scoring_layout
+from tokensieve.methods.atp_llava import ATPLLaVA
+from tokensieve.methods.faces import register
 
 IMAGE_AXIS = "image_tokens"
 OUTPUTS = ("image_self_score", "image_cross_score")
 
 
+@register("prefill_scores", ATPLLaVA)
 class ATPScoresPass(ir.passes.InPlacePass):
     """Expose ATP-LLaVA's self- and cross-modality scores of decoder layer ``layer`` (see module docstring)."""
 

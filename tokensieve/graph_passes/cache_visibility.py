@@ -23,10 +23,13 @@ import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
 from tokensieve.errors import GraphRewriteError
+from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.builder import NodeBuilder
 from tokensieve.graph_passes.locate import _ancestors
 from tokensieve.graph_passes.locate_decoder import DecoderLayout, locate_decoder, logits_matmul
 from tokensieve.graph_passes.rederive import rederive
+from tokensieve.methods.faces import register
+from tokensieve.methods.streamingllm import StreamingLLM
 
 VISIBLE = "visible_slots"
 
@@ -84,3 +87,10 @@ class CacheVisibilityPass(ir.passes.InPlacePass):
             mask = next(v for v in add.inputs if v is not logits)
             if slot in _ancestors(mask):
                 raise GraphRewriteError(f"cache visibility: {add.name} still masks by cache_position")
+
+
+@register("export", StreamingLLM)
+def rewrite(graphs: dict[str, ir.Model], method: StreamingLLM) -> dict[str, ir.Model]:
+    """StreamingLLM's export: the fixed decode graph becomes a ring (the growing cache is cut on the host)."""
+    run_passes(graphs["decode"], [CacheVisibilityPass()])
+    return graphs

@@ -20,12 +20,19 @@ need an earlier layer is refused); the graph has logits iff ``end == layers``.
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from tokensieve.errors import GraphRewriteError
+from tokensieve.graph_passes import FACES, run_passes
 from tokensieve.graph_passes.builder import redirect_uses
 from tokensieve.graph_passes.locate_decoder import DecoderLayout, locate_decoder
+from tokensieve.graph_passes.split_cache_slot import split_decode
+from tokensieve.methods.base import PrefillCuts
+from tokensieve.methods.faces import register
 
 STREAM_IN, STREAM_OUT = "hidden_states", "hidden_states_out"
 
@@ -79,3 +86,23 @@ class CutPrefillPass(ir.passes.InPlacePass):
             if (layer.softmax.graph is graph) != wanted:
                 state = "remains" if not wanted else "is gone"
                 raise GraphRewriteError(f"cut_prefill: decoder layer {layer.index} {state} in the segment graph")
+
+
+@register("export", PrefillCuts)
+def rewrite(graphs: dict[str, Any], method: PrefillCuts) -> dict[str, Any]:
+    """``prefill`` -> ``prefill_0 .. prefill_n``: the segments between the cuts, each but the last with the scores of
+    its last layer (the layer before the next cut; the method's ``"prefill_scores"`` pass), and the decode graphs
+    split into one cache length per group of layers after a cut."""
+    score = FACES.lookup("prefill_scores", method)
+    full = graphs["prefill"]
+    bounds = [0, *method.cuts, None]
+    segments = {}
+    for index, (start, end) in enumerate(itertools.pairwise(bounds)):
+        segment = full if end is None else full.clone()  # clones share the weights' tensors; the last is the original
+        run_passes(segment, [*([score(end - 1)] if end else []), CutPrefillPass(start, end)])
+        segments[f"prefill_{index}"] = segment
+    ordered: dict[str, Any] = {}
+    for key, model in graphs.items():
+        ordered.update(segments if key == "prefill" else {key: model})
+    split_decode(ordered, method)
+    return ordered

@@ -24,10 +24,13 @@ from tokensieve.errors import GraphRewriteError
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, typed
 from tokensieve.graph_passes.image_attention import rows_after_image
 from tokensieve.graph_passes.locate_decoder import DecoderLayout, image_positions_input, scoring_layout
+from tokensieve.methods.faces import register
+from tokensieve.methods.mustdrop import MustDrop
 
 OUTPUTS = ("image_global_attention", "image_individual_attention")
 
 
+@register("prefill_scores", MustDrop)
 class DualAttentionPass(ir.passes.InPlacePass):
     """Expose MustDrop's global (column sum) and individual (column max) attention of layer ``layer``."""
 

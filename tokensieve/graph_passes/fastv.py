@@ -33,9 +33,12 @@ import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
 from tokensieve.errors import GraphRewriteError
+from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, redirect_uses, typed
 from tokensieve.graph_passes.locate_decoder import DecoderLayout, locate_decoder, logits_matmul
 from tokensieve.graph_passes.rederive import downstream, rederive
+from tokensieve.graph_passes.split_cache_slot import split_decode
+from tokensieve.methods.faces import register
 from tokensieve.methods.fastv import FastV
 
 IMAGE_AXIS = "image_tokens"
@@ -68,7 +71,7 @@ class FastVPass(ir.passes.InPlacePass):
         self.layout = locate_decoder(model)
         if self.layout.cache != "none":
             raise GraphRewriteError(f"fastv: expected a prefill graph, got a decode graph ({self.layout.cache} cache)")
-        self.method.validate(len(self.layout.layers))
+        self.method.check_range(len(self.layout.layers))
         for name in ("inputs_embeds", "position_ids"):
             _input(model.graph, name)
 
@@ -138,3 +141,12 @@ class FastVPass(ir.passes.InPlacePass):
             for value in layer.cache_outputs:
                 if value.shape is None or str(value.shape[2]) != self.kept:
                     raise GraphRewriteError(f"fastv: {value.name} does not carry the reduced sequence after the pass")
+
+
+@register("export", FastV)
+def rewrite(graphs: dict[str, ir.Model], method: FastV) -> dict[str, ir.Model]:
+    """FastV's export: the prefill graph drops the image tokens, the decode graphs' later layers get their own
+    cache length (one slot input)."""
+    run_passes(graphs["prefill"], [FastVPass(method)])
+    split_decode(graphs, method)
+    return graphs

@@ -35,10 +35,13 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from tokensieve.errors import GraphRewriteError
+from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.builder import NodeBuilder, typed
-from tokensieve.graph_passes.cache_visibility import VISIBLE
+from tokensieve.graph_passes.cache_visibility import VISIBLE, CacheVisibilityPass
 from tokensieve.graph_passes.locate import _ancestors
 from tokensieve.graph_passes.locate_decoder import DecoderLayout, locate_decoder
+from tokensieve.graph_passes.prompt_cache import PromptCachePass
+from tokensieve.methods.faces import register
 from tokensieve.methods.h2o import H2O
 
 WRITE_SLOTS = "write_slots"
@@ -136,3 +139,11 @@ class HeavyHitterPass(ir.passes.InPlacePass):
             for node in layer.cache_writes:
                 if names[WRITE_SLOTS] not in _ancestors(node.inputs[1]):
                     raise GraphRewriteError(f"h2o: {node.name} does not write at {WRITE_SLOTS}")
+
+
+@register("export", H2O)
+def rewrite(graphs: dict[str, ir.Model], method: H2O) -> dict[str, ir.Model]:
+    """H2O's export: the prompt cache compressed in prefill, eviction in the fixed decode graph (no growing form)."""
+    run_passes(graphs["prefill"], [PromptCachePass(method)])
+    run_passes(graphs["decode"], [CacheVisibilityPass(), HeavyHitterPass(method)])
+    return graphs

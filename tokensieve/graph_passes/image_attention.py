@@ -20,6 +20,8 @@ import onnx_ir as ir
 from tokensieve.errors import GraphRewriteError
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, typed
 from tokensieve.graph_passes.locate_decoder import DecoderLayout, image_positions_input, scoring_layout
+from tokensieve.methods.dyvte import DyVTE
+from tokensieve.methods.faces import register
 
 OUTPUT = "image_attention_mass"
 
@@ -41,6 +43,7 @@ def rows_after_image(b: NodeBuilder, image: ir.Value, probs: ir.Value) -> tuple[
     return weight, rows
 
 
+@register("prefill_scores", DyVTE)
 class ImageAttentionMassPass(ir.passes.InPlacePass):
     """Expose the last position's head-mean attention mass on the image tokens in layer ``layer``."""
 

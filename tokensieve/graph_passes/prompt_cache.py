@@ -33,10 +33,12 @@ import numpy as np
 import onnx_ir as ir
 
 from tokensieve.errors import GraphRewriteError
+from tokensieve.graph_passes import FACES, run_passes
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, typed
 from tokensieve.graph_passes.locate_decoder import DecoderLayer, DecoderLayout, locate_decoder, logits_matmul
 from tokensieve.methods.a2sf import A2SF
-from tokensieve.methods.h2o import H2O
+from tokensieve.methods.faces import register
+from tokensieve.methods.prompt_cache import PromptCacheCompression
 from tokensieve.methods.snapkv import SnapKV
 
 POSITIONS = "cache_positions"
@@ -79,7 +81,7 @@ class PromptCachePass(ir.passes.InPlacePass):
         shared = self._geometry(b, first, seq)
         positions, scores = zip(*(self._layer(b, layer, shared, seq) for layer in layout.layers), strict=True)
         outputs = [self._stack(b, positions, POSITIONS, ir.DataType.INT64)]
-        if isinstance(self.method, H2O):  # the accumulated scores decoding goes on adding to
+        if self.method.scores_output:  # the accumulated scores decoding goes on adding to
             outputs.append(self._stack(b, scores, SCORES, layout.layers[0].cache_outputs[0].dtype))
         graph.extend(b.nodes)
         graph.outputs.extend(outputs)
@@ -154,8 +156,7 @@ class PromptCachePass(ir.passes.InPlacePass):
         self, b: NodeBuilder, layer: DecoderLayer, geo: dict[str, ir.Value], seq
     ) -> tuple[ir.Value, ir.Value | None]:
         kv, real, i64 = self.layout.kv_heads, layer.cache_outputs[0].dtype, ir.DataType.INT64
-        scorer = self._snapkv_score if isinstance(self.method, SnapKV) else self._a2sf_score
-        score = scorer(b, layer, geo, seq)
+        score = FACES.lookup("cache_score", self.method)(self, b, layer, geo, seq)
         top = b.const(np.finfo(real.numpy()).max, "recent_priority", dtype=real.numpy())
         priority = typed(b.op("Where", [geo["recent"], top, score], "priority"), [1, kv, seq], real)
 
@@ -164,7 +165,7 @@ class PromptCachePass(ir.passes.InPlacePass):
         typed(chosen, [1, kv, self.kept], i64)
         keep = b.ascending(chosen, geo["count"], [1, kv, self.kept])
         kept_score = None
-        if isinstance(self.method, H2O):
+        if self.method.scores_output:
             kept_score = b.op("GatherElements", [score, keep], "kept_score", axis=2)
             typed(kept_score, [1, kv, self.kept], real)
 
@@ -186,3 +187,14 @@ class PromptCachePass(ir.passes.InPlacePass):
                 raise GraphRewriteError(
                     f"{self.method.name}: {value.name} does not carry the compressed length after the pass"
                 )
+
+
+register("cache_score", SnapKV)(PromptCachePass._snapkv_score)
+register("cache_score", A2SF)(PromptCachePass._a2sf_score)
+
+
+@register("export", PromptCacheCompression)
+def rewrite(graphs: dict[str, ir.Model], method: PromptCacheCompression) -> dict[str, ir.Model]:
+    """SnapKV's / A2SF's export: the prefill graph outputs the compressed prompt cache; decode graphs unchanged."""
+    run_passes(graphs["prefill"], [PromptCachePass(method)])
+    return graphs

@@ -29,9 +29,12 @@ import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
 from tokensieve.errors import GraphRewriteError
+from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.locate import _ancestors
 from tokensieve.graph_passes.locate_decoder import DecoderLayout, locate_decoder
 from tokensieve.graph_passes.rederive import downstream, rederive
+from tokensieve.graph_passes.split_positions import SplitPositionsPass
+from tokensieve.methods.decoder import DecoderMethod
 
 PRUNED_SLOT = "pruned_cache_position"
 PAST_KEPT = "past_kept"
@@ -96,3 +99,13 @@ class SplitCacheSlotPass(ir.passes.InPlacePass):
                 sources = _ancestors(write.inputs[1])
                 if before in sources or own not in sources:
                     raise GraphRewriteError(f"split cache slot: {write.name} does not write at {own.name}")
+
+
+def split_decode(graphs: dict[str, ir.Model], method: DecoderMethod) -> None:
+    """The decode graphs' layers after each of ``method.cache_cuts`` on their own cache length (one slot input per
+    group); with ``contiguous_positions``, the later layers on their own positions too."""
+    contiguous = [SplitPositionsPass(method.cache_cuts[0])] if method.contiguous_positions else []
+    for key in ("decode", "decode_growing"):
+        if key in graphs:
+            passes = [SplitCacheSlotPass(first, g) for g, first in enumerate(method.cache_cuts)]
+            run_passes(graphs[key], passes + contiguous)

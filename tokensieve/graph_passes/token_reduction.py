@@ -29,10 +29,10 @@ import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
 from tokensieve.errors import GraphRewriteError, MethodSpecError
+from tokensieve.graph_passes import FACES
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, redirect_uses
 from tokensieve.graph_passes.locate import ViTLayout, locate_vit
 from tokensieve.graph_passes.propagate import propagate_shapes
-from tokensieve.graph_passes.sites import EMITTERS
 from tokensieve.graph_passes.sites.common import SiteInput
 from tokensieve.graph_passes.token_bias import add_logit_bias, bias_pooling_heads, weighted_pooling
 from tokensieve.methods.base import Method, Schedule, schedule
@@ -76,7 +76,7 @@ class TokenReductionPass(ir.passes.InPlacePass):
             uses = list(h.uses())
             b = NodeBuilder.for_site(model, count.layer, method.name)
             site = SiteInput(block, count, method, layout.specials, layout.depth, h, sizes, bias)
-            out = EMITTERS[method.name](b, site)
+            out = FACES.lookup("site_emitter", method)(b, site)
             if out.sizes is not None:
                 sizes = b.expose(b.op("Identity", [out.sizes]), "sizes")
                 if prop_attn:

@@ -11,6 +11,8 @@ vision tower and decoder, the others to the decoder). This package is pure Pytho
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
@@ -20,6 +22,7 @@ from tokensieve.methods.a2sf import A2SF
 from tokensieve.methods.atp import ATPPrune
 from tokensieve.methods.atp_llava import ATPLLaVA
 from tokensieve.methods.base import Method, Schedule, SiteCount, check_target, schedule
+from tokensieve.methods.decoder import DecoderContext, DecoderMethod
 from tokensieve.methods.diffrate import DiffRate
 from tokensieve.methods.dyvte import DyVTE
 from tokensieve.methods.fastv import FastV
@@ -33,9 +36,23 @@ from tokensieve.methods.streamingllm import StreamingLLM
 from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopKPrune
 
-VIT_METHODS = (TopKPrune, ToMe, PiToMe, DiffRate, ATPPrune)
-MLLM_METHODS = (FastV, ATPLLaVA, DyVTE, MustDrop, GlobalCom2, StreamingLLM, SnapKV, A2SF, H2O)
-REGISTRY: dict[str, type] = {cls.name: cls for cls in (*VIT_METHODS, *MLLM_METHODS)}
+
+def _discover() -> dict[str, type]:
+    """Every method class of this package, by name: the dataclasses with a non-empty ``name`` defined in one of its
+    modules (a new method module is found without editing a list)."""
+    found: dict[str, type] = {}
+    for info in pkgutil.iter_modules(__path__, f"{__name__}."):
+        module = importlib.import_module(info.name)
+        for value in vars(module).values():
+            named = isinstance(value, type) and isinstance(getattr(value, "name", None), str) and value.name
+            if named and value.__module__ == module.__name__ and dataclasses.is_dataclass(value):
+                found[value.name] = value
+    return found
+
+
+REGISTRY: dict[str, type] = _discover()
+VIT_METHODS = tuple(cls for cls in REGISTRY.values() if getattr(cls, "target", "vit") == "vit")
+MLLM_METHODS = tuple(cls for cls in REGISTRY.values() if issubclass(cls, DecoderMethod))
 
 __all__ = [
     "A2SF",
@@ -43,6 +60,8 @@ __all__ = [
     "REGISTRY",
     "ATPLLaVA",
     "ATPPrune",
+    "DecoderContext",
+    "DecoderMethod",
     "DiffRate",
     "DyVTE",
     "FastV",

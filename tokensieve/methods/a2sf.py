@@ -19,6 +19,7 @@ from fractions import Fraction
 from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
+from tokensieve.methods.decoder import PlanInput
 from tokensieve.methods.prompt_cache import PromptCacheCompression, positive_int
 
 
@@ -43,6 +44,15 @@ class A2SF(PromptCacheCompression):
     @property
     def protected(self) -> int:
         return self.recent
+
+    def scoring_macs(self, p: PlanInput) -> int:  # the forgetting-weighted sum of every probability row
+        return p.layers * p.length * p.length * p.heads
+
+    def selection(self) -> str:
+        return (
+            "the earlier positions with the most attention accumulated over the prompt, rows weighted by "
+            f"{float(self.forgetting_factor):g}^age"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         fields = {"budget": self.budget, "recent": self.recent, "forgetting_factor": str(self.forgetting_factor)}

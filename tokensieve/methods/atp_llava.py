@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
 from tokensieve.methods.base import PrefillCuts, check_real, spatial_grid
+from tokensieve.methods.decoder import DecoderContext
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,6 @@ class ATPLLaVA(PrefillCuts):
     offset: float = 0.0
     grid: float = 0.25
     name: ClassVar[str] = "atp_llava"
-    target: ClassVar[str] = "mllm"
 
     def __post_init__(self) -> None:
         self.check_layers("layers=[2] or layers=[2, 6]")
@@ -60,13 +60,25 @@ class ATPLLaVA(PrefillCuts):
         """Indices (into the image tokens) of the spatial grid on the square ``sqrt(n) x sqrt(n)`` token grid."""
         return spatial_grid("atp_llava", self.grid, image_tokens, "image tokens (CLS kept as a feature breaks it)")
 
-    def validate(self, kind: str, layers: int) -> None:
-        if kind != "llava":
+    def validate(self, ctx: DecoderContext) -> None:
+        if ctx.kind != "llava":
             raise MethodSpecError(
                 "atp_llava keeps a spatial grid of one square image-token grid; LLaVA-NeXT packs a thumbnail and "
                 "crops. Export a plain LLaVA source (hf:llava-tiny, a local checkpoint), or use fastv / globalcom2"
             )
-        self.check_range(layers)
+        self.check_range(ctx.layers)
+        self.grid_positions(ctx.image_tokens)
+
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
+        count = image_tokens["count"]
+        rule = f"> {self.threshold:g}" if self.threshold is not None else f"> mean + {self.offset:g} std (per image)"
+        return (
+            f"before each of layers {list(self.layers)}, the image tokens still present whose redundancy score "
+            f"(the layer before: image-to-image logits and text-to-image attention) is {rule} stay, plus a spatial "
+            f"grid of {len(self.grid_positions(count))} of {count}, with every text token at its original position; "
+            f"the host decides between the prefill segments prefill_0..prefill_{len(self.cuts)}, so counts vary per "
+            "image"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -16,12 +16,13 @@ Counts live here and only here: the eager reference and the graph pass both read
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, ClassVar, Protocol
 
 from tokensieve.errors import MethodSpecError
+from tokensieve.methods.decoder import DecoderMethod
 
 
 @dataclass(frozen=True)
@@ -194,13 +195,15 @@ def check_real(name: str, key: str, value: Any) -> float | None:
     return float(value)
 
 
-class PrefillCuts:
+class PrefillCuts(DecoderMethod):
     """Base of the MLLM methods that cut the prefill before decoder ``layers`` and decide on the host between the
     segments (ATP-LLaVA, DyVTE, MustDrop): the cut list's checks and the ``cuts`` the export and the runtime read
     (MustDrop's ``cache_cuts`` differ from its ``cuts``)."""
 
     name: ClassVar[str]
     layers: tuple[int, ...]
+    host_cuts: ClassVar[bool] = True
+    kept_fields: ClassVar[tuple[str, ...]] = ("cut_positions",)  # every cut's positions, one after the other
 
     def check_layers(self, example: str) -> None:
         object.__setattr__(self, "layers", check_cuts(self.name, self.layers, example))
@@ -217,3 +220,9 @@ class PrefillCuts:
 
     def check_range(self, layers: int) -> None:
         check_cut_range(self.name, self.layers, layers)
+
+    def dynamic(self, graphs: Iterable[str]) -> dict[str, str]:
+        segments = {
+            key: "sequence (the positions kept so far) and image_tokens" for key in graphs if key[:8] == "prefill_"
+        }
+        return {**segments, f"prefill_{len(self.cuts)}": "sequence (the positions the last cut keeps)"}

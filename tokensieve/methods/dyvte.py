@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
 from tokensieve.methods.base import PrefillCuts, check_real
+from tokensieve.methods.decoder import DecoderContext
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,6 @@ class DyVTE(PrefillCuts):
     layers: tuple[int, ...] = (2, 4, 8, 16)
     threshold: float = 0.1
     name: ClassVar[str] = "dyvte"
-    target: ClassVar[str] = "mllm"
 
     def __post_init__(self) -> None:
         self.check_layers("layers=[2, 4, 8]")
@@ -45,8 +45,15 @@ class DyVTE(PrefillCuts):
             raise MethodSpecError(f"dyvte: threshold (an attention mass) must be in [0, 1], got {self.threshold!r}")
         object.__setattr__(self, "threshold", threshold)
 
-    def validate(self, kind: str, layers: int) -> None:
-        self.check_range(layers)
+    def validate(self, ctx: DecoderContext) -> None:
+        self.check_range(ctx.layers)
+
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
+        return (
+            f"before each of layers {list(self.layers)}, every image token is removed once the last prompt token's "
+            f"attention mass on the image (the layer before, head mean) is below {self.threshold:g}; text keeps its "
+            f"positions; the host decides between the prefill segments prefill_0..prefill_{len(self.cuts)}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "layers": list(self.layers), "threshold": self.threshold}

@@ -19,22 +19,24 @@ rounds ``image_tokens * (1 - r)``; for the paper's settings (576 tokens, R = 50 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
 from tokensieve.methods.base import ceil_fraction, check_keep
+from tokensieve.methods.decoder import DecoderContext, DecoderMethod, PlanCost, PlanInput
 
 
 @dataclass(frozen=True)
-class FastV:
+class FastV(DecoderMethod):
     """Drop the image tokens the last prompt token attends to least, before decoder layer ``k``."""
 
     k: int = 2
     keep: Fraction = Fraction(1, 2)
     name: ClassVar[str] = "fastv"
-    target: ClassVar[str] = "mllm"
+    data_dependent: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -59,11 +61,32 @@ class FastV:
             return 0
         return max(1, ceil_fraction(self.keep, image_tokens))
 
-    def validate(self, layers: int) -> None:
+    def check_range(self, layers: int) -> None:
         if self.k >= layers:
             raise MethodSpecError(
                 f"fastv: k={self.k} is out of range; this decoder has {layers} layers, so k must be in 1..{layers - 1}"
             )
+
+    def validate(self, ctx: DecoderContext) -> None:
+        self.check_range(ctx.layers)
+
+    def dynamic(self, graphs: Iterable[str]) -> dict[str, str]:
+        return {"prefill": "sequence and image_tokens (FastV: the kept length is an expression of both)"}
+
+    def plan(self, p: PlanInput) -> PlanCost:
+        self.check_range(p.layers)
+        kept = p.length - p.image_tokens + self.kept_count(p.image_tokens)
+        tokens = [p.length] * self.k + [kept] * (p.layers - self.k)
+        scoring = p.length * p.heads * p.head_dim  # layer k-1's last-position attention row
+        return PlanCost(tokens, [t + p.new_tokens for t in tokens], p.length + p.new_tokens, scoring)
+
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
+        image = image_tokens
+        kept = f"{self.kept_count(image['count'])} of {image['count']}" if "count" in image else "ceil(keep * N) of N"
+        return (
+            f"layers {self.k}..{decoder['layers'] - 1} keep {kept} image tokens (the most attended by the "
+            f"last prompt token in layer {self.k - 1}) and every text token, at their original positions"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "k": self.k, "keep": str(self.keep)}

@@ -33,19 +33,22 @@ from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
 from tokensieve.methods.base import check_keep
+from tokensieve.methods.decoder import DecoderContext, DecoderMethod
 
 LAYOUTS = ("grid", "official")
 
 
 @dataclass(frozen=True)
-class GlobalCom2:
+class GlobalCom2(DecoderMethod):
     """Keep ``retention`` of LLaVA-NeXT's image tokens, crops budgeted by the thumbnail's attention."""
 
     retention: Fraction = Fraction(1, 4)
     temperature: Fraction = Fraction(10)
     layout: str = "grid"
     name: ClassVar[str] = "globalcom2"
-    target: ClassVar[str] = "mllm"
+    cls_scores: ClassVar[bool] = True
+    shortens_prompt: ClassVar[bool] = True
+    kept_fields: ClassVar[tuple[str, ...]] = ("kept_features",)  # the vision tokens the image keeps, in prompt order
 
     def __post_init__(self) -> None:
         example = "retention=0.25 keeps a quarter of the image tokens"
@@ -62,8 +65,9 @@ class GlobalCom2:
         """``floor(retention * tokens)`` thumbnail tokens kept, exact integer arithmetic."""
         return self.retention.numerator * tokens // self.retention.denominator
 
-    def validate(self, kind: str, strategy: str) -> None:
-        if kind != "llava_next":
+    def validate(self, ctx: DecoderContext) -> None:
+        strategy = ctx.select_strategy
+        if ctx.kind != "llava_next":
             raise MethodSpecError(
                 "globalcom2 compresses LLaVA-NeXT's AnyRes crops under the guidance of its thumbnail; this model is "
                 "plain LLaVA (one image tile). Export a LLaVA-NeXT source (hf:llava-next-tiny, a local checkpoint) "
@@ -74,6 +78,16 @@ class GlobalCom2:
                 f"globalcom2 scores the patch tokens from the CLS row; vision_feature_select_strategy={strategy!r} "
                 "keeps CLS among the features, which the method does not define"
             )
+
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
+        tokens = image_tokens["per_crop"]
+        layout = "the official code's packing" if self.layout == "official" else "grid positions"
+        return (
+            f"the image keeps {self.thumbnail_count(tokens)} of {tokens} thumbnail tokens and about "
+            f"{float(self.retention):g} of each crop's (budgets from the thumbnail's attention, temperature "
+            f"{float(self.temperature):g}) plus the row newlines ({layout}); the host selects from the vision "
+            "graph's cls_scores, and prefill runs on the shorter prompt"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -26,11 +26,14 @@ real-drop form ``H2OKVCache_LayerWise`` with ``hh_size = budget - recent``), per
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, ClassVar
 
 from tokensieve.methods.a2sf import A2SF
+from tokensieve.methods.decoder import PlanCost, PlanInput
+
+STATE_BYTES = 12  # per slot, layer and KV head: the float32 score and the int64 position
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,30 @@ class H2O(A2SF):
     recent: int = 128
     forgetting_factor: Fraction = Fraction(1)
     name: ClassVar[str] = "h2o"
+    growing_cache: ClassVar[bool] = False  # evicts in the fixed decode graph, which has no growing-cache form
+    evicts: ClassVar[bool] = True
+    scores_output: ClassVar[bool] = True  # the accumulated scores decoding goes on adding to
+    kept_fields: ClassVar[tuple[str, ...]] = ("cache_positions", "retained_positions")  # prefill's, then the end's
 
     def slots(self) -> int:
         """Cache slots H2O uses: the budget plus the one the next token is written to."""
         return self.budget + 1
+
+    def fixed_capacity(self) -> int:
+        return self.slots()  # more would stay unused
+
+    def plan(self, p: PlanInput) -> PlanCost:
+        cached = [min(p.length + p.new_tokens, self.budget)] * p.layers
+        return replace(super().plan(p), cached=cached, slots=self.slots(), unbounded=True, state_bytes=STATE_BYTES)
+
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
+        factor = float(self.forgetting_factor)
+        forgetting = "" if factor == 1 else f", older attention weighted by {factor:g} per step (A2SF)"
+        return (
+            f"every layer and KV head caches at most {self.budget} positions: the last {self.recent} and the heavy "
+            f"hitters (the most attention accumulated since they were cached{forgetting}); prefill keeps them among "
+            f"the prompt, then the decode graph evicts the lightest older one per step once {self.slots()} are cached"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         factor = {} if self.forgetting_factor == 1 else {"forgetting_factor": str(self.forgetting_factor)}

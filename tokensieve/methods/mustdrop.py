@@ -31,12 +31,14 @@ Plain LLaVA only (one square grid of patch tokens, CLS dropped from the features
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
 from tokensieve.methods.base import PrefillCuts, ceil_fraction, check_keep, check_layers, check_real
+from tokensieve.methods.decoder import DecoderContext
 
 WINDOW = 3  # the official 3 x 3 windows
 
@@ -51,7 +53,12 @@ class MustDrop(PrefillCuts):
     key_ratio: Fraction = Fraction(2, 25)
     merge_threshold: float | None = 0.8
     name: ClassVar[str] = "mustdrop"
-    target: ClassVar[str] = "mllm"
+    split_vision: ClassVar[bool] = True
+    contiguous_positions: ClassVar[bool] = True
+    final_cache: ClassVar[bool] = True
+    shortens_prompt: ClassVar[bool] = True
+    kept_fields: ClassVar[tuple[str, ...]] = ("merged_windows", "key_set", "cut_positions")
+    kept_separated: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         layers = check_layers(self.name, self.layers)
@@ -100,7 +107,14 @@ class MustDrop(PrefillCuts):
             for left in range(0, side, WINDOW)
         ]
 
-    def validate(self, kind: str, layers: int, strategy: str, image_tokens: int) -> None:
+    def vision_windows(self, image_tokens: int) -> list[list[int]] | None:
+        return None if self.merge_threshold is None else self.windows(image_tokens)
+
+    def dynamic(self, graphs: Iterable[str]) -> dict[str, str]:
+        return {"vision_1": "vision_tokens (CLS + the tokens left after the window merge)", **super().dynamic(graphs)}
+
+    def validate(self, ctx: DecoderContext) -> None:
+        kind, layers, strategy, image_tokens = ctx.kind, ctx.layers, ctx.select_strategy, ctx.image_tokens
         if kind != "llava":
             raise MethodSpecError(
                 "mustdrop merges windows of one square patch grid; LLaVA-NeXT packs a thumbnail and crops. Export a "
@@ -123,6 +137,23 @@ class MustDrop(PrefillCuts):
                 f"mustdrop: filter layer {self.layers[-1]} is out of range; this decoder has {layers} layers and a "
                 f"filter needs a layer after it (1..{layers - 2})"
             )
+
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
+        count = image_tokens["count"]
+        merge = (
+            "no window merge"
+            if self.merge_threshold is None
+            else f"the 3x3 windows of the {count} patch tokens with mean cosine >= {self.merge_threshold:g} after "
+            "CLIP layer 0 merge into one token each (host, between vision_0 and vision_1)"
+        )
+        return (
+            f"{merge}; a key set of ceil({float(self.key_ratio):g} * n) image tokens (the last CLIP layer's CLS "
+            f"attention) is never dropped; after each of layers {list(self.layers)} the image tokens whose "
+            f"attention from the text after the image is below {self.global_threshold:g} of the total (column "
+            f"sum) and below {self.individual_threshold:g} (column max) are dropped, later layers at contiguous "
+            f"positions; the host decides between prefill_0..prefill_{len(self.cuts)}, and after prefill layers "
+            f"{self.layers[0]}.. keep only the final tokens' cache"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

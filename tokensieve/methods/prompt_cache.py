@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
+from tokensieve.methods.decoder import DecoderContext, DecoderMethod, PlanCost, PlanInput
 
 TOPK_LIMIT = 3840  # TensorRT's TopK K limit
 
@@ -29,12 +30,14 @@ def positive_int(method: str, name: str, value: Any) -> int:
 
 
 @dataclass(frozen=True)
-class PromptCacheCompression:
+class PromptCacheCompression(DecoderMethod):
     """Base of the prompt-cache compression methods (``budget`` positions per layer and KV head)."""
 
     budget: int = 2048
     name: ClassVar[str] = ""
-    target: ClassVar[str] = "mllm"
+    data_dependent: ClassVar[bool] = False
+    kept_fields: ClassVar[tuple[str, ...]] = ("cache_positions",)  # per layer and KV head
+    scores_output: ClassVar[bool] = False  # prefill also outputs the kept positions' scores (cache_scores)
 
     @property
     def protected(self) -> int:
@@ -53,7 +56,29 @@ class PromptCacheCompression:
         """Positions a ``length``-position prompt keeps per layer and KV head."""
         return min(self.budget, length)
 
-    def validate(self, capacity: int) -> None:
+    def cached_prompt(self, length: int) -> int:
+        return self.kept_count(length)
+
+    def scoring_macs(self, p: PlanInput) -> int:
+        """The method's scoring products in prefill, every layer."""
+        raise NotImplementedError
+
+    def selection(self) -> str:
+        """Which earlier positions the budget keeps besides the last ``protected``, in words."""
+        raise NotImplementedError
+
+    def plan(self, p: PlanInput) -> PlanCost:
+        kept = self.kept_count(p.length) + p.new_tokens
+        return PlanCost([p.length] * p.layers, [kept] * p.layers, kept, self.scoring_macs(p))
+
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
+        return (
+            f"after prefill every layer and KV head caches at most {self.budget} prompt positions: the last "
+            f"{self.protected} and {self.selection()}; new tokens are cached after them at their absolute positions"
+        )
+
+    def validate(self, ctx: DecoderContext) -> None:
+        capacity = ctx.capacity
         if self.budget >= capacity:
             raise MethodSpecError(
                 f"{self.name}: budget={self.budget} leaves no cache slot for new tokens in a {capacity}-slot decode "

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
+from tokensieve.methods.decoder import PlanInput
 from tokensieve.methods.prompt_cache import PromptCacheCompression, positive_int
 
 POOLS = ("avg", "max")
@@ -53,6 +54,12 @@ class SnapKV(PromptCacheCompression):
     @property
     def protected(self) -> int:
         return self.window
+
+    def scoring_macs(self, p: PlanInput) -> int:  # the observation window's attention rows over the prompt
+        return p.layers * min(self.window, p.length) * p.length * p.heads * p.head_dim
+
+    def selection(self) -> str:
+        return f"the prefix positions they attend to most ({self.pool}-pooled over {self.kernel})"
 
     def to_dict(self) -> dict[str, Any]:
         fields = {"budget": self.budget, "window": self.window, "kernel": self.kernel, "pool": self.pool}

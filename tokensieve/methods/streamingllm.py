@@ -20,26 +20,45 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
+from tokensieve.methods.decoder import DecoderContext, DecoderMethod, PlanCost, PlanInput
 
 
 @dataclass(frozen=True)
-class StreamingLLM:
+class StreamingLLM(DecoderMethod):
     """Keep ``sink`` attention-sink positions and the most recent ones within the cache capacity."""
 
     sink: int = 4
     name: ClassVar[str] = "streamingllm"
-    target: ClassVar[str] = "mllm"
+    ring: ClassVar[bool] = True
+    evicts: ClassVar[bool] = True
+    data_dependent: ClassVar[bool] = False
+    kept_fields: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise MethodSpecError(f"streamingllm: sink must be a number of positions >= 0, got {self.sink!r}")
 
-    def validate(self, capacity: int) -> None:
+    def check_capacity(self, capacity: int) -> None:
         if self.sink > capacity - 2:
             raise MethodSpecError(
                 f"streamingllm: sink={self.sink} leaves no recent window in a {capacity}-slot cache; use sink <= "
                 f"{capacity - 2} or a larger --capacity"
             )
+
+    def validate(self, ctx: DecoderContext) -> None:
+        self.check_capacity(ctx.capacity)
+
+    def plan(self, p: PlanInput) -> PlanCost:
+        self.check_capacity(p.capacity)
+        cached = [min(p.length + p.new_tokens, p.capacity)] * p.layers
+        return PlanCost([p.length] * p.layers, cached, p.capacity, unbounded=True)
+
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
+        capacity = decoder["capacity"]
+        return (
+            f"the cache keeps the first {self.sink} positions (attention sinks) and the latest {capacity - self.sink}; "
+            "the fixed decode graph is a ring (slot and visible slots from the host)"
+        )
 
     def slot(self, position: int, capacity: int) -> int:
         """The cache slot of sequence position ``position``."""

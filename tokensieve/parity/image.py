@@ -274,16 +274,26 @@ def check_parity(
         )
         report.golden = str(directory)
         scale = output_scale(eager_out)
-        report.replay = polygraphy_replay(str(artifact.graph_path("model")), directory, max(1e-3, tolerance) * scale)
+        shapes = {name: list(value.shape) for name, value in feeds.items()}
+        atol = max(1e-3, tolerance) * scale
+        report.replay = polygraphy_replay(str(artifact.graph_path("model")), directory, atol, shapes=shapes)
     return report
 
 
-def polygraphy_replay(model: str, golden, atol: float, engine: bool = False) -> str:
+def polygraphy_replay(
+    model: str, golden, atol: float, engine: bool = False, shapes: dict[str, list[int]] | None = None
+) -> str:
     """The ``polygraphy run`` command that replays the golden files in ``golden`` on TensorRT: ``model`` an ONNX
-    file (``engine``: a built plan), outputs within the absolute ``atol`` of the recorded eager outputs."""
+    file (``engine``: a built plan), outputs within the absolute ``atol`` of the recorded eager outputs. For an ONNX
+    file, ``shapes`` (the golden inputs' shapes) become the engine's profile: without them Polygraphy sets every
+    dynamic axis of its default profile to 1, and a batch of golden images would not fit."""
     kind = " --model-type engine" if engine else ""
+    profile = ""
+    if shapes and not engine:
+        given = " ".join(f"{name}:[{','.join(map(str, shape))}]" for name, shape in shapes.items())
+        profile = "".join(f" --trt-{which}-shapes {given}" for which in ("min", "opt", "max"))
     return (
-        f"polygraphy run {model}{kind} --trt --load-inputs {golden}/inputs.json "
+        f"polygraphy run {model}{kind} --trt{profile} --load-inputs {golden}/inputs.json "
         f"--load-outputs {golden}/eager_outputs.json --atol {atol:.4g} --rtol 0"
     )
 

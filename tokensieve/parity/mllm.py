@@ -34,9 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from tokensieve.artifact.store import replaced_directory
 from tokensieve.errors import ParityError, check_at_least
-from tokensieve.parity.report import read_golden
+from tokensieve.parity.report import read_golden, save_arrays, write_golden
 
 _WORDS = (
     "what",
@@ -66,8 +65,6 @@ _WORDS = (
 # image sizes as multiples of the vision input side: square, wide, tall, large (NeXT picks different grids)
 _ASPECTS = ((1.0, 1.0), (0.8, 1.8), (2.7, 1.1), (2.0, 2.0))
 CASES = "cases.npz"
-
-CUT_METHODS = ("atp_llava", "dyvte", "mustdrop")  # prefill cut on the host; parity compares every cut's positions
 
 
 @dataclass
@@ -187,79 +184,47 @@ class Expected:
     prompt_ids: np.ndarray  # after placeholder expansion
     logits: np.ndarray  # last prompt position
     ids: list[int]  # greedy new tokens, EOS ignored
-    kept: np.ndarray | None  # positions the method keeps (see _graph_kept), None for methods that keep none
+    kept: np.ndarray | None  # positions the method keeps (see kept_positions), None for methods that keep none
 
 
-def _expected(model, processor, template: str, methods: dict, capacity: int, prompt: str, image, new_tokens: int):
+def _expected(model, processor, template: str, method, capacity: int, prompt: str, image, new_tokens: int):
     import torch
 
-    from tokensieve.reference.atp_llava import atp_llava_generate
-    from tokensieve.reference.dyvte import dyvte_generate
-    from tokensieve.reference.fastv import fastv_generate
-    from tokensieve.reference.globalcom2 import globalcom2_generate
-    from tokensieve.reference.h2o import h2o_generate
-    from tokensieve.reference.mustdrop import mustdrop_generate
-    from tokensieve.reference.prompt_cache import compressed_generate
-    from tokensieve.reference.streamingllm import streaming_generate
+    from tokensieve.reference import FACES
 
     inputs = processor(images=image, text=template.replace("{prompt}", prompt), return_tensors="pt")
     prompt_ids = inputs["input_ids"][0].numpy()
-    compression = methods.get("snapkv") or methods.get("a2sf")
-    cut_method = next((name for name in CUT_METHODS if name in methods), None)
-    kept = None
-    if "fastv" in methods:
-        result = fastv_generate(model, inputs, methods["fastv"], new_tokens)
-        kept = result.kept_positions.numpy()
-    elif "mustdrop" in methods:  # the image run is shortened to the merged features
-        result = mustdrop_generate(model, inputs, methods["mustdrop"], new_tokens)
-        parts = (result.merged_windows, result.key_set, *result.cut_positions)
-        kept, prompt_ids = _chosen(*(t.numpy() for t in parts)), result.prompt_ids.numpy()
-    elif cut_method is not None:  # ATP-LLaVA, DyVTE: every cut's positions, one after the other
-        generate = {"atp_llava": atp_llava_generate, "dyvte": dyvte_generate}[cut_method]
-        result = generate(model, inputs, methods[cut_method], new_tokens)
-        kept = torch.cat(result.cut_positions).numpy()
-    elif "globalcom2" in methods:  # the image run is shortened to the kept features
-        result = globalcom2_generate(model, inputs, methods["globalcom2"], new_tokens)
-        kept, prompt_ids = result.kept_features.numpy(), result.prompt_ids.numpy()
-    elif "h2o" in methods:
-        result = h2o_generate(model, inputs, methods["h2o"], new_tokens)
-        kept = np.concatenate([result.cache_positions.numpy(), result.retained_positions.numpy()], -1)
-    elif compression is not None:
-        result = compressed_generate(model, inputs, compression, new_tokens)
-        kept = result.cache_positions.numpy()
-    elif "streamingllm" in methods:
-        result = streaming_generate(model, inputs, methods["streamingllm"], capacity, new_tokens)
-    else:
+    if method is None:
         with torch.no_grad():
             logits = model(**inputs).logits[0, -1].numpy()
             generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=0)
         return Expected(prompt, image, prompt_ids, logits, generated[0, len(prompt_ids) :].tolist(), None)
+    result = FACES.lookup("reference", method)(model, inputs, method, new_tokens, capacity)
+    if method.shortens_prompt:  # the image run is shortened to the kept (MustDrop: merged) features
+        prompt_ids = result.prompt_ids.numpy()
+    kept = kept_positions(result, method)
     return Expected(prompt, image, prompt_ids, result.prefill_logits.numpy(), list(result.ids), kept)
 
 
-def _chosen(*parts: np.ndarray) -> np.ndarray:
-    """MustDrop's choices in one array: merged windows, key set, every cut's positions, each part ended by -1."""
-    return np.concatenate([np.append(np.asarray(part, np.int64), -1) for part in parts])
+def kept_positions(result, method) -> np.ndarray | None:
+    """What parity compares, from an eager reference's result or a :class:`Generation` alike (same field names):
+    the method's ``kept_fields`` (a list field: each element), concatenated along the last axis, or with
+    ``kept_separated`` each part ended by -1 (MustDrop: merged windows, key set, every cut's positions)."""
+    if method is None or not method.kept_fields:
+        return None
+    parts = []
+    for name in method.kept_fields:
+        value = getattr(result, name)
+        parts.extend(value if isinstance(value, list) else [value])
+    arrays = [np.asarray(part) for part in parts]
+    if method.kept_separated:
+        return np.concatenate([np.append(np.asarray(part, np.int64), -1) for part in arrays])
+    return np.concatenate(arrays, -1)
 
 
-def _graph_kept(out, methods: dict) -> np.ndarray | None:
-    """The generation's counterpart of :attr:`Expected.kept`."""
-    if "h2o" in methods:  # the prompt positions kept by prefill, then what the cache holds at the end
-        return np.concatenate([out.cache_positions, out.retained_positions], -1)
-    if "snapkv" in methods or "a2sf" in methods:
-        return out.cache_positions
-    if "globalcom2" in methods:  # the vision tokens the image keeps, in prompt order
-        return out.kept_features
-    if "mustdrop" in methods:
-        return _chosen(out.merged_windows, out.key_set, *out.cut_positions)
-    if any(name in methods for name in CUT_METHODS):
-        return np.concatenate(out.cut_positions)
-    return out.kept_positions
-
-
-def _compare(runner, cache: str, case: Expected, methods: dict) -> LlavaParityCase:
+def _compare(runner, cache: str, case: Expected, method) -> LlavaParityCase:
     out = runner.generate(case.image, case.prompt, len(case.ids), ignore_eos=True)
-    kept = _graph_kept(out, methods)
+    kept = out.kept_positions if method is None else kept_positions(out, method)
     same_prompt = out.prompt_ids.shape == case.prompt_ids.shape and bool((out.prompt_ids == case.prompt_ids).all())
     mismatch = next((i for i, (a, b) in enumerate(zip(out.ids, case.ids, strict=False)) if a != b), None)
     if mismatch is None and len(out.ids) != len(case.ids):
@@ -284,14 +249,15 @@ def _compare(runner, cache: str, case: Expected, methods: dict) -> LlavaParityCa
 
 
 def _runners(artifact, caches: tuple[str, ...]) -> dict:
-    caches = tuple(c for c in caches if c == "fixed" or "decode_growing" in artifact.manifest["graphs"])
+    caches = tuple(c for c in caches if c == "fixed" or "decode_growing" in artifact.manifest.graphs)
     return {cache: artifact.llava_runner(cache=cache) for cache in caches}
 
 
-def _methods(artifact) -> dict:
+def _method(artifact):
+    """The artifact's decoder method (an MLLM artifact has one at most), or None."""
     from tokensieve.methods import methods_from_dicts
 
-    return {m.name: m for m in methods_from_dicts(artifact.manifest.get("methods"))}
+    return next(iter(methods_from_dicts(artifact.manifest.methods)), None)
 
 
 def check_llava_parity(
@@ -316,9 +282,9 @@ def check_llava_parity(
     if cases is None:
         check_at_least("cases", count, 1)
     manifest = artifact.manifest
-    spec = SourceSpec.from_dict(manifest["source"])
+    spec = SourceSpec.from_dict(manifest.source)
     built = build_llava(spec.name, spec.seed)
-    if weights_digest(built.model) != manifest["weights_sha256"]:
+    if weights_digest(built.model) != manifest.weights_sha256:
         raise ParityError(
             f"the eager model rebuilt from {spec.text} does not have the weights the artifact was exported with "
             "(different seed, checkpoint or library version); re-export the artifact"
@@ -326,15 +292,15 @@ def check_llava_parity(
     model = built.model
     model.generation_config.eos_token_id = None  # generate exactly new_tokens, like ignore_eos on our side
     tokenizer = AutoTokenizer.from_pretrained(artifact.path / "tokenizer")
-    processor = _hf_processor(manifest["host"], tokenizer)
-    methods = _methods(artifact)
+    processor = _hf_processor(manifest.host, tokenizer)
+    method = _method(artifact)
     runners = _runners(artifact, caches)
-    template, capacity = manifest["host"]["template"], manifest["decoder"]["capacity"]
+    template, capacity = manifest.host["template"], manifest.decoder["capacity"]
     expected = [
-        _expected(model, processor, template, methods, capacity, prompt, image, new_tokens)
-        for prompt, image in cases or default_cases(manifest["host"], count, seed)
+        _expected(model, processor, template, method, capacity, prompt, image, new_tokens)
+        for prompt, image in cases or default_cases(manifest.host, count, seed)
     ]
-    results = [_compare(runner, cache, case, methods) for case in expected for cache, runner in runners.items()]
+    results = [_compare(runner, cache, case, method) for case in expected for cache, runner in runners.items()]
     report = LlavaParityReport(results, tolerance)
     if golden:
         report.golden = str(_write_golden(artifact.path, expected))
@@ -353,9 +319,7 @@ def _write_golden(directory, expected: list[Expected]):
         }
         if case.kept is not None:
             arrays[f"{i}/kept"] = case.kept
-    with replaced_directory(directory / "golden") as staging:
-        np.savez(staging / CASES, **arrays)
-    return directory / "golden"
+    return write_golden(directory, save_arrays(CASES, arrays))
 
 
 def replay_llava_golden(
@@ -365,8 +329,8 @@ def replay_llava_golden(
     prompts and images through the artifact on ONNX Runtime, held to the recorded prompt ids, prefill logits,
     greedy tokens and kept positions."""
     expected = read_golden(artifact, (CASES,), _read_cases)
-    methods, runners = _methods(artifact), _runners(artifact, caches)
-    results = [_compare(runner, cache, case, methods) for case in expected for cache, runner in runners.items()]
+    method, runners = _method(artifact), _runners(artifact, caches)
+    results = [_compare(runner, cache, case, method) for case in expected for cache, runner in runners.items()]
     return LlavaParityReport(results, tolerance, golden=str(artifact.path / "golden"), reference="golden eager outputs")
 
 

@@ -32,17 +32,10 @@ from typing import Any
 import numpy as np
 
 from tokensieve.errors import MethodSpecError, SourceError
-from tokensieve.methods import describe, parse_methods
-from tokensieve.methods.a2sf import A2SF
+from tokensieve.methods import MLLM_METHODS, describe, parse_methods
 from tokensieve.methods.base import check_target
-from tokensieve.methods.fastv import FastV
-from tokensieve.methods.h2o import H2O
-from tokensieve.methods.snapkv import SnapKV
-from tokensieve.methods.streamingllm import StreamingLLM
+from tokensieve.methods.decoder import PlanCost, PlanInput
 from tokensieve.runtimes.llava_image import crop_grid, crop_tokens, pack_features
-
-PLANNED = (FastV, SnapKV, A2SF, StreamingLLM)  # H2O is an A2SF
-H2O_STATE_BYTES = 12  # per slot, layer and KV head: the float32 score and the int64 position
 
 
 @dataclass
@@ -102,10 +95,10 @@ def _source(source: str) -> tuple[dict[str, int], dict[str, int] | None, dict[st
         from tokensieve.artifact.store import Artifact
 
         manifest = Artifact.load(path).manifest
-        if manifest.get("kind") != "mllm":
+        if manifest.kind != "mllm":
             raise SourceError(f"{source} is an image-model artifact; this plan takes an MLLM")
-        decoder = dict(manifest["decoder"])
-        return decoder, manifest.get("vision"), manifest["host"], decoder.pop("capacity")
+        decoder = dict(manifest.decoder)
+        return decoder, manifest.vision, manifest.host, decoder.pop("capacity")
     from tokensieve.converters.llava import (
         decoder_geometry,
         default_capacity,
@@ -136,47 +129,37 @@ def prefill_macs(decoder: dict[str, int], lengths: list[int]) -> int:
 
 def _row(decoder: dict[str, int], method, prompt: MllmPrompt, capacity: int) -> MllmPlanRow:
     layers, heads, head_dim = decoder["layers"], decoder["heads"], decoder["head_dim"]
-    length, new = prompt.length, prompt.new_tokens
-    tokens = [length] * layers
-    cached = [length + new] * layers
-    scoring = 0  # the method's own products in prefill
-    slots, unbounded = length + new, False
-    if isinstance(method, FastV):
-        kept = length - prompt.image_tokens + method.kept_count(prompt.image_tokens)
-        tokens = [length] * method.k + [kept] * (layers - method.k)
-        cached = [t + new for t in tokens]
-        scoring = length * heads * head_dim  # layer k-1's last-position attention row
-    elif isinstance(method, StreamingLLM):
-        method.validate(capacity)
-        slots, unbounded = capacity, True
-        cached = [min(length + new, capacity)] * layers
-    elif isinstance(method, (SnapKV, A2SF)):
-        kept = method.kept_count(length)
-        if isinstance(method, SnapKV):  # the observation window's attention rows over the prompt
-            scoring = layers * min(method.window, length) * length * heads * head_dim
-        else:  # the forgetting-weighted sum of every probability row
-            scoring = layers * length * length * heads
-        if isinstance(method, H2O):
-            slots, unbounded = method.slots(), True
-            cached = [min(length + new, method.budget)] * layers
-        else:
-            slots = kept + new
-            cached = [kept + new] * layers
-    prefill = prefill_macs(decoder, tokens) + scoring
-    decode = layers * _layer_macs(decoder, 1, slots) + decoder["hidden"] * decoder["vocab"]
-    cache_bytes = layers * decoder["kv_heads"] * slots * (2 * head_dim * 4 + H2O_STATE_BYTES * isinstance(method, H2O))
+    p = PlanInput(layers, heads, head_dim, prompt.image_tokens, prompt.length, prompt.new_tokens, capacity)
+    cost = PlanCost.unreduced(p) if method is None else method.plan(p)
+    prefill = prefill_macs(decoder, cost.tokens) + cost.scoring
+    decode = layers * _layer_macs(decoder, 1, cost.slots) + decoder["hidden"] * decoder["vocab"]
+    cache_bytes = layers * decoder["kv_heads"] * cost.slots * (2 * head_dim * 4 + cost.state_bytes)
     return MllmPlanRow(
         method=describe([method]) if method else "none",
-        tokens_per_layer=tokens,
+        tokens_per_layer=cost.tokens,
         prefill_macs=prefill,
         limit_speedup=0.0,  # set against the unreduced row
         limit_speedup_with_vision=None,
-        cached_per_layer=cached,
-        slots=slots,
-        unbounded=unbounded,
+        cached_per_layer=cost.cached,
+        slots=cost.slots,
+        unbounded=cost.unbounded,
         cache_mib=cache_bytes / 2**20,
         decode_macs=decode,
     )
+
+
+def _planned(text: str):
+    """The one decoder method of ``text``, if its cost does not depend on the data (a typed error otherwise)."""
+    parsed = parse_methods(text)
+    check_target(parsed, "mllm")
+    if len(parsed) != 1 or parsed[0].data_dependent:
+        planned = [cls.name for cls in MLLM_METHODS if not cls.data_dependent]
+        measured = [cls.name for cls in MLLM_METHODS if cls.data_dependent]
+        raise MethodSpecError(
+            f"plan: {text!r}: give one of {', '.join(planned)} ({', '.join(measured[:-1])} and {measured[-1]} keep a "
+            "data-dependent count: measure them with `tokensieve bench`)"
+        )
+    return parsed[0]
 
 
 def plan_mllm(
@@ -205,18 +188,7 @@ def plan_mllm(
     if vision is not None and crops is not None:
         prompt.vision_macs = crops * vision_macs(vision, host)
     capacity = capacity or default_capacity
-    methods = [None]
-    for text in candidates:
-        parsed = parse_methods(text)
-        check_target(parsed, "mllm")
-        if len(parsed) != 1 or not isinstance(parsed[0], PLANNED):
-            raise MethodSpecError(
-                f"plan: {text!r}: give one of fastv, snapkv, a2sf, h2o, streamingllm (atp_llava, dyvte, mustdrop and "
-                "globalcom2 keep a data-dependent count: measure them with `tokensieve bench`)"
-            )
-        if isinstance(parsed[0], FastV):
-            parsed[0].validate(decoder["layers"])
-        methods.append(parsed[0])
+    methods = [None, *(_planned(text) for text in candidates)]
     rows = [_row(decoder, method, prompt, capacity) for method in methods]
     for row in rows:
         row.limit_speedup = rows[0].prefill_macs / row.prefill_macs
@@ -231,12 +203,12 @@ def plan_artifact(artifact, text_tokens: int = 60) -> tuple[MllmPrompt, list[Mll
     """The artifact's own method (after the unreduced row) at a prompt of ``text_tokens`` besides the image, with
     as many new tokens as its fixed cache holds (any number: 0 planned); ``None`` for methods with data-dependent
     counts."""
-    text = artifact.manifest.get("method_text", "none")
+    text = artifact.manifest.method_text
     candidates = [] if text == "none" else [text]
-    if candidates and not isinstance(parse_methods(text)[0], PLANNED):
+    if candidates and parse_methods(text)[0].data_dependent:
         return None
     prompt, rows = plan_mllm(str(artifact.path), candidates, text_tokens=text_tokens, new_tokens=0)
-    room = artifact.manifest["decoder"]["capacity"] - rows[-1].slots
+    room = artifact.manifest.decoder["capacity"] - rows[-1].slots
     if rows[-1].unbounded or room <= 0:
         return prompt, rows
     return plan_mllm(str(artifact.path), candidates, text_tokens=text_tokens, new_tokens=room)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 from tokensieve.methods.a2sf import A2SF
+from tokensieve.methods.faces import register
 
 
+@register("cache_score_reference", A2SF)
 def a2sf_score(attention: torch.Tensor, kv_heads: int, method: A2SF) -> torch.Tensor:
     """Score ``[kv_heads, T]`` from one layer's attention probabilities ``[1, H, T, T]``."""
     heads, length = attention.shape[1], attention.shape[-1]

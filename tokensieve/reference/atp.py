@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from tokensieve.methods.atp import ATPPrune
+from tokensieve.methods.faces import register
 from tokensieve.reference.adapters import AttentionTensors
 from tokensieve.reference.merging import argsort_desc
 from tokensieve.reference.sites import SiteContext, SiteResult
@@ -41,6 +43,7 @@ def keep_mask(method, s: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return kept | grid
 
 
+@register("site_reference", ATPPrune)
 def site(
     h: torch.Tensor, attention: AttentionTensors, sizes, ctx: SiteContext, forced: int | None = None
 ) -> SiteResult:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from tokensieve.methods.atp_llava import ATPLLaVA
-from tokensieve.reference.decoding import CutResult, cut_generate
+from tokensieve.reference.decoding import CutResult, cut_generate, reference_face
 
 
 def atp_scores(record: dict[str, Any], image: torch.Tensor):
@@ -51,6 +51,7 @@ def atp_keep(self_score, cross_score, present: torch.Tensor, image_tokens: int, 
     return (redundancy > threshold) | grid[present]
 
 
+@reference_face(ATPLLaVA)
 def atp_llava_generate(model, inputs: dict, method: ATPLLaVA, new_tokens: int) -> CutResult:
     """ATP-LLaVA greedy generation for processor ``inputs`` (batch 1) on a LLaVA ``model``."""
 

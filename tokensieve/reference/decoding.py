@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokensieve.methods.faces import register
+
 
 def causal_mask(length: int) -> torch.Tensor:
     steps = torch.arange(length)
@@ -164,3 +166,17 @@ def cut_generate(
     cache = DynamicCache()
     logits, kept = cut_prefill(model, embeds, image, cuts, decide, cache)
     return CutResult(kept, logits, greedy(model, logits, cache, len(ids), new_tokens))
+
+
+def reference_face(cls: type) -> Callable[[Callable], Callable]:
+    """Decorator: ``generate(model, inputs, method, new_tokens)`` is ``cls``'s eager reference (the ``"reference"``
+    face parity calls as ``face(model, inputs, method, new_tokens, capacity)``; the capacity is not needed)."""
+
+    def decorate(generate: Callable) -> Callable:
+        def face(model, inputs: dict, method, new_tokens: int, capacity: int):
+            return generate(model, inputs, method, new_tokens)
+
+        register("reference", cls)(face)
+        return generate
+
+    return decorate

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import torch
 
+from tokensieve.methods.diffrate import DiffRate
+from tokensieve.methods.faces import register
 from tokensieve.reference.adapters import AttentionTensors
 from tokensieve.reference.merging import argsort_desc, merge_into, normalized, rows
 from tokensieve.reference.sites import SiteContext, SiteResult
 from tokensieve.reference.topk import score
 
 
+@register("site_reference", DiffRate)
 def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | None, ctx: SiteContext) -> SiteResult:
     S, prune, merge = ctx.specials, ctx.count.params["prune"], ctx.count.params["merge"]
     sizes = torch.ones(h.shape[:2], dtype=h.dtype) if sizes is None else sizes

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from tokensieve.methods.dyvte import DyVTE
-from tokensieve.reference.decoding import CutResult, cut_generate
+from tokensieve.reference.decoding import CutResult, cut_generate, reference_face
 
 
 def image_attention_mass(probs: torch.Tensor, image: torch.Tensor) -> float:
@@ -21,6 +21,7 @@ def image_attention_mass(probs: torch.Tensor, image: torch.Tensor) -> float:
     return float(probs[0, :, -1][:, image].sum(-1).mean())
 
 
+@reference_face(DyVTE)
 @torch.no_grad()
 def dyvte_generate(model, inputs: dict, method: DyVTE, new_tokens: int) -> CutResult:
     """DyVTE greedy generation for processor ``inputs`` (batch 1) on a LLaVA(-NeXT) ``model``."""

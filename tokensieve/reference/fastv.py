@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tokensieve.methods.fastv import FastV
-from tokensieve.reference.decoding import attention_forward, greedy, prefill
+from tokensieve.reference.decoding import attention_forward, greedy, prefill, reference_face
 
 
 @dataclass
@@ -41,6 +41,7 @@ def fastv_select(attention: torch.Tensor, image: torch.Tensor, length: int, meth
     return torch.sort(torch.cat([torch.nonzero(text)[:, 0], chosen])).values
 
 
+@reference_face(FastV)
 @torch.no_grad()
 def fastv_generate(model, inputs: dict, method: FastV, new_tokens: int) -> FastVResult:
     """FastV greedy generation for processor ``inputs`` (batch 1) on a LLaVA(-NeXT) ``model``."""

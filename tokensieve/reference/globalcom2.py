@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from tokensieve.methods.globalcom2 import GlobalCom2
-from tokensieve.reference.decoding import greedy, prefill
+from tokensieve.reference.decoding import greedy, prefill, reference_face
 
 
 @dataclass
@@ -126,6 +126,7 @@ def select_tokens(
     return torch.cat([thumbnail_features, grid.permute(1, 2, 0)[mask]]), torch.cat([thumbnail, index[keep]])
 
 
+@reference_face(GlobalCom2)
 @torch.no_grad()
 def globalcom2_generate(model, inputs: dict, method: GlobalCom2, new_tokens: int) -> GlobalCom2Result:
     """GlobalCom² greedy generation for LLaVA-NeXT processor ``inputs`` (batch 1, one image)."""

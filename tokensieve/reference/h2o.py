@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tokensieve.methods.h2o import H2O
-from tokensieve.reference.decoding import eager_attention, greedy
+from tokensieve.reference.decoding import eager_attention, greedy, reference_face
 from tokensieve.reference.prompt_cache import compressed_prefill, gather_entries
 
 
@@ -88,6 +88,7 @@ class _HeavyHitters:
         return [*rest[:slot], length - 1, *rest[slot:]]
 
 
+@reference_face(H2O)
 @torch.no_grad()
 def h2o_generate(model, inputs: dict, method: H2O, new_tokens: int) -> H2OResult:
     """H2O greedy generation for processor ``inputs`` (batch 1) on a LLaVA(-NeXT)."""

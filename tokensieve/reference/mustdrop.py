@@ -26,7 +26,7 @@ import torch
 
 from tokensieve.methods.mustdrop import MustDrop
 from tokensieve.reference.decoding import cut_prefill as run_cut_prefill
-from tokensieve.reference.decoding import eager_attention, greedy
+from tokensieve.reference.decoding import eager_attention, greedy, reference_face
 
 
 @dataclass
@@ -91,6 +91,7 @@ def filter_keep(probs: torch.Tensor, image: torch.Tensor, protected: torch.Tenso
     return ~candidate | protected
 
 
+@reference_face(MustDrop)
 @torch.no_grad()
 def mustdrop_generate(model, inputs: dict, method: MustDrop, new_tokens: int) -> MustDropResult:
     """MustDrop greedy generation for LLaVA processor ``inputs`` (batch 1, one image)."""

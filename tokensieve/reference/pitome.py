@@ -7,11 +7,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokensieve.methods.faces import register
+from tokensieve.methods.pitome import PiToMe
 from tokensieve.reference.adapters import AttentionTensors
 from tokensieve.reference.merging import argsort_desc, bipartite_match, head_mean_keys, merge_into, rows
 from tokensieve.reference.sites import SiteContext, SiteResult
 
 
+@register("site_reference", PiToMe)
 def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | None, ctx: SiteContext) -> SiteResult:
     method, S, r = ctx.method, ctx.specials, ctx.count.params["r"]
     bsm = bool(ctx.count.params.get("bsm"))

@@ -18,12 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tokensieve.methods.a2sf import A2SF
 from tokensieve.methods.prompt_cache import PromptCacheCompression
-from tokensieve.methods.snapkv import SnapKV
-from tokensieve.reference.a2sf import a2sf_score
-from tokensieve.reference.decoding import attention_forward, greedy, prefill
-from tokensieve.reference.snapkv import snapkv_score
+from tokensieve.reference import FACES
+from tokensieve.reference.decoding import attention_forward, greedy, prefill, reference_face
 
 
 @dataclass
@@ -35,11 +32,10 @@ class CompressedResult:
 
 def score(attention: torch.Tensor, kv_heads: int, method: PromptCacheCompression) -> torch.Tensor:
     """The method's score ``[kv_heads, T]`` from one layer's attention probabilities ``[1, H, T, T]``."""
-    if isinstance(method, SnapKV):
-        return snapkv_score(attention, kv_heads, method)
-    if isinstance(method, A2SF):
-        return a2sf_score(attention, kv_heads, method)
-    raise TypeError(f"no eager score for {type(method).__name__}")
+    scorer = FACES.lookup("cache_score_reference", method, None)
+    if scorer is None:
+        raise TypeError(f"no eager score for {type(method).__name__}")
+    return scorer(attention, kv_heads, method)
 
 
 def select_by_score(scores: torch.Tensor, method: PromptCacheCompression) -> torch.Tensor:
@@ -87,6 +83,7 @@ def compressed_prefill(model, inputs: dict, method: PromptCacheCompression) -> C
     return CompressedPrefill(logits, cache, positions, scores, full.hidden_states[0].shape[1])
 
 
+@reference_face(PromptCacheCompression)
 @torch.no_grad()
 def compressed_generate(model, inputs: dict, method: PromptCacheCompression, new_tokens: int) -> CompressedResult:
     """Greedy generation with a compressed prompt cache for processor ``inputs`` (batch 1) on a LLaVA(-NeXT)."""

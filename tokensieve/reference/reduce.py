@@ -19,11 +19,9 @@ from torch import nn
 
 from tokensieve.errors import SourceError
 from tokensieve.methods.base import Method, SiteCount, schedule
-from tokensieve.reference import atp, diffrate, pitome, tome, topk
+from tokensieve.reference import FACES
 from tokensieve.reference.adapters import AttentionTensors, find_blocks, special_tokens, wrap_blocks
 from tokensieve.reference.sites import SiteContext
-
-SITES = {"topk": topk.site, "tome": tome.site, "pitome": pitome.site, "diffrate": diffrate.site, "atp": atp.site}
 
 
 class ReducedModel(nn.Module):
@@ -61,10 +59,11 @@ class ReducedModel(nn.Module):
             return h
         method, count = self._sites[index]
         context = SiteContext(count, method, self.specials, self.depth)
+        site = FACES.lookup("site_reference", method)
         if getattr(method, "adaptive", False):
-            result = SITES[method.name](h, attention, self.sizes, context, forced=self.forced.get(index))
+            result = site(h, attention, self.sizes, context, forced=self.forced.get(index))
         else:
-            result = SITES[method.name](h, attention, self.sizes, context)
+            result = site(h, attention, self.sizes, context)
         self.sizes = result.sizes
         self.records[index] = {**result.record, **({"sizes": result.sizes} if result.sizes is not None else {})}
         return result.stream

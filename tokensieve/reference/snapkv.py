@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokensieve.methods.faces import register
 from tokensieve.methods.snapkv import SnapKV
 
 
+@register("cache_score_reference", SnapKV)
 def snapkv_score(attention: torch.Tensor, kv_heads: int, method: SnapKV) -> torch.Tensor:
     """Score ``[kv_heads, T]`` from one layer's attention probabilities ``[1, H, T, T]``."""
     heads, length = attention.shape[1], attention.shape[-1]

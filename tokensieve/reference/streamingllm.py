@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokensieve.methods.faces import register
 from tokensieve.methods.streamingllm import StreamingLLM
 from tokensieve.reference.decoding import greedy, prefill
 
@@ -43,3 +44,9 @@ def streaming_generate(model, inputs: dict, method: StreamingLLM, capacity: int,
     _keep(cache, method, capacity)
     ids = greedy(model, logits, cache, embeds.shape[1], new_tokens, evict=lambda: _keep(cache, method, capacity - 1))
     return StreamingResult(logits, ids)
+
+
+@register("reference", StreamingLLM)
+def reference(model, inputs: dict, method: StreamingLLM, new_tokens: int, capacity: int) -> StreamingResult:
+    """The eager reference parity holds an artifact to: the artifact's cache capacity is the budget."""
+    return streaming_generate(model, inputs, method, capacity, new_tokens)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import torch
 
+from tokensieve.methods.faces import register
+from tokensieve.methods.tome import ToMe
 from tokensieve.reference.adapters import AttentionTensors
 from tokensieve.reference.merging import bipartite_match, head_mean_keys, merge_into, rows
 from tokensieve.reference.sites import SiteContext, SiteResult
 
 
+@register("site_reference", ToMe)
 def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | None, ctx: SiteContext) -> SiteResult:
     S, N, r = ctx.specials, h.shape[1], ctx.count.params["r"]
     sizes = torch.ones(h.shape[:2], dtype=h.dtype) if sizes is None else sizes

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from tokensieve.methods.faces import register
+from tokensieve.methods.topk import TopKPrune
 from tokensieve.reference.adapters import AttentionTensors
 from tokensieve.reference.merging import argsort_desc, rows
 from tokensieve.reference.sites import SiteContext, SiteResult
@@ -31,6 +33,7 @@ def select(scores: torch.Tensor, kept: int) -> torch.Tensor:
     return torch.sort(argsort_desc(scores)[:, :kept], dim=-1).values
 
 
+@register("site_reference", TopKPrune)
 def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | None, ctx: SiteContext) -> SiteResult:
     method, S = ctx.method, ctx.specials
     scores = score(attention, method.resolved_score(S))[:, S:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from tokensieve.methods.atp_llava import ATPLLaVA
+from tokensieve.methods.faces import register
 
 
 def keep_image_tokens(
@@ -28,11 +29,18 @@ def keep_image_tokens(
     return (redundancy > threshold) | np.isin(present, method.grid_positions(image_tokens))
 
 
+@register("prefill_cut", ATPLLaVA)
 def cut(
-    out: dict[str, np.ndarray], positions: np.ndarray, image: np.ndarray, span: tuple[int, int], method: ATPLLaVA
+    out: dict[str, np.ndarray],
+    positions: np.ndarray,
+    image: np.ndarray,
+    span: tuple[int, int],
+    method: ATPLLaVA,
+    key_set: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One cut from a segment's outputs ``out`` (the scores): the prompt ``positions`` present (ascending) and the
-    ``image`` positions among them -> the positions and image positions kept (every text position stays)."""
+    ``image`` positions among them -> the positions and image positions kept (every text position stays).
+    ``key_set``: unused (the ``"prefill_cut"`` face's signature)."""
     scores = out["image_self_score"], out["image_cross_score"]
     keep = keep_image_tokens(*scores, image - span[0], span[1] - span[0], method)
     kept_image = image[keep]

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from tokensieve.methods.faces import register
 from tokensieve.methods.globalcom2 import GlobalCom2
 from tokensieve.runtimes.llava_image import crop_grid, crop_layout, emit_rows
+from tokensieve.runtimes.ort import OrtRunner
 
 
 def bilinear(grid: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -90,3 +92,18 @@ def select_features(
     emitted = placed[band[0]] if method.layout == "grid" else placed  # official: every row of the padded grid
     crop_part, kept = emit_rows(emitted, features.reshape(-1, dim), newline)
     return np.concatenate([features[0][thumbnail], crop_part]), np.concatenate([thumbnail, kept])
+
+
+@register("image_tokens", GlobalCom2)
+def image_tokens(
+    vision: list[OrtRunner],
+    pixel_values: np.ndarray,
+    size: tuple[int, int],
+    host: dict[str, Any],
+    newline: np.ndarray,
+    method: GlobalCom2,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The ``"image_tokens"`` face: the vision graph, then :func:`select_features` from its ``cls_scores``."""
+    out = vision[0].run({"pixel_values": pixel_values})
+    packed, kept = select_features(out["image_features"], out["cls_scores"], size, host, newline, method)
+    return packed, {"kept_features": kept}

@@ -5,11 +5,15 @@ state back (fixed-capacity cache with ONNX Runtime I/O binding, growing cache, H
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from tokensieve.graph_passes.split_cache_slot import slot_input
 from tokensieve.graph_passes.split_positions import PRUNED_POSITIONS
+from tokensieve.methods.decoder import DecoderMethod
+from tokensieve.methods.faces import register
 from tokensieve.methods.h2o import H2O
 from tokensieve.methods.streamingllm import StreamingLLM
 from tokensieve.runtimes.ort import OrtRunner
@@ -90,6 +94,10 @@ class FixedCacheDecoder:
             self.binding.bind_cpu_input("visible_slots", np.array([visible], np.int64))
         for name, dropped in self.dropped.items():
             self.binding.bind_cpu_input(name, np.array([position - dropped], np.int64))
+
+    def retained(self) -> np.ndarray | None:
+        """The positions cached at the end, when the decoder chooses them itself (H2O); ``None`` otherwise."""
+        return None
 
     def cache(self, index: int) -> np.ndarray:
         """A copy of cache tensor ``index`` (order: key_0, value_0, key_1, ...)."""
@@ -187,7 +195,59 @@ class GrowingCacheDecoder:
         self.past = [out[n] for n in self.outputs]
         return out["logits"][0]
 
+    def retained(self) -> None:
+        return None
+
     def _keep(self, tensor: np.ndarray, budget: int) -> np.ndarray:
         if self.eviction is None or tensor.shape[2] <= budget:
             return tensor
         return tensor[:, :, self.eviction.retained(tensor.shape[2], budget)]
+
+
+@dataclass
+class DecodeSetup:
+    """What generation hands a method's ``"decoder"`` face after prefill."""
+
+    capacity: int | None  # the fixed cache's slots; None: the growing cache
+    dropped: list[int]  # per cache group (a cut's later layers), the prompt positions its layers do not hold
+    offset: int  # prompt positions no layer holds (SnapKV / A2SF: compressed away)
+    budget: int  # positions an evicting growing cache keeps
+    eviction: Any = None  # the ring method (``ring``: StreamingLLM), or None
+    extras: dict[str, Any] = field(default_factory=dict)  # prefill's method outputs (cache_positions, ...)
+
+
+@register("decoder", DecoderMethod, type(None))
+def slot_groups(runner: OrtRunner, present: list[np.ndarray], method: Any, setup: DecodeSetup):
+    """The decoder of every method without decode-time state: fixed (slot groups, ring) or growing cache."""
+    if setup.capacity is not None:
+        return FixedCacheDecoder(runner, present, setup.capacity, setup.dropped, setup.eviction, setup.offset)
+    return GrowingCacheDecoder(runner, present, setup.eviction, setup.budget, setup.dropped)
+
+
+@register("decoder", H2O)
+def heavy_hitters(runner: OrtRunner, present: list[np.ndarray], method: H2O, setup: DecodeSetup) -> HeavyHitterDecoder:
+    positions, scores = setup.extras["cache_positions"], setup.extras["cache_scores"]
+    return HeavyHitterDecoder(runner, present, setup.capacity, method, positions, scores)
+
+
+@register("bench_decoder", DecoderMethod, type(None))
+def bench_slot_groups(
+    runner: OrtRunner, caches: list[np.ndarray], capacity: int, method: Any, rng: np.random.Generator
+) -> FixedCacheDecoder:
+    """Over random ``caches``: StreamingLLM's ring, FastV / ATP-LLaVA / DyVTE / MustDrop's per-group slot inputs
+    (nothing dropped: the fixed graph costs the same whatever the groups hold)."""
+    groups = [0] * len(method.cache_cuts) if method is not None else []
+    return FixedCacheDecoder(runner, caches, capacity, groups, method if getattr(method, "ring", False) else None)
+
+
+@register("bench_decoder", H2O)
+def bench_heavy_hitters(
+    runner: OrtRunner, caches: list[np.ndarray], capacity: int, method: H2O, rng: np.random.Generator
+) -> HeavyHitterDecoder:
+    """H2O's decoder with ``budget`` held positions and random scores."""
+    layers, kv = len(caches) // 2, caches[0].shape[1]
+    shape = (layers, kv, method.budget)
+    positions = np.broadcast_to(np.arange(method.budget), shape).copy()
+    scores = rng.random(shape, dtype=np.float32)
+    present = [c[:, :, : method.budget] for c in caches]
+    return HeavyHitterDecoder(runner, present, capacity, method, positions, scores)

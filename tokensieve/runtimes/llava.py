@@ -23,23 +23,22 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tokensieve.errors import ArtifactError, CapacityError, PromptError, RuntimeBackendError
 from tokensieve.methods import methods_from_dicts
-from tokensieve.methods.globalcom2 import GlobalCom2
-from tokensieve.methods.h2o import H2O
-from tokensieve.methods.mustdrop import MustDrop
-from tokensieve.methods.prompt_cache import PromptCacheCompression
-from tokensieve.methods.streamingllm import StreamingLLM
-from tokensieve.runtimes.globalcom2 import select_features
-from tokensieve.runtimes.kv_cache import FixedCacheDecoder, GrowingCacheDecoder, HeavyHitterDecoder
+from tokensieve.methods.decoder import DecoderMethod
+from tokensieve.methods.faces import register
+from tokensieve.runtimes import FACES
+from tokensieve.runtimes.kv_cache import DecodeSetup
 from tokensieve.runtimes.llava_image import pack_features, preprocess
-from tokensieve.runtimes.mustdrop import vision_tokens
 from tokensieve.runtimes.ort import OrtRunner
 from tokensieve.runtimes.prefill import Prefill
+
+if TYPE_CHECKING:
+    from tokensieve.manifest import MllmManifest
 
 IMAGE_TOKEN = "<image>"
 CACHE_MODES = ("fixed", "growing")
@@ -100,7 +99,7 @@ class LlavaRunner:
     def __init__(
         self,
         directory: str | Path,
-        manifest: dict[str, Any],
+        manifest: MllmManifest,
         cache: str = "fixed",
         providers: list[str] | None = None,
         threads: int | None = None,
@@ -109,34 +108,34 @@ class LlavaRunner:
         if cache not in CACHE_MODES:
             raise RuntimeBackendError(f"unknown cache mode {cache!r}; choose one of {CACHE_MODES}")
         self.directory = Path(directory)
-        self.host: dict[str, Any] = manifest["host"]
+        self.host: dict[str, Any] = manifest.host
         self.cache = cache
-        graphs = manifest["graphs"]
-        methods = methods_from_dicts(manifest.get("methods"))
+        graphs = manifest.graphs
+        methods = methods_from_dicts(manifest.methods)
         decode_key = "decode" if cache == "fixed" else "decode_growing"
+        self.method: DecoderMethod | None = methods[0] if methods else None  # an MLLM artifact has one at most
         if decode_key not in graphs:
-            if any(isinstance(m, H2O) for m in methods):
-                raise RuntimeBackendError("h2o evicts inside the fixed-capacity decode graph; use the fixed cache")
+            if self.method is not None and not self.method.growing_cache:
+                raise RuntimeBackendError(
+                    f"{self.method.name} evicts inside the fixed-capacity decode graph; use the fixed cache"
+                )
             raise RuntimeBackendError(f"this artifact has no {decode_key} graph; re-export with the growing cache")
 
         options = {"providers": providers, "threads": threads, "spin": spin}
         self.vision = [OrtRunner(self.directory / graphs[k], **options) for k in VISION if k in graphs]
         self.embed, self.decode = (OrtRunner(self.directory / graphs[k], **options) for k in ("embed", decode_key))
         self.prefill = Prefill(self.directory, manifest, **options)
-        self.capacity: int | None = manifest["decoder"]["capacity"] if cache == "fixed" else None
-        self.eviction = next((m for m in methods if isinstance(m, StreamingLLM)), None)
-        self.compression = next((m for m in methods if isinstance(m, PromptCacheCompression)), None)
-        self.image_compression = next((m for m in methods if isinstance(m, GlobalCom2)), None)
-        self.mustdrop = next((m for m in methods if isinstance(m, MustDrop)), None)
-        self.budget: int = manifest["decoder"]["capacity"]  # positions an evicting cache keeps
-        self.vocab: int = manifest["decoder"]["vocab"]
+        self.capacity: int | None = manifest.decoder["capacity"] if cache == "fixed" else None
+        self.eviction = next((m for m in methods if m.ring), None)  # the fixed cache is a ring (StreamingLLM)
+        self.budget: int = manifest.decoder["capacity"]  # positions an evicting cache keeps
+        self.vocab: int = manifest.decoder["vocab"]
         newline = self.directory / "image_newline.npy"
         if self.host["kind"] == "llava_next" and not newline.is_file():
             raise ArtifactError(f"artifact {self.directory} is incomplete: {newline.name} is missing; re-export it")
         self.newline = np.load(newline) if newline.is_file() else None
         from tokenizers import Tokenizer
 
-        tokenizer = self.directory / manifest["tokenizer"]
+        tokenizer = self.directory / manifest.tokenizer
         try:
             self.tokenizer = Tokenizer.from_file(str(tokenizer))
         except Exception as e:  # tokenizers raises a bare Exception for a missing or malformed file
@@ -155,14 +154,8 @@ class LlavaRunner:
         """The image's features ``[N, D]`` and what the method chose there: GlobalCom²'s ``kept_features`` (see
         :func:`tokensieve.runtimes.globalcom2.select_features`), MustDrop's ``merged_windows`` and ``key_set``."""
         pixel_values, size = preprocess(image, self.host)
-        if self.mustdrop is not None:
-            return vision_tokens(*self.vision, pixel_values, self.mustdrop)
-        out = self.vision[0].run({"pixel_values": pixel_values})
-        if self.image_compression is None:
-            return pack_features(out["image_features"], size, self.host, self.newline), {}
-        args = (out["image_features"], out["cls_scores"], size, self.host, self.newline)
-        packed, kept = select_features(*args, self.image_compression)
-        return packed, {"kept_features": kept}
+        tokens = FACES.lookup("image_tokens", self.method)
+        return tokens(self.vision, pixel_values, size, self.host, self.newline, self.method)
 
     def prompt_ids(self, prompt: str, template: str | None = None, image: bool = True) -> np.ndarray:
         """Token ids of ``prompt`` put into the chat template (unless it already holds ``<image>``); without an
@@ -193,12 +186,12 @@ class LlavaRunner:
         return embeds
 
     def check_capacity(self, prompt_length: int, max_new_tokens: int) -> None:
-        if self.capacity is None or self.eviction is not None or isinstance(self.compression, H2O):
+        if self.capacity is None or (self.method is not None and self.method.evicts):
             return  # growing, or a cache that evicts: no limit
-        cached = prompt_length if self.compression is None else self.compression.kept_count(prompt_length)
+        cached = prompt_length if self.method is None else self.method.cached_prompt(prompt_length)
         needed = cached + max_new_tokens - 1  # the last new token is never written to the cache
         if needed > self.capacity:
-            kept = "" if cached == prompt_length else f" ({cached} cached after {self.compression.name})"
+            kept = "" if cached == prompt_length else f" ({cached} cached after {self.method.name})"
             raise CapacityError(
                 f"the prompt is {prompt_length} tokens{kept} (image features included) and {max_new_tokens} new "
                 f"tokens need {needed} cache slots, but the decode graph holds {self.capacity}; shorten the prompt, "
@@ -239,14 +232,9 @@ class LlavaRunner:
         stops = set() if ignore_eos else set(stop_ids if stop_ids is not None else [self.host["eos_id"]])
         kept = extras.get("kept_positions")
         dropped = [len(ids) - len(positions) for positions in extras.get("group_positions", [])]
-        if isinstance(self.compression, H2O):
-            positions, scores = extras["cache_positions"], extras["cache_scores"]
-            decoder = HeavyHitterDecoder(self.decode, present, self.capacity, self.compression, positions, scores)
-        elif self.capacity is not None:
-            offset = len(ids) - present[0].shape[2]
-            decoder = FixedCacheDecoder(self.decode, present, self.capacity, dropped, self.eviction, offset)
-        else:
-            decoder = GrowingCacheDecoder(self.decode, present, self.eviction, self.budget, dropped)
+        offset = len(ids) - present[0].shape[2]
+        setup = DecodeSetup(self.capacity, dropped, offset, self.budget, self.eviction, extras)
+        decoder = FACES.lookup("decoder", self.method)(self.decode, present, self.method, setup)
         new: list[int] = []
         logprobs: list[float] = []
         next_logits, stop = logits, "max_new_tokens"
@@ -276,7 +264,7 @@ class LlavaRunner:
             merged_windows=chosen.get("merged_windows"),
             key_set=chosen.get("key_set"),
             cache_positions=extras.get("cache_positions"),
-            retained_positions=decoder.retained() if isinstance(decoder, HeavyHitterDecoder) else None,
+            retained_positions=decoder.retained(),
             forced_logprobs=logprobs if forced is not None else None,
             timings_ms={
                 "vision": 1e3 * (t_vision - start),
@@ -284,3 +272,18 @@ class LlavaRunner:
                 "decode_per_token": 1e3 * (end - t_prefill) / steps if steps > 0 else None,
             },
         )
+
+
+@register("image_tokens", DecoderMethod, type(None))
+def packed_features(
+    vision: list[OrtRunner],
+    pixel_values: np.ndarray,
+    size: tuple[int, int],
+    host: dict[str, Any],
+    newline: np.ndarray | None,
+    method: DecoderMethod | None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The image tokens of every method that leaves the vision side alone: the vision graph, then the plain packing
+    (LLaVA-NeXT: AnyRes crops and newlines)."""
+    out = vision[0].run({"pixel_values": pixel_values})
+    return pack_features(out["image_features"], size, host, newline), {}

@@ -8,8 +8,11 @@ token axis (one TensorRT optimization profile covers every count).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from tokensieve.methods.faces import register
 from tokensieve.methods.mustdrop import MustDrop
 from tokensieve.runtimes.ort import OrtRunner
 
@@ -38,6 +41,14 @@ def key_tokens(cls_attention: np.ndarray, method: MustDrop) -> np.ndarray:
     return np.sort(top_descending(scores, method.key_count(len(scores))))
 
 
+@register("image_tokens", MustDrop)
+def image_tokens(
+    vision: list[OrtRunner], pixel_values: np.ndarray, size: Any, host: Any, newline: Any, method: MustDrop
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The ``"image_tokens"`` face: :func:`vision_tokens` on ``vision_0`` and ``vision_1``."""
+    return vision_tokens(*vision, pixel_values, method)
+
+
 def vision_tokens(
     stem: OrtRunner, tail: OrtRunner, pixel_values: np.ndarray, method: MustDrop
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -51,6 +62,7 @@ def vision_tokens(
     return out["image_features"][0], {"merged_windows": merged, "key_set": key_tokens(out["cls_attention"], method)}
 
 
+@register("prefill_cut", MustDrop)
 def cut(
     out: dict[str, np.ndarray],
     positions: np.ndarray,

@@ -7,34 +7,32 @@ keys/values)."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tokensieve.methods import methods_from_dicts
-from tokensieve.methods.atp_llava import ATPLLaVA
-from tokensieve.methods.dyvte import DyVTE
-from tokensieve.methods.mustdrop import MustDrop
-from tokensieve.runtimes import atp_llava, dyvte, mustdrop
+from tokensieve.runtimes import FACES
 from tokensieve.runtimes.kv_cache import kv_names
 from tokensieve.runtimes.ort import OrtRunner
 
+if TYPE_CHECKING:
+    from tokensieve.manifest import MllmManifest
+
 EXTRAS = ("kept_positions", "cache_positions", "cache_scores")
-# methods that decide on the host between prefill segments
-RULES = {ATPLLaVA: atp_llava.cut, DyVTE: dyvte.cut, MustDrop: mustdrop.cut}
 
 
 class Prefill:
     """``Prefill(directory, manifest, threads=2)(embeds, span) -> (logits, present, extras)``."""
 
-    def __init__(self, directory: str | Path, manifest: dict[str, Any], **options: Any):
-        graphs = manifest["graphs"]
-        self.split = next((m for m in methods_from_dicts(manifest.get("methods")) if type(m) in RULES), None)
+    def __init__(self, directory: str | Path, manifest: MllmManifest, **options: Any):
+        graphs = manifest.graphs
+        # the method that decides on the host between prefill segments (its "prefill_cut" face)
+        self.split = next((m for m in methods_from_dicts(manifest.methods) if m.host_cuts), None)
         keys = [f"prefill_{i}" for i in range(len(self.split.cuts) + 1)] if self.split else ["prefill"]
         self.graphs = [OrtRunner(Path(directory) / graphs[key], **options) for key in keys]
-        self.layers: int = manifest["decoder"]["layers"]
+        self.layers: int = manifest.decoder["layers"]
 
     @classmethod
     def from_artifact(cls, artifact, **options: Any) -> Prefill:
@@ -58,7 +56,7 @@ class Prefill:
             return out["logits"][0], [out[f"present_{n}"] for n in kv_names(self.layers)], extras
         out, kept = self._segments(out, embeds.shape[1], span or (0, 0), key_set)
         extras["cut_positions"], extras["kept_positions"] = kept, kept[-1]
-        extras["group_positions"] = [kept[-1]] if isinstance(self.split, MustDrop) else kept
+        extras["group_positions"] = [kept[-1]] if self.split.final_cache else kept
         return out["logits"][0], self._present(out, [np.arange(embeds.shape[1]), *kept]), extras
 
     def _segments(
@@ -66,15 +64,14 @@ class Prefill:
     ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """Decide, gather, run the next segment; every segment's outputs and the positions kept per cut."""
         positions, image = np.arange(length), np.arange(*span)
-        merged, kept, rule = dict(out), [], RULES[type(self.split)]
-        if isinstance(self.split, MustDrop):
-            rule = functools.partial(rule, key_set=np.arange(0) if key_set is None else key_set)
+        merged, kept, rule = dict(out), [], FACES.lookup("prefill_cut", self.split)
+        key_set = np.arange(0) if key_set is None else key_set
         for graph in self.graphs[1:]:
-            new_positions, image = rule(out, positions, image, span, self.split)
+            new_positions, image = rule(out, positions, image, span, self.split, key_set=key_set)
             take = np.searchsorted(positions, new_positions)
             positions = new_positions
             kept.append(positions)
-            ids = np.arange(len(positions)) if isinstance(self.split, MustDrop) else positions  # MustDrop: contiguous
+            ids = np.arange(len(positions)) if self.split.contiguous_positions else positions
             feeds = {"hidden_states": out["hidden_states_out"][:, take], "position_ids": ids[None]}
             if "image_positions" in graph.input_names:
                 feeds["image_positions"] = np.searchsorted(positions, image)
@@ -86,7 +83,7 @@ class Prefill:
         """The prompt's keys/values per layer (each layer's cache holds the positions of the segment it ran in);
         MustDrop (stage 3): the layers from the first filter layer on keep only the last segment's positions."""
         present = [out[f"present_{n}"] for n in kv_names(self.layers)]
-        if not isinstance(self.split, MustDrop):
+        if not self.split.final_cache:
             return present
         bounds = [0, *self.split.cuts, self.layers]
         for index, start in enumerate(bounds[:-1]):

@@ -6,16 +6,3 @@ the index tensors that define its selection (``b.expose``) so parity can compare
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-
-from tokensieve.graph_passes.builder import NodeBuilder
-from tokensieve.graph_passes.sites import diffrate, pitome, tome, topk
-from tokensieve.graph_passes.sites.common import SiteInput, SiteOutput
-
-EMITTERS: dict[str, Callable[[NodeBuilder, SiteInput], SiteOutput]] = {
-    "topk": topk.emit,
-    "tome": tome.emit,
-    "pitome": pitome.emit,
-    "diffrate": diffrate.emit,
-}

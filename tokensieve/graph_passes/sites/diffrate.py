@@ -22,8 +22,11 @@ from tokensieve.graph_passes.sites.common import (
     normalize,
     ones_sizes,
 )
+from tokensieve.methods.diffrate import DiffRate
+from tokensieve.methods.faces import register
 
 
+@register("site_emitter", DiffRate)
 def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
     S, N, T = site.specials, site.count.tokens_in, site.count.candidates
     prune, merge = site.count.params["prune"], site.count.params["merge"]

@@ -24,8 +24,11 @@ from tokensieve.graph_passes.sites.common import (
     merge_into,
     ones_sizes,
 )
+from tokensieve.methods.faces import register
+from tokensieve.methods.pitome import PiToMe
 
 
+@register("site_emitter", PiToMe)
 def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
     method = site.method
     S, N, T, r = site.specials, site.count.tokens_in, site.count.candidates, site.count.params["r"]

@@ -26,8 +26,11 @@ from tokensieve.graph_passes.sites.common import (
     ones_sizes,
     take,
 )
+from tokensieve.methods.faces import register
+from tokensieve.methods.tome import ToMe
 
 
+@register("site_emitter", ToMe)
 def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
     S, N, r = site.specials, site.count.tokens_in, site.count.params["r"]
     h = site.stream

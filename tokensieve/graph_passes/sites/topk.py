@@ -13,8 +13,11 @@ import numpy as np
 
 from tokensieve.graph_passes.builder import NodeBuilder
 from tokensieve.graph_passes.sites.common import SiteInput, SiteOutput, gather_tokens, head_mean_scores, one_hot
+from tokensieve.methods.faces import register
+from tokensieve.methods.topk import TopKPrune
 
 
+@register("site_emitter", TopKPrune)
 def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
     method, count = site.method, site.count
     S, N, n, K = site.specials, count.tokens_in, count.candidates, count.params["kept"]

@@ -37,6 +37,7 @@ class Manifest:
     weights_sha256: str | None = None
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})  # INT8 copies only
     files: dict[str, str] | None = None  # SHA-256 of every file written with the manifest (set by dump)
     format_version: int = FORMAT_VERSION  # the version the file was written with (dump writes the current one)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this release does not know, kept as they were
@@ -50,20 +51,6 @@ class Manifest:
         }
         data.update(format=FORMAT, format_version=FORMAT_VERSION, kind=self.kind)
         return {**self.extra, **json.loads(json.dumps(data))}
-
-    # transitional: dict-style reads of the version-1 code (removed once every reader uses the attributes)
-    def __getitem__(self, key: str) -> Any:
-        try:
-            return getattr(self, key) if key in _names(self) else self.extra[key]
-        except KeyError:
-            raise KeyError(key) from None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = getattr(self, key) if key in _names(self) else self.extra.get(key, default)
-        return default if value is None else value
-
-    def __contains__(self, key: str) -> bool:
-        return (key in _names(self) and getattr(self, key) is not None) or key in self.extra
 
     def replace(self, **changes: Any) -> Manifest:
         """A deep copy with ``changes`` applied (the copy shares no table with this manifest)."""
@@ -84,7 +71,6 @@ class ImageManifest(Manifest):
     sites: list[dict[str, Any]] = field(default_factory=list)
     macs: dict[str, Any] = field(default_factory=dict)
     lint: dict[str, Any] = field(default_factory=dict)
-    quantization: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})  # INT8 copies only
 
 
 @dataclass(kw_only=True)
@@ -140,10 +126,6 @@ def read_dict(data: Any, where: str) -> Manifest:
         raise ArtifactError(f"{where} lacks {', '.join(missing)}; re-export the artifact")
     extra = {k: v for k, v in data.items() if k not in known and k not in ("format", "kind")}
     return cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
-
-
-def _names(manifest: Manifest) -> set[str]:
-    return {f.name for f in dataclasses.fields(manifest)} | {"kind"}
 
 
 def _required(f: dataclasses.Field) -> bool:

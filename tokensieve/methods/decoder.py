@@ -1,0 +1,124 @@
+"""What every MLLM decoder method declares: the protocol the export, parity, plan, inspect, bench and runtime code
+dispatch through.
+
+A decoder method is a frozen dataclass deriving from :class:`DecoderMethod`. Pure-Python faces live on the class:
+
+* ``validate(ctx)``: a typed error when the method cannot fit the model described by a :class:`DecoderContext`;
+* declarative facts the generic code reads (class attributes and properties below): which graphs the export
+  produces (``growing_cache``, ``split_vision``, ``cls_scores``, ``host_cuts``), how the runtime feeds them
+  (``cuts``, ``cache_cuts``, ``contiguous_positions``, ``final_cache``, ``ring``, ``evicts``, ``cached_prompt``,
+  ``fixed_capacity``), what parity compares (``kept_fields``, ``kept_separated``, ``shortens_prompt``) and which
+  graphs get symbolic axes and why (``dynamic``);
+* ``plan(p)``: the cost arithmetic of :class:`PlanInput` (``None``: the counts depend on the data, ``data_dependent``);
+* ``explain(decoder, image_tokens)``: what the method does to an exported artifact, in words (``tokensieve inspect``).
+
+The faces that need numpy, onnx or torch register themselves per class (:mod:`tokensieve.methods.faces`): the
+export rewrite (``"export"``, ``tokensieve.graph_passes``), the eager reference (``"reference"``,
+``tokensieve.reference``) and the host decisions (``"prefill_cut"``, ``"image_tokens"``, ``"decoder"``,
+``"bench_decoder"``, ``tokensieve.runtimes``). ``docs/adding-a-method.md`` walks through FastV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class DecoderContext:
+    """The model a decoder method is validated against."""
+
+    layers: int  # decoder layers
+    kind: str  # "llava" | "llava_next"
+    select_strategy: str  # the vision feature strategy: "default" (CLS dropped) or "full"
+    image_tokens: int  # image tokens of one image (plain LLaVA; 0 when it varies with the image size)
+    capacity: int  # slots of the fixed-capacity decode graph
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """A prompt on a decoder, for the cost arithmetic of :meth:`DecoderMethod.plan`."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    image_tokens: int
+    length: int  # prompt positions, image included
+    new_tokens: int
+    capacity: int  # the fixed decode graph's slots (evicting caches keep this many)
+
+
+@dataclass
+class PlanCost:
+    """What one generation costs with a method: the prefill tokens of every layer, the positions each layer caches
+    at the end, the fixed decode graph's slots, the method's own scoring MACs in prefill, and per-slot state."""
+
+    tokens: list[int]
+    cached: list[int]
+    slots: int
+    scoring: int = 0
+    unbounded: bool = False  # any number of new tokens fits the slots (eviction)
+    state_bytes: int = 0  # per slot, layer and KV head, besides the keys and values
+
+    @classmethod
+    def unreduced(cls, p: PlanInput) -> PlanCost:
+        total = p.length + p.new_tokens
+        return cls([p.length] * p.layers, [total] * p.layers, total)
+
+
+class DecoderMethod:
+    """Base of every MLLM decoder method (see the module docstring)."""
+
+    name: ClassVar[str]
+    target: ClassVar[str] = "mllm"
+    growing_cache: ClassVar[bool] = True  # the export can add the growing-cache decode graph
+    split_vision: ClassVar[bool] = False  # the vision graph is split (vision_0 / vision_1) with host work between
+    cls_scores: ClassVar[bool] = False  # the vision graph also outputs the CLS attention scores (cls_scores)
+    host_cuts: ClassVar[bool] = False  # prefill runs as segments prefill_0..n with host decisions between them
+    contiguous_positions: ClassVar[bool] = False  # layers after a cut see contiguous position ids
+    final_cache: ClassVar[bool] = False  # after prefill, layers from cache_cuts[0] on cache only the final positions
+    ring: ClassVar[bool] = False  # the fixed cache is a ring: the method has slot(position, capacity), retained()
+    evicts: ClassVar[bool] = False  # any context fits the cache (no capacity check)
+    data_dependent: ClassVar[bool] = True  # kept counts depend on the image / prompt: no plan, bench measures
+    shortens_prompt: ClassVar[bool] = False  # the image run is shortened before prefill (the prompt ids change)
+    kept_fields: ClassVar[tuple[str, ...]] = ("kept_positions",)  # result fields parity compares, concatenated
+    kept_separated: ClassVar[bool] = False  # each part of the kept fields ended by -1 (parts of different kinds)
+
+    @property
+    def cuts(self) -> tuple[int, ...]:
+        """The decoder layers the prefill is cut before (ascending; empty: no cut)."""
+        return ()
+
+    @property
+    def cache_cuts(self) -> tuple[int, ...]:
+        """The decoder layers the decode graphs split their cache slot at (one slot input per cut)."""
+        return ()
+
+    def validate(self, ctx: DecoderContext) -> None:
+        """A :class:`tokensieve.errors.MethodSpecError` when the method cannot fit ``ctx``."""
+
+    def fixed_capacity(self) -> int | None:
+        """The fixed decode graph's slots the method needs whatever the source (``None``: the source's default)."""
+        return None
+
+    def cached_prompt(self, length: int) -> int:
+        """Positions a ``length``-position prompt leaves in the cache after prefill."""
+        return length
+
+    def vision_windows(self, image_tokens: int) -> list[list[int]] | None:
+        """Windows the split vision graph scores (``None``: none)."""
+        return None
+
+    def dynamic(self, graphs: Iterable[str]) -> dict[str, str]:
+        """Graphs (among ``graphs``) whose symbolic axes the method adds or changes, and why."""
+        return {}
+
+    def plan(self, p: PlanInput) -> PlanCost | None:
+        """The cost of one generation (``None`` when ``data_dependent``)."""
+        return None
+
+    def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str | None:
+        """What the method does to the sequence or the cache, in words, given the manifest's decoder geometry and image
+        token facts."""
+        return None
