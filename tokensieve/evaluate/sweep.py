@@ -11,9 +11,9 @@ leaves nothing behind and an earlier sweep at the same place stays until the new
 
 Latency: image models are timed with :func:`tokensieve.bench.image.bench_artifact` (reduced vs unreduced graph,
 alternating blocks; the MAC limit is the baseline latency divided by the MAC-limit speedup), staged artifacts with
-:func:`tokensieve.bench.image.bench_staged` (bucketed dispatch over the evaluation images), MLLMs by the mean
-generation time of the evaluation prompts (vision + prefill + decode per token x the new tokens after the first),
-with no MAC limit.
+:func:`tokensieve.bench.image.bench_staged` (bucketed dispatch over the evaluation images), MLLMs by the time of a
+greedy generation of ``new_tokens`` tokens over the first prompts, artifact and baseline alternating in blocks, with
+no MAC limit. The Pareto front and the chart use latency relative to the unreduced model measured alongside.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from tokensieve.errors import ArtifactError
 from tokensieve.evaluate.grid import Strength, expand_grid
 
 SWEEP_FILE = "sweep.json"
+_TIMED_PROMPTS = 4  # MLLMs: the prompts each generation-latency measurement runs
 
 
 @dataclass
@@ -100,16 +101,32 @@ def _folder(index: int, strength: Strength) -> str:
     return f"{index}_{re.sub(r'[^A-Za-z0-9.]+', '_', strength.label).strip('_')}"
 
 
-def _latency(artifact, report, data, bench: dict[str, Any], new_tokens: int) -> tuple[float, float, float | None]:
+def _generation_ms(artifact, baseline, data, bench: dict[str, Any], new_tokens: int) -> tuple[float, float]:
+    """Mean ms of one greedy generation of ``new_tokens`` tokens (EOS ignored, so both make as many) over the first
+    prompts, the artifact and the baseline alternating in blocks (medians)."""
+    import statistics
+
+    from tokensieve.bench.image import time_alternating
+    from tokensieve.evaluate.data import read_prompts
+
+    cases = read_prompts(data, limit=_TIMED_PROMPTS)
+    options = {"spin": False, "threads": bench["threads"]}
+    runners = {"model": artifact.llava_runner(**options), "baseline": baseline.llava_runner(**options)}
+    runs = {
+        key: (lambda r=runner: [r.generate(c.image, c.prompt, new_tokens, ignore_eos=True) for c in cases])
+        for key, runner in runners.items()
+    }
+    for run in runs.values():
+        run()
+    times = time_alternating(runs, bench["blocks"], bench["per_block"])
+    model, base = (statistics.median(times[key]) * 1e3 / len(cases) for key in ("model", "baseline"))
+    return model, base
+
+
+def _latency(artifact, baseline, data, bench: dict[str, Any], new_tokens: int) -> tuple[float, float, float | None]:
     """``(latency ms, baseline ms, MAC-limit ms)`` of one strength (see the module docstring)."""
     if artifact.kind == "mllm":
-        t = report.timings_ms
-
-        def total(prefix: str) -> float:
-            per_token = t[f"{prefix}decode_per_token"] or 0.0
-            return t[f"{prefix}vision"] + t[f"{prefix}prefill"] + per_token * max(new_tokens - 1, 0)
-
-        return total(""), total("baseline_"), None
+        return (*_generation_ms(artifact, baseline, data, bench, new_tokens), None)
     from tokensieve.bench.image import bench_artifact, bench_staged
 
     if artifact.kind == "staged":
@@ -184,7 +201,8 @@ def sweep(
         pairs = list(zip(artifacts, qualities, strict=True))
         bench = {"threads": threads, "blocks": blocks, "per_block": per_block}
         timings = [
-            _latency(a, q, data, bench, new_tokens) for a, q in tqdm(pairs, desc="bench", unit="artifact", **bar)
+            _latency(a, baseline, data, bench, new_tokens)
+            for a in tqdm(artifacts, desc="bench", unit="artifact", **bar)
         ]
         report = SweepReport(source, " ".join(method.split()), qualities[0].task, "")
         for strength, (artifact, quality), timing in zip(strengths, pairs, timings, strict=True):
