@@ -105,13 +105,16 @@ def main() -> None:
             shutil.copy(out / "sweep.png", RESULTS / f"sweep_{name}.png")
             rows += [(name, report, row) for row in report.rows]
     print(
-        "| sweep | strength | task | agreement | latency ms | unreduced ms | relative | MAC-limit relative | Pareto |"
+        "| sweep | strength | task | agreement | perplexity (unreduced) | latency ms | unreduced ms | relative | "
+        "MAC-limit relative | Pareto |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, report, r in rows:
         limit = "-" if r.limit_relative is None else f"{r.limit_relative:.3f}"
+        ppl, base = r.metrics.get("perplexity"), r.metrics.get("baseline_perplexity")
+        perplexity = "-" if ppl is None else f"{ppl:.2f} ({base:.2f})"
         print(
-            f"| {name} | {r.label} | {report.task} | {r.agreement:.4f} | {r.latency_ms:.2f} | {r.baseline_ms:.2f} | "
+            f"| {name} | {r.label} | {report.task} | {r.agreement:.4f} | {perplexity} | {r.latency_ms:.2f} | {r.baseline_ms:.2f} | "
             f"{r.relative:.3f} | {limit} | {'yes' if r.pareto else ''} |"
         )
 

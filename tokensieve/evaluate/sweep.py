@@ -43,6 +43,7 @@ class SweepRow:
     baseline_ms: float
     limit_ms: float | None  # the latency the MAC counts allow (None: MLLMs)
     pareto: bool = False
+    metrics: dict[str, float | None] = field(default_factory=dict)  # the evaluation's other figures
 
     @property
     def relative(self) -> float:
@@ -209,7 +210,9 @@ def sweep(
             quality.artifact = str(out / artifact.path.name)
             quality.save(artifact.path)
             quality_row = (quality.agreement, quality.accuracy_drop)
-            report.rows.append(SweepRow(strength.label, strength.method, artifact.path.name, *quality_row, *timing))
+            row = SweepRow(strength.label, strength.method, artifact.path.name, *quality_row, *timing)
+            row.metrics = quality.metrics
+            report.rows.append(row)
         report.unit = "ms per generation" if artifacts[0].kind == "mllm" else "ms per image batch"
         mark_pareto(report.rows)
         (staging / SWEEP_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
