@@ -114,8 +114,8 @@ def main() -> None:
         ppl, base = r.metrics.get("perplexity"), r.metrics.get("baseline_perplexity")
         perplexity = "-" if ppl is None else f"{ppl:.2f} ({base:.2f})"
         print(
-            f"| {name} | {r.label} | {report.task} | {r.agreement:.4f} | {perplexity} | {r.latency_ms:.2f} | {r.baseline_ms:.2f} | "
-            f"{r.relative:.3f} | {limit} | {'yes' if r.pareto else ''} |"
+            f"| {name} | {r.label} | {report.task} | {r.agreement:.4f} | {perplexity} | {r.latency_ms:.2f} | "
+            f"{r.baseline_ms:.2f} | {r.relative:.3f} | {limit} | {'yes' if r.pareto else ''} |"
         )
 
 
