@@ -1,5 +1,4 @@
-"""``tokensieve`` command line: export, inspect, parity, build (TensorRT engines), lint, plan, bench, eval, sweep, gate,
-generate.
+"""``tokensieve`` command line: export, inspect, parity, build, lint, plan, bench, eval, sweep, gate, generate, ...
 
 Exit codes: 0 success; 1 a check failed (parity mismatch, lint errors); 2 bad input or an operation that could
 not be carried out (a typed tokensieve error, printed as one line).
