@@ -29,7 +29,7 @@ LAYERS = [
     {"graph_passes", "runtimes", "reference"},
     {"converters", "calibration"},
     {"artifact"},
-    {"exporter", "parity", "bench", "inspect", "plan", "quantize", "gate"},
+    {"exporter", "parity", "bench", "inspect", "plan", "quantize", "gate", "evaluate"},
     {"deploy"},
     {"api", "cli", "__main__", ""},
 ]

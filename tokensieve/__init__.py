@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 from tokensieve.errors import TokensieveError
 
 if TYPE_CHECKING:
-    from tokensieve.api import Artifact, export, load
+    from tokensieve.api import Artifact, export, load, sweep
 
 __version__ = "0.1.0"
-__all__ = ["Artifact", "TokensieveError", "__version__", "export", "load"]
-_LAZY = {"export": "tokensieve.api", "load": "tokensieve.api", "Artifact": "tokensieve.api"}
+__all__ = ["Artifact", "TokensieveError", "__version__", "export", "load", "sweep"]
+_LAZY = {"export": "tokensieve.api", "load": "tokensieve.api", "Artifact": "tokensieve.api", "sweep": "tokensieve.api"}
 
 
 def __getattr__(name: str) -> Any:

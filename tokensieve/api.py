@@ -88,6 +88,15 @@ class Artifact(store.Artifact):
 
         return self._call(BENCH[self.kind], kwargs)
 
+    def eval(self, data, baseline: str | os.PathLike | Artifact | None = None, **kwargs):
+        """Quality against the unreduced model on ``data`` (:func:`tokensieve.evaluate.evaluate`): images for image
+        models, a JSONL of prompts for MLLMs (``baseline``: the unreduced MLLM artifact); writes ``eval.json``."""
+        from tokensieve.evaluate import evaluate
+
+        if baseline is not None and not isinstance(baseline, store.Artifact):
+            baseline = load(baseline)
+        return evaluate(self, data, baseline, **kwargs)
+
     def _call(self, function, kwargs: dict[str, Any]):
         """``function(self, **kwargs)``, or an error naming the options this kind of artifact does not take (or a
         tolerance that is not a finite number above 0)."""
@@ -107,6 +116,17 @@ class Artifact(store.Artifact):
 @functools.wraps(_exporter.export)
 def export(*args: Any, **kwargs: Any) -> Artifact:
     return Artifact.load(_exporter.export(*args, **kwargs).path)
+
+
+def sweep(source: str, method: str, data: str | os.PathLike, out: str | os.PathLike, **kwargs: Any):
+    """Export every strength of the grid ``method`` (``"tome(r=[4,8,12,16])"``), evaluate and time each, chart the
+    quality against latency (:func:`tokensieve.evaluate.sweep.sweep`); returns the sweep report."""
+    from tokensieve.evaluate.sweep import sweep as run_sweep
+
+    baseline = kwargs.get("baseline")
+    if baseline is not None and not isinstance(baseline, store.Artifact):
+        kwargs["baseline"] = load(baseline)
+    return run_sweep(source, method, data, out, **kwargs)
 
 
 def load(path: str | os.PathLike) -> Artifact:

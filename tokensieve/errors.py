@@ -65,6 +65,11 @@ class GateError(TokensieveError):
     """A registry-gate policy or path is unusable (unknown key, wrong type, no artifact found)."""
 
 
+class DataError(TokensieveError):
+    """Evaluation data (an image folder, an ImageFolder tree, a JSONL of prompts) cannot be used; names the file or
+    line."""
+
+
 class OptionError(TokensieveError):
     """A count given to a command or API call is out of its range (timing blocks, parity cases, ...)."""
 

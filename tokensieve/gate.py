@@ -12,7 +12,9 @@ Each artifact gets these checks; a policy (JSON, see :class:`Policy`) sets the t
 * budgets, only those the policy sets: ``methods`` (allowed method names), ``max_opset``, ``min_limit_speedup``
   and ``max_macs`` (image models: the manifest's MAC count, the bucketed expectation for staged artifacts),
   ``min_fraction_of_limit`` (the speedup ``tokensieve bench`` measured, as a fraction of the MAC limit, at every
-  batch in ``bench.json``), ``max_cache_slots`` (MLLMs: the fixed decode graph's KV-cache capacity).
+  batch in ``bench.json``), ``max_cache_slots`` (MLLMs: the fixed decode graph's KV-cache capacity), and the
+  quality budgets ``min_agreement`` and ``max_accuracy_drop``, read from the ``eval.json`` that ``tokensieve eval``
+  wrote next to the artifact (agreement with the unreduced model; accuracy drop against the labels or answers).
 
 A check passes, fails, or is skipped with the reason (a check that does not apply to the artifact's kind). The
 report prints as text, JSON or JUnit XML (one test suite per artifact, one test case per check), which CI
@@ -54,6 +56,8 @@ class Policy:
     max_macs: float | None = None
     min_fraction_of_limit: float | None = None
     max_cache_slots: int | None = None
+    min_agreement: float | None = None  # eval.json: agreement with the unreduced model (0..1)
+    max_accuracy_drop: float | None = None  # eval.json: baseline accuracy minus the artifact's
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, str) or self.target not in TARGETS:
@@ -249,6 +253,28 @@ def _measured_fraction(artifact: Artifact, limit: float | None) -> Check | None:
     return Check("fraction_of_limit", PASS if ok else FAIL, f"{detail} ({'>=' if ok else '<'} {limit:g})")
 
 
+def _quality(artifact: Artifact, policy: Policy) -> list[Check]:
+    """The quality budgets, from the ``eval.json`` committed next to the artifact (torch-free: only JSON is read)."""
+    budgets = {"min_agreement": policy.min_agreement, "max_accuracy_drop": policy.max_accuracy_drop}
+    if all(limit is None for limit in budgets.values()):
+        return []
+    try:
+        report = json.loads((artifact.path / "eval.json").read_text())
+        values = {"min_agreement": report["agreement"], "max_accuracy_drop": report.get("accuracy_drop")}
+    except (OSError, ValueError, KeyError, TypeError):
+        missing = f"no readable eval.json; run `tokensieve eval {artifact.path} --data DATA` and commit eval.json"
+        return [Check(name, FAIL, missing) for name, limit in budgets.items() if limit is not None]
+    checks = []
+    for name, limit in budgets.items():
+        if limit is None:
+            continue
+        if values[name] is None:
+            checks.append(Check(name, FAIL, "eval.json has no accuracy: evaluate on labelled data (or answers)"))
+            continue
+        checks.append(_bound(name, values[name], limit, at_most=name.startswith("max")))
+    return checks
+
+
 def _budgets(artifact: Artifact, policy: Policy) -> list[Check]:
     manifest = artifact.manifest
     checks: list[Check | None] = []
@@ -266,7 +292,7 @@ def _budgets(artifact: Artifact, policy: Policy) -> list[Check]:
     checks.append(_measured_fraction(artifact, policy.min_fraction_of_limit))
     capacity = manifest.decoder.get("capacity") if artifact.kind == "mllm" else None
     checks.append(_bound("max_cache_slots", capacity, policy.max_cache_slots, at_most=True))
-    return [c for c in checks if c is not None]
+    return [c for c in checks if c is not None] + _quality(artifact, policy)
 
 
 def _guarded(name: str, check, *args) -> Check:

@@ -1,4 +1,4 @@
-"""``tokensieve`` command line: export, inspect, parity, build (TensorRT engines), lint, plan, bench, gate, generate.
+"""``tokensieve`` command line: export, inspect, parity, build, lint, plan, bench, eval, sweep, gate, generate, ...
 
 Exit codes: 0 success; 1 a check failed (parity mismatch, lint errors); 2 bad input or an operation that could
 not be carried out (a typed tokensieve error, printed as one line).
@@ -15,6 +15,7 @@ import sys
 from tokensieve.cli import (
     bench,
     build,
+    eval,
     export,
     gate,
     generate,
@@ -24,12 +25,13 @@ from tokensieve.cli import (
     parity,
     plan,
     quantize,
+    sweep,
     triton,
 )
 from tokensieve.errors import TokensieveError
 
 # in the order ``tokensieve --help`` lists them
-COMMANDS = (export, inspect, parity, quantize, build, jetson, triton, lint, plan, bench, gate, generate)
+COMMANDS = (export, inspect, parity, quantize, build, jetson, triton, lint, plan, bench, eval, sweep, gate, generate)
 
 __all__ = ["build_parser", "main"]
 

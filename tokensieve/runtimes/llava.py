@@ -63,6 +63,7 @@ class Generation:
     cache_positions: np.ndarray | None = None  # SnapKV / A2SF / H2O: [layers, kv_heads, K] prompt positions cached
     retained_positions: np.ndarray | None = None  # H2O: [layers, kv_heads, n] positions cached at the end
     timings_ms: dict[str, float] = field(default_factory=dict)
+    forced_logprobs: list[float] | None = None  # with ``forced``: log-probability of each forced token
 
 
 def expand_placeholders(ids: np.ndarray, image_token_id: int, features: int | None) -> np.ndarray:
@@ -208,8 +209,10 @@ class LlavaRunner:
         stop_ids: list[int] | None = None,
         ignore_eos: bool = False,
         template: str | None = None,
+        forced: list[int] | None = None,
     ) -> Generation:
-        """Greedy generation; stops at ``stop_ids`` (default: the model's EOS) unless ``ignore_eos``."""
+        """Greedy generation; stops at ``stop_ids`` (default: the model's EOS) unless ``ignore_eos``. ``forced``
+        (teacher forcing): these tokens are taken instead of the greedy ones, and their log-probabilities recorded."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 0:
             raise PromptError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if input_ids is None and not isinstance(prompt, str):
@@ -233,9 +236,13 @@ class LlavaRunner:
         setup = DecodeSetup(self.capacity, dropped, offset, self.budget, self.eviction, extras)
         decoder = FACES.lookup("decoder", self.method)(self.decode, present, self.method, setup)
         new: list[int] = []
+        logprobs: list[float] = []
         next_logits, stop = logits, "max_new_tokens"
         for position in range(len(ids), len(ids) + max_new_tokens):
-            token = int(np.argmax(next_logits))
+            token = int(np.argmax(next_logits)) if forced is None else int(forced[len(new)])
+            if forced is not None:
+                shifted = next_logits.ravel().astype(np.float64) - next_logits.max()
+                logprobs.append(float(shifted[token] - np.log(np.exp(shifted).sum())))
             new.append(token)
             if token in stops:
                 stop = "eos"
@@ -258,6 +265,7 @@ class LlavaRunner:
             key_set=chosen.get("key_set"),
             cache_positions=extras.get("cache_positions"),
             retained_positions=decoder.retained(),
+            forced_logprobs=logprobs if forced is not None else None,
             timings_ms={
                 "vision": 1e3 * (t_vision - start),
                 "prefill": 1e3 * (t_prefill - t_vision),
