@@ -26,7 +26,7 @@ def test_failed_export_leaves_existing_artifact_untouched(artifact, monkeypatch,
     def broken(path):
         raise GraphRewriteError("injected failure after the graphs were written")
 
-    monkeypatch.setattr("tokensieve.api.check_file", broken)
+    monkeypatch.setattr("tokensieve.exporter.image.check_file", broken)
     with pytest.raises(GraphRewriteError, match="injected"):
         tokensieve.export(str(zoo("timm:vit_small_patch16_224")[0]), "topk(keep=0.5, layers=[1])", artifact.path)
     assert json.loads((artifact.path / "manifest.json").read_text()) == before

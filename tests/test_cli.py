@@ -285,6 +285,8 @@ def test_parity_device_refuses_staged_artifacts(tmp_path, capsys):
 
     staged = tmp_path / "staged"
     staged.mkdir()
-    (staged / MANIFEST).write_text(json.dumps({"format": "tokensieve-artifact", "graphs": {}, "stages": {}}))
+    (staged / MANIFEST).write_text(
+        json.dumps({"format": "tokensieve-artifact", "source": {}, "graphs": {}, "stages": {}})
+    )
     assert main(["parity", str(staged), "--device", "cuda"]) == 2
     assert "single-graph artifact" in capsys.readouterr().err

@@ -52,7 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from tokensieve.artifact.store import ENGINES, MANIFEST, plan_path, replaced_directory
+from tokensieve import manifest as manifest_file
+from tokensieve.artifact.store import ENGINES, plan_path, replaced_directory
 from tokensieve.deploy.build import graph_paths, input_profile, profile_ranges
 from tokensieve.deploy.dla import check_dla, dla_job, limit_loadables
 from tokensieve.deploy.files import copy_artifact
@@ -308,10 +309,9 @@ def _forget(folder: Path, left_out: list[str]) -> None:
     """Drop the left-out folders from the copied manifest's file digests, so the bundle still passes the gate."""
     if not left_out:
         return
-    manifest = json.loads((folder / MANIFEST).read_text())
-    files = manifest.files or {}
-    manifest.files = {k: v for k, v in files.items() if not any(k.startswith(p) for p in left_out)}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    manifest = manifest_file.read(folder)
+    files = {k: v for k, v in (manifest.files or {}).items() if not any(k.startswith(p) for p in left_out)}
+    manifest_file.dump(folder, manifest, files)
 
 
 def _write(out: Path, fill) -> None:

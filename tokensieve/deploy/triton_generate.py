@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tokensieve import manifest as manifest_file
 from tokensieve.errors import TokensieveError
 from tokensieve.runtimes.llava import LlavaRunner
 
@@ -32,7 +33,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         folder = Path(args["model_repository"]) / args["model_version"]
         settings = json.loads((folder / "generate.json").read_text())
-        manifest = json.loads((folder / "artifact" / "manifest.json").read_text())
+        manifest = manifest_file.read(folder / "artifact")
         self.runner = LlavaRunner(
             folder / "artifact", manifest, cache=settings["cache"], providers=settings["providers"]
         )
