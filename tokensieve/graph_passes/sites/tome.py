@@ -23,6 +23,7 @@ from tokensieve.graph_passes.sites.common import (
     gather_tokens,
     key_metric,
     merge_into,
+    merge_origin,
     ones_sizes,
     take,
 )
@@ -59,4 +60,6 @@ def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
         len(b_pos),
         h.dtype,
     )
-    return assemble(b, h, sizes, S, unm_pos, merged, merged_sizes)
+    out = assemble(b, h, sizes, S, unm_pos, merged, merged_sizes)
+    out.origin = merge_origin(b, unm_pos, b_pos) if site.positions else None
+    return out

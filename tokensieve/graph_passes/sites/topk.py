@@ -48,4 +48,5 @@ def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
             size_parts.append(b.reduce("ReduceSum", b.op("Mul", [candidate_sizes, pruned]), [1], keepdims=True))
     out = b.op("Concat", parts, "tokens", axis=1)
     sizes_out = b.op("Concat", size_parts, "sizes", axis=1) if sizes is not None else None
-    return SiteOutput(out, sizes_out, dict(b.exposed))
+    origin = kept if site.positions and not method.fused_token(K, n) else None  # a fused token has no one position
+    return SiteOutput(out, sizes_out, dict(b.exposed), origin)
