@@ -147,7 +147,9 @@ def _insert(model: ir.Model, uses: list[TableUse], b: NodeBuilder) -> None:
 
 def _with_specials(b: NodeBuilder, positions: ir.Value, S: int) -> ir.Value:
     """``[B, S + n]``: the special tokens' positions ``0..S-1`` followed by ``positions``."""
-    return b.op("Concat", [batch_rows(b, list(range(S)), positions), positions], "positions", axis=1) if S else positions
+    if not S:
+        return positions
+    return b.op("Concat", [batch_rows(b, list(range(S)), positions), positions], "positions", axis=1)
 
 
 def _per_sample_rows(b: NodeBuilder, use: TableUse, table: ir.Value, index: ir.Value) -> ir.Value:

@@ -38,7 +38,18 @@ class BlockSpec:
 
 
 _TIMM = BlockSpec(
-    "norm1", "attn", "ls1", "norm2", "mlp", "ls2", "q_norm", "k_norm", True, False, "attn_mask", frozenset({"Attention"})
+    "norm1",
+    "attn",
+    "ls1",
+    "norm2",
+    "mlp",
+    "ls2",
+    "q_norm",
+    "k_norm",
+    True,
+    False,
+    "attn_mask",
+    frozenset(["Attention"]),
 )
 # timm's Eva blocks (EVA-02, RoPE-ViT axial and mixed, DINOv3 in timm): LayerScale as gamma parameters, rotary
 # tables passed to every block (``rope=``) and applied to the queries and keys after q_norm / k_norm
@@ -182,13 +193,15 @@ class ReducingBlock(nn.Module):
         rope = self.host.rope_rows(rope) if rope is not None else None
         extra = {"rope": rope} if rope is not None else {}
         bias = self.host.attention_bias()
+        if bias is not None:
+            extra[spec.mask_kwarg] = bias
         captured: dict[str, torch.Tensor] = {}
         hooks = [
             getattr(attn, spec.query).register_forward_hook(lambda m, i, o: captured.__setitem__("q", o)),
             getattr(attn, spec.key).register_forward_hook(lambda m, i, o: captured.__setitem__("k", o)),
         ]
         try:
-            out = attn(getattr(self.block, spec.norm1)(x), **extra, **({spec.mask_kwarg: bias} if bias is not None else {}))
+            out = attn(getattr(self.block, spec.norm1)(x), **extra)
         finally:
             for hook in hooks:
                 hook.remove()
