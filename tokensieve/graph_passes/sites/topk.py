@@ -4,7 +4,8 @@ Inserts: the head-mean attention score of every token (CLS query row recomputed 
 received), ``TopK`` with constant ``K`` over the candidates, a second ``TopK(largest=0)`` restoring ascending
 order, ``GatherND`` of the kept rows (and of their sizes when tokens carry sizes), ``Concat[specials, kept]`` and,
 with ``fuse``, the fused token ``MatMul(scores of pruned candidates, candidates)`` whose size is the pruned
-candidates' total size. Exposes ``kept`` (``[B, K]`` positions in the sequence entering the site).
+candidates' total size. Exposes ``kept`` (``[B, K]`` positions in the sequence entering the site). When later
+blocks read rotary tables, ``kept`` is also the site's ``origin`` (none with a fused token, which has no position).
 """
 
 from __future__ import annotations
