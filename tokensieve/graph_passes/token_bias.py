@@ -89,7 +89,7 @@ def weighted_pooling(model: ir.Model, layout: ViTLayout, weights: ir.Value, purp
         w = weights if dims[1] == N0 or S == 0 else b.slice(weights, S, 2**62, axis=1)
         keep = node.attributes.get_int("keepdims", 1)
         total = b.reduce("ReduceSum", b.op("Mul", [node.inputs[0], b.unsqueeze(w, [-1])]), [1], keep)
-        norm = b.reduce("ReduceSum", w, [1], keepdims=True)
-        pooled = b.op("Div", [total, norm if keep else b.op("Squeeze", [norm, b.const([1], "axes")])])
+        norm = b.reduce("ReduceSum", w, [1], keepdims=True)  # [B, 1]: divides [B, C], or [B, 1, C] once unsqueezed
+        pooled = b.op("Div", [total, b.unsqueeze(norm, [-1]) if keep else norm])
         b.graph.insert_before(node, b.nodes)
         node.outputs[0].replace_all_uses_with(pooled, replace_graph_outputs=True)

@@ -10,7 +10,10 @@ Inserts, walking the blocks in order and threading the token state (stream, size
 * once a merging method has produced token sizes, **proportional attention**: ``log(size)`` (``[B, 1, 1, N]``) is
   added to the logits of every later block, before its ``Softmax``, or as the additive ``attn_mask`` of a fused
   ``Attention`` op (and to attention-pooling heads), when the merging method has ``prop_attn``;
-* after the last block, global average pooling over tokens becomes a size-weighted mean.
+* after the last block, global average pooling over tokens becomes a size-weighted mean;
+* when later blocks read rotary position tables (:mod:`tokensieve.graph_passes.rotary`), each site says which
+  incoming position every output token keeps (``origin``); the original positions are composed from site to site
+  and every later block's tables are gathered at them, so queries and keys keep their own rotation.
 
 The sites record themselves in the model's ``tokensieve.sites`` metadata with the names of the index tensors they
 expose (``tokensieve/site<k>/kept``, ``.../src``, ``.../dst``, ...) for parity.
@@ -33,7 +36,8 @@ from tokensieve.graph_passes import FACES
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, redirect_uses
 from tokensieve.graph_passes.locate import ViTLayout, locate_vit
 from tokensieve.graph_passes.propagate import propagate_shapes
-from tokensieve.graph_passes.sites.common import SiteInput
+from tokensieve.graph_passes.rotary import TableUse, compose_positions, follow_positions, position_tables
+from tokensieve.graph_passes.sites.common import SiteInput, SiteOutput
 from tokensieve.graph_passes.token_bias import add_logit_bias, bias_pooling_heads, weighted_pooling
 from tokensieve.methods.base import Method, Schedule, schedule
 
@@ -66,17 +70,24 @@ class TokenReductionPass(ir.passes.InPlacePass):
         sizes: ir.Value | None = None
         bias: ir.Value | None = None
         prev_shapes: dict[ir.Value, ir.Shape] = {}
+        tables = position_tables(model, layout)
+        positions: ir.Value | None = None
         for block in layout.blocks:
             if bias is not None:
                 add_logit_bias(model, block.attention, bias, f"tokensieve/prop_attn{block.index}", "prop_attn")
+            if positions is not None and block.index in tables:
+                follow_positions(model, block, tables[block.index], positions, layout.specials)
             if block.index not in sites:
                 continue
             method, count = sites[block.index]
             h = block.post_attention
             uses = list(h.uses())
             b = NodeBuilder.for_site(model, count.layer, method.name)
-            site = SiteInput(block, count, method, layout.specials, layout.depth, h, sizes, bias)
+            later = [tables[i] for i in sorted(tables) if i > block.index]
+            site = SiteInput(block, count, method, layout.specials, layout.depth, h, sizes, bias, bool(later))
             out = FACES.lookup("site_emitter", method)(b, site)
+            if later:
+                positions = self._positions(b, positions, out, later[0][0], method, count.layer)
             if out.sizes is not None:
                 sizes = b.expose(b.op("Identity", [out.sizes]), "sizes")
                 if prop_attn:
@@ -105,6 +116,18 @@ class TokenReductionPass(ir.passes.InPlacePass):
         TopologicalSortPass()(model)
         propagate_shapes(model, prev_shapes)
         return ir.passes.PassResult(model, modified=bool(plan.sites))
+
+    def _positions(
+        self, b: NodeBuilder, positions: ir.Value | None, out: SiteOutput, use: TableUse, method: Method, layer: int
+    ) -> ir.Value:
+        """The original positions of the non-special tokens after a site, for the rotary tables of later blocks."""
+        if out.origin is None:
+            raise GraphRewriteError(
+                f"{use.describe()} (rotary position embedding), which must follow the tokens {method.name} keeps at "
+                f"block {layer}, but the site gives no single position per output token (a fused token, or a merging "
+                "method other than ToMe); export without fuse, or with tome"
+            )
+        return compose_positions(b, positions, out.origin, self.layout.specials)
 
     def ensures(self, model: ir.Model) -> None:
         for method, count in self.plan.sites:

@@ -33,9 +33,41 @@ class BlockSpec:
     heads_first: bool  # True: query/key outputs are [B, H, N, d] (timm q_norm/k_norm); False: [B, N, H*d]
     attn_returns_tuple: bool
     mask_kwarg: str  # keyword of the attention module's additive mask (used for proportional attention)
+    attention_classes: frozenset[str] = frozenset()  # the attention modules supported (empty: any)
+    rope: bool = False  # the block takes ``rope=`` tables, applied to the queries and keys after ``query``/``key``
 
 
-_TIMM = BlockSpec("norm1", "attn", "ls1", "norm2", "mlp", "ls2", "q_norm", "k_norm", True, False, "attn_mask")
+_TIMM = BlockSpec(
+    "norm1",
+    "attn",
+    "ls1",
+    "norm2",
+    "mlp",
+    "ls2",
+    "q_norm",
+    "k_norm",
+    True,
+    False,
+    "attn_mask",
+    frozenset(["Attention"]),
+)
+# timm's Eva blocks (EVA-02, RoPE-ViT axial and mixed, DINOv3 in timm): LayerScale as gamma parameters, rotary
+# tables passed to every block (``rope=``) and applied to the queries and keys after q_norm / k_norm
+_TIMM_EVA = BlockSpec(
+    "norm1",
+    "attn",
+    "gamma_1",
+    "norm2",
+    "mlp",
+    "gamma_2",
+    "q_norm",
+    "k_norm",
+    True,
+    False,
+    "attn_mask",
+    frozenset({"EvaAttention", "AttentionRope"}),
+    rope=True,
+)
 _HF_VIT = BlockSpec(
     "layernorm_before",
     "attention",
@@ -68,6 +100,7 @@ _HF_CLIP = BlockSpec(
 
 BLOCK_SPECS: dict[str, BlockSpec] = {
     "Block": _TIMM,  # timm.models.vision_transformer.Block (ViT, DeiT, DeiT-III, DINOv2 in timm, ...)
+    "EvaBlock": _TIMM_EVA,
     "ViTLayer": _HF_VIT,
     "Dinov2Layer": _HF_DINOV2,
     "Dinov2WithRegistersLayer": _HF_DINOV2,
@@ -92,10 +125,11 @@ def find_blocks(model: nn.Module) -> tuple[nn.Module, list[nn.Module], BlockSpec
             f"{', '.join(sorted(BLOCK_SPECS))}"
         )
     attention = {type(getattr(block, best[2].attn)).__name__ for block in best[1]}
-    if best[2] is _TIMM and attention != {"Attention"}:
+    supported = best[2].attention_classes
+    if supported and not attention <= supported:
         raise SourceError(
-            f"{type(model).__name__}: blocks use {', '.join(sorted(attention))}; only timm's standard Attention is "
-            "supported (not differential, RoPE or parallel attention variants)"
+            f"{type(model).__name__}: blocks use {', '.join(sorted(attention))}; supported in these blocks: "
+            f"{', '.join(sorted(supported))} (not differential or parallel attention variants)"
         )
     return best
 
@@ -132,6 +166,8 @@ class BlockHost(Protocol):
 
     def reduce(self, index: int, h: torch.Tensor, attention: AttentionTensors) -> torch.Tensor: ...
 
+    def rope_rows(self, table: torch.Tensor) -> torch.Tensor: ...
+
 
 class ReducingBlock(nn.Module):
     """Runs ``block``'s own attention half (with the host's logit bias), lets the host reduce the stream at this
@@ -143,28 +179,37 @@ class ReducingBlock(nn.Module):
         object.__setattr__(self, "host", host)  # not a submodule: the host owns this block
 
     def _part(self, name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        return (lambda t: t) if name is None else getattr(self.block, name)
+        part = None if name is None else getattr(self.block, name)
+        if part is None:
+            return lambda t: t
+        return (lambda t: t * part) if isinstance(part, torch.Tensor) else part  # LayerScale as a parameter
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        mask = args[0] if args else kwargs.get("attention_mask")
-        if mask is not None:
+        mask = args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
+        if mask is not None or kwargs.get("is_causal"):
             raise ValueError("token reduction references do not support attention masks")
         spec, attn = self.spec, getattr(self.block, self.spec.attn)
+        rope = kwargs.get("rope") if spec.rope else None
+        rope = self.host.rope_rows(rope) if rope is not None else None
+        extra = {"rope": rope} if rope is not None else {}
         bias = self.host.attention_bias()
+        if bias is not None:
+            extra[spec.mask_kwarg] = bias
         captured: dict[str, torch.Tensor] = {}
         hooks = [
             getattr(attn, spec.query).register_forward_hook(lambda m, i, o: captured.__setitem__("q", o)),
             getattr(attn, spec.key).register_forward_hook(lambda m, i, o: captured.__setitem__("k", o)),
         ]
         try:
-            out = attn(getattr(self.block, spec.norm1)(x), **({spec.mask_kwarg: bias} if bias is not None else {}))
+            out = attn(getattr(self.block, spec.norm1)(x), **extra)
         finally:
             for hook in hooks:
                 hook.remove()
         if spec.attn_returns_tuple:
             out = out[0]
         h = x + self._part(spec.ls1)(out)
-        h = self.host.reduce(self.index, h, self._attention_tensors(attn, captured["q"], captured["k"], bias))
+        q, k = (rotated(attn, captured[t], rope) for t in "qk") if rope is not None else (captured["q"], captured["k"])
+        h = self.host.reduce(self.index, h, self._attention_tensors(attn, q, k, bias))
         return h + self._part(spec.ls2)(getattr(self.block, spec.mlp)(getattr(self.block, spec.norm2)(h)))
 
     def _attention_tensors(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, bias) -> AttentionTensors:
@@ -176,6 +221,15 @@ class ReducingBlock(nn.Module):
         k = k.view(b, n, -1, head_dim).transpose(1, 2)
         scale = getattr(attn, "scaling", getattr(attn, "scale", head_dim**-0.5))
         return AttentionTensors(q, k, float(scale), bias)
+
+
+def rotated(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Queries or keys ``[B, H, N, d]`` as timm's rope attention rotates them (prefix tokens unrotated), with timm's
+    own rotation function and the attention's own layout flags."""
+    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+    npt, half = int(attn.num_prefix_tokens), bool(getattr(attn, "rotate_half", False))
+    return torch.cat([x[:, :, :npt], apply_rot_embed_cat(x[:, :, npt:], rope, half=half)], dim=2).type_as(x)
 
 
 def wrap_blocks(model: nn.Module, host: BlockHost) -> int:

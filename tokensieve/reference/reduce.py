@@ -21,7 +21,7 @@ from tokensieve.errors import SourceError
 from tokensieve.methods.base import Method, SiteCount, schedule
 from tokensieve.reference import FACES
 from tokensieve.reference.adapters import AttentionTensors, find_blocks, special_tokens, wrap_blocks
-from tokensieve.reference.sites import SiteContext
+from tokensieve.reference.sites import SiteContext, SiteResult
 
 
 class ReducedModel(nn.Module):
@@ -40,6 +40,9 @@ class ReducedModel(nn.Module):
         self.sample_records: list[dict[int, dict[str, torch.Tensor]]] = []
         self.forced: dict[int, int] = {}
         self.sizes: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None  # [B, n] original positions of the non-special tokens (None: all)
+        self.missing_position: str | None = None  # why the tokens have no positions (a site gave none)
+        self._tokens = 0  # tokens entering block 0
         self._sites: dict[int, tuple[Method, SiteCount]] = {}
         wrap_blocks(self.model, self)
         if self.merges:
@@ -55,6 +58,7 @@ class ReducedModel(nn.Module):
         if index == 0:
             plan = schedule(self.methods, h.shape[1], self.specials, self.depth)
             self._sites = {count.layer: (method, count) for method, count in plan.sites}
+            self._tokens = h.shape[1]
         if index not in self._sites:
             return h
         method, count = self._sites[index]
@@ -65,14 +69,43 @@ class ReducedModel(nn.Module):
         else:
             result = site(h, attention, self.sizes, context)
         self.sizes = result.sizes
+        self._follow(result, method, index)
         self.records[index] = {**result.record, **({"sizes": result.sizes} if result.sizes is not None else {})}
         return result.stream
+
+    def _follow(self, result: SiteResult, method: Method, index: int) -> None:
+        if result.origin is None:
+            self.missing_position = f"{method.name} at block {index} gives no single position per output token"
+        elif self.positions is None:
+            self.positions = result.origin
+        else:
+            self.positions = self.positions.gather(1, result.origin - self.specials)
+
+    def rope_rows(self, table: torch.Tensor) -> torch.Tensor:
+        """Rotary ``table [..., N or N - S, D]`` at the tokens' original positions: ``[B, ..., n, D]`` with batch
+        first and singleton axes up to the queries' rank (as timm lays tables out after patch dropout)."""
+        if self.missing_position is not None:
+            raise SourceError(f"rotary position tables cannot follow the tokens: {self.missing_position}")
+        if self.positions is None:
+            return table
+        S, index = self.specials, self.positions
+        if table.shape[-2] == self._tokens - S:
+            index = index - S
+        else:
+            index = torch.cat([torch.arange(S).expand(index.shape[0], -1), index], dim=1)
+        rows = table[..., index, :].movedim(-3, 0)  # [B, ..., n, D]
+        while rows.dim() < 4:
+            rows = rows.unsqueeze(1)
+        return rows
 
     def forward(self, *args, **kwargs):
         if self.adaptive:
             return self.per_image(*args, **kwargs)
-        self.records, self.sizes = {}, None
+        self._reset()
         return self.model(*args, **kwargs)
+
+    def _reset(self) -> None:
+        self.records, self.sizes, self.positions, self.missing_position = {}, None, None, None
 
     def per_image(self, pixels: torch.Tensor, forced: list[dict[int, int]] | None = None):
         """Adaptive methods: each image alone (its own token counts). Returns the model's outputs with equal-shape
@@ -80,7 +113,7 @@ class ReducedModel(nn.Module):
         ``sample_records[i]`` holds image i's selections."""
         outputs, self.sample_records = [], []
         for i in range(pixels.shape[0]):
-            self.records, self.sizes = {}, None
+            self._reset()
             self.forced = forced[i] if forced else {}
             out = self.model(pixels[i : i + 1])
             outputs.append(out if isinstance(out, (tuple, list)) else (out,))
@@ -109,8 +142,9 @@ class ReducedModel(nn.Module):
         def pool(x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
             if self.sizes is None or (pool_type or vit.global_pool) != "avg":
                 return original(x, pool_type)
-            weights = self.sizes if vit.pool_include_prefix else self.sizes[:, S:]
-            x = x if vit.pool_include_prefix else x[:, S:]
+            include_prefix = getattr(vit, "pool_include_prefix", False)  # timm's Eva pools patches only
+            weights = self.sizes if include_prefix else self.sizes[:, S:]
+            x = x if include_prefix else x[:, S:]
             return (x * weights.unsqueeze(-1)).sum(dim=1) / weights.sum(dim=1, keepdim=True)
 
         vit.pool = pool

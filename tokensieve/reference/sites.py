@@ -25,3 +25,6 @@ class SiteResult:
     stream: torch.Tensor
     sizes: torch.Tensor | None
     record: dict[str, torch.Tensor]
+    # [B, n_out - S] position, in the stream entering the site, whose rotary rows each non-special output token
+    # takes (the kept token; for a merge, the destination); None when the method gives none
+    origin: torch.Tensor | None = None

@@ -27,4 +27,6 @@ def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | Non
     merged, merged_sizes = merge_into(xb, sb, rows(xa, src), rows(sa, src), dst)
     stream = torch.cat([h[:, :S], rows(xa, unm), merged], dim=1)
     new_sizes = torch.cat([sizes[:, :S], rows(sa, unm), merged_sizes], dim=1)
-    return SiteResult(stream, new_sizes, {"unm": unm, "src": src, "dst": dst})
+    # every merged group keeps the position of its destination (a B token), unmerged A tokens their own
+    origin = torch.cat([a_pos[unm], b_pos.expand(h.shape[0], -1)], dim=1)
+    return SiteResult(stream, new_sizes, {"unm": unm, "src": src, "dst": dst}, origin)

@@ -51,4 +51,5 @@ def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | Non
         if sizes is not None:
             size_parts.append((sizes[:, S:] * pruned).sum(dim=1, keepdim=True))
     new_sizes = torch.cat(size_parts, dim=1) if sizes is not None else None
-    return SiteResult(torch.cat(parts, dim=1), new_sizes, {"kept": local + S})
+    origin = None if method.fused_token(k, n) else local + S  # a fused token has no single position
+    return SiteResult(torch.cat(parts, dim=1), new_sizes, {"kept": local + S}, origin)

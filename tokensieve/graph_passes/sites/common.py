@@ -30,6 +30,7 @@ class SiteInput:
     stream: ir.Value  # [B, N, C], the stream between attention and MLP
     sizes: ir.Value | None  # [B, N] token sizes (number of patches each token stands for), None before any merge
     bias: ir.Value | None  # [B, 1, 1, N] log(sizes) added to this block's attention logits, or None
+    positions: bool = False  # later blocks read rotary position tables: say where each output token came from
 
 
 @dataclass
@@ -37,6 +38,9 @@ class SiteOutput:
     stream: ir.Value
     sizes: ir.Value | None
     exposed: dict[str, str] = field(default_factory=dict)
+    # [B, n_out - S] position, in the stream entering the site, whose rotary rows each non-special output token
+    # takes (the kept token; for a merge, the destination). None: not asked for, or the method has none to give.
+    origin: ir.Value | None = None
 
 
 def row_logits(b: NodeBuilder, site: SiteInput, q_rows: ir.Value) -> ir.Value:
@@ -107,6 +111,13 @@ def one_hot(b: NodeBuilder, index: ir.Value, depth: int, dtype: ir.DataType) -> 
     return b.op("Cast", [b.op("Equal", [b.unsqueeze(index, [-1]), b.const(np.arange(depth), "range")])], to=dtype)
 
 
+def batch_rows(b: NodeBuilder, row: list[int], like: ir.Value) -> ir.Value:
+    """The constant ``row`` repeated for every sample of ``like [B, ...]`` -> ``[B, len(row)]`` (int64)."""
+    batch = b.op("Slice", [b.op("Shape", [like]), b.const([0], "start"), b.const([1], "end")])
+    shape = b.op("Concat", [batch, b.const([len(row)], "length")], axis=0)
+    return b.op("Expand", [b.const(np.asarray(row)[None, :], "rows"), shape])
+
+
 def ones_sizes(b: NodeBuilder, stream: ir.Value) -> ir.Value:
     """``[B, N]`` of ones: every token stands for one patch before the first merge."""
     shape = b.op("Slice", [b.op("Shape", [stream]), b.const([0], "start"), b.const([2], "end")])
@@ -162,3 +173,9 @@ def assemble(
     size_parts += [b.op("GatherElements", [sizes, kept], axis=1), merged_sizes]
     out = b.op("Concat", parts, "tokens", axis=1)
     return SiteOutput(out, b.op("Concat", size_parts, "sizes", axis=1), dict(b.exposed))
+
+
+def merge_origin(b: NodeBuilder, kept: ir.Value, destinations: list[int]) -> ir.Value:
+    """Positions whose rotary rows the output of :func:`assemble` takes: each kept token its own, each merged
+    destination its own (sources merged into it take the destination's position)."""
+    return b.op("Concat", [kept, batch_rows(b, destinations, kept)], "origin", axis=1)

@@ -9,7 +9,8 @@ Inserts, for ``N`` tokens of which the first ``S`` are special and ``r`` merges:
 * merge: size-weighted mean through a one-hot ``MatMul`` (no scatter); sizes start as ones at the first merge;
 * output ``[specials, unmerged A, B]`` and sizes in the same order.
 
-Exposes ``unm``, ``src`` (positions in A) and ``dst`` (positions in B).
+Exposes ``unm``, ``src`` (positions in A) and ``dst`` (positions in B). When later blocks read rotary tables, the
+``origin`` of the output is ``[unmerged A positions, B positions]``: a merged group keeps its destination's position.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tokensieve.graph_passes.sites.common import (
     gather_tokens,
     key_metric,
     merge_into,
+    merge_origin,
     ones_sizes,
     take,
 )
@@ -59,4 +61,6 @@ def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
         len(b_pos),
         h.dtype,
     )
-    return assemble(b, h, sizes, S, unm_pos, merged, merged_sizes)
+    out = assemble(b, h, sizes, S, unm_pos, merged, merged_sizes)
+    out.origin = merge_origin(b, unm_pos, b_pos) if site.positions else None
+    return out

@@ -4,7 +4,8 @@ Inserts: the head-mean attention score of every token (CLS query row recomputed 
 received), ``TopK`` with constant ``K`` over the candidates, a second ``TopK(largest=0)`` restoring ascending
 order, ``GatherND`` of the kept rows (and of their sizes when tokens carry sizes), ``Concat[specials, kept]`` and,
 with ``fuse``, the fused token ``MatMul(scores of pruned candidates, candidates)`` whose size is the pruned
-candidates' total size. Exposes ``kept`` (``[B, K]`` positions in the sequence entering the site).
+candidates' total size. Exposes ``kept`` (``[B, K]`` positions in the sequence entering the site). When later
+blocks read rotary tables, ``kept`` is also the site's ``origin`` (none with a fused token, which has no position).
 """
 
 from __future__ import annotations
@@ -48,4 +49,5 @@ def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
             size_parts.append(b.reduce("ReduceSum", b.op("Mul", [candidate_sizes, pruned]), [1], keepdims=True))
     out = b.op("Concat", parts, "tokens", axis=1)
     sizes_out = b.op("Concat", size_parts, "sizes", axis=1) if sizes is not None else None
-    return SiteOutput(out, sizes_out, dict(b.exposed))
+    origin = kept if site.positions and not method.fused_token(K, n) else None  # a fused token has no one position
+    return SiteOutput(out, sizes_out, dict(b.exposed), origin)
