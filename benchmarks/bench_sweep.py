@@ -6,7 +6,8 @@ data (:func:`tokensieve.calibration.data.sample_images`), written to ``benchmark
 are ``benchmarks/data/prompts.jsonl`` (both created on the first run and committed). Weights are seeded random
 (no download): the figures show how far each strength moves the model from its unreduced self, not task accuracy.
 
-Writes ``benchmarks/results/sweep_<name>.json`` and ``.png`` per sweep and prints a markdown table.
+Writes ``benchmarks/results/sweep_<name>.json`` and ``.png`` per sweep (the chart also to ``docs/img/``, where
+docs/benchmarks.md shows it) and prints a markdown table.
 
     python benchmarks/bench_sweep.py [--vit timm:vit_tiny_patch16_224] [--img-size 112] [--llava hf:llava-tiny]
         [--only tome topk atp fastv snapkv h2o]
@@ -25,6 +26,7 @@ from tokensieve.calibration.data import sample_images
 
 ROOT = Path(__file__).resolve().parent
 DATA, RESULTS = ROOT / "data", ROOT / "results"
+DOCS_IMG = ROOT.parent / "docs" / "img"
 PROMPTS = [
     ("What is in this picture?", None),
     ("Describe the colours of the image.", None),
@@ -103,6 +105,7 @@ def main() -> None:
             print(report.text(), flush=True)
             (RESULTS / f"sweep_{name}.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
             shutil.copy(out / "sweep.png", RESULTS / f"sweep_{name}.png")
+            shutil.copy(out / "sweep.png", DOCS_IMG / f"sweep_{name}.png")
             rows += [(name, report, row) for row in report.rows]
     print(
         "| sweep | strength | task | agreement | perplexity (unreduced) | latency ms | unreduced ms | relative | "
