@@ -84,9 +84,9 @@ def test_text_only_prompt_keeps_everything(artifacts):
 
 def test_graphs_lint_clean_and_inspect(artifacts, capsys):
     manifest = artifacts["llava"].manifest
-    assert manifest["method_text"] == "fastv(k=2, keep=0.5)"
-    assert all(entry["ok"] for entry in manifest["lint"].values()), manifest["lint"]
-    io = manifest["io"]
+    assert manifest.method_text == "fastv(k=2, keep=0.5)"
+    assert all(entry["ok"] for entry in manifest.lint.values()), manifest.lint
+    io = manifest.io
     assert "image_positions" in [v["name"] for v in io["prefill"]["inputs"]]
     assert "pruned_cache_position" in [v["name"] for v in io["decode"]["inputs"]]
     prefill = ir.load(artifacts["llava"].path / "prefill.onnx")
