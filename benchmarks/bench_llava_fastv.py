@@ -41,8 +41,8 @@ def bench_cut_prefill(source: str, methods: dict, threads: int, blocks: int, per
             for i, (name, method) in enumerate(methods.items())
         }
         manifest = artifacts["none"].manifest
-        decoder = manifest["decoder"]
-        image = manifest["image_tokens"]["count"]
+        decoder = manifest.decoder
+        image = manifest.image_tokens["count"]
         length = SYSTEM + image + QUESTION
         embeds = np.random.default_rng(0).standard_normal((1, length, decoder["hidden"]), dtype=np.float32)
         runs, per_layer = {}, {}

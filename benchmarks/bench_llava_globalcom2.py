@@ -72,7 +72,7 @@ def main() -> None:
             for name, step in steps.items():
                 tokens[name] = len(step())
                 length = SYSTEM + tokens[name] + QUESTION
-                embeds = rng.standard_normal((1, length, manifest["decoder"]["hidden"]), dtype=np.float32)
+                embeds = rng.standard_normal((1, length, manifest.decoder["hidden"]), dtype=np.float32)
                 feeds = prefill_feeds(prefill, embeds, (SYSTEM, SYSTEM + tokens[name]))
                 prefill_runs[name] = lambda f=feeds: prefill.run(f)
                 prefill_runs[name]()  # warm-up
@@ -81,7 +81,7 @@ def main() -> None:
             prefill_times = time_alternating(prefill_runs, args.blocks, args.per_block)
             results["images"][text] = {
                 "vision_ms": round(statistics.median(vision_ms["vision"]) * 1e3, 1),
-                "rows": _rows(tokens, host_times, prefill_times, manifest["decoder"]),
+                "rows": _rows(tokens, host_times, prefill_times, manifest.decoder),
             }
     _report(results)
     RESULTS.mkdir(exist_ok=True)

@@ -76,16 +76,16 @@ def main() -> None:
         plain = tokensieve.export(source, None, out=Path(tmp) / "none", **export)
         reduced = tokensieve.export(source, MustDrop(layers=(1,)), out=Path(tmp) / "mustdrop", **export)
         manifest = plain.manifest
-        decoder = manifest["decoder"]
+        decoder = manifest.decoder
         pixels, _ = preprocess(
-            (np.random.default_rng(0).random((336, 336, 3)) * 255).astype(np.uint8), manifest["host"]
+            (np.random.default_rng(0).random((336, 336, 3)) * 255).astype(np.uint8), manifest.host
         )
         text = np.random.default_rng(1).standard_normal((SYSTEM + QUESTION, decoder["hidden"]), dtype=np.float32)
 
         def embeds_for(features: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
             return np.concatenate([text[:SYSTEM], features, text[SYSTEM:]])[None], (SYSTEM, SYSTEM + len(features))
 
-        vision = OrtRunner(plain.path / manifest["graphs"]["vision"], **options)
+        vision = OrtRunner(plain.path / manifest.graphs["vision"], **options)
         prefill = Prefill.from_artifact(plain, **options)
         graphs = reduced.manifest.graphs
         stem, tail = (OrtRunner(reduced.path / graphs[k], **options) for k in ("vision_0", "vision_1"))
@@ -113,7 +113,7 @@ def main() -> None:
             return features, cut_prefill(*embeds_for(features), chosen["key_set"])
 
         runs = {"none": unreduced, **{name: (lambda m=m: reduced_run(m)) for name, m in variants.items()}}
-        counts = {"none": (manifest["image_tokens"]["count"], SYSTEM + manifest["image_tokens"]["count"] + QUESTION)}
+        counts = {"none": (manifest.image_tokens["count"], SYSTEM + manifest.image_tokens["count"] + QUESTION)}
         for name, method in variants.items():
             features, (_, _, extras) = reduced_run(method)
             counts[name] = (len(features), SYSTEM + len(features) + QUESTION, len(extras["kept_positions"]))
@@ -128,12 +128,12 @@ def main() -> None:
 
 def summarize(manifest: dict, vision: dict, counts: dict, times: dict, args) -> dict:
     """Rows per variant: tokens through each CLIP and decoder layer, median / min ms, MACs, speedups."""
-    decoder = manifest["decoder"]
+    decoder = manifest.decoder
     rows = {}
     for name, count in counts.items():
         image, prompt = count[0], count[1]
         later = count[2] if len(count) > 2 else prompt
-        clip = [1 + manifest["image_tokens"]["count"]] + [1 + image] * (args.vision_layers - 2)
+        clip = [1 + manifest.image_tokens["count"]] + [1 + image] * (args.vision_layers - 2)
         text = [prompt] * 2 + [later] * (args.text_layers - 2)
         macs = vision_macs(vision, clip, image, decoder["hidden"]) + prefill_macs(decoder, text)
         rows[name] = {
