@@ -308,7 +308,7 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
         batch=first[0],
         uses_metadata=uses_metadata,
         notes=notes,
-        pooling_attention=_pooling_attention(graph, blocks[-1], int(tokens)),
+        pooling_attention=_pooling_attention(graph, blocks[-1], int(tokens), specials),
     )
 
 
@@ -385,14 +385,16 @@ def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | 
     return block, attn_scope is not None
 
 
-def _pooling_attention(graph: ir.Graph, last: AttentionBlock, tokens: int) -> list[ir.Node]:
-    """Softmax nodes after the last block that attend from a few learned queries over the N tokens (MAP heads)."""
+def _pooling_attention(graph: ir.Graph, last: AttentionBlock, tokens: int, specials: int) -> list[ir.Node]:
+    """Softmax nodes after the last block that attend from a few learned queries over the N tokens, or over the
+    N - S tokens after the special ones (MAP heads: HF SigLIP's, timm's ``global_pool='map'``)."""
     upstream = _ancestors(last.post_attention)
+    keys = {tokens, tokens - specials}
     found = []
     for node in graph:
         if node.op_type != "Softmax" or node.inputs[0] in upstream:
             continue
         dims = _static_dims(node.inputs[0])
-        if dims and len(dims) in (3, 4) and dims[-1] == tokens and dims[-2] != tokens:
+        if dims and len(dims) in (3, 4) and dims[-1] in keys and dims[-2] not in keys:
             found.append(node)
     return found
