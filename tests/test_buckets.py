@@ -105,6 +105,16 @@ def test_hf_tower_buckets(zoo, hf_config_dir, tmp_path, family):
     assert artifact.manifest.stages["token_outputs"] == ["last_hidden_state"]  # not pooler_output
 
 
+def test_timm_map_head_buckets(zoo, tmp_path):
+    """The padding bias reaches timm's MAP head (over the patches after CLS); its latent query takes the batch size
+    from the cut-in stream, so stages after the cut need no image."""
+    path, built = zoo("timm:vit_small_patch16_224?depth=3&img_size=64&global_pool=map", dynamic_batch=True)
+    artifact = tokensieve.export(
+        str(path), "atp(threshold=0.5, grid=0, layers=[1])", tmp_path / "a", buckets=[4, 8, 16]
+    )
+    _check(artifact, built, batch=2)
+
+
 def test_per_image_outputs_are_never_cut_as_tokens():
     """197 classes = CLS + 196 slots: the dispatcher cuts only the outputs the export recorded as token-level."""
     runner = StagedRunner(".", {"sites": [3], "specials": 1, "token_outputs": ["tokens"]})

@@ -12,13 +12,20 @@ from tokensieve.exporter import verify
 TINY = "timm:vit_tiny_patch16_224?depth=3&img_size=64"
 
 
-def test_merging_before_an_attention_pool_head_is_refused_and_nothing_written(tmp_path):
-    out = tmp_path / "map_tome"
+def test_merging_before_a_self_attention_pool_head_is_refused_and_nothing_written(tmp_path):
+    """timm's parameter-free 'prr' pool (self-attention over all tokens, then a mean) has no merging reference."""
+    out = tmp_path / "prr_tome"
     with pytest.raises(
-        ExportError, match=r"eager reference cannot apply tome\(r=2.*attention-pool.*nothing was written"
+        ExportError, match=r"eager reference cannot apply tome\(r=2.*AttentionPoolPrr.*nothing was written"
     ):
-        tokensieve.export(f"{TINY}&global_pool=map", "tome(r=2, layers=[1])", out)
+        tokensieve.export(f"{TINY}&global_pool=prr", "tome(r=2, layers=[1])", out)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_merging_before_a_map_head_exports(tmp_path):
+    """timm's latent-query attention pool ('map') gets proportional attention in the graph and the reference."""
+    art = tokensieve.export(f"{TINY}&global_pool=map", "tome(r=2, layers=[1])", tmp_path / "map_tome")
+    assert [s["layer"] for s in art.manifest.sites] == [1]
 
 
 def test_a_graph_that_fails_at_run_time_is_refused(tmp_path, monkeypatch):

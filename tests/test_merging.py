@@ -71,6 +71,40 @@ def test_hf_tower_merging_parity(zoo, hf_config_dir, tmp_path, family, method):
     export_and_check(zoo(f"hf:{hf_config_dir(family)}"), method, tmp_path / "a")
 
 
+# timm's latent-query attention pool (global_pool='map'): SigLIP-family ViTs (no CLS, the head pools every token)
+# and a ViT with a CLS token (the head pools the patches after it, so it gets the bias of those tokens only)
+TIMM_SIGLIP = "timm:vit_base_patch16_siglip_224?depth=3&img_size=64&embed_dim=192&num_heads=3"
+TIMM_MAP_CLS = "timm:vit_small_patch16_224?depth=3&img_size=64&global_pool=map"
+MAP_CASES = [
+    (TIMM_SIGLIP, "tome(r=4)"),
+    (TIMM_SIGLIP, "pitome(ratio=0.9)"),
+    (TIMM_SIGLIP, "topk(keep=0.7, layers=[1])"),
+    (TIMM_MAP_CLS, "tome(r=4)"),
+    (TIMM_MAP_CLS, "pitome(ratio=0.9)"),
+    (TIMM_MAP_CLS, "diffrate(prune=[17,16,14], merge=[17,15,12])"),
+    (TIMM_MAP_CLS, "topk(keep=0.7, layers=[1])"),
+]
+
+
+@pytest.mark.parametrize(("source", "method"), MAP_CASES)
+def test_timm_map_head_parity(zoo, tmp_path, source, method):
+    import onnx_ir as ir
+
+    artifact = export_and_check(zoo(source), method, tmp_path / "a")
+    graph = ir.load(artifact.graph_path("model")).graph
+    pooled = [n for n in graph if n.name.startswith("tokensieve/prop_attn_pool")]
+    assert bool(pooled) == ("topk" not in method)  # merging: the head's Softmax gets log(size); pruning: nothing
+
+
+def test_timm_map_head_fused_attention_gets_the_size_bias(zoo, tmp_path):
+    """Opset 23: the MAP head's fused ``Attention`` op gets ``log(size)`` of the patches as its mask."""
+    import onnx_ir as ir
+
+    artifact = export_and_check(zoo(TIMM_MAP_CLS, opset=23), "tome(r=4)", tmp_path / "a", lint_target="trt10")
+    attention = [n for n in ir.load(artifact.graph_path("model")).graph if n.op_type == "Attention"]
+    assert len(attention) == 4 and len(attention[-1].inputs) == 4 and attention[-1].inputs[3] is not None
+
+
 def test_merging_with_legacy_exporter_and_dynamic_batch(zoo, tmp_path):
     export_and_check(zoo("timm:deit3_small_patch16_224", exporter="legacy", opset=14), "tome(r=8)", tmp_path / "a")
     export_and_check(zoo("timm:vit_small_patch16_224", dynamic_batch=True), "tome(r=16)", tmp_path / "b", batch=3)

@@ -6,9 +6,9 @@ written.
   batch axis); a staged artifact runs every route: each bucket of the first site (the first site's count forced to
   the bucket's size), the symbolic-K chain and the pad-to-max graph;
 * the eager reference (:class:`tokensieve.reference.reduce.ReducedModel`) is built with the methods and runs one
-  forward pass, so a method the reference cannot apply to this model (e.g. merging before timm's attention-pool
-  head) fails at export rather than at ``parity``. Sources without an eager model (ONNX files) skip this half:
-  their parity takes ``--reference``.
+  forward pass, so a method the reference cannot apply to this model (e.g. merging before timm's parameter-free
+  'prr' attention pool) fails at export rather than at ``parity``. Sources without an eager model (ONNX files) skip
+  this half: their parity takes ``--reference``.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class ViTLayout:
     uses_metadata: bool
     token_axis: int = 1
     notes: list[str] = field(default_factory=list)
-    pooling_attention: list[ir.Node] = field(default_factory=list)  # Softmax of attention-pooling heads
+    pooling_attention: list[ir.Node] = field(default_factory=list)  # Softmax / Attention of pooling heads
 
     @property
     def depth(self) -> int:
@@ -308,7 +308,7 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
         batch=first[0],
         uses_metadata=uses_metadata,
         notes=notes,
-        pooling_attention=_pooling_attention(graph, blocks[-1], int(tokens)),
+        pooling_attention=_pooling_attention(graph, blocks[-1], int(tokens), specials),
     )
 
 
@@ -385,14 +385,27 @@ def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | 
     return block, attn_scope is not None
 
 
-def _pooling_attention(graph: ir.Graph, last: AttentionBlock, tokens: int) -> list[ir.Node]:
-    """Softmax nodes after the last block that attend from a few learned queries over the N tokens (MAP heads)."""
+def pooling_keys(node: ir.Node) -> tuple[int | str | None, int | str | None] | None:
+    """(queries, keys) of an attention core: a Softmax's logits ``[..., q, N]`` or a fused ``Attention`` op's
+    ``Q [..., q, d]`` and ``K [..., N, d]``; ``None`` without static ranks."""
+    if node.op_type == "Softmax":
+        dims = _static_dims(node.inputs[0])
+        return (dims[-2], dims[-1]) if dims and len(dims) in (3, 4) else None
+    query, key = _static_dims(node.inputs[0]), _static_dims(node.inputs[1])
+    return (query[-2], key[-2]) if query and key and len(query) == len(key) == 4 else None
+
+
+def _pooling_attention(graph: ir.Graph, last: AttentionBlock, tokens: int, specials: int) -> list[ir.Node]:
+    """Softmax nodes (or fused ``Attention`` ops) after the last block that attend from a few learned queries over
+    the N tokens, or over the N - S tokens after the special ones (MAP heads: HF SigLIP's, timm's
+    ``global_pool='map'``)."""
     upstream = _ancestors(last.post_attention)
+    keys = {tokens, tokens - specials}
     found = []
     for node in graph:
-        if node.op_type != "Softmax" or node.inputs[0] in upstream:
+        if node.op_type not in ("Softmax", "Attention") or node.inputs[0] in upstream:
             continue
-        dims = _static_dims(node.inputs[0])
-        if dims and len(dims) in (3, 4) and dims[-1] == tokens and dims[-2] != tokens:
+        dims = pooling_keys(node)
+        if dims is not None and dims[1] in keys and dims[0] not in keys:
             found.append(node)
     return found

@@ -98,6 +98,7 @@ class StagePass(ir.passes.InPlacePass):
                 break
             if index == spec.start:
                 stream, order_key, valid = self._cut_inputs(graph, h, batch, spec, S)
+                _batch_from_stream(graph.inputs[0], stream)
                 slots = spec.start_slots
             elif index in spec.inline:
                 stream, slots = h, spec.inline[index]
@@ -146,3 +147,11 @@ class StagePass(ir.passes.InPlacePass):
         for value, name in zip(values, STAGE_OUTPUTS, strict=True):
             value.name = name
             graph.outputs.append(value)
+
+
+def _batch_from_stream(image: ir.Value, stream: ir.Value) -> None:
+    """Point the image's batch-size reads (``Shape(pixel_values)[0:1]``) at the cut-in stream, so a head after the
+    cut that expands a learned tensor to the batch (timm's MAP head expands its latent query) needs no image."""
+    for node, index in list(image.uses()):
+        if node.op_type == "Shape" and node.attributes.get_int("start", 0) == 0 and node.attributes.get_int("end") == 1:
+            node.replace_input_with(index, stream)

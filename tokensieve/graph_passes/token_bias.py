@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from tokensieve.graph_passes.builder import NodeBuilder
-from tokensieve.graph_passes.locate import ViTLayout
+from tokensieve.graph_passes.locate import ViTLayout, pooling_keys
 
 
 def _axes(node: ir.Node) -> list[int] | None:
@@ -66,10 +66,21 @@ def folded_heads(dim: int | ir.SymbolicDim, batch: int | str | None) -> int:
 
 
 def bias_pooling_heads(model: ir.Model, layout: ViTLayout, bias: ir.Value, purpose: str) -> None:
-    for i, softmax in enumerate(layout.pooling_attention):
-        dims = softmax.inputs[0].shape
-        heads = folded_heads(dims[0], layout.batch) if dims is not None and len(dims) == 3 else None
-        add_logit_bias(model, softmax, bias, f"tokensieve/{purpose}_pool{i}", purpose, heads=heads)
+    """``bias [B, 1, 1, N]`` on every attention-pooling head; a head that pools the tokens after the special ones
+    (timm's MAP head on a ViT with a CLS token) gets the bias of those tokens only. Call before shapes are
+    re-inferred: the head's logits still hold the unreduced token count."""
+    S, N0 = layout.specials, layout.tokens
+    for i, node in enumerate(layout.pooling_attention):
+        dims = node.inputs[0].shape
+        folded = node.op_type == "Softmax" and dims is not None and len(dims) == 3
+        heads = folded_heads(dims[0], layout.batch) if folded else None
+        name = f"tokensieve/{purpose}_pool{i}"
+        keys = bias
+        if S and (pooling_keys(node) or (None, None))[1] == N0 - S:
+            b = NodeBuilder(model, f"{name}_patches", {"tokensieve.method": purpose})
+            keys = b.slice(bias, S, 2**62, axis=3)
+            b.graph.insert_before(node, b.nodes)
+        add_logit_bias(model, node, keys, name, purpose, heads=heads)
 
 
 def weighted_pooling(model: ir.Model, layout: ViTLayout, weights: ir.Value, purpose: str) -> None:

@@ -4,9 +4,9 @@
 site it calls the method's site function (:mod:`.topk`, :mod:`.tome`, :mod:`.pitome`, :mod:`.diffrate`) and
 records the index tensors that define its selection. Once a merging method has run, token sizes are tracked, every
 later attention gets ``log(size)`` added to its logits through the attention's own additive-mask argument
-(proportional attention), attention-pooling heads (``nn.MultiheadAttention``, e.g. SigLIP's MAP head) get the same
-bias, and timm's average pooling becomes size-weighted. Counts come from :func:`tokensieve.methods.schedule`, the
-same function the graph pass uses.
+(proportional attention), attention-pooling heads (``nn.MultiheadAttention``, e.g. HF SigLIP's MAP head, and timm's
+latent-query ``AttentionPoolLatent``, ``global_pool='map'``) get the same bias, and timm's average pooling becomes
+size-weighted. Counts come from :func:`tokensieve.methods.schedule`, the same function the graph pass uses.
 """
 
 from __future__ import annotations
@@ -129,9 +129,16 @@ class ReducedModel(nn.Module):
     def _size_aware_pooling(self) -> None:
         timm_vit = next((m for m in self.model.modules() if hasattr(m, "global_pool") and hasattr(m, "pool")), None)
         if timm_vit is not None:
-            if getattr(timm_vit, "attn_pool", None) is not None:
-                raise SourceError("merging with timm's attention-pool ('map') head is not supported")
-            self._weighted_average_pool(timm_vit)
+            attn_pool = getattr(timm_vit, "attn_pool", None)
+            if attn_pool is None:
+                self._weighted_average_pool(timm_vit)
+            elif hasattr(attn_pool, "latent") and getattr(attn_pool, "pos_embed", None) is None:
+                attn_pool.register_forward_pre_hook(self._bias_latent_pool, with_kwargs=True)
+            else:
+                raise SourceError(
+                    f"merging with timm's {type(attn_pool).__name__} pooling head is not supported (only the "
+                    "latent-query attention pool, global_pool='map', without a position embedding)"
+                )
         for module in self.model.modules():
             if isinstance(module, nn.MultiheadAttention):
                 module.register_forward_pre_hook(self._bias_pooling_attention, with_kwargs=True)
@@ -158,3 +165,14 @@ class ReducedModel(nn.Module):
         mask = bias[:, 0].expand(-1, queries, -1).repeat_interleave(module.num_heads, dim=0)  # [B*H, L, N]
         kwargs["attn_mask"] = mask if kwargs.get("attn_mask") is None else kwargs["attn_mask"] + mask
         return args, kwargs
+
+    def _bias_latent_pool(self, module: nn.Module, args: tuple, kwargs: dict):
+        """timm's ``AttentionPoolLatent`` (``global_pool='map'``): its latent queries attend over the tokens it is
+        given (all, or the patches after the special tokens) with ``log(size)`` added through its ``attn_mask``."""
+        bias = self.attention_bias()
+        if bias is None:
+            return None
+        tokens = (args[0] if args else kwargs["x"]).shape[1]
+        mask = bias[..., bias.shape[-1] - tokens :]  # [B, 1, 1, N]: special tokens lead, so the patches are last
+        given = args[1] if len(args) > 1 else kwargs.get("attn_mask")
+        return args[:1], {**kwargs, "attn_mask": mask if given is None else given + mask}
