@@ -316,7 +316,7 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
     if not cores:
         raise LocateError(
             "no self-attention found: expected Softmax over [B, H, N, N] logits from MatMul(Q, K^T), or an ONNX "
-            "Attention op; is this a transformer (ViT) graph?"
+            f"Attention op; {_unmatched(graph) or 'is this a transformer (ViT) graph?'}"
         )
     blocks: list[AttentionBlock] = []
     uses_metadata = False
@@ -352,6 +352,25 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
         notes=notes,
         pooling_attention=_pooling_attention(graph, blocks[-1], int(tokens)),
     )
+
+
+def _unmatched(graph: ir.Graph) -> str | None:
+    """Why a Softmax over square 4-D logits is not a self-attention core: the first op between it and the logits
+    MatMul that is neither a scaling op nor a position bias (None: no such Softmax)."""
+    for node in graph:
+        dims = _static_dims(node.inputs[0]) if node.op_type == "Softmax" and node.inputs else None
+        if dims is None or len(dims) != 4 or dims[-1] != dims[-2]:
+            continue
+        producer = node.inputs[0].producer()
+        while producer is not None and producer.op_type in _SCALE_OPS:
+            producer = next((v.producer() for v in producer.inputs if v is not None and not _is_constant(v)), None)
+        if producer is not None and producer.op_type != "MatMul":
+            return (
+                f"Softmax {node.name!r} over {dims} logits is reached through {producer.op_type} node "
+                f"{producer.name!r}, not from the Q·Kᵀ MatMul through scaling ops; attention that mixes heads "
+                "around the Softmax (talking heads, CaiT) is not supported"
+            )
+    return None
 
 
 class _Core(NamedTuple):
