@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -75,19 +75,13 @@ _TIMM_EVA = BlockSpec(
 )
 # timm BEiT / BEiT v2 blocks: LayerScale as gamma parameters, a relative position bias added to the logits (the
 # attention's own table, and/or a shared one passed to every block, which also carries proportional attention)
-_TIMM_BEIT = BlockSpec(
-    "norm1",
-    "attn",
-    "gamma_1",
-    "norm2",
-    "mlp",
-    "gamma_2",
-    "",
-    "",
-    True,
-    False,
-    "shared_rel_pos_bias",
-    frozenset({"Attention"}),
+_TIMM_BEIT = replace(
+    _TIMM_EVA,
+    query="",
+    key="",
+    mask_kwarg="shared_rel_pos_bias",
+    attention_classes=frozenset({"Attention"}),
+    rope=False,
     relpos=True,
 )
 _HF_VIT = BlockSpec(
