@@ -7,7 +7,9 @@ What it finds, per block (in topological order):
 * the attention core: a ``Softmax`` over the last axis of ``[B, H, N, N]`` logits computed by a ``MatMul`` of a
   query operand ``[B, H, N, d]`` and a transposed key operand ``[B, H, d, N]`` (with scalar scaling ops in between,
   which are recorded so a pass can replay them on a subset of query rows), or a fused ONNX ``Attention`` op with
-  4-D Q/K/V;
+  4-D Q/K/V; an ``Add`` in that chain of a position bias that does not depend on the image (``[..., N, N]``, a
+  constant or computed from weights only: BEiT's relative position bias gathered from its table) is part of the
+  chain and is recorded as the block's ``position_bias``;
 * the residual stream entering the block ``[B, N, C]`` and the residual ``Add`` that closes the attention branch:
   the first ``Add`` after the attention whose other input is an ancestor of the attention's query. Its output is
   the point between attention and MLP (LayerScale ``Mul`` nodes sit inside the branch and need no special case);
@@ -53,6 +55,7 @@ class AttentionBlock:
     heads: int
     head_dim: int
     tokens: int
+    position_bias: list[tuple[ir.Node, int]] = field(default_factory=list)  # Add nodes, index of the [.., N, N] bias
 
     @property
     def post_attention(self) -> ir.Value:
@@ -155,8 +158,40 @@ def _ancestors(value: ir.Value, limit: int = 100_000) -> set[ir.Value]:
     return seen
 
 
-def _softmax_core(node: ir.Node) -> tuple[ir.Value, ir.Value, list[tuple[ir.Node, int]]] | None:
-    """For a Softmax over [B,H,N,N] logits: (query operand, transposed key operand, replayed scale ops)."""
+def _weights_only(value: ir.Value) -> bool:
+    """Computed from constants and weights only: no graph input among its ancestors."""
+    seen: set[ir.Value] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        producer = v.producer()
+        if producer is None and not _is_constant(v):
+            return False
+        if producer is not None:
+            stack.extend(i for i in producer.inputs if i is not None)
+    return True
+
+
+def _position_bias(node: ir.Node, dims: list) -> int | None:
+    """Index of ``node``'s position-bias operand: an ``Add`` of a weights-only ``[..., N, N]`` tensor to the
+    logits (the other operand)."""
+    if node.op_type != "Add" or len(node.inputs) != 2:
+        return None
+    for index, bias in enumerate(node.inputs):
+        bias_dims = _static_dims(bias)
+        if bias_dims is None or not 2 <= len(bias_dims) <= 4 or bias_dims[-2:] != dims[-2:]:
+            continue
+        if _weights_only(bias) and not _weights_only(node.inputs[1 - index]):
+            return index
+    return None
+
+
+def _softmax_core(node: ir.Node) -> tuple[ir.Value, ir.Value, list[tuple[ir.Node, int]], list] | None:
+    """For a Softmax over [B,H,N,N] logits: (query operand, transposed key operand, replayed scale ops, position
+    bias ops)."""
     logits = node.inputs[0]
     dims = _static_dims(logits)
     if dims is None or len(dims) != 4 or dims[-1] != dims[-2] or not isinstance(dims[-1], int):
@@ -165,6 +200,7 @@ def _softmax_core(node: ir.Node) -> tuple[ir.Value, ir.Value, list[tuple[ir.Node
     if axis not in (-1, 3):
         return None
     chain: list[tuple[ir.Node, int]] = []
+    biases: list[tuple[ir.Node, int]] = []
     value = logits
     while True:
         producer = value.producer()
@@ -175,11 +211,17 @@ def _softmax_core(node: ir.Node) -> tuple[ir.Value, ir.Value, list[tuple[ir.Node
             qd, kd = _static_dims(query), _static_dims(key_t)
             if qd is None or kd is None or len(qd) != 4 or len(kd) != 4 or qd[-1] != kd[-2]:
                 return None
-            return query, key_t, list(reversed(chain))
+            return query, key_t, list(reversed(chain)), biases
         if producer.op_type not in _SCALE_OPS:
             return None
         data = [v for v in producer.inputs if v is not None and not _is_constant(v)]
         consts = [v for v in producer.inputs if v is not None and _is_constant(v)]
+        bias = _position_bias(producer, dims)
+        if bias is not None:
+            chain.append((producer, 1 - bias))
+            biases.append((producer, bias))
+            value = producer.inputs[1 - bias]
+            continue
         if len(data) != 1 or not all(_scalar_constant(c) for c in consts):
             if len(data) == 1:
                 raise LocateError(
@@ -274,7 +316,7 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
     if not cores:
         raise LocateError(
             "no self-attention found: expected Softmax over [B, H, N, N] logits from MatMul(Q, K^T), or an ONNX "
-            "Attention op; is this a transformer (ViT) graph?"
+            f"Attention op; {_unmatched(graph) or 'is this a transformer (ViT) graph?'}"
         )
     blocks: list[AttentionBlock] = []
     uses_metadata = False
@@ -312,6 +354,25 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
     )
 
 
+def _unmatched(graph: ir.Graph) -> str | None:
+    """Why a Softmax over square 4-D logits is not a self-attention core: the first op between it and the logits
+    MatMul that is neither a scaling op nor a position bias (None: no such Softmax)."""
+    for node in graph:
+        dims = _static_dims(node.inputs[0]) if node.op_type == "Softmax" and node.inputs else None
+        if dims is None or len(dims) != 4 or dims[-1] != dims[-2]:
+            continue
+        producer = node.inputs[0].producer()
+        while producer is not None and producer.op_type in _SCALE_OPS:
+            producer = next((v.producer() for v in producer.inputs if v is not None and not _is_constant(v)), None)
+        if producer is not None and producer.op_type != "MatMul":
+            return (
+                f"Softmax {node.name!r} over {dims} logits is reached through {producer.op_type} node "
+                f"{producer.name!r}, not from the Q·Kᵀ MatMul through scaling ops; attention that mixes heads "
+                "around the Softmax (talking heads, CaiT) is not supported"
+            )
+    return None
+
+
 class _Core(NamedTuple):
     """One self-attention core before its block is known."""
 
@@ -322,6 +383,7 @@ class _Core(NamedTuple):
     chain: list[ir.Node]  # logit ops between the QK MatMul and the Softmax
     scale: float | None  # a fused op's scale attribute
     probs: ir.Value | None  # the attention probabilities (Softmax cores)
+    position_bias: tuple[tuple[ir.Node, int], ...] = ()  # position-bias Adds among the logit ops, the bias index
 
 
 def _attention_cores(graph: ir.Graph) -> list[_Core]:
@@ -331,8 +393,8 @@ def _attention_cores(graph: ir.Graph) -> list[_Core]:
         if node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
             core = _softmax_core(node)
             if core is not None:
-                query, key_t, chain = core
-                cores.append(_Core(node, query, key_t, True, chain, None, node.outputs[0]))
+                query, key_t, chain, biases = core
+                cores.append(_Core(node, query, key_t, True, chain, None, node.outputs[0], tuple(biases)))
         elif node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
             fused = _fused_core(node)
             if fused is not None:
@@ -344,7 +406,7 @@ def _attention_cores(graph: ir.Graph) -> list[_Core]:
 def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | None, bool]:
     """The residual block around one attention core (``None`` without a residual stream around it), and whether the
     exporter's name-scope metadata named it."""
-    node, query, key, transposed, chain, scale, probs = core
+    node, query, key, transposed, chain, scale, probs, position_bias = core
     found = _residual_add(node.outputs[0], _ancestors(query))
     if found is None:
         return None, False
@@ -381,6 +443,7 @@ def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | 
         heads=int(qd[1]),
         head_dim=int(qd[-1]),
         tokens=int(sd[1]),
+        position_bias=list(position_bias),
     )
     return block, attn_scope is not None
 

@@ -132,20 +132,21 @@ def follow_positions(model: ir.Model, block: AttentionBlock, uses: list[TableUse
             if use.skips_specials:
                 index = b.op("Sub", [positions, b.const(S, "specials")]) if S else positions
             else:
-                full = full if full is not None else _with_specials(b, positions, S)
+                full = full if full is not None else with_specials(b, positions, S)
                 index = full
             gathered[key] = _per_sample_rows(b, use, table, index)
         use.node.replace_input_with(use.index, gathered[key])
-    _insert(model, uses, b)
+    insert_before_first(model, uses, b)
 
 
-def _insert(model: ir.Model, uses: list[TableUse], b: NodeBuilder) -> None:
+def insert_before_first(model: ir.Model, uses: list, b: NodeBuilder) -> None:
+    """Insert ``b``'s nodes before the first (in graph order) of the nodes ``uses`` rewire."""
     order = {node: i for i, node in enumerate(model.graph)}
     first = min((u.node for u in uses), key=order.__getitem__)
     model.graph.insert_before(first, b.nodes)
 
 
-def _with_specials(b: NodeBuilder, positions: ir.Value, S: int) -> ir.Value:
+def with_specials(b: NodeBuilder, positions: ir.Value, S: int) -> ir.Value:
     """``[B, S + n]``: the special tokens' positions ``0..S-1`` followed by ``positions``."""
     if not S:
         return positions

@@ -13,7 +13,9 @@ Inserts, walking the blocks in order and threading the token state (stream, size
 * after the last block, global average pooling over tokens becomes a size-weighted mean;
 * when later blocks read rotary position tables (:mod:`tokensieve.graph_passes.rotary`), each site says which
   incoming position every output token keeps (``origin``); the original positions are composed from site to site
-  and every later block's tables are gathered at them, so queries and keys keep their own rotation.
+  and every later block's tables are gathered at them, so queries and keys keep their own rotation;
+* likewise, when later blocks add a relative position bias to their logits (:mod:`position_bias`), its rows and
+  columns are gathered at the same original positions.
 
 The sites record themselves in the model's ``tokensieve.sites`` metadata with the names of the index tensors they
 expose (``tokensieve/site<k>/kept``, ``.../src``, ``.../dst``, ...) for parity.
@@ -35,6 +37,7 @@ from tokensieve.errors import GraphRewriteError, MethodSpecError
 from tokensieve.graph_passes import FACES
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, redirect_uses
 from tokensieve.graph_passes.locate import ViTLayout, locate_vit
+from tokensieve.graph_passes.position_bias import BiasUse, follow_bias, position_biases
 from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.rotary import TableUse, compose_positions, follow_positions, position_tables
 from tokensieve.graph_passes.sites.common import SiteInput, SiteOutput
@@ -70,20 +73,23 @@ class TokenReductionPass(ir.passes.InPlacePass):
         sizes: ir.Value | None = None
         bias: ir.Value | None = None
         prev_shapes: dict[ir.Value, ir.Shape] = {}
-        tables = position_tables(model, layout)
+        tables, biases = position_tables(model, layout), position_biases(layout)
+        readers = {i: [*tables.get(i, []), *biases.get(i, [])] for i in {*tables, *biases}}
         positions: ir.Value | None = None
         for block in layout.blocks:
             if bias is not None:
                 add_logit_bias(model, block.attention, bias, f"tokensieve/prop_attn{block.index}", "prop_attn")
             if positions is not None and block.index in tables:
                 follow_positions(model, block, tables[block.index], positions, layout.specials)
+            if positions is not None and block.index in biases:
+                follow_bias(model, block, biases[block.index], positions, layout.specials)
             if block.index not in sites:
                 continue
             method, count = sites[block.index]
             h = block.post_attention
             uses = list(h.uses())
             b = NodeBuilder.for_site(model, count.layer, method.name)
-            later = [tables[i] for i in sorted(tables) if i > block.index]
+            later = [readers[i] for i in sorted(readers) if i > block.index]
             site = SiteInput(block, count, method, layout.specials, layout.depth, h, sizes, bias, bool(later))
             out = FACES.lookup("site_emitter", method)(b, site)
             if later:
@@ -118,12 +124,20 @@ class TokenReductionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(plan.sites))
 
     def _positions(
-        self, b: NodeBuilder, positions: ir.Value | None, out: SiteOutput, use: TableUse, method: Method, layer: int
+        self,
+        b: NodeBuilder,
+        positions: ir.Value | None,
+        out: SiteOutput,
+        use: TableUse | BiasUse,
+        method: Method,
+        layer: int,
     ) -> ir.Value:
-        """The original positions of the non-special tokens after a site, for the rotary tables of later blocks."""
+        """The original positions of the non-special tokens after a site, for the rotary tables and position biases
+        of later blocks."""
         if out.origin is None:
+            what = "rotary position embedding" if isinstance(use, TableUse) else "relative position bias"
             raise GraphRewriteError(
-                f"{use.describe()} (rotary position embedding), which must follow the tokens {method.name} keeps at "
+                f"{use.describe()} ({what}), which must follow the tokens {method.name} keeps at "
                 f"block {layer}, but the site gives no single position per output token (a fused token, or a merging "
                 "method other than ToMe); export without fuse, or with tome"
             )

@@ -10,12 +10,14 @@ reference computes exactly the original model wherever no reduction happens (che
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from tokensieve.errors import SourceError
 
@@ -35,6 +37,9 @@ class BlockSpec:
     mask_kwarg: str  # keyword of the attention module's additive mask (used for proportional attention)
     attention_classes: frozenset[str] = frozenset()  # the attention modules supported (empty: any)
     rope: bool = False  # the block takes ``rope=`` tables, applied to the queries and keys after ``query``/``key``
+    # timm BEiT: Q/K are computed inside the attention (no submodule gives them): captured from its fused-attention
+    # call with the whole logit bias; its relative position bias (own table, ``shared_rel_pos_bias``) follows the tokens
+    relpos: bool = False
 
 
 _TIMM = BlockSpec(
@@ -67,6 +72,17 @@ _TIMM_EVA = BlockSpec(
     "attn_mask",
     frozenset({"EvaAttention", "AttentionRope"}),
     rope=True,
+)
+# timm BEiT / BEiT v2 blocks: LayerScale as gamma parameters, a relative position bias added to the logits (the
+# attention's own table, and/or a shared one passed to every block, which also carries proportional attention)
+_TIMM_BEIT = replace(
+    _TIMM_EVA,
+    query="",
+    key="",
+    mask_kwarg="shared_rel_pos_bias",
+    attention_classes=frozenset({"Attention"}),
+    rope=False,
+    relpos=True,
 )
 _HF_VIT = BlockSpec(
     "layernorm_before",
@@ -101,6 +117,7 @@ _HF_CLIP = BlockSpec(
 BLOCK_SPECS: dict[str, BlockSpec] = {
     "Block": _TIMM,  # timm.models.vision_transformer.Block (ViT, DeiT, DeiT-III, DINOv2 in timm, ...)
     "EvaBlock": _TIMM_EVA,
+    "timm.models.beit.Block": _TIMM_BEIT,  # module-qualified: timm's ViT block has the same class name
     "ViTLayer": _HF_VIT,
     "Dinov2Layer": _HF_DINOV2,
     "Dinov2WithRegistersLayer": _HF_DINOV2,
@@ -116,7 +133,7 @@ def find_blocks(model: nn.Module) -> tuple[nn.Module, list[nn.Module], BlockSpec
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
             continue
         children = list(module)
-        names = {type(c).__name__ for c in children}
+        names = {_spec_key(type(c)) for c in children}
         if len(names) == 1 and (name := names.pop()) in BLOCK_SPECS and (best is None or len(children) > len(best[1])):
             best = (module, children, BLOCK_SPECS[name])
     if best is None:
@@ -132,6 +149,11 @@ def find_blocks(model: nn.Module) -> tuple[nn.Module, list[nn.Module], BlockSpec
             f"{', '.join(sorted(supported))} (not differential or parallel attention variants)"
         )
     return best
+
+
+def _spec_key(cls: type) -> str:
+    qualified = f"{cls.__module__}.{cls.__name__}"
+    return qualified if qualified in BLOCK_SPECS else cls.__name__
 
 
 def special_tokens(model: nn.Module) -> int:
@@ -156,17 +178,23 @@ class AttentionTensors:
     query: torch.Tensor
     key: torch.Tensor
     scale: float
-    bias: torch.Tensor | None = None  # [B, 1, 1, N] log token sizes (proportional attention), or None
+    # added to the logits: [B, 1, 1, N] log token sizes (proportional attention), or the whole [B or 1, H, N, N]
+    # logit bias of a block with a relative position bias (rows: the query rows); None: no bias
+    bias: torch.Tensor | None = None
 
 
 class BlockHost(Protocol):
     """What a :class:`ReducingBlock` asks its model-level controller for."""
+
+    sizes: torch.Tensor | None  # [B, N] token sizes after the last merge (None before any)
 
     def attention_bias(self) -> torch.Tensor | None: ...
 
     def reduce(self, index: int, h: torch.Tensor, attention: AttentionTensors) -> torch.Tensor: ...
 
     def rope_rows(self, table: torch.Tensor) -> torch.Tensor: ...
+
+    def bias_rows(self, bias: torch.Tensor) -> torch.Tensor: ...
 
 
 class ReducingBlock(nn.Module):
@@ -189,6 +217,17 @@ class ReducingBlock(nn.Module):
         if mask is not None or kwargs.get("is_causal"):
             raise ValueError("token reduction references do not support attention masks")
         spec, attn = self.spec, getattr(self.block, self.spec.attn)
+        normed = getattr(self.block, spec.norm1)(x)
+        out, attention = (self._relpos_attention if spec.relpos else self._hooked_attention)(attn, normed, kwargs)
+        if spec.attn_returns_tuple:
+            out = out[0]
+        h = x + self._part(spec.ls1)(out)
+        h = self.host.reduce(self.index, h, attention)
+        return h + self._part(spec.ls2)(getattr(self.block, spec.mlp)(getattr(self.block, spec.norm2)(h)))
+
+    def _hooked_attention(self, attn: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple:
+        """The attention's output, and Q/K from the outputs of its ``query``/``key`` submodules."""
+        spec = self.spec
         rope = kwargs.get("rope") if spec.rope else None
         rope = self.host.rope_rows(rope) if rope is not None else None
         extra = {"rope": rope} if rope is not None else {}
@@ -201,16 +240,27 @@ class ReducingBlock(nn.Module):
             getattr(attn, spec.key).register_forward_hook(lambda m, i, o: captured.__setitem__("k", o)),
         ]
         try:
-            out = attn(getattr(self.block, spec.norm1)(x), **extra)
+            out = attn(x, **extra)
         finally:
             for hook in hooks:
                 hook.remove()
-        if spec.attn_returns_tuple:
-            out = out[0]
-        h = x + self._part(spec.ls1)(out)
         q, k = (rotated(attn, captured[t], rope) for t in "qk") if rope is not None else (captured["q"], captured["k"])
-        h = self.host.reduce(self.index, h, self._attention_tensors(attn, q, k, bias))
-        return h + self._part(spec.ls2)(getattr(self.block, spec.mlp)(getattr(self.block, spec.norm2)(h)))
+        return out, self._attention_tensors(attn, q, k, bias)
+
+    def _relpos_attention(self, attn: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple:
+        """timm BEiT attention: its own relative position bias and the shared one at the tokens' positions (the
+        shared argument also carries proportional attention); Q, K and the whole logit bias captured from its
+        fused-attention call."""
+        shared = kwargs.get(self.spec.mask_kwarg)
+        shared = self.host.bias_rows(shared) if shared is not None else None
+        bias = self.host.attention_bias()
+        if bias is not None:
+            shared = bias if shared is None else shared + bias
+        captured: dict[str, torch.Tensor] = {}
+        with _relpos_capture(attn, self.host, captured):
+            out = attn(x, **{self.spec.mask_kwarg: shared})
+        tensors = AttentionTensors(captured["q"], captured["k"], float(attn.scale), captured["bias"])
+        return out, tensors
 
     def _attention_tensors(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, bias) -> AttentionTensors:
         if self.spec.heads_first:
@@ -223,6 +273,25 @@ class ReducingBlock(nn.Module):
         return AttentionTensors(q, k, float(scale), bias)
 
 
+@contextmanager
+def _relpos_capture(attn: nn.Module, host: BlockHost, captured: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While a timm BEiT attention runs: its relative position bias at the tokens' positions (``host.bias_rows``),
+    and its fused-attention call recording Q, K and the logit bias it adds (``attn_mask``)."""
+    own, sdpa = type(attn)._get_rel_pos_bias, F.scaled_dot_product_attention
+
+    def capture(q, k, v, attn_mask=None, **kwargs):
+        captured.update(q=q, k=k, bias=attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    attn._get_rel_pos_bias = lambda: host.bias_rows(own(attn))
+    attn.fused_attn, F.scaled_dot_product_attention = True, capture
+    try:
+        yield
+    finally:
+        del attn._get_rel_pos_bias
+        F.scaled_dot_product_attention = sdpa
+
+
 def rotated(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Queries or keys ``[B, H, N, d]`` as timm's rope attention rotates them (prefix tokens unrotated), with timm's
     own rotation function and the attention's own layout flags."""
@@ -230,6 +299,24 @@ def rotated(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor) -> torch.Tenso
 
     npt, half = int(attn.num_prefix_tokens), bool(getattr(attn, "rotate_half", False))
     return torch.cat([x[:, :, :npt], apply_rot_embed_cat(x[:, :, npt:], rope, half=half)], dim=2).type_as(x)
+
+
+def size_weighted_head(model: nn.Module, host: BlockHost) -> None:
+    """timm BEiT's head averages the patch tokens inline (``forward_head``, no ``pool`` method to replace): once
+    tokens carry sizes, each patch token is scaled by ``size · n / Σ size`` before it, so its plain mean is the
+    size-weighted mean, and the model's own head (norm, classifier) runs on that."""
+    if type(model).__module__ != "timm.models.beit":
+        return
+    original, S = model.forward_head, int(model.num_prefix_tokens)
+
+    def head(x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if host.sizes is None or model.global_pool != "avg":
+            return original(x, pre_logits=pre_logits)
+        weights = host.sizes[:, S:]
+        weights = weights * (weights.shape[1] / weights.sum(dim=1, keepdim=True))
+        return original(torch.cat([x[:, :S], x[:, S:] * weights.unsqueeze(-1)], dim=1), pre_logits=pre_logits)
+
+    model.forward_head = head
 
 
 def wrap_blocks(model: nn.Module, host: BlockHost) -> int:

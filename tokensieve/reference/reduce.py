@@ -20,7 +20,13 @@ from torch import nn
 from tokensieve.errors import SourceError
 from tokensieve.methods.base import Method, SiteCount, schedule
 from tokensieve.reference import FACES
-from tokensieve.reference.adapters import AttentionTensors, find_blocks, special_tokens, wrap_blocks
+from tokensieve.reference.adapters import (
+    AttentionTensors,
+    find_blocks,
+    size_weighted_head,
+    special_tokens,
+    wrap_blocks,
+)
 from tokensieve.reference.sites import SiteContext, SiteResult
 
 
@@ -47,6 +53,7 @@ class ReducedModel(nn.Module):
         wrap_blocks(self.model, self)
         if self.merges:
             self._size_aware_pooling()
+            size_weighted_head(self.model, self)
 
     # -- BlockHost ---------------------------------------------------------------------------------------------
     def attention_bias(self) -> torch.Tensor | None:
@@ -84,19 +91,36 @@ class ReducedModel(nn.Module):
     def rope_rows(self, table: torch.Tensor) -> torch.Tensor:
         """Rotary ``table [..., N or N - S, D]`` at the tokens' original positions: ``[B, ..., n, D]`` with batch
         first and singleton axes up to the queries' rank (as timm lays tables out after patch dropout)."""
-        if self.missing_position is not None:
-            raise SourceError(f"rotary position tables cannot follow the tokens: {self.missing_position}")
-        if self.positions is None:
+        index = self._original_positions("rotary position tables")
+        if index is None:
             return table
-        S, index = self.specials, self.positions
-        if table.shape[-2] == self._tokens - S:
-            index = index - S
-        else:
-            index = torch.cat([torch.arange(S).expand(index.shape[0], -1), index], dim=1)
+        if table.shape[-2] == self._tokens - self.specials:
+            index = index[:, self.specials :] - self.specials
         rows = table[..., index, :].movedim(-3, 0)  # [B, ..., n, D]
         while rows.dim() < 4:
             rows = rows.unsqueeze(1)
         return rows
+
+    def bias_rows(self, bias: torch.Tensor) -> torch.Tensor:
+        """Relative position ``bias [..., N, N]`` (leading axes: 1 and heads) at the tokens' original positions on
+        both token axes: ``[B, H, n, n]``."""
+        index = self._original_positions("relative position biases")
+        if index is None:
+            return bias
+        tokens = bias.shape[-1]
+        table = bias.reshape(-1, tokens, tokens)[:, index]  # [H, B, n, N]
+        columns = index[None, :, None, :].expand(table.shape[0], -1, index.shape[1], -1)
+        return table.gather(-1, columns).movedim(0, 1)
+
+    def _original_positions(self, what: str) -> torch.Tensor | None:
+        """``[B, S + n]`` original positions of every token (special tokens first, at ``0..S-1``); None before any
+        site."""
+        if self.missing_position is not None:
+            raise SourceError(f"{what} cannot follow the tokens: {self.missing_position}")
+        if self.positions is None:
+            return None
+        S, index = self.specials, self.positions
+        return torch.cat([torch.arange(S).expand(index.shape[0], -1), index], dim=1)
 
     def forward(self, *args, **kwargs):
         if self.adaptive:

@@ -43,14 +43,18 @@ class SiteOutput:
     origin: ir.Value | None = None
 
 
-def row_logits(b: NodeBuilder, site: SiteInput, q_rows: ir.Value) -> ir.Value:
-    """Attention logits of some query rows ``[B, H, r, d]`` against all keys, as the block computes them."""
+def row_logits(b: NodeBuilder, site: SiteInput, q_rows: ir.Value, rows: int | None = None) -> ir.Value:
+    """Attention logits of some query rows ``[B, H, r, d]`` against all keys, as the block computes them; ``rows``:
+    the query rows are the first ``rows`` (None: all), whose rows of a position bias the logits get."""
     block = site.block
     if block.key_transposed:
         logits = b.op("MatMul", [q_rows, block.key], "row_logits")
+        biases = dict(block.position_bias)
         for op, data_index in block.logit_ops:
             inputs = list(op.inputs)
             inputs[data_index] = logits
+            if op in biases and rows is not None:  # [..., N, N] -> its first rows
+                inputs[biases[op]] = b.slice(inputs[biases[op]], 0, rows, axis=-2)
             attributes = {k: a.value for k, a in op.attributes.items()}
             logits = b.op(op.op_type, inputs, f"row_{op.op_type.lower()}", **attributes)
     else:
@@ -65,7 +69,7 @@ def head_mean_scores(b: NodeBuilder, site: SiteInput, kind: str) -> ir.Value:
     """``[B, N]`` post-softmax attention, head mean: the CLS row (``cls``) or received, mean over rows."""
     if kind == "cls":
         q_cls = b.slice(site.block.query, 0, 1, axis=2)
-        probs = b.op("Softmax", [row_logits(b, site, q_cls)], axis=-1)
+        probs = b.op("Softmax", [row_logits(b, site, q_cls, rows=1)], axis=-1)
     else:
         probs = site.block.probs or b.op("Softmax", [row_logits(b, site, site.block.query)], axis=-1)
     return b.reduce("ReduceMean", probs, [1, 2], keepdims=False)
