@@ -77,9 +77,7 @@ def main() -> None:
         reduced = tokensieve.export(source, MustDrop(layers=(1,)), out=Path(tmp) / "mustdrop", **export)
         manifest = plain.manifest
         decoder = manifest.decoder
-        pixels, _ = preprocess(
-            (np.random.default_rng(0).random((336, 336, 3)) * 255).astype(np.uint8), manifest.host
-        )
+        pixels, _ = preprocess((np.random.default_rng(0).random((336, 336, 3)) * 255).astype(np.uint8), manifest.host)
         text = np.random.default_rng(1).standard_normal((SYSTEM + QUESTION, decoder["hidden"]), dtype=np.float32)
 
         def embeds_for(features: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
