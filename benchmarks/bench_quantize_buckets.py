@@ -92,10 +92,8 @@ def main() -> None:
             "images": len(held_out),
             "mean_ms": {name: round(v, 2) for name, v in ms.items()},
             "ratios": {
-                "int8 bucketed / fp32 bucketed": round(ms["int8 bucketed"] / ms["fp32 bucketed"], 3),
-                "int8 bucketed / fp32 unreduced": round(ms["int8 bucketed"] / ms["fp32 unreduced"], 3),
-                "int8 bucketed / int8 unreduced": round(ms["int8 bucketed"] / ms["int8 unreduced"], 3),
-                "int8 bucketed / int8 padmax": round(ms["int8 bucketed"] / ms["int8 padmax"], 3),
+                f"int8 bucketed / {other}": round(ms["int8 bucketed"] / ms[other], 3)
+                for other in ("fp32 bucketed", "fp32 unreduced", "int8 unreduced", "int8 padmax")
             },
             "routing": {
                 "fp32_mean_count": float(counts["fp32"].mean()),
@@ -108,6 +106,11 @@ def main() -> None:
                 "checks": {c.label: c.relative for c in drift.checks},
             },
         }
+    report(results)
+
+
+def report(results: dict) -> None:
+    """Print the figures and write the JSON and the PNG."""
     for name, value in results["mean_ms"].items():
         print(f"  {name:<18} {value:>9.2f} ms per image")
     print(json.dumps({k: results[k] for k in ("ratios", "routing", "drift")}, indent=2))

@@ -187,10 +187,11 @@ def test_rules_fail_on_a_broken_copy(tmp_path, module, line, expected):
 
 
 def test_no_function_over_80_lines():
-    """Short functions: none in the package over 80 lines (docstring included)."""
+    """Short functions: none outside the tests over 80 lines (docstring included)."""
+    files = [p for folder in ("tokensieve", "benchmarks", "examples") for p in (PACKAGE.parent / folder).rglob("*.py")]
     long = [
         f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
-        for path in sorted(PACKAGE.rglob("*.py"))
+        for path in sorted(files)
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80
     ]
