@@ -33,7 +33,7 @@ class Artifact(store.Artifact):
         from tokensieve.quantize.image import quantize_artifact
 
         self.check_output(out, "--out", replaced=True)
-        return type(self).load(quantize_artifact(self, data, out, **kwargs).path)
+        return type(self).of(quantize_artifact(self, data, out, **kwargs))
 
     def triton(self, out: str | os.PathLike, **kwargs) -> list[str]:
         """Write this artifact into a Triton model repository (:func:`tokensieve.deploy.triton.write_repository`);
@@ -93,9 +93,12 @@ class Artifact(store.Artifact):
         models, a JSONL of prompts for MLLMs (``baseline``: the unreduced MLLM artifact); writes ``eval.json``."""
         from tokensieve.evaluate import evaluate
 
-        if baseline is not None and not isinstance(baseline, store.Artifact):
-            baseline = load(baseline)
-        return evaluate(self, data, baseline, **kwargs)
+        return evaluate(self, data, _opened(baseline), **kwargs)
+
+    @classmethod
+    def of(cls, stored: store.Artifact) -> Artifact:
+        """The facade over an artifact a verb has just written and loaded (its manifest is not read again)."""
+        return cls(stored.path, stored.manifest)
 
     def _call(self, function, kwargs: dict[str, Any]):
         """``function(self, **kwargs)``, or an error naming the options this kind of artifact does not take (or a
@@ -115,7 +118,7 @@ class Artifact(store.Artifact):
 
 @functools.wraps(_exporter.export)
 def export(*args: Any, **kwargs: Any) -> Artifact:
-    return Artifact.load(_exporter.export(*args, **kwargs).path)
+    return Artifact.of(_exporter.export(*args, **kwargs))
 
 
 def sweep(source: str, method: str, data: str | os.PathLike, out: str | os.PathLike, **kwargs: Any):
@@ -123,10 +126,14 @@ def sweep(source: str, method: str, data: str | os.PathLike, out: str | os.PathL
     quality against latency (:func:`tokensieve.evaluate.sweep.sweep`); returns the sweep report."""
     from tokensieve.evaluate.sweep import sweep as run_sweep
 
-    baseline = kwargs.get("baseline")
-    if baseline is not None and not isinstance(baseline, store.Artifact):
-        kwargs["baseline"] = load(baseline)
+    if "baseline" in kwargs:
+        kwargs["baseline"] = _opened(kwargs["baseline"])
     return run_sweep(source, method, data, out, **kwargs)
+
+
+def _opened(artifact: str | os.PathLike | store.Artifact | None) -> store.Artifact | None:
+    """An artifact given as an object or as its directory."""
+    return artifact if artifact is None or isinstance(artifact, store.Artifact) else load(artifact)
 
 
 def load(path: str | os.PathLike) -> Artifact:

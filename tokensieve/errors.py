@@ -11,6 +11,12 @@ from pathlib import Path
 from typing import Any
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 class TokensieveError(Exception):
     """Base class of every error tokensieve raises on purpose."""
 

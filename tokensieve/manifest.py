@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,7 +36,7 @@ class Manifest:
     method_text: str = "none"
     export: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str | None = None
-    created: str = ""
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     versions: dict[str, str] = field(default_factory=dict)
     quantization: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})  # INT8 copies only
     files: dict[str, str] | None = None  # SHA-256 of every file written with the manifest (set by dump)

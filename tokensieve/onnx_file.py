@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from tokensieve.errors import ArtifactError, TokensieveError
+from tokensieve.errors import ArtifactError, TokensieveError, first_line
 
 
 def load_onnx(path: str | Path, error: type[TokensieveError] = ArtifactError) -> ir.Model:
@@ -15,7 +15,7 @@ def load_onnx(path: str | Path, error: type[TokensieveError] = ArtifactError) ->
     try:
         model = ir.load(path)
     except Exception as e:  # protobuf DecodeError, onnx-ir's IndexError on an empty file, ...
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise error(f"{path} is not a readable ONNX model ({reason}); re-export it or check the file") from None
     if len(model.graph) == 0 or not model.graph.outputs:
         raise error(f"{path} holds no ONNX graph (no nodes or no outputs: an empty or non-ONNX file)")

@@ -33,7 +33,7 @@ import onnx
 import onnx_ir as ir
 
 from tokensieve import manifest as manifest_file
-from tokensieve.errors import ArtifactError, GraphRewriteError
+from tokensieve.errors import ArtifactError, GraphRewriteError, first_line
 from tokensieve.manifest import FORMAT, MANIFEST, Manifest
 from tokensieve.onnx_file import load_onnx
 
@@ -107,10 +107,8 @@ def file_digests(directory: Path, only: Collection[str] | None = None) -> dict[s
     return digests
 
 
-def write_manifest(directory: Path, manifest: Manifest | dict[str, Any]) -> None:
+def write_manifest(directory: Path, manifest: Manifest) -> None:
     """Write ``manifest.json`` last, with the digests of every file already in ``directory``."""
-    if isinstance(manifest, dict):
-        manifest = manifest_file.read_dict({"format": FORMAT, **manifest}, str(directory / MANIFEST))
     manifest_file.dump(directory, manifest, file_digests(directory))
 
 
@@ -183,7 +181,7 @@ def check_file(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise GraphRewriteError(f"{path.name} fails onnx's checker: {str(e).splitlines()[0]}") from e
+        raise GraphRewriteError(f"{path.name} fails onnx's checker: {first_line(e)}") from e
 
 
 def plan_path(artifact: Artifact, onnx: str) -> Path:

@@ -18,7 +18,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from tokensieve.errors import ExportError
+from tokensieve.errors import ExportError, first_line
 from tokensieve.graph_passes.propagate import propagate_shapes
 
 EXPORTERS = ("dynamo", "legacy")
@@ -75,7 +75,7 @@ def export_graph(
                 )
                 model = ir.serde.deserialize_model(onnx.load_from_string(buffer.getvalue()))
     except Exception as e:  # the exporters raise a wide variety of types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         hint = "; the default dynamo exporter may support it" if exporter == "legacy" else ""
         raise ExportError(f"torch.onnx export ({exporter}, opset {opset}) failed: {first}{hint}") from e
     propagate_shapes(model)

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tokensieve.errors import RuntimeBackendError, TokensieveError
+from tokensieve.errors import RuntimeBackendError, TokensieveError, first_line
 from tokensieve.runtimes.buckets import StagedRunner
-from tokensieve.runtimes.tensorrt import first_line, run_in_chunks
+from tokensieve.runtimes.tensorrt import run_in_chunks
 
 
 class TritonStage:

@@ -11,15 +11,6 @@ from tokensieve.errors import MethodSpecError
 from tokensieve.exporter.image import export_image
 from tokensieve.methods import REGISTRY, Method, check_target, parse_methods
 
-IMAGE_ONLY = {  # options of image exports, refused for MLLM sources: flag -> is it given
-    "--buckets": lambda o: o.get("buckets"),
-    "--calibrate": lambda o: o.get("calibrate"),
-    "--img-size": lambda o: o.get("img_size"),
-    "--dynamic-batch": lambda o: o.get("dynamic_batch"),
-    "--batch": lambda o: o.get("batch", 1) != 1,
-    "--exporter": lambda o: o.get("exporter", "dynamo") != "dynamo",
-}
-
 
 def export(
     source: str,
@@ -67,7 +58,15 @@ def export(
         check_target(methods, "mllm")
         if len(methods) > 1:
             raise MethodSpecError("an MLLM export takes one decoder method (e.g. 'fastv(k=2, keep=0.5)')")
-        given = [flag for flag, is_given in IMAGE_ONLY.items() if is_given({**options, "img_size": img_size})]
+        image_only = {  # options of image exports, refused for MLLM sources
+            "--buckets": options.get("buckets"),
+            "--calibrate": options.get("calibrate"),
+            "--img-size": img_size,
+            "--dynamic-batch": options.get("dynamic_batch"),
+            "--batch": options.get("batch", 1) != 1,
+            "--exporter": options.get("exporter", "dynamo") != "dynamo",
+        }
+        given = [flag for flag, value in image_only.items() if value]
         if given:
             raise MethodSpecError(
                 f"{', '.join(given)} do not apply to MLLM exports; export with --out and optionally --method "

@@ -3,7 +3,6 @@ staged bucket graphs for adaptive methods, and the artifact's manifest."""
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -221,7 +220,6 @@ def _manifest(
     batch_dim = inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else None
     macs_model, macs_baseline = count_macs(reduced), count_macs(source.model)
     common = {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "source": spec.to_dict(),
         "weights_sha256": source.digest,

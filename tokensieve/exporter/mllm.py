@@ -31,7 +31,6 @@ Written atomically like every artifact (a temporary sibling directory renamed in
 
 from __future__ import annotations
 
-import datetime
 import os
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ from tokensieve.converters.sources import SourceSpec
 from tokensieve.graph_passes import FACES
 from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate_decoder import locate_decoder
-from tokensieve.manifest import FORMAT, FORMAT_VERSION
+from tokensieve.manifest import MllmManifest
 from tokensieve.methods.decoder import DecoderContext, DecoderMethod
 from tokensieve.runtimes.llava_image import crop_tokens
 
@@ -112,32 +111,28 @@ def export_mllm(
         newline = getattr(built.model.model, "image_newline", None)
         if newline is not None:
             np.save(staging / "image_newline.npy", newline.detach().float().numpy())
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "kind": "mllm",
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(),
-            "source": spec.to_dict(),
-            "architecture": type(built.model).__name__,
-            "weights_sha256": weights_digest(built.model),
-            "export": {"exporter": "dynamo", "opset": opset, "seconds": seconds},
-            "methods": [method.to_dict()] if method else [],
-            "method_text": method.describe() if method else "none",
-            "graphs": {**files, "external_data": "weights.data"},
-            "dynamic": dynamic,
-            "io": {
+        manifest = MllmManifest(
+            versions=versions(),
+            source=spec.to_dict(),
+            architecture=type(built.model).__name__,
+            weights_sha256=weights_digest(built.model),
+            export={"exporter": "dynamo", "opset": opset, "seconds": seconds},
+            methods=[method.to_dict()] if method else [],
+            method_text=method.describe() if method else "none",
+            graphs={**files, "external_data": "weights.data"},
+            dynamic=dynamic,
+            io={
                 key: dict(zip(("inputs", "outputs"), describe_io(model), strict=True)) for key, model in graphs.items()
             },
-            "decoder": {**decoder_geometry(text), "capacity": capacity},
-            "vision": vision_geometry(built.model.config),
-            "image_tokens": _image_tokens(built),
-            "sites": sites,
-            "host": built.host,
-            "tokenizer": "tokenizer/tokenizer.json",
-            "lint_target": lint_target,
-            "lint": lints,
-        }
+            decoder={**decoder_geometry(text), "capacity": capacity},
+            vision=vision_geometry(built.model.config),
+            image_tokens=_image_tokens(built),
+            sites=sites,
+            host=built.host,
+            tokenizer="tokenizer/tokenizer.json",
+            lint_target=lint_target,
+            lint=lints,
+        )
         write_manifest(staging, manifest)
     return Artifact.load(Path(out))
 

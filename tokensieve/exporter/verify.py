@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tokensieve.errors import ExportError, TokensieveError
+from tokensieve.errors import ExportError, first_line
 from tokensieve.methods import Method, describe
 from tokensieve.runtimes.buckets import StagedRunner, without_debug
 from tokensieve.runtimes.ort import OrtRunner
@@ -45,12 +45,9 @@ def verify_export(
             runner.run({runner.input_names[0]: pixels})
         else:
             _run_routes(staging, stages, pixels)
-    except TokensieveError as e:
-        raise ExportError(f"the exported graph with {what} does not run on ONNX Runtime: {e}") from None
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    except Exception as e:  # the runners' typed errors and ONNX Runtime's own: the graph does not run
         raise ExportError(
-            f"the exported graph with {what} does not run on ONNX Runtime ({first}); nothing was written. The "
+            f"the exported graph with {what} does not run on ONNX Runtime ({first_line(e)}); nothing was written. The "
             "node named there is where the reduced token count meets a fixed shape: a head or output that needs "
             "every token (export the model without it, or with --method none)"
         ) from None
@@ -81,9 +78,8 @@ def _run_reference(built: Any, methods: list[Method], specials: int | None, pixe
     try:
         with torch.no_grad():
             ReducedModel(built.module, methods, specials)(torch.from_numpy(pixels))
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    except Exception as e:  # whatever stops the reference stops parity
         raise ExportError(
-            f"the eager reference cannot apply {what} to this model ({first}), so parity could never verify the "
-            "export; nothing was written"
+            f"the eager reference cannot apply {what} to this model ({first_line(e)}), so parity could never verify "
+            "the export; nothing was written"
         ) from None

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokensieve.errors import ArtifactError, InputError
+from tokensieve.errors import ArtifactError, InputError, first_line
 
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 OP_TYPES = ("MatMul", "Gemm", "Conv")
@@ -83,7 +83,7 @@ def quantize_graph(source: Path, target: Path, feeds: list[dict[str, np.ndarray]
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
     except Exception as e:  # the quantizer raises whatever onnx / ONNX Runtime raised inside it
-        raise ArtifactError(f"ONNX Runtime's quantizer failed on {source.name}: {str(e).splitlines()[0]}") from e
+        raise ArtifactError(f"ONNX Runtime's quantizer failed on {source.name}: {first_line(e)}") from e
     finally:
         logging.disable(muted)
     import onnx  # the quantizer leaves the new Q/DQ outputs without shapes; static shapes are the contract

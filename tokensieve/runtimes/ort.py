@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from tokensieve.errors import RuntimeBackendError
+from tokensieve.errors import RuntimeBackendError, first_line
 from tokensieve.onnx_file import load_onnx
 
 _EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
@@ -85,7 +85,7 @@ class OrtRunner:
             ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
             RuntimeError,
         ) as e:
-            raise RuntimeBackendError(f"ONNX Runtime cannot load {self.path.name}: {str(e).splitlines()[0]}") from e
+            raise RuntimeBackendError(f"ONNX Runtime cannot load {self.path.name}: {first_line(e)}") from e
         self.active = self.session.get_providers()
         if require and any(p not in self.active for p in self.requested):
             raise RuntimeBackendError(
@@ -110,7 +110,7 @@ class OrtRunner:
         try:
             self.session.run_with_iobinding(binding)
         except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as e:
-            raise RuntimeBackendError(f"ONNX Runtime failed on {self.path.name}: {str(e).splitlines()[0]}") from e
+            raise RuntimeBackendError(f"ONNX Runtime failed on {self.path.name}: {first_line(e)}") from e
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(outputs) if outputs is not None else self.output_names
@@ -121,5 +121,5 @@ class OrtRunner:
             ort.capi.onnxruntime_pybind11_state.InvalidArgument,
             RuntimeError,
         ) as e:
-            raise RuntimeBackendError(f"ONNX Runtime failed on {self.path.name}: {str(e).splitlines()[0]}") from e
+            raise RuntimeBackendError(f"ONNX Runtime failed on {self.path.name}: {first_line(e)}") from e
         return dict(zip(names, values, strict=True))

@@ -40,16 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from tokensieve.errors import RuntimeBackendError
+from tokensieve.errors import RuntimeBackendError, first_line
 
 Range = tuple[list[int], list[int], list[int]]  # min, opt, max shape of one input
 POLYGRAPHY_FLOOR = (0, 50, 3)  # the first release that guards ILayer.precision_is_set (gone in TensorRT 11)
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message, or its type name when the message is empty."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def check_polygraphy(tensorrt: tuple[int, int]) -> None:
