@@ -33,13 +33,15 @@ def add_parser(subparsers: options.Subparsers) -> None:
 
 
 def _is_mllm(source: str) -> bool:
-    """An ``hf:`` LLaVA source or an MLLM artifact directory."""
+    """An ``hf:`` LLaVA or Qwen-VL source or an MLLM artifact directory."""
     from tokensieve.converters.llava import is_mllm_source
+    from tokensieve.converters.qwen_vl import is_qwen_vl_source
 
     manifest = Path(source) / "manifest.json"
     if manifest.is_file():
         return json.loads(manifest.read_text()).get("kind") == "mllm"
-    return source.startswith("hf:") and is_mllm_source(source.removeprefix("hf:"))
+    name = source.removeprefix("hf:")
+    return source.startswith("hf:") and (is_mllm_source(name) or is_qwen_vl_source(name))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from torch import nn
 
 from tokensieve.converters.init import randomize_weights
 from tokensieve.converters.llava import LLAVA_PRESETS, MLLM_TYPES
+from tokensieve.converters.qwen_vl import QWEN_VL_PRESETS
 from tokensieve.errors import SourceError
 
 # Hugging Face vision-tower presets: the library's default (base-size) config of each family.
@@ -110,10 +111,11 @@ def parse_source(
         return SourceSpec("timm", name, weights, seed, img_size, options)
     if text.startswith("hf:"):
         name = text[3:]
-        if name not in HF_PRESETS and name not in LLAVA_PRESETS:
+        presets = [*HF_PRESETS, *LLAVA_PRESETS, *QWEN_VL_PRESETS]
+        if name not in presets:
             if not os.path.exists(name):
                 raise SourceError(
-                    f"hf source {name!r} is neither a preset ({', '.join([*HF_PRESETS, *LLAVA_PRESETS])}) nor an "
+                    f"hf source {name!r} is neither a preset ({', '.join(presets)}) nor an "
                     "existing local checkpoint directory or config.json (there is no model hub here)"
                 )
             name = os.path.abspath(name)

@@ -7,7 +7,7 @@ import inspect
 import os
 
 from tokensieve.artifact.store import Artifact
-from tokensieve.errors import MethodSpecError
+from tokensieve.errors import MethodSpecError, SourceError
 from tokensieve.exporter.image import export_image
 from tokensieve.methods import REGISTRY, Method, check_target, parse_methods
 
@@ -45,6 +45,7 @@ def export(
     ``growing_cache`` adds the growing-cache decode graph.
     """
     from tokensieve.converters.llava import is_mllm_source
+    from tokensieve.converters.qwen_vl import is_qwen_vl_source
     from tokensieve.converters.sources import parse_source
 
     unknown = sorted(set(options) - set(inspect.signature(export_image).parameters) - {"spec", "methods", "out"})
@@ -52,6 +53,11 @@ def export(
         raise TypeError(f"export() got unexpected keyword argument(s) {', '.join(unknown)}")
     spec = parse_source(source, weights=weights, seed=seed, img_size=img_size)
     methods = _methods(method)
+    if spec.kind == "hf" and is_qwen_vl_source(spec.name):
+        raise SourceError(
+            f"{source}: Qwen2-VL / Qwen2.5-VL does not export yet (`tokensieve plan` takes it); the MLLM families that "
+            "export are LLaVA-1.5 and LLaVA-NeXT (hf:llava-tiny, hf:llava-next-tiny or a local checkpoint)"
+        )
     if spec.kind == "hf" and is_mllm_source(spec.name):
         from tokensieve.exporter.mllm import export_mllm
 

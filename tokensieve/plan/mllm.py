@@ -36,6 +36,11 @@ from tokensieve.methods import MLLM_METHODS, describe, parse_methods
 from tokensieve.methods.base import check_target
 from tokensieve.methods.decoder import PlanCost, PlanInput
 from tokensieve.runtimes.llava_image import crop_grid, crop_tokens, pack_features
+from tokensieve.runtimes.qwen_image import image_tokens as qwen_image_tokens
+from tokensieve.runtimes.qwen_image import patch_grid
+
+QWEN_VL_KINDS = ("qwen2_vl", "qwen2_5_vl")
+QWEN_DEFAULT_SIZE = (672, 672)  # 576 image tokens, as many as LLaVA-1.5's, when no --image-size is given
 
 
 @dataclass
@@ -66,8 +71,11 @@ class MllmPrompt:
 
 
 def image_token_count(host: dict[str, Any], size: tuple[int, int] | None = None) -> tuple[int, int]:
-    """``(sequence positions, vision crops)`` of one image of ``size = (height, width)`` (LLaVA: fixed, one crop;
-    LLaVA-NeXT: thumbnail + unpadded crop grid + a newline per row; default size: the vision input side, square)."""
+    """``(sequence positions, vision crops)`` of one image of ``size = (height, width)``: LLaVA: fixed, one crop;
+    LLaVA-NeXT: thumbnail + unpadded crop grid + a newline per row (default size: the vision input side, square);
+    Qwen-VL: the processor's resized grid, merged (default size: :data:`QWEN_DEFAULT_SIZE`), one run."""
+    if host["kind"] in QWEN_VL_KINDS:
+        return qwen_image_tokens(size or QWEN_DEFAULT_SIZE, host), 1
     per_crop = crop_tokens(host)
     if host["kind"] == "llava":
         return per_crop, 1
@@ -77,9 +85,15 @@ def image_token_count(host: dict[str, Any], size: tuple[int, int] | None = None)
     return len(pack_features(features, size, host, np.zeros(1, np.float32))), len(features)
 
 
-def vision_macs(vision: dict[str, int], host: dict[str, Any]) -> int:
-    """Multiply-accumulates of one crop through the vision graph: patch convolution, the encoder layers up to the
-    feature layer on CLS + patches, the two-layer projector on the features it keeps."""
+def vision_macs(vision: dict[str, int], host: dict[str, Any], size: tuple[int, int] | None = None) -> int:
+    """Multiply-accumulates of one vision run. CLIP (LLaVA): one crop through the patch convolution, the encoder
+    layers up to the feature layer on CLS + patches, the two-layer projector on the features it keeps. Qwen-VL: the
+    whole image of ``size`` through the tower and merger (:func:`tokensieve.converters.qwen_vl.vision_macs`)."""
+    if host["kind"] in QWEN_VL_KINDS:
+        from tokensieve.converters.qwen_vl import vision_macs as qwen_vision_macs
+
+        _, rows, columns = patch_grid(size or QWEN_DEFAULT_SIZE, host)
+        return qwen_vision_macs(vision, rows, columns)
     hidden, width = vision["hidden"], vision["projector"]
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
     tokens = patches + 1
@@ -106,8 +120,16 @@ def _source(source: str) -> tuple[dict[str, int], dict[str, int] | None, dict[st
         llava_config,
         vision_geometry,
     )
+    from tokensieve.converters.qwen_vl import is_qwen_vl_source
 
     name = source.removeprefix("hf:")
+    if is_qwen_vl_source(name):
+        from tokensieve.converters import qwen_vl
+
+        config, processor = qwen_vl.qwen_vl_config(name)
+        text = config.text_config
+        host = qwen_vl.host_config(config, processor)
+        return decoder_geometry(text), qwen_vl.vision_geometry(config), host, min(text.max_position_embeddings, 4096)
     config, kind, processor = llava_config(name)
     text = config.text_config
     host = host_config(config, kind, processor)
@@ -180,13 +202,13 @@ def plan_mllm(
     if image_tokens is None:
         image_tokens = counted
     elif image_size is None and host["kind"] != "llava":
-        crops = None
+        crops = None  # the count does not say which image (LLaVA-NeXT's crops, Qwen-VL's grid)
     for name, value in (("image tokens", image_tokens), ("text tokens", text_tokens), ("new tokens", new_tokens)):
         if value < 0:
             raise MethodSpecError(f"plan: {name} must be >= 0, got {value}")
     prompt = MllmPrompt(image_tokens, text_tokens, new_tokens, crops)
     if vision is not None and crops is not None:
-        prompt.vision_macs = crops * vision_macs(vision, host)
+        prompt.vision_macs = crops * vision_macs(vision, host, image_size)
     capacity = capacity or default_capacity
     methods = [None, *(_planned(text) for text in candidates)]
     rows = [_row(decoder, method, prompt, capacity) for method in methods]

@@ -1,0 +1,153 @@
+"""Qwen2-VL / Qwen2.5-VL, config only: the sizes ``tokensieve plan`` needs (language model, vision tower,
+processor), from a preset or a local Hugging Face checkpoint / config directory.
+
+These families do not export yet (the split graphs, mRoPE position ids and resolution buckets are the next step);
+``export`` refuses them with the families it supports. Planning needs no weights: the presets are the published
+configurations of Qwen2.5-VL-3B-Instruct and Qwen2.5-VL-7B-Instruct at full depth, with the processor's published
+``min_pixels`` / ``max_pixels``.
+
+The vision geometry records what sets the tower's cost: patch embedding over ``channels x temporal x patch²``
+pixels, ``layers`` blocks of width ``hidden`` (Qwen2.5-VL: a gated MLP of ``intermediate``, window attention over
+``window``-pixel squares except the ``full_layers`` blocks; Qwen2-VL: a plain MLP, full attention everywhere), then
+the merger (``merge x merge`` patches -> one token of the language model's width).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokensieve.errors import SourceError
+
+QWEN_VL_TYPES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 16384  # the published preprocessor_config.json of Qwen2.5-VL
+
+_VISION_25 = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+}
+_TEXT_25 = {"max_position_embeddings": 128000, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6}
+QWEN_VL_PRESETS: dict[str, dict[str, Any]] = {
+    "qwen2.5-vl-7b-shapes": {
+        "vision": {**_VISION_25, "out_hidden_size": 3584},
+        "text": {
+            **_TEXT_25,
+            "vocab_size": 152064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+        },
+    },
+    "qwen2.5-vl-3b-shapes": {
+        "vision": {**_VISION_25, "out_hidden_size": 2048},
+        "text": {
+            **_TEXT_25,
+            "vocab_size": 151936,
+            "hidden_size": 2048,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": True,
+        },
+    },
+}
+
+
+def is_qwen_vl_source(name: str) -> bool:
+    """A Qwen-VL preset, or a checkpoint / config directory whose ``model_type`` is a Qwen-VL family."""
+    if name in QWEN_VL_PRESETS:
+        return True
+    path = Path(name)
+    config = path / "config.json" if path.is_dir() else path
+    try:
+        return json.loads(config.read_text()).get("model_type") in QWEN_VL_TYPES
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def qwen_vl_config(name: str):
+    """``(config, processor config)`` of a preset or a local directory, without building the model."""
+    import transformers
+
+    if name in QWEN_VL_PRESETS:
+        preset = QWEN_VL_PRESETS[name]
+        config = transformers.Qwen2_5_VLConfig(vision_config=preset["vision"], text_config=preset["text"])
+        return config, {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
+    path = Path(name)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot read a Hugging Face config from {name!r}: {e}") from None
+    processor_file = path / "preprocessor_config.json"
+    return config, json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+
+
+def host_config(config, processor: dict[str, Any]) -> dict[str, Any]:
+    """The processor facts that set the image token count (``runtimes/qwen_image.py``). The processor config
+    gives the pixel bounds as ``min_pixels`` / ``max_pixels`` or as ``size = {shortest_edge, longest_edge}``."""
+    vision = config.vision_config
+    size = processor.get("size") or {}
+    return {
+        "kind": config.model_type,
+        "patch_size": int(processor.get("patch_size", vision.patch_size)),
+        "merge_size": int(processor.get("merge_size", vision.spatial_merge_size)),
+        "temporal_patch_size": int(processor.get("temporal_patch_size", vision.temporal_patch_size)),
+        "min_pixels": int(processor.get("min_pixels") or size.get("shortest_edge") or MIN_PIXELS),
+        "max_pixels": int(processor.get("max_pixels") or size.get("longest_edge") or MAX_PIXELS),
+        "image_token_id": int(config.image_token_id),
+    }
+
+
+def vision_geometry(config) -> dict[str, int]:
+    """The sizes that set the vision tower's cost (see the module docstring)."""
+    vision = config.vision_config
+    windowed = config.model_type == "qwen2_5_vl"
+    hidden = vision.hidden_size if windowed else vision.embed_dim
+    return {
+        "layers": vision.depth,
+        "hidden": hidden,
+        "intermediate": vision.intermediate_size if windowed else hidden * vision.mlp_ratio,
+        "gated": int(windowed),
+        "channels": vision.in_channels,
+        "patch_size": vision.patch_size,
+        "temporal_patch_size": vision.temporal_patch_size,
+        "merge_size": vision.spatial_merge_size,
+        "window": vision.window_size if windowed else 0,
+        "full_layers": len(vision.fullatt_block_indexes) if windowed else vision.depth,
+        "projector": vision.out_hidden_size if windowed else vision.hidden_size,
+    }
+
+
+def _segments(length: int, window: int) -> list[int]:
+    """The window lengths along one axis of ``length`` merged tokens (the last window is what remains)."""
+    return [window] * (length // window) + ([length % window] if length % window else [])
+
+
+def vision_macs(vision: dict[str, int], rows: int, columns: int) -> int:
+    """Multiply-accumulates of one still image of ``rows x columns`` patches through the vision tower: patch
+    embedding, the blocks (projections, MLP, ``Q·Kᵀ`` and ``P·V`` over the whole image in the full-attention blocks
+    and within each window in the others), the merger MLP."""
+    hidden, merge, patches = vision["hidden"], vision["merge_size"], rows * columns
+    pixels = vision["channels"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2
+    dense = patches * (4 * hidden * hidden + (2 + vision["gated"]) * hidden * vision["intermediate"])
+    full = 2 * patches * patches * hidden
+    windowed = full
+    if vision["window"]:
+        unit = vision["window"] // merge // vision["patch_size"]
+        square = [sum(s * s for s in _segments(n // merge, unit)) for n in (rows, columns)]
+        windowed = 2 * square[0] * square[1] * merge**4 * hidden
+    attention = vision["full_layers"] * full + (vision["layers"] - vision["full_layers"]) * windowed
+    width = hidden * merge * merge
+    merger = patches // merge**2 * (width * width + width * vision["projector"])
+    return patches * hidden * pixels + vision["layers"] * dense + attention + merger
