@@ -23,6 +23,7 @@ from tokensieve.errors import ArtifactError
 FORMAT = "tokensieve-artifact"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+WEIGHTS = "weights.data"  # every graph of an artifact keeps its large initializers in this one file
 
 
 @dataclass(kw_only=True)

@@ -34,11 +34,10 @@ import onnx_ir as ir
 
 from tokensieve import manifest as manifest_file
 from tokensieve.errors import ArtifactError, GraphRewriteError, first_line
-from tokensieve.manifest import FORMAT, MANIFEST, Manifest
+from tokensieve.manifest import FORMAT, MANIFEST, WEIGHTS, Manifest
 from tokensieve.onnx_file import load_onnx
 
 ENGINES = "engines"  # where `tokensieve build` and the staged trtexec recipes (trt/build_*.sh) put their plans
-WEIGHTS = "weights.data"
 _VERSIONED = ("torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "timm", "transformers")
 _ALIGNMENT = 64
 _INLINE_BYTES = 1024  # smaller initializers stay inside the .onnx file

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tokensieve.errors import RuntimeBackendError
+from tokensieve.manifest import WEIGHTS
 from tokensieve.runtimes.pixels import check_pixels
 
 MODES = ("bucketed", "oracle", "padmax")
@@ -128,7 +129,7 @@ class StagedRunner:
             raise RuntimeBackendError(f"unknown staged mode {mode!r}; choose one of {', '.join(MODES)}")
         self.directory, self.stages, self.mode = Path(directory), stages, mode
         self.allow_truncation = stages.get("allow_truncation", False) if allow_truncation is None else allow_truncation
-        self.options = runner_options
+        self.options = dict(runner_options)
         self.factory = runner_factory or self._ort_runner
         self._runners: dict[str, StageRunner] = {}
         self.expose = expose
@@ -137,8 +138,11 @@ class StagedRunner:
         self.specials = int(stages["specials"])
 
     def _ort_runner(self, relative: str, extra: Sequence[str]) -> StageRunner:
-        from tokensieve.runtimes.ort import OrtRunner
+        from tokensieve.runtimes.ort import OrtRunner, SharedWeights
 
+        weights = self.directory / WEIGHTS
+        if "weights" not in self.options and weights.is_file():  # every stage graph reads one copy of the weights
+            self.options["weights"] = SharedWeights(weights)
         return OrtRunner(self.directory / relative, extra_outputs=extra, **self.options)
 
     def runner(self, relative: str, extra: Sequence[str] | None = None) -> StageRunner:

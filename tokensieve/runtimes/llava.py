@@ -34,7 +34,7 @@ from tokensieve.methods.faces import register
 from tokensieve.runtimes import FACES
 from tokensieve.runtimes.kv_cache import DecodeSetup
 from tokensieve.runtimes.llava_image import pack_features, preprocess
-from tokensieve.runtimes.ort import OrtRunner
+from tokensieve.runtimes.ort import OrtRunner, SharedWeights
 from tokensieve.runtimes.prefill import Prefill
 
 if TYPE_CHECKING:
@@ -121,7 +121,8 @@ class LlavaRunner:
                 )
             raise RuntimeBackendError(f"this artifact has no {decode_key} graph; re-export with the growing cache")
 
-        options = {"providers": providers, "threads": threads, "spin": spin}
+        weights = SharedWeights(self.directory / graphs["external_data"]) if "external_data" in graphs else None
+        options = {"providers": providers, "threads": threads, "spin": spin, "weights": weights}  # one copy of them
         self.vision = [OrtRunner(self.directory / graphs[k], **options) for k in VISION if k in graphs]
         self.embed, self.decode = (OrtRunner(self.directory / graphs[k], **options) for k in ("embed", decode_key))
         self.prefill = Prefill(self.directory, manifest, **options)

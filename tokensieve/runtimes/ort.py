@@ -6,6 +6,16 @@ registered, and raises when ``require`` is set and a requested provider is absen
 
 ``extra_outputs`` exposes intermediate values (e.g. the kept-token indices a pruning site names
 ``tokensieve/site<k>/kept``) as additional outputs without writing a second model file.
+
+``weights`` (a :class:`SharedWeights`) gives all the sessions of an artifact one copy of its weights. Every graph of an
+artifact stores its weights in the same ``weights.data``; the runtime memory-maps that file once and hands each
+session its initializers as views of the map (``SessionOptions.add_initializer`` uses the buffer as it is, so
+nothing is copied and nothing is read at load: the pages are the operating system's file cache, loaded when first
+touched). Such sessions do not prepack: MLAS would otherwise copy every MatMul weight into a private packed layout
+per session (and spend seconds of start-up on it); the packing then happens per call, a small cost next to the
+product itself (``benchmarks/bench_llava_memory.py`` measures start-up, speed and peak RSS both ways). Letting
+ONNX Runtime map the external file per session instead would also keep one physical copy, but each mapping counts
+again in the process's resident size.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from tokensieve.errors import RuntimeBackendError, first_line
+from tokensieve.errors import ArtifactError, RuntimeBackendError, first_line
 from tokensieve.onnx_file import load_onnx
 
 _EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
@@ -35,6 +45,35 @@ def _with_outputs(path: Path, names: Sequence[str]) -> bytes:
     return ir.serde.serialize_model(model).SerializeToString()
 
 
+class SharedWeights:
+    """One read-only memory map of an artifact's weights file and one ``OrtValue`` view per tensor in it, handed to
+    every session whose graph keeps its initializers there."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).resolve()
+        if not self.path.is_file():
+            raise ArtifactError(f"weights file {self.path} does not exist; re-export the artifact")
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._values: dict[tuple, ort.OrtValue] = {}
+
+    def bind(self, options: ort.SessionOptions, model: Path) -> int:
+        """Give ``options`` the shared view of every initializer ``model`` keeps in this file and turn prepacking
+        off; the number of initializers bound."""
+        bound = 0
+        for value in load_onnx(model, RuntimeBackendError).graph.initializers.values():
+            tensor = value.const_value
+            if not isinstance(tensor, ir.ExternalTensor) or Path(tensor.path).resolve() != self.path:
+                continue
+            key = (tensor.offset, tensor.length, tensor.dtype, tuple(tensor.shape.numpy()))
+            if key not in self._values:
+                data = self._map[tensor.offset : tensor.offset + tensor.length].view(tensor.dtype.numpy())
+                self._values[key] = ort.OrtValue.ortvalue_from_numpy(data.reshape(key[3]))
+            options.add_initializer(value.name, self._values[key])
+            bound += 1
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        return bound
+
+
 class OrtRunner:
     """Run one ONNX file with ONNX Runtime."""
 
@@ -47,6 +86,7 @@ class OrtRunner:
         optimization: str = "all",
         require: bool = False,
         spin: bool = True,
+        weights: SharedWeights | None = None,
     ):
         self.path = Path(path)
         if not self.path.is_file():
@@ -72,6 +112,9 @@ class OrtRunner:
             options.inter_op_num_threads = 1
         if not spin:  # idle pool threads must not busy-wait while another session runs (benchmarks alternate)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.weights = weights  # the session reads the map's pages: it must outlive the session
+        if weights is not None:
+            weights.bind(options, self.path)
         providers_to_use = [p for p in self.requested if p in available] or ["CPUExecutionProvider"]
         try:
             if extra_outputs:
