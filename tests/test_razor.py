@@ -8,12 +8,15 @@ from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from helpers import assert_bench_runs, assert_plan_matches_graphs
 
 import tokensieve
 from tokensieve.converters.llava import build_llava
 from tokensieve.errors import MethodSpecError, PromptError
+from tokensieve.graph_passes import run_passes
+from tokensieve.graph_passes.razor import HeadClassCachePass
 from tokensieve.methods import methods_from_dicts, parse_methods
 from tokensieve.methods.decoder import DecoderContext
 from tokensieve.methods.razor import COMPENSATION, UNUSED, RazorAttention
@@ -104,7 +107,7 @@ def test_counts_layout_and_choice():
     assert again.heads == ((0, 1), (1, 0)) and again.induction == Fraction(14, 100)
 
 
-def test_bad_requests_are_typed_errors():
+def test_bad_requests_are_typed_errors(artifacts):
     with pytest.raises(MethodSpecError, match="echo must be a fraction of the KV heads in"):
         parse_methods("razor(echo=1.5)")
     with pytest.raises(MethodSpecError, match="ratio must be a positive integer"):
@@ -115,6 +118,9 @@ def test_bad_requests_are_typed_errors():
         parse_methods("razor(heads=[[0, 1], [0, 1]])")
     with pytest.raises(MethodSpecError, match="beyond the model's 2 decoder layers"):
         RazorAttention(heads=[[2, 0]]).validate(DecoderContext(2, "llava", "default", 64, 128))
+    with pytest.raises(MethodSpecError, match=r"heads \[\(0, 2\)\] are not \(layer, kv_head\) pairs of this decoder"):
+        prefill = ir.load(artifacts["llava"].path / "prefill.onnx")
+        run_passes(prefill, [HeadClassCachePass(RazorAttention(heads=[[0, 2]]))])
     with pytest.raises(MethodSpecError, match="not known yet; they are found when exporting"):
         RazorAttention().retrieval(0, 2)
     with pytest.raises(PromptError, match="has 4 positions but non-retrieval heads keep sink=4 attention sinks"):

@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from tokensieve.errors import GraphRewriteError
+from tokensieve.errors import GraphRewriteError, MethodSpecError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, typed
 from tokensieve.graph_passes.cache_visibility import _mask_adds
@@ -66,6 +66,14 @@ class HeadClassCachePass(ir.passes.InPlacePass):
         if self.method.heads is None:
             raise GraphRewriteError("razor: the retrieval heads are not settled; export finds them first")
         self.layout = locate_decoder(model)
+        beyond = [
+            pair for pair in self.method.heads if pair[0] >= len(self.layout.layers) or pair[1] >= self.layout.kv_heads
+        ]
+        if beyond:
+            raise MethodSpecError(
+                f"razor: heads {beyond} are not (layer, kv_head) pairs of this decoder ({len(self.layout.layers)} "
+                f"layers, {self.layout.kv_heads} KV heads each); give pairs inside it or leave heads out"
+            )
         if self.layout.cache == "none":
             if any(len(layer.cache_outputs) != 2 for layer in self.layout.layers):
                 raise GraphRewriteError("razor: a prefill layer does not output its keys and values")
