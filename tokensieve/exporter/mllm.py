@@ -52,6 +52,7 @@ from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate_decoder import locate_decoder
 from tokensieve.manifest import MllmManifest
 from tokensieve.methods.decoder import DecoderContext, DecoderMethod
+from tokensieve.runtimes import FACES as RUNTIME_FACES
 from tokensieve.runtimes.llava_image import crop_tokens
 
 # graphs with symbolic axes: deployable with TensorRT optimization profiles (see `tokensieve lint`)
@@ -92,7 +93,9 @@ def export_mllm(
     graphs, seconds = export_llava(
         built, capacity, opset, growing, cls_scores=cls_scores, split_vision=split_vision, windows=windows
     )
-    if method is not None:  # the method's graph passes (its "export" face)
+    if method is not None:  # facts the method finds by running its graphs ("settle"), then its graph passes ("export")
+        settle = RUNTIME_FACES.lookup("settle", method, None)
+        method = method if settle is None else settle(graphs, method)
         graphs = FACES.lookup("export", method)(graphs, method)
     if "prefill" not in graphs:  # cut into segments, each exported with the prefill
         seconds.update({key: seconds["prefill"] for key in graphs if key[:8] == "prefill_"})

@@ -21,7 +21,7 @@ export rewrite (``"export"``, ``tokensieve.graph_passes``), the eager reference 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 
@@ -47,12 +47,15 @@ class PlanInput:
     length: int  # prompt positions, image included
     new_tokens: int
     capacity: int  # the fixed decode graph's slots (evicting caches keep this many)
+    kv_heads: int = 0  # KV heads per layer (0: as many as ``heads``)
 
 
 @dataclass
 class PlanCost:
     """What one generation costs with a method: the prefill tokens of every layer, the positions each layer caches
-    at the end, the fixed decode graph's slots, the method's own scoring MACs in prefill, and per-slot state."""
+    at the end, the fixed decode graph's slots, the method's own scoring MACs in prefill, per-slot state, and, for
+    methods whose KV heads cache different lengths, the head classes (KV heads of all layers, positions each holds
+    at the end)."""
 
     tokens: list[int]
     cached: list[int]
@@ -60,6 +63,7 @@ class PlanCost:
     scoring: int = 0
     unbounded: bool = False  # any number of new tokens fits the slots (eviction)
     state_bytes: int = 0  # per slot, layer and KV head, besides the keys and values
+    classes: dict[str, tuple[int, int]] = field(default_factory=dict)  # head class -> (KV heads, positions held)
 
     @classmethod
     def unreduced(cls, p: PlanInput) -> PlanCost:

@@ -25,7 +25,7 @@ prompt (``atp_llava``, ``dyvte``, ``mustdrop``, ``globalcom2``) are measured wit
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class MllmPlanRow:
     unbounded: bool  # any number of new tokens fits those slots (StreamingLLM, H2O)
     cache_mib: float  # the fixed cache at those slots, float32 (plus H2O's score state)
     decode_macs: int  # one fixed-cache decode step
+    cache_classes: dict[str, dict[str, float]] = field(default_factory=dict)  # head class -> KV heads, positions, MiB
 
 
 @dataclass
@@ -151,7 +152,9 @@ def prefill_macs(decoder: dict[str, int], lengths: list[int]) -> int:
 
 def _row(decoder: dict[str, int], method, prompt: MllmPrompt, capacity: int) -> MllmPlanRow:
     layers, heads, head_dim = decoder["layers"], decoder["heads"], decoder["head_dim"]
-    p = PlanInput(layers, heads, head_dim, prompt.image_tokens, prompt.length, prompt.new_tokens, capacity)
+    p = PlanInput(
+        layers, heads, head_dim, prompt.image_tokens, prompt.length, prompt.new_tokens, capacity, decoder["kv_heads"]
+    )
     cost = PlanCost.unreduced(p) if method is None else method.plan(p)
     prefill = prefill_macs(decoder, cost.tokens) + cost.scoring
     decode = layers * _layer_macs(decoder, 1, cost.slots) + decoder["hidden"] * decoder["vocab"]
@@ -167,6 +170,10 @@ def _row(decoder: dict[str, int], method, prompt: MllmPrompt, capacity: int) -> 
         unbounded=cost.unbounded,
         cache_mib=cache_bytes / 2**20,
         decode_macs=decode,
+        cache_classes={
+            name: {"kv_heads": kv, "positions": held, "mib": kv * held * 2 * head_dim * 4 / 2**20}
+            for name, (kv, held) in cost.classes.items()
+        },
     )
 
 
@@ -252,6 +259,8 @@ def format_mllm_plan(prompt: MllmPrompt, rows: list[MllmPlanRow]) -> str:
             f"{r.method:<{width}}  {prefill:>13.3f}  {r.limit_speedup:>8.3f}x  {total:>11}  {slots:>5}"
             f"  {r.cache_mib:>9.1f}  {decode:>18.4f}  {_runs(r.tokens_per_layer)}"
         )
+        for name, c in r.cache_classes.items():  # KV heads caching different lengths
+            lines.append(f"  {name}: {c['kv_heads']:g} KV heads x {c['positions']:g} positions, {c['mib']:.2f} MiB")
     if any(r.unbounded for r in rows):
         lines.append("* these slots hold any number of new tokens (eviction)")
     return "\n".join(lines)
