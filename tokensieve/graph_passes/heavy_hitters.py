@@ -35,11 +35,11 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from tokensieve.errors import GraphRewriteError
-from tokensieve.graph_passes import run_passes
+from tokensieve.graph_passes import FACES, run_passes
 from tokensieve.graph_passes.builder import NodeBuilder, typed
 from tokensieve.graph_passes.cache_visibility import VISIBLE, CacheVisibilityPass
 from tokensieve.graph_passes.locate import _ancestors
-from tokensieve.graph_passes.locate_decoder import DecoderLayout, locate_decoder
+from tokensieve.graph_passes.locate_decoder import DecoderLayer, DecoderLayout, locate_decoder
 from tokensieve.graph_passes.prompt_cache import PromptCachePass
 from tokensieve.methods.faces import register
 from tokensieve.methods.h2o import H2O
@@ -49,6 +49,16 @@ SLOT_POSITIONS = "slot_positions"
 SCORES_IN = "h2o_scores"
 SCORES_OUT = "updated_h2o_scores"
 EVICT = "evict_slots"
+RECENT = "recent_window"
+
+
+def graph_input(graph: ir.Graph, name: str, dims: list, dtype: ir.DataType) -> ir.Value:
+    """``graph``'s input ``name``, added on first use (the inputs a method's scoring step reads)."""
+    found = next((v for v in graph.inputs if v.name == name), None)
+    if found is None:
+        found = ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(dtype))
+        graph.inputs.append(found)
+    return found
 
 
 class HeavyHitterPass(ir.passes.InPlacePass):
@@ -92,7 +102,7 @@ class HeavyHitterPass(ir.passes.InPlacePass):
             where = typed(b.op("Concat", [batch, heads, column], "write_index", axis=3), [1, kv, 1, 3], i64)
             for node in layer.cache_writes:
                 node.replace_input_with(1, where)
-            probs = layer.softmax.outputs[0]
+            probs = FACES.lookup("step_score", self.method)(self, b, layer, index)
             grouped = b.op("Reshape", [probs, b.const([1, kv, groups, -1])])
             typed(grouped, [1, kv, groups, capacity], real)
             attention.append(typed(b.reduce("ReduceSum", grouped, [2], keepdims=False), [1, kv, capacity], real))
@@ -111,7 +121,7 @@ class HeavyHitterPass(ir.passes.InPlacePass):
 
         position = typed(b.op("Reshape", [inputs["position_ids"], b.const([1, 1, 1])]), [1, 1, 1], i64)
         now = typed(b.op("Where", [fresh, position, held], "positions_now"), [layers, kv, capacity], i64)
-        newest_old = typed(b.op("Sub", [position, b.const(self.method.recent)]), [1, 1, 1], i64)
+        newest_old = typed(b.op("Sub", [position, self._recent(b)]), [1, 1, 1], i64)
         old = typed(b.op("LessOrEqual", [now, newest_old], "old"), [layers, kv, capacity], ir.DataType.BOOL)
         visible = typed(b.op("Less", [slots, inputs[VISIBLE]], "visible"), [capacity], ir.DataType.BOOL)
         candidate = typed(b.op("And", [old, visible], "candidate"), [layers, kv, capacity], ir.DataType.BOOL)
@@ -131,6 +141,13 @@ class HeavyHitterPass(ir.passes.InPlacePass):
         TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=True)
 
+    def _recent(self, b: NodeBuilder) -> ir.Value:
+        """The protected recent count: the constant ``recent``, or, when the counts follow the prompt
+        (``prompt_share``), the input ``recent_window [1]`` the host feeds."""
+        if self.method.prompt_share is None:
+            return b.const(self.method.recent)
+        return graph_input(self.layout.layers[0].softmax.graph, RECENT, [1], ir.DataType.INT64)
+
     def ensures(self, model: ir.Model) -> None:
         names = {v.name: v for v in model.graph.inputs}
         if "cache_position" in names:
@@ -139,6 +156,14 @@ class HeavyHitterPass(ir.passes.InPlacePass):
             for node in layer.cache_writes:
                 if names[WRITE_SLOTS] not in _ancestors(node.inputs[1]):
                     raise GraphRewriteError(f"h2o: {node.name} does not write at {WRITE_SLOTS}")
+
+
+@register("step_score", H2O)
+def attention_probabilities(
+    heavy: HeavyHitterPass, b: NodeBuilder, layer: DecoderLayer, index: int
+) -> ir.Value:
+    """H2O's step score: the layer's own attention probabilities ``[1, H, 1, C]``."""
+    return layer.softmax.outputs[0]
 
 
 @register("export", H2O)

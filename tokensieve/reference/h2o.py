@@ -34,28 +34,34 @@ class H2OResult:
     ids: list[int]  # greedy new tokens
 
 
-class _HeavyHitters:
+class HeavyHitters:
     """Per layer: the position and accumulated score of every cache entry, and the entry index the next new token
     takes (the one evicted last, per KV head)."""
 
     def __init__(self, cache, positions: torch.Tensor, scores: list[torch.Tensor], method: H2O, start: int):
         self.cache, self.method, self.position = cache, method, start
+        self.budget, self.recent = method.window(start)
         self.positions, self.scores = list(positions), scores
         self.pending: list[torch.Tensor | None] = [None] * len(scores)
-        self.steps: list[torch.Tensor | None] = [None] * len(scores)  # the last step's [1, H, 1, n] probabilities
+        self.steps: list[torch.Tensor | None] = [None] * len(scores)  # the last step's [H, n] attention
 
     def capture(self, index: int):
         def hook(module, args, output) -> None:
-            self.steps[index] = output[1]
+            self.steps[index] = self.step_attention(index, module, output)
 
         return hook
+
+    def step_attention(self, index: int, module, output) -> torch.Tensor:
+        """The attention ``[H, n]`` each cache entry received in the step just run by layer ``index`` (H2O: the
+        layer's own probabilities)."""
+        return output[1][0, :, -1]
 
     def update(self) -> None:
         """Account for the step just run (its new entry is the last one in the cache), then evict."""
         if self.steps[0] is None:
             return
         for index, layer in enumerate(self.cache.layers):
-            probs = self.steps[index][0, :, -1]  # [H, n]
+            probs = self.steps[index]  # [H, n]
             kv = layer.keys.shape[1]
             step = probs.reshape(kv, -1, probs.shape[-1]).sum(1)
             new = torch.full((kv, 1), self.position, dtype=torch.long)
@@ -68,8 +74,8 @@ class _HeavyHitters:
                 gather_entries(layer, perm)
                 positions, scores = positions.gather(1, perm), scores.gather(1, perm)
                 self.pending[index] = None
-            if positions.shape[1] == self.method.slots():
-                old = positions <= self.position - self.method.recent
+            if positions.shape[1] == self.budget + 1:
+                old = positions <= self.position - self.recent
                 ranked = torch.where(old, scores, torch.finfo(scores.dtype).max)
                 evict = torch.argmin(ranked, dim=1)  # first index on ties
                 live = torch.ones_like(positions, dtype=torch.bool)
@@ -93,16 +99,22 @@ class _HeavyHitters:
 def h2o_generate(model, inputs: dict, method: H2O, new_tokens: int) -> H2OResult:
     """H2O greedy generation for processor ``inputs`` (batch 1) on a LLaVA(-NeXT)."""
     done = compressed_prefill(model, inputs, method)
-    logits, cache, length = done.logits, done.cache, done.length
-    state = _HeavyHitters(cache, done.positions, list(done.scores.gather(2, done.positions)), method, length)
+    state = HeavyHitters(done.cache, done.positions, list(done.scores.gather(2, done.positions)), method, done.length)
+    with eager_attention(model):
+        ids = evicting_greedy(model, done.logits, state, new_tokens)
+    retained = torch.stack([p.sort(dim=1).values for p in state.positions])
+    return H2OResult(done.positions, retained, done.logits, ids)
+
+
+def evicting_greedy(model, logits: torch.Tensor, state: HeavyHitters, new_tokens: int) -> list[int]:
+    """Greedy decoding from prefill ``logits`` with ``state`` capturing every layer's step attention (a forward
+    hook on its attention module) and evicting before each step and after the last."""
     layers = model.model.language_model.layers
     hooks = [layer.self_attn.register_forward_hook(state.capture(i)) for i, layer in enumerate(layers)]
     try:
-        with eager_attention(model):
-            ids = greedy(model, logits, cache, length, new_tokens, evict=state.update)
+        ids = greedy(model, logits, state.cache, state.position, new_tokens, evict=state.update)
     finally:
         for hook in hooks:
             hook.remove()
     state.update()  # the last step's eviction
-    retained = torch.stack([p.sort(dim=1).values for p in state.positions])
-    return H2OResult(done.positions, retained, logits, ids)
+    return ids

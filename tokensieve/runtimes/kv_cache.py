@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from tokensieve.graph_passes.heavy_hitters import RECENT
 from tokensieve.graph_passes.split_cache_slot import slot_input
 from tokensieve.graph_passes.split_positions import PRUNED_POSITIONS
 from tokensieve.methods.decoder import DecoderMethod
@@ -119,11 +120,14 @@ class HeavyHitterDecoder(FixedCacheDecoder):
         method: H2O,
         positions: np.ndarray,
         scores: np.ndarray,
+        length: int,
     ):
         import onnxruntime as ort
 
         super().__init__(runner, present, capacity)
         self.method = method
+        budget, self.recent = method.window(length)  # length: the prompt's positions
+        self.slots = budget + 1
         layers, kv, kept = positions.shape
         self.held = np.full((layers, kv, capacity), -1, np.int64)  # the position each slot holds
         self.held[:, :, :kept] = positions
@@ -137,7 +141,7 @@ class HeavyHitterDecoder(FixedCacheDecoder):
         self.binding.bind_ortvalue_output("evict_slots", self.evicted)
 
     def bind_slots(self, position: int) -> None:
-        if self.used < self.method.slots():
+        if self.used < self.slots:
             self.write = np.full(self.held.shape[:2], self.used, np.int64)
             self.used += 1
         else:
@@ -147,6 +151,8 @@ class HeavyHitterDecoder(FixedCacheDecoder):
         self.binding.bind_cpu_input("slot_positions", self.held)
         self.binding.bind_ortvalue_input("h2o_scores", self.scores[0])
         self.binding.bind_ortvalue_output("updated_h2o_scores", self.scores[1])
+        if RECENT in self.runner.input_names:  # the recent count follows the prompt (prompt_share)
+            self.binding.bind_cpu_input(RECENT, np.array([self.recent], np.int64))
 
     def step(self, token: int, position: int) -> np.ndarray:
         logits = super().step(token, position)
@@ -158,7 +164,7 @@ class HeavyHitterDecoder(FixedCacheDecoder):
     def retained(self) -> np.ndarray:
         """``[layers, H_kv, n]``: the positions cached after the last step's eviction, ascending."""
         held = self.held[:, :, : self.used]
-        if self.used == self.method.slots() and self.evict is not None:  # full: the last step evicted a slot
+        if self.used == self.slots and self.evict is not None:  # full: the last step evicted a slot
             live = np.ones(held.shape, bool)
             np.put_along_axis(live, self.evict[..., None], False, axis=2)
             held = held[live].reshape(*held.shape[:2], -1)
@@ -214,6 +220,7 @@ class DecodeSetup:
     budget: int  # positions an evicting growing cache keeps
     eviction: Any = None  # the ring method (``ring``: StreamingLLM), or None
     extras: dict[str, Any] = field(default_factory=dict)  # prefill's method outputs (cache_positions, ...)
+    new_tokens: int = 0  # the generation's max_new_tokens (schedules over the generation: Keyformer's temperature)
 
 
 @register("decoder", DecoderMethod, type(None))
@@ -227,7 +234,8 @@ def slot_groups(runner: OrtRunner, present: list[np.ndarray], method: Any, setup
 @register("decoder", H2O)
 def heavy_hitters(runner: OrtRunner, present: list[np.ndarray], method: H2O, setup: DecodeSetup) -> HeavyHitterDecoder:
     positions, scores = setup.extras["cache_positions"], setup.extras["cache_scores"]
-    return HeavyHitterDecoder(runner, present, setup.capacity, method, positions, scores)
+    length = setup.offset + present[0].shape[2]
+    return HeavyHitterDecoder(runner, present, setup.capacity, method, positions, scores, length)
 
 
 @register("bench_decoder", DecoderMethod, type(None))
@@ -245,9 +253,14 @@ def bench_heavy_hitters(
     runner: OrtRunner, caches: list[np.ndarray], capacity: int, method: H2O, rng: np.random.Generator
 ) -> HeavyHitterDecoder:
     """H2O's decoder with ``budget`` held positions and random scores."""
+    present, positions, scores, length = bench_state(caches, method.budget, rng)
+    return HeavyHitterDecoder(runner, present, capacity, method, positions, scores, length)
+
+
+def bench_state(caches: list[np.ndarray], budget: int, rng: np.random.Generator) -> tuple:
+    """A full heavy-hitter cache for ``tokensieve bench``: the first ``budget`` positions of random ``caches``, their
+    positions and random scores, as the decoders' ``present``, ``positions``, ``scores`` and prompt ``length``."""
     layers, kv = len(caches) // 2, caches[0].shape[1]
-    shape = (layers, kv, method.budget)
-    positions = np.broadcast_to(np.arange(method.budget), shape).copy()
-    scores = rng.random(shape, dtype=np.float32)
-    present = [c[:, :, : method.budget] for c in caches]
-    return HeavyHitterDecoder(runner, present, capacity, method, positions, scores)
+    shape = (layers, kv, budget)
+    positions = np.broadcast_to(np.arange(budget), shape).copy()
+    return [c[:, :, :budget] for c in caches], positions, rng.random(shape, dtype=np.float32), budget

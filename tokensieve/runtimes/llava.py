@@ -233,7 +233,7 @@ class LlavaRunner:
         kept = extras.get("kept_positions")
         dropped = [len(ids) - len(positions) for positions in extras.get("group_positions", [])]
         offset = len(ids) - present[0].shape[2]
-        setup = DecodeSetup(self.capacity, dropped, offset, self.budget, self.eviction, extras)
+        setup = DecodeSetup(self.capacity, dropped, offset, self.budget, self.eviction, extras, max_new_tokens)
         decoder = FACES.lookup("decoder", self.method)(self.decode, present, self.method, setup)
         new: list[int] = []
         logprobs: list[float] = []
