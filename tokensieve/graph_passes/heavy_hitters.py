@@ -159,9 +159,7 @@ class HeavyHitterPass(ir.passes.InPlacePass):
 
 
 @register("step_score", H2O)
-def attention_probabilities(
-    heavy: HeavyHitterPass, b: NodeBuilder, layer: DecoderLayer, index: int
-) -> ir.Value:
+def attention_probabilities(heavy: HeavyHitterPass, b: NodeBuilder, layer: DecoderLayer, index: int) -> ir.Value:
     """H2O's step score: the layer's own attention probabilities ``[1, H, 1, C]``."""
     return layer.softmax.outputs[0]
 

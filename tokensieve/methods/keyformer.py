@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
 from tokensieve.methods.decoder import DecoderContext, PlanCost, PlanInput
-from tokensieve.methods.h2o import STATE_BYTES, H2O
+from tokensieve.methods.h2o import H2O, STATE_BYTES
 from tokensieve.methods.prompt_cache import TOPK_LIMIT, positive_int
 
 
