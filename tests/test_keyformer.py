@@ -14,7 +14,7 @@ from helpers import assert_bench_runs, assert_plan_matches_graphs, save_peaked_l
 
 import tokensieve
 from tokensieve.cli import main
-from tokensieve.errors import MethodSpecError
+from tokensieve.errors import CapacityError, MethodSpecError
 from tokensieve.methods.decoder import DecoderContext
 from tokensieve.methods.keyformer import Keyformer
 from tokensieve.parity.mllm import default_cases
@@ -136,7 +136,10 @@ def test_plan_bench_inspect(artifacts, capsys):
     assert "Gumbel-softmax" in capsys.readouterr().out
 
 
-def test_errors(tmp_path):
+def test_errors(artifacts, tmp_path):
+    runner = artifacts["llava"].llava_runner()
+    with pytest.raises(CapacityError, match="--capacity 103"):  # int(0.6 * 171) = 102 kept, 103 slots > 101
+        runner.generate(input_ids=np.full(171, 5), max_new_tokens=2)
     with pytest.raises(MethodSpecError, match="both budget and recent"):
         Keyformer(budget=40)
     with pytest.raises(MethodSpecError, match="percentage"):

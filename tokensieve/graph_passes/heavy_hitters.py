@@ -15,13 +15,16 @@ Inserts:
   and ``h2o_scores [layers, H_kv, C]`` (the accumulated attention of each slot);
 * per layer, a ``ScatterND`` index ``[1, H_kv, 1, 3]`` = (0, head, ``write_slots[layer, head]``) in place of the
   shared index derived from ``cache_position``; that input and what only it fed are removed;
-* scoring: every layer's attention probabilities summed over each KV group's query heads, stacked
+* scoring: every layer's step score (the ``"step_score"`` face registered for the method's class: H2O's is the
+  layer's attention probabilities; Keyformer's, ``tokensieve.graph_passes.keyformer``, a Gumbel-softmax of the
+  logits with noise and temperature inputs) summed over each KV group's query heads, stacked
   ``[layers, H_kv, C]``, added to ``h2o_scores`` with the written slots reset to 0 (the new token starts with its
   own attention) and, with a ``forgetting_factor`` below 1 (A2SF), the old scores multiplied by it first -> output
   ``updated_h2o_scores``;
 * selection: among the visible slots (``< visible_slots``) whose position, the new one written in, is at most
-  ``position - recent``, the lowest updated score (``TopK`` K=1, ``largest=0``: lower slot first on ties) -> output
-  ``evict_slots [layers, H_kv]``, the slot the host writes next once the cache holds ``budget + 1`` positions.
+  ``position - recent`` (``recent`` a constant, or with a ``prompt_share`` method the input ``recent_window [1]``:
+  the count follows the prompt), the lowest updated score (``TopK`` K=1, ``largest=0``: lower slot first on ties)
+  -> output ``evict_slots [layers, H_kv]``, the slot the host writes next once the cache holds ``budget + 1`` positions.
 
 Preconditions (``requires``): a fixed-cache decode graph with inputs ``cache_position``, ``position_ids`` and
 ``visible_slots``; two ``ScatterND`` cache writes per layer. Postconditions (``ensures``): no cache write derives

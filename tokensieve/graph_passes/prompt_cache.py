@@ -14,9 +14,12 @@ Inserts, per layer (the layer's own computation is untouched, so the prompt's lo
 * A2SF score: the layer's own attention probabilities ``[1, H, T, T]`` weighted per query row by
   ``forgetting_factor ** (T - 1 - q)`` (``Pow`` of a ``Range``) and summed over the rows with one ``MatMul``, then
   summed over each KV group's query heads;
+* Keyformer score: ``tokensieve.graph_passes.keyformer`` (its ``"cache_score"``);
 * selection: the last ``protected`` positions (window / recent) get the largest finite priority, ``TopK`` with
-  ``K = min(T, budget)`` (shape-derived; lower index first on ties), then ascending order (``TopK(largest=0)`` on
-  the positions), ``GatherElements`` of the layer's keys and values along the sequence axis; they replace the
+  ``K = min(T, budget)`` (shape-derived; lower index first on ties; with a ``prompt_share``, Keyformer's budget,
+  ``K = floor(T * share)`` and ``protected = floor(K * recent_share)``, integer ``Mul`` / ``Div`` of the shape),
+  then ascending order (``TopK(largest=0)`` on the positions), ``GatherElements`` of the layer's keys and values
+  along the sequence axis; they replace the
   ``present_*`` outputs (the full tensors stay internal, renamed ``*_full``);
 * one graph output ``cache_positions [layers, H_kv, K]`` (int64): the positions every layer and KV head keeps;
   H2O (A2SF's score with its forgetting factor, 1 by default) also outputs their scores, ``cache_scores [layers,
@@ -24,7 +27,8 @@ Inserts, per layer (the layer's own computation is untouched, so the prompt's lo
 
 Preconditions (``requires``): a prefill graph; every layer's ``present_*`` outputs found; the logits of each layer
 are ``Q·Kᵀ`` (scaled operands) plus the causal mask. Postconditions (``ensures``): every ``present_*`` output has
-the sequence dimension ``min(<sequence>,budget)``; every new value has a shape.
+the sequence dimension ``min(<sequence>,budget)`` (``floor(<sequence>*num/den)`` with a ``prompt_share``); every
+new value has a shape.
 """
 
 from __future__ import annotations

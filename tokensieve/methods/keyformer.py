@@ -111,11 +111,10 @@ class Keyformer(H2O):
     def validate(self, ctx: DecoderContext) -> None:
         if self.budget is not None:
             return super().validate(ctx)
-        if ctx.capacity > TOPK_LIMIT / self.prompt_share:
+        if ctx.capacity - 1 > TOPK_LIMIT:
             raise MethodSpecError(
-                f"keyformer: a {ctx.capacity}-slot cache admits prompts whose kv_cache={self.kv_cache}% budget needs a "
-                f"TopK over more than {TOPK_LIMIT} positions, which TensorRT rejects; use --capacity <= "
-                f"{int(TOPK_LIMIT / self.prompt_share)}"
+                f"keyformer: a {ctx.capacity}-slot cache holds prompt budgets of up to {ctx.capacity - 1} positions, "
+                f"whose TopK over more than {TOPK_LIMIT} TensorRT rejects; use --capacity <= {TOPK_LIMIT + 1}"
             )
 
     def scoring_macs(self, p: PlanInput) -> int:

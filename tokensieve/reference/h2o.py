@@ -9,7 +9,9 @@ Written from docs/methods.md#h2o (the official real-drop form), independently of
    forward hook on its attention module; after every step, per layer and KV head, the step's attention is added to
    the scores (the new token's starts with its own; with a ``forgetting_factor`` below 1, A2SF's decode-time form,
    the old scores are multiplied by it first) and, once ``budget + 1`` positions are cached, the lowest-scoring one
-   older than the last ``recent`` positions is evicted (first index on ties).
+   older than the last ``recent`` positions is evicted (first index on ties). ``budget`` and ``recent`` are
+   ``method.window(T)``; a subclass of :class:`HeavyHitters` may score the step otherwise (``step_attention``:
+   Keyformer, :mod:`tokensieve.reference.keyformer`).
 
 The cache entries are kept in the graph's slot order (the new token takes the place of the entry evicted before it,
 see :mod:`tokensieve.methods.h2o`), so a tie resolves to the same entry on both sides.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tokensieve.errors import CapacityError
 from tokensieve.graph_passes.keyformer import NOISE, TAU
 from tokensieve.methods.faces import register
 from tokensieve.methods.keyformer import Keyformer
@@ -66,6 +67,13 @@ class GumbelDecoder(HeavyHitterDecoder):
 def gumbel_decoder(runner: OrtRunner, present: list[np.ndarray], method: Keyformer, setup: DecodeSetup):
     positions, scores = setup.extras["cache_positions"], setup.extras["cache_scores"]
     length = setup.offset + present[0].shape[2]
+    budget = method.window(length)[0]
+    if budget + 1 > setup.capacity:
+        raise CapacityError(
+            f"keyformer keeps {budget} positions of the {length}-position prompt and needs {budget + 1} cache slots, "
+            f"but the decode graph holds {setup.capacity}; shorten the prompt, lower kv_cache, or re-export with "
+            f"--capacity {budget + 1} or more"
+        )
     state = (runner, present, setup.capacity, method, positions, scores, length)
     return GumbelDecoder(*state, new_tokens=setup.new_tokens)
 

@@ -109,8 +109,10 @@ class HeavyHitterDecoder(FixedCacheDecoder):
     """Steps an H2O decode graph, which accumulates attention and chooses the slot to evict per layer and KV head;
     this class feeds that state back. Prefill's compressed cache (``K <= budget`` positions per layer and KV head,
     with their ``scores``) fills slots ``0..K-1``; new tokens take the next free slot until ``budget + 1`` positions
-    are held, then the slot each layer and head evicted on the previous step. The scores live in two ONNX Runtime
-    buffers that swap roles every step (input ``h2o_scores`` / output ``updated_h2o_scores``)."""
+    are held (``budget, recent = method.window(length)`` for the ``length``-position prompt; ``recent`` is fed as
+    ``recent_window`` where the graph takes it), then the slot each layer and head evicted on the previous step.
+    The scores live in two ONNX Runtime buffers that swap roles every step (input ``h2o_scores`` / output
+    ``updated_h2o_scores``)."""
 
     def __init__(
         self,
