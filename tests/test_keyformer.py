@@ -44,15 +44,14 @@ def test_parity_llava_prompt_share_every_step(artifacts):
     for case in report.cases:
         kept, recent = Keyformer().counts(case.prompt_tokens)
         assert (kept, recent) == (int(case.prompt_tokens * 60.0 / 100), int(kept * 30.0 / 100))
-        assert case.kept_match and case.kept_tokens == kept * 32  # prefill's, then after each of the 31 steps
+        assert case.kept_match and case.kept_tokens == 2 * kept + 31  # prefill's, the end's, each step's eviction
         assert case.tokens_match and case.new_tokens == 32 and case.logits_error < 1e-5
     prompt, image = default_cases(artifact.manifest.host, 1, 0)[0]
     out = artifact.llava_runner().generate(image, prompt, 32, ignore_eos=True)
-    kept = out.cache_positions.shape[-1]
-    steps = out.retained_positions.reshape(*out.cache_positions.shape[:2], -1, kept)  # [layers, H_kv, 31, K]
-    leaving = out.prompt_ids.size + np.arange(31) - Keyformer().counts(out.prompt_ids.size)[1]
-    survived = sum(int((steps[:, :, s] == leaving[s]).any(-1).sum()) for s in range(31))  # layer-heads, steps
-    assert survived > 8, "eviction only ever dropped the position leaving the recent window"
+    length = out.prompt_ids.size
+    assert out.evicted_positions.shape[-1] == 31 and (out.evicted_positions >= 0).all()  # every step evicts
+    leaving = length + np.arange(31) - Keyformer().counts(length)[1]  # the position leaving the recent window
+    assert (out.evicted_positions != leaving).sum() > 8, "eviction only ever dropped the position leaving the window"
 
 
 def test_parity_next_explicit_counts(artifacts):
@@ -60,7 +59,7 @@ def test_parity_next_explicit_counts(artifacts):
     assert artifact.manifest.decoder["capacity"] == 101  # budget + 1
     report = artifact.parity(count=1, new_tokens=32)
     assert report.ok, report.text()
-    assert all(c.kept_match and c.tokens_match and c.kept_tokens == 100 * 32 for c in report.cases)
+    assert all(c.kept_match and c.tokens_match and c.kept_tokens == 2 * 100 + 31 for c in report.cases)
     assert all(c.prompt_tokens > 101 for c in report.cases)  # compressed prompt, evicting every step
 
 

@@ -19,8 +19,8 @@ Inserts, per layer (the layer's own computation is untouched, so the prompt's lo
   ``K = min(T, budget)`` (shape-derived; lower index first on ties; with a ``prompt_share``, Keyformer's budget,
   ``K = floor(T * share)`` and ``protected = floor(K * recent_share)``, integer ``Mul`` / ``Div`` of the shape),
   then ascending order (``TopK(largest=0)`` on the positions), ``GatherElements`` of the layer's keys and values
-  along the sequence axis; they replace the
-  ``present_*`` outputs (the full tensors stay internal, renamed ``*_full``);
+  along the sequence axis; they replace the ``present_*`` outputs (the full tensors stay internal, renamed
+  ``*_full``);
 * one graph output ``cache_positions [layers, H_kv, K]`` (int64): the positions every layer and KV head keeps;
   H2O (A2SF's score with its forgetting factor, 1 by default) also outputs their scores, ``cache_scores [layers,
   H_kv, K]``, the accumulated attention decoding goes on adding to.

@@ -53,6 +53,8 @@ class Keyformer(H2O):
     tau_end: Fraction = Fraction(2)
     seed: int = 0
     name: ClassVar[str] = "keyformer"
+    # prefill's kept positions, those cached at the end, and the one every decode step evicted (so every step's cache)
+    kept_fields: ClassVar[tuple[str, ...]] = ("cache_positions", "retained_positions", "evicted_positions")
 
     def __post_init__(self) -> None:
         if (self.budget is None) != (self.recent is None):

@@ -46,6 +46,7 @@ class HeavyHitters:
         self.positions, self.scores = list(positions), scores
         self.pending: list[torch.Tensor | None] = [None] * len(scores)
         self.steps: list[torch.Tensor | None] = [None] * len(scores)  # the last step's [H, n] attention
+        self.evicted: list[torch.Tensor] = []  # per step [layers, kv]: the position evicted (-1: not full yet)
 
     def capture(self, index: int):
         def hook(module, args, output) -> None:
@@ -62,6 +63,7 @@ class HeavyHitters:
         """Account for the step just run (its new entry is the last one in the cache), then evict."""
         if self.steps[0] is None:
             return
+        evicted = torch.full((len(self.scores), self.positions[0].shape[0]), -1, dtype=torch.long)
         for index, layer in enumerate(self.cache.layers):
             probs = self.steps[index]  # [H, n]
             kv = layer.keys.shape[1]
@@ -80,6 +82,7 @@ class HeavyHitters:
                 old = positions <= self.position - self.recent
                 ranked = torch.where(old, scores, torch.finfo(scores.dtype).max)
                 evict = torch.argmin(ranked, dim=1)  # first index on ties
+                evicted[index] = positions.gather(1, evict[:, None])[:, 0]
                 live = torch.ones_like(positions, dtype=torch.bool)
                 live[torch.arange(kv), evict] = False
                 keep = torch.arange(positions.shape[1]).expand(kv, -1)[live].reshape(kv, -1)
@@ -87,7 +90,14 @@ class HeavyHitters:
                 positions, scores = positions.gather(1, keep), scores.gather(1, keep)
                 self.pending[index] = evict
             self.positions[index], self.scores[index], self.steps[index] = positions, scores, None
+        self.evicted.append(evicted)
         self.position += 1
+
+    def evictions(self) -> torch.Tensor:
+        """``[layers, kv_heads, steps]``: the position each step evicted (-1: the cache was not full yet)."""
+        if not self.evicted:
+            return torch.zeros((len(self.scores), self.positions[0].shape[0], 0), dtype=torch.long)
+        return torch.stack(self.evicted, -1)
 
     @staticmethod
     def _insert(slot: int, length: int) -> list[int]:

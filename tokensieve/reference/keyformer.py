@@ -31,7 +31,8 @@ from tokensieve.runtimes.keyformer import gumbel_noise
 @dataclass
 class KeyformerResult:
     cache_positions: torch.Tensor  # [layers, kv_heads, K]: prompt positions kept after prefill, ascending
-    retained_positions: torch.Tensor | None  # [layers, kv_heads, steps * n]: positions cached after every step
+    retained_positions: torch.Tensor  # [layers, kv_heads, n]: positions cached after the last step, ascending
+    evicted_positions: torch.Tensor  # [layers, kv_heads, steps]: the position each decode step evicted (-1: none)
     prefill_logits: torch.Tensor  # [V] at the last prompt position
     ids: list[int]  # greedy new tokens
 
@@ -83,12 +84,6 @@ class GumbelHitters(HeavyHitters):
         super().__init__(*args)
         self.records, self.capacity, self.new_tokens, self.start = records, capacity, new_tokens, self.position
         self.noise: torch.Tensor | None = None
-        self.history: list[torch.Tensor] = []
-
-    def update(self) -> None:
-        super().update()
-        if self.position > self.start:  # a step ran: record what it left cached
-            self.history.append(torch.stack([p.sort(dim=1).values for p in self.positions]))
 
     def step_attention(self, index: int, module, output) -> torch.Tensor:
         step = self.position - self.start + 1
@@ -125,5 +120,5 @@ def keyformer_generate(model, inputs: dict, method: Keyformer, new_tokens: int, 
     with capture_attention(model, [layer.self_attn for layer in layers]) as records:
         hitters = GumbelHitters(*state, records=records, capacity=capacity, new_tokens=new_tokens)
         ids = evicting_greedy(model, done.logits, hitters, new_tokens)
-    retained = torch.cat(hitters.history, -1) if hitters.history else None
-    return KeyformerResult(done.positions, retained, done.logits, ids)
+    retained = torch.stack([p.sort(dim=1).values for p in hitters.positions])
+    return KeyformerResult(done.positions, retained, hitters.evictions(), done.logits, ids)

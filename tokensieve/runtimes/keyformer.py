@@ -5,8 +5,8 @@ The noise of step ``t`` (0: the prompt, ``t``: the ``t``-th decode step) is
 ``gumbel_noise [layers, H, T, T]`` (per query row and key position), each decode step's ``gumbel_noise [layers, H, 1,
 C]`` (per cache slot) with ``gumbel_tau [1]`` = ``tau_t`` (:meth:`tokensieve.methods.keyformer.Keyformer.tau`). The
 eager reference draws the same arrays, so the selections compare exactly. Eviction itself is H2O's decoder
-(:class:`tokensieve.runtimes.kv_cache.HeavyHitterDecoder`); :class:`GumbelDecoder` adds the two inputs and records the
-positions cached after every step.
+(:class:`tokensieve.runtimes.kv_cache.HeavyHitterDecoder`, which also records the position each step evicts);
+:class:`GumbelDecoder` adds the two inputs.
 """
 
 from __future__ import annotations
@@ -39,12 +39,11 @@ def prompt_noise(runner: OrtRunner, embeds: np.ndarray, method: Keyformer) -> di
 
 
 class GumbelDecoder(HeavyHitterDecoder):
-    """H2O's decoder feeding each step's Gumbel noise and temperature (step ``t`` of ``new_tokens``); ``retained()``
-    is every step's cached positions (ascending per layer and KV head), concatenated along the last axis."""
+    """H2O's decoder feeding each step's Gumbel noise and temperature (step ``t`` of ``new_tokens``)."""
 
     def __init__(self, *args, new_tokens: int):
         super().__init__(*args)
-        self.new_tokens, self.step_index, self.history = new_tokens, 0, []
+        self.new_tokens, self.step_index = new_tokens, 0
         self.noise_shape = tuple(_input_dims(self.runner, NOISE))
 
     def bind_slots(self, position: int) -> None:
@@ -53,14 +52,6 @@ class GumbelDecoder(HeavyHitterDecoder):
         tau = np.array([float(self.method.tau(self.step_index, self.new_tokens))], np.float32)
         self.binding.bind_cpu_input(NOISE, gumbel_noise(self.method.seed, self.step_index, self.noise_shape))
         self.binding.bind_cpu_input(TAU, tau)
-
-    def step(self, token: int, position: int) -> np.ndarray:
-        logits = super().step(token, position)
-        self.history.append(super().retained())
-        return logits
-
-    def retained(self) -> np.ndarray | None:
-        return np.concatenate(self.history, -1) if self.history else None
 
 
 @register("decoder", Keyformer)

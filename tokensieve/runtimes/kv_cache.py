@@ -100,6 +100,10 @@ class FixedCacheDecoder:
         """The positions cached at the end, when the decoder chooses them itself (H2O); ``None`` otherwise."""
         return None
 
+    def evictions(self) -> np.ndarray | None:
+        """The position each step evicted, when the decoder chooses it itself (H2O); ``None`` otherwise."""
+        return None
+
     def cache(self, index: int) -> np.ndarray:
         """A copy of cache tensor ``index`` (order: key_0, value_0, key_1, ...)."""
         return self.caches[index].numpy()
@@ -141,6 +145,7 @@ class HeavyHitterDecoder(FixedCacheDecoder):
         self.evict: np.ndarray | None = None
         self.evicted = ort.OrtValue.ortvalue_from_numpy(np.zeros((layers, kv), np.int64))
         self.binding.bind_ortvalue_output("evict_slots", self.evicted)
+        self.evicted_steps: list[np.ndarray | None] = []
 
     def bind_slots(self, position: int) -> None:
         if self.used < self.slots:
@@ -161,7 +166,16 @@ class HeavyHitterDecoder(FixedCacheDecoder):
         self.evict = self.evicted.numpy().copy()  # numpy() shares the buffer the next step overwrites
         self.scores.reverse()
         np.put_along_axis(self.held, self.write[..., None], position, axis=2)
+        full = self.used == self.slots  # the evicted slot's position leaves the cache
+        self.evicted_steps.append(np.take_along_axis(self.held, self.evict[..., None], 2)[..., 0] if full else None)
         return logits
+
+    def evictions(self) -> np.ndarray:
+        """``[layers, H_kv, steps]``: the position each step evicted per layer and KV head (-1: the cache was not
+        full yet)."""
+        shape = self.held.shape[:2]
+        steps = [np.full(shape, -1, np.int64) if e is None else e for e in self.evicted_steps]
+        return np.stack(steps, -1) if steps else np.zeros((*shape, 0), np.int64)
 
     def retained(self) -> np.ndarray:
         """``[layers, H_kv, n]``: the positions cached after the last step's eviction, ascending."""
@@ -204,6 +218,9 @@ class GrowingCacheDecoder:
         return out["logits"][0]
 
     def retained(self) -> None:
+        return None
+
+    def evictions(self) -> None:
         return None
 
     def _keep(self, tensor: np.ndarray, budget: int) -> np.ndarray:
