@@ -87,6 +87,23 @@ def save_llava_checkpoint(model, tokenizer, directory: Path) -> None:
     )
 
 
+def save_peaked_llava(directory: Path) -> None:
+    """llava-tiny with its decoder's query and key projections scaled up, saved as a local checkpoint: random weights
+    otherwise give nearly uniform attention, under which the oldest positions always weigh most and an evicting
+    cache (H2O, Keyformer) only ever drops the position leaving the recent window. Peaked attention makes prompt
+    heavy hitters compete with new tokens."""
+    import torch
+
+    from tokensieve.converters.llava import build_llava
+
+    built = build_llava("llava-tiny")
+    with torch.no_grad():
+        for layer in built.model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    save_llava_checkpoint(built.model, built.tokenizer, directory)
+
+
 def save_four_layer_llava(directory: Path, image_size: int = 112) -> None:
     """llava-tiny with 4 decoder layers, saved as a local checkpoint (so a cut at layer 2 has layers on both sides);
     ``image_size=126`` gives a 9 x 9 patch grid (nine 3 x 3 windows for MustDrop's merge)."""

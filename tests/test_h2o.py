@@ -9,12 +9,10 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
-import torch
-from helpers import assert_bench_runs, assert_plan_matches_graphs, save_llava_checkpoint
+from helpers import assert_bench_runs, assert_plan_matches_graphs, save_peaked_llava
 
 import tokensieve
 from tokensieve.cli import main
-from tokensieve.converters.llava import build_llava
 from tokensieve.errors import GraphRewriteError, MethodSpecError, RuntimeBackendError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.heavy_hitters import HeavyHitterPass
@@ -26,22 +24,10 @@ from tokensieve.runtimes.ort import OrtRunner
 BUDGET, RECENT = 40, 8
 
 
-def _peaked_checkpoint(directory) -> None:
-    """llava-tiny with its decoder's query and key projections scaled up: random weights otherwise give nearly
-    uniform attention, under which the oldest positions always weigh most and eviction only ever drops the position
-    leaving the recent window. Peaked attention makes prompt heavy hitters compete with new tokens."""
-    built = build_llava("llava-tiny")
-    with torch.no_grad():
-        for layer in built.model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-    save_llava_checkpoint(built.model, built.tokenizer, directory)
-
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("h2o")
-    _peaked_checkpoint(root / "ckpt")
+    save_peaked_llava(root / "ckpt")
     cli = ["export", f"hf:{root / 'ckpt'}", "--method", f"h2o(budget={BUDGET}, recent={RECENT})"]
     assert main([*cli, "--out", str(root / "llava")]) == 0
     nxt = tokensieve.export("hf:llava-next-tiny", "h2o(budget=120, recent=16)", out=root / "next")

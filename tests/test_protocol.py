@@ -74,6 +74,7 @@ def test_registry_is_discovered():
         "a2sf",
         "h2o",
         "razor",
+        "keyformer",
     }
     assert {cls.name for cls in VIT_METHODS} == {"topk", "tome", "pitome", "diffrate", "atp"}
 

@@ -15,13 +15,16 @@ Inserts:
   and ``h2o_scores [layers, H_kv, C]`` (the accumulated attention of each slot);
 * per layer, a ``ScatterND`` index ``[1, H_kv, 1, 3]`` = (0, head, ``write_slots[layer, head]``) in place of the
   shared index derived from ``cache_position``; that input and what only it fed are removed;
-* scoring: every layer's attention probabilities summed over each KV group's query heads, stacked
+* scoring: every layer's step score (the ``"step_score"`` face registered for the method's class: H2O's is the
+  layer's attention probabilities; Keyformer's, ``tokensieve.graph_passes.keyformer``, a Gumbel-softmax of the
+  logits with noise and temperature inputs) summed over each KV group's query heads, stacked
   ``[layers, H_kv, C]``, added to ``h2o_scores`` with the written slots reset to 0 (the new token starts with its
   own attention) and, with a ``forgetting_factor`` below 1 (A2SF), the old scores multiplied by it first -> output
   ``updated_h2o_scores``;
 * selection: among the visible slots (``< visible_slots``) whose position, the new one written in, is at most
-  ``position - recent``, the lowest updated score (``TopK`` K=1, ``largest=0``: lower slot first on ties) -> output
-  ``evict_slots [layers, H_kv]``, the slot the host writes next once the cache holds ``budget + 1`` positions.
+  ``position - recent`` (``recent`` a constant, or with a ``prompt_share`` method the input ``recent_window [1]``:
+  the count follows the prompt), the lowest updated score (``TopK`` K=1, ``largest=0``: lower slot first on ties)
+  -> output ``evict_slots [layers, H_kv]``, the slot the host writes next once the cache holds ``budget + 1`` positions.
 
 Preconditions (``requires``): a fixed-cache decode graph with inputs ``cache_position``, ``position_ids`` and
 ``visible_slots``; two ``ScatterND`` cache writes per layer. Postconditions (``ensures``): no cache write derives
@@ -35,11 +38,11 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from tokensieve.errors import GraphRewriteError
-from tokensieve.graph_passes import run_passes
+from tokensieve.graph_passes import FACES, run_passes
 from tokensieve.graph_passes.builder import NodeBuilder, typed
 from tokensieve.graph_passes.cache_visibility import VISIBLE, CacheVisibilityPass
 from tokensieve.graph_passes.locate import _ancestors
-from tokensieve.graph_passes.locate_decoder import DecoderLayout, locate_decoder
+from tokensieve.graph_passes.locate_decoder import DecoderLayer, DecoderLayout, locate_decoder
 from tokensieve.graph_passes.prompt_cache import PromptCachePass
 from tokensieve.methods.faces import register
 from tokensieve.methods.h2o import H2O
@@ -49,6 +52,16 @@ SLOT_POSITIONS = "slot_positions"
 SCORES_IN = "h2o_scores"
 SCORES_OUT = "updated_h2o_scores"
 EVICT = "evict_slots"
+RECENT = "recent_window"
+
+
+def graph_input(graph: ir.Graph, name: str, dims: list, dtype: ir.DataType) -> ir.Value:
+    """``graph``'s input ``name``, added on first use (the inputs a method's scoring step reads)."""
+    found = next((v for v in graph.inputs if v.name == name), None)
+    if found is None:
+        found = ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(dtype))
+        graph.inputs.append(found)
+    return found
 
 
 class HeavyHitterPass(ir.passes.InPlacePass):
@@ -92,7 +105,7 @@ class HeavyHitterPass(ir.passes.InPlacePass):
             where = typed(b.op("Concat", [batch, heads, column], "write_index", axis=3), [1, kv, 1, 3], i64)
             for node in layer.cache_writes:
                 node.replace_input_with(1, where)
-            probs = layer.softmax.outputs[0]
+            probs = FACES.lookup("step_score", self.method)(self, b, layer, index)
             grouped = b.op("Reshape", [probs, b.const([1, kv, groups, -1])])
             typed(grouped, [1, kv, groups, capacity], real)
             attention.append(typed(b.reduce("ReduceSum", grouped, [2], keepdims=False), [1, kv, capacity], real))
@@ -111,7 +124,7 @@ class HeavyHitterPass(ir.passes.InPlacePass):
 
         position = typed(b.op("Reshape", [inputs["position_ids"], b.const([1, 1, 1])]), [1, 1, 1], i64)
         now = typed(b.op("Where", [fresh, position, held], "positions_now"), [layers, kv, capacity], i64)
-        newest_old = typed(b.op("Sub", [position, b.const(self.method.recent)]), [1, 1, 1], i64)
+        newest_old = typed(b.op("Sub", [position, self._recent(b)]), [1, 1, 1], i64)
         old = typed(b.op("LessOrEqual", [now, newest_old], "old"), [layers, kv, capacity], ir.DataType.BOOL)
         visible = typed(b.op("Less", [slots, inputs[VISIBLE]], "visible"), [capacity], ir.DataType.BOOL)
         candidate = typed(b.op("And", [old, visible], "candidate"), [layers, kv, capacity], ir.DataType.BOOL)
@@ -131,6 +144,13 @@ class HeavyHitterPass(ir.passes.InPlacePass):
         TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=True)
 
+    def _recent(self, b: NodeBuilder) -> ir.Value:
+        """The protected recent count: the constant ``recent``, or, when the counts follow the prompt
+        (``prompt_share``), the input ``recent_window [1]`` the host feeds."""
+        if self.method.prompt_share is None:
+            return b.const(self.method.recent)
+        return graph_input(self.layout.layers[0].softmax.graph, RECENT, [1], ir.DataType.INT64)
+
     def ensures(self, model: ir.Model) -> None:
         names = {v.name: v for v in model.graph.inputs}
         if "cache_position" in names:
@@ -139,6 +159,12 @@ class HeavyHitterPass(ir.passes.InPlacePass):
             for node in layer.cache_writes:
                 if names[WRITE_SLOTS] not in _ancestors(node.inputs[1]):
                     raise GraphRewriteError(f"h2o: {node.name} does not write at {WRITE_SLOTS}")
+
+
+@register("step_score", H2O)
+def attention_probabilities(heavy: HeavyHitterPass, b: NodeBuilder, layer: DecoderLayer, index: int) -> ir.Value:
+    """H2O's step score: the layer's own attention probabilities ``[1, H, 1, C]``."""
+    return layer.softmax.outputs[0]
 
 
 @register("export", H2O)

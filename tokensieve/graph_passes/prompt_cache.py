@@ -14,20 +14,26 @@ Inserts, per layer (the layer's own computation is untouched, so the prompt's lo
 * A2SF score: the layer's own attention probabilities ``[1, H, T, T]`` weighted per query row by
   ``forgetting_factor ** (T - 1 - q)`` (``Pow`` of a ``Range``) and summed over the rows with one ``MatMul``, then
   summed over each KV group's query heads;
+* Keyformer score: ``tokensieve.graph_passes.keyformer`` (its ``"cache_score"``);
 * selection: the last ``protected`` positions (window / recent) get the largest finite priority, ``TopK`` with
-  ``K = min(T, budget)`` (shape-derived; lower index first on ties), then ascending order (``TopK(largest=0)`` on
-  the positions), ``GatherElements`` of the layer's keys and values along the sequence axis; they replace the
-  ``present_*`` outputs (the full tensors stay internal, renamed ``*_full``);
+  ``K = min(T, budget)`` (shape-derived; lower index first on ties; with a ``prompt_share``, Keyformer's budget,
+  ``K = floor(T * share)`` and ``protected = floor(K * recent_share)``, integer ``Mul`` / ``Div`` of the shape),
+  then ascending order (``TopK(largest=0)`` on the positions), ``GatherElements`` of the layer's keys and values
+  along the sequence axis; they replace the ``present_*`` outputs (the full tensors stay internal, renamed
+  ``*_full``);
 * one graph output ``cache_positions [layers, H_kv, K]`` (int64): the positions every layer and KV head keeps;
   H2O (A2SF's score with its forgetting factor, 1 by default) also outputs their scores, ``cache_scores [layers,
   H_kv, K]``, the accumulated attention decoding goes on adding to.
 
 Preconditions (``requires``): a prefill graph; every layer's ``present_*`` outputs found; the logits of each layer
 are ``Q·Kᵀ`` (scaled operands) plus the causal mask. Postconditions (``ensures``): every ``present_*`` output has
-the sequence dimension ``min(<sequence>,budget)``; every new value has a shape.
+the sequence dimension ``min(<sequence>,budget)`` (``floor(<sequence>*num/den)`` with a ``prompt_share``); every
+new value has a shape.
 """
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import numpy as np
 import onnx_ir as ir
@@ -45,9 +51,18 @@ POSITIONS = "cache_positions"
 SCORES = "cache_scores"
 
 
-def kept_dim(method: SnapKV | A2SF, sequence: str) -> str:
+def kept_dim(method: PromptCacheCompression, sequence: str) -> str:
     """The symbolic cache length after compression."""
+    share = method.prompt_share
+    if share is not None:
+        return f"floor({sequence}*{share.numerator}/{share.denominator})"
     return f"min({sequence},{method.budget})"
+
+
+def _floor_share(b: NodeBuilder, value: ir.Value, share: Fraction, name: str) -> ir.Value:
+    """``floor(value * share)`` of a non-negative int64 ``[1]`` (exact: ``Mul`` by the numerator, ``Div``)."""
+    scaled = typed(b.op("Mul", [value, b.const([share.numerator])]), [1], ir.DataType.INT64)
+    return typed(b.op("Div", [scaled, b.const([share.denominator])], name), [1], ir.DataType.INT64)
 
 
 class PromptCachePass(ir.passes.InPlacePass):
@@ -97,16 +112,27 @@ class PromptCachePass(ir.passes.InPlacePass):
 
     def _geometry(self, b: NodeBuilder, present: ir.Value, seq) -> dict[str, ir.Value]:
         """Values every layer shares: positions, the start of the protected recent run and its flags, ``K``."""
-        i64, recent = ir.DataType.INT64, self.method.protected
+        i64 = ir.DataType.INT64
         shape = typed(b.op("Shape", [present]), [4], i64)
         length = typed(b.op("Gather", [shape, b.const(2)], "length", axis=0), [], i64)
-        before = typed(b.op("Sub", [length, b.const(recent)]), [], i64)
+        count, recent = self._counts(b, length)
+        before = typed(b.op("Sub", [length, recent]), [], i64)
         start = typed(b.op("Max", [before, b.const(0)], "recent_start"), [], i64)
         columns = typed(b.op("Range", [b.const(0), length, b.const(1)], "columns"), [seq], i64)
         recent_flags = typed(b.op("GreaterOrEqual", [columns, start], "recent"), [seq], ir.DataType.BOOL)
-        length_1d = typed(b.op("Reshape", [length, b.const([1])]), [1], i64)
-        count = typed(b.op("Min", [length_1d, b.const([self.method.budget])], "count"), [1], i64)
         return {"length": length, "start": start, "columns": columns, "recent": recent_flags, "count": count}
+
+    def _counts(self, b: NodeBuilder, length: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """``K`` (``[1]``) and the protected count (scalar): ``min(T, budget)`` and ``protected``, or with a
+        ``prompt_share`` ``floor(T * share)`` and ``floor(K * recent_share)`` (integer ``Mul`` then ``Div``)."""
+        i64, method = ir.DataType.INT64, self.method
+        length_1d = typed(b.op("Reshape", [length, b.const([1])]), [1], i64)
+        if method.prompt_share is None:
+            count = typed(b.op("Min", [length_1d, b.const([method.budget])], "count"), [1], i64)
+            return count, b.const(method.protected)
+        count = _floor_share(b, length_1d, method.prompt_share, "count")
+        recent = _floor_share(b, count, method.recent_share, "protected")
+        return count, typed(b.op("Reshape", [recent, b.const(np.zeros(0, np.int64))]), [], i64)
 
     def _snapkv_score(self, b: NodeBuilder, layer: DecoderLayer, geo: dict[str, ir.Value], seq) -> ir.Value:
         method, layout = self.method, self.layout

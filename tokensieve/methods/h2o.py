@@ -55,6 +55,12 @@ class H2O(A2SF):
         """Cache slots H2O uses: the budget plus the one the next token is written to."""
         return self.budget + 1
 
+    def window(self, length: int) -> tuple[int, int]:
+        """``(budget, recent)`` after a ``length``-position prompt: the positions every layer and KV head holds once
+        the cache is full (the decoders use ``budget + 1`` slots) and the protected most recent ones (a method whose
+        counts follow the prompt overrides it)."""
+        return self.budget, self.recent
+
     def fixed_capacity(self) -> int:
         return self.slots()  # more would stay unused
 

@@ -15,6 +15,7 @@ selection step; the eager face is ``tokensieve.reference.prompt_cache``. Semanti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
@@ -44,6 +45,17 @@ class PromptCacheCompression(DecoderMethod):
         """How many of the last prompt positions are always kept."""
         raise NotImplementedError
 
+    @property
+    def prompt_share(self) -> Fraction | None:
+        """``None``: the fixed ``budget``. Otherwise the cache keeps ``floor(share * T)`` positions of a ``T``-position
+        prompt (the graphs derive the count from the prompt's shape) and ``recent_share`` of them are protected."""
+        return None
+
+    @property
+    def recent_share(self) -> Fraction | None:
+        """With ``prompt_share``: the protected positions are ``floor(recent_share * kept)``."""
+        return None
+
     def check_budget(self) -> None:
         positive_int(self.name, "budget", self.budget)
         if self.protected >= self.budget:
@@ -51,6 +63,10 @@ class PromptCacheCompression(DecoderMethod):
                 f"{self.name}: the {self.protected} always-kept recent positions must be fewer than budget="
                 f"{self.budget} (the budget holds them plus the selected earlier positions)"
             )
+
+    def protected_count(self, length: int) -> int:
+        """Positions of a ``length``-position prompt always kept (the last ones)."""
+        return min(self.protected, length)
 
     def kept_count(self, length: int) -> int:
         """Positions a ``length``-position prompt keeps per layer and KV head."""

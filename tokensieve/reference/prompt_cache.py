@@ -41,7 +41,7 @@ def score(attention: torch.Tensor, kv_heads: int, method: PromptCacheCompression
 def select_by_score(scores: torch.Tensor, method: PromptCacheCompression) -> torch.Tensor:
     """Kept positions ``[kv_heads, K]`` (ascending) from a score ``[kv_heads, T]``."""
     length = scores.shape[-1]
-    protected = torch.arange(length) >= length - min(method.protected, length)
+    protected = torch.arange(length) >= length - method.protected_count(length)
     priority = torch.where(protected, torch.finfo(scores.dtype).max, scores)
     order = torch.sort(priority, dim=-1, descending=True, stable=True).indices[:, : method.kept_count(length)]
     return torch.sort(order, dim=-1).values

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from tokensieve.graph_passes.heavy_hitters import RECENT
 from tokensieve.graph_passes.split_cache_slot import slot_input
 from tokensieve.graph_passes.split_positions import PRUNED_POSITIONS
 from tokensieve.methods.decoder import DecoderMethod
@@ -99,6 +100,10 @@ class FixedCacheDecoder:
         """The positions cached at the end, when the decoder chooses them itself (H2O); ``None`` otherwise."""
         return None
 
+    def evictions(self) -> np.ndarray | None:
+        """The position each step evicted, when the decoder chooses it itself (H2O); ``None`` otherwise."""
+        return None
+
     def cache(self, index: int) -> np.ndarray:
         """A copy of cache tensor ``index`` (order: key_0, value_0, key_1, ...)."""
         return self.caches[index].numpy()
@@ -108,8 +113,10 @@ class HeavyHitterDecoder(FixedCacheDecoder):
     """Steps an H2O decode graph, which accumulates attention and chooses the slot to evict per layer and KV head;
     this class feeds that state back. Prefill's compressed cache (``K <= budget`` positions per layer and KV head,
     with their ``scores``) fills slots ``0..K-1``; new tokens take the next free slot until ``budget + 1`` positions
-    are held, then the slot each layer and head evicted on the previous step. The scores live in two ONNX Runtime
-    buffers that swap roles every step (input ``h2o_scores`` / output ``updated_h2o_scores``)."""
+    are held (``budget, recent = method.window(length)`` for the ``length``-position prompt; ``recent`` is fed as
+    ``recent_window`` where the graph takes it), then the slot each layer and head evicted on the previous step.
+    The scores live in two ONNX Runtime buffers that swap roles every step (input ``h2o_scores`` / output
+    ``updated_h2o_scores``)."""
 
     def __init__(
         self,
@@ -119,11 +126,14 @@ class HeavyHitterDecoder(FixedCacheDecoder):
         method: H2O,
         positions: np.ndarray,
         scores: np.ndarray,
+        length: int,
     ):
         import onnxruntime as ort
 
         super().__init__(runner, present, capacity)
         self.method = method
+        budget, self.recent = method.window(length)  # length: the prompt's positions
+        self.slots = budget + 1
         layers, kv, kept = positions.shape
         self.held = np.full((layers, kv, capacity), -1, np.int64)  # the position each slot holds
         self.held[:, :, :kept] = positions
@@ -135,9 +145,10 @@ class HeavyHitterDecoder(FixedCacheDecoder):
         self.evict: np.ndarray | None = None
         self.evicted = ort.OrtValue.ortvalue_from_numpy(np.zeros((layers, kv), np.int64))
         self.binding.bind_ortvalue_output("evict_slots", self.evicted)
+        self.evicted_steps: list[np.ndarray | None] = []
 
     def bind_slots(self, position: int) -> None:
-        if self.used < self.method.slots():
+        if self.used < self.slots:
             self.write = np.full(self.held.shape[:2], self.used, np.int64)
             self.used += 1
         else:
@@ -147,18 +158,29 @@ class HeavyHitterDecoder(FixedCacheDecoder):
         self.binding.bind_cpu_input("slot_positions", self.held)
         self.binding.bind_ortvalue_input("h2o_scores", self.scores[0])
         self.binding.bind_ortvalue_output("updated_h2o_scores", self.scores[1])
+        if RECENT in self.runner.input_names:  # the recent count follows the prompt (prompt_share)
+            self.binding.bind_cpu_input(RECENT, np.array([self.recent], np.int64))
 
     def step(self, token: int, position: int) -> np.ndarray:
         logits = super().step(token, position)
         self.evict = self.evicted.numpy().copy()  # numpy() shares the buffer the next step overwrites
         self.scores.reverse()
         np.put_along_axis(self.held, self.write[..., None], position, axis=2)
+        full = self.used == self.slots  # the evicted slot's position leaves the cache
+        self.evicted_steps.append(np.take_along_axis(self.held, self.evict[..., None], 2)[..., 0] if full else None)
         return logits
+
+    def evictions(self) -> np.ndarray:
+        """``[layers, H_kv, steps]``: the position each step evicted per layer and KV head (-1: the cache was not
+        full yet)."""
+        shape = self.held.shape[:2]
+        steps = [np.full(shape, -1, np.int64) if e is None else e for e in self.evicted_steps]
+        return np.stack(steps, -1) if steps else np.zeros((*shape, 0), np.int64)
 
     def retained(self) -> np.ndarray:
         """``[layers, H_kv, n]``: the positions cached after the last step's eviction, ascending."""
         held = self.held[:, :, : self.used]
-        if self.used == self.method.slots() and self.evict is not None:  # full: the last step evicted a slot
+        if self.used == self.slots and self.evict is not None:  # full: the last step evicted a slot
             live = np.ones(held.shape, bool)
             np.put_along_axis(live, self.evict[..., None], False, axis=2)
             held = held[live].reshape(*held.shape[:2], -1)
@@ -198,6 +220,9 @@ class GrowingCacheDecoder:
     def retained(self) -> None:
         return None
 
+    def evictions(self) -> None:
+        return None
+
     def _keep(self, tensor: np.ndarray, budget: int) -> np.ndarray:
         if self.eviction is None or tensor.shape[2] <= budget:
             return tensor
@@ -214,6 +239,7 @@ class DecodeSetup:
     budget: int  # positions an evicting growing cache keeps
     eviction: Any = None  # the ring method (``ring``: StreamingLLM), or None
     extras: dict[str, Any] = field(default_factory=dict)  # prefill's method outputs (cache_positions, ...)
+    new_tokens: int = 0  # the generation's max_new_tokens (schedules over the generation: Keyformer's temperature)
 
 
 @register("decoder", DecoderMethod, type(None))
@@ -227,7 +253,8 @@ def slot_groups(runner: OrtRunner, present: list[np.ndarray], method: Any, setup
 @register("decoder", H2O)
 def heavy_hitters(runner: OrtRunner, present: list[np.ndarray], method: H2O, setup: DecodeSetup) -> HeavyHitterDecoder:
     positions, scores = setup.extras["cache_positions"], setup.extras["cache_scores"]
-    return HeavyHitterDecoder(runner, present, setup.capacity, method, positions, scores)
+    length = setup.offset + present[0].shape[2]
+    return HeavyHitterDecoder(runner, present, setup.capacity, method, positions, scores, length)
 
 
 @register("bench_decoder", DecoderMethod, type(None))
@@ -245,9 +272,14 @@ def bench_heavy_hitters(
     runner: OrtRunner, caches: list[np.ndarray], capacity: int, method: H2O, rng: np.random.Generator
 ) -> HeavyHitterDecoder:
     """H2O's decoder with ``budget`` held positions and random scores."""
+    present, positions, scores, length = bench_state(caches, method.budget, rng)
+    return HeavyHitterDecoder(runner, present, capacity, method, positions, scores, length)
+
+
+def bench_state(caches: list[np.ndarray], budget: int, rng: np.random.Generator) -> tuple:
+    """A full heavy-hitter cache for ``tokensieve bench``: the first ``budget`` positions of random ``caches``, their
+    positions and random scores, as the decoders' ``present``, ``positions``, ``scores`` and prompt ``length``."""
     layers, kv = len(caches) // 2, caches[0].shape[1]
-    shape = (layers, kv, method.budget)
-    positions = np.broadcast_to(np.arange(method.budget), shape).copy()
-    scores = rng.random(shape, dtype=np.float32)
-    present = [c[:, :, : method.budget] for c in caches]
-    return HeavyHitterDecoder(runner, present, capacity, method, positions, scores)
+    shape = (layers, kv, budget)
+    positions = np.broadcast_to(np.arange(budget), shape).copy()
+    return [c[:, :, :budget] for c in caches], positions, rng.random(shape, dtype=np.float32), budget

@@ -62,6 +62,7 @@ class Generation:
     key_set: np.ndarray | None = None  # MustDrop: the image tokens never dropped (indices into the image)
     cache_positions: np.ndarray | None = None  # SnapKV / A2SF / H2O: [layers, kv_heads, K] prompt positions cached
     retained_positions: np.ndarray | None = None  # H2O: [layers, kv_heads, n] positions cached at the end
+    evicted_positions: np.ndarray | None = None  # H2O: [layers, kv_heads, steps] each step's evicted position (or -1)
     timings_ms: dict[str, float] = field(default_factory=dict)
     forced_logprobs: list[float] | None = None  # with ``forced``: log-probability of each forced token
 
@@ -234,7 +235,7 @@ class LlavaRunner:
         kept = extras.get("kept_positions")
         dropped = [len(ids) - len(positions) for positions in extras.get("group_positions", [])]
         offset = len(ids) - present[0].shape[2]
-        setup = DecodeSetup(self.capacity, dropped, offset, self.budget, self.eviction, extras)
+        setup = DecodeSetup(self.capacity, dropped, offset, self.budget, self.eviction, extras, max_new_tokens)
         decoder = FACES.lookup("decoder", self.method)(self.decode, present, self.method, setup)
         new: list[int] = []
         logprobs: list[float] = []
@@ -266,6 +267,7 @@ class LlavaRunner:
             key_set=chosen.get("key_set"),
             cache_positions=extras.get("cache_positions"),
             retained_positions=decoder.retained(),
+            evicted_positions=decoder.evictions(),
             forced_logprobs=logprobs if forced is not None else None,
             timings_ms={
                 "vision": 1e3 * (t_vision - start),

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tokensieve.methods import methods_from_dicts
+from tokensieve.methods.decoder import DecoderMethod
+from tokensieve.methods.faces import register
 from tokensieve.runtimes import FACES
 from tokensieve.runtimes.kv_cache import kv_names
 from tokensieve.runtimes.ort import OrtRunner
@@ -29,7 +31,9 @@ class Prefill:
     def __init__(self, directory: str | Path, manifest: MllmManifest, **options: Any):
         graphs = manifest.graphs
         # the method that decides on the host between prefill segments (its "prefill_cut" face)
-        self.split = next((m for m in methods_from_dicts(manifest.methods) if m.host_cuts), None)
+        methods = methods_from_dicts(manifest.methods)
+        self.method = methods[0] if methods else None
+        self.split = next((m for m in methods if m.host_cuts), None)
         keys = [f"prefill_{i}" for i in range(len(self.split.cuts) + 1)] if self.split else ["prefill"]
         self.graphs = [OrtRunner(Path(directory) / graphs[key], **options) for key in keys]
         self.layers: int = manifest.decoder["layers"]
@@ -48,7 +52,8 @@ class Prefill:
         H2O's ``cache_scores``); ``span`` = the image tokens' ``[start, end)``, ``key_set`` = MustDrop's protected
         image tokens (indices into the image)."""
         first = self.graphs[0]
-        out = first.run(prefill_feeds(first, embeds, span))
+        extra = FACES.lookup("prefill_inputs", self.method)(first, embeds, self.method)
+        out = first.run(prefill_feeds(first, embeds, span) | extra)
         extras = {name: out[name] for name in EXTRAS if name in out}
         if "kept_positions" in out:  # FastV: one cut, in the graph
             extras["cut_positions"] = extras["group_positions"] = [out["kept_positions"]]
@@ -101,3 +106,9 @@ def prefill_feeds(runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] |
     if "image_positions" in runner.input_names:
         feeds["image_positions"] = np.arange(*(span or (0, 0)), dtype=np.int64)
     return feeds
+
+
+@register("prefill_inputs", DecoderMethod, type(None))
+def no_inputs(runner: OrtRunner, embeds: np.ndarray, method: DecoderMethod | None) -> dict[str, np.ndarray]:
+    """The inputs a method's prefill graph takes besides the prompt (none; Keyformer: its Gumbel noise)."""
+    return {}
