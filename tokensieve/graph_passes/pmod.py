@@ -123,13 +123,15 @@ class PModPass(ir.passes.InPlacePass):
             _input(model.graph, name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph, layout = model.graph, self.layout
+        graph = model.graph
         b = self._builder(model, "shared", self.mod[0])
         shared = self._shared(b, graph)
         graph.extend(b.nodes)
+        kept = []
         for group in reversed(range(len(self.mod))):  # last first: each layer's stream values are still the originals
-            self._mod_layer(model, shared, group)
+            kept.insert(0, self._mod_layer(model, shared, group))
             TopologicalSortPass()(model)
+        graph.outputs.extend(kept)
         record_site(model, {"layer": self.mod[0], "method": "pmod", "exposed": {"mod_layers": self.mod}})
         return ir.passes.PassResult(model, modified=True)
 
@@ -190,7 +192,8 @@ class PModPass(ir.passes.InPlacePass):
         typed(top, [kept], i64)
         return b.ascending(top, count, [kept])
 
-    def _mod_layer(self, model: ir.Model, shared: _Shared, group: int) -> None:
+    def _mod_layer(self, model: ir.Model, shared: _Shared, group: int) -> ir.Value:
+        """Run MoD layer ``mod[group]`` on its chosen tokens; the processed positions (a new graph output)."""
         graph, index = model.graph, self.mod[group]
         layer = self.layout.layers[index]
         stream, out = layer.stream_in, layer.stream_out
@@ -228,7 +231,7 @@ class PModPass(ir.passes.InPlacePass):
             for value in node.outputs:
                 if value.shape is not None:
                     value.shape = ir.Shape([kept if d == seq else d for d in value.shape])
-        graph.outputs.append(keep)
+        return keep
 
     def _weigh(self, b: NodeBuilder, x: ir.Value, weight: ir.Value, dims: list) -> ir.Value:
         """``x [1, n, D] * weight [n]`` per token."""
