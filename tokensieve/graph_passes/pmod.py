@@ -132,7 +132,8 @@ class PModPass(ir.passes.InPlacePass):
             kept.insert(0, self._mod_layer(model, shared, group))
             TopologicalSortPass()(model)
         graph.outputs.extend(kept)
-        record_site(model, {"layer": self.mod[0], "method": "pmod", "exposed": {"mod_layers": self.mod}})
+        exposed = {value.name: value.name for value in kept}
+        record_site(model, {"layer": self.mod[0], "method": "pmod", "mod_layers": self.mod, "exposed": exposed})
         return ir.passes.PassResult(model, modified=True)
 
     def _builder(self, model: ir.Model, tag: str, layer: int) -> NodeBuilder:
