@@ -46,8 +46,7 @@ def _mlp_weight(layer, weight: torch.Tensor):
 class _Router:
     """The routers of the MoD layers (``None``: the training-free attention score)."""
 
-    def __init__(self, method: PMoD, layers: list[int], hidden: int, score: torch.Tensor):
-        self.score = score
+    def __init__(self, method: PMoD, layers: list[int], hidden: int):
         self.weights = None
         if method.routers is not None:
             loaded = load_routers(method.routers, layers, hidden)
@@ -69,7 +68,7 @@ def mod_prefill(model, embeds: torch.Tensor, image: torch.Tensor, method: PMoD, 
     lm = model.model.language_model
     layers = len(lm.layers)
     mod = method.check_layers(layers)
-    router = _Router(method, mod, embeds.shape[2], score)
+    router = _Router(method, mod, embeds.shape[2])
     hidden, length = embeds, embeds.shape[1]
     text = torch.ones(length, dtype=torch.bool)
     text[image] = False
