@@ -41,7 +41,10 @@ from tokensieve.graph_passes.image_attention import rows_after_image
 from tokensieve.graph_passes.locate_decoder import (
     DecoderLayer,
     DecoderLayout,
+    graph_input,
     image_positions_input,
+    locate_decoder,
+    logits_matmul,
     scoring_layout,
 )
 from tokensieve.graph_passes.rederive import downstream, rederive
@@ -99,13 +102,6 @@ class _Shared:
     score: ir.Value | None  # [I] training-free priority of the image tokens
 
 
-def _input(graph: ir.Graph, name: str) -> ir.Value:
-    found = next((v for v in graph.inputs if v.name == name), None)
-    if found is None:
-        raise GraphRewriteError(f"pmod: the graph has no input {name!r}; it applies to an MLLM prefill graph")
-    return found
-
-
 class PModPass(ir.passes.InPlacePass):
     """Run p-MoD's MoD layers on the chosen tokens of a prefill graph (see module docstring)."""
 
@@ -116,11 +112,12 @@ class PModPass(ir.passes.InPlacePass):
         self.mod: list[int] = []
 
     def requires(self, model: ir.Model) -> None:
-        layout = scoring_layout(model, 0, "pmod")
-        self.mod = self.method.check_layers(len(layout.layers))
-        self.layout = scoring_layout(model, self.mod[0] - 1, "pmod")
+        self.layout = scoring_layout(model, 0, "pmod")
+        self.mod = self.method.check_layers(len(self.layout.layers))
+        if self.routers is None and logits_matmul(self.layout.layers[self.mod[0] - 1].softmax) is None:
+            raise GraphRewriteError(f"pmod: layer {self.mod[0] - 1}'s attention logits are not a Q·Kᵀ MatMul")
         for name in ("inputs_embeds", "position_ids"):
-            _input(model.graph, name)
+            graph_input(model.graph, name, "pmod")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -142,7 +139,7 @@ class PModPass(ir.passes.InPlacePass):
 
     def _shared(self, b: NodeBuilder, graph: ir.Graph) -> _Shared:
         i64 = ir.DataType.INT64
-        embeds, positions = _input(graph, "inputs_embeds"), _input(graph, "position_ids")
+        embeds, positions = graph_input(graph, "inputs_embeds", "pmod"), graph_input(graph, "position_ids", "pmod")
         image = image_positions_input(graph)
         length = typed(b.op("Shape", [positions], start=1, end=2), [1], i64)
         image_count = typed(b.op("Shape", [image]), [1], i64)
@@ -262,7 +259,7 @@ def rewrite(graphs: dict[str, ir.Model], method: PMoD) -> dict[str, ir.Model]:
     """p-MoD's export: the prefill graph runs the MoD layers on their chosen tokens; in the decode graphs every MoD
     layer gets its own cache slot input (it caches only the prompt positions it processed)."""
     prefill = graphs["prefill"]
-    layout = scoring_layout(prefill, 0, "pmod")
+    layout = locate_decoder(prefill)
     mod = method.check_layers(len(layout.layers))
     routers = None
     if method.routers is not None:
