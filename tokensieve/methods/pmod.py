@@ -74,6 +74,8 @@ class PMoD(DecoderMethod):
                 f"pmod: routers must be the path of an .npz file with the router weights, got {self.routers!r}; "
                 'e.g. routers="routers.npz" (keys model.layers.<l>.router.router.weight / .bias)'
             )
+        if self.routers is not None:  # absolute, so the manifest's method finds the file from anywhere
+            object.__setattr__(self, "routers", str(Path(self.routers).resolve()))
 
     @staticmethod
     def decay(layer: int, layers: int) -> float:
