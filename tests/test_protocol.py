@@ -75,6 +75,7 @@ def test_registry_is_discovered():
         "h2o",
         "razor",
         "keyformer",
+        "pmod",
     }
     assert {cls.name for cls in VIT_METHODS} == {"topk", "tome", "pitome", "diffrate", "atp"}
 

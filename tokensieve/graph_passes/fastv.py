@@ -35,7 +35,7 @@ from onnx_ir.passes.common import TopologicalSortPass
 from tokensieve.errors import GraphRewriteError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, redirect_uses, typed
-from tokensieve.graph_passes.locate_decoder import DecoderLayout, locate_decoder, logits_matmul
+from tokensieve.graph_passes.locate_decoder import DecoderLayout, graph_input, locate_decoder, logits_matmul
 from tokensieve.graph_passes.rederive import downstream, rederive
 from tokensieve.graph_passes.split_cache_slot import split_decode
 from tokensieve.methods.faces import register
@@ -49,13 +49,6 @@ def kept_dim(method: FastV, sequence: str) -> str:
     optimization profile's shapes): ``sequence - image_tokens + ceil(keep * image_tokens)``."""
     num, den = method.keep.numerator, method.keep.denominator
     return f"{sequence}-{IMAGE_AXIS}+({IMAGE_AXIS}*{num}+{den - 1})//{den}"
-
-
-def _input(graph: ir.Graph, name: str) -> ir.Value:
-    found = next((v for v in graph.inputs if v.name == name), None)
-    if found is None:
-        raise GraphRewriteError(f"fastv: the graph has no input {name!r}; it applies to an MLLM prefill graph")
-    return found
 
 
 class FastVPass(ir.passes.InPlacePass):
@@ -73,11 +66,11 @@ class FastVPass(ir.passes.InPlacePass):
             raise GraphRewriteError(f"fastv: expected a prefill graph, got a decode graph ({self.layout.cache} cache)")
         self.method.check_range(len(self.layout.layers))
         for name in ("inputs_embeds", "position_ids"):
-            _input(model.graph, name)
+            graph_input(model.graph, name, "fastv")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, method, layout = model.graph, self.method, self.layout
-        embeds, positions = _input(graph, "inputs_embeds"), _input(graph, "position_ids")
+        embeds, positions = graph_input(graph, "inputs_embeds", "fastv"), graph_input(graph, "position_ids", "fastv")
         scorer, cut = layout.layers[method.k - 1], layout.layers[method.k].stream_in
         region, uses = downstream(cut), list(cut.uses())
         self.kept = kept = kept_dim(method, str(cut.shape[1]))

@@ -226,6 +226,14 @@ def scoring_layout(model: ir.Model, layer: int, method: str) -> DecoderLayout:
     return layout
 
 
+def graph_input(graph: ir.Graph, name: str, method: str) -> ir.Value:
+    """The graph input ``name`` of a prefill graph a method rewrites (a typed error naming it when absent)."""
+    found = next((v for v in graph.inputs if v.name == name), None)
+    if found is None:
+        raise GraphRewriteError(f"{method}: the graph has no input {name!r}; it applies to an MLLM prefill graph")
+    return found
+
+
 def image_positions_input(graph: ir.Graph) -> ir.Value:
     """Add the graph input ``image_positions [image_tokens]`` (int64): the image tokens' sequence positions."""
     image = ir.Value(name="image_positions", shape=ir.Shape(["image_tokens"]), type=ir.TensorType(ir.DataType.INT64))

@@ -38,6 +38,14 @@ from tokensieve.methods.decoder import DecoderMethod
 
 PRUNED_SLOT = "pruned_cache_position"
 PAST_KEPT = "past_kept"
+GROUP_POSITIONS = "group_positions"
+
+
+def group_output(group: int) -> str:
+    """The name of a prefill graph's output holding the prompt positions cache group ``group``'s layers keep (a
+    method that decides every group inside one prefill graph, p-MoD; the runtime feeds ``position - dropped`` to
+    the group's slot input, :func:`slot_input`)."""
+    return f"{GROUP_POSITIONS}_{group}"
 
 
 def slot_input(group: int) -> str:

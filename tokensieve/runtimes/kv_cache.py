@@ -261,9 +261,10 @@ def heavy_hitters(runner: OrtRunner, present: list[np.ndarray], method: H2O, set
 def bench_slot_groups(
     runner: OrtRunner, caches: list[np.ndarray], capacity: int, method: Any, rng: np.random.Generator
 ) -> FixedCacheDecoder:
-    """Over random ``caches``: StreamingLLM's ring, FastV / ATP-LLaVA / DyVTE / MustDrop's per-group slot inputs
-    (nothing dropped: the fixed graph costs the same whatever the groups hold)."""
-    groups = [0] * len(method.cache_cuts) if method is not None else []
+    """Over random ``caches``: StreamingLLM's ring, FastV / ATP-LLaVA / DyVTE / MustDrop / p-MoD's per-group slot
+    inputs, as many as the decode graph has (nothing dropped: the fixed graph costs the same whatever the groups
+    hold)."""
+    groups = [0] * sum(slot_input(g) in runner.input_names for g in range(len(runner.input_names)))
     return FixedCacheDecoder(runner, caches, capacity, groups, method if getattr(method, "ring", False) else None)
 
 

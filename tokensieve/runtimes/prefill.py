@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tokensieve.graph_passes.split_cache_slot import group_output
 from tokensieve.methods import methods_from_dicts
 from tokensieve.methods.decoder import DecoderMethod
 from tokensieve.methods.faces import register
@@ -57,6 +58,10 @@ class Prefill:
         extras = {name: out[name] for name in EXTRAS if name in out}
         if "kept_positions" in out:  # FastV: one cut, in the graph
             extras["cut_positions"] = extras["group_positions"] = [out["kept_positions"]]
+        groups = _group_positions(out)
+        if groups:  # every cache group's positions, decided in the graph (p-MoD)
+            extras["cut_positions"] = extras["group_positions"] = groups
+            extras["kept_positions"] = groups[-1]
         if self.split is None:
             return out["logits"][0], [out[f"present_{n}"] for n in kv_names(self.layers)], extras
         out, kept = self._segments(out, embeds.shape[1], span or (0, 0), key_set)
@@ -97,6 +102,14 @@ class Prefill:
                 present[2 * layer] = present[2 * layer][:, :, take]
                 present[2 * layer + 1] = present[2 * layer + 1][:, :, take]
         return present
+
+
+def _group_positions(out: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The graph outputs ``group_positions_0, group_positions_1, ...`` in order (none: empty)."""
+    groups: list[np.ndarray] = []
+    while group_output(len(groups)) in out:
+        groups.append(out[group_output(len(groups))])
+    return groups
 
 
 def prefill_feeds(runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None) -> dict[str, np.ndarray]:
