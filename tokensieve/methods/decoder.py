@@ -106,6 +106,11 @@ class DecoderMethod:
         """Positions a ``length``-position prompt leaves in the cache after prefill."""
         return length
 
+    def host_inputs(self, image_tokens: int) -> dict[str, list[float]]:
+        """Extra prefill-graph inputs the host feeds for an image of ``image_tokens`` tokens (name -> float32
+        values; SparseVLM's seeded density noise): randomness a TensorRT engine cannot seed itself."""
+        return {}
+
     def vision_windows(self, image_tokens: int) -> list[list[int]] | None:
         """Windows the split vision graph scores (``None``: none)."""
         return None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tokensieve.methods import methods_from_dicts
+from tokensieve.methods.decoder import DecoderMethod
 from tokensieve.runtimes import FACES
 from tokensieve.runtimes.kv_cache import kv_names
 from tokensieve.runtimes.ort import OrtRunner
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from tokensieve.manifest import MllmManifest
 
 EXTRAS = ("kept_positions", "cache_positions", "cache_scores")
+CUT_OUTPUT = "cut_positions_"
 
 
 class Prefill:
@@ -29,7 +31,9 @@ class Prefill:
     def __init__(self, directory: str | Path, manifest: MllmManifest, **options: Any):
         graphs = manifest.graphs
         # the method that decides on the host between prefill segments (its "prefill_cut" face)
-        self.split = next((m for m in methods_from_dicts(manifest.methods) if m.host_cuts), None)
+        methods = methods_from_dicts(manifest.methods)
+        self.method = methods[0] if methods else None
+        self.split = self.method if self.method is not None and self.method.host_cuts else None
         keys = [f"prefill_{i}" for i in range(len(self.split.cuts) + 1)] if self.split else ["prefill"]
         self.graphs = [OrtRunner(Path(directory) / graphs[key], **options) for key in keys]
         self.layers: int = manifest.decoder["layers"]
@@ -48,10 +52,12 @@ class Prefill:
         H2O's ``cache_scores``); ``span`` = the image tokens' ``[start, end)``, ``key_set`` = MustDrop's protected
         image tokens (indices into the image)."""
         first = self.graphs[0]
-        out = first.run(prefill_feeds(first, embeds, span))
+        out = first.run(prefill_feeds(first, embeds, span, self.method))
         extras = {name: out[name] for name in EXTRAS if name in out}
-        if "kept_positions" in out:  # FastV: one cut, in the graph
-            extras["cut_positions"] = extras["group_positions"] = [out["kept_positions"]]
+        cuts = [out[name] for name in cut_outputs(out)] or [out[k] for k in ("kept_positions",) if k in out]
+        if cuts:  # FastV: one cut, in the graph; SparseVLM: several (cut_positions_<g>)
+            extras["cut_positions"] = extras["group_positions"] = cuts
+            extras["kept_positions"] = cuts[-1]
         if self.split is None:
             return out["logits"][0], [out[f"present_{n}"] for n in kv_names(self.layers)], extras
         out, kept = self._segments(out, embeds.shape[1], span or (0, 0), key_set)
@@ -94,10 +100,22 @@ class Prefill:
         return present
 
 
-def prefill_feeds(runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None) -> dict[str, np.ndarray]:
-    """Inputs of a prefill graph; FastV graphs and the first ATP-LLaVA / DyVTE / MustDrop segment also take
-    ``image_positions`` (empty without an image)."""
+def cut_outputs(out: dict[str, np.ndarray]) -> list[str]:
+    """The ``cut_positions_<g>`` outputs of a prefill graph that cuts several times inside itself, by ``g``."""
+    return [f"{CUT_OUTPUT}{g}" for g in range(len(out)) if f"{CUT_OUTPUT}{g}" in out]
+
+
+def prefill_feeds(
+    runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None, method: DecoderMethod | None = None
+) -> dict[str, np.ndarray]:
+    """Inputs of a prefill graph; FastV and SparseVLM graphs and the first ATP-LLaVA / DyVTE / MustDrop segment
+    also take ``image_positions`` (empty without an image), and a method's ``host_inputs`` for the image (SparseVLM's
+    density noise) are fed as float32."""
     feeds = {"inputs_embeds": embeds, "position_ids": np.arange(embeds.shape[1], dtype=np.int64)[None]}
     if "image_positions" in runner.input_names:
         feeds["image_positions"] = np.arange(*(span or (0, 0)), dtype=np.int64)
+    if method is not None:
+        image = 0 if span is None else span[1] - span[0]
+        for name, values in method.host_inputs(image).items():
+            feeds[name] = np.asarray(values, np.float32)
     return feeds
