@@ -62,7 +62,8 @@ class SplitPositionsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         positions = next(v for v in graph.inputs if v.name == positions_input(self.group - 1))
-        own = ir.Value(name=positions_input(self.group), shape=ir.Shape(positions.shape), type=ir.TensorType(positions.dtype))
+        name, shape = positions_input(self.group), ir.Shape(positions.shape)
+        own = ir.Value(name=name, shape=shape, type=ir.TensorType(positions.dtype))
         graph.inputs.append(own)
         cut = self.layout.layers[self.first].stream_in
         created = rederive(graph, downstream(cut), {positions: own}, [cut], f"tokensieve/split_positions{self.group}")

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+CUT_OUTPUT = "cut_positions_"  # + g: a prefill graph that cuts several times inside itself outputs each cut's rows
+
 
 @dataclass(frozen=True)
 class DecoderContext:

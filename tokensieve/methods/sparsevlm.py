@@ -95,8 +95,8 @@ class SparseVLM(DecoderMethod):
                 )
             if len(self.layers) != 3:
                 raise MethodSpecError(
-                    f"sparsevlm: the official budget table has 3 entries (layers 2, 6, 15) but layers={list(self.layers)}"
-                    "; give budgets=[...] with one kept count per pruning layer"
+                    "sparsevlm: the official budget table has 3 entries (layers 2, 6, 15) but "
+                    f"layers={list(self.layers)}; give budgets=[...] with one kept count per pruning layer"
                 )
             return table[self.retain]
         budgets = list(self.budgets) if isinstance(self.budgets, (list, tuple)) else [self.budgets]

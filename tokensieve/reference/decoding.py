@@ -97,7 +97,8 @@ def greedy(
         if evict is not None:
             evict()
         hidden = lm.embed_tokens(torch.tensor([[token]]))
-        rope = {d: (torch.tensor([[position - d]]), lm.rotary_emb(hidden, torch.tensor([[position - d]]))) for d in offsets}
+        at = {d: torch.tensor([[position - d]]) for d in offsets}
+        rope = {d: (ids, lm.rotary_emb(hidden, ids)) for d, ids in at.items()}
         for layer, offset in zip(lm.layers, offsets, strict=True):
             at, embeddings = rope[offset]
             hidden = layer(hidden, position_ids=at, cache=cache, position_embeddings=embeddings)

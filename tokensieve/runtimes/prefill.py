@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tokensieve.methods import methods_from_dicts
-from tokensieve.methods.decoder import DecoderMethod
+from tokensieve.methods.decoder import CUT_OUTPUT, DecoderMethod
 from tokensieve.runtimes import FACES
 from tokensieve.runtimes.kv_cache import kv_names
 from tokensieve.runtimes.ort import OrtRunner
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from tokensieve.manifest import MllmManifest
 
 EXTRAS = ("kept_positions", "cache_positions", "cache_scores")
-CUT_OUTPUT = "cut_positions_"
 
 
 class Prefill:
