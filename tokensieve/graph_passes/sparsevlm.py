@@ -6,8 +6,9 @@ stream leaving pruning layer ``l = layers[g]``; its score comes from that layer'
 
 Inserts:
 
-* graph inputs ``image_positions [I]`` (int64, empty without an image) and, with recycling, ``density_noise_<g>
-  [recycled_<g>]`` (float; the DPC-kNN density noise the host feeds, :meth:`SparseVLM.density_noise`);
+* graph inputs ``image_positions [I]`` (int64, empty without an image) and, with recycling, ``density_noise
+  [cuts, I]`` (float; the DPC-kNN density noise the host feeds, :meth:`SparseVLM.host_inputs`; cut ``g`` reads the
+  first ``S`` of row ``g``);
 * the raters, once: ``Softmax`` over the text columns (those after the image; the others masked with the lowest
   float) of ``image rows · inputs_embedsᵀ``, mean over the image rows, ``> `` its mean over the text: a 0/1 weight
   over the sequence, carried through every cut (cluster tokens weigh 0);
@@ -43,7 +44,7 @@ from tokensieve.graph_passes.rederive import downstream, rederive
 from tokensieve.graph_passes.split_cache_slot import split_decode
 from tokensieve.methods.decoder import CUT_OUTPUT
 from tokensieve.methods.faces import register
-from tokensieve.methods.sparsevlm import SparseVLM, noise_input
+from tokensieve.methods.sparsevlm import NOISE_INPUT, SparseVLM
 
 I64, BOOL = ir.DataType.INT64, ir.DataType.BOOL
 
@@ -209,6 +210,7 @@ class SparseVLMPass(ir.passes.InPlacePass):
         self.method = method
         self.layout: DecoderLayout | None = None
         self.dims: list[CutDims] = []
+        self.noise: ir.Value | None = None
 
     def requires(self, model: ir.Model) -> None:
         self.layout = locate_decoder(model)
@@ -226,6 +228,10 @@ class SparseVLMPass(ir.passes.InPlacePass):
         self.dims = cut_dims(self.method, str(embeds.shape[1]))
         b = NodeBuilder(model, "tokensieve/sparsevlm", {"tokensieve.site": "raters", "tokensieve.method": "sparsevlm"})
         image = image_positions_input(graph)
+        if self.method.recycle:
+            shape = ir.Shape([len(self.method.layers), "image_tokens"])
+            self.noise = ir.Value(name=NOISE_INPUT, shape=shape, type=ir.TensorType(embeds.dtype))
+            graph.inputs.append(self.noise)
         weight = _raters(b, embeds, image, layout.layers[0].softmax.outputs[0])
         length = _count(b, embeds, 1)
         sources = _range(b, length, str(embeds.shape[1]))
@@ -267,11 +273,11 @@ class SparseVLMPass(ir.passes.InPlacePass):
         tail = typed(b.op("Slice", [order, kept, best, b.const([0])]), [dims.recycled], I64)
         return keep, typed(b.op("Gather", [state.image, tail], axis=0), [dims.recycled], I64)
 
-    def _recycle(self, b: NodeBuilder, g: int, cut: ir.Value, chosen: ir.Value, clusters: ir.Value) -> ir.Value:
+    def _recycle(self, b: NodeBuilder, g: int, cut: ir.Value, chosen: ir.Value, counts: tuple[ir.Value, ...]):
         """``[stream; cluster tokens]`` ``[1, T + C, D]``: the DPC-kNN clusters of the ``chosen`` rows appended."""
-        dims, real, width = self.dims[g], cut.dtype, cut.shape[2]
-        noise = ir.Value(name=noise_input(g), shape=ir.Shape([dims.recycled]), type=ir.TensorType(real))
-        b.graph.inputs.append(noise)
+        dims, real, width, (_, recycled, clusters) = self.dims[g], cut.dtype, cut.shape[2], counts
+        row = typed(b.op("Gather", [self.noise, b.const(g)], axis=0), ["image_tokens"], real)
+        noise = typed(b.op("Slice", [row, b.const([0]), recycled, b.const([0])]), [dims.recycled], real)
         picked = typed(b.op("Gather", [cut, chosen], axis=1), [1, dims.recycled, width], real)
         flat = typed(b.op("Squeeze", [picked, b.const([0])]), [dims.recycled, width], real)
         merged = typed(b.unsqueeze(_dpc_knn(b, flat, noise, clusters, dims), [0]), [1, dims.clusters, width], real)
@@ -289,7 +295,7 @@ class SparseVLMPass(ir.passes.InPlacePass):
         kept, _, clusters = counts
         rows, source, sources, weights = keep, cut, state.sources, state.weight
         if chosen is not None:
-            source = self._recycle(b, g, cut, chosen, clusters)
+            source = self._recycle(b, g, cut, chosen, counts)
             rows = self._place(b, dims, state, keep, clusters, _count(b, cut, 1))
             made = typed(b.op("Add", [_range(b, clusters, dims.clusters), state.next_id]), [dims.clusters], I64)
             sources = typed(b.op("Concat", [state.sources, made], axis=0), [dims.extended], I64)

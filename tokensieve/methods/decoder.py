@@ -108,9 +108,10 @@ class DecoderMethod:
         """Positions a ``length``-position prompt leaves in the cache after prefill."""
         return length
 
-    def host_inputs(self, image_tokens: int) -> dict[str, list[float]]:
+    def host_inputs(self, image_tokens: int) -> dict[str, list]:
         """Extra prefill-graph inputs the host feeds for an image of ``image_tokens`` tokens (name -> float32
-        values; SparseVLM's seeded density noise): randomness a TensorRT engine cannot seed itself."""
+        values, nested lists for more axes; SparseVLM's seeded density noise): randomness a TensorRT engine cannot
+        seed itself."""
         return {}
 
     def vision_windows(self, image_tokens: int) -> list[list[int]] | None:

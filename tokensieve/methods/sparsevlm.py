@@ -37,6 +37,7 @@ TABLES = {  # official kept counts after layers 2, 6, 15 per retain setting (ver
 }
 POSITIONS = ("contiguous", "original")
 NOISE_SCALE = 1e-6
+NOISE_INPUT = "density_noise"
 
 
 @dataclass(frozen=True)
@@ -140,16 +141,17 @@ class SparseVLM(DecoderMethod):
         return out
 
     def density_noise(self, cut: int, count: int) -> list[float]:
-        """The DPC-kNN density noise of cut ``cut`` (``count`` values in ``[0, 1e-6)``, seeded by ``seed`` and the
-        cut): the host feeds it to the graph and the reference adds the same values."""
+        """The DPC-kNN density noise of cut ``cut``: its first ``count`` values in ``[0, 1e-6)``, seeded by ``seed``
+        and the cut (the host feeds them to the graph, the reference adds the same ones)."""
         rng = random.Random(f"sparsevlm/{self.seed}/{cut}")
         return [rng.random() * NOISE_SCALE for _ in range(count)]
 
-    def host_inputs(self, image_tokens: int) -> dict[str, list[float]]:
+    def host_inputs(self, image_tokens: int) -> dict[str, list[list[float]]]:
+        """Version 1: ``density_noise [cuts, image_tokens]``, each cut's noise (a cut recycles at most as many tokens
+        as the image has; it reads the first ones)."""
         if not self.recycle:
             return {}
-        stages = self.stages(image_tokens)
-        return {noise_input(g): self.density_noise(g, s.recycled) for g, s in enumerate(stages)}
+        return {NOISE_INPUT: [self.density_noise(g, image_tokens) for g in range(len(self.layers))]}
 
     def check_range(self, layers: int) -> None:
         if self.layers[-1] + 1 >= layers:
@@ -164,7 +166,7 @@ class SparseVLM(DecoderMethod):
     def dynamic(self, graphs: Iterable[str]) -> dict[str, str]:
         notes = {"prefill": "sequence and image_tokens (SparseVLM: every cut's length is an expression of both)"}
         if self.recycle:
-            notes["prefill"] += "; density_noise_<g> [recycled_<g>]: the count each cut clusters"
+            notes["prefill"] += "; density_noise [cuts, image_tokens]: each cut's DPC-kNN density noise"
         return notes
 
     def lengths(self, length: int, image_tokens: int) -> list[int]:
@@ -208,10 +210,5 @@ class SparseVLM(DecoderMethod):
     def describe(self) -> str:
         return (
             f"sparsevlm(layers={list(self.layers)}, budgets={list(self.budgets)}, version={self.version}, "
-            f"positions={self.positions})"
+            f"positions={self.positions!r}, seed={self.seed})"
         )
-
-
-def noise_input(cut: int) -> str:
-    """The name of cut ``cut``'s density-noise graph input."""
-    return f"density_noise_{cut}"
