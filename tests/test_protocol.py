@@ -73,6 +73,7 @@ def test_registry_is_discovered():
         "snapkv",
         "a2sf",
         "h2o",
+        "sparsevlm",
     }
     assert {cls.name for cls in VIT_METHODS} == {"topk", "tome", "pitome", "diffrate", "atp"}
 
