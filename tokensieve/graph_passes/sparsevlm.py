@@ -309,7 +309,7 @@ class SparseVLMPass(ir.passes.InPlacePass):
             self._positions(b, state, rows, after),
             kept_sources,
             typed(b.op("Gather", [weights, rows], axis=0), [after], real),
-            self._image_after(b, state.image, _int(b, "Add", kept, clusters), dims.image_after),
+            self._image_after(b, state.image, _int(b, "Add", kept, clusters), dims),
             _int(b, "Add", state.next_id, clusters),
         )
         graph.extend(b.nodes)
@@ -325,11 +325,11 @@ class SparseVLMPass(ir.passes.InPlacePass):
         record_site(model, {"layer": layer, "method": "sparsevlm", "exposed": {"cut_positions": kept_sources.name}})
         return new_state
 
-    def _image_after(self, b: NodeBuilder, image: ir.Value, count: ir.Value, dim: str) -> ir.Value:
+    def _image_after(self, b: NodeBuilder, image: ir.Value, count: ir.Value, dims: CutDims) -> ir.Value:
         """The image rows after a cut: ``count`` rows from the image's first row (the text before it is kept)."""
-        head = typed(b.op("Slice", [image, b.const([0]), b.const([1])]), ["min(image_tokens,1)"], I64)
+        head = typed(b.op("Slice", [image, b.const([0]), b.const([1])]), [f"min({dims.image},1)"], I64)
         start = typed(b.reduce("ReduceSum", head, [0], keepdims=True), [1], I64)
-        return typed(b.op("Add", [_range(b, count, dim), start]), [dim], I64)
+        return typed(b.op("Add", [_range(b, count, dims.image_after), start]), [dims.image_after], I64)
 
     def _place(self, b: NodeBuilder, dims: CutDims, state: State, keep: ir.Value, clusters: ir.Value, length):
         """Rows of ``[stream; cluster tokens]`` in the new order: the kept rows ascending, the cluster tokens right
