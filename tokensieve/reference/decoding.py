@@ -97,8 +97,8 @@ def greedy(
         if evict is not None:
             evict()
         hidden = lm.embed_tokens(torch.tensor([[token]]))
-        at = {d: torch.tensor([[position - d]]) for d in offsets}
-        rope = {d: (ids, lm.rotary_emb(hidden, ids)) for d, ids in at.items()}
+        ids = {d: torch.tensor([[position - d]]) for d in offsets}
+        rope = {d: (at, lm.rotary_emb(hidden, at)) for d, at in ids.items()}
         for layer, offset in zip(lm.layers, offsets, strict=True):
             at, embeddings = rope[offset]
             hidden = layer(hidden, position_ids=at, cache=cache, position_embeddings=embeddings)

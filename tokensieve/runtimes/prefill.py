@@ -29,9 +29,9 @@ class Prefill:
 
     def __init__(self, directory: str | Path, manifest: MllmManifest, **options: Any):
         graphs = manifest.graphs
-        # the method that decides on the host between prefill segments (its "prefill_cut" face)
         methods = methods_from_dicts(manifest.methods)
-        self.method = methods[0] if methods else None
+        self.method = methods[0] if methods else None  # an MLLM artifact has one at most
+        # the method that decides on the host between prefill segments (its "prefill_cut" face)
         self.split = self.method if self.method is not None and self.method.host_cuts else None
         keys = [f"prefill_{i}" for i in range(len(self.split.cuts) + 1)] if self.split else ["prefill"]
         self.graphs = [OrtRunner(Path(directory) / graphs[key], **options) for key in keys]
@@ -45,8 +45,8 @@ class Prefill:
         self, embeds: np.ndarray, span: tuple[int, int] | None = None, key_set: np.ndarray | None = None
     ) -> tuple[np.ndarray, list[np.ndarray], dict[str, Any]]:
         """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt (SnapKV /
-        A2SF / H2O: compressed; MustDrop: shrunk), and the method's outputs: ``kept_positions`` (FastV; ATP-LLaVA,
-        DyVTE, MustDrop: after the last cut) with ``cut_positions`` (the prompt positions kept by each cut, a list)
+        A2SF / H2O: compressed; MustDrop: shrunk), and the method's outputs: ``kept_positions`` (FastV; SparseVLM,
+        ATP-LLaVA, DyVTE, MustDrop: after the last cut) with ``cut_positions`` (the prompt positions kept by each cut, a list)
         and ``group_positions`` (those the layers of each decode cache group hold), or ``cache_positions`` (and
         H2O's ``cache_scores``); ``span`` = the image tokens' ``[start, end)``, ``key_set`` = MustDrop's protected
         image tokens (indices into the image)."""
