@@ -46,10 +46,10 @@ class Prefill:
     ) -> tuple[np.ndarray, list[np.ndarray], dict[str, Any]]:
         """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt (SnapKV /
         A2SF / H2O: compressed; MustDrop: shrunk), and the method's outputs: ``kept_positions`` (FastV; SparseVLM,
-        ATP-LLaVA, DyVTE, MustDrop: after the last cut) with ``cut_positions`` (the prompt positions kept by each cut, a list)
-        and ``group_positions`` (those the layers of each decode cache group hold), or ``cache_positions`` (and
-        H2O's ``cache_scores``); ``span`` = the image tokens' ``[start, end)``, ``key_set`` = MustDrop's protected
-        image tokens (indices into the image)."""
+        ATP-LLaVA, DyVTE, MustDrop: after the last cut) with ``cut_positions`` (the prompt positions kept by each
+        cut, a list; SparseVLM's cluster tokens as ``T + n``) and ``group_positions`` (those the layers of each decode
+        cache group hold), or ``cache_positions`` (and H2O's ``cache_scores``); ``span`` = the image tokens' ``[start,
+        end)``, ``key_set`` = MustDrop's protected image tokens (indices into the image)."""
         first = self.graphs[0]
         out = first.run(prefill_feeds(first, embeds, span, self.method))
         extras = {name: out[name] for name in EXTRAS if name in out}
