@@ -152,7 +152,8 @@ def test_graphs_lint_clean_and_inspect(artifacts, capsys):
     assert not {n.op_type for n in ops} & {"NonZero", "Loop", "Unique", "RandomUniformLike", "RandomUniform"}
     assert all("reduction" not in n.attributes for n in ops if n.op_type == "ScatterElements")
     assert main(["inspect", str(artifacts["deep"].path)]) == 0
-    assert "[41, 25, 13] image tokens" in capsys.readouterr().out
+    assert "[41, 25, 13] of 64 image tokens" in capsys.readouterr().out
+    assert "min(budget, N - 1) + the DPC-kNN" in SparseVLM(layers=[0], budgets=[30]).explain({"layers": 2}, {})
 
 
 def _bound(model: ir.Model, axes: dict[str, int]) -> ir.Model:

@@ -188,12 +188,15 @@ class SparseVLM(DecoderMethod):
 
     def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
         count = image_tokens.get("count")
-        kept = [s.after for s in self.stages(count)] if count else list(self.budgets)
-        recycle = "pruned tokens recycled into DPC-kNN cluster tokens, " if self.recycle else ""
+        made = " + the DPC-kNN cluster tokens of the pruned ones" if self.recycle else ""
+        kept = (
+            f"{[s.after for s in self.stages(count)]} of {count} image tokens"
+            if count
+            else f"min(budget, N - 1){made} of the N image tokens present, budgets {list(self.budgets)}"
+        )
         return (
-            f"after layers {list(self.layers)} the image tokens the text raters attend to most stay ({kept} image "
-            f"tokens, {recycle}budgets {list(self.budgets)}), every text token stays; later layers at "
-            f"{self.positions} positions and their own cache length"
+            f"after layers {list(self.layers)} the image tokens the text raters attend to most stay ({kept}), "
+            f"every text token stays; later layers at {self.positions} positions and their own cache length"
         )
 
     def to_dict(self) -> dict[str, Any]:
