@@ -76,6 +76,7 @@ def test_registry_is_discovered():
         "razor",
         "keyformer",
         "pmod",
+        "sparsevlm",
     }
     assert {cls.name for cls in VIT_METHODS} == {"topk", "tome", "pitome", "diffrate", "atp"}
 

@@ -195,7 +195,8 @@ def time_prefills(
     runners = {name: artifact.runner("prefill", **options) for name, artifact in artifacts.items()}
     outputs, runs = {}, {}
     for name, runner in runners.items():
-        feeds = prefill_feeds(runner, embeds, None)
+        method = next(iter(methods_from_dicts(artifacts[name].manifest.methods)), None)  # its host inputs
+        feeds = prefill_feeds(runner, embeds, None, method)
         outputs[name] = runner.run(feeds)
         runs[name] = lambda r=runner, f=feeds: r.run(f)
     times = time_alternating(runs, blocks, per_block)

@@ -111,8 +111,9 @@ class SplitCacheSlotPass(ir.passes.InPlacePass):
 
 def split_decode(graphs: dict[str, ir.Model], method: DecoderMethod) -> None:
     """The decode graphs' layers after each of ``method.cache_cuts`` on their own cache length (one slot input per
-    group); with ``contiguous_positions``, the later layers on their own positions too."""
-    contiguous = [SplitPositionsPass(method.cache_cuts[0])] if method.contiguous_positions else []
+    group); with ``contiguous_positions``, on their own positions too (one position input per group)."""
+    cuts = method.cache_cuts if method.contiguous_positions else ()
+    contiguous = [SplitPositionsPass(first, g) for g, first in enumerate(cuts)]
     for key in ("decode", "decode_growing"):
         if key in graphs:
             passes = [SplitCacheSlotPass(first, g) for g, first in enumerate(method.cache_cuts)]

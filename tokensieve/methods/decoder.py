@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+CUT_OUTPUT = "cut_positions_"  # + g: a prefill graph that cuts several times inside itself outputs each cut's rows
+
 
 @dataclass(frozen=True)
 class DecoderContext:
@@ -109,6 +111,12 @@ class DecoderMethod:
     def cached_prompt(self, length: int) -> int:
         """Positions a ``length``-position prompt leaves in the cache after prefill."""
         return length
+
+    def host_inputs(self, image_tokens: int) -> dict[str, list]:
+        """Extra prefill-graph inputs the host feeds for an image of ``image_tokens`` tokens (name -> float32
+        values, nested lists for more axes; SparseVLM's seeded density noise): randomness a TensorRT engine cannot
+        seed itself."""
+        return {}
 
     def vision_windows(self, image_tokens: int) -> list[list[int]] | None:
         """Windows the split vision graph scores (``None``: none)."""

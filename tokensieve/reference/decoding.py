@@ -8,7 +8,7 @@ before each step (``evict``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -78,13 +78,16 @@ def greedy(
     start: int,
     new_tokens: int,
     evict: Callable[[], None] | None = None,
-    shift: tuple[int, int] = (0, 0),
+    shift: Sequence[tuple[int, int]] = (),
 ) -> list[int]:
     """``new_tokens`` greedy tokens after prefill ``logits``; token ``i`` is fed at absolute position ``start + i``
-    (``shift = (first, dropped)``: layers from ``first`` on at ``start + i - dropped``, MustDrop) and attends to
-    everything in ``cache`` (after ``evict()``, when given)."""
+    (``shift``, pairs ``(first, dropped)`` by ascending ``first``: layers from ``first`` on at ``start + i - dropped``,
+    the last pair that applies; MustDrop, SparseVLM) and attends to everything in ``cache`` (after ``evict()``, when
+    given)."""
     lm = model.model.language_model
-    first, dropped = shift
+    offsets = [0] * len(lm.layers)
+    for first, dropped in shift:
+        offsets[first:] = [dropped] * (len(offsets) - first)
     new: list[int] = []
     for position in range(start, start + new_tokens):
         token = int(torch.argmax(logits))
@@ -93,10 +96,11 @@ def greedy(
             break
         if evict is not None:
             evict()
-        hidden, ids = lm.embed_tokens(torch.tensor([[token]])), torch.tensor([[position]])
-        rope = {False: (ids, lm.rotary_emb(hidden, ids)), True: (ids - dropped, lm.rotary_emb(hidden, ids - dropped))}
-        for index, layer in enumerate(lm.layers):
-            at, embeddings = rope[bool(dropped) and index >= first]
+        hidden = lm.embed_tokens(torch.tensor([[token]]))
+        ids = {d: torch.tensor([[position - d]]) for d in offsets}
+        rope = {d: (at, lm.rotary_emb(hidden, at)) for d, at in ids.items()}
+        for layer, offset in zip(lm.layers, offsets, strict=True):
+            at, embeddings = rope[offset]
             hidden = layer(hidden, position_ids=at, cache=cache, position_embeddings=embeddings)
         logits = model.lm_head(lm.norm(hidden[:, -1]))[0]
     return new

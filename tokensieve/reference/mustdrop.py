@@ -121,5 +121,5 @@ def mustdrop_generate(model, inputs: dict, method: MustDrop, new_tokens: int) ->
         for layer in cache.layers[max(low, first) : high]:
             layer.keys, layer.values = layer.keys[:, :, take], layer.values[:, :, take]
     dropped = len(ids) - len(kept[-1])
-    new = greedy(model, logits, cache, len(ids), new_tokens, shift=(first, dropped))
+    new = greedy(model, logits, cache, len(ids), new_tokens, shift=((first, dropped),))
     return MustDropResult(merged, key_set, ids, kept, logits, new)

@@ -31,7 +31,7 @@ def _input_dims(runner: OrtRunner, name: str) -> list:
 
 
 @register("prefill_inputs", Keyformer)
-def prompt_noise(runner: OrtRunner, embeds: np.ndarray, method: Keyformer) -> dict[str, np.ndarray]:
+def prompt_noise(runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None, method: Keyformer) -> dict:
     """Prefill's ``gumbel_noise [layers, H, T, T]`` for the ``T``-position prompt ``embeds``."""
     layers, heads = _input_dims(runner, NOISE)[:2]
     length = embeds.shape[1]

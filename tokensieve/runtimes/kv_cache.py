@@ -12,7 +12,7 @@ import numpy as np
 
 from tokensieve.graph_passes.heavy_hitters import RECENT
 from tokensieve.graph_passes.split_cache_slot import slot_input
-from tokensieve.graph_passes.split_positions import PRUNED_POSITIONS
+from tokensieve.graph_passes.split_positions import positions_input
 from tokensieve.methods.decoder import DecoderMethod
 from tokensieve.methods.faces import register
 from tokensieve.methods.h2o import H2O
@@ -25,11 +25,12 @@ def kv_names(layers: int) -> list[str]:
 
 
 def position_feeds(runner: OrtRunner, position: int, dropped: Sequence[int]) -> dict[str, np.ndarray]:
-    """``position_ids`` and, in MustDrop's decode graphs, ``pruned_position_ids`` (the layers after the first group's
-    cut rotate at their own cache length, ``position - dropped[0]``)."""
+    """``position_ids`` and, in MustDrop's and SparseVLM's decode graphs, ``pruned_position_ids`` (``_1``, ...: the
+    layers after group ``g``'s cut rotate at their own cache length, ``position - dropped[g]``)."""
     feeds = {"position_ids": np.array([[position]], np.int64)}
-    if PRUNED_POSITIONS in runner.input_names:
-        feeds[PRUNED_POSITIONS] = np.array([[position - dropped[0]]], np.int64)
+    for g, drop in enumerate(dropped):
+        if positions_input(g) in runner.input_names:
+            feeds[positions_input(g)] = np.array([[position - drop]], np.int64)
     return feeds
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from tokensieve.graph_passes.split_cache_slot import group_output
 from tokensieve.methods import methods_from_dicts
-from tokensieve.methods.decoder import DecoderMethod
+from tokensieve.methods.decoder import CUT_OUTPUT, DecoderMethod
 from tokensieve.methods.faces import register
 from tokensieve.runtimes import FACES
 from tokensieve.runtimes.kv_cache import kv_names
@@ -31,6 +31,8 @@ class Prefill:
 
     def __init__(self, directory: str | Path, manifest: MllmManifest, **options: Any):
         graphs = manifest.graphs
+        methods = methods_from_dicts(manifest.methods)
+        self.method = methods[0] if methods else None  # an MLLM artifact has one at most
         # the method that decides on the host between prefill segments (its "prefill_cut" face)
         methods = methods_from_dicts(manifest.methods)
         self.method = methods[0] if methods else None
@@ -47,21 +49,19 @@ class Prefill:
         self, embeds: np.ndarray, span: tuple[int, int] | None = None, key_set: np.ndarray | None = None
     ) -> tuple[np.ndarray, list[np.ndarray], dict[str, Any]]:
         """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt (SnapKV /
-        A2SF / H2O: compressed; MustDrop: shrunk), and the method's outputs: ``kept_positions`` (FastV; ATP-LLaVA,
-        DyVTE, MustDrop: after the last cut) with ``cut_positions`` (the prompt positions kept by each cut, a list)
-        and ``group_positions`` (those the layers of each decode cache group hold), or ``cache_positions`` (and
-        H2O's ``cache_scores``); ``span`` = the image tokens' ``[start, end)``, ``key_set`` = MustDrop's protected
-        image tokens (indices into the image)."""
+        A2SF / H2O: compressed; MustDrop: shrunk), and the method's outputs: ``kept_positions`` (FastV; SparseVLM,
+        ATP-LLaVA, DyVTE, MustDrop: after the last cut) with ``cut_positions`` (the prompt positions kept by each
+        cut, a list; SparseVLM's cluster tokens as ``T + n``) and ``group_positions`` (those the layers of each decode
+        cache group hold), or ``cache_positions`` (and H2O's ``cache_scores``); ``span`` = the image tokens' ``[start,
+        end)``, ``key_set`` = MustDrop's protected image tokens (indices into the image)."""
         first = self.graphs[0]
-        extra = FACES.lookup("prefill_inputs", self.method)(first, embeds, self.method)
-        out = first.run(prefill_feeds(first, embeds, span) | extra)
+        out = first.run(prefill_feeds(first, embeds, span, self.method))
         extras = {name: out[name] for name in EXTRAS if name in out}
-        if "kept_positions" in out:  # FastV: one cut, in the graph
-            extras["cut_positions"] = extras["group_positions"] = [out["kept_positions"]]
-        groups = _group_positions(out)
-        if groups:  # every cache group's positions, decided in the graph (p-MoD)
-            extras["cut_positions"] = extras["group_positions"] = groups
-            extras["kept_positions"] = groups[-1]
+        cuts = _group_positions(out) or [out[name] for name in cut_outputs(out)]
+        cuts = cuts or [out[k] for k in ("kept_positions",) if k in out]
+        if cuts:  # FastV: one cut, in the graph; SparseVLM: several (cut_positions_<g>); p-MoD: one per MoD layer
+            extras["cut_positions"] = extras["group_positions"] = cuts
+            extras["kept_positions"] = cuts[-1]
         if self.split is None:
             return out["logits"][0], [out[f"present_{n}"] for n in kv_names(self.layers)], extras
         out, kept = self._segments(out, embeds.shape[1], span or (0, 0), key_set)
@@ -112,16 +112,30 @@ def _group_positions(out: dict[str, np.ndarray]) -> list[np.ndarray]:
     return groups
 
 
-def prefill_feeds(runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None) -> dict[str, np.ndarray]:
-    """Inputs of a prefill graph; FastV graphs and the first ATP-LLaVA / DyVTE / MustDrop segment also take
-    ``image_positions`` (empty without an image)."""
+def cut_outputs(out: dict[str, np.ndarray]) -> list[str]:
+    """The ``cut_positions_<g>`` outputs of a prefill graph that cuts several times inside itself, by ``g``."""
+    return [f"{CUT_OUTPUT}{g}" for g in range(len(out)) if f"{CUT_OUTPUT}{g}" in out]
+
+
+def prefill_feeds(
+    runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None, method: DecoderMethod | None = None
+) -> dict[str, np.ndarray]:
+    """Inputs of a prefill graph; FastV and SparseVLM graphs and the first ATP-LLaVA / DyVTE / MustDrop segment
+    also take ``image_positions`` (empty without an image); the method's ``"prefill_inputs"`` face adds what else
+    its graph takes (SparseVLM's density noise, Keyformer's Gumbel noise)."""
     feeds = {"inputs_embeds": embeds, "position_ids": np.arange(embeds.shape[1], dtype=np.int64)[None]}
     if "image_positions" in runner.input_names:
         feeds["image_positions"] = np.arange(*(span or (0, 0)), dtype=np.int64)
-    return feeds
+    return feeds | FACES.lookup("prefill_inputs", method)(runner, embeds, span, method)
 
 
 @register("prefill_inputs", DecoderMethod, type(None))
-def no_inputs(runner: OrtRunner, embeds: np.ndarray, method: DecoderMethod | None) -> dict[str, np.ndarray]:
-    """The inputs a method's prefill graph takes besides the prompt (none; Keyformer: its Gumbel noise)."""
-    return {}
+def host_inputs(
+    runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None, method: DecoderMethod | None
+) -> dict[str, np.ndarray]:
+    """The inputs a method's prefill graph takes besides the prompt: what its declaration's ``host_inputs`` gives for
+    the image's token count, as float32 (none by default; SparseVLM: its density noise)."""
+    if method is None:
+        return {}
+    image = 0 if span is None else span[1] - span[0]
+    return {name: np.asarray(values, np.float32) for name, values in method.host_inputs(image).items()}
