@@ -20,12 +20,20 @@ Both faces read this dataclass: the eager reference (``tokensieve.reference.zero
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
-from tokensieve.methods.base import SiteCount, ceil_fraction, check_bool, check_depth, check_keep, check_layers
+from tokensieve.methods.base import (
+    SiteCount,
+    ceil_fraction,
+    check_bool,
+    check_depth,
+    check_keep,
+    check_layers,
+    check_real,
+)
 
 EARLY_ITERATIONS, MIDDLE_ITERATIONS, LATE_ITERATIONS = 30, 5, 1  # the paper's schedule (low ends of its ranges)
 DEFAULT_HEAD_FILTER = (0.01, 0.7)
@@ -60,8 +68,9 @@ class ZeroTPrune:
     """Keep ``ceil(keep·candidates)`` tokens after the attention of ``layers``, pruned by similarity and
     importance (weighted PageRank of the attention graph)."""
 
-    keep: Fraction
+    keep: Fraction | None = None
     layers: tuple[int, ...] = (3, 6, 9)
+    threshold: float | None = None
     iterations: int | None = None
     similar: Fraction = Fraction(1, 2)
     eir: bool = True
@@ -70,7 +79,17 @@ class ZeroTPrune:
     merges: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "keep", check_keep("zerotprune", self.keep))
+        if (self.keep is None) == (self.threshold is None):
+            raise MethodSpecError(
+                "zerotprune: give keep (a static count, e.g. keep=0.7) or threshold (a data-dependent count served "
+                "with buckets, e.g. threshold=1.0), exactly one of them"
+            )
+        if self.keep is not None:
+            object.__setattr__(self, "keep", check_keep("zerotprune", self.keep))
+        threshold = check_real("zerotprune", "threshold", self.threshold)
+        if threshold is not None and threshold < 0:
+            raise MethodSpecError(f"zerotprune: threshold must be >= 0 (1.0 = average importance), got {threshold:g}")
+        object.__setattr__(self, "threshold", threshold)
         layers = check_layers("zerotprune", self.layers)
         if layers is None:
             raise MethodSpecError("zerotprune: layers must list the blocks to prune after, e.g. layers=[3,6,9]")
@@ -94,6 +113,18 @@ class ZeroTPrune:
             return EARLY_ITERATIONS
         return LATE_ITERATIONS if layer >= depth - 3 else MIDDLE_ITERATIONS
 
+    @property
+    def adaptive(self) -> bool:
+        """The threshold form keeps a data-dependent number of tokens (a staged artifact with buckets)."""
+        return self.threshold is not None
+
+    def grid_positions(self, candidates: int) -> list[int]:
+        """Candidates every image keeps whatever its scores (none: Zero-TPrune has no spatial grid)."""
+        return []
+
+    def with_threshold(self, threshold: float) -> ZeroTPrune:
+        return replace(self, keep=None, threshold=threshold)
+
     def counts(self, candidates: int) -> dict[str, int]:
         """``kept``, ``similar`` (pruned by the S-stage) and ``group`` (the less-important group's size)."""
         kept = max(1, ceil_fraction(self.keep, candidates))
@@ -109,16 +140,20 @@ class ZeroTPrune:
         check_depth("zerotprune", self.layers, depth)
 
     def site(self, layer: int, tokens_in: int, specials: int, depth: int) -> SiteCount:
+        """The counts at ``layer``; for the threshold form the upper bound (every token kept)."""
         candidates = tokens_in - specials
         if candidates < 1:
             raise MethodSpecError(f"zerotprune: no candidate tokens left at layer {layer}")
-        params = {**self.counts(candidates), "iterations": self.iterations_at(layer, depth)}
+        if self.adaptive:
+            return SiteCount(layer, tokens_in, candidates, tokens_in, {"max": tokens_in})
+        params = self.counts(candidates)
         return SiteCount(layer, tokens_in, candidates, specials + params["kept"], params)
 
     def to_dict(self) -> dict[str, Any]:
+        count = {"keep": str(self.keep)} if self.keep is not None else {"threshold": self.threshold}
         return {
             "name": self.name,
-            "keep": str(self.keep),
+            **count,
             "layers": list(self.layers),
             "iterations": self.iterations,
             "similar": str(self.similar),
@@ -134,4 +169,5 @@ class ZeroTPrune:
             extra += ", eir=false"
         if self.head_filter != DEFAULT_HEAD_FILTER:
             extra += f", head_filter={list(self.head_filter) if self.head_filter else None}"
-        return f"zerotprune(keep={float(self.keep):g}, layers={list(self.layers)}{extra})"
+        count = f"keep={float(self.keep):g}" if self.keep is not None else f"threshold={self.threshold:g}"
+        return f"zerotprune({count}, layers={list(self.layers)}{extra})"

@@ -1,7 +1,8 @@
 """Eager reference of Zero-TPrune (:class:`tokensieve.methods.ZeroTPrune`), written from the paper's description:
 weighted PageRank as a plain power iteration from the uniform start, the head filter and the head combination as
 masked means, the S-stage as a per-sample loop over the less-important group. Ties are broken like ONNX ``TopK``
-(lower index first, stable sorts).
+(lower index first, stable sorts). The threshold form drops exactly, one image at a time (the reference a bucketed
+artifact is held to).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from tokensieve.methods.faces import register
 from tokensieve.methods.zerotprune import ZeroTPrune
 from tokensieve.reference.adapters import AttentionTensors
+from tokensieve.reference.atp import drop, highest
 from tokensieve.reference.merging import argsort_desc, head_mean_keys, rows
 from tokensieve.reference.sites import SiteContext, SiteResult
 
@@ -55,10 +57,27 @@ def similarity_pruned(scores: torch.Tensor, keys: torch.Tensor, group: int, coun
     return torch.stack(chosen)
 
 
+def decide(h: torch.Tensor, scores: torch.Tensor, specials: int, threshold: float, forced: int | None) -> SiteResult:
+    """The threshold form, one image: keep the candidates with ``n·s > threshold`` (``s`` the importance
+    renormalised over the ``n`` candidates), or the ``forced`` most important."""
+    if h.shape[0] != 1:
+        raise ValueError("the adaptive reference runs one image at a time")
+    s = scores[0] / scores[0].sum()
+    return drop(h, s.shape[0] * s > threshold if forced is None else highest(s, forced), specials)
+
+
 @register("site_reference", ZeroTPrune)
-def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | None, ctx: SiteContext) -> SiteResult:
+def site(
+    h: torch.Tensor,
+    attention: AttentionTensors,
+    sizes: torch.Tensor | None,
+    ctx: SiteContext,
+    forced: int | None = None,
+) -> SiteResult:
     method, S, params = ctx.method, ctx.specials, ctx.count.params
-    scores = combine_heads(page_rank(attention, params["iterations"]), method)[:, S:]
+    scores = combine_heads(page_rank(attention, method.iterations_at(ctx.count.layer, ctx.depth)), method)[:, S:]
+    if method.adaptive:
+        return decide(h, scores, S, method.threshold, forced)
     if params["similar"]:
         keys = head_mean_keys(attention.key)[:, S:]
         pruned = similarity_pruned(scores, keys, params["group"], params["similar"])

@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from tokensieve.graph_passes.builder import NodeBuilder
+from tokensieve.graph_passes.sites.atp import above_threshold, decision_outputs, normalized_candidates
 from tokensieve.graph_passes.sites.common import (
     SiteInput,
     SiteOutput,
@@ -37,22 +38,34 @@ def _scalar(b: NodeBuilder, value: float, dtype: ir.DataType, hint: str) -> ir.V
     return b.const(np.array(value, dtype=np_dtype), hint, dtype=np_dtype)
 
 
-def head_importance(b: NodeBuilder, site: SiteInput, iterations: int) -> ir.Value:
-    """``[B, H, N]``: weighted PageRank of every head's attention graph after ``iterations`` steps."""
+def head_importance(b: NodeBuilder, site: SiteInput, iterations: int, start: ir.Value | None) -> ir.Value:
+    """``[B, H, N]``: weighted PageRank of every head's attention graph after ``iterations`` steps from the uniform
+    start (``start [B, 1, 1, N]``: uniform over the valid tokens only, None: over all)."""
     probs = attention_probs(b, site)
-    s = b.reduce("ReduceMean", probs, [2], keepdims=True)  # A^T (1/N): [B, H, 1, N]
+    if start is None:
+        s = b.reduce("ReduceMean", probs, [2], keepdims=True)  # A^T (1/N): [B, H, 1, N]
+    else:
+        s = b.op("MatMul", [start, probs], "power_iteration")
     for _ in range(iterations - 1):
         s = b.op("MatMul", [s, probs], "power_iteration")
     return b.op("Squeeze", [s, b.const([2], "axes")])
 
 
 def head_weights(
-    b: NodeBuilder, s: ir.Value, tokens: int, bounds: tuple[float, float], dtype: ir.DataType
+    b: NodeBuilder,
+    s: ir.Value,
+    bounds: tuple[float, float],
+    tokens: ir.Value,
+    mask: ir.Value | None,
+    dtype: ir.DataType,
 ) -> ir.Value:
-    """``[B, H, 1]`` 1 for the heads whose variance of ``N·s`` lies in ``bounds`` (every head when none does)."""
-    x = b.op("Mul", [s, _scalar(b, float(tokens), dtype, "tokens")])
-    centred = b.op("Sub", [x, b.reduce("ReduceMean", x, [2], keepdims=True)])
-    variance = b.reduce("ReduceMean", b.op("Mul", [centred, centred]), [2], keepdims=True)
+    """``[B, H, 1]`` 1 for the heads whose variance of ``tokens·s`` over the (valid: ``mask [B, 1, N]``) tokens
+    lies in ``bounds``; every head when none does."""
+    x = b.op("Mul", [s, tokens])
+    mean = b.op("Div", [b.reduce("ReduceSum", _masked(b, x, mask), [2], keepdims=True), tokens])
+    centred = b.op("Sub", [x, mean])
+    squares = _masked(b, b.op("Mul", [centred, centred]), mask)
+    variance = b.op("Div", [b.reduce("ReduceSum", squares, [2], keepdims=True), tokens])
     inside = b.op(
         "And",
         [
@@ -65,15 +78,28 @@ def head_weights(
     return b.op("Where", [none, _scalar(b, 1.0, dtype, "one"), weights], "head_filter")
 
 
-def importance(b: NodeBuilder, site: SiteInput) -> ir.Value:
-    """``[B, N]``: the heads' importance combined (filtered heads, root mean square or mean)."""
+def _masked(b: NodeBuilder, x: ir.Value, mask: ir.Value | None) -> ir.Value:
+    return x if mask is None else b.op("Mul", [x, mask])
+
+
+def importance(b: NodeBuilder, site: SiteInput, valid: ir.Value | None = None) -> ir.Value:
+    """``[B, N]``: the heads' importance combined (filtered heads, root mean square or mean). ``valid [B, N]``
+    (bool, a bucket's padding slots False): the importance the valid tokens alone would have; 0 on padding."""
     method: ZeroTPrune = site.method
-    s = head_importance(b, site, site.count.params["iterations"])
+    dtype = site.stream.dtype
+    mask = start = None
+    if valid is None:
+        tokens = _scalar(b, float(site.count.tokens_in), dtype, "tokens")
+    else:
+        mask = b.unsqueeze(b.op("Cast", [valid], to=dtype), [1])  # [B, 1, N]
+        tokens = b.reduce("ReduceSum", mask, [2], keepdims=True)  # [B, 1, 1]
+        start = b.unsqueeze(b.op("Div", [mask, tokens]), [1])  # [B, 1, 1, N]
+    s = head_importance(b, site, method.iterations_at(site.count.layer, site.depth), start)
     values = b.op("Mul", [s, s]) if method.eir else s
     if method.head_filter is None:
         combined = b.reduce("ReduceMean", values, [1], keepdims=False)
     else:
-        weights = head_weights(b, s, site.count.tokens_in, method.head_filter, site.stream.dtype)
+        weights = head_weights(b, s, method.head_filter, tokens, mask, dtype)
         total = b.reduce("ReduceSum", b.op("Mul", [values, weights]), [1], keepdims=False)
         combined = b.op("Div", [total, b.reduce("ReduceSum", weights, [1], keepdims=False)])
     return b.op("Sqrt", [combined], "importance") if method.eir else combined
@@ -97,6 +123,21 @@ def similar_pruned(b: NodeBuilder, site: SiteInput, scores: ir.Value) -> ir.Valu
     best = b.reduce("ReduceMax", similarity, [-1], keepdims=False)  # [B, group]
     _, chosen = b.op("TopK", [best, b.const([r], "k")], "most_similar", num_outputs=2, axis=-1, largest=1, sorted=1)
     return b.op("GatherElements", [less, chosen], axis=1)
+
+
+@register("site_decision", ZeroTPrune)
+def emit_decision(
+    b: NodeBuilder, site: SiteInput, first_site: bool, valid: ir.Value | None
+) -> tuple[ir.Value, ir.Value]:
+    """The threshold form (stage graphs): keep the candidates with ``n·s > threshold`` (``s`` the importance
+    renormalised over the candidates, ``n`` the real candidates). -> (``order_key [B, n]``, ``count [B]``)."""
+    S, dtype = site.specials, site.stream.dtype
+    s = normalized_candidates(b, importance(b, site, valid), S)
+    candidate_valid = b.slice(valid, S, 2**62, axis=1) if valid is not None else None
+    kept = above_threshold(b, s, candidate_valid, site.method.threshold, dtype)
+    if candidate_valid is not None:
+        kept = b.op("And", [kept, candidate_valid])
+    return decision_outputs(b, kept, s, dtype)
 
 
 @register("site_emitter", ZeroTPrune)
