@@ -75,7 +75,11 @@ def test_timm_parity(timm_tiny, tmp_path, method):
     ("family", "method", "specials"),
     [
         ("dinov2_reg", "zerotprune(keep=0.6, layers=[0,2], similar=0.75)", 5),  # CLS + 4 registers never pruned
-        ("siglip", "zerotprune(keep=0.5, layers=[1,3], iterations=4, head_filter=none)", 0),  # no CLS: every token a candidate
+        (
+            "siglip",
+            "zerotprune(keep=0.5, layers=[1,3], iterations=4, head_filter=none)",
+            0,
+        ),  # no CLS: every token a candidate
     ],
 )
 def test_hf_tower_parity(zoo, tmp_path_factory, tmp_path, family, method, specials):

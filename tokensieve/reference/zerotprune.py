@@ -25,7 +25,7 @@ def page_rank(attention: AttentionTensors, iterations: int) -> torch.Tensor:
         logits = logits + attention.bias
     probs = torch.softmax(logits, dim=-1)
     tokens = probs.shape[-1]
-    s = torch.full(probs.shape[:2] + (tokens,), 1.0 / tokens, dtype=probs.dtype)
+    s = torch.full((*probs.shape[:2], tokens), 1.0 / tokens, dtype=probs.dtype)
     for _ in range(iterations):
         s = torch.einsum("bhi,bhij->bhj", s, probs)
     return s
