@@ -15,7 +15,10 @@ Both faces read this dataclass: the eager reference (``tokensieve.reference.zero
 * selection (I-stage): of the remaining candidates the ``kept`` most important stay, in their original order;
   special tokens (CLS, registers, distillation token) are never pruned;
 * counts: ``kept = ceil(keep·n)``; of the ``n - kept`` pruned candidates ``min(floor(similar·(n - kept)), group)``
-  go by similarity, the rest by importance.
+  go by similarity, the rest by importance;
+* threshold form (``threshold=t`` instead of ``keep``): keep the candidates with ``n·ŝ > t``, ``ŝ`` the importance
+  renormalised over the candidates (1.0 = average); a data-dependent count (``adaptive``), exported as a staged
+  artifact with buckets like ATP (``--calibrate DATA --target-keep R`` sets ``t``); no S-stage.
 """
 
 from __future__ import annotations

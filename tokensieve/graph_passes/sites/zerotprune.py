@@ -12,6 +12,10 @@ below every score, ``TopK(K=kept)``, a second ``TopK(largest=0)`` restoring asce
 ``GatherND`` of the kept rows after the special tokens. Exposes ``kept`` (``[B, K]`` positions in the sequence
 entering the site), which is also the site's ``origin`` when later blocks read rotary tables. Every ``K`` is a
 constant.
+
+The threshold form's decision (``"site_decision"``, stage graphs): the same importance (from a start uniform over
+the valid slots when a bucket's padding enters), renormalised over the candidates, ``n·s > threshold``, and ATP's
+order key and count.
 """
 
 from __future__ import annotations
