@@ -91,6 +91,15 @@ def test_hf_tower_parity(zoo, tmp_path_factory, tmp_path, family, method, specia
     assert artifact.manifest.outputs[0]["shape"][1] == artifact.manifest.sites[-1]["tokens_out"]
 
 
+def test_relative_position_bias_parity(zoo, tmp_path):
+    """BEiT's relative position bias: the attention graph includes it, and it follows the kept tokens."""
+    export_and_check(
+        zoo("timm:beit_base_patch16_224?depth=3&embed_dim=64&num_heads=2"),
+        "zerotprune(keep=0.6, layers=[0,1])",
+        tmp_path / "a",
+    )
+
+
 def test_a_wrong_selection_fails_parity(timm_tiny, pruned, monkeypatch):
     """The reference's S-stage with the two groups swapped: parity must see it."""
     artifact, built = pruned, timm_tiny[1]

@@ -149,7 +149,7 @@ class ZeroTPrune:
             raise MethodSpecError(f"zerotprune: no candidate tokens left at layer {layer}")
         if self.adaptive:
             return SiteCount(layer, tokens_in, candidates, tokens_in, {"max": tokens_in})
-        params = self.counts(candidates)
+        params = {**self.counts(candidates), "iterations": self.iterations_at(layer, depth)}
         return SiteCount(layer, tokens_in, candidates, specials + params["kept"], params)
 
     def to_dict(self) -> dict[str, Any]:
