@@ -4,7 +4,8 @@ against the "naive route" (the same eager ToMe code exported straight with torch
 One run measures every variant of a batch size together: all sessions (thread-pool spinning off, so idle sessions
 do not steal the cores) warmed up, then alternating in blocks (order rotated every block), medians (and minima)
 reported, the whole batch size re-measured when a median exceeds its minimum by more than 15 % (flagged "noisy" if
-it still does after three attempts). Writes ``benchmarks/results/merge_vit.json`` and ``merge_vit.png``.
+it still does after three attempts). Writes ``benchmarks/results/merge_vit.json`` and ``merge_vit.png`` (``--out``
+names other files). Pruning runs next to merging at the same blocks: top-k and Zero-TPrune at keep 0.7.
 
 Targets (issue: token merging): batch 8, vit_small_patch16_224: ToMe r=16 >= 0.95 of its MAC-limit speedup,
 r=8 >= 0.93.
@@ -16,13 +17,14 @@ graph merges with ``ScatterElements(reduction='add')`` (TensorRT-unfriendly) and
 the same model is exported and timed too.
 
     python benchmarks/bench_merge_vit.py [--model vit_small_patch16_224] [--batches 1 8] [--threads 2]
-        [--official-tome /path/to/ToMe]
+        [--official-tome /path/to/ToMe] [--only 'tome r=16' 'topk 0.7' 'zerotprune 0.7'] [--out zerotprune_vit]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import io
 import json
 import statistics
@@ -101,6 +103,21 @@ def measure(runners: dict[str, OrtRunner], batch: int, blocks: int, per_block: i
     return stats
 
 
+def variants(model: str, only: list[str] | None) -> tuple[dict[str, str], dict[str, str]]:
+    """The method strings timed (label -> method), and the naive-route ones; ``only``: just those labels."""
+    methods = {"tome r=8": "tome(r=8)", "tome r=16": "tome(r=16)", "pitome 0.9": "pitome(ratio=0.9)"}
+    methods["pitome 0.9 bsm first half"] = "pitome(ratio=0.9, bsm_layers='first_half')"  # the official schedule
+    if model == "vit_small_patch16_224":
+        methods["diffrate 2.9G"] = DIFFRATE_VIT_S_29
+    methods["topk 0.7"] = "topk(keep=0.7, layers=[3,6,9])"  # pruning next to merging, same blocks and count
+    methods["zerotprune 0.7"] = "zerotprune(keep=0.7, layers=[3,6,9])"
+    naive = {"naive tome r=8": "tome(r=8)", "naive tome r=16": "tome(r=16)"}
+    if only:
+        methods = {k: v for k, v in methods.items() if k in only}
+        naive = {k: v for k, v in naive.items() if k in only}
+    return methods, naive
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_small_patch16_224")
@@ -109,14 +126,12 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--per-block", type=int, default=4)
     parser.add_argument("--official-tome", help="a checkout of facebookresearch/ToMe: also time its timm patch")
+    parser.add_argument("--only", nargs="+", help="time only these variants (labels as printed), e.g. 'tome r=16'")
+    parser.add_argument("--out", default="merge_vit", help="name of the JSON / PNG written to benchmarks/results/")
     args = parser.parse_args()
     source = f"timm:{args.model}"
-    methods = {"tome r=8": "tome(r=8)", "tome r=16": "tome(r=16)", "pitome 0.9": "pitome(ratio=0.9)"}
-    methods["pitome 0.9 bsm first half"] = "pitome(ratio=0.9, bsm_layers='first_half')"  # the official schedule
-    if args.model == "vit_small_patch16_224":
-        methods["diffrate 2.9G"] = DIFFRATE_VIT_S_29
-    naive = {"naive tome r=8": "tome(r=8)", "naive tome r=16": "tome(r=16)"}
-    results: dict = {"model": args.model, "threads": args.threads, "batches": {}}
+    methods, naive = variants(args.model, args.only)
+    results: dict = {"model": args.model, "threads": args.threads, "date": str(datetime.date.today()), "batches": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batches:
             runners, macs = {}, {}
@@ -162,13 +177,13 @@ def main() -> None:
                     f"{r['limit_speedup']:>9.3f}x {r['fraction_of_limit']:>13.3f}{'  (noisy)' if r['noisy'] else ''}"
                 )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "merge_vit.json").write_text(json.dumps(results, indent=2))
-    _plot(results, RESULTS / "merge_vit.png")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2))
+    _plot(results, RESULTS / f"{args.out}.png")
     print(
         f"\nlint (trt10.3) error rules: naive route {results.get('naive_lint_trt10.3')}, "
         f"official ToMe {results.get('official_lint_trt10.3', 'not run')}"
     )
-    print(f"wrote {RESULTS / 'merge_vit.json'}")
+    print(f"wrote {RESULTS / f'{args.out}.json'}")
 
 
 def _plot(results: dict, path: Path) -> None:

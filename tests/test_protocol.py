@@ -78,7 +78,7 @@ def test_registry_is_discovered():
         "pmod",
         "sparsevlm",
     }
-    assert {cls.name for cls in VIT_METHODS} == {"topk", "tome", "pitome", "diffrate", "atp"}
+    assert {cls.name for cls in VIT_METHODS} == {"topk", "tome", "pitome", "diffrate", "atp", "zerotprune"}
 
 
 DECODER, IMAGE_TOKENS = {"layers": 32, "capacity": 4096}, {"count": 576, "per_crop": 576}

@@ -1,7 +1,8 @@
 """Graph pass: cut a ViT at the decision sites of an adaptive method into static-shape stage graphs.
 
-Matches: the blocks of :func:`locate_vit`; the sites are the method's ``layers`` (e.g. ATP, whose kept count is
-data-dependent).
+Matches: the blocks of :func:`locate_vit`; the sites are the method's ``layers`` (an adaptive method, e.g. ATP, whose
+kept count is data-dependent). The decision at a site is the method's
+``"site_decision"`` face; the bucket selection after it is shared.
 
 Builds one stage of the chain ``stage 1 -> bucketed stage 2 -> ...`` in a copy of the unreduced graph, per
 :class:`StageSpec`:
@@ -11,7 +12,8 @@ Builds one stage of the chain ``stage 1 -> bucketed stage 2 -> ...`` in a copy o
   read from ``valid``'s shape) replaces the stream, and everything upstream is removed;
 * **inline** sites (pad-to-max): decision and selection in the same graph, with ``valid`` computed in-graph for a
   constant number of slots;
-* **cut out** at site ``end``: the decision (:func:`sites.atp.emit_decision`) runs on that site's stream, and
+* **cut out** at site ``end``: the method's ``"site_decision"`` face (ATP: :func:`sites.atp.emit_decision`) runs on
+  that site's stream, and
   ``stream``, ``priority`` (the order key) and ``count`` become the graph outputs; everything downstream is
   removed;
 * every attention after a selection gets ``-1e4`` on the keys of padding slots (before its ``Softmax``, or as a fused
@@ -32,14 +34,14 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from tokensieve.errors import GraphRewriteError
+from tokensieve.graph_passes import FACES
 from tokensieve.graph_passes.builder import NodeBuilder, redirect_uses
 from tokensieve.graph_passes.locate import ViTLayout, locate_vit
 from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.sites import atp
 from tokensieve.graph_passes.sites.common import SiteInput
 from tokensieve.graph_passes.token_bias import add_logit_bias, bias_pooling_heads, weighted_pooling
-from tokensieve.methods.atp import ATPPrune
-from tokensieve.methods.base import SiteCount
+from tokensieve.methods.base import Method, SiteCount
 
 STAGE_INPUTS = ("tokens", "order_key", "valid")
 STAGE_OUTPUTS = ("stream", "priority", "count")  # fed to the next stage's inputs by the dispatcher
@@ -57,7 +59,7 @@ class StageSpec:
 class StagePass(ir.passes.InPlacePass):
     """Turn an unreduced ViT graph into one stage of a bucketed adaptive model (see module docstring)."""
 
-    def __init__(self, method: ATPPrune, spec: StageSpec, specials: int | None = None):
+    def __init__(self, method: Method, spec: StageSpec, specials: int | None = None):
         super().__init__()
         self.method, self.spec, self.specials = method, spec, specials
         self.layout: ViTLayout | None = None
@@ -74,6 +76,7 @@ class StagePass(ir.passes.InPlacePass):
         S, graph = layout.specials, model.graph
         batch = graph.inputs[0].shape[0]
         site_of = {layer: i for i, layer in enumerate(method.layers)}
+        decide = FACES.lookup("site_decision", method)
         tokens, validity, bias = layout.tokens, None, None
         prev_shapes: dict[ir.Value, ir.Shape] = {}
         for block in layout.blocks:
@@ -92,7 +95,7 @@ class StagePass(ir.passes.InPlacePass):
             count = SiteCount(block.index, tokens, tokens - S, tokens)
             site = SiteInput(block, count, method, S, layout.depth, h, None, bias)
             if index == spec.end:
-                order_key, kept = atp.emit_decision(b, site, first_site=index == 0, valid=validity)
+                order_key, kept = decide(b, site, first_site=index == 0, valid=validity)
                 b.insert_after(block.residual_add)
                 self._set_outputs(graph, [h, order_key, kept])
                 break
@@ -102,7 +105,7 @@ class StagePass(ir.passes.InPlacePass):
                 slots = spec.start_slots
             elif index in spec.inline:
                 stream, slots = h, spec.inline[index]
-                order_key, kept = atp.emit_decision(b, site, first_site=index == 0, valid=validity)
+                order_key, kept = decide(b, site, first_site=index == 0, valid=validity)
                 valid = atp.valid_slots(b, kept, slots)
             else:
                 raise GraphRewriteError(f"stage spec {spec} does not say how to handle site {index}")

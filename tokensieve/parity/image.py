@@ -51,7 +51,7 @@ def assignment(site: dict, specials: int, raw: dict[str, np.ndarray]) -> np.ndar
     out = np.full((first.shape[0], N), -1, dtype=np.int64)
     out[:, :S] = np.arange(S)
     rows = np.arange(first.shape[0])[:, None]
-    if method == "topk":
+    if "kept" in raw:  # a pruning site: the kept positions, in output order after the specials
         kept = raw["kept"]
         out[rows, kept] = S + np.arange(kept.shape[1])
         if site["tokens_out"] > S + kept.shape[1]:  # fused token collects every pruned candidate

@@ -52,12 +52,20 @@ def site(
     method, S = ctx.method, ctx.specials
     s = normalized_scores(attention, S)[0]
     grid = grid_mask(method, s.shape[0], ctx.count.layer == method.layers[0])
-    if forced is None:
-        kept = keep_mask(method, s, grid)
-    else:
-        priority = s + 2.0 * grid
-        kept = torch.zeros_like(grid)
-        kept[argsort_desc(priority)[:forced]] = True
+    kept = keep_mask(method, s, grid) if forced is None else highest(s + 2.0 * grid, forced)
+    return drop(h, kept, S)
+
+
+def highest(priority: torch.Tensor, count: int) -> torch.Tensor:
+    """``[n]`` bool: the ``count`` highest-priority candidates (ties: lower index first), what a bucket that
+    truncates keeps."""
+    kept = torch.zeros(priority.shape, dtype=torch.bool)
+    kept[argsort_desc(priority)[:count]] = True
+    return kept
+
+
+def drop(h: torch.Tensor, kept: torch.Tensor, specials: int) -> SiteResult:
+    """One image's stream ``h [1, N, C]`` with the candidates ``kept [n]`` (bool) only, in their order."""
     positions = torch.nonzero(kept).reshape(-1)
-    stream = torch.cat([h[:, :S], h[:, S:][:, positions]], dim=1)
-    return SiteResult(stream, None, {"kept": (positions + S)[None]})
+    stream = torch.cat([h[:, :specials], h[:, specials:][:, positions]], dim=1)
+    return SiteResult(stream, None, {"kept": (positions + specials)[None]})

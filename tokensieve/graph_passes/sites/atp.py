@@ -20,11 +20,14 @@ import onnx_ir as ir
 
 from tokensieve.graph_passes.builder import NodeBuilder
 from tokensieve.graph_passes.sites.common import SiteInput, gather_tokens, head_mean_scores
+from tokensieve.methods.atp import ATPPrune
+from tokensieve.methods.faces import register
 
 GRID_BOOST = 2.0  # priority bonus of grid tokens (scores are <= 1)
 KEPT_WEIGHT = 4.0  # order_key weight of the keep flag (above any priority)
 
 
+@register("site_decision", ATPPrune)
 def emit_decision(
     b: NodeBuilder, site: SiteInput, first_site: bool, valid: ir.Value | None
 ) -> tuple[ir.Value, ir.Value]:
@@ -36,20 +39,12 @@ def emit_decision(
     def const(value, hint):
         return b.const(np.array(value, dtype=np_dtype), hint, dtype=np_dtype)
 
-    scores = b.slice(head_mean_scores(b, site, "cls"), S, 2**62, axis=1)
-    s = b.op("Div", [scores, b.reduce("ReduceSum", scores, [1], keepdims=True)], "normalized")  # [B, n]
-    n = b.slice(b.op("Shape", [s]), 1, 2, axis=0)  # [1] int64
+    s = normalized_candidates(b, head_mean_scores(b, site, "cls"), S)
     candidate_valid = b.slice(valid, S, 2**62, axis=1) if valid is not None else None
     if method.threshold is not None:
-        # n counts the real candidates: padding slots of a previous bucket (score 0) are not candidates
-        n_real = (
-            b.reduce("ReduceSum", b.op("Cast", [candidate_valid], to=dtype), [1], keepdims=True)
-            if candidate_valid is not None
-            else b.op("Cast", [n], to=dtype)
-        )
-        n_s = b.op("Mul", [s, n_real])
-        kept = b.op("Greater", [n_s, const(method.threshold, "threshold")])
+        kept = above_threshold(b, s, candidate_valid, method.threshold, dtype)
     else:
+        n = b.slice(b.op("Shape", [s]), 1, 2, axis=0)  # [1] int64
         ranked, _ = b.op("TopK", [s, n], "sort", num_outputs=2, axis=-1, largest=1, sorted=1)
         before = b.op("Sub", [b.op("CumSum", [ranked, b.const(np.array(1), "axis")]), ranked])
         below = b.op("Less", [before, const(method.mass, "mass")])
@@ -65,7 +60,35 @@ def emit_decision(
         priority = b.op("Add", [s, b.const(mask.astype(np_dtype) * GRID_BOOST, "grid_boost", dtype=np_dtype)])
     if candidate_valid is not None:  # later sites: padding slots of the previous bucket are never kept
         kept = b.op("And", [kept, candidate_valid])
-    flag = b.op("Mul", [b.op("Cast", [kept], to=dtype), const(KEPT_WEIGHT, "kept_weight")])
+    return decision_outputs(b, kept, priority, dtype)
+
+
+def normalized_candidates(b: NodeBuilder, scores: ir.Value, specials: int) -> ir.Value:
+    """``[B, n]``: the candidates' scores (``scores [B, N]`` past the specials) renormalised to sum to 1."""
+    s = b.slice(scores, specials, 2**62, axis=1)
+    return b.op("Div", [s, b.reduce("ReduceSum", s, [1], keepdims=True)], "normalized")
+
+
+def above_threshold(
+    b: NodeBuilder, s: ir.Value, candidate_valid: ir.Value | None, threshold: float, dtype: ir.DataType
+) -> ir.Value:
+    """``[B, n]`` bool: ``n·s > threshold``, ``n`` the real candidates (padding slots of a previous bucket, whose
+    score is 0, are not candidates)."""
+    n_real = (
+        b.reduce("ReduceSum", b.op("Cast", [candidate_valid], to=dtype), [1], keepdims=True)
+        if candidate_valid is not None
+        else b.op("Cast", [b.slice(b.op("Shape", [s]), 1, 2, axis=0)], to=dtype)
+    )
+    np_dtype = dtype.numpy()
+    limit = b.const(np.array(threshold, dtype=np_dtype), "threshold", dtype=np_dtype)
+    return b.op("Greater", [b.op("Mul", [s, n_real]), limit])
+
+
+def decision_outputs(b: NodeBuilder, kept: ir.Value, priority: ir.Value, dtype: ir.DataType):
+    """-> (``order_key = KEPT_WEIGHT·kept + priority`` exposed as ``order_key``, ``count [B]`` exposed as ``count``)."""
+    np_dtype = dtype.numpy()
+    weight = b.const(np.array(KEPT_WEIGHT, dtype=np_dtype), "kept_weight", dtype=np_dtype)
+    flag = b.op("Mul", [b.op("Cast", [kept], to=dtype), weight])
     order_key = b.expose(b.op("Add", [flag, priority]), "order_key")
     count = b.expose(b.reduce("ReduceSum", b.op("Cast", [kept], to=ir.DataType.INT64), [1], keepdims=False), "count")
     return order_key, count

@@ -65,13 +65,19 @@ def row_logits(b: NodeBuilder, site: SiteInput, q_rows: ir.Value, rows: int | No
     return b.op("Add", [logits, site.bias], "row_bias") if site.bias is not None else logits
 
 
+def attention_probs(b: NodeBuilder, site: SiteInput) -> ir.Value:
+    """``[B, H, N, N]`` post-softmax attention of the block: its own ``Softmax`` output, or recomputed from Q and K
+    when the block uses a fused attention op."""
+    return site.block.probs or b.op("Softmax", [row_logits(b, site, site.block.query)], axis=-1)
+
+
 def head_mean_scores(b: NodeBuilder, site: SiteInput, kind: str) -> ir.Value:
     """``[B, N]`` post-softmax attention, head mean: the CLS row (``cls``) or received, mean over rows."""
     if kind == "cls":
         q_cls = b.slice(site.block.query, 0, 1, axis=2)
         probs = b.op("Softmax", [row_logits(b, site, q_cls, rows=1)], axis=-1)
     else:
-        probs = site.block.probs or b.op("Softmax", [row_logits(b, site, site.block.query)], axis=-1)
+        probs = attention_probs(b, site)
     return b.reduce("ReduceMean", probs, [1, 2], keepdims=False)
 
 
