@@ -50,6 +50,7 @@ from tokensieve.methods.faces import register
 from tokensieve.methods.razor import COMPENSATION, UNUSED, RazorAttention
 
 POSITIONS = "cache_positions"
+LOCAL = "_local"  # suffix of the non-retrieval heads' cache input / output in the decode graph
 I64, BOOL = ir.DataType.INT64, ir.DataType.BOOL
 
 
@@ -180,7 +181,9 @@ class HeadClassCachePass(ir.passes.InPlacePass):
         rederive(graph, {adds[i][0] for i in compressed}, {slot: local}, [adds[i][1] for i in compressed], "razor")
         bias = self._compensation_bias(b, slot, local, layout.layers[0].softmax.outputs[0].dtype)
         for index in compressed:
-            self._decode_layer(b, index, (slot, local), adds[index], kept[index], bias)
+            self._decode_mask(b, index, adds[index], kept[index], bias)
+            for write in layout.layers[index].cache_writes:
+                self._split_cache(b, graph, index, write, [slot, local])
         graph.extend(b.nodes)
 
     def _compensation_bias(self, b: NodeBuilder, slot: ir.Value, local: ir.Value, real: ir.DataType) -> ir.Value:
@@ -198,34 +201,55 @@ class HeadClassCachePass(ir.passes.InPlacePass):
         zero = b.const(0.0, "zero", dtype=real.numpy())
         return typed(b.op("Where", [is_comp, value, zero], "compensation_bias"), [capacity], real)
 
-    def _decode_layer(
-        self,
-        b: NodeBuilder,
-        index: int,
-        slots: tuple[ir.Value, ir.Value],
-        add_pair: tuple[ir.Node, ir.Value],
-        original: ir.Value,
-        bias: ir.Value,
+    def _decode_mask(
+        self, b: NodeBuilder, index: int, add_pair: tuple[ir.Node, ir.Value], original: ir.Value, bias: ir.Value
     ) -> None:
-        """Per-head write slots and per-query-head mask of one layer with non-retrieval heads (``slots``: the
-        retrieval heads' and the others' write slot inputs; ``original``: the mask before the pass)."""
+        """The per-query-head mask of one layer with non-retrieval heads (``original``: the mask before the pass)."""
         layout, (add, logits) = self.layout, add_pair
-        kv, heads, real = layout.kv_heads, layout.heads, logits.dtype
+        heads, real = layout.heads, logits.dtype
         capacity = int(layout.layers[0].cache_inputs[0].shape[2])
-        flags = self.flags(index)
-        column = b.op("Where", [b.const(flags.reshape(1, kv, 1, 1), "retrieval", dtype=bool), *slots])
-        typed(column, [1, kv, 1, 1], I64)
-        batch = b.const(np.zeros((1, kv, 1, 1), np.int64), "batch")
-        head = b.const(np.arange(kv, dtype=np.int64).reshape(1, kv, 1, 1), "heads")
-        where = typed(b.op("Concat", [batch, head, column], "write_index", axis=3), [1, kv, 1, 3], I64)
-        for node in layout.layers[index].cache_writes:
-            node.replace_input_with(1, where)
         rederived = next(v for v in add.inputs if v is not logits)
         compensated = typed(b.op("Add", [rederived, bias]), [1, 1, 1, capacity], real)
-        per_query = np.repeat(flags, heads // kv).reshape(1, heads, 1, 1)
+        per_query = np.repeat(self.flags(index), heads // layout.kv_heads).reshape(1, heads, 1, 1)
         mask = b.op("Where", [b.const(per_query, "retrieval_query_heads", dtype=bool), original, compensated])
         typed(mask, [1, heads, 1, capacity], real)
         add.replace_input_with(list(add.inputs).index(rederived), mask)
+
+    def _split_cache(self, b: NodeBuilder, graph: ir.Graph, index: int, write: ir.Node, slots: list[ir.Value]) -> None:
+        """Replace one cache tensor (its input, ``ScatterND`` write and output) of layer ``index`` by one per head
+        class (retrieval heads: ``C`` slots written at ``slots[0]``; the others: ``local_capacity(C)`` slots written at
+        ``slots[1]``, the ``_local`` input/output); attention reads both, padded to ``C`` and in head order again."""
+        cache, update, old = write.inputs[0], write.inputs[2], write.outputs[0]
+        capacity, dim, real = int(cache.shape[2]), self.layout.head_dim, cache.dtype
+        flags = self.flags(index)
+        sizes = (capacity, self.method.local_capacity(capacity))
+        classes = [np.flatnonzero(flags), np.flatnonzero(~flags)]
+        inputs, outputs, padded = [], [], []
+        for heads, slot, size, suffix in zip(classes, slots, sizes, ("", LOCAL), strict=True):
+            if not len(heads):
+                continue
+            n = len(heads)
+            part = ir.Value(name=cache.name + suffix, shape=ir.Shape([1, n, size, dim]), type=ir.TensorType(real))
+            rows = typed(b.op("Gather", [update, b.const(heads, "class_heads")], axis=1), [1, n, 1, dim], real)
+            at = typed(b.op("Reshape", [slot, b.const([1, 1, 1, 1])]), [1, 1, 1, 1], I64)
+            column = typed(b.op("Expand", [at, b.const([1, n, 1, 1])]), [1, n, 1, 1], I64)
+            batch, head = b.const(np.zeros((1, n, 1, 1)), "batch"), b.const(np.arange(n).reshape(1, n, 1, 1), "heads")
+            where = typed(b.op("Concat", [batch, head, column], "write_index", axis=3), [1, n, 1, 3], I64)
+            written = typed(b.op("ScatterND", [part, where, rows]), [1, n, size, dim], real)
+            written.name = old.name + suffix
+            pads = b.const([0, 0, 0, 0, 0, 0, capacity - size, 0], "pads")
+            full = written if size == capacity else b.op("Pad", [written, pads], mode="constant")
+            inputs.append(part)
+            outputs.append(written)
+            padded.append(typed(full, [1, n, capacity, dim], real))
+        order = np.concatenate(classes)
+        joined = padded[0] if len(padded) == 1 else b.op("Concat", padded, axis=1)
+        kv = self.layout.kv_heads
+        restored = b.op("Gather", [typed(joined, [1, kv, capacity, dim], real), b.const(np.argsort(order))], axis=1)
+        old.name, cache.name = f"{old.name}_whole", f"{cache.name}_whole"
+        _replace(graph.outputs, old, outputs)
+        _replace(graph.inputs, cache, inputs)
+        old.replace_all_uses_with(typed(restored, [1, kv, capacity, dim], real))
 
     def ensures(self, model: ir.Model) -> None:
         if self.layout.cache == "none":
@@ -234,9 +258,18 @@ class HeadClassCachePass(ir.passes.InPlacePass):
                     raise GraphRewriteError(f"razor: {value.name} does not carry the T + 1 entries of the layout")
             return
         local = next(v for v in model.graph.inputs if v.name == slot_input(0))
-        for index, layer in enumerate(locate_decoder(model).layers):
-            if not self.flags(index).all() and any(local not in _ancestors(n.inputs[1]) for n in layer.cache_writes):
-                raise GraphRewriteError(f"razor: layer {index} does not write its non-retrieval heads at {local.name}")
+        size = self.method.local_capacity(self.layout.layers[0].cache_inputs[0].shape[2])
+        for index in range(len(self.layout.layers)):
+            parts = [
+                v for v in model.graph.inputs if v.name in {f"cache_{kind}_{index}{LOCAL}" for kind in ("key", "value")}
+            ]
+            if self.flags(index).all() or (
+                len(parts) == 2 and all(v.shape[2] == size and local in _ancestors(_write(v).inputs[1]) for v in parts)
+            ):
+                continue
+            raise GraphRewriteError(
+                f"razor: layer {index}'s non-retrieval heads lack {size}-slot caches written at {local.name}"
+            )
 
 
 @register("export", RazorAttention)
@@ -246,3 +279,14 @@ def rewrite(graphs: dict[str, ir.Model], method: RazorAttention) -> dict[str, ir
     for key in ("prefill", "decode"):
         run_passes(graphs[key], [HeadClassCachePass(method)])
     return graphs
+
+
+def _replace(values: list[ir.Value], old: ir.Value, new: list[ir.Value]) -> None:
+    """Put ``new`` where ``old`` is in the graph's input or output list."""
+    at = values.index(old)
+    values[at : at + 1] = new
+
+
+def _write(cache: ir.Value) -> ir.Node:
+    """The ``ScatterND`` that writes the cache input ``cache``."""
+    return next(node for node, _ in cache.uses() if node.op_type == "ScatterND")
