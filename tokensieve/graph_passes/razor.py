@@ -20,16 +20,21 @@ Inserts, prefill (shape-derived from ``T``: ``L = max(window, T // ratio)``, ``D
   compensation token, ``-1`` unused.
 
 Inserts, decode: a graph input ``pruned_cache_position [1]`` (the non-retrieval heads' write slot); per layer with
-non-retrieval heads, the cache writes' index becomes ``[1, H_kv, 1, 3]`` = (0, head, ``cache_position`` or
-``pruned_cache_position`` by the head's flag), and the mask the logits ``Add`` reads becomes per query head: the
-original for retrieval heads, for the others the mask re-derived from ``pruned_cache_position``
-(:func:`tokensieve.graph_passes.rederive.rederive`) with the compensation slot ``sink`` set to ``log D`` (``D =
-cache_position - pruned_cache_position + 1``; the lowest value when ``D = 0``).
+non-retrieval heads, **one cache tensor per head class** in place of each ``cache_*`` input / ``ScatterND`` /
+``updated_*`` output: the retrieval heads keep the name and the ``C`` slots, the others get ``<name>_local`` with
+:meth:`RazorAttention.local_capacity` slots (a class without heads gets no tensor). The step's key/value rows are
+split by constant ``Gather`` s along the heads and written by one ``ScatterND`` per tensor (index ``[1, n, 1, 3]`` =
+(0, head, ``cache_position`` or ``pruned_cache_position``)); attention reads the tensors ``Pad``-ded to ``C`` slots,
+``Concat``-ed along the heads and put back in head order by a constant ``Gather``. The mask the logits ``Add`` reads
+becomes per query head: the original for retrieval heads, for the others the mask re-derived from
+``pruned_cache_position`` (:func:`tokensieve.graph_passes.rederive.rederive`; it hides the padding) with the
+compensation slot ``sink`` set to ``log D`` (``D = cache_position - pruned_cache_position + 1``; the lowest value
+when ``D = 0``).
 
 Preconditions (``requires``): ``method.heads`` settled; a prefill graph whose layers output their keys/values, or a
 fixed-cache decode graph with ``cache_position`` and two ``ScatterND`` writes per layer. Postconditions
-(``ensures``): prefill: every ``present_*`` output has ``T + 1`` entries; decode: the writes of every layer with
-non-retrieval heads read ``pruned_cache_position``.
+(``ensures``): prefill: every ``present_*`` output has ``T + 1`` entries; decode: every layer with non-retrieval
+heads has ``_local`` key and value inputs of the local capacity, written at ``pruned_cache_position``.
 """
 
 from __future__ import annotations
@@ -55,8 +60,8 @@ I64, BOOL = ir.DataType.INT64, ir.DataType.BOOL
 
 
 class HeadClassCachePass(ir.passes.InPlacePass):
-    """Compress the non-retrieval heads' prompt cache (prefill) or give them their own write slot and mask
-    (decode); see the module docstring."""
+    """Compress the non-retrieval heads' prompt cache (prefill) or give them their own cache tensors, write slot
+    and mask (decode); see the module docstring."""
 
     def __init__(self, method: RazorAttention):
         super().__init__()
@@ -219,37 +224,46 @@ class HeadClassCachePass(ir.passes.InPlacePass):
         """Replace one cache tensor (its input, ``ScatterND`` write and output) of layer ``index`` by one per head
         class (retrieval heads: ``C`` slots written at ``slots[0]``; the others: ``local_capacity(C)`` slots written at
         ``slots[1]``, the ``_local`` input/output); attention reads both, padded to ``C`` and in head order again."""
-        cache, update, old = write.inputs[0], write.inputs[2], write.outputs[0]
-        capacity, dim, real = int(cache.shape[2]), self.layout.head_dim, cache.dtype
+        cache, old = write.inputs[0], write.outputs[0]
+        capacity, real, kv = int(cache.shape[2]), cache.dtype, self.layout.kv_heads
+        dims = [1, kv, capacity, self.layout.head_dim]
         flags = self.flags(index)
-        sizes = (capacity, self.method.local_capacity(capacity))
         classes = [np.flatnonzero(flags), np.flatnonzero(~flags)]
-        inputs, outputs, padded = [], [], []
-        for heads, slot, size, suffix in zip(classes, slots, sizes, ("", LOCAL), strict=True):
-            if not len(heads):
-                continue
-            n = len(heads)
-            part = ir.Value(name=cache.name + suffix, shape=ir.Shape([1, n, size, dim]), type=ir.TensorType(real))
-            rows = typed(b.op("Gather", [update, b.const(heads, "class_heads")], axis=1), [1, n, 1, dim], real)
-            at = typed(b.op("Reshape", [slot, b.const([1, 1, 1, 1])]), [1, 1, 1, 1], I64)
-            column = typed(b.op("Expand", [at, b.const([1, n, 1, 1])]), [1, n, 1, 1], I64)
-            batch, head = b.const(np.zeros((1, n, 1, 1)), "batch"), b.const(np.arange(n).reshape(1, n, 1, 1), "heads")
-            where = typed(b.op("Concat", [batch, head, column], "write_index", axis=3), [1, n, 1, 3], I64)
-            written = typed(b.op("ScatterND", [part, where, rows]), [1, n, size, dim], real)
-            written.name = old.name + suffix
-            pads = b.const([0, 0, 0, 0, 0, 0, capacity - size, 0], "pads")
-            full = written if size == capacity else b.op("Pad", [written, pads], mode="constant")
-            inputs.append(part)
-            outputs.append(written)
-            padded.append(typed(full, [1, n, capacity, dim], real))
+        sizes = (capacity, self.method.local_capacity(capacity))
+        parts = [
+            self._class_cache(b, write, heads, slot, size, suffix)
+            for heads, slot, size, suffix in zip(classes, slots, sizes, ("", LOCAL), strict=True)
+            if len(heads)
+        ]
+        padded = [part[2] for part in parts]
+        joined = typed(padded[0] if len(padded) == 1 else b.op("Concat", padded, axis=1), dims, real)
         order = np.concatenate(classes)
-        joined = padded[0] if len(padded) == 1 else b.op("Concat", padded, axis=1)
-        kv = self.layout.kv_heads
-        restored = b.op("Gather", [typed(joined, [1, kv, capacity, dim], real), b.const(np.argsort(order))], axis=1)
+        if (order != np.arange(kv)).any():  # back in head order
+            joined = typed(b.op("Gather", [joined, b.const(np.argsort(order))], axis=1), dims, real)
         old.name, cache.name = f"{old.name}_whole", f"{cache.name}_whole"
-        _replace(graph.outputs, old, outputs)
-        _replace(graph.inputs, cache, inputs)
-        old.replace_all_uses_with(typed(restored, [1, kv, capacity, dim], real))
+        _replace(graph.outputs, old, [part[1] for part in parts])
+        _replace(graph.inputs, cache, [part[0] for part in parts])
+        old.replace_all_uses_with(joined)
+
+    def _class_cache(
+        self, b: NodeBuilder, write: ir.Node, heads: np.ndarray, slot: ir.Value, size: int, suffix: str
+    ) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """The cache tensor of the KV heads ``heads`` (``size`` slots, written at ``slot``): its graph input, its
+        updated output and that output padded to the original capacity."""
+        cache, update = write.inputs[0], write.inputs[2]
+        n, capacity, dim, real = len(heads), int(cache.shape[2]), int(cache.shape[3]), cache.dtype
+        part = ir.Value(name=cache.name + suffix, shape=ir.Shape([1, n, size, dim]), type=ir.TensorType(real))
+        rows = typed(b.op("Gather", [update, b.const(heads, "class_heads")], axis=1), [1, n, 1, dim], real)
+        at = typed(b.op("Reshape", [slot, b.const([1, 1, 1, 1])]), [1, 1, 1, 1], I64)
+        column = typed(b.op("Expand", [at, b.const([1, n, 1, 1])]), [1, n, 1, 1], I64)
+        batch, head = b.const(np.zeros((1, n, 1, 1)), "batch"), b.const(np.arange(n).reshape(1, n, 1, 1), "heads")
+        where = typed(b.op("Concat", [batch, head, column], "write_index", axis=3), [1, n, 1, 3], I64)
+        written = typed(b.op("ScatterND", [part, where, rows]), [1, n, size, dim], real)
+        written.name = write.outputs[0].name + suffix
+        if size == capacity:
+            return part, written, written
+        pads = b.const([0, 0, 0, 0, 0, 0, capacity - size, 0], "pads")
+        return part, written, typed(b.op("Pad", [written, pads], mode="constant"), [1, n, capacity, dim], real)
 
     def ensures(self, model: ir.Model) -> None:
         if self.layout.cache == "none":
@@ -274,8 +288,8 @@ class HeadClassCachePass(ir.passes.InPlacePass):
 
 @register("export", RazorAttention)
 def rewrite(graphs: dict[str, ir.Model], method: RazorAttention) -> dict[str, ir.Model]:
-    """RazorAttention's export: the prompt cache laid out by head class in prefill, two write slots and masks per
-    layer in the fixed decode graph (no growing form)."""
+    """RazorAttention's export: the prompt cache laid out by head class in prefill, a cache tensor, write slot and
+    mask per head class and layer in the fixed decode graph (no growing form)."""
     for key in ("prefill", "decode"):
         run_passes(graphs[key], [HeadClassCachePass(method)])
     return graphs

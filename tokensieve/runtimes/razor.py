@@ -4,9 +4,10 @@ decoders that feed the two cache lengths per layer (``"decoder"``, ``"bench_deco
 The probe (docs/methods.md#razorattention): the declaration's repeated random sequence runs through the embed and
 the unreduced prefill graph on ONNX Runtime with every layer's attention probabilities exposed; each query head's
 echo and induction scores are averaged over the second copy, each KV head takes the mean of its query heads, and the
-declaration picks the retrieval heads. The decode graph (``tokensieve.graph_passes.razor``) writes the new token at
-``cache_position`` in retrieval heads and at the slot input ``pruned_cache_position`` = ``position + 1 - D`` in the
-others (``D``: the positions folded into the compensation token).
+declaration picks the retrieval heads. The decode graph (``tokensieve.graph_passes.razor``) keeps each layer's head
+classes in cache tensors of their own and writes the new token at ``cache_position`` in retrieval heads and at the
+slot input ``pruned_cache_position`` = ``position + 1 - D`` in the others (``D``: the positions folded into the
+compensation token); the decoder splits the prompt cache the same way.
 """
 
 from __future__ import annotations
