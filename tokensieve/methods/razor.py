@@ -167,8 +167,8 @@ class RazorAttention(DecoderMethod):
 
     def plan(self, p: PlanInput) -> PlanCost:
         kv_heads = p.layers * (p.kv_heads or p.heads)
-        found = self.heads is not None  # settled: the artifact's own heads
-        retrieval = len(self.heads) if found else min(sum(self.class_counts(kv_heads)), kv_heads)
+        counted = min(sum(self.class_counts(kv_heads)), kv_heads)
+        retrieval = counted if self.heads is None else len(self.heads)  # settled: the artifact's own heads
         total, local = p.length + p.new_tokens, p.length + p.new_tokens - self.dropped(p.length)
         held = local + (self.dropped(p.length) > 0)  # the compensation token
         mean = (retrieval * total + (kv_heads - retrieval) * held) // kv_heads

@@ -56,9 +56,8 @@ class MllmPlanRow:
     unbounded: bool  # any number of new tokens fits those slots (StreamingLLM, H2O)
     cache_mib: float  # the fixed cache at those slots, float32 (plus H2O's score state)
     decode_macs: int  # one fixed-cache decode step
-    cache_classes: dict[str, dict[str, float]] = field(
-        default_factory=dict
-    )  # head class -> KV heads, positions, slots, MiB
+    # head class -> KV heads, positions held, slots of its cache tensors, their MiB
+    cache_classes: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
