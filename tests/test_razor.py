@@ -14,7 +14,7 @@ from helpers import assert_bench_runs, assert_plan_matches_graphs
 
 import tokensieve
 from tokensieve.converters.llava import build_llava
-from tokensieve.errors import MethodSpecError, PromptError
+from tokensieve.errors import CapacityError, MethodSpecError, PromptError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.razor import HeadClassCachePass
 from tokensieve.methods import methods_from_dicts, parse_methods
@@ -26,7 +26,7 @@ from tokensieve.reference.razor import find_retrieval_heads, razor_generate
 from tokensieve.runtimes.llava import expand_placeholders
 from tokensieve.runtimes.razor import head_class_slots
 
-METHOD = "razor(window=8, ratio=5, probe=32, induction=0.25)"
+METHOD = "razor(window=8, ratio=5, probe=32, induction=0.25, new_tokens=32)"
 
 
 @pytest.fixture(scope="module")
@@ -128,16 +128,45 @@ def test_bad_requests_are_typed_errors(artifacts):
 
 
 def test_plan_at_the_7b_geometry_and_on_the_artifact(artifacts):
-    """Per head class: retrieval heads hold the whole prompt, the others sinks + recent + one compensation token."""
-    prompt, rows = plan_mllm("hf:llava-1.5-7b-shapes", ["razor()", "razor(window=128)"], new_tokens=32)
+    """Per head class: retrieval heads hold the whole prompt in the full capacity, the others sinks + recent + one
+    compensation token in their own, smaller cache tensors; the MiB are what the decode graph allocates."""
+    candidates = ["razor()", "razor(window=128, new_tokens=32)"]
+    prompt, rows = plan_mllm("hf:llava-1.5-7b-shapes", candidates, new_tokens=32)
     none, paper, short = rows
     assert prompt.length == 636 and none.slots == paper.slots - 1 == 668  # + the compensation entry
     assert paper.cache_classes["retrieval"]["kv_heads"] == 10  # 2 layers x 32 KV heads: 1 echo + 9 induction
     assert paper.cache_classes["sinks + recent + compensation"]["positions"] == 668  # window 4000 > prompt: no drop
+    assert paper.cache_classes["sinks + recent + compensation"]["slots"] == 669  # 4 + 4000 + 256 > 669: no saving
     local = short.cache_classes["sinks + recent + compensation"]  # 4 sinks + 128 recent + 1 + 32 new
-    assert local == {"kv_heads": 54, "positions": 165, "mib": 54 * 165 * 2 * 128 * 4 / 2**20}
-    assert "54 KV heads x 165 positions" in format_mllm_plan(prompt, rows)
+    slots = 4 + 669 // 5 + 32  # sinks + L of a 669-position prompt + new tokens
+    assert local == {"kv_heads": 54, "positions": 165, "slots": slots, "mib": 54 * slots * 2 * 128 * 4 / 2**20}
+    assert short.cache_mib == (10 * 669 + 54 * slots) * 2 * 128 * 4 / 2**20 < 0.4 * none.cache_mib
+    assert f"54 KV heads x 165 positions in {slots} slots" in format_mllm_plan(prompt, rows)
     assert_plan_matches_graphs(artifacts["llava"])
+
+
+def test_decode_graph_caches_are_split_and_smaller(artifacts):
+    """Each layer's retrieval heads and other heads have cache tensors of their own in the fixed decode graph (the
+    others with ``local_capacity`` slots): the cache inputs sum to fewer bytes than the unreduced graph's."""
+    for key in ("llava", "next"):
+        artifact, method = artifacts[key], _method(artifacts[key])
+        decoder = artifact.manifest.decoder
+        capacity, size = decoder["capacity"], method.local_capacity(decoder["capacity"])
+        assert size == 4 + capacity // 5 + 32 < capacity / 2
+        decode = ir.load(artifact.graph_path("decode"))
+        shapes = {v.name: tuple(v.shape.numpy()) for v in decode.graph.inputs if v.name.startswith("cache_")}
+        dim = decoder["head_dim"]
+        for layer, kind in np.ndindex(2, 2):
+            name = f"cache_{('key', 'value')[kind]}_{layer}"
+            retrieval = sum(method.retrieval(layer, 2))
+            assert shapes.get(name) == ((1, retrieval, capacity, dim) if retrieval else None)
+            assert shapes.get(f"{name}_local") == ((1, 2 - retrieval, size, dim) if retrieval < 2 else None)
+        allocated = sum(4 * np.prod(shape) for name, shape in shapes.items() if name != "cache_position")
+        unreduced = 2 * decoder["layers"] * decoder["kv_heads"] * capacity * dim * 4
+        assert allocated == 4 * dim * 2 * (len(method.heads) * capacity + (4 - len(method.heads)) * size)
+        assert allocated < 0.75 * unreduced
+    with pytest.raises(CapacityError, match="non-retrieval heads' cache holds 74 slots"):
+        artifacts["llava"].generate(prompt="Say something long.", max_new_tokens=80)
 
 
 def test_bench_drives_the_method_graphs(artifacts):

@@ -27,7 +27,7 @@ from tokensieve.bench.image import pyplot, save_figure, time_alternating
 from tokensieve.errors import CapacityError
 from tokensieve.methods import methods_from_dicts
 from tokensieve.runtimes import FACES
-from tokensieve.runtimes.kv_cache import kv_names, position_feeds
+from tokensieve.runtimes.kv_cache import cache_inputs, kv_names, position_feeds
 from tokensieve.runtimes.llava import VISION
 from tokensieve.runtimes.prefill import Prefill, prefill_feeds
 
@@ -97,7 +97,7 @@ def bench_llava(
 ) -> LlavaBenchReport:
     manifest = artifact.manifest
     dec = manifest.decoder
-    layers, kv, head_dim, capacity = dec["layers"], dec["kv_heads"], dec["head_dim"], dec["capacity"]
+    layers, capacity = dec["layers"], dec["capacity"]
     contexts = contexts or default_contexts(capacity)
     methods = methods_from_dicts(manifest.methods)
     method = methods[0] if methods else None  # an MLLM artifact has one at most
@@ -114,7 +114,7 @@ def bench_llava(
     rng = np.random.default_rng(0)
     names = kv_names(layers)
     report = LlavaBenchReport(manifest.source["name"], threads, capacity)
-    caches = [rng.standard_normal((1, kv, capacity, head_dim), dtype=np.float32) for _ in names]
+    caches = [rng.standard_normal(shape, dtype=np.float32) for shape in cache_inputs(fixed).values()]
     # the decoder the runtime would drive for the artifact's method (in place), over random caches
     decoder = FACES.lookup("bench_decoder", method)(fixed, caches, capacity, method, rng)
     for context in contexts:

@@ -20,16 +20,21 @@ Inserts, prefill (shape-derived from ``T``: ``L = max(window, T // ratio)``, ``D
   compensation token, ``-1`` unused.
 
 Inserts, decode: a graph input ``pruned_cache_position [1]`` (the non-retrieval heads' write slot); per layer with
-non-retrieval heads, the cache writes' index becomes ``[1, H_kv, 1, 3]`` = (0, head, ``cache_position`` or
-``pruned_cache_position`` by the head's flag), and the mask the logits ``Add`` reads becomes per query head: the
-original for retrieval heads, for the others the mask re-derived from ``pruned_cache_position``
-(:func:`tokensieve.graph_passes.rederive.rederive`) with the compensation slot ``sink`` set to ``log D`` (``D =
-cache_position - pruned_cache_position + 1``; the lowest value when ``D = 0``).
+non-retrieval heads, **one cache tensor per head class** in place of each ``cache_*`` input / ``ScatterND`` /
+``updated_*`` output: the retrieval heads keep the name and the ``C`` slots, the others get ``<name>_local`` with
+:meth:`RazorAttention.local_capacity` slots (a class without heads gets no tensor). The step's key/value rows are
+split by constant ``Gather`` s along the heads and written by one ``ScatterND`` per tensor (index ``[1, n, 1, 3]`` =
+(0, head, ``cache_position`` or ``pruned_cache_position``)); attention reads the tensors ``Pad``-ded to ``C`` slots,
+``Concat``-ed along the heads and put back in head order by a constant ``Gather``. The mask the logits ``Add`` reads
+becomes per query head: the original for retrieval heads, for the others the mask re-derived from
+``pruned_cache_position`` (:func:`tokensieve.graph_passes.rederive.rederive`; it hides the padding) with the
+compensation slot ``sink`` set to ``log D`` (``D = cache_position - pruned_cache_position + 1``; the lowest value
+when ``D = 0``).
 
 Preconditions (``requires``): ``method.heads`` settled; a prefill graph whose layers output their keys/values, or a
 fixed-cache decode graph with ``cache_position`` and two ``ScatterND`` writes per layer. Postconditions
-(``ensures``): prefill: every ``present_*`` output has ``T + 1`` entries; decode: the writes of every layer with
-non-retrieval heads read ``pruned_cache_position``.
+(``ensures``): prefill: every ``present_*`` output has ``T + 1`` entries; decode: every layer with non-retrieval
+heads has ``_local`` key and value inputs of the local capacity, written at ``pruned_cache_position``.
 """
 
 from __future__ import annotations
@@ -50,12 +55,13 @@ from tokensieve.methods.faces import register
 from tokensieve.methods.razor import COMPENSATION, UNUSED, RazorAttention
 
 POSITIONS = "cache_positions"
+LOCAL = "_local"  # suffix of the non-retrieval heads' cache input / output in the decode graph
 I64, BOOL = ir.DataType.INT64, ir.DataType.BOOL
 
 
 class HeadClassCachePass(ir.passes.InPlacePass):
-    """Compress the non-retrieval heads' prompt cache (prefill) or give them their own write slot and mask
-    (decode); see the module docstring."""
+    """Compress the non-retrieval heads' prompt cache (prefill) or give them their own cache tensors, write slot
+    and mask (decode); see the module docstring."""
 
     def __init__(self, method: RazorAttention):
         super().__init__()
@@ -180,7 +186,9 @@ class HeadClassCachePass(ir.passes.InPlacePass):
         rederive(graph, {adds[i][0] for i in compressed}, {slot: local}, [adds[i][1] for i in compressed], "razor")
         bias = self._compensation_bias(b, slot, local, layout.layers[0].softmax.outputs[0].dtype)
         for index in compressed:
-            self._decode_layer(b, index, (slot, local), adds[index], kept[index], bias)
+            self._decode_mask(b, index, adds[index], kept[index], bias)
+            for write in layout.layers[index].cache_writes:
+                self._split_cache(b, graph, index, write, [slot, local])
         graph.extend(b.nodes)
 
     def _compensation_bias(self, b: NodeBuilder, slot: ir.Value, local: ir.Value, real: ir.DataType) -> ir.Value:
@@ -198,34 +206,64 @@ class HeadClassCachePass(ir.passes.InPlacePass):
         zero = b.const(0.0, "zero", dtype=real.numpy())
         return typed(b.op("Where", [is_comp, value, zero], "compensation_bias"), [capacity], real)
 
-    def _decode_layer(
-        self,
-        b: NodeBuilder,
-        index: int,
-        slots: tuple[ir.Value, ir.Value],
-        add_pair: tuple[ir.Node, ir.Value],
-        original: ir.Value,
-        bias: ir.Value,
+    def _decode_mask(
+        self, b: NodeBuilder, index: int, add_pair: tuple[ir.Node, ir.Value], original: ir.Value, bias: ir.Value
     ) -> None:
-        """Per-head write slots and per-query-head mask of one layer with non-retrieval heads (``slots``: the
-        retrieval heads' and the others' write slot inputs; ``original``: the mask before the pass)."""
+        """The per-query-head mask of one layer with non-retrieval heads (``original``: the mask before the pass)."""
         layout, (add, logits) = self.layout, add_pair
-        kv, heads, real = layout.kv_heads, layout.heads, logits.dtype
+        heads, real = layout.heads, logits.dtype
         capacity = int(layout.layers[0].cache_inputs[0].shape[2])
-        flags = self.flags(index)
-        column = b.op("Where", [b.const(flags.reshape(1, kv, 1, 1), "retrieval", dtype=bool), *slots])
-        typed(column, [1, kv, 1, 1], I64)
-        batch = b.const(np.zeros((1, kv, 1, 1), np.int64), "batch")
-        head = b.const(np.arange(kv, dtype=np.int64).reshape(1, kv, 1, 1), "heads")
-        where = typed(b.op("Concat", [batch, head, column], "write_index", axis=3), [1, kv, 1, 3], I64)
-        for node in layout.layers[index].cache_writes:
-            node.replace_input_with(1, where)
         rederived = next(v for v in add.inputs if v is not logits)
         compensated = typed(b.op("Add", [rederived, bias]), [1, 1, 1, capacity], real)
-        per_query = np.repeat(flags, heads // kv).reshape(1, heads, 1, 1)
+        per_query = np.repeat(self.flags(index), heads // layout.kv_heads).reshape(1, heads, 1, 1)
         mask = b.op("Where", [b.const(per_query, "retrieval_query_heads", dtype=bool), original, compensated])
         typed(mask, [1, heads, 1, capacity], real)
         add.replace_input_with(list(add.inputs).index(rederived), mask)
+
+    def _split_cache(self, b: NodeBuilder, graph: ir.Graph, index: int, write: ir.Node, slots: list[ir.Value]) -> None:
+        """Replace one cache tensor (its input, ``ScatterND`` write and output) of layer ``index`` by one per head
+        class (retrieval heads: ``C`` slots written at ``slots[0]``; the others: ``local_capacity(C)`` slots written at
+        ``slots[1]``, the ``_local`` input/output); attention reads both, padded to ``C`` and in head order again."""
+        cache, old = write.inputs[0], write.outputs[0]
+        capacity, real, kv = int(cache.shape[2]), cache.dtype, self.layout.kv_heads
+        dims = [1, kv, capacity, self.layout.head_dim]
+        flags = self.flags(index)
+        classes = [np.flatnonzero(flags), np.flatnonzero(~flags)]
+        sizes = (capacity, self.method.local_capacity(capacity))
+        parts = [
+            self._class_cache(b, write, heads, slot, size, suffix)
+            for heads, slot, size, suffix in zip(classes, slots, sizes, ("", LOCAL), strict=True)
+            if len(heads)
+        ]
+        padded = [part[2] for part in parts]
+        joined = typed(padded[0] if len(padded) == 1 else b.op("Concat", padded, axis=1), dims, real)
+        order = np.concatenate(classes)
+        if (order != np.arange(kv)).any():  # back in head order
+            joined = typed(b.op("Gather", [joined, b.const(np.argsort(order))], axis=1), dims, real)
+        old.name, cache.name = f"{old.name}_whole", f"{cache.name}_whole"
+        _replace(graph.outputs, old, [part[1] for part in parts])
+        _replace(graph.inputs, cache, [part[0] for part in parts])
+        old.replace_all_uses_with(joined)
+
+    def _class_cache(
+        self, b: NodeBuilder, write: ir.Node, heads: np.ndarray, slot: ir.Value, size: int, suffix: str
+    ) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """The cache tensor of the KV heads ``heads`` (``size`` slots, written at ``slot``): its graph input, its
+        updated output and that output padded to the original capacity."""
+        cache, update = write.inputs[0], write.inputs[2]
+        n, capacity, dim, real = len(heads), int(cache.shape[2]), int(cache.shape[3]), cache.dtype
+        part = ir.Value(name=cache.name + suffix, shape=ir.Shape([1, n, size, dim]), type=ir.TensorType(real))
+        rows = typed(b.op("Gather", [update, b.const(heads, "class_heads")], axis=1), [1, n, 1, dim], real)
+        at = typed(b.op("Reshape", [slot, b.const([1, 1, 1, 1])]), [1, 1, 1, 1], I64)
+        column = typed(b.op("Expand", [at, b.const([1, n, 1, 1])]), [1, n, 1, 1], I64)
+        batch, head = b.const(np.zeros((1, n, 1, 1)), "batch"), b.const(np.arange(n).reshape(1, n, 1, 1), "heads")
+        where = typed(b.op("Concat", [batch, head, column], "write_index", axis=3), [1, n, 1, 3], I64)
+        written = typed(b.op("ScatterND", [part, where, rows]), [1, n, size, dim], real)
+        written.name = write.outputs[0].name + suffix
+        if size == capacity:
+            return part, written, written
+        pads = b.const([0, 0, 0, 0, 0, 0, capacity - size, 0], "pads")
+        return part, written, typed(b.op("Pad", [written, pads], mode="constant"), [1, n, capacity, dim], real)
 
     def ensures(self, model: ir.Model) -> None:
         if self.layout.cache == "none":
@@ -234,15 +272,35 @@ class HeadClassCachePass(ir.passes.InPlacePass):
                     raise GraphRewriteError(f"razor: {value.name} does not carry the T + 1 entries of the layout")
             return
         local = next(v for v in model.graph.inputs if v.name == slot_input(0))
-        for index, layer in enumerate(locate_decoder(model).layers):
-            if not self.flags(index).all() and any(local not in _ancestors(n.inputs[1]) for n in layer.cache_writes):
-                raise GraphRewriteError(f"razor: layer {index} does not write its non-retrieval heads at {local.name}")
+        size = self.method.local_capacity(self.layout.layers[0].cache_inputs[0].shape[2])
+        for index in range(len(self.layout.layers)):
+            parts = [
+                v for v in model.graph.inputs if v.name in {f"cache_{kind}_{index}{LOCAL}" for kind in ("key", "value")}
+            ]
+            if self.flags(index).all() or (
+                len(parts) == 2 and all(v.shape[2] == size and local in _ancestors(_write(v).inputs[1]) for v in parts)
+            ):
+                continue
+            raise GraphRewriteError(
+                f"razor: layer {index}'s non-retrieval heads lack {size}-slot caches written at {local.name}"
+            )
 
 
 @register("export", RazorAttention)
 def rewrite(graphs: dict[str, ir.Model], method: RazorAttention) -> dict[str, ir.Model]:
-    """RazorAttention's export: the prompt cache laid out by head class in prefill, two write slots and masks per
-    layer in the fixed decode graph (no growing form)."""
+    """RazorAttention's export: the prompt cache laid out by head class in prefill, a cache tensor, write slot and
+    mask per head class and layer in the fixed decode graph (no growing form)."""
     for key in ("prefill", "decode"):
         run_passes(graphs[key], [HeadClassCachePass(method)])
     return graphs
+
+
+def _replace(values: list[ir.Value], old: ir.Value, new: list[ir.Value]) -> None:
+    """Put ``new`` where ``old`` is in the graph's input or output list."""
+    at = values.index(old)
+    values[at : at + 1] = new
+
+
+def _write(cache: ir.Value) -> ir.Node:
+    """The ``ScatterND`` that writes the cache input ``cache``."""
+    return next(node for node, _ in cache.uses() if node.op_type == "ScatterND")

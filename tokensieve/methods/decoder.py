@@ -57,7 +57,8 @@ class PlanCost:
     """What one generation costs with a method: the prefill tokens of every layer, the positions each layer caches
     at the end, the fixed decode graph's slots, the method's own scoring MACs in prefill, per-slot state, and, for
     methods whose KV heads cache different lengths, the head classes (KV heads of all layers, positions each holds
-    at the end)."""
+    at the end) and the slots of the classes the fixed decode graph gives cache tensors of their own (every other KV
+    head has ``slots``; ``tokensieve plan``'s cache MiB is what the graph allocates)."""
 
     tokens: list[int]
     cached: list[int]
@@ -66,6 +67,7 @@ class PlanCost:
     unbounded: bool = False  # any number of new tokens fits the slots (eviction)
     state_bytes: int = 0  # per slot, layer and KV head, besides the keys and values
     classes: dict[str, tuple[int, int]] = field(default_factory=dict)  # head class -> (KV heads, positions held)
+    class_slots: dict[str, int] = field(default_factory=dict)  # head class -> its own cache tensors' slots
 
     @classmethod
     def unreduced(cls, p: PlanInput) -> PlanCost:

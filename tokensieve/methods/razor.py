@@ -22,6 +22,12 @@ KV head. A retrieval head holds positions ``0..T-1`` and one unused entry; anoth
 compensation token (marked ``COMPENSATION``), its recent positions, then ``D`` unused entries (``UNUSED``). The new
 token at position ``p`` is written at entry ``p`` of retrieval heads and ``p + 1 - D`` of the others: two cache
 lengths per layer, one per head class.
+
+Cache memory: in the fixed decode graph of a ``C``-slot export each layer keeps its retrieval heads and its other
+heads in separate cache tensors: ``C`` slots for the first, :meth:`local_capacity` ``= min(C, sink + L(C) +
+new_tokens)`` for the others (``L(C)``: the largest ``L`` a prompt of at most ``C`` positions gives; the prompt
+entries such a head holds are at most ``sink + 1 + L``, and the last new token is never written), so generations of
+at most ``new_tokens`` new tokens fit.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ class RazorAttention(DecoderMethod):
     induction: Fraction = Fraction(14, 100)
     probe: int = 256
     seed: int = 0
+    new_tokens: int = 256
     heads: tuple[Head, ...] | None = None
     name: ClassVar[str] = "razor"
     growing_cache: ClassVar[bool] = False  # two cache lengths per layer live in the fixed decode graph only
@@ -93,6 +100,7 @@ class RazorAttention(DecoderMethod):
         positive_int(self.name, "window", self.window)
         positive_int(self.name, "ratio", self.ratio)
         positive_int(self.name, "probe", self.probe)
+        positive_int(self.name, "new_tokens", self.new_tokens)
         if self.probe < 2:
             raise MethodSpecError(
                 f"razor: probe must be at least 2 tokens (induction needs a next token), got {self.probe}"
@@ -148,6 +156,10 @@ class RazorAttention(DecoderMethod):
     def cached_prompt(self, length: int) -> int:
         return length + 1  # the entries of the layout (the compensation entry included)
 
+    def local_capacity(self, capacity: int) -> int:
+        """Slots of a non-retrieval head's cache in a ``capacity``-slot fixed decode graph (module docstring)."""
+        return min(capacity, self.sink + self.recent(capacity) + self.new_tokens)
+
     # -- protocol ----------------------------------------------------------------------------------------------
     def validate(self, ctx: DecoderContext) -> None:
         if self.heads is not None and any(layer >= ctx.layers for layer, _ in self.heads):
@@ -155,12 +167,16 @@ class RazorAttention(DecoderMethod):
 
     def plan(self, p: PlanInput) -> PlanCost:
         kv_heads = p.layers * (p.kv_heads or p.heads)
-        retrieval = min(sum(self.class_counts(kv_heads)), kv_heads)
+        counted = min(sum(self.class_counts(kv_heads)), kv_heads)
+        retrieval = counted if self.heads is None else len(self.heads)  # settled: the artifact's own heads
         total, local = p.length + p.new_tokens, p.length + p.new_tokens - self.dropped(p.length)
         held = local + (self.dropped(p.length) > 0)  # the compensation token
         mean = (retrieval * total + (kv_heads - retrieval) * held) // kv_heads
-        classes = {"retrieval": (retrieval, total), "sinks + recent + compensation": (kv_heads - retrieval, held)}
-        return PlanCost([p.length] * p.layers, [mean] * p.layers, p.length + 1 + p.new_tokens, classes=classes)
+        slots = p.length + 1 + p.new_tokens
+        names = ("retrieval", "sinks + recent + compensation")
+        classes = dict(zip(names, ((retrieval, total), (kv_heads - retrieval, held)), strict=True))
+        class_slots = dict(zip(names, (slots, self.local_capacity(slots)), strict=True))
+        return PlanCost([p.length] * p.layers, [mean] * p.layers, slots, classes=classes, class_slots=class_slots)
 
     def explain(self, decoder: dict[str, Any], image_tokens: dict[str, Any]) -> str:
         heads = (
@@ -171,17 +187,21 @@ class RazorAttention(DecoderMethod):
         return (
             f"retrieval heads ({heads}: echo and induction heads on a repeated random sequence) cache the whole "
             f"prompt; every other KV head keeps {self.sink} sinks, the last max({self.window}, T // {self.ratio}) "
-            "positions and one compensation token (mean key and value of the rest, weighted by their count); two "
-            "cache lengths per layer in the fixed decode graph"
+            "positions and one compensation token (mean key and value of the rest, weighted by their count); per layer "
+            f"two cache tensors in the fixed decode graph, {decoder['capacity']} slots for retrieval heads and "
+            f"{self.local_capacity(decoder['capacity'])} for the others (up to {self.new_tokens} new tokens)"
         )
 
     def to_dict(self) -> dict[str, Any]:
         fields = {"sink": self.sink, "window": self.window, "ratio": self.ratio, "probe": self.probe, "seed": self.seed}
+        fields["new_tokens"] = self.new_tokens
         heads = {} if self.heads is None else {"heads": [list(pair) for pair in self.heads]}
         return {"name": self.name, **fields, "echo": str(self.echo), "induction": str(self.induction), **heads}
 
     def describe(self) -> str:
+        heads = "" if self.heads is None else f", heads={[list(pair) for pair in self.heads]}"
         return (
             f"razor(sink={self.sink}, window={self.window}, ratio={self.ratio}, echo={float(self.echo):g}, "
-            f"induction={float(self.induction):g}, probe={self.probe}, seed={self.seed})"
+            f"induction={float(self.induction):g}, probe={self.probe}, seed={self.seed}, new_tokens={self.new_tokens}"
+            f"{heads})"
         )

@@ -9,7 +9,8 @@ candidate gets:
 * the positions each layer caches (per KV head) at the end of the generation;
 * the fixed-capacity decode graph it needs: slots (the ``--capacity`` to export with; StreamingLLM's is the given
   capacity, H2O's ``budget + 1``, both for any number of new tokens), its float32 cache size (keys and values of
-  every layer, plus H2O's score state), and the MACs of one decode step at that capacity;
+  every layer, plus H2O's score state; head classes with cache tensors of their own, RazorAttention's, at their
+  slots), and the MACs of one decode step at that capacity;
 * the MAC-limit speedup of the whole prefill, the vision graph included: the CLIP layers up to the selected feature
   layer and the projector, once per crop (LLaVA-NeXT: thumbnail + crop grid of the image size). Every planned
   method leaves the vision graph as it is, so its MACs (shown once, with the prompt) dilute the decoder's speedup.
@@ -55,7 +56,8 @@ class MllmPlanRow:
     unbounded: bool  # any number of new tokens fits those slots (StreamingLLM, H2O)
     cache_mib: float  # the fixed cache at those slots, float32 (plus H2O's score state)
     decode_macs: int  # one fixed-cache decode step
-    cache_classes: dict[str, dict[str, float]] = field(default_factory=dict)  # head class -> KV heads, positions, MiB
+    # head class -> KV heads, positions held, slots of its cache tensors, their MiB
+    cache_classes: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,7 +160,11 @@ def _row(decoder: dict[str, int], method, prompt: MllmPrompt, capacity: int) -> 
     cost = PlanCost.unreduced(p) if method is None else method.plan(p)
     prefill = prefill_macs(decoder, cost.tokens) + cost.scoring
     decode = layers * _layer_macs(decoder, 1, cost.slots) + decoder["hidden"] * decoder["vocab"]
-    cache_bytes = layers * decoder["kv_heads"] * cost.slots * (2 * head_dim * 4 + cost.state_bytes)
+    slots = {name: cost.class_slots.get(name, cost.slots) for name in cost.classes}
+    own = {name: kv for name, (kv, _) in cost.classes.items() if name in cost.class_slots}  # own cache tensors
+    allocated = (layers * decoder["kv_heads"] - sum(own.values())) * cost.slots
+    allocated += sum(kv * slots[name] for name, kv in own.items())
+    cache_bytes = allocated * (2 * head_dim * 4 + cost.state_bytes)
     return MllmPlanRow(
         method=describe([method]) if method else "none",
         tokens_per_layer=cost.tokens,
@@ -171,7 +177,12 @@ def _row(decoder: dict[str, int], method, prompt: MllmPrompt, capacity: int) -> 
         cache_mib=cache_bytes / 2**20,
         decode_macs=decode,
         cache_classes={
-            name: {"kv_heads": kv, "positions": held, "mib": kv * held * 2 * head_dim * 4 / 2**20}
+            name: {
+                "kv_heads": kv,
+                "positions": held,
+                "slots": slots[name],
+                "mib": kv * slots[name] * 2 * head_dim * 4 / 2**20,
+            }
             for name, (kv, held) in cost.classes.items()
         },
     )
@@ -260,7 +271,10 @@ def format_mllm_plan(prompt: MllmPrompt, rows: list[MllmPlanRow]) -> str:
             f"  {r.cache_mib:>9.1f}  {decode:>18.4f}  {_runs(r.tokens_per_layer)}"
         )
         for name, c in r.cache_classes.items():  # KV heads caching different lengths
-            lines.append(f"  {name}: {c['kv_heads']:g} KV heads x {c['positions']:g} positions, {c['mib']:.2f} MiB")
+            lines.append(
+                f"  {name}: {c['kv_heads']:g} KV heads x {c['positions']:g} positions in {c['slots']:g} slots, "
+                f"{c['mib']:.2f} MiB"
+            )
     if any(r.unbounded for r in rows):
         lines.append("* these slots hold any number of new tokens (eviction)")
     return "\n".join(lines)

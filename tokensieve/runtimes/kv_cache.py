@@ -24,6 +24,18 @@ def kv_names(layers: int) -> list[str]:
     return [f"{k}_{i}" for i in range(layers) for k in ("key", "value")]
 
 
+def cache_inputs(runner: OrtRunner) -> dict[str, tuple[int, ...]]:
+    """The fixed decode graph's cache tensors in its input order: name (input ``cache_<name>``, updated in place as
+    output ``updated_<name>``) -> the static shape the graph declares (per layer ``key_<i>``, ``value_<i>``; a method
+    may give some KV heads tensors of their own, with their own capacity)."""
+    outputs = set(runner.output_names)
+    return {
+        value.name[6:]: tuple(value.shape)
+        for value in runner.session.get_inputs()
+        if value.name.startswith("cache_") and f"updated_{value.name[6:]}" in outputs
+    }
+
+
 def position_feeds(runner: OrtRunner, position: int, dropped: Sequence[int]) -> dict[str, np.ndarray]:
     """``position_ids`` and, in MustDrop's and SparseVLM's decode graphs, ``pruned_position_ids`` (``_1``, ...: the
     layers after group ``g``'s cut rotate at their own cache length, ``position - dropped[g]``)."""
@@ -38,14 +50,16 @@ class FixedCacheDecoder:
     """Steps the static decode graph with its caches updated **in place**: each cache buffer is bound both as the
     ``cache_*`` input and as the ``updated_*`` output (ONNX Runtime I/O binding), so ``ScatterND`` finds input and
     output in the same buffer and writes one slot instead of copying the whole cache, the way a TensorRT engine
-    updates a KV cache that is network I/O. Prefill's keys/values go to slots ``0..T-1`` first (each layer its own
-    ``T``). After FastV / ATP-LLaVA / DyVTE / MustDrop the layers after cut ``g`` hold ``dropped[g]`` fewer positions:
-    they write slot ``position - dropped[g]`` (inputs ``pruned_cache_position``, ``pruned_cache_position_1``, ...). With
-    StreamingLLM (``eviction``) the cache is a ring: position ``p`` goes to ``eviction.slot(p)``, a prompt longer
-    than the capacity keeps only its retained positions, and once the ring is full every slot is attended to (input
-    ``visible_slots``). After SnapKV / A2SF every layer holds ``offset`` fewer positions than the prompt had:
-    position ``p`` goes to slot ``p - offset``. After MustDrop the layers from the first filter layer on also rotate
-    the new token at ``position - dropped[0]`` (:func:`position_feeds`)."""
+    updates a KV cache that is network I/O. Each buffer has the shape the graph declares for it
+    (:func:`cache_inputs`; ``present`` holds one tensor per cache input, in that order). Prefill's keys/values go to
+    slots ``0..T-1`` first (each layer its own ``T``). After FastV / ATP-LLaVA / DyVTE / MustDrop the layers after
+    cut ``g`` hold ``dropped[g]`` fewer positions: they write slot ``position - dropped[g]`` (inputs
+    ``pruned_cache_position``, ``pruned_cache_position_1``, ...). With StreamingLLM (``eviction``) the cache is a
+    ring: position ``p`` goes to ``eviction.slot(p)``, a prompt longer than the capacity keeps only its retained
+    positions, and once the ring is full every slot is attended to (input ``visible_slots``). After SnapKV / A2SF
+    every layer holds ``offset`` fewer positions than the prompt had: position ``p`` goes to slot ``p - offset``.
+    After MustDrop the layers from the first filter layer on also rotate the new token at ``position - dropped[0]``
+    (:func:`position_feeds`)."""
 
     def __init__(
         self,
@@ -62,8 +76,9 @@ class FixedCacheDecoder:
         self.groups = list(dropped)
         self.dropped = {slot_input(g): d for g, d in enumerate(dropped) if slot_input(g) in runner.input_names}
         self.caches = []
-        for tensor in present:
-            cache = np.zeros((*tensor.shape[:2], capacity, tensor.shape[3]), tensor.dtype)
+        names = cache_inputs(runner)
+        for shape, tensor in zip(names.values(), present, strict=True):
+            cache = np.zeros(shape, tensor.dtype)
             if eviction is None:
                 cache[:, :, : tensor.shape[2]] = tensor
             else:
@@ -72,7 +87,7 @@ class FixedCacheDecoder:
             self.caches.append(ort.OrtValue.ortvalue_from_numpy(cache))
         self.binding = runner.session.io_binding()
         self.binding.bind_output("logits")
-        for name, value in zip(kv_names(len(present) // 2), self.caches, strict=True):
+        for name, value in zip(names, self.caches, strict=True):
             self.binding.bind_ortvalue_input(f"cache_{name}", value)
             self.binding.bind_ortvalue_output(f"updated_{name}", value)
 
