@@ -7,7 +7,11 @@ from pathlib import Path
 import tokensieve
 
 # Small but real Hugging Face vision-tower configs (hidden size, depth and image size cut down).
+_SMALL = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 128,
+          "image_size": 96, "patch_size": 16}  # fmt: skip
 HF_TINY = {
+    "deit": {"model_type": "deit", **_SMALL},  # CLS + distillation token, ViT's layers
+    "ijepa": {"model_type": "ijepa", **_SMALL},  # no CLS token, no pooling layer
     "vit": {
         "model_type": "vit",
         "hidden_size": 192,

@@ -31,6 +31,21 @@ def test_hf_tower_topk_parity(zoo, hf_config_dir, tmp_path, family, method, spec
     assert artifact.manifest.outputs[0]["shape"][1] == artifact.manifest.sites[-1]["tokens_out"]
 
 
+@pytest.mark.parametrize(
+    ("family", "method", "specials", "outputs"),
+    [
+        ("deit", "topk(keep=0.6, layers=[0,2])", 2, ["last_hidden_state", "pooler_output"]),
+        ("deit", "tome(r=6)", 2, ["last_hidden_state", "pooler_output"]),
+        ("ijepa", "topk(keep=0.6, layers=[1])", 0, ["last_hidden_state"]),
+    ],
+)
+def test_towers_with_other_special_tokens(zoo, hf_config_dir, tmp_path, family, method, specials, outputs):
+    """DeiT (CLS + distillation token: both kept) and I-JEPA (no CLS token, no pooling layer: one output)."""
+    artifact = export_and_check(zoo(f"hf:{hf_config_dir(family)}"), method, tmp_path / "a")
+    assert artifact.manifest.layout["specials"] == specials
+    assert [o["name"] for o in artifact.manifest.outputs] == outputs
+
+
 def test_hidden_size_equal_to_token_count(zoo, tmp_path_factory, tmp_path):
     """SigLIP with 64 tokens and hidden size 64: retargeting must follow shapes, never match the number 64."""
     directory = tmp_path_factory.mktemp("siglip64")

@@ -32,6 +32,8 @@ HF_PRESETS: dict[str, str] = {
     "siglip": "SiglipVisionConfig",
     "dinov2": "Dinov2Config",
     "dinov2-registers": "Dinov2WithRegistersConfig",
+    "deit": "DeiTConfig",
+    "ijepa": "IJepaConfig",
 }
 # config.model_type -> vision model class
 HF_MODELS = {
@@ -42,6 +44,8 @@ HF_MODELS = {
     "siglip": "SiglipVisionModel",
     "dinov2": "Dinov2Model",
     "dinov2_with_registers": "Dinov2WithRegistersModel",
+    "deit": "DeiTModel",
+    "ijepa": "IJepaModel",
 }
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
@@ -135,22 +139,28 @@ def parse_source(
 class HFVisionTower(nn.Module):
     """A Hugging Face vision model as ``pixel_values -> (last_hidden_state, pooler_output)``."""
 
-    output_names = ("last_hidden_state", "pooler_output")
-
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.config = model.config
+        pooled = getattr(model, "pooler", True) is not None  # I-JEPA: no pooling layer, no pooler_output
+        self.output_names = ("last_hidden_state", "pooler_output") if pooled else ("last_hidden_state",)
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(pixel_values=pixel_values)
-        return out.last_hidden_state, out.pooler_output
+        return (out.last_hidden_state, out.pooler_output)[: len(self.output_names)]
 
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-HF_NORMALIZATION = {"clip_vision_model": CLIP, "clip": CLIP, "dinov2": IMAGENET, "dinov2_with_registers": IMAGENET}
+HF_NORMALIZATION = {
+    "clip_vision_model": CLIP,
+    "clip": CLIP,
+    "dinov2": IMAGENET,
+    "dinov2_with_registers": IMAGENET,
+    "deit": IMAGENET,
+}
 
 
 @dataclass
@@ -238,7 +248,8 @@ def _build_hf(spec: SourceSpec) -> BuiltModel:
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     mean, std = HF_NORMALIZATION.get(config.model_type, HALF)
     shape = (int(config.num_channels), int(h), int(w))
-    return BuiltModel(HFVisionTower(model).eval(), shape, HFVisionTower.output_names, mean, std)
+    tower = HFVisionTower(model).eval()
+    return BuiltModel(tower, shape, tower.output_names, mean, std)
 
 
 def build_module(spec: SourceSpec) -> BuiltModel:

@@ -119,6 +119,8 @@ BLOCK_SPECS: dict[str, BlockSpec] = {
     "EvaBlock": _TIMM_EVA,
     "timm.models.beit.Block": _TIMM_BEIT,  # module-qualified: timm's ViT block has the same class name
     "ViTLayer": _HF_VIT,
+    "DeiTLayer": _HF_VIT,  # ViT's layer under another name (DeiT: CLS + distillation token)
+    "IJepaLayer": _HF_VIT,  # ViT's layer; I-JEPA has no CLS token
     "Dinov2Layer": _HF_DINOV2,
     "Dinov2WithRegistersLayer": _HF_DINOV2,
     "CLIPEncoderLayer": _HF_CLIP,
@@ -166,7 +168,9 @@ def special_tokens(model: nn.Module) -> int:
         return 1
     if model_type == "dinov2_with_registers":
         return 1 + int(config.num_register_tokens)
-    if model_type in ("siglip_vision_model", "siglip"):
+    if model_type == "deit":
+        return 2
+    if model_type in ("siglip_vision_model", "siglip", "ijepa"):
         return 0
     raise SourceError(f"{type(model).__name__}: unknown number of special tokens; pass specials=...")
 
