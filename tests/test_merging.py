@@ -83,6 +83,9 @@ MAP_CASES = [
     (TIMM_MAP_CLS, "pitome(ratio=0.9)"),
     (TIMM_MAP_CLS, "diffrate(prune=[17,16,14], merge=[17,15,12])"),
     (TIMM_MAP_CLS, "topk(keep=0.7, layers=[1])"),
+    # NaFlexViT pools through its own `_pool` (which also takes patch_valid): MAP and size-weighted average
+    ("timm:naflexvit_base_patch16_map?depth=2&img_size=64&embed_dim=192&num_heads=3", "tome(r=4)"),
+    ("timm:naflexvit_base_patch16_gap?depth=2&img_size=64&embed_dim=192&num_heads=3", "tome(r=4)"),
 ]
 
 
@@ -93,7 +96,8 @@ def test_timm_map_head_parity(zoo, tmp_path, source, method):
     artifact = export_and_check(zoo(source), method, tmp_path / "a")
     graph = ir.load(artifact.graph_path("model")).graph
     pooled = [n for n in graph if n.name.startswith("tokensieve/prop_attn_pool")]
-    assert bool(pooled) == ("topk" not in method)  # merging: the head's Softmax gets log(size); pruning: nothing
+    mapped = "map" in source or "siglip" in source  # merging: the head's Softmax gets log(size); pruning: nothing
+    assert bool(pooled) == ("topk" not in method and mapped)
 
 
 def test_timm_map_head_fused_attention_gets_the_size_bias(zoo, tmp_path):

@@ -151,7 +151,7 @@ class ReducedModel(nn.Module):
 
     # -- pooling with sizes ------------------------------------------------------------------------------------
     def _size_aware_pooling(self) -> None:
-        timm_vit = next((m for m in self.model.modules() if hasattr(m, "global_pool") and hasattr(m, "pool")), None)
+        timm_vit = next((m for m in self.model.modules() if hasattr(m, "global_pool") and _pool_name(m)), None)
         if timm_vit is not None:
             attn_pool = getattr(timm_vit, "attn_pool", None)
             if attn_pool is None:
@@ -168,17 +168,18 @@ class ReducedModel(nn.Module):
                 module.register_forward_pre_hook(self._bias_pooling_attention, with_kwargs=True)
 
     def _weighted_average_pool(self, vit: nn.Module) -> None:
-        original, S = vit.pool, self.specials
+        name, S = _pool_name(vit), self.specials
+        original = getattr(vit, name)
 
-        def pool(x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        def pool(x: torch.Tensor, pool_type: str | None = None, **kwargs) -> torch.Tensor:
             if self.sizes is None or (pool_type or vit.global_pool) != "avg":
-                return original(x, pool_type)
+                return original(x, pool_type, **kwargs)
             include_prefix = getattr(vit, "pool_include_prefix", False)  # timm's Eva pools patches only
             weights = self.sizes if include_prefix else self.sizes[:, S:]
             x = x if include_prefix else x[:, S:]
             return (x * weights.unsqueeze(-1)).sum(dim=1) / weights.sum(dim=1, keepdim=True)
 
-        vit.pool = pool
+        setattr(vit, name, pool)
 
     def _bias_pooling_attention(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict):
         bias = self.attention_bias()
@@ -200,3 +201,9 @@ class ReducedModel(nn.Module):
         mask = bias[..., bias.shape[-1] - tokens :]  # [B, 1, 1, N]: special tokens lead, so the patches are last
         given = args[1] if len(args) > 1 else kwargs.get("attn_mask")
         return args[:1], {**kwargs, "attn_mask": mask if given is None else given + mask}
+
+
+def _pool_name(model: nn.Module) -> str | None:
+    """The method a timm model pools its tokens with: ``pool`` (VisionTransformer, Eva), ``_pool`` (NaFlexViT, which
+    also takes ``patch_valid``); ``None`` for other modules."""
+    return next((name for name in ("pool", "_pool") if callable(getattr(model, name, None))), None)
