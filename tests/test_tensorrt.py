@@ -120,7 +120,9 @@ def test_staged_dispatch_replay_and_bench_take_the_engines(zoo, hf_config_dir, t
     engines, ort = artifact.staged_runner(runtime="tensorrt").run(pixels), artifact.staged_runner().run(pixels)
     assert [r.buckets for r in engines.routes] == [r.buckets for r in ort.routes]
     assert len({tuple(r.buckets) for r in ort.routes}) > 1
-    np.testing.assert_array_equal(engines.outputs["pooler_output"], ort.outputs["pooler_output"])
+    # the stand-in engines prepack their weights, the staged ONNX Runtime sessions share one unpacked copy: the
+    # products sum in another order (differences of 1e-6)
+    np.testing.assert_allclose(engines.outputs["pooler_output"], ort.outputs["pooler_output"], rtol=1e-5, atol=1e-5)
     report = bench_staged(artifact, pixels, blocks=1, save=False, runtime="tensorrt")
     assert report.runtime == "tensorrt" and "TensorRT engines" in report.text()
     opened = set(OnnxEngine.opened)  # every plan the dispatcher and the benchmark open is one `build` makes
