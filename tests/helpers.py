@@ -203,3 +203,21 @@ def assert_bench_runs(artifact) -> None:
     assert [r.context for r in report.decode] == contexts
     assert all(r.fixed_ms > 0 and (r.growing_ms is not None) == growing for r in report.decode)
     assert sorted(report.prefill_ms) == contexts and report.vision_ms > 0
+
+
+def prefill_case(artifact, preset: str, seed: int):
+    """One default parity case (prompt and image) of ``preset`` run through ``artifact``'s prefill: ``(built model,
+    the HF processor's inputs, prompt ids, present caches, prefill extras)`` (cache-layout checks against eager)."""
+    from tokensieve.converters.llava import build_llava
+    from tokensieve.parity.mllm import _hf_processor, default_cases
+    from tokensieve.runtimes.llava import expand_placeholders
+
+    runner, built = artifact.llava_runner(), build_llava(preset)
+    prompt, image = default_cases(built.host, 1, seed)[0]
+    inputs = _hf_processor(built.host, built.tokenizer)(
+        images=image, text=built.host["template"].format(prompt=prompt), return_tensors="pt"
+    )
+    features, ids = runner.image_features(image), inputs["input_ids"][0].numpy()
+    ids = expand_placeholders(ids, runner.host["image_token_id"], len(features))
+    _, present, extras = runner.prefill(runner.inputs_embeds(ids, features))
+    return built, inputs, ids, present, extras

@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from helpers import assert_bench_runs, assert_plan_matches_graphs
+from helpers import assert_bench_runs, assert_plan_matches_graphs, prefill_case
 
 import tokensieve
 from tokensieve.cli import main
@@ -24,7 +24,6 @@ from tokensieve.methods.snapkv import SnapKV
 from tokensieve.parity.mllm import _hf_processor, default_cases
 from tokensieve.reference.decoding import prefill
 from tokensieve.reference.prompt_cache import compressed_generate, select
-from tokensieve.runtimes.llava import expand_placeholders
 
 CAPACITY = 128
 
@@ -64,15 +63,7 @@ def test_compressed_cache_holds_the_selected_keys_and_values(artifacts):
     from transformers import DynamicCache
 
     artifact = artifacts["llava"]
-    runner = artifact.llava_runner()
-    built = build_llava("llava-tiny")
-    prompt, image = default_cases(built.host, 1, 5)[0]
-    inputs = _hf_processor(built.host, built.tokenizer)(
-        images=image, text=built.host["template"].format(prompt=prompt), return_tensors="pt"
-    )
-    features, ids = runner.image_features(image), inputs["input_ids"][0].numpy()
-    ids = expand_placeholders(ids, runner.host["image_token_id"], len(features))
-    _, present, extras = runner.prefill(runner.inputs_embeds(ids, features))
+    built, inputs, ids, present, extras = prefill_case(artifact, "llava-tiny", 5)
     positions = extras["cache_positions"]  # [layers, kv_heads, 48]
     assert positions.shape == (2, 2, 48) and all(np.all(np.diff(p) > 0) for p in positions.reshape(4, 48))
     assert (positions[..., -8:] == np.arange(len(ids) - 8, len(ids))).all()  # the window is always kept

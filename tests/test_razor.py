@@ -10,7 +10,7 @@ from fractions import Fraction
 import numpy as np
 import onnx_ir as ir
 import pytest
-from helpers import assert_bench_runs, assert_plan_matches_graphs
+from helpers import assert_bench_runs, assert_plan_matches_graphs, prefill_case
 
 import tokensieve
 from tokensieve.converters.llava import build_llava
@@ -20,10 +20,8 @@ from tokensieve.graph_passes.razor import HeadClassCachePass
 from tokensieve.methods import methods_from_dicts, parse_methods
 from tokensieve.methods.decoder import DecoderContext
 from tokensieve.methods.razor import COMPENSATION, UNUSED, RazorAttention
-from tokensieve.parity.mllm import _hf_processor, default_cases
 from tokensieve.plan.mllm import format_mllm_plan, plan_mllm
 from tokensieve.reference.razor import find_retrieval_heads, razor_generate
-from tokensieve.runtimes.llava import expand_placeholders
 from tokensieve.runtimes.razor import head_class_slots
 
 METHOD = "razor(window=8, ratio=5, probe=32, induction=0.25, new_tokens=32)"
@@ -65,14 +63,7 @@ def test_layout_and_compensation_tokens_match_the_eager_cache(artifacts):
     """Level-2 check: the graph's prompt cache is the eager layout entry by entry; compensation keys/values equal the
     eager means of the dropped positions; another head class gives other positions (what parity would catch)."""
     artifact, method = artifacts["llava"], _method(artifacts["llava"])
-    runner, built = artifact.llava_runner(), build_llava("llava-tiny")
-    prompt, image = default_cases(built.host, 1, 3)[0]
-    inputs = _hf_processor(built.host, built.tokenizer)(
-        images=image, text=built.host["template"].format(prompt=prompt), return_tensors="pt"
-    )
-    features, ids = runner.image_features(image), inputs["input_ids"][0].numpy()
-    ids = expand_placeholders(ids, runner.host["image_token_id"], len(features))
-    _, present, extras = runner.prefill(runner.inputs_embeds(ids, features))
+    built, inputs, ids, present, extras = prefill_case(artifact, "llava-tiny", 3)
     eager = razor_generate(built.model, inputs, method, 1)
     positions = extras["cache_positions"]
     np.testing.assert_array_equal(positions, eager.cache_positions.numpy())

@@ -112,14 +112,17 @@ MLLM_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNext
 
 def is_mllm_source(name: str) -> bool:
     """True for the LLaVA presets and for checkpoint / config paths whose ``model_type`` is an MLLM."""
-    if name in LLAVA_PRESETS:
-        return True
+    return name in LLAVA_PRESETS or config_model_type(name) in MLLM_TYPES
+
+
+def config_model_type(name: str) -> str | None:
+    """The ``model_type`` of a checkpoint / config directory or ``config.json`` path (``None``: not readable)."""
     path = Path(name)
     config = path / "config.json" if path.is_dir() else path
     try:
-        return json.loads(config.read_text()).get("model_type") in MLLM_TYPES
+        return json.loads(config.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
 
 
 def byte_tokenizer():

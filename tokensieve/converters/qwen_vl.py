@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokensieve.converters.llava import config_model_type
 from tokensieve.errors import SourceError
 
 QWEN_VL_TYPES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
@@ -66,14 +67,7 @@ QWEN_VL_PRESETS: dict[str, dict[str, Any]] = {
 
 def is_qwen_vl_source(name: str) -> bool:
     """A Qwen-VL preset, or a checkpoint / config directory whose ``model_type`` is a Qwen-VL family."""
-    if name in QWEN_VL_PRESETS:
-        return True
-    path = Path(name)
-    config = path / "config.json" if path.is_dir() else path
-    try:
-        return json.loads(config.read_text()).get("model_type") in QWEN_VL_TYPES
-    except (OSError, ValueError, AttributeError):
-        return False
+    return name in QWEN_VL_PRESETS or config_model_type(name) in QWEN_VL_TYPES
 
 
 def qwen_vl_config(name: str):
