@@ -57,3 +57,13 @@ def test_unsupported_hf_architecture(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_size": 32}')
     with pytest.raises(SourceError, match=r"is not supported; vision towers: .*MLLMs: llava"):
         build_module(parse_source(f"hf:{tmp_path}"))
+
+
+def test_weights_digest_takes_scalar_buffers():
+    """BatchNorm's 0-dim ``num_batches_tracked`` (hybrid ViTs, XCiT) is hashed like any tensor."""
+    import torch
+
+    first, second = torch.nn.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    assert weights_digest(first) == weights_digest(second)
+    second.num_batches_tracked += 1
+    assert weights_digest(first) != weights_digest(second)
