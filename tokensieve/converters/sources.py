@@ -34,6 +34,7 @@ HF_PRESETS: dict[str, str] = {
     "dinov2-registers": "Dinov2WithRegistersConfig",
     "deit": "DeiTConfig",
     "ijepa": "IJepaConfig",
+    "dinov3": "DINOv3ViTConfig",
 }
 # config.model_type -> vision model class
 HF_MODELS = {
@@ -46,6 +47,7 @@ HF_MODELS = {
     "dinov2_with_registers": "Dinov2WithRegistersModel",
     "deit": "DeiTModel",
     "ijepa": "IJepaModel",
+    "dinov3_vit": "DINOv3ViTModel",
 }
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
@@ -159,6 +161,7 @@ HF_NORMALIZATION = {
     "clip": CLIP,
     "dinov2": IMAGENET,
     "dinov2_with_registers": IMAGENET,
+    "dinov3_vit": IMAGENET,
     "deit": IMAGENET,
 }
 

@@ -11,15 +11,20 @@ reference computes exactly the original model wherever no reduction happens (che
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from tokensieve.errors import SourceError
+
+
+# (attention module, queries [B, H, N, d], keys [B, H, N, d], rotary tables as the block passes them) -> (q, k)
+Rotate = Callable[[nn.Module, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,10 @@ class BlockSpec:
     attn_returns_tuple: bool
     mask_kwarg: str  # keyword of the attention module's additive mask (used for proportional attention)
     attention_classes: frozenset[str] = frozenset()  # the attention modules supported (empty: any)
-    rope: bool = False  # the block takes ``rope=`` tables, applied to the queries and keys after ``query``/``key``
+    # keyword under which the block passes its attention rotary tables (None: no rotary embedding), and how they are
+    # applied to the heads-first queries and keys after ``query``/``key``: ``rotate(attention, q, k, tables)``
+    rope: str | None = None
+    rotate: Rotate | None = None
     # timm BEiT: Q/K are computed inside the attention (no submodule gives them): captured from its fused-attention
     # call with the whole logit bias; its relative position bias (own table, ``shared_rel_pos_bias``) follows the tokens
     relpos: bool = False
@@ -71,7 +79,8 @@ _TIMM_EVA = BlockSpec(
     False,
     "attn_mask",
     frozenset({"EvaAttention", "AttentionRope"}),
-    rope=True,
+    rope="rope",
+    rotate=lambda attn, q, k, rope: (rotated(attn, q, rope), rotated(attn, k, rope)),
 )
 # timm BEiT / BEiT v2 blocks: LayerScale as gamma parameters, a relative position bias added to the logits (the
 # attention's own table, and/or a shared one passed to every block, which also carries proportional attention)
@@ -81,7 +90,8 @@ _TIMM_BEIT = replace(
     key="",
     mask_kwarg="shared_rel_pos_bias",
     attention_classes=frozenset({"Attention"}),
-    rope=False,
+    rope=None,
+    rotate=None,
     relpos=True,
 )
 _HF_VIT = BlockSpec(
@@ -110,6 +120,9 @@ _HF_DINOV2 = BlockSpec(
     True,
     "attention_mask",
 )
+# HF DINOv3: (cos, sin) rotary tables over the patch tokens passed to every layer as ``position_embeddings``,
+# applied with the model's own ``apply_rotary_pos_emb`` (CLS and registers unrotated)
+_HF_DINOV3 = replace(_HF_DINOV2, rope="position_embeddings", rotate=lambda attn, q, k, t: hf_rotated(attn, q, k, t))
 _HF_CLIP = BlockSpec(
     "layer_norm1", "self_attn", None, "layer_norm2", "mlp", None, "q_proj", "k_proj", False, True, "attention_mask"
 )
@@ -123,6 +136,7 @@ BLOCK_SPECS: dict[str, BlockSpec] = {
     "IJepaLayer": _HF_VIT,  # ViT's layer; I-JEPA has no CLS token
     "Dinov2Layer": _HF_DINOV2,
     "Dinov2WithRegistersLayer": _HF_DINOV2,
+    "DINOv3ViTLayer": _HF_DINOV3,
     "CLIPEncoderLayer": _HF_CLIP,
     "SiglipEncoderLayer": _HF_CLIP,
 }
@@ -166,7 +180,7 @@ def special_tokens(model: nn.Module) -> int:
     model_type = getattr(config, "model_type", None)
     if model_type in ("vit", "dinov2", "clip_vision_model", "clip"):
         return 1
-    if model_type == "dinov2_with_registers":
+    if model_type in ("dinov2_with_registers", "dinov3_vit"):
         return 1 + int(config.num_register_tokens)
     if model_type == "deit":
         return 2
@@ -230,11 +244,12 @@ class ReducingBlock(nn.Module):
         return h + self._part(spec.ls2)(getattr(self.block, spec.mlp)(getattr(self.block, spec.norm2)(h)))
 
     def _hooked_attention(self, attn: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple:
-        """The attention's output, and Q/K from the outputs of its ``query``/``key`` submodules."""
+        """The attention's output, and Q/K from the outputs of its ``query``/``key`` submodules (rotated as the
+        attention rotates them, where the block passes rotary tables)."""
         spec = self.spec
-        rope = kwargs.get("rope") if spec.rope else None
-        rope = self.host.rope_rows(rope) if rope is not None else None
-        extra = {"rope": rope} if rope is not None else {}
+        rope = kwargs.get(spec.rope) if spec.rope else None
+        rope = _table_rows(self.host, rope) if rope is not None else None
+        extra = {spec.rope: rope} if rope is not None else {}
         bias = self.host.attention_bias()
         if bias is not None:
             extra[spec.mask_kwarg] = bias
@@ -248,8 +263,10 @@ class ReducingBlock(nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
-        q, k = (rotated(attn, captured[t], rope) for t in "qk") if rope is not None else (captured["q"], captured["k"])
-        return out, self._attention_tensors(attn, q, k, bias)
+        tensors = self._attention_tensors(attn, captured["q"], captured["k"], bias)
+        if rope is not None:
+            tensors.query, tensors.key = spec.rotate(attn, tensors.query, tensors.key, rope)
+        return out, tensors
 
     def _relpos_attention(self, attn: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple:
         """timm BEiT attention: its own relative position bias and the shared one at the tokens' positions (the
@@ -294,6 +311,18 @@ def _relpos_capture(attn: nn.Module, host: BlockHost, captured: dict[str, torch.
     finally:
         del attn._get_rel_pos_bias
         F.scaled_dot_product_attention = sdpa
+
+
+def _table_rows(host: BlockHost, tables: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:
+    """Rotary tables (one, or a tuple such as HF's ``(cos, sin)``) at the tokens' original positions."""
+    return tuple(host.rope_rows(t) for t in tables) if isinstance(tables, tuple) else host.rope_rows(tables)
+
+
+def hf_rotated(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, tables: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys ``[B, H, N, d]`` rotated by the attention's own module-level ``apply_rotary_pos_emb`` (HF
+    towers whose rotary ``(cos, sin)`` cover the patch tokens only, the leading special tokens unrotated)."""
+    apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    return apply(q, k, *tables)
 
 
 def rotated(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
