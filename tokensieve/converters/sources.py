@@ -35,6 +35,7 @@ HF_PRESETS: dict[str, str] = {
     "deit": "DeiTConfig",
     "ijepa": "IJepaConfig",
     "dinov3": "DINOv3ViTConfig",
+    "aimv2": "Aimv2VisionConfig",
 }
 # config.model_type -> vision model class
 HF_MODELS = {
@@ -48,6 +49,7 @@ HF_MODELS = {
     "deit": "DeiTModel",
     "ijepa": "IJepaModel",
     "dinov3_vit": "DINOv3ViTModel",
+    "aimv2_vision_model": "Aimv2VisionModel",
 }
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
@@ -159,6 +161,7 @@ CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711
 HF_NORMALIZATION = {
     "clip_vision_model": CLIP,
     "clip": CLIP,
+    "aimv2_vision_model": CLIP,
     "dinov2": IMAGENET,
     "dinov2_with_registers": IMAGENET,
     "dinov3_vit": IMAGENET,

@@ -126,6 +126,9 @@ _HF_DINOV3 = replace(_HF_DINOV2, rope="position_embeddings", rotate=lambda attn,
 _HF_CLIP = BlockSpec(
     "layer_norm1", "self_attn", None, "layer_norm2", "mlp", None, "q_proj", "k_proj", False, True, "attention_mask"
 )
+_HF_AIMV2 = BlockSpec(
+    "rms_norm1", "attention", None, "rms_norm2", "ffn", None, "q_proj", "k_proj", False, True, "attention_mask"
+)
 
 BLOCK_SPECS: dict[str, BlockSpec] = {
     "Block": _TIMM,  # timm.models.vision_transformer.Block (ViT, DeiT, DeiT-III, DINOv2 in timm, ...)
@@ -139,6 +142,7 @@ BLOCK_SPECS: dict[str, BlockSpec] = {
     "DINOv3ViTLayer": _HF_DINOV3,
     "CLIPEncoderLayer": _HF_CLIP,
     "SiglipEncoderLayer": _HF_CLIP,
+    "Aimv2EncoderLayer": _HF_AIMV2,
 }
 
 
@@ -184,7 +188,7 @@ def special_tokens(model: nn.Module) -> int:
         return 1 + int(config.num_register_tokens)
     if model_type == "deit":
         return 2
-    if model_type in ("siglip_vision_model", "siglip", "ijepa"):
+    if model_type in ("siglip_vision_model", "siglip", "ijepa", "aimv2_vision_model"):
         return 0
     raise SourceError(f"{type(model).__name__}: unknown number of special tokens; pass specials=...")
 
@@ -350,6 +354,34 @@ def size_weighted_head(model: nn.Module, host: BlockHost) -> None:
         return original(torch.cat([x[:, :S], x[:, S:] * weights.unsqueeze(-1)], dim=1), pre_logits=pre_logits)
 
     model.forward_head = head
+
+
+# Attention-pooling heads that attend over every token they are given with one call of the functional
+# ``scaled_dot_product_attention`` and no mask (HF AIMv2's head): under merging that call gets ``log(size)`` added
+SDPA_POOLING_HEADS = frozenset({"Aimv2AttentionPoolingHead"})
+
+
+def biased_sdpa_pooling(model: nn.Module, host: BlockHost) -> None:
+    """Every :data:`SDPA_POOLING_HEADS` module of ``model`` runs its own forward with the host's attention bias
+    (``[B, 1, 1, N]`` on the key axis, as the graph adds it before the head's ``Softmax``) as its attention mask."""
+    for module in model.modules():
+        if type(module).__name__ in SDPA_POOLING_HEADS:
+            module.forward = _with_sdpa_bias(module.forward, host)
+
+
+def _with_sdpa_bias(forward: Callable, host: BlockHost) -> Callable:
+    def biased(*args, **kwargs):
+        bias = host.attention_bias()
+        if bias is None:
+            return forward(*args, **kwargs)
+        sdpa = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = lambda q, k, v, **kw: sdpa(q, k, v, **{**kw, "attn_mask": bias})
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            F.scaled_dot_product_attention = sdpa
+
+    return biased
 
 
 def wrap_blocks(model: nn.Module, host: BlockHost) -> int:
