@@ -36,6 +36,7 @@ HF_PRESETS: dict[str, str] = {
     "ijepa": "IJepaConfig",
     "dinov3": "DINOv3ViTConfig",
     "aimv2": "Aimv2VisionConfig",
+    "beit": "BeitConfig",
 }
 # config.model_type -> vision model class
 HF_MODELS = {
@@ -50,6 +51,7 @@ HF_MODELS = {
     "ijepa": "IJepaModel",
     "dinov3_vit": "DINOv3ViTModel",
     "aimv2_vision_model": "Aimv2VisionModel",
+    "beit": "BeitModel",
 }
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 

@@ -48,6 +48,10 @@ class BlockSpec:
     # timm BEiT: Q/K are computed inside the attention (no submodule gives them): captured from its fused-attention
     # call with the whole logit bias; its relative position bias (own table, ``shared_rel_pos_bias``) follows the tokens
     relpos: bool = False
+    # HF BEiT: the block's logit position bias ``[1, H, N, N]`` at the original tokens, from the block and the keyword
+    # arguments it was called with (its own relative position bias, and the shared one the model passes as its
+    # attention mask); it follows the tokens and is added to the attention's mask (None: no such bias)
+    position_bias: Callable[[nn.Module, dict], torch.Tensor | None] | None = None
 
 
 _TIMM = BlockSpec(
@@ -123,6 +127,22 @@ _HF_DINOV2 = BlockSpec(
 # HF DINOv3: (cos, sin) rotary tables over the patch tokens passed to every layer as ``position_embeddings``,
 # applied with the model's own ``apply_rotary_pos_emb`` (CLS and registers unrotated)
 _HF_DINOV3 = replace(_HF_DINOV2, rope="position_embeddings", rotate=lambda attn, q, k, t: hf_rotated(attn, q, k, t))
+
+
+def _hf_beit_bias(block: nn.Module, kwargs: dict) -> torch.Tensor | None:
+    """HF BEiT layer: the shared relative position bias it is given as ``attention_mask`` plus its own, computed by
+    its own ``relative_position_bias`` module for the image's patch grid as the layer computes it."""
+    if kwargs.get("interpolate_pos_encoding"):
+        raise SourceError("HF BEiT with interpolate_pos_encoding: its interpolated position bias cannot follow tokens")
+    shared, own = kwargs.get("attention_mask"), block.relative_position_bias
+    if own is not None:
+        height, width = kwargs["resolution"]
+        own = own((height // block.patch_size, width // block.patch_size))
+    parts = [b for b in (shared, own) if b is not None]
+    return sum(parts[1:], parts[0]) if parts else None
+
+
+_HF_BEIT = replace(_HF_VIT, ls1="lambda_1", ls2="lambda_2", position_bias=_hf_beit_bias)
 _HF_CLIP = BlockSpec(
     "layer_norm1", "self_attn", None, "layer_norm2", "mlp", None, "q_proj", "k_proj", False, True, "attention_mask"
 )
@@ -135,6 +155,7 @@ BLOCK_SPECS: dict[str, BlockSpec] = {
     "EvaBlock": _TIMM_EVA,
     "timm.models.beit.Block": _TIMM_BEIT,  # module-qualified: timm's ViT block has the same class name
     "ViTLayer": _HF_VIT,
+    "BeitLayer": _HF_BEIT,
     "DeiTLayer": _HF_VIT,  # ViT's layer under another name (DeiT: CLS + distillation token)
     "IJepaLayer": _HF_VIT,  # ViT's layer; I-JEPA has no CLS token
     "Dinov2Layer": _HF_DINOV2,
@@ -171,9 +192,10 @@ def find_blocks(model: nn.Module) -> tuple[nn.Module, list[nn.Module], BlockSpec
     return best
 
 
-def _spec_key(cls: type) -> str:
+def _spec_key(cls: type, table: dict = BLOCK_SPECS) -> str:
+    """``cls``'s key in ``table``: module-qualified where the table has it so, else the class name."""
     qualified = f"{cls.__module__}.{cls.__name__}"
-    return qualified if qualified in BLOCK_SPECS else cls.__name__
+    return qualified if qualified in table else cls.__name__
 
 
 def special_tokens(model: nn.Module) -> int:
@@ -182,7 +204,7 @@ def special_tokens(model: nn.Module) -> int:
         return int(model.num_prefix_tokens)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type in ("vit", "dinov2", "clip_vision_model", "clip"):
+    if model_type in ("vit", "dinov2", "clip_vision_model", "clip", "beit"):
         return 1
     if model_type in ("dinov2_with_registers", "dinov3_vit"):
         return 1 + int(config.num_register_tokens)
@@ -209,6 +231,7 @@ class BlockHost(Protocol):
     """What a :class:`ReducingBlock` asks its model-level controller for."""
 
     sizes: torch.Tensor | None  # [B, N] token sizes after the last merge (None before any)
+    specials: int  # leading special tokens
 
     def attention_bias(self) -> torch.Tensor | None: ...
 
@@ -232,11 +255,11 @@ class ReducingBlock(nn.Module):
         part = None if name is None else getattr(self.block, name)
         if part is None:
             return lambda t: t
-        return (lambda t: t * part) if isinstance(part, torch.Tensor) else part  # LayerScale as a parameter
+        return part if callable(part) else (lambda t: t * part)  # LayerScale as a parameter (or a float: HF BEiT)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         mask = args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
-        if mask is not None or kwargs.get("is_causal"):
+        if (mask is not None and self.spec.position_bias is None) or kwargs.get("is_causal"):
             raise ValueError("token reduction references do not support attention masks")
         spec, attn = self.spec, getattr(self.block, self.spec.attn)
         normed = getattr(self.block, spec.norm1)(x)
@@ -254,7 +277,7 @@ class ReducingBlock(nn.Module):
         rope = kwargs.get(spec.rope) if spec.rope else None
         rope = _table_rows(self.host, rope) if rope is not None else None
         extra = {spec.rope: rope} if rope is not None else {}
-        bias = self.host.attention_bias()
+        bias = self._logit_bias(kwargs)
         if bias is not None:
             extra[spec.mask_kwarg] = bias
         captured: dict[str, torch.Tensor] = {}
@@ -271,6 +294,15 @@ class ReducingBlock(nn.Module):
         if rope is not None:
             tensors.query, tensors.key = spec.rotate(attn, tensors.query, tensors.key, rope)
         return out, tensors
+
+    def _logit_bias(self, kwargs: dict) -> torch.Tensor | None:
+        """The host's bias (proportional attention), plus the block's position bias at the tokens' positions."""
+        bias = self.host.attention_bias()
+        position = self.spec.position_bias(self.block, kwargs) if self.spec.position_bias else None
+        if position is None:
+            return bias
+        position = self.host.bias_rows(position)
+        return position if bias is None else position + bias
 
     def _relpos_attention(self, attn: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple:
         """timm BEiT attention: its own relative position bias and the shared one at the tokens' positions (the
@@ -338,22 +370,36 @@ def rotated(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor) -> torch.Tenso
     return torch.cat([x[:, :, :npt], apply_rot_embed_cat(x[:, :, npt:], rope, half=half)], dim=2).type_as(x)
 
 
-def size_weighted_head(model: nn.Module, host: BlockHost) -> None:
-    """timm BEiT's head averages the patch tokens inline (``forward_head``, no ``pool`` method to replace): once
-    tokens carry sizes, each patch token is scaled by ``size · n / Σ size`` before it, so its plain mean is the
-    size-weighted mean, and the model's own head (norm, classifier) runs on that."""
-    if type(model).__module__ != "timm.models.beit":
-        return
-    original, S = model.forward_head, int(model.num_prefix_tokens)
+# Heads that average the patch tokens inline (no pooling method of their own to replace), by class (module-qualified
+# where the name is ambiguous) -> the method that takes the tokens, and when it averages them: timm BEiT's
+# ``forward_head`` (``global_pool='avg'``) and HF BEiT's pooler (``use_mean_pooling``: it has a layer norm)
+MEAN_POOLING_HEADS: dict[str, tuple[str, Callable[[nn.Module], bool]]] = {
+    "timm.models.beit.Beit": ("forward_head", lambda m: m.global_pool == "avg"),
+    "BeitPooler": ("forward", lambda m: m.layernorm is not None),
+}
 
-    def head(x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if host.sizes is None or model.global_pool != "avg":
-            return original(x, pre_logits=pre_logits)
+
+def size_weighted_head(model: nn.Module, host: BlockHost) -> None:
+    """Once tokens carry sizes, every averaging :data:`MEAN_POOLING_HEADS` head sees each patch token scaled by
+    ``size · n / Σ size``, so its plain mean is the size-weighted mean, and the model's own head (norm, classifier)
+    runs on that."""
+    for module in model.modules():
+        entry = MEAN_POOLING_HEADS.get(_spec_key(type(module), MEAN_POOLING_HEADS))
+        if entry is not None:
+            name, averages = entry
+            setattr(module, name, _size_scaled(getattr(module, name), host, lambda m=module: averages(m)))
+
+
+def _size_scaled(head: Callable, host: BlockHost, averages: Callable[[], bool]) -> Callable:
+    def scaled(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if host.sizes is None or not averages():
+            return head(x, *args, **kwargs)
+        S = host.specials
         weights = host.sizes[:, S:]
         weights = weights * (weights.shape[1] / weights.sum(dim=1, keepdim=True))
-        return original(torch.cat([x[:, :S], x[:, S:] * weights.unsqueeze(-1)], dim=1), pre_logits=pre_logits)
+        return head(torch.cat([x[:, :S], x[:, S:] * weights.unsqueeze(-1)], dim=1), *args, **kwargs)
 
-    model.forward_head = head
+    return scaled
 
 
 # Attention-pooling heads that attend over every token they are given with one call of the functional
