@@ -37,6 +37,7 @@ HF_PRESETS: dict[str, str] = {
     "dinov3": "DINOv3ViTConfig",
     "aimv2": "Aimv2VisionConfig",
     "beit": "BeitConfig",
+    "data2vec-vision": "Data2VecVisionConfig",
 }
 # config.model_type -> vision model class
 HF_MODELS = {
@@ -52,7 +53,15 @@ HF_MODELS = {
     "dinov3_vit": "DINOv3ViTModel",
     "aimv2_vision_model": "Aimv2VisionModel",
     "beit": "BeitModel",
+    "data2vec-vision": "Data2VecVisionModel",
 }
+# Hugging Face vision towers known and refused: model type -> why, and what to use instead
+_NAFLEX = (
+    "SigLIP2 (NaFlex) takes variable-length patch sequences with a pixel attention mask and per-image spatial shapes, "
+    "not a fixed-size image, and resizes its position embedding to each image's grid; tokensieve exports fixed-shape "
+    "image towers. Use hf:siglip (fixed resolution) or timm's NaFlexViT (e.g. timm:naflexvit_base_patch16_siglip)"
+)
+HF_REFUSED = {"siglip2_vision_model": _NAFLEX, "siglip2": _NAFLEX}
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
 
@@ -236,6 +245,8 @@ def _build_hf(spec: SourceSpec) -> BuiltModel:
     import transformers
 
     config = _hf_config(spec)
+    if config.model_type in HF_REFUSED:
+        raise SourceError(f"Hugging Face model type {config.model_type!r} is not supported: {HF_REFUSED[config.model_type]}")
     class_name = HF_MODELS.get(config.model_type)
     if class_name is None:
         raise SourceError(

@@ -33,7 +33,7 @@ class BlockSpec:
     attn: str
     ls1: str | None
     norm2: str
-    mlp: str
+    mlp: str | tuple[str, ...]  # the MLP submodule, or submodules applied in turn
     ls2: str | None
     query: str  # attention submodule whose output is the queries
     key: str
@@ -52,6 +52,11 @@ class BlockSpec:
     # arguments it was called with (its own relative position bias, and the shared one the model passes as its
     # attention mask); it follows the tokens and is added to the attention's mask (None: no such bias)
     position_bias: Callable[[nn.Module, dict], torch.Tensor | None] | None = None
+    # HF Data2Vec-vision: the attention's submodule that computes the attention's own relative position bias inside
+    # it (its output follows the tokens), and the block's keyword arguments the attention needs passed on
+    bias_module: str | None = None
+    forwarded: tuple[str, ...] = ()
+    block_returns_tuple: bool = False  # the block returns ``(hidden_states, ...)`` (HF Data2Vec-vision's layer)
 
 
 _TIMM = BlockSpec(
@@ -143,6 +148,21 @@ def _hf_beit_bias(block: nn.Module, kwargs: dict) -> torch.Tensor | None:
 
 
 _HF_BEIT = replace(_HF_VIT, ls1="lambda_1", ls2="lambda_2", position_bias=_hf_beit_bias)
+# HF Data2Vec-vision: its self-attention (``attention.attention``) computes its own relative position bias; the shared
+# one comes as the block's ``relative_position_bias`` argument, the same one proportional attention uses
+_HF_DATA2VEC_VISION = replace(
+    _HF_VIT,
+    mlp=("intermediate", "output"),
+    ls1="lambda_1",
+    ls2="lambda_2",
+    query="attention.query",
+    key="attention.key",
+    mask_kwarg="relative_position_bias",
+    position_bias=lambda block, kwargs: kwargs.get("relative_position_bias"),
+    bias_module="attention.relative_position_bias",
+    forwarded=("resolution", "interpolate_pos_encoding"),
+    block_returns_tuple=True,
+)
 _HF_CLIP = BlockSpec(
     "layer_norm1", "self_attn", None, "layer_norm2", "mlp", None, "q_proj", "k_proj", False, True, "attention_mask"
 )
@@ -156,6 +176,7 @@ BLOCK_SPECS: dict[str, BlockSpec] = {
     "timm.models.beit.Block": _TIMM_BEIT,  # module-qualified: timm's ViT block has the same class name
     "ViTLayer": _HF_VIT,
     "BeitLayer": _HF_BEIT,
+    "Data2VecVisionLayer": _HF_DATA2VEC_VISION,
     "DeiTLayer": _HF_VIT,  # ViT's layer under another name (DeiT: CLS + distillation token)
     "IJepaLayer": _HF_VIT,  # ViT's layer; I-JEPA has no CLS token
     "Dinov2Layer": _HF_DINOV2,
@@ -204,7 +225,7 @@ def special_tokens(model: nn.Module) -> int:
         return int(model.num_prefix_tokens)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type in ("vit", "dinov2", "clip_vision_model", "clip", "beit"):
+    if model_type in ("vit", "dinov2", "clip_vision_model", "clip", "beit", "data2vec-vision"):
         return 1
     if model_type in ("dinov2_with_registers", "dinov3_vit"):
         return 1 + int(config.num_register_tokens)
@@ -268,7 +289,11 @@ class ReducingBlock(nn.Module):
             out = out[0]
         h = x + self._part(spec.ls1)(out)
         h = self.host.reduce(self.index, h, attention)
-        return h + self._part(spec.ls2)(getattr(self.block, spec.mlp)(getattr(self.block, spec.norm2)(h)))
+        mlp = getattr(self.block, spec.norm2)(h)
+        for name in (spec.mlp,) if isinstance(spec.mlp, str) else spec.mlp:
+            mlp = getattr(self.block, name)(mlp)
+        out = h + self._part(spec.ls2)(mlp)
+        return (out,) if spec.block_returns_tuple else out
 
     def _hooked_attention(self, attn: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple:
         """The attention's output, and Q/K from the outputs of its ``query``/``key`` submodules (rotated as the
@@ -276,24 +301,38 @@ class ReducingBlock(nn.Module):
         spec = self.spec
         rope = kwargs.get(spec.rope) if spec.rope else None
         rope = _table_rows(self.host, rope) if rope is not None else None
-        extra = {spec.rope: rope} if rope is not None else {}
+        extra = {name: kwargs[name] for name in spec.forwarded if name in kwargs}
+        if rope is not None:
+            extra[spec.rope] = rope
         bias = self._logit_bias(kwargs)
         if bias is not None:
             extra[spec.mask_kwarg] = bias
         captured: dict[str, torch.Tensor] = {}
-        hooks = [
-            getattr(attn, spec.query).register_forward_hook(lambda m, i, o: captured.__setitem__("q", o)),
-            getattr(attn, spec.key).register_forward_hook(lambda m, i, o: captured.__setitem__("k", o)),
-        ]
+        hooks = self._capture_hooks(attn, captured)
         try:
             out = attn(x, **extra)
         finally:
             for hook in hooks:
                 hook.remove()
+        own = captured.get("own")
+        bias = own if bias is None else bias if own is None else bias + own
         tensors = self._attention_tensors(attn, captured["q"], captured["k"], bias)
         if rope is not None:
             tensors.query, tensors.key = spec.rotate(attn, tensors.query, tensors.key, rope)
         return out, tensors
+
+    def _capture_hooks(self, attn: nn.Module, captured: dict[str, torch.Tensor]) -> list:
+        """Hooks recording Q and K from the ``query``/``key`` submodules, and replacing the output of the
+        attention's own position-bias submodule by its rows at the tokens' positions (recorded as ``own``)."""
+        spec = self.spec
+        hooks = [
+            attn.get_submodule(spec.query).register_forward_hook(lambda m, i, o: captured.__setitem__("q", o)),
+            attn.get_submodule(spec.key).register_forward_hook(lambda m, i, o: captured.__setitem__("k", o)),
+        ]
+        if spec.bias_module:
+            follow = lambda m, i, o: captured.setdefault("own", self.host.bias_rows(o))  # noqa: E731
+            hooks.append(attn.get_submodule(spec.bias_module).register_forward_hook(follow))
+        return hooks
 
     def _logit_bias(self, kwargs: dict) -> torch.Tensor | None:
         """The host's bias (proportional attention), plus the block's position bias at the tokens' positions."""
@@ -322,11 +361,12 @@ class ReducingBlock(nn.Module):
     def _attention_tensors(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, bias) -> AttentionTensors:
         if self.spec.heads_first:
             return AttentionTensors(q, k, float(attn.scale), bias)
-        head_dim = int(attn.head_dim)
+        owner = attn.get_submodule(self.spec.query.rpartition(".")[0])  # the module computing the queries
+        head_dim = int(getattr(owner, "head_dim", None) or owner.attention_head_size)
         b, n, _ = q.shape
         q = q.view(b, n, -1, head_dim).transpose(1, 2)
         k = k.view(b, n, -1, head_dim).transpose(1, 2)
-        scale = getattr(attn, "scaling", getattr(attn, "scale", head_dim**-0.5))
+        scale = getattr(owner, "scaling", getattr(owner, "scale", head_dim**-0.5))
         return AttentionTensors(q, k, float(scale), bias)
 
 
@@ -372,7 +412,7 @@ def rotated(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor) -> torch.Tenso
 
 # Heads that average the patch tokens inline (no pooling method of their own to replace), by class (module-qualified
 # where the name is ambiguous) -> the method that takes the tokens, and when it averages them: timm BEiT's
-# ``forward_head`` (``global_pool='avg'``) and HF BEiT's pooler (``use_mean_pooling``: it has a layer norm)
+# ``forward_head`` (``global_pool='avg'``) and HF BEiT's pooler (``use_mean_pooling``: it has a layer norm; HF Data2Vec-vision's tower has no pooler)
 MEAN_POOLING_HEADS: dict[str, tuple[str, Callable[[nn.Module], bool]]] = {
     "timm.models.beit.Beit": ("forward_head", lambda m: m.global_pool == "avg"),
     "BeitPooler": ("forward", lambda m: m.layernorm is not None),
