@@ -58,6 +58,14 @@ HF_TINY = {
         "patch_size": 14,
         "num_register_tokens": 4,
     },
+    # rotary (cos, sin) over the patches passed to every layer, CLS + 4 registers unrotated
+    "dinov3": {"model_type": "dinov3_vit", **_SMALL, "num_register_tokens": 4},
+    "aimv2": {"model_type": "aimv2_vision_model", **_SMALL},  # RMSNorm, SwiGLU, attention-pooling head
+    # the layers' own relative position biases and the model's shared one (BEiT: given as every layer's mask)
+    "beit": {"model_type": "beit", **_SMALL, "use_relative_position_bias": True,
+             "use_shared_relative_position_bias": True},  # fmt: skip
+    "data2vec_vision": {"model_type": "data2vec-vision", **_SMALL, "use_relative_position_bias": True,
+                        "use_shared_relative_position_bias": True},  # fmt: skip
 }
 
 
