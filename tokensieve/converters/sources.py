@@ -246,7 +246,9 @@ def _build_hf(spec: SourceSpec) -> BuiltModel:
 
     config = _hf_config(spec)
     if config.model_type in HF_REFUSED:
-        raise SourceError(f"Hugging Face model type {config.model_type!r} is not supported: {HF_REFUSED[config.model_type]}")
+        raise SourceError(
+            f"Hugging Face model type {config.model_type!r} is not supported: {HF_REFUSED[config.model_type]}"
+        )
     class_name = HF_MODELS.get(config.model_type)
     if class_name is None:
         raise SourceError(

@@ -420,12 +420,11 @@ def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | 
     index = len(blocks)
     add_scopes = _scopes(add) or []
     name, attn_scope = _block_name(node, index, add_scopes)
-    if attn_scope is not None:
-        if name not in add_scopes or attn_scope in add_scopes:
-            raise LocateError(
-                f"block {name}: the residual Add found structurally ({add.name!r}) is not in module {name} "
-                "according to the exporter's metadata; the graph's structure is ambiguous"
-            )
+    if attn_scope is not None and (name not in add_scopes or attn_scope in add_scopes):
+        raise LocateError(
+            f"block {name}: the residual Add found structurally ({add.name!r}) is not in module {name} "
+            "according to the exporter's metadata; the graph's structure is ambiguous"
+        )
     if sd[1] != qd[-2]:
         raise LocateError(f"block {name}: attention runs over {qd[-2]} tokens but the residual stream has {sd[1]}")
     if any(b.residual_add is add for b in blocks):

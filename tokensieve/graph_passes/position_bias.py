@@ -3,8 +3,8 @@
 Matches the position-bias ``Add`` nodes :func:`tokensieve.graph_passes.locate.locate_vit` records in each block's
 logit chain (``AttentionBlock.position_bias``): a ``[..., N, N]`` tensor that does not depend on the image, added to
 the ``[B, H, N, N]`` attention logits before the ``Softmax`` (BEiT's relative position bias, gathered by the model
-from its ``relative_position_index`` table; the exporter usually folds it to a constant, sometimes expanded to the batch:
-then the copies are equal and the first one is used).
+from its ``relative_position_index`` table; the exporter usually folds it to a constant, sometimes expanded to the
+batch: then the copies are equal and the first one is used).
 
 Inserts, for every such node in a block after a reduction site: the bias flattened to ``[L, N·N]`` (its leading
 axes, heads, in ``L``), one ``Gather`` at the pairs ``p_i·N + p_j`` of the original positions ``p [B, n]`` of the

@@ -10,10 +10,11 @@ Reshape`` in legacy-exporter graphs, ``Mod`` in a traced ``nn.MultiheadAttention
 count in a traced position-embedding interpolation) so their values are known. At each Reshape whose (known) target no
 longer matches its input's element count, the new target is derived from the old and new input shapes, not from
 matching numbers: the output dimension that contains each changed input axis (found by prefix products of the old
-shapes) is scaled by the axis' new/old ratio. A ``Split`` with constant sizes along a changed axis gives the change to
-its last piece (the leading pieces are special tokens split off ahead of the patches). Constant elements are rewritten in a fresh initializer, shape-derived
-elements are left to compute themselves at run time. Symbolic dimensions (dynamic batch) are carried as distinct
-large prime proxies during the computation and mapped back to their names afterwards.
+shapes) is scaled by the axis' new/old ratio. Constant elements are rewritten in a fresh initializer, shape-derived
+elements are left to compute themselves at run time. A ``Split`` with constant sizes along a changed axis gives the
+change to its last piece (the leading pieces are special tokens split off ahead of the patches). Symbolic dimensions
+(dynamic batch) are carried as distinct large prime proxies during the computation and mapped back to their names
+afterwards.
 
 Nothing here matches on values such as 197, so a hidden size that happens to equal the token count is never
 touched.

@@ -10,10 +10,11 @@ reference computes exactly the original model wherever no reduction happens (che
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -21,7 +22,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from tokensieve.errors import SourceError
-
 
 # (attention module, queries [B, H, N, d], keys [B, H, N, d], rotary tables as the block passes them) -> (q, k)
 Rotate = Callable[[nn.Module, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
@@ -412,7 +412,7 @@ def rotated(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor) -> torch.Tenso
 
 # Heads that average the patch tokens inline (no pooling method of their own to replace), by class (module-qualified
 # where the name is ambiguous) -> the method that takes the tokens, and when it averages them: timm BEiT's
-# ``forward_head`` (``global_pool='avg'``) and HF BEiT's pooler (``use_mean_pooling``: it has a layer norm; HF Data2Vec-vision's tower has no pooler)
+# ``forward_head`` (``global_pool='avg'``) and HF BEiT's pooler (``use_mean_pooling``: it has a layer norm)
 MEAN_POOLING_HEADS: dict[str, tuple[str, Callable[[nn.Module], bool]]] = {
     "timm.models.beit.Beit": ("forward_head", lambda m: m.global_pool == "avg"),
     "BeitPooler": ("forward", lambda m: m.layernorm is not None),
@@ -427,7 +427,7 @@ def size_weighted_head(model: nn.Module, host: BlockHost) -> None:
         entry = MEAN_POOLING_HEADS.get(_spec_key(type(module), MEAN_POOLING_HEADS))
         if entry is not None:
             name, averages = entry
-            setattr(module, name, _size_scaled(getattr(module, name), host, lambda m=module: averages(m)))
+            setattr(module, name, _size_scaled(getattr(module, name), host, partial(averages, module)))
 
 
 def _size_scaled(head: Callable, host: BlockHost, averages: Callable[[], bool]) -> Callable:

@@ -6,7 +6,8 @@ records the index tensors that define its selection. Once a merging method has r
 later attention gets ``log(size)`` added to its logits through the attention's own additive-mask argument
 (proportional attention), attention-pooling heads (``nn.MultiheadAttention``, e.g. HF SigLIP's MAP head, timm's
 latent-query ``AttentionPoolLatent``, ``global_pool='map'``, and functional-SDPA heads such as HF AIMv2's) get the
-same bias, and timm's average pooling becomes size-weighted. Counts come from :func:`tokensieve.methods.schedule`, the same function the graph pass uses.
+same bias, and average pooling (timm's, HF BEiT's pooler) becomes size-weighted. Counts come from
+:func:`tokensieve.methods.schedule`, the same function the graph pass uses.
 """
 
 from __future__ import annotations
