@@ -9,7 +9,7 @@ import pytest
 from helpers import export_and_check
 
 import tokensieve
-from tokensieve.errors import SourceError
+from tokensieve.errors import GraphRewriteError, SourceError
 
 OUTPUTS = {
     "dinov3": ["last_hidden_state", "pooler_output"],
@@ -41,4 +41,15 @@ def test_siglip2_refused(tmp_path):
     out = tmp_path / "a"
     with pytest.raises(SourceError, match=r"variable-length patch sequences.*Use hf:siglip"):
         tokensieve.export(f"hf:{config}", "topk(keep=0.5, layers=[0])", out)
+    assert not out.exists()
+
+
+def test_dynamic_batch(zoo, hf_config_dir, tmp_path):
+    """A dynamic batch: DINOv3's rotary tables are found next to the symbolic batch axis and follow the tokens; ATP's
+    bucketed stage graphs refuse them with a typed error naming the table, nothing written."""
+    entry = zoo(f"hf:{hf_config_dir('dinov3')}", dynamic_batch=True)
+    export_and_check(entry, "topk(keep=0.6, layers=[0, 1])", tmp_path / "a", batch=2)
+    out = tmp_path / "b"
+    with pytest.raises(GraphRewriteError, match=r"reads the position table .*stage graphs do not make rotary"):
+        tokensieve.export(str(entry[0]), "atp(threshold=0.5, layers=[1])", out, buckets=[9, 18, 27, 36])
     assert not out.exists()
