@@ -61,9 +61,10 @@ def follow_bias(model: ir.Model, block: AttentionBlock, uses: list[BiasUse], pos
             if tokens not in pairs:
                 rows = b.op("Mul", [b.unsqueeze(full, [2]), b.const(tokens, "tokens")])
                 pairs[tokens] = b.op("Add", [rows, b.unsqueeze(full, [1])], "pairs")  # [B, n', n']
+            table = bias
             if _batch_copies(use):  # the exporter expanded the bias to the batch and folded it: one copy serves
-                bias = b.op("Gather", [bias, b.const(0, "first")], "bias", axis=0)
-            flat = b.op("Reshape", [bias, b.const([-1, tokens * tokens], "flat")])  # [L, N·N]
+                table = b.op("Gather", [bias, b.const(0, "first")], "bias", axis=0)
+            flat = b.op("Reshape", [table, b.const([-1, tokens * tokens], "flat")])  # [L, N·N]
             picked = b.op("Gather", [flat, pairs[tokens]], "bias_rows", axis=1)  # [L, B, n', n']
             gathered[bias] = b.op("Transpose", [picked], "bias", perm=[1, 0, 2, 3])
         use.node.replace_input_with(use.index, gathered[bias])
