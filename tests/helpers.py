@@ -9,6 +9,7 @@ import tokensieve
 # Small but real Hugging Face vision-tower configs (hidden size, depth and image size cut down).
 _SMALL = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 128,
           "image_size": 96, "patch_size": 16}  # fmt: skip
+_RELPOS = {"use_relative_position_bias": True, "use_shared_relative_position_bias": True}
 HF_TINY = {
     "deit": {"model_type": "deit", **_SMALL},  # CLS + distillation token, ViT's layers
     "ijepa": {"model_type": "ijepa", **_SMALL},  # no CLS token, no pooling layer
@@ -58,6 +59,12 @@ HF_TINY = {
         "patch_size": 14,
         "num_register_tokens": 4,
     },
+    # rotary (cos, sin) over the patches passed to every layer, CLS + 4 registers unrotated
+    "dinov3": {"model_type": "dinov3_vit", **_SMALL, "num_register_tokens": 4},
+    "aimv2": {"model_type": "aimv2_vision_model", **_SMALL},  # RMSNorm, SwiGLU, attention-pooling head
+    # the layers' own relative position biases and the model's shared one (BEiT: given as every layer's mask)
+    "beit": {"model_type": "beit", **_SMALL, **_RELPOS},
+    "data2vec_vision": {"model_type": "data2vec-vision", **_SMALL, **_RELPOS},
 }
 
 

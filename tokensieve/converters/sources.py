@@ -34,6 +34,10 @@ HF_PRESETS: dict[str, str] = {
     "dinov2-registers": "Dinov2WithRegistersConfig",
     "deit": "DeiTConfig",
     "ijepa": "IJepaConfig",
+    "dinov3": "DINOv3ViTConfig",
+    "aimv2": "Aimv2VisionConfig",
+    "beit": "BeitConfig",
+    "data2vec-vision": "Data2VecVisionConfig",
 }
 # config.model_type -> vision model class
 HF_MODELS = {
@@ -46,7 +50,18 @@ HF_MODELS = {
     "dinov2_with_registers": "Dinov2WithRegistersModel",
     "deit": "DeiTModel",
     "ijepa": "IJepaModel",
+    "dinov3_vit": "DINOv3ViTModel",
+    "aimv2_vision_model": "Aimv2VisionModel",
+    "beit": "BeitModel",
+    "data2vec-vision": "Data2VecVisionModel",
 }
+# Hugging Face vision towers known and refused: model type -> why, and what to use instead
+_NAFLEX = (
+    "SigLIP2 (NaFlex) takes variable-length patch sequences with a pixel attention mask and per-image spatial shapes, "
+    "not a fixed-size image, and resizes its position embedding to each image's grid; tokensieve exports fixed-shape "
+    "image towers. Use hf:siglip (fixed resolution) or timm's NaFlexViT (e.g. timm:naflexvit_base_patch16_siglip)"
+)
+HF_REFUSED = {"siglip2_vision_model": _NAFLEX, "siglip2": _NAFLEX}
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
 
@@ -157,8 +172,10 @@ CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711
 HF_NORMALIZATION = {
     "clip_vision_model": CLIP,
     "clip": CLIP,
+    "aimv2_vision_model": CLIP,
     "dinov2": IMAGENET,
     "dinov2_with_registers": IMAGENET,
+    "dinov3_vit": IMAGENET,
     "deit": IMAGENET,
 }
 
@@ -228,6 +245,10 @@ def _build_hf(spec: SourceSpec) -> BuiltModel:
     import transformers
 
     config = _hf_config(spec)
+    if config.model_type in HF_REFUSED:
+        raise SourceError(
+            f"Hugging Face model type {config.model_type!r} is not supported: {HF_REFUSED[config.model_type]}"
+        )
     class_name = HF_MODELS.get(config.model_type)
     if class_name is None:
         raise SourceError(

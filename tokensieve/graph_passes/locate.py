@@ -302,11 +302,16 @@ def _count_specials(stream: ir.Value, tokens: int) -> tuple[int, str]:
     return 0, "no token Concat before block 0"
 
 
-def _block_name(node: ir.Node, index: int) -> tuple[str, str | None]:
+def _block_name(node: ir.Node, index: int, add_scopes: list[str]) -> tuple[str, str | None]:
+    """The block's and its attention's module scopes from an attention op's scopes (the op's own name last): the
+    block is two levels up, or three where the attention module wraps a self-attention module (HF
+    Data2Vec-vision's ``layer.attention.attention``) and only that outer scope holds the residual ``Add``."""
     scopes = _scopes(node)
-    if scopes and len(scopes) >= 3:
-        return scopes[-3], scopes[-2]
-    return f"block{index}", None
+    if not scopes or len(scopes) < 3:
+        return f"block{index}", None
+    if scopes[-3] not in add_scopes and len(scopes) >= 4 and scopes[-4] in add_scopes:
+        return scopes[-4], scopes[-3]
+    return scopes[-3], scopes[-2]
 
 
 def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
@@ -413,14 +418,13 @@ def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | 
     add, stream_in = found
     qd, sd = _static_dims(query), _static_dims(stream_in)
     index = len(blocks)
-    name, attn_scope = _block_name(node, index)
-    if attn_scope is not None:
-        add_scopes = _scopes(add) or []
-        if name not in add_scopes or attn_scope in add_scopes:
-            raise LocateError(
-                f"block {name}: the residual Add found structurally ({add.name!r}) is not in module {name} "
-                "according to the exporter's metadata; the graph's structure is ambiguous"
-            )
+    add_scopes = _scopes(add) or []
+    name, attn_scope = _block_name(node, index, add_scopes)
+    if attn_scope is not None and (name not in add_scopes or attn_scope in add_scopes):
+        raise LocateError(
+            f"block {name}: the residual Add found structurally ({add.name!r}) is not in module {name} "
+            "according to the exporter's metadata; the graph's structure is ambiguous"
+        )
     if sd[1] != qd[-2]:
         raise LocateError(f"block {name}: attention runs over {qd[-2]} tokens but the residual stream has {sd[1]}")
     if any(b.residual_add is add for b in blocks):

@@ -3,7 +3,8 @@
 Matches the position-bias ``Add`` nodes :func:`tokensieve.graph_passes.locate.locate_vit` records in each block's
 logit chain (``AttentionBlock.position_bias``): a ``[..., N, N]`` tensor that does not depend on the image, added to
 the ``[B, H, N, N]`` attention logits before the ``Softmax`` (BEiT's relative position bias, gathered by the model
-from its ``relative_position_index`` table; the exporter usually folds it to a constant).
+from its ``relative_position_index`` table; the exporter usually folds it to a constant, sometimes expanded to the
+batch: then the copies are equal and the first one is used).
 
 Inserts, for every such node in a block after a reduction site: the bias flattened to ``[L, N·N]`` (its leading
 axes, heads, in ``L``), one ``Gather`` at the pairs ``p_i·N + p_j`` of the original positions ``p [B, n]`` of the
@@ -60,16 +61,28 @@ def follow_bias(model: ir.Model, block: AttentionBlock, uses: list[BiasUse], pos
             if tokens not in pairs:
                 rows = b.op("Mul", [b.unsqueeze(full, [2]), b.const(tokens, "tokens")])
                 pairs[tokens] = b.op("Add", [rows, b.unsqueeze(full, [1])], "pairs")  # [B, n', n']
-            flat = b.op("Reshape", [bias, b.const([-1, tokens * tokens], "flat")])  # [L, N·N]
+            table = bias
+            if _batch_copies(use):  # the exporter expanded the bias to the batch and folded it: one copy serves
+                table = b.op("Gather", [bias, b.const(0, "first")], "bias", axis=0)
+            flat = b.op("Reshape", [table, b.const([-1, tokens * tokens], "flat")])  # [L, N·N]
             picked = b.op("Gather", [flat, pairs[tokens]], "bias_rows", axis=1)  # [L, B, n', n']
             gathered[bias] = b.op("Transpose", [picked], "bias", perm=[1, 0, 2, 3])
         use.node.replace_input_with(use.index, gathered[bias])
     insert_before_first(model, uses, b)
 
 
+def _batch_copies(use: BiasUse) -> bool:
+    """Whether the bias is a constant ``[B, H, N, N]`` made of ``B`` equal copies along its batch axis."""
+    bias = use.node.inputs[use.index]
+    if len(bias.shape) != 4 or bias.shape[0] == 1 or bias.const_value is None:
+        return False
+    array = bias.const_value.numpy()
+    return bool((array == array[:1]).all())
+
+
 def _tokens(use: BiasUse) -> int:
     dims = list(use.node.inputs[use.index].shape)
-    if len(dims) == 4 and dims[0] != 1:
+    if len(dims) == 4 and dims[0] != 1 and not _batch_copies(use):
         raise GraphRewriteError(
             f"{use.describe()}: its first axis ({dims[0]}) lines up with the batch axis; a position bias with a "
             "batch axis other than 1 cannot follow the kept tokens"

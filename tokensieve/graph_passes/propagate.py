@@ -11,8 +11,10 @@ count in a traced position-embedding interpolation) so their values are known. A
 longer matches its input's element count, the new target is derived from the old and new input shapes, not from
 matching numbers: the output dimension that contains each changed input axis (found by prefix products of the old
 shapes) is scaled by the axis' new/old ratio. Constant elements are rewritten in a fresh initializer, shape-derived
-elements are left to compute themselves at run time. Symbolic dimensions (dynamic batch) are carried as distinct
-large prime proxies during the computation and mapped back to their names afterwards.
+elements are left to compute themselves at run time. A ``Split`` with constant sizes along a changed axis gives the
+change to its last piece (the leading pieces are special tokens split off ahead of the patches). Symbolic dimensions
+(dynamic batch) are carried as distinct large prime proxies during the computation and mapped back to their names
+afterwards.
 
 Nothing here matches on values such as 197, so a hidden size that happens to equal the token count is never
 touched.
@@ -251,6 +253,8 @@ class _Propagator:
             return  # custom-domain and control-flow nodes keep their annotations
         if node.op_type == "Reshape":
             self.retarget_reshape(node)
+        if node.op_type == "Split":
+            self.retarget_split(node)
         self.infer(node)
         if node.op_type in SHAPE_OPS and node.outputs[0] not in self.known:
             self.evaluate(node)
@@ -374,6 +378,27 @@ class _Propagator:
             self._retarget_constant(node, current, origin, new_in, new_out)
         else:
             self._retarget_from_shape(node, new_in, new_out)
+        self.rewritten += 1
+
+    def retarget_split(self, node: ir.Node) -> None:
+        """Constant split sizes along an axis whose length changed: the last piece takes the change, the leading
+        ones keep their sizes (special tokens split off ahead of the patch tokens, e.g. to rotate only the patches)."""
+        data, sizes = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+        new_in, old_in = self.dims(data), self.old_dims(data)
+        if sizes is None or sizes not in self.known or new_in is None or old_in is None or new_in == old_in:
+            return
+        axis = node.attributes.get_int("axis", 0) % len(new_in)
+        current, change = self.known[sizes], new_in[axis] - old_in[axis]
+        if not change or int(current.sum()) != old_in[axis]:
+            return
+        if current[-1] + change < 1:
+            raise GraphRewriteError(
+                f"Split {node.name!r}: sizes {current.tolist()} cannot follow the axis going from {old_in[axis]} "
+                f"to {new_in[axis]} (its last piece would be empty)"
+            )
+        desired = current.astype(np.int64)
+        desired[-1] += change
+        node.replace_input_with(1, self._initializer(f"{node.name}_tokensieve_split", desired))
         self.rewritten += 1
 
     @staticmethod

@@ -80,12 +80,19 @@ def _static_dims(value: ir.Value) -> tuple[int, ...] | None:
     return tuple(value.shape)
 
 
+def _dims(value: ir.Value) -> tuple[int | None, ...] | None:
+    """The value's dims, symbolic ones (a dynamic batch) as None."""
+    if value.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in value.shape)
+
+
 def _table_use(node: ir.Node, dynamic: set[ir.Value], tokens: int, specials: int) -> TableUse | None:
     for index, table in enumerate(node.inputs[:2]):
         data = node.inputs[1 - index]
         if table is None or data is None or table in dynamic or data not in dynamic:
             continue
-        t_dims, d_dims = _static_dims(table), _static_dims(data)
+        t_dims, d_dims = _static_dims(table), _dims(data)
         if t_dims is None or d_dims is None or not 2 <= len(t_dims) <= len(d_dims):
             continue
         offset = len(d_dims) - len(t_dims)

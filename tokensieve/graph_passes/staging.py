@@ -37,7 +37,9 @@ from tokensieve.errors import GraphRewriteError
 from tokensieve.graph_passes import FACES
 from tokensieve.graph_passes.builder import NodeBuilder, redirect_uses
 from tokensieve.graph_passes.locate import ViTLayout, locate_vit
+from tokensieve.graph_passes.position_bias import position_biases
 from tokensieve.graph_passes.propagate import propagate_shapes
+from tokensieve.graph_passes.rotary import position_tables
 from tokensieve.graph_passes.sites import atp
 from tokensieve.graph_passes.sites.common import SiteInput
 from tokensieve.graph_passes.token_bias import add_logit_bias, bias_pooling_heads, weighted_pooling
@@ -67,6 +69,7 @@ class StagePass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         self.layout = locate_vit(model, self.specials)
         self.method.validate(self.layout.tokens, self.layout.specials, self.layout.depth)
+        _refuse_position_tables(model, self.layout, self.method)
         batch = model.graph.inputs[0].shape[0] if model.graph.inputs[0].shape is not None else None
         if isinstance(batch, int):
             raise GraphRewriteError("stage graphs need a dynamic batch axis; export with --dynamic-batch")
@@ -150,6 +153,17 @@ class StagePass(ir.passes.InPlacePass):
         for value, name in zip(values, STAGE_OUTPUTS, strict=True):
             value.name = name
             graph.outputs.append(value)
+
+
+def _refuse_position_tables(model: ir.Model, layout: ViTLayout, method: Method) -> None:
+    """Stage graphs pad the kept tokens to a bucket; rotary tables and relative position biases do not follow them."""
+    tables = [u.describe() for uses in position_tables(model, layout).values() for u in uses]
+    biases = [u.describe() for uses in position_biases(layout).values() for u in uses]
+    if tables or biases:
+        raise GraphRewriteError(
+            f"{(tables + biases)[0]}: {method.name}'s bucketed stage graphs do not make rotary position tables or "
+            "relative position biases follow the kept tokens; use a static method (topk, tome) on this model"
+        )
 
 
 def _batch_from_stream(image: ir.Value, stream: ir.Value) -> None:

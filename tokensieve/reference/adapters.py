@@ -10,16 +10,21 @@ reference computes exactly the original model wherever no reduction happens (che
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from tokensieve.errors import SourceError
+
+# (attention module, queries [B, H, N, d], keys [B, H, N, d], rotary tables as the block passes them) -> (q, k)
+Rotate = Callable[[nn.Module, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,7 @@ class BlockSpec:
     attn: str
     ls1: str | None
     norm2: str
-    mlp: str
+    mlp: str | tuple[str, ...]  # the MLP submodule, or submodules applied in turn
     ls2: str | None
     query: str  # attention submodule whose output is the queries
     key: str
@@ -36,10 +41,22 @@ class BlockSpec:
     attn_returns_tuple: bool
     mask_kwarg: str  # keyword of the attention module's additive mask (used for proportional attention)
     attention_classes: frozenset[str] = frozenset()  # the attention modules supported (empty: any)
-    rope: bool = False  # the block takes ``rope=`` tables, applied to the queries and keys after ``query``/``key``
+    # keyword under which the block passes its attention rotary tables (None: no rotary embedding), and how they are
+    # applied to the heads-first queries and keys after ``query``/``key``: ``rotate(attention, q, k, tables)``
+    rope: str | None = None
+    rotate: Rotate | None = None
     # timm BEiT: Q/K are computed inside the attention (no submodule gives them): captured from its fused-attention
     # call with the whole logit bias; its relative position bias (own table, ``shared_rel_pos_bias``) follows the tokens
     relpos: bool = False
+    # HF BEiT: the block's logit position bias ``[1, H, N, N]`` at the original tokens, from the block and the keyword
+    # arguments it was called with (its own relative position bias, and the shared one the model passes as its
+    # attention mask); it follows the tokens and is added to the attention's mask (None: no such bias)
+    position_bias: Callable[[nn.Module, dict], torch.Tensor | None] | None = None
+    # HF Data2Vec-vision: the attention's submodule that computes the attention's own relative position bias inside
+    # it (its output follows the tokens), and the block's keyword arguments the attention needs passed on
+    bias_module: str | None = None
+    forwarded: tuple[str, ...] = ()
+    block_returns_tuple: bool = False  # the block returns ``(hidden_states, ...)`` (HF Data2Vec-vision's layer)
 
 
 _TIMM = BlockSpec(
@@ -71,7 +88,8 @@ _TIMM_EVA = BlockSpec(
     False,
     "attn_mask",
     frozenset({"EvaAttention", "AttentionRope"}),
-    rope=True,
+    rope="rope",
+    rotate=lambda attn, q, k, rope: (rotated(attn, q, rope), rotated(attn, k, rope)),
 )
 # timm BEiT / BEiT v2 blocks: LayerScale as gamma parameters, a relative position bias added to the logits (the
 # attention's own table, and/or a shared one passed to every block, which also carries proportional attention)
@@ -81,7 +99,8 @@ _TIMM_BEIT = replace(
     key="",
     mask_kwarg="shared_rel_pos_bias",
     attention_classes=frozenset({"Attention"}),
-    rope=False,
+    rope=None,
+    rotate=None,
     relpos=True,
 )
 _HF_VIT = BlockSpec(
@@ -110,8 +129,45 @@ _HF_DINOV2 = BlockSpec(
     True,
     "attention_mask",
 )
+# HF DINOv3: (cos, sin) rotary tables over the patch tokens passed to every layer as ``position_embeddings``,
+# applied with the model's own ``apply_rotary_pos_emb`` (CLS and registers unrotated)
+_HF_DINOV3 = replace(_HF_DINOV2, rope="position_embeddings", rotate=lambda attn, q, k, t: hf_rotated(attn, q, k, t))
+
+
+def _hf_beit_bias(block: nn.Module, kwargs: dict) -> torch.Tensor | None:
+    """HF BEiT layer: the shared relative position bias it is given as ``attention_mask`` plus its own, computed by
+    its own ``relative_position_bias`` module for the image's patch grid as the layer computes it."""
+    if kwargs.get("interpolate_pos_encoding"):
+        raise SourceError("HF BEiT with interpolate_pos_encoding: its interpolated position bias cannot follow tokens")
+    shared, own = kwargs.get("attention_mask"), block.relative_position_bias
+    if own is not None:
+        height, width = kwargs["resolution"]
+        own = own((height // block.patch_size, width // block.patch_size))
+    parts = [b for b in (shared, own) if b is not None]
+    return sum(parts[1:], parts[0]) if parts else None
+
+
+_HF_BEIT = replace(_HF_VIT, ls1="lambda_1", ls2="lambda_2", position_bias=_hf_beit_bias)
+# HF Data2Vec-vision: its self-attention (``attention.attention``) computes its own relative position bias; the shared
+# one comes as the block's ``relative_position_bias`` argument, the same one proportional attention uses
+_HF_DATA2VEC_VISION = replace(
+    _HF_VIT,
+    mlp=("intermediate", "output"),
+    ls1="lambda_1",
+    ls2="lambda_2",
+    query="attention.query",
+    key="attention.key",
+    mask_kwarg="relative_position_bias",
+    position_bias=lambda block, kwargs: kwargs.get("relative_position_bias"),
+    bias_module="attention.relative_position_bias",
+    forwarded=("resolution", "interpolate_pos_encoding"),
+    block_returns_tuple=True,
+)
 _HF_CLIP = BlockSpec(
     "layer_norm1", "self_attn", None, "layer_norm2", "mlp", None, "q_proj", "k_proj", False, True, "attention_mask"
+)
+_HF_AIMV2 = BlockSpec(
+    "rms_norm1", "attention", None, "rms_norm2", "ffn", None, "q_proj", "k_proj", False, True, "attention_mask"
 )
 
 BLOCK_SPECS: dict[str, BlockSpec] = {
@@ -119,12 +175,16 @@ BLOCK_SPECS: dict[str, BlockSpec] = {
     "EvaBlock": _TIMM_EVA,
     "timm.models.beit.Block": _TIMM_BEIT,  # module-qualified: timm's ViT block has the same class name
     "ViTLayer": _HF_VIT,
+    "BeitLayer": _HF_BEIT,
+    "Data2VecVisionLayer": _HF_DATA2VEC_VISION,
     "DeiTLayer": _HF_VIT,  # ViT's layer under another name (DeiT: CLS + distillation token)
     "IJepaLayer": _HF_VIT,  # ViT's layer; I-JEPA has no CLS token
     "Dinov2Layer": _HF_DINOV2,
     "Dinov2WithRegistersLayer": _HF_DINOV2,
+    "DINOv3ViTLayer": _HF_DINOV3,
     "CLIPEncoderLayer": _HF_CLIP,
     "SiglipEncoderLayer": _HF_CLIP,
+    "Aimv2EncoderLayer": _HF_AIMV2,
 }
 
 
@@ -153,9 +213,10 @@ def find_blocks(model: nn.Module) -> tuple[nn.Module, list[nn.Module], BlockSpec
     return best
 
 
-def _spec_key(cls: type) -> str:
+def _spec_key(cls: type, table: dict = BLOCK_SPECS) -> str:
+    """``cls``'s key in ``table``: module-qualified where the table has it so, else the class name."""
     qualified = f"{cls.__module__}.{cls.__name__}"
-    return qualified if qualified in BLOCK_SPECS else cls.__name__
+    return qualified if qualified in table else cls.__name__
 
 
 def special_tokens(model: nn.Module) -> int:
@@ -164,13 +225,13 @@ def special_tokens(model: nn.Module) -> int:
         return int(model.num_prefix_tokens)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type in ("vit", "dinov2", "clip_vision_model", "clip"):
+    if model_type in ("vit", "dinov2", "clip_vision_model", "clip", "beit", "data2vec-vision"):
         return 1
-    if model_type == "dinov2_with_registers":
+    if model_type in ("dinov2_with_registers", "dinov3_vit"):
         return 1 + int(config.num_register_tokens)
     if model_type == "deit":
         return 2
-    if model_type in ("siglip_vision_model", "siglip", "ijepa"):
+    if model_type in ("siglip_vision_model", "siglip", "ijepa", "aimv2_vision_model"):
         return 0
     raise SourceError(f"{type(model).__name__}: unknown number of special tokens; pass specials=...")
 
@@ -191,6 +252,7 @@ class BlockHost(Protocol):
     """What a :class:`ReducingBlock` asks its model-level controller for."""
 
     sizes: torch.Tensor | None  # [B, N] token sizes after the last merge (None before any)
+    specials: int  # leading special tokens
 
     def attention_bias(self) -> torch.Tensor | None: ...
 
@@ -214,11 +276,11 @@ class ReducingBlock(nn.Module):
         part = None if name is None else getattr(self.block, name)
         if part is None:
             return lambda t: t
-        return (lambda t: t * part) if isinstance(part, torch.Tensor) else part  # LayerScale as a parameter
+        return part if callable(part) else (lambda t: t * part)  # LayerScale as a parameter (or a float: HF BEiT)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         mask = args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
-        if mask is not None or kwargs.get("is_causal"):
+        if (mask is not None and self.spec.position_bias is None) or kwargs.get("is_causal"):
             raise ValueError("token reduction references do not support attention masks")
         spec, attn = self.spec, getattr(self.block, self.spec.attn)
         normed = getattr(self.block, spec.norm1)(x)
@@ -227,29 +289,59 @@ class ReducingBlock(nn.Module):
             out = out[0]
         h = x + self._part(spec.ls1)(out)
         h = self.host.reduce(self.index, h, attention)
-        return h + self._part(spec.ls2)(getattr(self.block, spec.mlp)(getattr(self.block, spec.norm2)(h)))
+        mlp = getattr(self.block, spec.norm2)(h)
+        for name in (spec.mlp,) if isinstance(spec.mlp, str) else spec.mlp:
+            mlp = getattr(self.block, name)(mlp)
+        out = h + self._part(spec.ls2)(mlp)
+        return (out,) if spec.block_returns_tuple else out
 
     def _hooked_attention(self, attn: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple:
-        """The attention's output, and Q/K from the outputs of its ``query``/``key`` submodules."""
+        """The attention's output, and Q/K from the outputs of its ``query``/``key`` submodules (rotated as the
+        attention rotates them, where the block passes rotary tables)."""
         spec = self.spec
-        rope = kwargs.get("rope") if spec.rope else None
-        rope = self.host.rope_rows(rope) if rope is not None else None
-        extra = {"rope": rope} if rope is not None else {}
-        bias = self.host.attention_bias()
+        rope = kwargs.get(spec.rope) if spec.rope else None
+        rope = _table_rows(self.host, rope) if rope is not None else None
+        extra = {name: kwargs[name] for name in spec.forwarded if name in kwargs}
+        if rope is not None:
+            extra[spec.rope] = rope
+        bias = self._logit_bias(kwargs)
         if bias is not None:
             extra[spec.mask_kwarg] = bias
         captured: dict[str, torch.Tensor] = {}
-        hooks = [
-            getattr(attn, spec.query).register_forward_hook(lambda m, i, o: captured.__setitem__("q", o)),
-            getattr(attn, spec.key).register_forward_hook(lambda m, i, o: captured.__setitem__("k", o)),
-        ]
+        hooks = self._capture_hooks(attn, captured)
         try:
             out = attn(x, **extra)
         finally:
             for hook in hooks:
                 hook.remove()
-        q, k = (rotated(attn, captured[t], rope) for t in "qk") if rope is not None else (captured["q"], captured["k"])
-        return out, self._attention_tensors(attn, q, k, bias)
+        own = captured.get("own")
+        bias = own if bias is None else bias if own is None else bias + own
+        tensors = self._attention_tensors(attn, captured["q"], captured["k"], bias)
+        if rope is not None:
+            tensors.query, tensors.key = spec.rotate(attn, tensors.query, tensors.key, rope)
+        return out, tensors
+
+    def _capture_hooks(self, attn: nn.Module, captured: dict[str, torch.Tensor]) -> list:
+        """Hooks recording Q and K from the ``query``/``key`` submodules, and replacing the output of the
+        attention's own position-bias submodule by its rows at the tokens' positions (recorded as ``own``)."""
+        spec = self.spec
+        hooks = [
+            attn.get_submodule(spec.query).register_forward_hook(lambda m, i, o: captured.__setitem__("q", o)),
+            attn.get_submodule(spec.key).register_forward_hook(lambda m, i, o: captured.__setitem__("k", o)),
+        ]
+        if spec.bias_module:
+            follow = lambda m, i, o: captured.setdefault("own", self.host.bias_rows(o))  # noqa: E731
+            hooks.append(attn.get_submodule(spec.bias_module).register_forward_hook(follow))
+        return hooks
+
+    def _logit_bias(self, kwargs: dict) -> torch.Tensor | None:
+        """The host's bias (proportional attention), plus the block's position bias at the tokens' positions."""
+        bias = self.host.attention_bias()
+        position = self.spec.position_bias(self.block, kwargs) if self.spec.position_bias else None
+        if position is None:
+            return bias
+        position = self.host.bias_rows(position)
+        return position if bias is None else position + bias
 
     def _relpos_attention(self, attn: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple:
         """timm BEiT attention: its own relative position bias and the shared one at the tokens' positions (the
@@ -269,11 +361,12 @@ class ReducingBlock(nn.Module):
     def _attention_tensors(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, bias) -> AttentionTensors:
         if self.spec.heads_first:
             return AttentionTensors(q, k, float(attn.scale), bias)
-        head_dim = int(attn.head_dim)
+        owner = attn.get_submodule(self.spec.query.rpartition(".")[0])  # the module computing the queries
+        head_dim = int(getattr(owner, "head_dim", None) or owner.attention_head_size)
         b, n, _ = q.shape
         q = q.view(b, n, -1, head_dim).transpose(1, 2)
         k = k.view(b, n, -1, head_dim).transpose(1, 2)
-        scale = getattr(attn, "scaling", getattr(attn, "scale", head_dim**-0.5))
+        scale = getattr(owner, "scaling", getattr(owner, "scale", head_dim**-0.5))
         return AttentionTensors(q, k, float(scale), bias)
 
 
@@ -296,6 +389,18 @@ def _relpos_capture(attn: nn.Module, host: BlockHost, captured: dict[str, torch.
         F.scaled_dot_product_attention = sdpa
 
 
+def _table_rows(host: BlockHost, tables: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:
+    """Rotary tables (one, or a tuple such as HF's ``(cos, sin)``) at the tokens' original positions."""
+    return tuple(host.rope_rows(t) for t in tables) if isinstance(tables, tuple) else host.rope_rows(tables)
+
+
+def hf_rotated(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, tables: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys ``[B, H, N, d]`` rotated by the attention's own module-level ``apply_rotary_pos_emb`` (HF
+    towers whose rotary ``(cos, sin)`` cover the patch tokens only, the leading special tokens unrotated)."""
+    apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    return apply(q, k, *tables)
+
+
 def rotated(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Queries or keys ``[B, H, N, d]`` as timm's rope attention rotates them (prefix tokens unrotated), with timm's
     own rotation function and the attention's own layout flags."""
@@ -305,22 +410,64 @@ def rotated(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor) -> torch.Tenso
     return torch.cat([x[:, :, :npt], apply_rot_embed_cat(x[:, :, npt:], rope, half=half)], dim=2).type_as(x)
 
 
-def size_weighted_head(model: nn.Module, host: BlockHost) -> None:
-    """timm BEiT's head averages the patch tokens inline (``forward_head``, no ``pool`` method to replace): once
-    tokens carry sizes, each patch token is scaled by ``size · n / Σ size`` before it, so its plain mean is the
-    size-weighted mean, and the model's own head (norm, classifier) runs on that."""
-    if type(model).__module__ != "timm.models.beit":
-        return
-    original, S = model.forward_head, int(model.num_prefix_tokens)
+# Heads that average the patch tokens inline (no pooling method of their own to replace), by class (module-qualified
+# where the name is ambiguous) -> the method that takes the tokens, and when it averages them: timm BEiT's
+# ``forward_head`` (``global_pool='avg'``) and HF BEiT's pooler (``use_mean_pooling``: it has a layer norm)
+MEAN_POOLING_HEADS: dict[str, tuple[str, Callable[[nn.Module], bool]]] = {
+    "timm.models.beit.Beit": ("forward_head", lambda m: m.global_pool == "avg"),
+    "BeitPooler": ("forward", lambda m: m.layernorm is not None),
+}
 
-    def head(x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if host.sizes is None or model.global_pool != "avg":
-            return original(x, pre_logits=pre_logits)
+
+def size_weighted_head(model: nn.Module, host: BlockHost) -> None:
+    """Once tokens carry sizes, every averaging :data:`MEAN_POOLING_HEADS` head sees each patch token scaled by
+    ``size · n / Σ size``, so its plain mean is the size-weighted mean, and the model's own head (norm, classifier)
+    runs on that."""
+    for module in model.modules():
+        entry = MEAN_POOLING_HEADS.get(_spec_key(type(module), MEAN_POOLING_HEADS))
+        if entry is not None:
+            name, averages = entry
+            setattr(module, name, _size_scaled(getattr(module, name), host, partial(averages, module)))
+
+
+def _size_scaled(head: Callable, host: BlockHost, averages: Callable[[], bool]) -> Callable:
+    def scaled(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if host.sizes is None or not averages():
+            return head(x, *args, **kwargs)
+        S = host.specials
         weights = host.sizes[:, S:]
         weights = weights * (weights.shape[1] / weights.sum(dim=1, keepdim=True))
-        return original(torch.cat([x[:, :S], x[:, S:] * weights.unsqueeze(-1)], dim=1), pre_logits=pre_logits)
+        return head(torch.cat([x[:, :S], x[:, S:] * weights.unsqueeze(-1)], dim=1), *args, **kwargs)
 
-    model.forward_head = head
+    return scaled
+
+
+# Attention-pooling heads that attend over every token they are given with one call of the functional
+# ``scaled_dot_product_attention`` and no mask (HF AIMv2's head): under merging that call gets ``log(size)`` added
+SDPA_POOLING_HEADS = frozenset({"Aimv2AttentionPoolingHead"})
+
+
+def biased_sdpa_pooling(model: nn.Module, host: BlockHost) -> None:
+    """Every :data:`SDPA_POOLING_HEADS` module of ``model`` runs its own forward with the host's attention bias
+    (``[B, 1, 1, N]`` on the key axis, as the graph adds it before the head's ``Softmax``) as its attention mask."""
+    for module in model.modules():
+        if type(module).__name__ in SDPA_POOLING_HEADS:
+            module.forward = _with_sdpa_bias(module.forward, host)
+
+
+def _with_sdpa_bias(forward: Callable, host: BlockHost) -> Callable:
+    def biased(*args, **kwargs):
+        bias = host.attention_bias()
+        if bias is None:
+            return forward(*args, **kwargs)
+        sdpa = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = lambda q, k, v, **kw: sdpa(q, k, v, **{**kw, "attn_mask": bias})
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            F.scaled_dot_product_attention = sdpa
+
+    return biased
 
 
 def wrap_blocks(model: nn.Module, host: BlockHost) -> int:

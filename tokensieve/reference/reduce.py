@@ -4,9 +4,10 @@
 site it calls the method's site function (:mod:`.topk`, :mod:`.tome`, :mod:`.pitome`, :mod:`.diffrate`) and
 records the index tensors that define its selection. Once a merging method has run, token sizes are tracked, every
 later attention gets ``log(size)`` added to its logits through the attention's own additive-mask argument
-(proportional attention), attention-pooling heads (``nn.MultiheadAttention``, e.g. HF SigLIP's MAP head, and timm's
-latent-query ``AttentionPoolLatent``, ``global_pool='map'``) get the same bias, and timm's average pooling becomes
-size-weighted. Counts come from :func:`tokensieve.methods.schedule`, the same function the graph pass uses.
+(proportional attention), attention-pooling heads (``nn.MultiheadAttention``, e.g. HF SigLIP's MAP head, timm's
+latent-query ``AttentionPoolLatent``, ``global_pool='map'``, and functional-SDPA heads such as HF AIMv2's) get the
+same bias, and average pooling (timm's, HF BEiT's pooler) becomes size-weighted. Counts come from
+:func:`tokensieve.methods.schedule`, the same function the graph pass uses.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tokensieve.methods.base import Method, SiteCount, schedule
 from tokensieve.reference import FACES
 from tokensieve.reference.adapters import (
     AttentionTensors,
+    biased_sdpa_pooling,
     find_blocks,
     size_weighted_head,
     special_tokens,
@@ -54,6 +56,7 @@ class ReducedModel(nn.Module):
         if self.merges:
             self._size_aware_pooling()
             size_weighted_head(self.model, self)
+            biased_sdpa_pooling(self.model, self)
 
     # -- BlockHost ---------------------------------------------------------------------------------------------
     def attention_bias(self) -> torch.Tensor | None:
