@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokensieve.converters.llava import config_model_type
+from tokensieve.converters.llava import config_model_type, decoder_geometry
 from tokensieve.errors import SourceError
 
 QWEN_VL_TYPES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
@@ -85,6 +85,15 @@ def qwen_vl_config(name: str):
         raise SourceError(f"cannot read a Hugging Face config from {name!r}: {e}") from None
     processor_file = path / "preprocessor_config.json"
     return config, json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+
+
+def plan_geometry(name: str) -> tuple[dict[str, int], dict[str, int], dict[str, Any], int]:
+    """``(decoder sizes, vision sizes, host facts, default capacity)`` of a preset or a local directory, as
+    ``tokensieve plan`` reads them (the capacity: the context length, at most 4096)."""
+    config, processor = qwen_vl_config(name)
+    text = config.text_config
+    capacity = min(text.max_position_embeddings, 4096)
+    return decoder_geometry(text), vision_geometry(config), host_config(config, processor), capacity
 
 
 def host_config(config, processor: dict[str, Any]) -> dict[str, Any]:

@@ -34,18 +34,17 @@ from tokensieve.graph_passes.locate import _ancestors
 from tokensieve.graph_passes.locate_decoder import DecoderLayout, locate_decoder
 from tokensieve.graph_passes.rederive import downstream, rederive
 from tokensieve.graph_passes.split_positions import SplitPositionsPass
-from tokensieve.methods.decoder import DecoderMethod
+from tokensieve.methods.decoder import GROUP_OUTPUT, DecoderMethod
 
 PRUNED_SLOT = "pruned_cache_position"
 PAST_KEPT = "past_kept"
-GROUP_POSITIONS = "group_positions"
 
 
 def group_output(group: int) -> str:
     """The name of a prefill graph's output holding the prompt positions cache group ``group``'s layers keep (a
     method that decides every group inside one prefill graph, p-MoD; the runtime feeds ``position - dropped`` to
     the group's slot input, :func:`slot_input`)."""
-    return f"{GROUP_POSITIONS}_{group}"
+    return f"{GROUP_OUTPUT}{group}"
 
 
 def slot_input(group: int) -> str:

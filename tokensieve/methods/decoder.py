@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 CUT_OUTPUT = "cut_positions_"  # + g: a prefill graph that cuts several times inside itself outputs each cut's rows
+GROUP_OUTPUT = "group_positions_"  # + g: a prefill graph that decides every decode cache group outputs its positions
 
 
 @dataclass(frozen=True)

@@ -123,16 +123,11 @@ def _source(source: str) -> tuple[dict[str, int], dict[str, int] | None, dict[st
         llava_config,
         vision_geometry,
     )
-    from tokensieve.converters.qwen_vl import is_qwen_vl_source
+    from tokensieve.converters.qwen_vl import is_qwen_vl_source, plan_geometry
 
     name = source.removeprefix("hf:")
     if is_qwen_vl_source(name):
-        from tokensieve.converters import qwen_vl
-
-        config, processor = qwen_vl.qwen_vl_config(name)
-        text = config.text_config
-        host = qwen_vl.host_config(config, processor)
-        return decoder_geometry(text), qwen_vl.vision_geometry(config), host, min(text.max_position_embeddings, 4096)
+        return plan_geometry(name)
     config, kind, processor = llava_config(name)
     text = config.text_config
     host = host_config(config, kind, processor)

@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tokensieve.graph_passes.split_cache_slot import group_output
 from tokensieve.methods import methods_from_dicts
-from tokensieve.methods.decoder import CUT_OUTPUT, DecoderMethod
+from tokensieve.methods.decoder import CUT_OUTPUT, GROUP_OUTPUT, DecoderMethod
 from tokensieve.methods.faces import register
 from tokensieve.runtimes import FACES
 from tokensieve.runtimes.kv_cache import kv_names
@@ -57,7 +56,7 @@ class Prefill:
         first = self.graphs[0]
         out = first.run(prefill_feeds(first, embeds, span, self.method))
         extras = {name: out[name] for name in EXTRAS if name in out}
-        cuts = _group_positions(out) or [out[name] for name in cut_outputs(out)]
+        cuts = _numbered(out, GROUP_OUTPUT) or _numbered(out, CUT_OUTPUT)
         cuts = cuts or [out[k] for k in ("kept_positions",) if k in out]
         if cuts:  # FastV: one cut, in the graph; SparseVLM: several (cut_positions_<g>); p-MoD: one per MoD layer
             extras["cut_positions"] = extras["group_positions"] = cuts
@@ -104,17 +103,13 @@ class Prefill:
         return present
 
 
-def _group_positions(out: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The graph outputs ``group_positions_0, group_positions_1, ...`` in order (none: empty)."""
-    groups: list[np.ndarray] = []
-    while group_output(len(groups)) in out:
-        groups.append(out[group_output(len(groups))])
-    return groups
-
-
-def cut_outputs(out: dict[str, np.ndarray]) -> list[str]:
-    """The ``cut_positions_<g>`` outputs of a prefill graph that cuts several times inside itself, by ``g``."""
-    return [f"{CUT_OUTPUT}{g}" for g in range(len(out)) if f"{CUT_OUTPUT}{g}" in out]
+def _numbered(out: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
+    """The graph outputs ``prefix0, prefix1, ...`` in order, up to the first missing one (none: empty): p-MoD's
+    ``group_positions_<g>``, SparseVLM's ``cut_positions_<g>``."""
+    values: list[np.ndarray] = []
+    while f"{prefix}{len(values)}" in out:
+        values.append(out[f"{prefix}{len(values)}"])
+    return values
 
 
 def prefill_feeds(
