@@ -18,11 +18,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokensieve.converters.llava import config_model_type, decoder_geometry
+from tokensieve.converters.llava import OPENAI_CLIP, config_model_type, decoder_geometry
 from tokensieve.errors import SourceError
 
 QWEN_VL_TYPES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 16384  # the published preprocessor_config.json of Qwen2.5-VL
+IMAGE_TOKEN = "<|image_pad|>"
 
 _VISION_25 = {
     "depth": 32,
@@ -108,6 +109,9 @@ def host_config(config, processor: dict[str, Any]) -> dict[str, Any]:
         "temporal_patch_size": int(processor.get("temporal_patch_size", vision.temporal_patch_size)),
         "min_pixels": int(processor.get("min_pixels") or size.get("shortest_edge") or MIN_PIXELS),
         "max_pixels": int(processor.get("max_pixels") or size.get("longest_edge") or MAX_PIXELS),
+        "mean": list(processor.get("image_mean", OPENAI_CLIP[0])),
+        "std": list(processor.get("image_std", OPENAI_CLIP[1])),
+        "image_token": IMAGE_TOKEN,
         "image_token_id": int(config.image_token_id),
     }
 
