@@ -64,6 +64,30 @@ QWEN_VL_PRESETS: dict[str, dict[str, Any]] = {
         },
     },
 }
+_TINY_TEXT = {  # mRoPE sections (t, h, w) of the 12-wide heads' 6 frequencies
+    "vocab_size": 320,
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 2, 2]},
+}
+_TINY_TOKENS = {"image_token_id": 300, "video_token_id": 301, "vision_start_token_id": 302, "vision_end_token_id": 303}
+QWEN_VL_PRESETS["qwen2.5-vl-tiny"] = {  # windows of 2 x 2 merged tokens; blocks 1 and 3 attend over the image
+    "model_type": "qwen2_5_vl",
+    "vision": {**_VISION_25, "depth": 4, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+               "out_hidden_size": 48, "window_size": 56, "fullatt_block_indexes": [1, 3], "tokens_per_second": 2},
+    "text": _TINY_TEXT,
+    "tokens": _TINY_TOKENS,
+    "processor": {"min_pixels": 16 * 28 * 28, "max_pixels": 64 * 28 * 28},
+}  # fmt: skip
+QWEN_VL_PRESETS["qwen2-vl-tiny"] = {
+    **QWEN_VL_PRESETS["qwen2.5-vl-tiny"],
+    "model_type": "qwen2_vl",
+    "vision": {"depth": 2, "embed_dim": 32, "mlp_ratio": 2, "num_heads": 2, "hidden_size": 48},
+}
 
 
 def is_qwen_vl_source(name: str) -> bool:
@@ -77,8 +101,11 @@ def qwen_vl_config(name: str):
 
     if name in QWEN_VL_PRESETS:
         preset = QWEN_VL_PRESETS[name]
-        config = transformers.Qwen2_5_VLConfig(vision_config=preset["vision"], text_config=preset["text"])
-        return config, {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
+        family = QWEN_VL_TYPES[preset.get("model_type", "qwen2_5_vl")].removesuffix("ForConditionalGeneration")
+        config = getattr(transformers, f"{family}Config")(
+            vision_config=preset["vision"], text_config=preset["text"], **preset.get("tokens", {})
+        )
+        return config, preset.get("processor", {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS})
     path = Path(name)
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
@@ -113,6 +140,8 @@ def host_config(config, processor: dict[str, Any]) -> dict[str, Any]:
         "std": list(processor.get("image_std", OPENAI_CLIP[1])),
         "image_token": IMAGE_TOKEN,
         "image_token_id": int(config.image_token_id),
+        "video_token_id": int(config.video_token_id),
+        "tokens_per_second": getattr(vision, "tokens_per_second", None),  # Qwen2.5-VL spaces video frames by it
     }
 
 
