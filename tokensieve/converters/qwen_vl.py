@@ -72,13 +72,15 @@ _TINY_TEXT = {  # mRoPE sections (t, h, w) of the 12-wide heads' 6 frequencies
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": 4096,
+    "bos_token_id": 304,
+    "eos_token_id": 305,
     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 2, 2]},
 }
 _TINY_TOKENS = {"image_token_id": 300, "video_token_id": 301, "vision_start_token_id": 302, "vision_end_token_id": 303}
-QWEN_VL_PRESETS["qwen2.5-vl-tiny"] = {  # windows of 2 x 2 merged tokens; blocks 1 and 3 attend over the image
+QWEN_VL_PRESETS["qwen2.5-vl-tiny"] = {  # windows of 2 x 2 merged tokens; block 1 attends over the image
     "model_type": "qwen2_5_vl",
-    "vision": {**_VISION_25, "depth": 4, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
-               "out_hidden_size": 48, "window_size": 56, "fullatt_block_indexes": [1, 3], "tokens_per_second": 2},
+    "vision": {**_VISION_25, "depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+               "out_hidden_size": 48, "window_size": 56, "fullatt_block_indexes": [1], "tokens_per_second": 2},
     "text": _TINY_TEXT,
     "tokens": _TINY_TOKENS,
     "processor": {"min_pixels": 16 * 28 * 28, "max_pixels": 64 * 28 * 28},
@@ -134,6 +136,7 @@ def host_config(config, processor: dict[str, Any]) -> dict[str, Any]:
         "patch_size": int(processor.get("patch_size", vision.patch_size)),
         "merge_size": int(processor.get("merge_size", vision.spatial_merge_size)),
         "temporal_patch_size": int(processor.get("temporal_patch_size", vision.temporal_patch_size)),
+        "window_size": int(getattr(vision, "window_size", 0) or 0),  # 0: no window attention (Qwen2-VL)
         "min_pixels": int(processor.get("min_pixels") or size.get("shortest_edge") or MIN_PIXELS),
         "max_pixels": int(processor.get("max_pixels") or size.get("longest_edge") or MAX_PIXELS),
         "mean": list(processor.get("image_mean", OPENAI_CLIP[0])),
