@@ -1,10 +1,12 @@
-"""Qwen2-VL / Qwen2.5-VL, config only: the sizes ``tokensieve plan`` needs (language model, vision tower,
-processor), from a preset or a local Hugging Face checkpoint / config directory.
+"""Qwen2-VL / Qwen2.5-VL configs: the presets, the host facts (processor, special tokens, mRoPE frame spacing) and
+the sizes ``tokensieve plan`` needs (language model, vision tower, processor), from a preset or a local Hugging
+Face checkpoint / config directory.
 
-These families do not export yet (the split graphs, mRoPE position ids and resolution buckets are the next step);
-``export`` refuses them with the families it supports. Planning needs no weights: the presets are the published
-configurations of Qwen2.5-VL-3B-Instruct and Qwen2.5-VL-7B-Instruct at full depth, with the processor's published
-``min_pixels`` / ``max_pixels``.
+Only the vision tower exports (``converters/qwen_vision.py``); the decoder graphs with three-row mRoPE positions
+are the next step, and ``export`` refuses these families with the ones it supports. The ``-shapes`` presets are the
+published configurations of Qwen2.5-VL-3B-Instruct and Qwen2.5-VL-7B-Instruct at full depth, with the processor's
+published ``min_pixels`` / ``max_pixels`` (planning needs no weights); the ``-tiny`` presets (tests) and
+``qwen2.5-vl-small`` (benchmarks) get seeded random weights.
 
 The vision geometry records what sets the tower's cost: patch embedding over ``channels x temporal x patch²``
 pixels, ``layers`` blocks of width ``hidden`` (Qwen2.5-VL: a gated MLP of ``intermediate``, window attention over
@@ -84,6 +86,16 @@ QWEN_VL_PRESETS["qwen2.5-vl-tiny"] = {  # windows of 2 x 2 merged tokens; block 
     "text": _TINY_TEXT,
     "tokens": _TINY_TOKENS,
     "processor": {"min_pixels": 16 * 28 * 28, "max_pixels": 64 * 28 * 28},
+}  # fmt: skip
+QWEN_VL_PRESETS["qwen2.5-vl-small"] = {  # benchmarks: Qwen2.5-VL's windows (4 x 4 merged tokens), narrow widths
+    "model_type": "qwen2_5_vl",
+    "vision": {**_VISION_25, "depth": 8, "hidden_size": 256, "intermediate_size": 512, "num_heads": 4,
+               "out_hidden_size": 256, "fullatt_block_indexes": [3, 7]},
+    "text": {**_TINY_TEXT, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+             "num_attention_heads": 8, "num_key_value_heads": 4,
+             "rope_parameters": {**_TINY_TEXT["rope_parameters"], "mrope_section": [4, 6, 6]}},
+    "tokens": _TINY_TOKENS,
+    "processor": {"min_pixels": 64 * 28 * 28, "max_pixels": 256 * 28 * 28},  # 256 to 1024 patches
 }  # fmt: skip
 QWEN_VL_PRESETS["qwen2-vl-tiny"] = {
     **QWEN_VL_PRESETS["qwen2.5-vl-tiny"],
