@@ -74,7 +74,7 @@ def next_token_logits(model, host: dict, pixels: np.ndarray, grid: tuple[int, in
     with torch.no_grad():
         out = model(
             input_ids=torch.tensor([ids]),
-            mm_token_type_ids=torch.tensor([token_types(ids, host)]),
+            mm_token_type_ids=torch.from_numpy(token_types(ids, host))[None],
             pixel_values=torch.from_numpy(pixels),
             image_grid_thw=torch.tensor([[1, *grid]]),
         )

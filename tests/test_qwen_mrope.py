@@ -36,7 +36,7 @@ def _hf(model, host, ids, images=(), videos=(), seconds=None):
     tensor = torch.tensor([ids])
     positions, delta = model.get_rope_index(
         tensor,
-        mm_token_type_ids=torch.tensor([token_types(ids, host)]),
+        mm_token_type_ids=torch.from_numpy(token_types(ids, host))[None],
         image_grid_thw=torch.tensor(images) if images else None,
         video_grid_thw=torch.tensor(videos) if videos else None,
         second_per_grid_ts=torch.tensor(seconds) if seconds else None,
