@@ -12,7 +12,7 @@ import torch
 from transformers import vision_utils
 
 from tokensieve.converters.qwen_vision import VisionGraph, build_qwen_vl, example_pixels
-from tokensieve.errors import InputError, SourceError
+from tokensieve.errors import ArtifactError, InputError, SourceError
 from tokensieve.exporter.qwen_vision import TOLERANCE, export_qwen_vision
 from tokensieve.runtimes.qwen_image import preprocess
 from tokensieve.runtimes.qwen_vision import DESCRIPTION, QwenVision, grid_tables
@@ -105,3 +105,8 @@ def test_bad_buckets_and_sources_are_refused(tmp_path):
     with pytest.raises(SourceError, match="not a Qwen2-VL"):
         export_qwen_vision("hf:llava-tiny", [(8, 8)], tmp_path / "b")
     assert not list(tmp_path.iterdir())
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="is not a vision export"):
+        export_qwen_vision("hf:qwen2-vl-tiny", [(8, 8)], tmp_path / "c")
+    assert [p.name for p in tmp_path.iterdir()] == ["c"] and (tmp_path / "c" / "notes.txt").is_file()

@@ -100,7 +100,7 @@ class BucketGraph(nn.Module):
             self.register_buffer(name, torch.from_numpy(table), persistent=False)
 
     def forward(self, pixel_values):
-        return self.vision(pixel_values, *(getattr(self, name) for name in self.names))
+        return self.vision(pixel_values, **{name: getattr(self, name) for name in self.names})
 
 
 def example_pixels(grid: tuple[int, int], host: dict, seed: int = 0) -> np.ndarray:

@@ -17,15 +17,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tokensieve.artifact.store import save_shared, staged_directory, versions
+from tokensieve.artifact.store import replaced_directory, save_shared, versions
 from tokensieve.converters.qwen_vision import build_qwen_vl, example_pixels, export_bucket, export_dynamic
 from tokensieve.converters.qwen_vl import QWEN_VL_PRESETS, is_qwen_vl_source
-from tokensieve.errors import ExportError, InputError, ParityError, SourceError
+from tokensieve.errors import ArtifactError, ExportError, InputError, ParityError, SourceError
 from tokensieve.graph_passes.lint import lint
 from tokensieve.runtimes.qwen_vision import DESCRIPTION, QwenVision, bucket_file
 
@@ -48,7 +49,17 @@ def _check_buckets(buckets: Sequence[Sequence[int]], host: dict[str, Any]) -> li
 def _off_bucket(grids: list[tuple[int, int]], merge: int) -> tuple[int, int]:
     """A grid that is no bucket, for the dynamic graph's check."""
     rows, columns = grids[0]
-    return (rows + merge, columns) if (rows + merge, columns) not in grids else (rows, columns + 2 * merge)
+    return next(
+        (rows + k * merge, columns) for k in range(1, len(grids) + 2) if (rows + k * merge, columns) not in grids
+    )
+
+
+def _target(out: str | os.PathLike) -> Path:
+    """``out`` as an absolute path, refused if it holds something other than an earlier vision export."""
+    path = Path(out).absolute()
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / DESCRIPTION).is_file())):
+        raise ArtifactError(f"{path} exists and is not a vision export; choose another out or remove it")
+    return path
 
 
 def _parity(directory, tower, checks: list[tuple[str, tuple[int, int]]]) -> list[dict]:
@@ -82,6 +93,7 @@ def export_qwen_vision(
     name = source.removeprefix("hf:")
     if not is_qwen_vl_source(name):
         raise SourceError(f"{source} is not a Qwen2-VL / Qwen2.5-VL preset or checkpoint")
+    target = _target(out)
     model, host = build_qwen_vl(name, seed)
     grids = _check_buckets(buckets, host)
     tower = model.model.visual
@@ -104,7 +116,7 @@ def export_qwen_vision(
         "lint": {file: report.ok for file, report in reports.items()},
         "versions": versions(),
     }
-    with staged_directory(out) as directory:
+    with replaced_directory(target, "; choose a writable out") as directory:
         save_shared(graphs, directory, {file: file for file in graphs})
         (directory / DESCRIPTION).write_text(json.dumps(description, indent=1))
         description["parity"] = _parity(directory, tower, checks)
