@@ -95,8 +95,13 @@ def test_qwen2_vl_bucket(tmp_path):
     description = export_qwen_vision("hf:qwen2-vl-tiny", [(8, 12)], tmp_path / "v", dynamic=False)
     assert description["lint"] == {"vision_8x12.onnx": True} and description["dynamic"] is None
     assert [row["graph"] for row in description["parity"]] == ["vision_8x12.onnx"]
+    vision = QwenVision(tmp_path / "v")
     with pytest.raises(InputError, match="no bucket of 10x12 patches and no dynamic graph"):
-        QwenVision(tmp_path / "v").features(np.zeros((120, 1176), np.float32), (10, 12))
+        vision.features(np.zeros((120, 1176), np.float32), (10, 12))
+    with pytest.raises(InputError, match="must be a float32 array"):
+        vision.features(np.zeros((96, 1176)), (8, 12))
+    with pytest.raises(InputError, match="80 patches do not fill a grid of 8x12"):
+        vision.features(np.zeros((80, 1176), np.float32), (8, 12))
 
 
 def test_bad_buckets_and_sources_are_refused(tmp_path):

@@ -93,6 +93,8 @@ class QwenVision:
     def run(self, graph: str, pixel_values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
         """``image_features [M, D]`` of ``graph`` (a bucket's file or the dynamic graph's) on one preprocessed still
         image of ``grid = (rows, columns)`` patches."""
+        if not isinstance(pixel_values, np.ndarray) or pixel_values.dtype != np.float32 or pixel_values.ndim != 2:
+            raise InputError("pixel_values must be a float32 array [patches, C*T*P*P] (runtimes.qwen_image.preprocess)")
         if pixel_values.shape[0] != grid[0] * grid[1]:
             raise InputError(f"{pixel_values.shape[0]} patches do not fill a grid of {grid[0]}x{grid[1]}")
         if graph not in self._runners:
