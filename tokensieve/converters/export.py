@@ -37,7 +37,7 @@ def export_graph(
 ) -> ir.Model:
     """Export ``module(*args)`` to ONNX with the given I/O names (flattened: an argument that is a tuple of tensors
     gives one graph input per tensor); ``dynamic_axes`` = ``{input: {axis: symbol}}``, a symbol shared between
-    inputs is one dimension."""
+    inputs is one dimension, ``k*symbol`` is ``k`` times it (dynamo)."""
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
     if exporter == "legacy" and not 14 <= opset <= 20:
@@ -90,9 +90,15 @@ def _dynamic_shapes(args, names: Iterator[str], axes: dict[str, dict[int, str]],
             specs.append(_dynamic_shapes(arg, names, axes, dims))
             continue
         wanted = axes.get(next(names), {})
-        dynamic = {axis: dims.setdefault(s, torch.export.Dim(s, min=1, max=1 << 16)) for axis, s in wanted.items()}
-        specs.append(dynamic or None)
+        specs.append({axis: _dim(symbol, dims) for axis, symbol in wanted.items()} or None)
     return tuple(specs)
+
+
+def _dim(symbol: str, dims: dict[str, Any]) -> Any:
+    """The torch.export dimension of ``name``, or of ``k*name`` (``k`` times another symbolic dimension)."""
+    factor, _, name = symbol.rpartition("*")
+    dim = dims.setdefault(name, torch.export.Dim(name, min=1, max=1 << 16))
+    return int(factor) * dim if factor else dim
 
 
 def export_onnx(

@@ -1,10 +1,12 @@
-"""Qwen2-VL / Qwen2.5-VL, config only: the sizes ``tokensieve plan`` needs (language model, vision tower,
-processor), from a preset or a local Hugging Face checkpoint / config directory.
+"""Qwen2-VL / Qwen2.5-VL configs: the presets, the host facts (processor, special tokens, mRoPE frame spacing) and
+the sizes ``tokensieve plan`` needs (language model, vision tower, processor), from a preset or a local Hugging
+Face checkpoint / config directory.
 
-These families do not export yet (the split graphs, mRoPE position ids and resolution buckets are the next step);
-``export`` refuses them with the families it supports. Planning needs no weights: the presets are the published
-configurations of Qwen2.5-VL-3B-Instruct and Qwen2.5-VL-7B-Instruct at full depth, with the processor's published
-``min_pixels`` / ``max_pixels``.
+Only the vision tower exports (``converters/qwen_vision.py``); the decoder graphs with three-row mRoPE positions
+are the next step, and ``export`` refuses these families with the ones it supports. The ``-shapes`` presets are the
+published configurations of Qwen2.5-VL-3B-Instruct and Qwen2.5-VL-7B-Instruct at full depth, with the processor's
+published ``min_pixels`` / ``max_pixels`` (planning needs no weights); the ``-tiny`` presets (tests) and
+``qwen2.5-vl-small`` (benchmarks) get seeded random weights.
 
 The vision geometry records what sets the tower's cost: patch embedding over ``channels x temporal x patch²``
 pixels, ``layers`` blocks of width ``hidden`` (Qwen2.5-VL: a gated MLP of ``intermediate``, window attention over
@@ -18,11 +20,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokensieve.converters.llava import config_model_type, decoder_geometry
+from tokensieve.converters.llava import OPENAI_CLIP, config_model_type, decoder_geometry
 from tokensieve.errors import SourceError
 
 QWEN_VL_TYPES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 16384  # the published preprocessor_config.json of Qwen2.5-VL
+IMAGE_TOKEN = "<|image_pad|>"
 
 _VISION_25 = {
     "depth": 32,
@@ -63,6 +66,42 @@ QWEN_VL_PRESETS: dict[str, dict[str, Any]] = {
         },
     },
 }
+_TINY_TEXT = {  # mRoPE sections (t, h, w) of the 12-wide heads' 6 frequencies
+    "vocab_size": 320,
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "bos_token_id": 304,
+    "eos_token_id": 305,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 2, 2]},
+}
+_TINY_TOKENS = {"image_token_id": 300, "video_token_id": 301, "vision_start_token_id": 302, "vision_end_token_id": 303}
+QWEN_VL_PRESETS["qwen2.5-vl-tiny"] = {  # windows of 2 x 2 merged tokens; block 1 attends over the image
+    "model_type": "qwen2_5_vl",
+    "vision": {**_VISION_25, "depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+               "out_hidden_size": 48, "window_size": 56, "fullatt_block_indexes": [1], "tokens_per_second": 2},
+    "text": _TINY_TEXT,
+    "tokens": _TINY_TOKENS,
+    "processor": {"min_pixels": 16 * 28 * 28, "max_pixels": 64 * 28 * 28},
+}  # fmt: skip
+QWEN_VL_PRESETS["qwen2.5-vl-small"] = {  # benchmarks: Qwen2.5-VL's windows (4 x 4 merged tokens), narrow widths
+    "model_type": "qwen2_5_vl",
+    "vision": {**_VISION_25, "depth": 8, "hidden_size": 256, "intermediate_size": 512, "num_heads": 4,
+               "out_hidden_size": 256, "fullatt_block_indexes": [3, 7]},
+    "text": {**_TINY_TEXT, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+             "num_attention_heads": 8, "num_key_value_heads": 4,
+             "rope_parameters": {**_TINY_TEXT["rope_parameters"], "mrope_section": [4, 6, 6]}},
+    "tokens": _TINY_TOKENS,
+    "processor": {"min_pixels": 64 * 28 * 28, "max_pixels": 256 * 28 * 28},  # 256 to 1024 patches
+}  # fmt: skip
+QWEN_VL_PRESETS["qwen2-vl-tiny"] = {
+    **QWEN_VL_PRESETS["qwen2.5-vl-tiny"],
+    "model_type": "qwen2_vl",
+    "vision": {"depth": 2, "embed_dim": 32, "mlp_ratio": 2, "num_heads": 2, "hidden_size": 48},
+}
 
 
 def is_qwen_vl_source(name: str) -> bool:
@@ -76,8 +115,11 @@ def qwen_vl_config(name: str):
 
     if name in QWEN_VL_PRESETS:
         preset = QWEN_VL_PRESETS[name]
-        config = transformers.Qwen2_5_VLConfig(vision_config=preset["vision"], text_config=preset["text"])
-        return config, {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
+        family = QWEN_VL_TYPES[preset.get("model_type", "qwen2_5_vl")].removesuffix("ForConditionalGeneration")
+        config = getattr(transformers, f"{family}Config")(
+            vision_config=preset["vision"], text_config=preset["text"], **preset.get("tokens", {})
+        )
+        return config, preset.get("processor", {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS})
     path = Path(name)
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
@@ -106,9 +148,15 @@ def host_config(config, processor: dict[str, Any]) -> dict[str, Any]:
         "patch_size": int(processor.get("patch_size", vision.patch_size)),
         "merge_size": int(processor.get("merge_size", vision.spatial_merge_size)),
         "temporal_patch_size": int(processor.get("temporal_patch_size", vision.temporal_patch_size)),
+        "window_size": int(getattr(vision, "window_size", 0) or 0),  # 0: no window attention (Qwen2-VL)
         "min_pixels": int(processor.get("min_pixels") or size.get("shortest_edge") or MIN_PIXELS),
         "max_pixels": int(processor.get("max_pixels") or size.get("longest_edge") or MAX_PIXELS),
+        "mean": list(processor.get("image_mean", OPENAI_CLIP[0])),
+        "std": list(processor.get("image_std", OPENAI_CLIP[1])),
+        "image_token": IMAGE_TOKEN,
         "image_token_id": int(config.image_token_id),
+        "video_token_id": int(config.video_token_id),
+        "tokens_per_second": getattr(vision, "tokens_per_second", None),  # Qwen2.5-VL spaces video frames by it
     }
 
 
