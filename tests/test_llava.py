@@ -249,7 +249,7 @@ def test_placeholders_capacity_and_bad_sources_are_typed_errors(artifacts, tmp_p
     unsupported = tmp_path / "qwen"
     unsupported.mkdir()
     (unsupported / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
-    with pytest.raises(SourceError, match=r"does not export yet.*LLaVA-1\.5 and LLaVA-NeXT"):
+    with pytest.raises(SourceError, match=r"does not export yet.*LLaVA-1\.5, LLaVA-NeXT and InternVL3"):
         tokensieve.export(f"hf:{unsupported}", out=tmp_path / "out")
     with pytest.raises(MethodSpecError, match="reduces ViT blocks; an MLLM export takes decoder methods"):
         tokensieve.export("hf:llava-tiny", "topk(keep=0.5)", out=tmp_path / "out")

@@ -27,7 +27,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 def supported() -> str:
     """The families and presets, for error messages."""
-    return f"model types {', '.join(FAMILIES)} (presets: {', '.join(f'hf:{name}' for name in PRESETS)})"
+    *first, last = [family.title for family in FAMILIES.values()]
+    presets = ", ".join(f"hf:{name}" for name in PRESETS)
+    return f"{', '.join(first)} and {last} (model types {', '.join(FAMILIES)}; presets {presets})"
 
 
 def is_mllm_source(name: str) -> bool:

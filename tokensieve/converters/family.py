@@ -22,6 +22,7 @@ class MllmFamily:
     newlines), ``"tiles"`` (InternVL's tiles + thumbnail, each tile's tokens pixel-shuffled)."""
 
     kind: str  # the Hugging Face ``model_type``, recorded as the manifest's ``host["kind"]``
+    title: str  # its name in messages ("LLaVA-NeXT")
     model_class: str  # the transformers class of the eager model
     presets: dict[str, dict[str, Any]]  # named random configurations
     preset_config: Callable[[dict[str, Any]], Any]  # preset -> transformers config

@@ -216,6 +216,7 @@ def image_tokens(host: dict[str, Any]) -> dict[str, Any]:
 
 INTERNVL = MllmFamily(
     kind="internvl",
+    title="InternVL3",
     model_class="InternVLForConditionalGeneration",
     presets=INTERNVL_PRESETS,
     preset_config=preset_config,

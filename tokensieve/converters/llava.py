@@ -144,7 +144,7 @@ class BuiltLlava:
     kind: str  # the family's model_type ("llava", "llava_next", "internvl")
     tokenizer: Any
     host: dict[str, Any] = field(default_factory=dict)  # preprocessing and prompt facts for the runtime
-    family: Any = None  # its :class:`tokensieve.converters.family.MllmFamily`
+    family: MllmFamily | None = None  # how its graphs and host facts are made
 
 
 def _clip_host(config, processor: dict[str, Any]) -> dict[str, Any]:
@@ -593,6 +593,7 @@ def export_llava(
 def _family(kind: str, **facts: Any) -> MllmFamily:
     return MllmFamily(
         kind=kind,
+        title={"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT"}[kind],
         model_class={"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}[kind],
         presets={name: preset for name, preset in LLAVA_PRESETS.items() if preset["kind"] == kind},
         preset_config=llava_preset_config,

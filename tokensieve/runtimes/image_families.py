@@ -26,6 +26,7 @@ class ImageFamily:
     pack: Callable[..., np.ndarray]  # (features [P, n, D], size, host, newline) -> [N, D]
     count: Callable[[dict[str, Any], tuple[int, int] | None], tuple[int, int]]  # -> (positions, vision runs)
     tile_tokens: Callable[[dict[str, Any]], int]  # features of one vision run
+    most_tiles: Callable[[dict[str, Any]], int]  # vision runs of the largest image (TensorRT profile maximum)
     varies: bool = True  # the count depends on the image size
     newline: bool = False  # the artifact holds image_newline.npy
     bench_tiles: int = 1  # vision runs ``bench`` times together
@@ -37,6 +38,7 @@ IMAGE_FAMILIES: dict[str, ImageFamily] = {
         llava_image.pack_single,
         llava_image.single_count,
         llava_image.crop_tokens,
+        lambda host: 1,
         varies=False,
     ),
     "llava_next": ImageFamily(
@@ -44,6 +46,7 @@ IMAGE_FAMILIES: dict[str, ImageFamily] = {
         llava_image.pack_anyres,
         llava_image.anyres_count,
         llava_image.crop_tokens,
+        llava_image.most_crops,
         newline=True,
         bench_tiles=5,  # thumbnail + a 2x2 grid
     ),
@@ -52,6 +55,7 @@ IMAGE_FAMILIES: dict[str, ImageFamily] = {
         internvl_image.pack,
         internvl_image.count,
         lambda host: host["tile_tokens"],
+        lambda host: host["max_tiles"] + (host["max_tiles"] > 1),  # the grid + thumbnail
         bench_tiles=5,  # a 2x2 grid + thumbnail
     ),
 }

@@ -176,6 +176,12 @@ def crop_grid(size: tuple[int, int], host: dict[str, Any]) -> tuple[int, int]:
     return tuple(r // host["image_size"] for r in select_best_resolution(size, host["grid_pinpoints"]))
 
 
+def most_crops(host: dict[str, Any]) -> int:
+    """Vision runs of LLaVA-NeXT's largest grid resolution: its crops + the thumbnail."""
+    side = host["image_size"]
+    return 1 + max(math.ceil(h / side) * math.ceil(w / side) for h, w in host["grid_pinpoints"])
+
+
 def crop_layout(size: tuple[int, int], host: dict[str, Any], patches: int) -> tuple[np.ndarray, tuple[slice, slice]]:
     """The crops of a ``patches``-image AnyRes stack laid out on their grid: ``index [H, W]`` = which token of the
     vision output flattened to ``[patches * n]`` sits at each grid position, and the unpadded band of the grid."""
