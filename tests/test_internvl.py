@@ -2,9 +2,10 @@
 with ``generate`` (one tile, several tiles + thumbnail, text only), decoder methods' kept positions against their
 eager references, typed refusals, ``plan`` and ``bench``.
 
-The torch -> ONNX step is memoised per graph for this module (:func:`_memoised_exports`): every artifact still
-goes through ``tokensieve.export`` (method passes, manifest, lint) and ``parity``; only identical graphs (same
-module, same example shapes) are exported once, so the four method artifacts cost one extra decode graph."""
+The torch -> ONNX step is memoised per graph for this module (the ``memo`` fixture): every artifact still goes
+through ``tokensieve.export`` (method passes, manifest, lint) and ``parity``; only identical graphs (same module
+class, same weights, same example shapes) are exported once, so the four method artifacts and the checkpoint
+directory cost one extra decode graph."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from helpers import assert_bench_runs, assert_plan_matches_graphs
 import tokensieve
 from tokensieve.cli import main
 from tokensieve.converters.families import build_mllm
+from tokensieve.converters.sources import weights_digest
 from tokensieve.deploy.build import symbol_ranges
 from tokensieve.errors import MethodSpecError, PromptError, SourceError
 from tokensieve.parity.mllm import _hf_processor
@@ -35,38 +37,41 @@ def built():
     return build_mllm(PRESET)
 
 
-def _memoised_exports(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Export each distinct graph once: a copy of the first export of the same module class and example shapes."""
+@pytest.fixture(scope="module")
+def memo():
+    """Export each distinct graph once: a copy of the first export of the same module class, weights and example
+    shapes."""
     from tokensieve.converters import export as export_module
 
     original, cache = export_module.export_graph, {}
 
     def export_graph(module, args, inputs, outputs, **kwargs):
         flat = [a for arg in args for a in (arg if isinstance(arg, tuple) else (arg,))]
-        key = (type(module).__name__, tuple(tuple(a.shape) for a in flat), tuple(outputs))
+        shapes = tuple(tuple(a.shape) for a in flat)
+        key = (type(module).__name__, weights_digest(module), shapes, tuple(outputs))
         if key not in cache:
             cache[key] = ir.to_proto(original(module, args, inputs, outputs, **kwargs))
         return ir.from_proto(cache[key])
 
-    monkeypatch.setattr(export_module, "export_graph", export_graph)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export_module, "export_graph", export_graph)
+        yield
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
+def artifacts(tmp_path_factory, memo):
     root = tmp_path_factory.mktemp("internvl")
-    with pytest.MonkeyPatch.context() as patch:
-        _memoised_exports(patch)
-        plain = tokensieve.export(f"hf:{PRESET}", out=root / "plain")
-        methods = {
-            "fastv": ("fastv(k=1, keep=0.5)", None),
-            "snapkv": ("snapkv(budget=24, window=4)", None),
-            "h2o": (f"h2o(budget={SMALL_CAPACITY - 1}, recent=8)", None),
-            "streamingllm": ("streamingllm(sink=4)", SMALL_CAPACITY),
-        }
-        exported = {
-            name: tokensieve.export(f"hf:{PRESET}", text, out=root / name, capacity=capacity, growing_cache=False)
-            for name, (text, capacity) in methods.items()
-        }
+    plain = tokensieve.export(f"hf:{PRESET}", out=root / "plain")
+    methods = {
+        "fastv": ("fastv(k=1, keep=0.5)", None),
+        "snapkv": ("snapkv(budget=24, window=4)", None),
+        "h2o": (f"h2o(budget={SMALL_CAPACITY - 1}, recent=8)", None),
+        "streamingllm": ("streamingllm(sink=4)", SMALL_CAPACITY),
+    }
+    exported = {
+        name: tokensieve.export(f"hf:{PRESET}", text, out=root / name, capacity=capacity, growing_cache=False)
+        for name, (text, capacity) in methods.items()
+    }
     return {"plain": plain, **exported, "root": root}
 
 
@@ -145,6 +150,20 @@ def test_methods_that_need_another_layout_are_refused(tmp_path, method, message)
     with pytest.raises(MethodSpecError, match=message):
         tokensieve.export(f"hf:{PRESET}", method, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_directory(built, memo, tmp_path):
+    """``hf:PATH`` of a saved ``internvl`` checkpoint: weights, tokenizer (with its named image tokens) and
+    processor config (6 tiles at most, another normalisation) are read, and the artifact holds parity."""
+    built.model.save_pretrained(tmp_path / "ckpt")
+    built.tokenizer.save_pretrained(tmp_path / "ckpt")
+    processor = {"size": {"height": 64, "width": 64}, "max_patches": 6, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (tmp_path / "ckpt" / "preprocessor_config.json").write_text(json.dumps(processor))
+    artifact = tokensieve.export(f"hf:{tmp_path / 'ckpt'}", out=tmp_path / "out", capacity=512, growing_cache=False)
+    assert artifact.manifest.host["max_tiles"] == 6 and artifact.manifest.host["mean"] == [0.5] * 3
+    report = artifact.parity(cases=[("Describe it.", _image(30, 200, 4))], new_tokens=32, caches=("fixed",))
+    assert report.ok, report.text()
+    assert report.cases[0].image_tokens == 7 * 16  # 6 x 1 tiles (the most allowed) + thumbnail
 
 
 def test_bad_input_typed_errors(artifacts, tmp_path):

@@ -92,8 +92,6 @@ def build_mllm(name: str, seed: int = 0) -> BuiltLlava:
     if name in PRESETS:
         return BuiltLlava(model, family.kind, family.tokenizer(), host, family)
     check_supported(name, model)
-    for check in family.checks:
-        check(name, model)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError):

@@ -9,7 +9,7 @@ The host side of a family (its numpy image processor and image-token layout, tor
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -34,4 +34,3 @@ class MllmFamily:
     image_tokens: Callable[[dict[str, Any]], dict[str, Any]]  # the manifest's ``image_tokens``
     layout: str = "grid"
     tiled: bool = False  # the vision graph takes a symbolic number of tiles / crops
-    checks: tuple[Callable[[str, Any], None], ...] = field(default=())  # checkpoint checks beyond the decoder's

@@ -22,9 +22,11 @@ Graphs (exported with the dynamo exporter, batch 1):
   ``cache_position``. Static shapes;
 * ``decode_growing`` (option): ``past_key_<i>`` ``[1, H_kv, L, d]`` -> ``present_key_<i>`` ``[1, H_kv, L + 1, d]``.
 
-The decoder layers are the model's own (``LlamaDecoderLayer``, ``Qwen2DecoderLayer`` etc.); only the cache is ours: a
-duck-typed object with the ``update`` method transformers' attention calls. A checkpoint's language model is accepted
-when running its layers alone reproduces its forward (checked at load).
+The embed, prefill and decode graphs are shared by every MLLM family (InternVL's too); the LLaVA and LLaVA-NeXT
+entries of the family table (:data:`LLAVA`, :data:`LLAVA_NEXT`, found by :mod:`tokensieve.converters.families`)
+declare the rest. The decoder layers are the model's own (``LlamaDecoderLayer``, ``Qwen2DecoderLayer`` etc.); only
+the cache is ours: a duck-typed object with the ``update`` method transformers' attention calls. A checkpoint's
+language model is accepted when running its layers alone reproduces its forward (checked at load).
 """
 
 from __future__ import annotations
