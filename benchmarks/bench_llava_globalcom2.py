@@ -31,7 +31,7 @@ from tokensieve.bench.image import pyplot, save_figure, time_alternating
 from tokensieve.methods.globalcom2 import GlobalCom2
 from tokensieve.plan.mllm import prefill_macs
 from tokensieve.runtimes.globalcom2 import select_features
-from tokensieve.runtimes.llava_image import pack_features, preprocess
+from tokensieve.runtimes.image_families import pack_features, preprocess
 from tokensieve.runtimes.prefill import prefill_feeds
 
 RESULTS = Path(__file__).parent / "results"

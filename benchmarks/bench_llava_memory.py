@@ -43,11 +43,11 @@ def peak_rss_gib() -> float:
 def prepare(args: argparse.Namespace, work: Path) -> None:
     """The checkpoint, the artifacts and the prompt, unless ``work`` has them already."""
     import tokensieve
-    from tokensieve.converters.llava import build_llava
+    from tokensieve.converters.families import build_mllm
     from tokensieve.runtimes.llava_image import crop_tokens
 
     if not (work / "hf" / "config.json").is_file():
-        build_llava(args.source, seed=0).model.save_pretrained(work / "hf")
+        build_mllm(args.source, seed=0).model.save_pretrained(work / "hf")
     capacity = args.prompt_tokens + args.new_tokens
     for method in args.methods:
         out = work / _slug(method)
@@ -73,7 +73,7 @@ def child_hf(work: Path, new_tokens: int, threads: int) -> dict:
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from tokensieve.runtimes.llava_image import preprocess
+    from tokensieve.runtimes.image_families import preprocess
 
     torch.set_num_threads(threads)
     prompt = np.load(work / "prompt.npz")

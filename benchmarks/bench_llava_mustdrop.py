@@ -32,7 +32,7 @@ import tokensieve
 from tokensieve.bench.image import time_alternating
 from tokensieve.methods.mustdrop import MustDrop
 from tokensieve.plan.mllm import prefill_macs
-from tokensieve.runtimes.llava_image import preprocess
+from tokensieve.runtimes.image_families import preprocess
 from tokensieve.runtimes.mustdrop import vision_tokens
 from tokensieve.runtimes.ort import OrtRunner
 from tokensieve.runtimes.prefill import Prefill, prefill_feeds
@@ -49,10 +49,10 @@ def vision_macs(vision: dict, lengths: list[int], projected: int, text_hidden: i
 def write_checkpoint(directory: Path, vision_layers: int, text_layers: int) -> None:
     import transformers
 
+    from tokensieve.converters.families import build_mllm
     from tokensieve.converters.init import randomize_weights
-    from tokensieve.converters.llava import build_llava
 
-    built = build_llava("llava-1.5-7b-shapes")
+    built = build_mllm("llava-1.5-7b-shapes")
     config = built.model.config
     config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers = vision_layers, text_layers
     model = transformers.LlavaForConditionalGeneration(config)

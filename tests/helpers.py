@@ -105,9 +105,9 @@ def save_peaked_llava(directory: Path) -> None:
     heavy hitters compete with new tokens."""
     import torch
 
-    from tokensieve.converters.llava import build_llava
+    from tokensieve.converters.families import build_mllm
 
-    built = build_llava("llava-tiny")
+    built = build_mllm("llava-tiny")
     with torch.no_grad():
         for layer in built.model.model.language_model.layers:
             layer.self_attn.q_proj.weight.mul_(6.0)
@@ -120,10 +120,10 @@ def save_four_layer_llava(directory: Path, image_size: int = 112) -> None:
     ``image_size=126`` gives a 9 x 9 patch grid (nine 3 x 3 windows for MustDrop's merge)."""
     import transformers
 
+    from tokensieve.converters.families import build_mllm
     from tokensieve.converters.init import randomize_weights
-    from tokensieve.converters.llava import build_llava
 
-    built = build_llava("llava-tiny")
+    built = build_mllm("llava-tiny")
     config = built.model.config
     config.text_config.num_hidden_layers = 4
     config.vision_config.image_size = image_size
@@ -137,10 +137,10 @@ def hf_greedy_cases(preset: str, count: int, seed: int, new_tokens: int):
     """``(model, processor inputs, HF greedy ids with EOS off, last-position logits)`` for parity's default cases."""
     import torch
 
-    from tokensieve.converters.llava import build_llava
+    from tokensieve.converters.families import build_mllm
     from tokensieve.parity.mllm import _hf_processor, default_cases
 
-    built = build_llava(preset)
+    built = build_mllm(preset)
     model = built.model
     model.generation_config.eos_token_id = None
     processor = _hf_processor(built.host, built.tokenizer)
@@ -215,11 +215,11 @@ def assert_bench_runs(artifact) -> None:
 def prefill_case(artifact, preset: str, seed: int):
     """One default parity case (prompt and image) of ``preset`` run through ``artifact``'s prefill: ``(built model,
     the HF processor's inputs, prompt ids, present caches, prefill extras)`` (cache-layout checks against eager)."""
-    from tokensieve.converters.llava import build_llava
+    from tokensieve.converters.families import build_mllm
     from tokensieve.parity.mllm import _hf_processor, default_cases
     from tokensieve.runtimes.llava import expand_placeholders
 
-    runner, built = artifact.llava_runner(), build_llava(preset)
+    runner, built = artifact.llava_runner(), build_mllm(preset)
     prompt, image = default_cases(built.host, 1, seed)[0]
     inputs = _hf_processor(built.host, built.tokenizer)(
         images=image, text=built.host["template"].format(prompt=prompt), return_tensors="pt"

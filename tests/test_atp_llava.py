@@ -12,7 +12,7 @@ from helpers import assert_bench_runs, generate_json, hf_greedy_cases, save_four
 
 import tokensieve
 from tokensieve.cli import main
-from tokensieve.converters.llava import build_llava
+from tokensieve.converters.families import build_mllm
 from tokensieve.errors import GraphRewriteError, MethodSpecError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.atp_scores import ATPScoresPass
@@ -89,7 +89,7 @@ def _reference_scores(model, inputs, layer: int):
 def test_segment_scores_equal_the_reference(artifacts):
     """prefill_0's S_self / S_cross (mean key, row-weight MatMul) against the reference's ([I, I] logits, sliced
     probabilities), on processor inputs; and cross = 0 when no prompt position follows the image."""
-    built = build_llava("llava-tiny")
+    built = build_mllm("llava-tiny")
     processor = _hf_processor(built.host, built.tokenizer)
     head = artifacts["tiny"].llava_runner().prefill.graphs[0]  # prefill_0: layer 0 and its scores
     for prompt, image in default_cases(built.host, 2, 3):

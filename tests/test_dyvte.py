@@ -12,7 +12,7 @@ from helpers import assert_bench_runs, generate_json, hf_greedy_cases, save_four
 
 import tokensieve
 from tokensieve.cli import main
-from tokensieve.converters.llava import build_llava
+from tokensieve.converters.families import build_mllm
 from tokensieve.errors import GraphRewriteError, MethodSpecError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.image_attention import ImageAttentionMassPass
@@ -58,7 +58,7 @@ def test_parity_llava_next(artifacts):
 def test_exit_score_equals_the_reference(artifacts):
     """prefill_0's image_attention_mass (last row, image columns, head mean) against Hugging Face's own layer-0
     probabilities, on processor inputs."""
-    built = build_llava(str(artifacts["root"] / "ckpt"))
+    built = build_mllm(str(artifacts["root"] / "ckpt"))
     processor = _hf_processor(built.host, built.tokenizer)
     first = artifacts["deep"].llava_runner().prefill.graphs[0]
     masses = []

@@ -14,7 +14,8 @@ from PIL import Image
 
 import tokensieve
 from tokensieve.cli import main
-from tokensieve.converters.llava import LLAVA_PRESETS, SPECIAL_TOKENS, build_llava
+from tokensieve.converters.families import build_mllm
+from tokensieve.converters.llava import LLAVA_PRESETS, SPECIAL_TOKENS
 from tokensieve.errors import (
     ArtifactError,
     CapacityError,
@@ -26,7 +27,7 @@ from tokensieve.errors import (
 )
 from tokensieve.graph_passes.locate_decoder import locate_decoder
 from tokensieve.graph_passes.macs import count_macs
-from tokensieve.runtimes.llava_image import preprocess
+from tokensieve.runtimes.image_families import preprocess
 
 SIZES = [(112, 112), (90, 200), (300, 120), (57, 333), (224, 224), (113, 250)]
 
@@ -44,7 +45,7 @@ def test_preprocessing_matches_the_hf_pil_processors(preset):
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    host = build_llava(preset).host
+    host = build_mllm(preset).host
     kw = {
         "size": {"shortest_edge": host["shortest_edge"]},
         "crop_size": {"height": host["crop"][0], "width": host["crop"][1]},
@@ -107,7 +108,7 @@ def test_all_graphs_are_lint_clean_and_the_decode_graph_is_static(artifacts):
 
 def test_weights_are_stored_once(artifacts):
     artifact = artifacts["llava"]
-    model = build_llava("llava-tiny").model
+    model = build_mllm("llava-tiny").model
     parameter_bytes = sum(p.numel() * 4 for p in model.parameters())
     size = (artifact.path / "weights.data").stat().st_size
     assert size <= 1.05 * parameter_bytes  # five graphs, shared decoder layers, one copy
@@ -156,7 +157,7 @@ def test_decoder_sites_are_q_and_k_after_rope(artifacts):
 
 def test_checkpoint_directory_source(tmp_path):
     """A local checkpoint directory (weights, tokenizer, preprocessor config) exports and holds parity."""
-    built = build_llava("llava-tiny", seed=5)
+    built = build_mllm("llava-tiny", seed=5)
     checkpoint = tmp_path / "ckpt"
     save_llava_checkpoint(built.model, built.tokenizer, checkpoint)
     artifact = tokensieve.export(f"hf:{checkpoint}", out=tmp_path / "art", capacity=256, growing_cache=False)
@@ -248,7 +249,7 @@ def test_placeholders_capacity_and_bad_sources_are_typed_errors(artifacts, tmp_p
     unsupported = tmp_path / "qwen"
     unsupported.mkdir()
     (unsupported / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
-    with pytest.raises(SourceError, match=r"does not export yet.*LLaVA-1\.5 and LLaVA-NeXT"):
+    with pytest.raises(SourceError, match=r"does not export yet.*LLaVA-1\.5, LLaVA-NeXT and InternVL3"):
         tokensieve.export(f"hf:{unsupported}", out=tmp_path / "out")
     with pytest.raises(MethodSpecError, match="reduces ViT blocks; an MLLM export takes decoder methods"):
         tokensieve.export("hf:llava-tiny", "topk(keep=0.5)", out=tmp_path / "out")

@@ -14,7 +14,7 @@ from helpers import assert_bench_runs, generate_json, save_four_layer_llava
 
 import tokensieve
 from tokensieve.cli import main
-from tokensieve.converters.llava import build_llava
+from tokensieve.converters.families import build_mllm
 from tokensieve.errors import GraphRewriteError, MethodSpecError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.dual_attention import DualAttentionPass
@@ -24,7 +24,7 @@ from tokensieve.methods.mustdrop import MustDrop
 from tokensieve.parity.mllm import _hf_processor, default_cases
 from tokensieve.reference.decoding import attention_forward
 from tokensieve.reference.mustdrop import filter_keep, mustdrop_generate, mustdrop_vision, window_similarity
-from tokensieve.runtimes.llava_image import preprocess
+from tokensieve.runtimes.image_families import preprocess
 from tokensieve.runtimes.mustdrop import cut, key_tokens, merge_windows
 from tokensieve.runtimes.prefill import prefill_feeds
 
@@ -41,7 +41,7 @@ def artifacts(tmp_path_factory):
         "mustdrop(layers=[2], global_threshold=0.012, individual_threshold=0.02, merge_threshold=none)",
         out=root / "plain",
     )
-    built = build_llava(str(root / "ckpt"))
+    built = build_mllm(str(root / "ckpt"))
     return {"deep": tokensieve.load(root / "deep"), "plain": plain, "root": root, "built": built}
 
 

@@ -82,12 +82,12 @@ def test_training_free_choice_is_the_text_to_image_attention_top_k(artifacts):
     """Without routers every MoD layer takes the top of one score (layer first-1's attention): nested sets."""
     from transformers import DynamicCache
 
-    from tokensieve.converters.llava import build_llava
+    from tokensieve.converters.families import build_mllm
     from tokensieve.parity.mllm import _hf_processor, default_cases
     from tokensieve.reference.decoding import attention_forward
     from tokensieve.reference.pmod import attention_score, mod_prefill
 
-    built = build_llava(str(artifacts["root"] / "ckpt"))
+    built = build_mllm(str(artifacts["root"] / "ckpt"))
     prompt, image = default_cases(built.host, 1, 5)[0]
     inputs = _hf_processor(built.host, built.tokenizer)(
         images=image, text=built.host["template"].format(prompt=prompt), return_tensors="pt"
@@ -119,10 +119,10 @@ def test_count_is_floor_of_the_float32_ratio_and_matches_the_official_count():
 
 def test_plan_at_llava_1_5_7b_geometry(tmp_path, capsys):
     """32 layers of LLaVA-1.5-7B (config only): MoD layers 8..31 process 546 .. 146 of 636 prompt positions."""
-    from tokensieve.converters.llava import llava_config
+    from tokensieve.converters.families import mllm_config
     from tokensieve.plan.mllm import plan_mllm
 
-    config, _, _ = llava_config("llava-1.5-7b-shapes")
+    config, _, _ = mllm_config("llava-1.5-7b-shapes")
     config.text_config.num_hidden_layers = 32
     config.save_pretrained(tmp_path)
     _, (base, row) = plan_mllm(str(tmp_path), ["pmod()"], text_tokens=60, new_tokens=256)

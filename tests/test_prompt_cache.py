@@ -15,7 +15,7 @@ from helpers import assert_bench_runs, assert_plan_matches_graphs, prefill_case
 
 import tokensieve
 from tokensieve.cli import main
-from tokensieve.converters.llava import build_llava
+from tokensieve.converters.families import build_mllm
 from tokensieve.errors import CapacityError, GraphRewriteError, MethodSpecError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.prompt_cache import PromptCachePass
@@ -121,7 +121,7 @@ def test_a2sf_rule_on_hand_made_attention():
 
 
 def test_compression_changes_the_generation():
-    built = build_llava("llava-tiny")
+    built = build_mllm("llava-tiny")
     model = built.model
     model.generation_config.eos_token_id = None
     processor = _hf_processor(built.host, built.tokenizer)

@@ -138,7 +138,9 @@ def test_one_validate_signature_with_the_old_messages():
     from tokensieve.errors import MethodSpecError
     from tokensieve.methods import parse_methods
 
-    ctx = DecoderContext(layers=4, kind="llava_next", select_strategy="default", image_tokens=0, capacity=64)
+    ctx = DecoderContext(
+        layers=4, kind="llava_next", select_strategy="default", image_tokens=0, capacity=64, layout="anyres"
+    )
     cases = {
         "fastv(k=4)": "k=4 is out of range; this decoder has 4 layers",
         "atp_llava(layers=[2])": "LLaVA-NeXT packs a thumbnail and crops",
@@ -150,5 +152,5 @@ def test_one_validate_signature_with_the_old_messages():
         with pytest.raises(MethodSpecError, match=message):
             parse_methods(text)[0].validate(ctx)
     with pytest.raises(MethodSpecError, match="plain LLaVA"):
-        parse_methods("globalcom2")[0].validate(dataclasses.replace(ctx, kind="llava"))
+        parse_methods("globalcom2")[0].validate(dataclasses.replace(ctx, kind="llava", layout="grid"))
     assert issubclass(PrefillCuts, DecoderMethod)

@@ -13,7 +13,7 @@ import pytest
 from helpers import assert_bench_runs, assert_plan_matches_graphs, prefill_case
 
 import tokensieve
-from tokensieve.converters.llava import build_llava
+from tokensieve.converters.families import build_mllm
 from tokensieve.errors import CapacityError, MethodSpecError, PromptError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.razor import HeadClassCachePass
@@ -56,7 +56,7 @@ def test_retrieval_heads_are_the_eager_probes_and_mixed(artifacts):
     for key, preset in (("llava", "llava-tiny"), ("next", "llava-next-tiny")):
         method = _method(artifacts[key])
         assert method.heads and len(method.heads) < 4  # 2 layers x 2 KV heads
-        assert find_retrieval_heads(build_llava(preset).model, replace(method, heads=None)) == method.heads
+        assert find_retrieval_heads(build_mllm(preset).model, replace(method, heads=None)) == method.heads
 
 
 def test_layout_and_compensation_tokens_match_the_eager_cache(artifacts):

@@ -67,13 +67,14 @@ def test_version_2_prefill_graph_equals_the_reference(artifacts, tmp_path):
     from transformers import DynamicCache
 
     from tokensieve.converters.export import export_graph
-    from tokensieve.converters.llava import Prefill, build_llava
+    from tokensieve.converters.families import build_mllm
+    from tokensieve.converters.llava import Prefill
     from tokensieve.graph_passes import run_passes
     from tokensieve.graph_passes.sparsevlm import SparseVLMPass
     from tokensieve.reference.sparsevlm import sparse_prefill
     from tokensieve.runtimes.ort import OrtRunner
 
-    model = build_llava(str(artifacts["root"] / "ckpt")).model
+    model = build_mllm(str(artifacts["root"] / "ckpt")).model
     hidden, names = (
         model.config.text_config.hidden_size,
         [f"present_{k}_{i}" for i in range(4) for k in ("key", "value")],

@@ -11,7 +11,7 @@ import torch
 from helpers import assert_bench_runs, assert_plan_matches_graphs
 
 import tokensieve
-from tokensieve.converters.llava import build_llava
+from tokensieve.converters.families import build_mllm
 from tokensieve.errors import MethodSpecError
 from tokensieve.graph_passes import run_passes
 from tokensieve.graph_passes.cache_visibility import CacheVisibilityPass
@@ -33,7 +33,7 @@ def artifacts(tmp_path_factory):
 
 def _cases():
     """Two prompts that fit the capacity but overflow while decoding, one longer than the capacity itself."""
-    host = build_llava("llava-tiny").host
+    host = build_mllm("llava-tiny").host
     cases = default_cases(host, 2, 0)
     return [*cases, (LONG_PROMPT, cases[0][1])]
 
@@ -49,7 +49,7 @@ def test_parity_past_the_capacity_fixed_ring_and_growing(artifacts):
 
 def test_eviction_changes_the_generation_and_needs_no_capacity_check(artifacts):
     """The reference really evicts: a full-cache generation of the long prompt says something else."""
-    built = build_llava("llava-tiny")
+    built = build_mllm("llava-tiny")
     model = built.model
     model.generation_config.eos_token_id = None
     prompt, image = _cases()[-1]

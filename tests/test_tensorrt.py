@@ -59,7 +59,7 @@ def test_llava_next_patches_range():
         graphs={},
         decoder={"capacity": 1024},
         image_tokens={"per_crop": 64},
-        host={"image_size": 112, "grid_pinpoints": [[112, 224], [224, 224], [336, 112]]},
+        host={"kind": "llava_next", "image_size": 112, "grid_pinpoints": [[112, 224], [224, 224], [336, 112]]},
     )
     ranges = symbol_ranges(SimpleNamespace(kind="mllm", manifest=manifest))
     assert ranges["patches"] == (1, 5, 5) and "vision_tokens" not in ranges

@@ -27,6 +27,7 @@ from tokensieve.bench.image import pyplot, save_figure, time_alternating
 from tokensieve.errors import CapacityError
 from tokensieve.methods import methods_from_dicts
 from tokensieve.runtimes import FACES
+from tokensieve.runtimes.image_families import image_family
 from tokensieve.runtimes.kv_cache import cache_inputs, kv_names, position_feeds
 from tokensieve.runtimes.llava import VISION
 from tokensieve.runtimes.prefill import Prefill, prefill_feeds
@@ -153,10 +154,11 @@ def bench_llava(
 
 
 def _time_vision(artifact, method, options: dict[str, Any], rng: np.random.Generator) -> tuple[float, int]:
-    """The vision graph's median ms on random pixels and the patches it ran (LLaVA-NeXT: thumbnail + a 2x2 grid)."""
+    """The vision graph's median ms on random pixels and the patches it ran (the family's ``bench_tiles``)."""
     manifest = artifact.manifest
-    patches = 5 if manifest.host["kind"] == "llava_next" else 1
-    pixels = rng.standard_normal((patches, 3, *manifest.host["crop"]), dtype=np.float32)
+    patches = image_family(manifest.host).bench_tiles
+    side = manifest.host["image_size"]
+    pixels = rng.standard_normal((patches, 3, *manifest.host.get("crop", (side, side))), dtype=np.float32)
     graphs = [artifact.runner(key, **options) for key in VISION if key in manifest.graphs]
     split = method if method is not None and method.split_vision else None
     tokens = FACES.lookup("image_tokens", split)

@@ -33,8 +33,8 @@ def add_parser(subparsers: options.Subparsers) -> None:
 
 
 def _is_mllm(source: str) -> bool:
-    """An ``hf:`` LLaVA or Qwen-VL source or an MLLM artifact directory."""
-    from tokensieve.converters.llava import is_mllm_source
+    """An ``hf:`` MLLM source (an exported family or Qwen-VL) or an MLLM artifact directory."""
+    from tokensieve.converters.families import is_mllm_source
     from tokensieve.converters.qwen_vl import is_qwen_vl_source
 
     manifest = Path(source) / "manifest.json"

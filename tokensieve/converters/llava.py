@@ -22,9 +22,11 @@ Graphs (exported with the dynamo exporter, batch 1):
   ``cache_position``. Static shapes;
 * ``decode_growing`` (option): ``past_key_<i>`` ``[1, H_kv, L, d]`` -> ``present_key_<i>`` ``[1, H_kv, L + 1, d]``.
 
-The decoder layers are the model's own (``LlamaDecoderLayer``, ``Qwen2DecoderLayer`` etc.); only the cache is ours: a
-duck-typed object with the ``update`` method transformers' attention calls. A checkpoint's language model is accepted
-when running its layers alone reproduces its forward (checked at load).
+The embed, prefill and decode graphs are shared by every MLLM family (InternVL's too); the LLaVA and LLaVA-NeXT
+entries of the family table (:data:`LLAVA`, :data:`LLAVA_NEXT`, found by :mod:`tokensieve.converters.families`)
+declare the rest. The decoder layers are the model's own (``LlamaDecoderLayer``, ``Qwen2DecoderLayer`` etc.); only
+the cache is ours: a duck-typed object with the ``update`` method transformers' attention calls. A checkpoint's
+language model is accepted when running its layers alone reproduces its forward (checked at load).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokensieve.converters.init import randomize_weights
+from tokensieve.converters.family import MllmFamily
 from tokensieve.errors import SourceError
 
 TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -107,12 +109,6 @@ LLAVA_PRESETS["llava-next-7b-shapes"] = {
     "capacity": 4096,
     "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
 }
-MLLM_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
-
-
-def is_mllm_source(name: str) -> bool:
-    """True for the LLaVA presets and for checkpoint / config paths whose ``model_type`` is an MLLM."""
-    return name in LLAVA_PRESETS or config_model_type(name) in MLLM_TYPES
 
 
 def config_model_type(name: str) -> str | None:
@@ -125,121 +121,125 @@ def config_model_type(name: str) -> str | None:
         return None
 
 
-def byte_tokenizer():
-    """A byte-level BPE tokenizer with LLaVA's special tokens, for random presets (no hub)."""
+def byte_tokenizer(special: tuple[str, ...] = SPECIAL_TOKENS, **named: str):
+    """A byte-level BPE tokenizer with ``special`` tokens first (LLaVA's by default), for random presets (no hub);
+    ``named`` are extra named special tokens (``start_image_token="<img>"``), as a processor reads them."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    vocab |= {char: len(SPECIAL_TOKENS) + i for i, char in enumerate(alphabet)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    vocab = {token: i for i, token in enumerate(special)}
+    vocab |= {char: len(special) + i for i, char in enumerate(alphabet)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=special[0]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in special])
+    roles = {"unk_token": special[0], "bos_token": special[1], "eos_token": special[2], "pad_token": special[3]}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **roles, extra_special_tokens=named or None)
 
 
 @dataclass
 class BuiltLlava:
-    """An eager LLaVA(-NeXT) model with what the host needs to run its graphs."""
+    """An eager MLLM with what the host needs to run its graphs."""
 
     model: nn.Module
-    kind: str  # "llava" | "llava_next"
+    kind: str  # the family's model_type ("llava", "llava_next", "internvl")
     tokenizer: Any
     host: dict[str, Any] = field(default_factory=dict)  # preprocessing and prompt facts for the runtime
+    family: MllmFamily | None = None  # how its graphs and host facts are made
 
 
-def host_config(config, kind: str, processor: dict[str, Any]) -> dict[str, Any]:
-    """Preprocessing and prompt facts the runtime needs, from the model config and the processor config."""
+def _clip_host(config, processor: dict[str, Any]) -> dict[str, Any]:
     vision = config.vision_config
     size = processor.get("size", {})
     crop = processor.get("crop_size", {})
-    host = {
-        "kind": kind,
+    return {
+        "kind": config.model_type,
         "image_size": int(vision.image_size),
         "patch_size": int(vision.patch_size),
         "shortest_edge": int(size.get("shortest_edge", vision.image_size)),
         "crop": [int(crop.get("height", vision.image_size)), int(crop.get("width", vision.image_size))],
         "mean": list(processor.get("image_mean", OPENAI_CLIP[0])),
         "std": list(processor.get("image_std", OPENAI_CLIP[1])),
-        "do_pad": bool(processor.get("do_pad", False)) if kind == "llava" else True,
         "image_token_id": int(config.image_token_id),
         "select_strategy": config.vision_feature_select_strategy,
         "template": TEMPLATE,
         "bos_id": config.text_config.bos_token_id,
         "eos_id": config.text_config.eos_token_id,
     }
-    if kind == "llava_next":
-        pinpoints = processor.get("image_grid_pinpoints", config.image_grid_pinpoints)
-        host["grid_pinpoints"] = [list(map(int, p)) for p in pinpoints]
-    return host
 
 
-def llava_config(name: str):
-    """``(config, kind, processor config)`` of a preset name or a local checkpoint / config directory, without
-    building the model."""
+def llava_host(config, processor: dict[str, Any]) -> dict[str, Any]:
+    """LLaVA's preprocessing and prompt facts, from the model config and the processor config."""
+    return {**_clip_host(config, processor), "do_pad": bool(processor.get("do_pad", False))}
+
+
+def llava_next_host(config, processor: dict[str, Any]) -> dict[str, Any]:
+    """LLaVA-NeXT's: LLaVA's plus the grid resolutions of its AnyRes crops (always padded)."""
+    pinpoints = processor.get("image_grid_pinpoints", config.image_grid_pinpoints)
+    return {**_clip_host(config, processor), "do_pad": True, "grid_pinpoints": [list(map(int, p)) for p in pinpoints]}
+
+
+def llava_preset_config(preset: dict[str, Any]):
+    """The transformers config of a LLaVA or LLaVA-NeXT preset."""
     import transformers
 
-    if name in LLAVA_PRESETS:
-        preset = LLAVA_PRESETS[name]
-        vision = transformers.CLIPVisionConfig(**preset["vision"])
-        text = transformers.LlamaConfig(**preset["text"])
-        common = {
-            "vision_config": vision,
-            "text_config": text,
-            "image_token_id": SPECIAL_TOKENS.index("<image>"),
-            "vision_feature_layer": -2,
-            "vision_feature_select_strategy": "default",
-        }
-        if preset["kind"] == "llava":
-            return transformers.LlavaConfig(**common), "llava", {}
-        config = transformers.LlavaNextConfig(**common, image_grid_pinpoints=preset["image_grid_pinpoints"])
-        return config, "llava_next", {}
-    path = Path(name)
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise SourceError(f"cannot read a Hugging Face config from {name!r}: {e}") from None
-    kind = config.model_type
-    if kind not in MLLM_TYPES:
-        raise SourceError(f"{name}: model type {kind!r} is not a supported MLLM; supported: {', '.join(MLLM_TYPES)}")
-    processor_file = path / "preprocessor_config.json"
-    processor = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
-    return config, kind, processor
+    common = {
+        "vision_config": transformers.CLIPVisionConfig(**preset["vision"]),
+        "text_config": transformers.LlamaConfig(**preset["text"]),
+        "image_token_id": SPECIAL_TOKENS.index("<image>"),
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+    }
+    if preset["kind"] == "llava_next":
+        return transformers.LlavaNextConfig(**common, image_grid_pinpoints=preset["image_grid_pinpoints"])
+    return transformers.LlavaConfig(**common)
 
 
-def build_llava(name: str, seed: int = 0) -> BuiltLlava:
-    """A preset name or a local checkpoint / config directory."""
-    import transformers
+def llava_hf_processor(host: dict[str, Any], tokenizer):
+    """The Hugging Face PIL processor a LLaVA / LLaVA-NeXT artifact is held to."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    config, kind, processor = llava_config(name)
-    cls = getattr(transformers, MLLM_TYPES[kind])
-    path = Path(name)
-    weights = name not in LLAVA_PRESETS and any(
-        (path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    )
-    if weights:
-        try:
-            model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise SourceError(f"cannot load the checkpoint in {name!r}: {str(e).splitlines()[0]}") from None
+    common = {
+        "size": {"shortest_edge": host["shortest_edge"]},
+        "crop_size": {"height": host["crop"][0], "width": host["crop"][1]},
+        "image_mean": host["mean"],
+        "image_std": host["std"],
+    }
+    if "grid_pinpoints" in host:
+        images = LlavaNextImageProcessorPil(image_grid_pinpoints=host["grid_pinpoints"], **common)
+        cls = LlavaNextProcessor
     else:
-        model = cls(config)
-        randomize_weights(model, seed)
-    if name in LLAVA_PRESETS:
-        return BuiltLlava(model.eval(), kind, byte_tokenizer(), host_config(model.config, kind, processor))
-    _check_supported(name, model)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError):
-        tokenizer = byte_tokenizer()
-    return BuiltLlava(model.eval(), kind, tokenizer, host_config(model.config, kind, processor))
+        images, cls = LlavaImageProcessorPil(do_pad=host["do_pad"], **common), LlavaProcessor
+    extra = 1 if host["select_strategy"] == "default" else 0  # the CLS token the "default" strategy drops
+    return cls(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=host["patch_size"],
+        vision_feature_select_strategy=host["select_strategy"],
+        num_additional_image_tokens=extra,
+    )
 
 
-def _check_supported(name: str, model: nn.Module) -> None:
+def llava_image_tokens(host: dict[str, Any]) -> dict[str, Any]:
+    """How many sequence positions one LLaVA image takes (fixed)."""
+    from tokensieve.runtimes.llava_image import crop_tokens
+
+    return {"count": crop_tokens(host), "varies_with_image_size": False}
+
+
+def llava_next_image_tokens(host: dict[str, Any]) -> dict[str, Any]:
+    """LLaVA-NeXT: a function of the image size."""
+    from tokensieve.runtimes.llava_image import crop_tokens
+
+    rule = "thumbnail + unpadded grid + newline per row"
+    return {"per_crop": crop_tokens(host), "varies_with_image_size": True, "rule": rule}
+
+
+def check_supported(name: str, model: nn.Module) -> None:
+    """Refuse a checkpoint whose language model the cache graphs cannot run (any family)."""
     config = model.config
     text = config.text_config
     if not isinstance(config.vision_feature_layer, int):
@@ -484,11 +484,6 @@ def cache_geometry(model: nn.Module) -> tuple[int, int, int]:
     return geometry["layers"], geometry["kv_heads"], geometry["head_dim"]
 
 
-def default_capacity(name: str, text) -> int:
-    """Cache slots when ``--capacity`` is not given: the preset's value, else the context length (max 4096)."""
-    return int(LLAVA_PRESETS.get(name, {}).get("capacity") or min(text.max_position_embeddings, 4096))
-
-
 def decoder_geometry(text) -> dict[str, int]:
     """The sizes of a language-model config that set its cost and cache (the manifest's ``decoder``)."""
     return {
@@ -537,18 +532,18 @@ def export_llava(
     model = built.model
     layers, kv_heads, head_dim = cache_geometry(model)
     hidden = model.config.text_config.hidden_size
-    size = model.config.vision_config.image_size
+    size = built.host["image_size"]
     ids = torch.full((1, 8), built.host["image_token_id"] + 1, dtype=torch.long)
     step = (ids[:, :1], torch.tensor([[8]]))
     kv_names = [f"{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-    anyres = built.kind == "llava_next"  # thumbnail + a variable number of crops
+    tiled = built.family.tiled  # a variable number of tiles (crops) per image
     jobs: dict[str, tuple] = {
         "vision": (
-            VisionFeatures(model, cls_scores),
-            (torch.randn(2 if anyres else 1, 3, size, size),),
+            built.family.vision(model, cls_scores),
+            (torch.randn(2 if tiled else 1, 3, size, size),),
             ["pixel_values"],
             ["image_features", "cls_scores"] if cls_scores else ["image_features"],
-            {"pixel_values": {0: "patches"}} if anyres else None,
+            {"pixel_values": {0: "patches"}} if tiled else None,
         ),
         "embed": (TokenEmbedding(model), (ids,), ["input_ids"], ["inputs_embeds"], {"input_ids": {1: "sequence"}}),
         "prefill": (
@@ -595,3 +590,24 @@ def export_llava(
         graphs[key] = export_graph(module, args, inputs, outputs, opset=opset, dynamic_axes=axes)
         seconds[key] = round(time.perf_counter() - start, 2)
     return graphs, seconds
+
+
+def _family(kind: str, **facts: Any) -> MllmFamily:
+    return MllmFamily(
+        kind=kind,
+        title={"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT"}[kind],
+        model_class={"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}[kind],
+        presets={name: preset for name, preset in LLAVA_PRESETS.items() if preset["kind"] == kind},
+        preset_config=llava_preset_config,
+        vision=VisionFeatures,
+        tokenizer=byte_tokenizer,
+        hf_processor=llava_hf_processor,
+        vision_geometry=vision_geometry,
+        **facts,
+    )
+
+
+LLAVA = _family("llava", host=llava_host, image_tokens=llava_image_tokens, layout="grid")
+LLAVA_NEXT = _family(
+    "llava_next", host=llava_next_host, image_tokens=llava_next_image_tokens, layout="anyres", tiled=True
+)

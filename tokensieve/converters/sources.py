@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokensieve.converters.families import FAMILIES, PRESETS
 from tokensieve.converters.init import randomize_weights
-from tokensieve.converters.llava import LLAVA_PRESETS, MLLM_TYPES
 from tokensieve.converters.qwen_vl import QWEN_VL_PRESETS
 from tokensieve.errors import SourceError
 
@@ -130,7 +130,7 @@ def parse_source(
         return SourceSpec("timm", name, weights, seed, img_size, options)
     if text.startswith("hf:"):
         name = text[3:]
-        presets = [*HF_PRESETS, *LLAVA_PRESETS, *QWEN_VL_PRESETS]
+        presets = [*HF_PRESETS, *PRESETS, *QWEN_VL_PRESETS]
         if name not in presets:
             if not os.path.exists(name):
                 raise SourceError(
@@ -253,7 +253,7 @@ def _build_hf(spec: SourceSpec) -> BuiltModel:
     if class_name is None:
         raise SourceError(
             f"Hugging Face model type {config.model_type!r} is not supported; vision towers: "
-            f"{', '.join(sorted(set(HF_MODELS)))}; MLLMs: {', '.join(MLLM_TYPES)}"
+            f"{', '.join(sorted(set(HF_MODELS)))}; MLLMs: {', '.join(FAMILIES)}"
         )
     cls = getattr(transformers, class_name)
     path = Path(spec.name)

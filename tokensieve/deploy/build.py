@@ -33,6 +33,7 @@ from typing import Any
 from tokensieve.artifact.store import ENGINES, plan_path, replaced_directory
 from tokensieve.errors import ArtifactError
 from tokensieve.manifest import MllmManifest
+from tokensieve.runtimes.image_families import image_family
 
 PROMPT_TEXT_TOKENS = 512  # text tokens next to the largest image in the longest prompt an evicting cache is built for
 
@@ -63,14 +64,12 @@ def symbol_ranges(artifact, max_batch: int = 32) -> dict[str, tuple[int, int, in
         return ranges
     capacity, image, host = manifest.decoder["capacity"], manifest.image_tokens, manifest.host
     per_image = image.get("count") or image["per_crop"]
-    largest = 0
-    if "grid_pinpoints" in host:
-        side = host["image_size"]
-        largest = max(math.ceil(h / side) * math.ceil(w / side) for h, w in host["grid_pinpoints"])
-        ranges["patches"] = (1, min(5, 1 + largest), 1 + largest)
+    most = image_family(host).most_tiles(host)  # vision runs of the largest image
+    if most > 1:
+        ranges["patches"] = (1, min(5, most), most)
     prompt = capacity
     if evicts_prompt(manifest):  # the whole prompt is prefilled, then the cache evicts down to its capacity
-        image_max = image.get("count") or image["per_crop"] * (1 + largest)
+        image_max = image.get("count") or image["per_crop"] * most
         prompt = max(capacity, image_max + PROMPT_TEXT_TOKENS)
     ranges |= {
         "sequence": (1, min(prompt, per_image + 64), prompt),

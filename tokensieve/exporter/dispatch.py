@@ -44,7 +44,7 @@ def export(
     decoder method (``"fastv(k=2, keep=0.5)"``), ``capacity`` = KV-cache slots of the static decode graph,
     ``growing_cache`` adds the growing-cache decode graph.
     """
-    from tokensieve.converters.llava import is_mllm_source
+    from tokensieve.converters.families import is_mllm_source, supported
     from tokensieve.converters.qwen_vl import is_qwen_vl_source
     from tokensieve.converters.sources import parse_source
 
@@ -56,7 +56,7 @@ def export(
     if spec.kind == "hf" and is_qwen_vl_source(spec.name):
         raise SourceError(
             f"{source}: Qwen2-VL / Qwen2.5-VL does not export yet (`tokensieve plan` takes it); the MLLM families that "
-            "export are LLaVA-1.5 and LLaVA-NeXT (hf:llava-tiny, hf:llava-next-tiny or a local checkpoint)"
+            f"export are {supported()}, or a local checkpoint of one"
         )
     if spec.kind == "hf" and is_mllm_source(spec.name):
         from tokensieve.exporter.mllm import export_mllm
@@ -83,7 +83,9 @@ def export(
             spec, out, method=method, capacity=capacity, opset=opset, growing=growing_cache, lint_target=lint_target
         )
     if capacity is not None:
-        raise MethodSpecError("--capacity applies to MLLM sources (hf:llava-tiny, a LLaVA checkpoint)")
+        raise MethodSpecError(
+            "--capacity applies to MLLM sources (hf:llava-tiny, hf:internvl3-tiny, a checkpoint of an MLLM family)"
+        )
     return export_image(spec, methods, out, opset=opset, lint_target=lint_target, **options)
 
 

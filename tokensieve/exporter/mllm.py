@@ -1,4 +1,4 @@
-"""Write an MLLM artifact: LLaVA / LLaVA-NeXT split into vision, embed, prefill and decode graphs.
+"""Write an MLLM artifact: LLaVA / LLaVA-NeXT / InternVL split into vision, embed, prefill and decode graphs.
 
 With a decoder method (``fastv``), its graph passes rewrite the exported graphs before they are written: FastV into
 the prefill graph (new input ``image_positions``, new output ``kept_positions``), and the decode graphs' later
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -53,11 +52,10 @@ from tokensieve.graph_passes.locate_decoder import locate_decoder
 from tokensieve.manifest import MllmManifest
 from tokensieve.methods.decoder import DecoderContext, DecoderMethod
 from tokensieve.runtimes import FACES as RUNTIME_FACES
-from tokensieve.runtimes.llava_image import crop_tokens
 
 # graphs with symbolic axes: deployable with TensorRT optimization profiles (see `tokensieve lint`)
 DYNAMIC = {
-    "vision": "patches (LLaVA-NeXT: thumbnail + crops, from the image's grid resolution)",
+    "vision": "patches (LLaVA-NeXT: thumbnail + crops; InternVL: tiles + thumbnail; from the image's size)",
     "embed": "sequence",
     "prefill": "sequence",
     "decode_growing": "past (the cache grows by one position per step)",
@@ -74,16 +72,11 @@ def export_mllm(
     growing: bool = True,
     lint_target: str = "trt10.3",
 ) -> Artifact:
-    from tokensieve.converters.llava import (
-        build_llava,
-        decoder_geometry,
-        default_capacity,
-        export_llava,
-        vision_geometry,
-    )
+    from tokensieve.converters.families import build_mllm, default_capacity
+    from tokensieve.converters.llava import decoder_geometry, export_llava
     from tokensieve.converters.sources import weights_digest
 
-    built = build_llava(spec.name, spec.seed)
+    built = build_mllm(spec.name, spec.seed)
     text = built.model.config.text_config
     if capacity is None:  # e.g. H2O needs budget + 1 slots; more would stay unused
         capacity = (method and method.fixed_capacity()) or default_capacity(spec.name, text)
@@ -102,7 +95,7 @@ def export_mllm(
         del seconds["prefill"]
     decoders = {key: model for key, model in graphs.items() if key[:6] not in ("vision", "embed")}
     sites = {key: locate_decoder(model).summary() for key, model in decoders.items()}
-    dynamic = {k: v for k, v in DYNAMIC.items() if k in graphs and (k != "vision" or built.kind == "llava_next")}
+    dynamic = {k: v for k, v in DYNAMIC.items() if k in graphs and (k != "vision" or built.family.tiled)}
     dynamic.update(method.dynamic(graphs) if method else {})
     lints = {key: lint(model, lint_target, profiles=key in dynamic).to_dict() for key, model in graphs.items()}
     files = {key: f"{key}.onnx" for key in graphs}
@@ -128,8 +121,8 @@ def export_mllm(
                 key: dict(zip(("inputs", "outputs"), describe_io(model), strict=True)) for key, model in graphs.items()
             },
             decoder={**decoder_geometry(text), "capacity": capacity},
-            vision=vision_geometry(built.model.config),
-            image_tokens=_image_tokens(built),
+            vision=built.family.vision_geometry(built.model.config),
+            image_tokens=built.family.image_tokens(built.host),
             sites=sites,
             host=built.host,
             tokenizer="tokenizer/tokenizer.json",
@@ -148,15 +141,9 @@ def _validate(built, method: DecoderMethod | None, capacity: int) -> list[list[i
         raise SourceError(f"--capacity must be at least 2 cache slots, got {capacity}")
     if method is None:
         return None
-    layers, count = built.model.config.text_config.num_hidden_layers, _image_tokens(built).get("count", 0)
-    method.validate(DecoderContext(layers, built.kind, built.host["select_strategy"], count, capacity))
-    return method.vision_windows(count)
-
-
-def _image_tokens(built) -> dict[str, Any]:
-    """How many sequence positions one image takes: fixed for LLaVA, a function of the image size for NeXT."""
-    host = built.host
-    per_crop = crop_tokens(host)
-    if built.kind == "llava":
-        return {"count": per_crop, "varies_with_image_size": False}
-    return {"per_crop": per_crop, "varies_with_image_size": True, "rule": "thumbnail + unpadded grid + newline per row"}
+    layers, count = built.model.config.text_config.num_hidden_layers, built.family.image_tokens(built.host)
+    context = DecoderContext(
+        layers, built.kind, built.host["select_strategy"], count.get("count", 0), capacity, built.family.layout
+    )
+    method.validate(context)
+    return method.vision_windows(count.get("count", 0))

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
 from tokensieve.methods.base import PrefillCuts, check_real, spatial_grid
-from tokensieve.methods.decoder import DecoderContext
+from tokensieve.methods.decoder import LAYOUT_WORDS, DecoderContext
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,10 @@ class ATPLLaVA(PrefillCuts):
         return spatial_grid("atp_llava", self.grid, image_tokens, "image tokens (CLS kept as a feature breaks it)")
 
     def validate(self, ctx: DecoderContext) -> None:
-        if ctx.kind != "llava":
+        if ctx.layout != "grid":
             raise MethodSpecError(
-                "atp_llava keeps a spatial grid of one square image-token grid; LLaVA-NeXT packs a thumbnail and "
-                "crops. Export a plain LLaVA source (hf:llava-tiny, a local checkpoint), or use fastv / globalcom2"
+                f"atp_llava keeps a spatial grid of one square image-token grid; {LAYOUT_WORDS[ctx.layout]}. Export "
+                "a plain LLaVA source (hf:llava-tiny, a local checkpoint), or use fastv / dyvte on this model"
             )
         self.check_range(ctx.layers)
         self.grid_positions(ctx.image_tokens)

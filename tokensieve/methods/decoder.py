@@ -33,10 +33,21 @@ class DecoderContext:
     """The model a decoder method is validated against."""
 
     layers: int  # decoder layers
-    kind: str  # "llava" | "llava_next"
+    kind: str  # the family's model_type: "llava", "llava_next", "internvl" (for messages)
     select_strategy: str  # the vision feature strategy: "default" (CLS dropped) or "full"
     image_tokens: int  # image tokens of one image (plain LLaVA; 0 when it varies with the image size)
     capacity: int  # slots of the fixed-capacity decode graph
+    # the image-token layout: "grid" (one square patch grid, LLaVA), "anyres" (LLaVA-NeXT's thumbnail + unpadded
+    # crop grid with row newlines), "tiles" (InternVL's tiles + thumbnail, pixel-shuffled)
+    layout: str = "grid"
+
+
+# what each image-token layout is, in the words of the refusals of methods that need another one
+LAYOUT_WORDS = {
+    "grid": "this model's image is one square tile (plain LLaVA)",
+    "anyres": "LLaVA-NeXT packs a thumbnail and crops",
+    "tiles": "InternVL packs tiles and a thumbnail, each tile's patch tokens pixel-shuffled (2x2 patches per token)",
+}
 
 
 @dataclass(frozen=True)

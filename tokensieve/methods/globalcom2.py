@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
 from tokensieve.methods.base import check_keep
-from tokensieve.methods.decoder import DecoderContext, DecoderMethod
+from tokensieve.methods.decoder import LAYOUT_WORDS, DecoderContext, DecoderMethod
 
 LAYOUTS = ("grid", "official")
 
@@ -67,11 +67,11 @@ class GlobalCom2(DecoderMethod):
 
     def validate(self, ctx: DecoderContext) -> None:
         strategy = ctx.select_strategy
-        if ctx.kind != "llava_next":
+        if ctx.layout != "anyres":
             raise MethodSpecError(
-                "globalcom2 compresses LLaVA-NeXT's AnyRes crops under the guidance of its thumbnail; this model is "
-                "plain LLaVA (one image tile). Export a LLaVA-NeXT source (hf:llava-next-tiny, a local checkpoint) "
-                "or use fastv for LLaVA"
+                "globalcom2 compresses AnyRes crops (unpadded grid with row newlines) under the guidance of the "
+                f"thumbnail's CLS attention; {LAYOUT_WORDS[ctx.layout]}. Export a LLaVA-NeXT source "
+                "(hf:llava-next-tiny, a local checkpoint), or use fastv / snapkv on this model"
             )
         if strategy != "default":
             raise MethodSpecError(

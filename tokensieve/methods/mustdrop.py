@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
 from tokensieve.methods.base import PrefillCuts, ceil_fraction, check_keep, check_layers, check_real
-from tokensieve.methods.decoder import DecoderContext
+from tokensieve.methods.decoder import LAYOUT_WORDS, DecoderContext
 
 WINDOW = 3  # the official 3 x 3 windows
 
@@ -114,11 +114,11 @@ class MustDrop(PrefillCuts):
         return {"vision_1": "vision_tokens (CLS + the tokens left after the window merge)", **super().dynamic(graphs)}
 
     def validate(self, ctx: DecoderContext) -> None:
-        kind, layers, strategy, image_tokens = ctx.kind, ctx.layers, ctx.select_strategy, ctx.image_tokens
-        if kind != "llava":
+        layers, strategy, image_tokens = ctx.layers, ctx.select_strategy, ctx.image_tokens
+        if ctx.layout != "grid":
             raise MethodSpecError(
-                "mustdrop merges windows of one square patch grid; LLaVA-NeXT packs a thumbnail and crops. Export a "
-                "plain LLaVA source (hf:llava-tiny, a local checkpoint), or use fastv / dyvte / globalcom2"
+                f"mustdrop merges windows of one square patch grid; {LAYOUT_WORDS[ctx.layout]}. Export a plain "
+                "LLaVA source (hf:llava-tiny, a local checkpoint), or use fastv / dyvte on this model"
             )
         if strategy != "default":
             raise MethodSpecError(

@@ -135,31 +135,10 @@ def _same(kept: np.ndarray | None, reference: np.ndarray | None) -> bool | None:
 
 
 def _hf_processor(host: dict[str, Any], tokenizer):
-    from transformers import LlavaNextProcessor, LlavaProcessor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    """The Hugging Face processor of the artifact's family (:mod:`tokensieve.converters.families`)."""
+    from tokensieve.converters.families import family_of
 
-    common = {
-        "size": {"shortest_edge": host["shortest_edge"]},
-        "crop_size": {"height": host["crop"][0], "width": host["crop"][1]},
-        "image_mean": host["mean"],
-        "image_std": host["std"],
-    }
-    if host["kind"] == "llava_next":
-        images, cls = (
-            LlavaNextImageProcessorPil(image_grid_pinpoints=host["grid_pinpoints"], **common),
-            LlavaNextProcessor,
-        )
-    else:
-        images, cls = LlavaImageProcessorPil(do_pad=host["do_pad"], **common), LlavaProcessor
-    extra = 1 if host["select_strategy"] == "default" else 0  # the CLS token the "default" strategy drops
-    return cls(
-        image_processor=images,
-        tokenizer=tokenizer,
-        patch_size=host["patch_size"],
-        vision_feature_select_strategy=host["select_strategy"],
-        num_additional_image_tokens=extra,
-    )
+    return family_of(host["kind"]).hf_processor(host, tokenizer)
 
 
 def default_cases(host: dict[str, Any], count: int, seed: int) -> list[tuple[str, np.ndarray]]:
@@ -180,7 +159,7 @@ class Expected:
     """The eager side of one case: what the artifact must reproduce (also what ``golden/cases.npz`` records)."""
 
     prompt: str
-    image: np.ndarray  # uint8 [H, W, 3]
+    image: np.ndarray | None  # uint8 [H, W, 3]; None: a text-only prompt
     prompt_ids: np.ndarray  # after placeholder expansion
     logits: np.ndarray  # last prompt position
     ids: list[int]  # greedy new tokens, EOS ignored
@@ -192,7 +171,13 @@ def _expected(model, processor, template: str, method, capacity: int, prompt: st
 
     from tokensieve.reference import FACES
 
-    inputs = processor(images=image, text=template.replace("{prompt}", prompt), return_tensors="pt")
+    if image is None:  # a text-only prompt: the template without its image line
+        from tokensieve.runtimes.llava import without_image
+
+        placeholder = getattr(processor, "image_token", "<image>")
+        inputs = processor(text=without_image(template, placeholder).replace("{prompt}", prompt), return_tensors="pt")
+    else:
+        inputs = processor(images=image, text=template.replace("{prompt}", prompt), return_tensors="pt")
     prompt_ids = inputs["input_ids"][0].numpy()
     if method is None:
         with torch.no_grad():
@@ -232,7 +217,7 @@ def _compare(runner, cache: str, case: Expected, method) -> LlavaParityCase:
     scale = float(np.abs(case.logits).max()) or 1.0
     return LlavaParityCase(
         prompt=case.prompt,
-        image_size=list(case.image.shape[:2]),
+        image_size=[0, 0] if case.image is None else list(case.image.shape[:2]),
         cache=cache,
         prompt_tokens=len(case.prompt_ids),
         image_tokens=0 if out.image_span is None else out.image_span[1] - out.image_span[0],
@@ -275,7 +260,7 @@ def check_llava_parity(
     with ``golden``, record the eager side in ``DIR/golden/cases.npz`` for :func:`replay_llava_golden`."""
     from transformers import AutoTokenizer
 
-    from tokensieve.converters.llava import build_llava
+    from tokensieve.converters.families import build_mllm
     from tokensieve.converters.sources import SourceSpec, weights_digest
 
     check_at_least("new_tokens", new_tokens, 1)
@@ -283,7 +268,7 @@ def check_llava_parity(
         check_at_least("cases", count, 1)
     manifest = artifact.manifest
     spec = SourceSpec.from_dict(manifest.source)
-    built = build_llava(spec.name, spec.seed)
+    built = build_mllm(spec.name, spec.seed)
     if weights_digest(built.model) != manifest.weights_sha256:
         raise ParityError(
             f"the eager model rebuilt from {spec.text} does not have the weights the artifact was exported with "
@@ -312,7 +297,7 @@ def _write_golden(directory, expected: list[Expected]):
     for i, case in enumerate(expected):
         arrays |= {
             f"{i}/prompt": np.array(case.prompt),
-            f"{i}/image": case.image,
+            f"{i}/image": np.zeros((0, 0, 3), np.uint8) if case.image is None else case.image,
             f"{i}/prompt_ids": case.prompt_ids,
             f"{i}/logits": case.logits,
             f"{i}/ids": np.array(case.ids, np.int64),
@@ -339,7 +324,7 @@ def _read_cases(golden) -> list[Expected]:
         return [
             Expected(
                 str(data[f"{i}/prompt"]),
-                data[f"{i}/image"],
+                data[f"{i}/image"] if data[f"{i}/image"].size else None,
                 data[f"{i}/prompt_ids"],
                 data[f"{i}/logits"],
                 data[f"{i}/ids"].tolist(),

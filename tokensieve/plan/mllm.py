@@ -30,13 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tokensieve.errors import MethodSpecError, SourceError
 from tokensieve.methods import MLLM_METHODS, describe, parse_methods
 from tokensieve.methods.base import check_target
 from tokensieve.methods.decoder import PlanCost, PlanInput
-from tokensieve.runtimes.llava_image import crop_grid, crop_tokens, pack_features
+from tokensieve.runtimes.image_families import image_family
 from tokensieve.runtimes.qwen_image import image_tokens as qwen_image_tokens
 from tokensieve.runtimes.qwen_image import patch_grid
 
@@ -75,22 +73,18 @@ class MllmPrompt:
 
 def image_token_count(host: dict[str, Any], size: tuple[int, int] | None = None) -> tuple[int, int]:
     """``(sequence positions, vision crops)`` of one image of ``size = (height, width)``: LLaVA: fixed, one crop;
-    LLaVA-NeXT: thumbnail + unpadded crop grid + a newline per row (default size: the vision input side, square);
+    LLaVA-NeXT: thumbnail + unpadded crop grid + a newline per row; InternVL: tiles (+ thumbnail) x tokens per tile
+    (default size: the vision input side, square; the family's ``count``);
     Qwen-VL: the processor's resized grid, merged (default size: :data:`QWEN_DEFAULT_SIZE`), one run."""
     if host["kind"] in QWEN_VL_KINDS:
         return qwen_image_tokens(size or QWEN_DEFAULT_SIZE, host), 1
-    per_crop = crop_tokens(host)
-    if host["kind"] == "llava":
-        return per_crop, 1
-    size = size or (host["image_size"], host["image_size"])
-    rows, columns = crop_grid(size, host)
-    features = np.zeros((1 + rows * columns, per_crop, 1), np.float32)
-    return len(pack_features(features, size, host, np.zeros(1, np.float32))), len(features)
+    return image_family(host).count(host, size)
 
 
 def vision_macs(vision: dict[str, int], host: dict[str, Any], size: tuple[int, int] | None = None) -> int:
-    """Multiply-accumulates of one vision run. CLIP (LLaVA): one crop through the patch convolution, the encoder
-    layers up to the feature layer on CLS + patches, the two-layer projector on the features it keeps. Qwen-VL: the
+    """Multiply-accumulates of one vision run. CLIP (LLaVA) and InternViT (InternVL): one crop / tile through the
+    patch convolution, the encoder layers up to the feature layer on CLS + patches, the two-layer projector on the
+    features it keeps (InternVL: ``merge`` patches folded into one feature by the pixel shuffle). Qwen-VL: the
     whole image of ``size`` through the tower and merger (:func:`tokensieve.converters.qwen_vl.vision_macs`)."""
     if host["kind"] in QWEN_VL_KINDS:
         from tokensieve.converters.qwen_vl import vision_macs as qwen_vision_macs
@@ -102,7 +96,8 @@ def vision_macs(vision: dict[str, int], host: dict[str, Any], size: tuple[int, i
     tokens = patches + 1
     embedding = patches * hidden * vision["channels"] * vision["patch_size"] ** 2
     layer = tokens * (4 * hidden * hidden + 2 * hidden * vision["intermediate"]) + 2 * tokens * tokens * hidden
-    return embedding + vision["layers"] * layer + crop_tokens(host) * (hidden * width + width * width)
+    features, merged = image_family(host).tile_tokens(host), hidden * vision.get("merge", 1)
+    return embedding + vision["layers"] * layer + features * (merged * width + width * width)
 
 
 def _source(source: str) -> tuple[dict[str, int], dict[str, int] | None, dict[str, Any], int]:
@@ -116,22 +111,17 @@ def _source(source: str) -> tuple[dict[str, int], dict[str, int] | None, dict[st
             raise SourceError(f"{source} is an image-model artifact; this plan takes an MLLM")
         decoder = dict(manifest.decoder)
         return decoder, manifest.vision, manifest.host, decoder.pop("capacity")
-    from tokensieve.converters.llava import (
-        decoder_geometry,
-        default_capacity,
-        host_config,
-        llava_config,
-        vision_geometry,
-    )
+    from tokensieve.converters.families import default_capacity, host_config, mllm_config
+    from tokensieve.converters.llava import decoder_geometry
     from tokensieve.converters.qwen_vl import is_qwen_vl_source, plan_geometry
 
     name = source.removeprefix("hf:")
     if is_qwen_vl_source(name):
         return plan_geometry(name)
-    config, kind, processor = llava_config(name)
+    config, family, processor = mllm_config(name)
     text = config.text_config
-    host = host_config(config, kind, processor)
-    return decoder_geometry(text), vision_geometry(config), host, default_capacity(name, text)
+    host = host_config(config, family, processor)
+    return decoder_geometry(text), family.vision_geometry(config), host, default_capacity(name, text)
 
 
 def _layer_macs(decoder: dict[str, int], tokens: int, keys: int) -> int:
@@ -214,8 +204,8 @@ def plan_mllm(
     counted, crops = image_token_count(host, image_size)
     if image_tokens is None:
         image_tokens = counted
-    elif image_size is None and host["kind"] != "llava":
-        crops = None  # the count does not say which image (LLaVA-NeXT's crops, Qwen-VL's grid)
+    elif image_size is None and (host["kind"] in QWEN_VL_KINDS or image_family(host).varies):
+        crops = None  # the count does not say which image (LLaVA-NeXT's crops, InternVL's tiles, Qwen-VL's grid)
     for name, value in (("image tokens", image_tokens), ("text tokens", text_tokens), ("new tokens", new_tokens)):
         if value < 0:
             raise MethodSpecError(f"plan: {name} must be >= 0, got {value}")

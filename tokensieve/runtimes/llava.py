@@ -32,8 +32,8 @@ from tokensieve.methods import methods_from_dicts
 from tokensieve.methods.decoder import DecoderMethod
 from tokensieve.methods.faces import register
 from tokensieve.runtimes import FACES
+from tokensieve.runtimes.image_families import image_family, pack_features, preprocess
 from tokensieve.runtimes.kv_cache import DecodeSetup
-from tokensieve.runtimes.llava_image import pack_features, preprocess
 from tokensieve.runtimes.ort import OrtRunner, SharedWeights
 from tokensieve.runtimes.prefill import Prefill
 
@@ -67,22 +67,32 @@ class Generation:
     forced_logprobs: list[float] | None = None  # with ``forced``: log-probability of each forced token
 
 
-def expand_placeholders(ids: np.ndarray, image_token_id: int, features: int | None) -> np.ndarray:
-    """Expand a single image placeholder to ``features`` copies (what the HF processor does); ids that already carry
-    one placeholder per feature pass unchanged. Any other count is a :class:`PromptError`."""
+def expand_placeholders(
+    ids: np.ndarray, image_token_id: int, features: int | None, wrap: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Expand a single image placeholder to ``features`` copies (what the HF processor does), between the ``wrap``
+    ids when the family has them (InternVL's ``<img>`` ... ``</img>``); ids that already carry one placeholder per
+    feature pass unchanged. Any other count is a :class:`PromptError`."""
     where = np.flatnonzero(ids == image_token_id)
     if features is None:
         if len(where):
             raise PromptError(f"the prompt has {len(where)} image placeholder(s) but no image was given")
         return ids
     if len(where) == 1 and features != 1:
-        return np.concatenate([ids[: where[0]], np.full(features, image_token_id, ids.dtype), ids[where[0] + 1 :]])
+        run = np.full(features, image_token_id, ids.dtype)
+        run = run if wrap is None else np.concatenate([[wrap[0]], run, [wrap[1]]]).astype(ids.dtype)
+        return np.concatenate([ids[: where[0]], run, ids[where[0] + 1 :]])
     if len(where) != features:
         raise PromptError(
             f"the prompt has {len(where)} image placeholders but the image gives {features} feature tokens; "
-            f"use exactly one {IMAGE_TOKEN} per image (it is expanded) or one per feature"
+            "use exactly one image placeholder per image (it is expanded) or one per feature"
         )
     return ids
+
+
+def without_image(template: str, placeholder: str = IMAGE_TOKEN) -> str:
+    """``template`` with its image placeholder (and the newline after it) left out: the text-only prompt."""
+    return template.replace(placeholder + "\n", "").replace(placeholder, "")
 
 
 def image_span(ids: np.ndarray, image_token_id: int) -> tuple[int, int] | None:
@@ -132,7 +142,7 @@ class LlavaRunner:
         self.budget: int = manifest.decoder["capacity"]  # positions an evicting cache keeps
         self.vocab: int = manifest.decoder["vocab"]
         newline = self.directory / "image_newline.npy"
-        if self.host["kind"] == "llava_next" and not newline.is_file():
+        if image_family(self.host).newline and not newline.is_file():
             raise ArtifactError(f"artifact {self.directory} is incomplete: {newline.name} is missing; re-export it")
         self.newline = np.load(newline) if newline.is_file() else None
         from tokenizers import Tokenizer
@@ -142,6 +152,13 @@ class LlavaRunner:
             self.tokenizer = Tokenizer.from_file(str(tokenizer))
         except Exception as e:  # tokenizers raises a bare Exception for a missing or malformed file
             raise ArtifactError(f"artifact {self.directory}: the tokenizer {tokenizer} cannot be read ({e})") from None
+        self.placeholder: str = self.host.get("placeholder", IMAGE_TOKEN)
+        wrap = [self.tokenizer.token_to_id(token) for token in self.host.get("image_wrap", [])]
+        if None in wrap:
+            raise ArtifactError(
+                f"artifact {self.directory}: the tokenizer lacks the image tokens {self.host['image_wrap']}"
+            )
+        self.wrap: tuple[int, int] | None = tuple(wrap) if wrap else None
 
     @classmethod
     def from_artifact(cls, artifact, **kwargs) -> LlavaRunner:
@@ -160,14 +177,15 @@ class LlavaRunner:
         return tokens(self.vision, pixel_values, size, self.host, self.newline, self.method)
 
     def prompt_ids(self, prompt: str, template: str | None = None, image: bool = True) -> np.ndarray:
-        """Token ids of ``prompt`` put into the chat template (unless it already holds ``<image>``); without an
-        ``image`` the template's ``<image>`` line is left out (``USER: {prompt} ASSISTANT:``)."""
-        if IMAGE_TOKEN not in prompt:
+        """Token ids of ``prompt`` put into the chat template (unless it already holds the image placeholder,
+        ``<image>`` for LLaVA); without an ``image`` the template's placeholder line is left out (``USER: {prompt}
+        ASSISTANT:``)."""
+        if self.placeholder not in prompt:
             template = template or self.host["template"]
             if "{prompt}" not in template:
                 raise PromptError(f"the chat template {template!r} has no {{prompt}} for the prompt to go into")
             if not image:
-                template = template.replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
+                template = without_image(template, self.placeholder)
             prompt = template.replace("{prompt}", prompt)
         return np.asarray(self.tokenizer.encode(prompt).ids, np.int64)
 
@@ -226,7 +244,8 @@ class LlavaRunner:
             ids = self.prompt_ids(prompt, template, image=features is not None)
         else:
             ids = self._ids(input_ids)
-        ids = expand_placeholders(ids, self.host["image_token_id"], None if features is None else len(features))
+        count = None if features is None else len(features)
+        ids = expand_placeholders(ids, self.host["image_token_id"], count, self.wrap)
         self.check_capacity(len(ids), max_new_tokens)
         span = image_span(ids, self.host["image_token_id"])
         logits, present, extras = self.prefill(self.inputs_embeds(ids, features), span, chosen.get("key_set"))

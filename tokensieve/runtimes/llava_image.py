@@ -1,14 +1,15 @@
 """Host-side image handling of LLaVA and LLaVA-NeXT in numpy (and PIL for the bicubic resize), no torch.
 
-``preprocess`` reproduces Hugging Face's PIL image processors (``LlavaImageProcessorPil``,
+The patch functions reproduce Hugging Face's PIL image processors (``LlavaImageProcessorPil``,
 ``LlavaNextImageProcessorPil``): optional pad-to-square with the mean colour (LLaVA ``do_pad``), shortest-edge
 bicubic resize, centre crop, rescale by 1/255, normalise. For LLaVA-NeXT (AnyRes) the image is first resized to the
 best grid resolution (``select_best_resolution``), padded to it, cut into crops, and preceded by a resized copy of
-the whole image (the "thumbnail"). ``pack_features`` then does what ``LlavaNextModel.pack_image_features`` does with
+the whole image (the "thumbnail"). ``pack_anyres`` then does what ``LlavaNextModel.pack_image_features`` does with
 the vision graph's output: arrange the crops' features on the grid, remove the padding rows/columns
 (``unpad_image``), append ``image_newline`` to every row and prepend the thumbnail's features.
 
-``host`` is the preprocessing dictionary an MLLM artifact's manifest records (see ``converters/llava.py``).
+``host`` is the preprocessing dictionary an MLLM artifact's manifest records (see ``converters/llava.py``). The
+family table (:mod:`tokensieve.runtimes.image_families`) picks these functions by ``host["kind"]``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def load_image(image: Any) -> np.ndarray:
     return array[..., :3]
 
 
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
     if image.shape[:2] == (height, width):
@@ -71,7 +72,7 @@ def _resize_shortest_edge(image: np.ndarray, edge: int) -> np.ndarray:
     height, width = image.shape[:2]
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(edge * long / short)
-    return _resize(image, *((new_long, edge) if width <= height else (edge, new_long)))
+    return resize(image, *((new_long, edge) if width <= height else (edge, new_long)))
 
 
 def _center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -85,7 +86,7 @@ def _center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return image[top : top + height, left : left + width]
 
 
-def _normalise(image: np.ndarray, host: dict[str, Any]) -> np.ndarray:
+def normalise(image: np.ndarray, host: dict[str, Any]) -> np.ndarray:
     """uint8 HWC -> float32 CHW, rescaled and normalised the way the HF processors do it (float64 rescale)."""
     scaled = (image.astype(np.float64) * RESCALE).astype(np.float32)
     mean, std = np.asarray(host["mean"], np.float32), np.asarray(host["std"], np.float32)
@@ -106,7 +107,7 @@ def _pad_to_square(image: np.ndarray, mean: list[float]) -> np.ndarray:
 
 def _clip_patch(image: np.ndarray, host: dict[str, Any]) -> np.ndarray:
     resized = _resize_shortest_edge(image, host["shortest_edge"])
-    return _normalise(_center_crop(resized, *host["crop"]), host)
+    return normalise(_center_crop(resized, *host["crop"]), host)
 
 
 def select_best_resolution(size: tuple[int, int], pinpoints: list[list[int]]) -> tuple[int, int]:
@@ -133,23 +134,23 @@ def _fit_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]
 def _anyres_patches(image: np.ndarray, host: dict[str, Any]) -> list[np.ndarray]:
     size = image.shape[:2]
     target = select_best_resolution(size, host["grid_pinpoints"])
-    fitted = _resize(image, *_fit_size(size, target))
+    fitted = resize(image, *_fit_size(size, target))
     (pad_y, rem_y), (pad_x, rem_x) = divmod(target[0] - fitted.shape[0], 2), divmod(target[1] - fitted.shape[1], 2)
     canvas = np.pad(fitted, ((pad_y, pad_y + rem_y), (pad_x, pad_x + rem_x), (0, 0)))
     side = host["crop"][0]
     crops = [canvas[i : i + side, j : j + side] for i in range(0, target[0], side) for j in range(0, target[1], side)]
     edge = host["shortest_edge"]
-    return [_resize(image, edge, edge), *crops]
+    return [resize(image, edge, edge), *crops]
 
 
-def preprocess(image: Any, host: dict[str, Any]) -> tuple[np.ndarray, tuple[int, int]]:
-    """``(pixel_values [P, 3, H, W] float32, original (height, width))``; P = 1 for LLaVA."""
-    array = load_image(image)
-    if host["kind"] == "llava_next":
-        patches = [_clip_patch(p, host) for p in _anyres_patches(array, host)]
-    else:
-        patches = [_clip_patch(_pad_to_square(array, host["mean"]) if host["do_pad"] else array, host)]
-    return np.stack(patches), array.shape[:2]
+def llava_patches(image: np.ndarray, host: dict[str, Any]) -> list[np.ndarray]:
+    """LLaVA: one normalised patch (padded to a square with the mean colour first with ``do_pad``)."""
+    return [_clip_patch(_pad_to_square(image, host["mean"]) if host["do_pad"] else image, host)]
+
+
+def anyres_patches(image: np.ndarray, host: dict[str, Any]) -> list[np.ndarray]:
+    """LLaVA-NeXT: the normalised thumbnail and crops."""
+    return [_clip_patch(p, host) for p in _anyres_patches(image, host)]
 
 
 def unpad_band(size: tuple[int, int], current: tuple[int, int]) -> tuple[slice, slice]:
@@ -175,6 +176,12 @@ def crop_grid(size: tuple[int, int], host: dict[str, Any]) -> tuple[int, int]:
     return tuple(r // host["image_size"] for r in select_best_resolution(size, host["grid_pinpoints"]))
 
 
+def most_crops(host: dict[str, Any]) -> int:
+    """Vision runs of LLaVA-NeXT's largest grid resolution: its crops + the thumbnail."""
+    side = host["image_size"]
+    return 1 + max(math.ceil(h / side) * math.ceil(w / side) for h, w in host["grid_pinpoints"])
+
+
 def crop_layout(size: tuple[int, int], host: dict[str, Any], patches: int) -> tuple[np.ndarray, tuple[slice, slice]]:
     """The crops of a ``patches``-image AnyRes stack laid out on their grid: ``index [H, W]`` = which token of the
     vision output flattened to ``[patches * n]`` sits at each grid position, and the unpadded band of the grid."""
@@ -196,14 +203,32 @@ def emit_rows(grid: np.ndarray, flat: np.ndarray, newline: np.ndarray | None) ->
     return np.where(tokens[:, None], flat[np.maximum(sequence, 0)], newline), sequence[tokens]
 
 
-def pack_features(
+def pack_single(
     features: np.ndarray, size: tuple[int, int], host: dict[str, Any], newline: np.ndarray | None
 ) -> np.ndarray:
-    """Vision-graph output ``[P, n, D]`` -> the image's token features ``[N, D]`` in prompt order."""
+    """LLaVA: the vision graph's output ``[1, n, D]`` is the image's features."""
+    return features.reshape(-1, features.shape[-1])
+
+
+def pack_anyres(
+    features: np.ndarray, size: tuple[int, int], host: dict[str, Any], newline: np.ndarray | None
+) -> np.ndarray:
+    """LLaVA-NeXT: vision-graph output ``[P, n, D]`` -> the image's token features ``[N, D]`` in prompt order."""
     flat = features.reshape(-1, features.shape[-1])
-    if host["kind"] != "llava_next":
-        return flat
     if len(features) == 1:
         return np.concatenate([features[0], newline[None]]) if newline is not None else features[0]
     index, band = crop_layout(size, host, len(features))
     return np.concatenate([features[0], emit_rows(index[band], flat, newline)[0]])
+
+
+def single_count(host: dict[str, Any], size: tuple[int, int] | None) -> tuple[int, int]:
+    """LLaVA: ``(image-token positions, vision runs)``, whatever the size."""
+    return crop_tokens(host), 1
+
+
+def anyres_count(host: dict[str, Any], size: tuple[int, int] | None) -> tuple[int, int]:
+    """LLaVA-NeXT: thumbnail + unpadded crop grid + a newline per row (default size: the vision input's square)."""
+    size = size or (host["image_size"], host["image_size"])
+    rows, columns = crop_grid(size, host)
+    features = np.zeros((1 + rows * columns, crop_tokens(host), 1), np.float32)
+    return len(pack_anyres(features, size, host, np.zeros(1, np.float32))), len(features)
