@@ -3,6 +3,7 @@ staged bucket graphs for adaptive methods, and the artifact's manifest."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate import ViTLayout, locate_vit
 from tokensieve.graph_passes.macs import count_macs
 from tokensieve.graph_passes.propagate import propagate_shapes
+from tokensieve.graph_passes.restore import RESTORE_KEY
 from tokensieve.graph_passes.token_reduction import TokenReductionPass
 from tokensieve.manifest import ImageManifest, StagedManifest
 from tokensieve.methods import Method, check_target, describe, schedule
@@ -109,13 +111,23 @@ def export_image(
     calibrate: str | os.PathLike | None = None,
     target_keep: float | None = None,
     allow_truncation: bool = False,
+    restore_grid: bool | str = "auto",
     module=None,
 ) -> Artifact:
     """Export an image model ``spec`` with ``methods`` (ViT methods, validated together) to the artifact ``out``:
     one reduced graph, or for an adaptive method (``atp``) the staged bucket graphs (see
-    :func:`tokensieve.exporter.dispatch.export` for the options)."""
+    :func:`tokensieve.exporter.dispatch.export` for the options). ``restore_grid``: rebuild the full token grid
+    before every reader of a block output outside the blocks (True), never (False), or when a reader folds the
+    tokens into a spatial grid (``"auto"``)."""
     check_target(methods, "vit")
     adaptive = any(getattr(m, "adaptive", False) for m in methods)
+    if restore_grid not in (True, False, "auto"):
+        raise MethodSpecError(f"restore_grid must be true, false or 'auto', got {restore_grid!r}")
+    if adaptive and restore_grid is True:
+        raise MethodSpecError(
+            "--restore-grid is not supported with an adaptive method (atp): its bucket graphs keep a data-dependent "
+            "number of tokens; use topk or tome for models whose output is a map"
+        )
     if adaptive and len(methods) > 1:
         raise MethodSpecError("an adaptive method (atp) cannot be combined with other methods yet")
     if not adaptive and (buckets or calibrate or target_keep is not None):
@@ -138,13 +150,17 @@ def export_image(
         "target_keep": target_keep,
         "allow_truncation": allow_truncation,
         "lint_target": lint_target,
+        "restore_grid": restore_grid and not adaptive,
     }
     with staged_directory(out) as staging:
         graphs = _write_graphs(staging, baseline, methods, layout, adaptive, staged_options)
         batch_dim = graphs.reduced.graph.inputs[0].shape[0]
         specials = layout.specials if layout else None
         static = batch_dim if isinstance(batch_dim, int) else None
-        verify_export(staging, graphs.files["model"], graphs.stages, graphs.methods, specials, source.built, static)
+        restored = bool(json.loads(graphs.reduced.metadata_props.get(RESTORE_KEY, "[]")))
+        verify_export(
+            staging, graphs.files["model"], graphs.stages, graphs.methods, specials, source.built, static, restored
+        )
         manifest = _manifest(spec, source, exporter, graphs, layout, locate_error, lint_target)
         write_manifest(staging, manifest)
     return Artifact.load(out)
@@ -189,6 +205,7 @@ def _write_graphs(
         save_graph(baseline, staging / "model.onnx", weights=True)
         entering = [layout.tokens] * layout.depth if layout else None
         return _Graphs(baseline, {"model": "model.onnx", "baseline": "model.onnx"}, entering, methods)
+    restore = staged_options.pop("restore_grid")
     if adaptive:
         from tokensieve.exporter.staged import build_staged
 
@@ -198,7 +215,8 @@ def _write_graphs(
         files = {"model": stages["padmax"], "baseline": "baseline.onnx"}
         return _Graphs(reduced, files, None, [calibrated], stages)
     reduced = save_baseline(staging, baseline)
-    run_passes(reduced, [TokenReductionPass(methods, specials=layout.specials), RemoveUnusedNodesPass()])
+    reduction = TokenReductionPass(methods, specials=layout.specials, restore=restore)
+    run_passes(reduced, [reduction, RemoveUnusedNodesPass()])
     save_graph(reduced, staging / "model.onnx", weights=False)
     check_file(staging / "model.onnx")
     entering = schedule(methods, layout.tokens, layout.specials, layout.depth).entering
@@ -230,6 +248,7 @@ def _manifest(
             "opset": reduced.opset_imports.get(""),
             "batch": batch_dim if isinstance(batch_dim, int) else None,
             "dynamic_batch": not isinstance(batch_dim, int),
+            "restore_grid": json.loads(reduced.metadata_props.get(RESTORE_KEY, "[]")),
         },
         "methods": [m.to_dict() for m in methods],
         "method_text": describe(methods),

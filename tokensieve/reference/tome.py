@@ -29,4 +29,11 @@ def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | Non
     new_sizes = torch.cat([sizes[:, :S], rows(sa, unm), merged_sizes], dim=1)
     # every merged group keeps the position of its destination (a B token), unmerged A tokens their own
     origin = torch.cat([a_pos[unm], b_pos.expand(h.shape[0], -1)], dim=1)
-    return SiteResult(stream, new_sizes, {"unm": unm, "src": src, "dst": dst}, origin)
+    result = SiteResult(stream, new_sizes, {"unm": unm, "src": src, "dst": dst}, origin)
+    kept = S + unm.shape[1]
+    assign = torch.arange(N).repeat(h.shape[0], 1)  # specials stay
+    assign.scatter_(1, a_pos[unm], S + torch.arange(unm.shape[1]).expand_as(unm))
+    assign[:, b_pos] = kept + torch.arange(len(b_pos))
+    assign.scatter_(1, a_pos[src], kept + dst)  # a merged token goes where its destination goes
+    result.assign = assign
+    return result
