@@ -150,7 +150,7 @@ def export_image(
         "target_keep": target_keep,
         "allow_truncation": allow_truncation,
         "lint_target": lint_target,
-        "restore_grid": restore_grid and not adaptive,
+        "restore_grid": False if adaptive else restore_grid,
     }
     with staged_directory(out) as staging:
         graphs = _write_graphs(staging, baseline, methods, layout, adaptive, staged_options)

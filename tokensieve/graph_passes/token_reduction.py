@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
-from tokensieve.errors import GraphRewriteError, MethodSpecError
+from tokensieve.errors import GraphRewriteError, LocateError, MethodSpecError
 from tokensieve.graph_passes import FACES
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, redirect_uses
 from tokensieve.graph_passes.locate import ViTLayout, locate_vit
@@ -74,7 +74,12 @@ class TokenReductionPass(ir.passes.InPlacePass):
         self.layout = locate_vit(model, self.specials)
         self.plan = schedule(self.methods, self.layout.tokens, self.layout.specials, self.layout.depth)
         if self.restore and self.plan.sites:
-            grid = GridRestore.locate(model, self.layout, self.plan.sites[0][1].layer)
+            try:
+                grid = GridRestore.locate(model, self.layout, self.plan.sites[0][1].layer)
+            except LocateError:
+                if self.restore is True:
+                    raise
+                return  # auto: a graph whose block outputs cannot be found is not a map model
             self.grid = grid if self.restore is True or grid.needs_grid() else None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

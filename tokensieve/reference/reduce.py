@@ -41,9 +41,7 @@ from tokensieve.reference.sites import SiteContext, SiteResult
 class ReducedModel(nn.Module):
     """A copy of ``model`` with ``methods`` applied; ``.records[layer]`` holds the last forward's selections."""
 
-    def __init__(
-        self, model: nn.Module, methods: Sequence[Method], specials: int | None = None, restore: bool = False
-    ):
+    def __init__(self, model: nn.Module, methods: Sequence[Method], specials: int | None = None, restore: bool = False):
         super().__init__()
         self.model = copy.deepcopy(model).eval()
         self.methods = list(methods)

@@ -220,8 +220,13 @@ def complement(b: NodeBuilder, kept: ir.Value, total: int, count: int) -> ir.Val
     of ``position + total·kept``)."""
     np_dtype = np.float32
     mask = b.reduce("ReduceMax", one_hot(b, kept, total, ir.DataType.FLOAT), [1], keepdims=False)  # [B, total]
-    key = b.op("Add", [b.const(np.arange(total), "range", dtype=np_dtype), b.op("Mul", [mask, b.const(
-        np.array(total, dtype=np_dtype), "total", dtype=np_dtype)])])
+    key = b.op(
+        "Add",
+        [
+            b.const(np.arange(total), "range", dtype=np_dtype),
+            b.op("Mul", [mask, b.const(np.array(total, dtype=np_dtype), "total", dtype=np_dtype)]),
+        ],
+    )
     _, rest = b.op("TopK", [key, b.const([count], "k")], "complement", num_outputs=2, axis=-1, largest=0, sorted=1)
     return rest
 

@@ -73,7 +73,7 @@ def _source_map(b: NodeBuilder, site: SiteInput, local: ir.Value, result: SiteOu
     S, n, K = site.specials, site.count.candidates, site.count.params["kept"]
     kept = b.op("Add", [local, b.const(S, "offset")]) if S else local
     placed = [*specials_placed(b, local, S), (kept, offset_rows(b, local, S, K))]
-    if K < n:
+    if n > K:
         pruned = complement(b, local, n, n - K)
         pruned = b.op("Add", [pruned, b.const(S, "offset")]) if S else pruned
         placed.append((pruned, offset_rows(b, local, -1, n - K, step=-1)))

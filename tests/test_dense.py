@@ -1,0 +1,97 @@
+"""Token reduction for models whose output is a map: the source map and the dropped rows threaded through the sites,
+the full token grid restored before every reader of a block output (graph: ``--restore-grid``; eager: the same
+restoration in torch), parity on values and on the source map after every site.
+
+Hugging Face DPT (depth) on a DINOv2 backbone reads four intermediate taps: ``auto`` restores them all. A DINOv2
+tower exported by another exporter with symbolic batch, height and width gives its patch tokens back on the full
+grid with ``--restore-grid on`` and stays shortened with ``auto`` (its outputs are token sequences, not maps)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+import transformers
+from helpers import assert_parity
+
+import tokensieve
+from tokensieve.errors import GraphRewriteError
+from tokensieve.evaluate.image import dense_metrics
+from tokensieve.graph_passes.restore import RESTORE_KEY
+
+DPT_TAPS = [1, 2, 3]  # blocks 1..3 read by the neck after a site at block 1 (block 0 precedes every site)
+
+
+@pytest.fixture(scope="module")
+def dpt(zoo, hf_config_dir):
+    return zoo(f"hf:{hf_config_dir('dpt')}", batch=2, exporter="legacy", opset=17)
+
+
+@pytest.mark.parametrize(
+    ("method", "taps"), [("topk(keep=0.5, layers=[1, 2])", DPT_TAPS), ("tome(r=2, layers=[0, 2])", [0, 1, 2, 3])]
+)
+def test_dpt_taps_restored(dpt, tmp_path, method, taps):
+    """Every tap after the first site is restored (the neck folds the tokens into 4 x 4 grids, so ``auto`` turns it
+    on); the depth map has the unreduced shape and matches the eager reference, and so do the source maps."""
+    path, built = dpt
+    artifact = tokensieve.export(str(path), method, tmp_path / "a")
+    assert artifact.manifest.export["restore_grid"] == taps
+    assert artifact.manifest.outputs[0]["shape"] == [2, 64, 64]
+    report = assert_parity(artifact, built)
+    assert all(s.same_source == 2 for s in report.sites), report.text()
+    graph = ir.load(artifact.graph_path())
+    assert json.loads(graph.metadata_props[RESTORE_KEY]) == taps
+    assert {n.op_type for n in graph.graph} & {"ScatterND", "ScatterElements", "NonZero"} == set()
+
+
+def test_methods_without_a_source_map_are_refused(dpt, tmp_path):
+    out = tmp_path / "a"
+    with pytest.raises(GraphRewriteError, match=r"pitome at block 0 says nothing about where its input tokens go"):
+        tokensieve.export(str(dpt[0]), "pitome(ratio=0.9)", out)
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def dinov2_file(tmp_path_factory):
+    """A DINOv2 tower as another exporter writes it: symbolic batch, height and width, the checkpoint beside it."""
+    folder = tmp_path_factory.mktemp("dinov2_onnx")
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, mlp_ratio=2, image_size=56, patch_size=14
+    )
+    torch.manual_seed(0)
+    model = transformers.Dinov2Model(config).eval()
+    model.save_pretrained(folder)
+    processor = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "crop_size": {"height": 56, "width": 56}}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    axes = {"pixel_values": {0: "batch", 2: "height", 3: "width"}, "last_hidden_state": {0: "batch", 1: "tokens"}}
+    torch.onnx.export(
+        model,
+        (torch.randn(1, 3, 56, 56),),
+        folder / "model.onnx",
+        input_names=["pixel_values"],
+        output_names=["last_hidden_state", "pooler_output"],
+        dynamic_axes=axes,
+        opset_version=17,
+        dynamo=False,
+    )
+    return folder / "model.onnx"
+
+
+def test_patch_outputs_on_the_full_grid(dinov2_file, tmp_path):
+    """``on``: ``last_hidden_state`` keeps all 17 tokens; each position is its holder's row (or, pruned, its own row
+    from the site), so positions merged into one token are equal; parity on values and source maps; the dense
+    evaluation compares maps of the baseline's size. ``auto``: token sequences stay shortened."""
+    artifact = tokensieve.export(dinov2_file, "topk(keep=0.5, layers=[1])", tmp_path / "on", restore_grid=True)
+    assert artifact.manifest.outputs[0]["shape"][1:] == [17, 32]
+    report = artifact.parity(golden=False)
+    assert report.ok and report.sites[0].same_source == 2, report.text()
+    assert artifact.lint("trt10.3").ok
+    pixels = np.random.default_rng(1).standard_normal((1, 3, 56, 56)).astype(np.float32)
+    model, base = (artifact.runner(g, spin=False) for g in ("model", "baseline"))
+    ours, theirs = (r.run({"pixel_values": pixels})["last_hidden_state"] for r in (model, base))
+    assert ours.shape == theirs.shape and 0.5 < dense_metrics(ours, theirs)["agreement"] < 1
+    shortened = tokensieve.export(dinov2_file, "topk(keep=0.5, layers=[1])", tmp_path / "auto")
+    assert shortened.manifest.export["restore_grid"] == [] and shortened.manifest.outputs[0]["shape"][1:] == [9, 32]
