@@ -31,7 +31,7 @@ from tokensieve.bench.image import pyplot, save_figure
 from tokensieve.evaluate.image import eval_image
 
 RESULTS = Path(__file__).parent / "results"
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "retina", "ihc", "horse")
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "retina", "ihc")
 # DPT with a DINOv2-S/14 backbone (12 blocks, width 384) at 224 px (16 x 16 patches), taps after blocks 3, 6, 9, 12
 DPT_DINOV2_SMALL = {
     "model_type": "dpt",
@@ -65,11 +65,12 @@ def photos(folder: Path, count: int) -> Path:
     """scikit-image's sample photos as PNG files in ``folder`` (grey ones as RGB)."""
     import skimage.data
     from PIL import Image
+    from skimage.util import img_as_ubyte
 
     folder.mkdir(parents=True, exist_ok=True)
     for name in PHOTOS[:count]:
         image = getattr(skimage.data, name)() if hasattr(skimage.data, name) else _shipped(name)
-        image = np.stack([image] * 3, axis=-1) if image.ndim == 2 else image[..., :3]
+        image = img_as_ubyte(np.stack([image] * 3, axis=-1) if image.ndim == 2 else image[..., :3])
         Image.fromarray(image).save(folder / f"{name}.png")
     return folder
 

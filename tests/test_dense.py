@@ -18,6 +18,7 @@ import transformers
 from helpers import assert_parity
 
 import tokensieve
+from tokensieve.calibration.data import sample_images
 from tokensieve.errors import GraphRewriteError
 from tokensieve.evaluate.image import dense_metrics
 from tokensieve.graph_passes.restore import RESTORE_KEY
@@ -45,12 +46,19 @@ def test_dpt_taps_restored(dpt, tmp_path, method, taps):
     graph = ir.load(artifact.graph_path())
     assert json.loads(graph.metadata_props[RESTORE_KEY]) == taps
     assert {n.op_type for n in graph.graph} & {"ScatterND", "ScatterElements", "NonZero"} == set()
+    if method.startswith("topk"):  # the depth maps against the unreduced model's: a dense evaluation by default
+        images = tmp_path / "images"
+        images.mkdir()
+        for i, image in enumerate(sample_images(2, seed=3, size=56)):
+            image.save(images / f"{i}.png")
+        quality = artifact.eval(images, save=False)
+        assert quality.task == "dense" and 0.5 < quality.agreement < 1 and 0 < quality.metrics["top10_iou"] <= 1
 
 
 def test_methods_without_a_source_map_are_refused(dpt, tmp_path):
     out = tmp_path / "a"
-    with pytest.raises(GraphRewriteError, match=r"pitome at block 0 says nothing about where its input tokens go"):
-        tokensieve.export(str(dpt[0]), "pitome(ratio=0.9)", out)
+    with pytest.raises(GraphRewriteError, match=r"diffrate at block 1 says nothing about where its input tokens go"):
+        tokensieve.export(str(dpt[0]), "diffrate(prune=[17, 15, 13, 13], merge=[17, 14, 13, 13])", out)
     assert not out.exists()
 
 

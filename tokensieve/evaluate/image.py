@@ -1,6 +1,7 @@
 """Quality of an image-model artifact (single graph or staged) against its own unreduced ``baseline.onnx``.
 
-The task follows the outputs the manifest records (``--task`` overrides it):
+The task follows the outputs the manifest records (``--task`` overrides it; a model whose outputs are all maps is
+evaluated as ``dense``):
 
 * ``classify``: a ``logits [B, C]`` output -> top-1 agreement with the baseline, mean KL(baseline || model) of the
   softmax, and with labels (an ImageFolder tree) top-1 accuracy of both;
@@ -38,6 +39,8 @@ def choose_output(outputs: list[dict[str, Any]], task: str | None) -> tuple[str,
         return "logits", "classify"
     if task in (None, "embed") and "pooler_output" in by_name:
         return "pooler_output", "embed"
+    if task is None and all(rank[name] >= 3 for name in by_name):
+        task = "dense"  # only maps (a depth map, feature maps)
     wanted = {"classify": 2, "embed": 2, "dense": 3, None: 2}[task]
     names = [name for name in by_name if rank[name] == wanted or (task == "dense" and rank[name] == 4)]
     if not names:

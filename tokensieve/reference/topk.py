@@ -11,7 +11,7 @@ import torch
 from tokensieve.methods.faces import register
 from tokensieve.methods.topk import TopKPrune
 from tokensieve.reference.adapters import AttentionTensors
-from tokensieve.reference.merging import argsort_desc, rows
+from tokensieve.reference.merging import argsort_desc, pruning_placement, rows
 from tokensieve.reference.sites import SiteContext, SiteResult
 
 
@@ -53,18 +53,5 @@ def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | Non
     new_sizes = torch.cat(size_parts, dim=1) if sizes is not None else None
     origin = None if method.fused_token(k, n) else local + S  # a fused token has no single position
     result = SiteResult(torch.cat(parts, dim=1), new_sizes, {"kept": local + S}, origin)
-    result.assign, result.pruned = _placement(h, local, S)
+    result.assign, result.pruned = pruning_placement(h, local, S)
     return result
-
-
-def _placement(h: torch.Tensor, local: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Where each input token goes: specials stay, kept candidate ``i`` to ``S + i``, the pruned ones in ascending
-    position to ``-1 - j``; and the pruned rows of ``h``."""
-    B, N = h.shape[:2]
-    k = local.shape[1]
-    dropped = torch.ones(B, N - S, dtype=torch.bool).scatter(1, local, False)
-    pruned = dropped.nonzero()[:, 1].view(B, -1) + S  # row-major: ascending per sample, the same count in each
-    assign = torch.arange(N).repeat(B, 1)
-    assign.scatter_(1, local + S, (S + torch.arange(k)).repeat(B, 1))
-    assign.scatter_(1, pruned, (-1 - torch.arange(pruned.shape[1])).repeat(B, 1))
-    return assign, (rows(h, pruned) if pruned.shape[1] else None)

@@ -237,3 +237,18 @@ def specials_placed(b: NodeBuilder, like: ir.Value, specials: int) -> list[tuple
         return []
     rows = offset_rows(b, like, 0, specials)
     return [(rows, rows)]
+
+
+def pruning_placement(b: NodeBuilder, site: SiteInput, local: ir.Value, result: SiteOutput) -> None:
+    """A pruning site's ``assign`` and ``pruned`` (``local [B, K]``: the kept candidates, ascending, in output order
+    after the specials): specials stay, kept candidate ``i`` goes to ``S + i``, the pruned ones (ascending position)
+    to rows ``-1 - j`` of their rows of the stream at the site."""
+    S, n, K = site.specials, site.count.candidates, site.count.params["kept"]
+    kept = b.op("Add", [local, b.const(S, "offset")]) if S else local
+    placed = [*specials_placed(b, local, S), (kept, offset_rows(b, local, S, K))]
+    if n > K:
+        pruned = complement(b, local, n, n - K)
+        pruned = b.op("Add", [pruned, b.const(S, "offset")]) if S else pruned
+        placed.append((pruned, offset_rows(b, local, -1, n - K, step=-1)))
+        result.pruned, result.dropped = gather_tokens(b, site.stream, pruned), n - K
+    result.assign = assignment(b, placed)

@@ -11,19 +11,15 @@ blocks read rotary tables, ``kept`` is also the site's ``origin`` (none with a f
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 
 from tokensieve.graph_passes.builder import NodeBuilder
 from tokensieve.graph_passes.sites.common import (
     SiteInput,
     SiteOutput,
-    assignment,
-    complement,
     gather_tokens,
     head_mean_scores,
-    offset_rows,
     one_hot,
-    specials_placed,
+    pruning_placement,
 )
 from tokensieve.methods.faces import register
 from tokensieve.methods.topk import TopKPrune
@@ -63,19 +59,5 @@ def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
     origin = kept if site.positions and not method.fused_token(K, n) else None  # a fused token has no one position
     result = SiteOutput(out, sizes_out, dict(b.exposed), origin)
     if site.restore:
-        _source_map(b, site, local, result)
+        pruning_placement(b, site, local, result)
     return result
-
-
-def _source_map(b: NodeBuilder, site: SiteInput, local: ir.Value, result: SiteOutput) -> None:
-    """Where every input token goes: specials stay, the ``K`` kept candidates to ``S + i``, the pruned ones (in
-    ascending position) to rows ``-1 - j`` of ``pruned``, their rows of the stream at the site."""
-    S, n, K = site.specials, site.count.candidates, site.count.params["kept"]
-    kept = b.op("Add", [local, b.const(S, "offset")]) if S else local
-    placed = [*specials_placed(b, local, S), (kept, offset_rows(b, local, S, K))]
-    if n > K:
-        pruned = complement(b, local, n, n - K)
-        pruned = b.op("Add", [pruned, b.const(S, "offset")]) if S else pruned
-        placed.append((pruned, offset_rows(b, local, -1, n - K, step=-1)))
-        result.pruned, result.dropped = gather_tokens(b, site.stream, pruned), n - K
-    result.assign = assignment(b, placed)
