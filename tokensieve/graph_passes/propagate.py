@@ -136,6 +136,13 @@ class _Proxies:
         return text if not offset else f"{text}{offset:+d}"
 
 
+def proxied_dims(*shapes: ir.Shape | None) -> list[tuple[int, ...] | None]:
+    """The shapes as integers, symbolic dimensions (``batch``, ``batch*3``) as the same distinct large proxies in
+    all of them, so prefix products can be compared (None: an unknown rank or dimension)."""
+    proxies = _Proxies()
+    return [proxies.shape(shape) for shape in shapes]
+
+
 def _split_offset(text: str) -> tuple[str, int]:
     """``"past+1"`` -> ``("past", 1)``; ``"batch"`` -> ``("batch", 0)``."""
     text = text.replace(" ", "")

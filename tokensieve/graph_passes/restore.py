@@ -27,7 +27,7 @@ import onnx_ir as ir
 from tokensieve.errors import GraphRewriteError, LocateError
 from tokensieve.graph_passes.builder import NodeBuilder
 from tokensieve.graph_passes.locate import AttentionBlock, ViTLayout
-from tokensieve.graph_passes.propagate import containing_axis
+from tokensieve.graph_passes.propagate import containing_axis, proxied_dims
 from tokensieve.graph_passes.sites.common import SiteOutput, gather_tokens
 from tokensieve.methods.base import Method, SiteCount
 
@@ -66,10 +66,22 @@ class GridRestore:
         return grid
 
     def needs_grid(self) -> bool:
-        """Whether an outside reader folds the token axis into a spatial grid (a ``Reshape`` that splits an axis of
-        ``N0`` or ``N0 - S`` tokens): the model's output is a map."""
-        tokens = {self.layout.tokens, self.layout.tokens - self.layout.specials}
-        return any(_splits(node, tokens) for node in _downstream([n for uses in self.taps.values() for n, _ in uses]))
+        """Whether an outside reader folds the token axis into a spatial grid: following the token axis (axis 1 of a
+        block output) through the readers, a ``Reshape`` splits it across several output axes (the model's output
+        is a map). Readers the walk does not know end it (no grid found there)."""
+        queue = deque((node, self.outputs[index], 1) for index, uses in self.taps.items() for node, _ in uses)
+        seen: set[tuple[ir.Node, int]] = set()
+        while queue:
+            node, value, axis = queue.popleft()
+            if (node, axis) in seen:
+                continue
+            seen.add((node, axis))
+            if node.op_type == "Reshape" and node.inputs[0] is value and _splits(node, axis):
+                return True
+            out_axis = _token_axis(node, value, axis)
+            if out_axis is not None:
+                queue.extend((user, node.outputs[0], out_axis) for user, _ in node.outputs[0].uses())
+        return False
 
     def follow(self, b: NodeBuilder, method: Method, count: SiteCount, out: SiteOutput) -> None:
         """Compose the source map with the site's ``assign``; add its dropped rows to the bank."""
@@ -156,15 +168,36 @@ def _downstream(nodes: list[ir.Node], limit: int = 1_000_000) -> set[ir.Node]:
     return seen
 
 
-def _splits(node: ir.Node, tokens: set[int]) -> bool:
-    if node.op_type != "Reshape" or node.inputs[0].shape is None or node.outputs[0].shape is None:
+_SAME_AXES = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Gelu", "Relu", "Sigmoid", "Tanh", "Neg", "Exp", "Log", "Cast",
+     "Identity", "Where", "LayerNormalization", "Softmax", "Slice", "Concat", "Dropout", "Clip", "ReduceMean"}
+)  # fmt: skip
+
+
+def _token_axis(node: ir.Node, value: ir.Value, axis: int) -> int | None:
+    """The axis of ``node``'s first output that carries the token axis ``axis`` of its input ``value`` (None: the
+    axis is reduced, contracted, or the op is one the walk does not follow)."""
+    shape_in, shape_out = proxied_dims(value.shape, node.outputs[0].shape)
+    if shape_in is None or shape_out is None:
+        return None
+    if node.op_type == "Transpose":
+        perm = node.attributes.get_ints("perm", list(reversed(range(len(shape_in)))))
+        return list(perm).index(axis)
+    if node.op_type == "Reshape" and node.inputs[0] is value:
+        return containing_axis(shape_in, axis, shape_out)
+    if node.op_type == "MatMul" and len(shape_in) == len(shape_out):
+        first = node.inputs[0] is value
+        return axis if (first and axis < len(shape_in) - 1) or (not first and axis == len(shape_in) - 1) else None
+    if node.op_type in _SAME_AXES and len(shape_in) == len(shape_out) and shape_out[axis] > 1:
+        return axis  # (a reduction over the token axis leaves it 1 long: the walk ends there)
+    return None
+
+
+def _splits(node: ir.Node, axis: int) -> bool:
+    shape_in, shape_out = proxied_dims(node.inputs[0].shape, node.outputs[0].shape)
+    if shape_in is None or shape_out is None or shape_in[axis] < 2:
         return False
-    old_in = tuple(d if isinstance(d, int) else -1 for d in node.inputs[0].shape)
-    old_out = tuple(d if isinstance(d, int) else -1 for d in node.outputs[0].shape)
-    if any(d < 0 for d in old_in[1:] + old_out[1:]):
-        return False
-    old_in, old_out = (1, *old_in[1:]), (1, *old_out[1:])  # the batch axis, static or not, is never split
-    return any(d in tokens and containing_axis(old_in, t, old_out) is None for t, d in enumerate(old_in))
+    return containing_axis(shape_in, axis, shape_out) is None
 
 
 def _take_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
