@@ -10,7 +10,7 @@ degrades. Give ``--source hf:/path/to/a/DPT-checkpoint`` to measure trained weig
 
 Writes ``benchmarks/results/dense.json`` and ``dense.png`` (``--out`` names other files).
 
-    python benchmarks/bench_dense.py [--source hf:DIR] [--images 8]
+    python benchmarks/bench_dense.py [--source hf:DIR] [--images 8] [--methods M ...] [--out NAME]
 
 Target (issue 28): correlation >= 0.97 at a MAC cut >= 1.25x.
 """
@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--source", help="a DPT source (hf:DIR); default: DINOv2-S/14 geometry, random weights")
     parser.add_argument("--images", type=int, default=len(PHOTOS))
     parser.add_argument("--out", default="dense")
+    parser.add_argument("--methods", nargs="+", help="method strings (default: the top-k and ToMe strengths)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -131,7 +132,7 @@ def main() -> None:
         baseline = tokensieve.export(source, None, work / "baseline")
         images = photos(work / "photos", args.images)
         rows = []
-        for method in [m for family in STRENGTHS.values() for m in family]:
+        for method in args.methods or [m for family in STRENGTHS.values() for m in family]:
             rows.append(measure(baseline.graph_path("model"), method, images, work))
             print(json.dumps(rows[-1]))
     RESULTS.mkdir(exist_ok=True)
