@@ -126,7 +126,7 @@ def export_image(
     if adaptive and restore_grid is True:
         raise MethodSpecError(
             "--restore-grid is not supported with an adaptive method (atp): its bucket graphs keep a data-dependent "
-            "number of tokens; use topk or tome for models whose output is a map"
+            "number of tokens; use a static-count method for models whose output is a map (docs/methods.md#dense-outputs)"
         )
     if adaptive and len(methods) > 1:
         raise MethodSpecError("an adaptive method (atp) cannot be combined with other methods yet")

@@ -48,15 +48,15 @@ class GridRestore:
 
     model: ir.Model
     layout: ViTLayout
-    first: int  # block of the first site
     taps: dict[int, list[tuple[ir.Node, int]]] = field(default_factory=dict)  # block -> outside uses of its output
     outputs: dict[int, ir.Value] = field(default_factory=dict)  # block -> its output value
     states: dict[int, _State] = field(default_factory=dict)  # site block -> state after it
 
     @classmethod
     def locate(cls, model: ir.Model, layout: ViTLayout, first: int) -> GridRestore:
-        """Find the block outputs read outside the chain (before any rewrite)."""
-        grid = cls(model, layout, first)
+        """Find the block outputs at or after block ``first`` (the first site's) read outside the chain (before any
+        rewrite)."""
+        grid = cls(model, layout)
         outputs = [b.stream_in for b in layout.blocks[1:]] + [block_output(layout.blocks[-1])]
         chain = _between(layout.blocks[0].stream_in, outputs[-1])
         for index, value in enumerate(outputs):
@@ -88,7 +88,8 @@ class GridRestore:
         if out.assign is None:
             raise GraphRewriteError(
                 f"{method.name} at block {count.layer} says nothing about where its input tokens go, so the token "
-                "grid cannot be restored after it; export with --no-restore-grid, or with topk or tome"
+                "grid cannot be restored after it; export with --restore-grid off, or with a method that gives a "
+                "source map (docs/methods.md#dense-outputs)"
             )
         previous = self.states[max(self.states)] if self.states else None
         assign = out.assign

@@ -101,7 +101,8 @@ class ReducedModel(nn.Module):
         if result.assign is None:
             raise SourceError(
                 f"{method.name} at block {index} says nothing about where its input tokens go, so the token grid "
-                "cannot be restored after it; export with --restore-grid off, or with topk or tome"
+                "cannot be restored after it; export with --restore-grid off, or with a method that gives a source map "
+                "(docs/methods.md#dense-outputs)"
             )
         banked = sum(rows.shape[1] for rows in self.bank)
         assign = torch.where(result.assign < 0, result.assign - banked, result.assign)
