@@ -125,8 +125,8 @@ def export_image(
         raise MethodSpecError(f"restore_grid must be true, false or 'auto', got {restore_grid!r}")
     if adaptive and restore_grid is True:
         raise MethodSpecError(
-            "--restore-grid is not supported with an adaptive method (atp): its bucket graphs keep a data-dependent "
-            "number of tokens; use a static-count method for models whose output is a map (docs/methods.md#dense-outputs)"
+            "--restore-grid is not supported with an adaptive method: its bucket graphs keep a data-dependent number "
+            "of tokens; use a static-count method for models whose output is a map (docs/methods.md#dense-outputs)"
         )
     if adaptive and len(methods) > 1:
         raise MethodSpecError("an adaptive method (atp) cannot be combined with other methods yet")
