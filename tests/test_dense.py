@@ -19,7 +19,7 @@ from helpers import assert_parity
 
 import tokensieve
 from tokensieve.calibration.data import sample_images
-from tokensieve.errors import GraphRewriteError
+from tokensieve.errors import GraphRewriteError, MethodSpecError
 from tokensieve.evaluate.image import dense_metrics
 from tokensieve.graph_passes.restore import RESTORE_KEY
 
@@ -59,6 +59,8 @@ def test_methods_without_a_source_map_are_refused(dpt, tmp_path):
     out = tmp_path / "a"
     with pytest.raises(GraphRewriteError, match=r"diffrate at block 1 says nothing about where its input tokens go"):
         tokensieve.export(str(dpt[0]), "diffrate(prune=[17, 15, 13, 13], merge=[17, 14, 13, 13])", out)
+    with pytest.raises(MethodSpecError, match=r"--restore-grid is not supported with an adaptive method"):
+        tokensieve.export(str(dpt[0]), "atp(threshold=0.5, layers=[1])", out, restore_grid=True, buckets=[4, 8])
     assert not out.exists()
 
 
