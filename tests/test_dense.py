@@ -4,7 +4,8 @@ restoration in torch), parity on values and on the source map after every site.
 
 Hugging Face DPT (depth) on a DINOv2 backbone reads four intermediate taps: ``auto`` restores them all. A DINOv2
 tower exported by another exporter with symbolic batch, height and width gives its patch tokens back on the full
-grid with ``--restore-grid on`` and stays shortened with ``auto`` (its outputs are token sequences, not maps)."""
+grid with ``--restore-grid on`` and stays shortened with ``auto`` (its outputs are token sequences, not maps). timm's
+``forward_intermediates`` (``features_only``) gives NCHW maps of two blocks."""
 
 from __future__ import annotations
 
@@ -96,8 +97,10 @@ def test_patch_outputs_on_the_full_grid(dinov2_file, tmp_path):
     evaluation compares maps of the baseline's size. ``auto``: token sequences stay shortened."""
     artifact = tokensieve.export(dinov2_file, "topk(keep=0.5, layers=[1])", tmp_path / "on", restore_grid=True)
     assert artifact.manifest.outputs[0]["shape"][1:] == [17, 32]
-    report = artifact.parity(golden=False)
+    report = artifact.parity()
     assert report.ok and report.sites[0].same_source == 2, report.text()
+    replayed = artifact.replay()  # the recorded eager source maps, torch-free
+    assert replayed.ok and replayed.sites[0].same_source == 2, replayed.text()
     assert artifact.lint("trt10.3").ok
     pixels = np.random.default_rng(1).standard_normal((1, 3, 56, 56)).astype(np.float32)
     model, base = (artifact.runner(g, spin=False) for g in ("model", "baseline"))
@@ -105,3 +108,16 @@ def test_patch_outputs_on_the_full_grid(dinov2_file, tmp_path):
     assert ours.shape == theirs.shape and 0.5 < dense_metrics(ours, theirs)["agreement"] < 1
     shortened = tokensieve.export(dinov2_file, "topk(keep=0.5, layers=[1])", tmp_path / "auto")
     assert shortened.manifest.export["restore_grid"] == [] and shortened.manifest.outputs[0]["shape"][1:] == [9, 32]
+
+
+def test_timm_forward_intermediates(zoo, tmp_path):
+    """timm's ``forward_intermediates`` (``features_only``): NCHW maps of blocks 1 and 2, top-k then ToMe."""
+    entry = zoo(
+        "timm:vit_tiny_patch16_224?features_only=true&out_indices=(1,2)&depth=3&img_size=32",
+        exporter="legacy",
+        opset=17,
+    )
+    artifact = tokensieve.export(str(entry[0]), "topk(keep=0.5, layers=[0]) + tome(r=1, layers=[1])", tmp_path / "a")
+    assert artifact.manifest.export["restore_grid"] == [1, 2]
+    assert [o["shape"] for o in artifact.manifest.outputs] == [[1, 192, 2, 2], [1, 192, 2, 2]]
+    assert all(s.same_source == 1 for s in assert_parity(artifact, entry[1]).sites)
