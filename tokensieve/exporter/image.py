@@ -150,10 +150,9 @@ def export_image(
         "target_keep": target_keep,
         "allow_truncation": allow_truncation,
         "lint_target": lint_target,
-        "restore_grid": False if adaptive else restore_grid,
     }
     with staged_directory(out) as staging:
-        graphs = _write_graphs(staging, baseline, methods, layout, adaptive, staged_options)
+        graphs = _write_graphs(staging, baseline, methods, layout, adaptive, staged_options, restore_grid)
         batch_dim = graphs.reduced.graph.inputs[0].shape[0]
         specials = layout.specials if layout else None
         static = batch_dim if isinstance(batch_dim, int) else None
@@ -199,13 +198,13 @@ def _write_graphs(
     layout: ViTLayout | None,
     adaptive: bool,
     staged_options: dict[str, Any],
+    restore: bool | str,
 ) -> _Graphs:
-    """Write the unreduced, the reduced or the staged graphs into ``staging``."""
+    """Write the unreduced, the reduced (``restore``: the grid option) or the staged graphs into ``staging``."""
     if not methods:
         save_graph(baseline, staging / "model.onnx", weights=True)
         entering = [layout.tokens] * layout.depth if layout else None
         return _Graphs(baseline, {"model": "model.onnx", "baseline": "model.onnx"}, entering, methods)
-    restore = staged_options.pop("restore_grid")
     if adaptive:
         from tokensieve.exporter.staged import build_staged
 

@@ -104,7 +104,7 @@ class ReducedModel(nn.Module):
                 "cannot be restored after it; export with --restore-grid off, or with a method that gives a source map "
                 "(docs/methods.md#dense-outputs)"
             )
-        banked = sum(rows.shape[1] for rows in self.bank)
+        banked = sum(part.shape[1] for part in self.bank)
         assign = torch.where(result.assign < 0, result.assign - banked, result.assign)
         if self.source is None:
             self.source = assign
