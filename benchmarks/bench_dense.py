@@ -89,7 +89,7 @@ def measure(baseline_file: Path, method: str, images: Path, work: Path) -> dict:
     macs = artifact.manifest.macs
     return {
         "method": method,
-        "restored_taps": artifact.manifest.export["restore_grid"],
+        "restored_taps": artifact.manifest.export.get("restore_grid", []),
         "correlation": report.agreement,
         "top10_iou": report.metrics["top10_iou"],
         "mac_ratio": macs["limit_speedup"],

@@ -156,7 +156,7 @@ def export_image(
         batch_dim = graphs.reduced.graph.inputs[0].shape[0]
         specials = layout.specials if layout else None
         static = batch_dim if isinstance(batch_dim, int) else None
-        restored = bool(json.loads(graphs.reduced.metadata_props.get(RESTORE_KEY, "[]")))
+        restored = bool(_restored(graphs.reduced))
         verify_export(
             staging, graphs.files["model"], graphs.stages, graphs.methods, specials, source.built, static, restored
         )
@@ -247,7 +247,7 @@ def _manifest(
             "opset": reduced.opset_imports.get(""),
             "batch": batch_dim if isinstance(batch_dim, int) else None,
             "dynamic_batch": not isinstance(batch_dim, int),
-            "restore_grid": json.loads(reduced.metadata_props.get(RESTORE_KEY, "[]")),
+            **_restored(reduced),
         },
         "methods": [m.to_dict() for m in methods],
         "method_text": describe(methods),
@@ -272,6 +272,12 @@ def _manifest(
         return ImageManifest(**common)
     common["macs"]["expected"] = _expected_macs(graphs.stages)
     return StagedManifest(**common, stages=graphs.stages)
+
+
+def _restored(reduced: ir.Model) -> dict[str, list[int]]:
+    """``{"restore_grid": blocks}`` when the pass restored the grid after those blocks (nothing otherwise)."""
+    blocks = json.loads(reduced.metadata_props.get(RESTORE_KEY, "[]"))
+    return {"restore_grid": blocks} if blocks else {}
 
 
 def _expected_macs(stages: dict) -> float | None:
