@@ -65,6 +65,29 @@ HF_TINY = {
     # the layers' own relative position biases and the model's shared one (BEiT: given as every layer's mask)
     "beit": {"model_type": "beit", **_SMALL, **_RELPOS},
     "data2vec_vision": {"model_type": "data2vec-vision", **_SMALL, **_RELPOS},
+    # a dense head: DPT's neck and depth head on four taps of a DINOv2 backbone (4 x 4 patches)
+    "dpt": {
+        "model_type": "dpt",
+        "image_size": 56,
+        "patch_size": 14,
+        "hidden_size": 32,
+        "is_hybrid": False,
+        "backbone_config": {
+            "model_type": "dinov2",
+            "hidden_size": 32,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "mlp_ratio": 2,
+            "image_size": 56,
+            "patch_size": 14,
+            "out_features": ["stage1", "stage2", "stage3", "stage4"],
+            "reshape_hidden_states": False,
+        },
+        "neck_hidden_sizes": [16, 16, 16, 16],
+        "reassemble_factors": [4, 2, 1, 0.5],
+        "fusion_hidden_size": 16,
+        "head_hidden_size": 16,
+    },
 }
 
 

@@ -33,6 +33,13 @@ def add_parser(subparsers: options.Subparsers) -> None:
         help="let an image with more tokens than the largest bucket run truncated (reported)",
     )
     p.add_argument(
+        "--restore-grid",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="rebuild the full token grid before readers of block outputs (dense heads, intermediate taps); auto: "
+        "when a reader folds the tokens into a spatial grid",
+    )
+    p.add_argument(
         "--capacity", type=int, help="MLLMs: KV-cache slots of the static decode graph (h2o: budget + 1 by default)"
     )
     p.add_argument("--no-growing-cache", action="store_true", help="MLLMs: skip the growing-cache decode graph")
@@ -50,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         **options.pick(args, "weights", "seed", "img_size", "batch", "dynamic_batch", "opset", "exporter", "specials"),
         **options.pick(args, "lint_target", "max_buckets", "calibrate", "target_keep", "allow_truncation", "capacity"),
         buckets=options.parse_buckets(args.buckets),
+        restore_grid={"on": True, "off": False}.get(args.restore_grid, "auto"),
         growing_cache=not args.no_growing_cache,
     )
     print(format_inspection(artifact.inspect()))

@@ -54,7 +54,10 @@ HF_MODELS = {
     "aimv2_vision_model": "Aimv2VisionModel",
     "beit": "BeitModel",
     "data2vec-vision": "Data2VecVisionModel",
+    "dpt": "DPTForDepthEstimation",  # a dense head: DPT's neck and depth head on a backbone's intermediate taps
 }
+# config.model_type -> the outputs its model class is exported with (default: last_hidden_state, pooler_output)
+HF_OUTPUTS = {"dpt": ("predicted_depth",)}
 # Hugging Face vision towers known and refused: model type -> why, and what to use instead
 _NAFLEX = (
     "SigLIP2 (NaFlex) takes variable-length patch sequences with a pixel attention mask and per-image spatial shapes, "
@@ -152,18 +155,20 @@ def parse_source(
 
 
 class HFVisionTower(nn.Module):
-    """A Hugging Face vision model as ``pixel_values -> (last_hidden_state, pooler_output)``."""
+    """A Hugging Face vision model as ``pixel_values -> (last_hidden_state, pooler_output)``, or the outputs
+    :data:`HF_OUTPUTS` names for its model type (DPT: ``predicted_depth``)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.config = model.config
         pooled = getattr(model, "pooler", True) is not None  # I-JEPA: no pooling layer, no pooler_output
-        self.output_names = ("last_hidden_state", "pooler_output") if pooled else ("last_hidden_state",)
+        default = ("last_hidden_state", "pooler_output") if pooled else ("last_hidden_state",)
+        self.output_names = HF_OUTPUTS.get(model.config.model_type, default)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(pixel_values=pixel_values)
-        return (out.last_hidden_state, out.pooler_output)[: len(self.output_names)]
+        return tuple(getattr(out, name) for name in self.output_names)
 
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -216,7 +221,10 @@ def _build_timm(spec: SourceSpec) -> BuiltModel:
     if spec.img_size:
         h = w = spec.img_size
     mean, std = tuple(cfg.get("mean", HALF[0])), tuple(cfg.get("std", HALF[1]))
-    return BuiltModel(module.eval(), (int(c), int(h), int(w)), ("logits",), mean, std)
+    names = ("logits",)
+    if spec.options.get("features_only"):  # forward_intermediates: one feature map per out_indices entry
+        names = tuple(f"features_{i}" for i in range(len(module.feature_info.channels())))
+    return BuiltModel(module.eval(), (int(c), int(h), int(w)), names, mean, std)
 
 
 def _hf_config(spec: SourceSpec):

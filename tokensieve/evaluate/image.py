@@ -1,13 +1,16 @@
 """Quality of an image-model artifact (single graph or staged) against its own unreduced ``baseline.onnx``.
 
-The task follows the outputs the manifest records (``--task`` overrides it):
+The task follows the outputs the manifest records (``--task`` overrides it; a model whose outputs are all maps is
+evaluated as ``dense``):
 
 * ``classify``: a ``logits [B, C]`` output -> top-1 agreement with the baseline, mean KL(baseline || model) of the
   softmax, and with labels (an ImageFolder tree) top-1 accuracy of both;
 * ``embed``: a pooled ``[B, D]`` output (``pooler_output``) -> cosine of model and baseline features;
-* ``dense``: a token map ``[B, N, D]`` (``last_hidden_state``) -> correlation of the per-token feature-norm maps
-  and IoU of their top 10 %. The map must keep the baseline's token count: a reduced graph returns fewer tokens,
-  and restoring them to the full grid is not implemented, so such an artifact is evaluated as ``embed``.
+* ``dense``: a map -> correlation of model and baseline maps and IoU of their top 10 %: a token map ``[B, N, D]``
+  (``last_hidden_state``, ``N`` the tokens entering block 0) by its per-token feature norms, a value map
+  ``[B, H, W]`` (DPT's ``predicted_depth``) as it is, a feature map ``[B, C, H, W]`` by its per-pixel channel norms.
+  The map must keep the baseline's size: a reduced graph returns fewer tokens unless it was exported with the grid
+  restored (``--restore-grid``); without that, evaluate it as ``embed``.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ def choose_output(outputs: list[dict[str, Any]], task: str | None) -> tuple[str,
         return "logits", "classify"
     if task in (None, "embed") and "pooler_output" in by_name:
         return "pooler_output", "embed"
+    if task is None and all(rank[name] >= 3 for name in by_name):
+        task = "dense"  # only maps (a depth map, feature maps)
     wanted = {"classify": 2, "embed": 2, "dense": 3, None: 2}[task]
-    names = [name for name in by_name if rank[name] == wanted]
+    names = [name for name in by_name if rank[name] == wanted or (task == "dense" and rank[name] == 4)]
     if not names:
         found = ", ".join(f"{o['name']} {o['shape']}" for o in outputs)
         need = "[batch, tokens, features]" if wanted == 3 else "[batch, classes or features]"
@@ -116,13 +121,23 @@ def embed_metrics(model: np.ndarray, baseline: np.ndarray) -> dict[str, Any]:
     return {"agreement": float(cosine.mean()), "metrics": {"cosine_min": float(cosine.min())}}
 
 
-def dense_metrics(model: np.ndarray, baseline: np.ndarray) -> dict[str, Any]:
+def value_map(x: np.ndarray, tokens: int | None) -> np.ndarray:
+    """``[B, M]``: per-token feature norms of a token map ``[B, tokens, D]``, the values of ``[B, H, W]``, the
+    per-pixel channel norms of ``[B, C, H, W]`` (``tokens`` None: every ``[B, N, D]`` is a token map)."""
+    if x.ndim == 3 and tokens in (None, x.shape[1]):
+        return np.linalg.norm(x, axis=-1)
+    return (np.linalg.norm(x, axis=1) if x.ndim == 4 else x).reshape(len(x), -1)
+
+
+def dense_metrics(model: np.ndarray, baseline: np.ndarray, tokens: int | None = None) -> dict[str, Any]:
+    """Mean correlation of the maps (:func:`value_map`; ``tokens``: the token count of a token map) and mean IoU of
+    their top 10 % positions."""
     if model.shape != baseline.shape:
         raise OptionError(
-            f"the reduced token map {list(model.shape[1:])} differs from the baseline's {list(baseline.shape[1:])}: "
-            "dense evaluation needs the tokens restored to the full grid (not implemented); use --task embed"
+            f"the reduced map {list(model.shape[1:])} differs from the baseline's {list(baseline.shape[1:])}: dense "
+            "evaluation needs the tokens restored to the full grid; export with --restore-grid on, or use --task embed"
         )
-    a, b = np.linalg.norm(model, axis=-1), np.linalg.norm(baseline, axis=-1)  # [B, N] token-norm maps
+    a, b = value_map(model, tokens), value_map(baseline, tokens)
     top = max(1, round(TOP_FRACTION * a.shape[1]))
     corr, iou = [], []
     for x, y in zip(a, b, strict=True):
@@ -158,7 +173,8 @@ def eval_image(
     if task == "classify":
         result = classify_metrics(model, baseline, labels)
     else:
-        result = embed_metrics(model, baseline) if task == "embed" else dense_metrics(model, baseline)
+        tokens = (manifest.layout or {}).get("tokens")
+        result = embed_metrics(model, baseline) if task == "embed" else dense_metrics(model, baseline, tokens)
     report = EvalReport(
         str(artifact.path), "baseline.onnx", manifest.method_text, artifact.kind, task, len(images), **result
     )

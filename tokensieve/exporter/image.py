@@ -3,6 +3,7 @@ staged bucket graphs for adaptive methods, and the artifact's manifest."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from tokensieve.graph_passes.lint import lint
 from tokensieve.graph_passes.locate import ViTLayout, locate_vit
 from tokensieve.graph_passes.macs import count_macs
 from tokensieve.graph_passes.propagate import propagate_shapes
+from tokensieve.graph_passes.restore import RESTORE_KEY
 from tokensieve.graph_passes.token_reduction import TokenReductionPass
 from tokensieve.manifest import ImageManifest, StagedManifest
 from tokensieve.methods import Method, check_target, describe, schedule
@@ -109,13 +111,23 @@ def export_image(
     calibrate: str | os.PathLike | None = None,
     target_keep: float | None = None,
     allow_truncation: bool = False,
+    restore_grid: bool | str = "auto",
     module=None,
 ) -> Artifact:
     """Export an image model ``spec`` with ``methods`` (ViT methods, validated together) to the artifact ``out``:
     one reduced graph, or for an adaptive method (``atp``) the staged bucket graphs (see
-    :func:`tokensieve.exporter.dispatch.export` for the options)."""
+    :func:`tokensieve.exporter.dispatch.export` for the options). ``restore_grid``: rebuild the full token grid
+    before every reader of a block output outside the blocks (True), never (False), or when a reader folds the
+    tokens into a spatial grid (``"auto"``)."""
     check_target(methods, "vit")
     adaptive = any(getattr(m, "adaptive", False) for m in methods)
+    if restore_grid not in (True, False, "auto"):
+        raise MethodSpecError(f"restore_grid must be true, false or 'auto', got {restore_grid!r}")
+    if adaptive and restore_grid is True:
+        raise MethodSpecError(
+            "--restore-grid is not supported with an adaptive method: its bucket graphs keep a data-dependent number "
+            "of tokens; use a static-count method for models whose output is a map (docs/methods.md#dense-outputs)"
+        )
     if adaptive and len(methods) > 1:
         raise MethodSpecError("an adaptive method (atp) cannot be combined with other methods yet")
     if not adaptive and (buckets or calibrate or target_keep is not None):
@@ -140,11 +152,14 @@ def export_image(
         "lint_target": lint_target,
     }
     with staged_directory(out) as staging:
-        graphs = _write_graphs(staging, baseline, methods, layout, adaptive, staged_options)
+        graphs = _write_graphs(staging, baseline, methods, layout, adaptive, staged_options, restore_grid)
         batch_dim = graphs.reduced.graph.inputs[0].shape[0]
         specials = layout.specials if layout else None
         static = batch_dim if isinstance(batch_dim, int) else None
-        verify_export(staging, graphs.files["model"], graphs.stages, graphs.methods, specials, source.built, static)
+        restored = bool(_restored(graphs.reduced))
+        verify_export(
+            staging, graphs.files["model"], graphs.stages, graphs.methods, specials, source.built, static, restored
+        )
         manifest = _manifest(spec, source, exporter, graphs, layout, locate_error, lint_target)
         write_manifest(staging, manifest)
     return Artifact.load(out)
@@ -183,8 +198,9 @@ def _write_graphs(
     layout: ViTLayout | None,
     adaptive: bool,
     staged_options: dict[str, Any],
+    restore: bool | str,
 ) -> _Graphs:
-    """Write the unreduced, the reduced or the staged graphs into ``staging``."""
+    """Write the unreduced, the reduced (``restore``: the grid option) or the staged graphs into ``staging``."""
     if not methods:
         save_graph(baseline, staging / "model.onnx", weights=True)
         entering = [layout.tokens] * layout.depth if layout else None
@@ -198,7 +214,8 @@ def _write_graphs(
         files = {"model": stages["padmax"], "baseline": "baseline.onnx"}
         return _Graphs(reduced, files, None, [calibrated], stages)
     reduced = save_baseline(staging, baseline)
-    run_passes(reduced, [TokenReductionPass(methods, specials=layout.specials), RemoveUnusedNodesPass()])
+    reduction = TokenReductionPass(methods, specials=layout.specials, restore=restore)
+    run_passes(reduced, [reduction, RemoveUnusedNodesPass()])
     save_graph(reduced, staging / "model.onnx", weights=False)
     check_file(staging / "model.onnx")
     entering = schedule(methods, layout.tokens, layout.specials, layout.depth).entering
@@ -230,6 +247,7 @@ def _manifest(
             "opset": reduced.opset_imports.get(""),
             "batch": batch_dim if isinstance(batch_dim, int) else None,
             "dynamic_batch": not isinstance(batch_dim, int),
+            **_restored(reduced),
         },
         "methods": [m.to_dict() for m in methods],
         "method_text": describe(methods),
@@ -254,6 +272,12 @@ def _manifest(
         return ImageManifest(**common)
     common["macs"]["expected"] = _expected_macs(graphs.stages)
     return StagedManifest(**common, stages=graphs.stages)
+
+
+def _restored(reduced: ir.Model) -> dict[str, list[int]]:
+    """``{"restore_grid": blocks}`` when the pass restored the grid after those blocks (nothing otherwise)."""
+    blocks = json.loads(reduced.metadata_props.get(RESTORE_KEY, "[]"))
+    return {"restore_grid": blocks} if blocks else {}
 
 
 def _expected_macs(stages: dict) -> float | None:

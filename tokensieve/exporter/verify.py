@@ -32,6 +32,7 @@ def verify_export(
     specials: int | None,
     built: Any | None,
     batch: int | None,
+    restore: bool = False,
 ) -> None:
     """Raise :class:`ExportError` unless the graphs in ``staging`` run and the eager reference runs the model."""
     runner = OrtRunner(staging / model_file)
@@ -52,7 +53,7 @@ def verify_export(
             "every token (export the model without it, or with --method none)"
         ) from None
     if built is not None and methods:
-        _run_reference(built, methods, specials, pixels[:1], what)
+        _run_reference(built, methods, specials, pixels[:1], what, restore)
 
 
 def _run_routes(staging: Path, stages: dict[str, Any], pixels: np.ndarray) -> None:
@@ -70,14 +71,16 @@ def _run_routes(staging: Path, stages: dict[str, Any], pixels: np.ndarray) -> No
             other.continue_from(without_debug(dict(state)))
 
 
-def _run_reference(built: Any, methods: list[Method], specials: int | None, pixels: np.ndarray, what: str) -> None:
+def _run_reference(
+    built: Any, methods: list[Method], specials: int | None, pixels: np.ndarray, what: str, restore: bool
+) -> None:
     import torch
 
     from tokensieve.reference.reduce import ReducedModel
 
     try:
         with torch.no_grad():
-            ReducedModel(built.module, methods, specials)(torch.from_numpy(pixels))
+            ReducedModel(built.module, methods, specials, restore=restore)(torch.from_numpy(pixels))
     except Exception as e:  # whatever stops the reference stops parity
         raise ExportError(
             f"the eager reference cannot apply {what} to this model ({first_line(e)}), so parity could never verify "

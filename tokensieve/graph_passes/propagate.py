@@ -136,6 +136,13 @@ class _Proxies:
         return text if not offset else f"{text}{offset:+d}"
 
 
+def proxied_dims(*shapes: ir.Shape | None) -> list[tuple[int, ...] | None]:
+    """The shapes as integers, symbolic dimensions (``batch``, ``batch*3``) as the same distinct large proxies in
+    all of them, so prefix products can be compared (None: an unknown rank or dimension)."""
+    proxies = _Proxies()
+    return [proxies.shape(shape) for shape in shapes]
+
+
 def _split_offset(text: str) -> tuple[str, int]:
     """``"past+1"`` -> ``("past", 1)``; ``"batch"`` -> ``("batch", 0)``."""
     text = text.replace(" ", "")
@@ -150,12 +157,21 @@ def _numel(shape: Iterable[int]) -> int:
     return math.prod(shape)
 
 
-def retarget_dims(old_in: tuple[int, ...], new_in: tuple[int, ...], old_out: tuple[int, ...]) -> tuple[int, ...]:
-    """New Reshape output dims for an input that changed from ``old_in`` to ``new_in`` (same rank).
+def containing_axis(old_in: tuple[int, ...], t: int, old_out: tuple[int, ...]) -> int | None:
+    """The output axis ``j`` of a Reshape from ``old_in`` to ``old_out`` that contains input axis ``t``:
+    ``prod(old_out[:j]) | prod(old_in[:t])`` and ``prod(old_in[:t+1]) | prod(old_out[:j+1])``; None when the
+    Reshape splits axis ``t`` across several output axes (a token axis folded into a spatial grid)."""
+    before, after = _numel(old_in[:t]), _numel(old_in[: t + 1])
+    for j in range(len(old_out)):
+        lo, hi = _numel(old_out[:j]), _numel(old_out[: j + 1])
+        if before % lo == 0 and hi % after == 0:
+            return j
+    return None
 
-    For each changed input axis ``t`` the output axis ``j`` containing it satisfies
-    ``prod(old_out[:j]) | prod(old_in[:t])`` and ``prod(old_in[:t+1]) | prod(old_out[:j+1])``;
-    ``old_out[j]`` is then scaled by ``new_in[t] / old_in[t]``.
+
+def retarget_dims(old_in: tuple[int, ...], new_in: tuple[int, ...], old_out: tuple[int, ...]) -> tuple[int, ...]:
+    """New Reshape output dims for an input that changed from ``old_in`` to ``new_in`` (same rank): for each changed
+    input axis ``t``, the output axis containing it (:func:`containing_axis`) is scaled by ``new_in[t] / old_in[t]``.
     """
     if len(old_in) != len(new_in):
         raise GraphRewriteError(f"rank changed from {old_in} to {new_in}; cannot retarget a Reshape")
@@ -163,19 +179,16 @@ def retarget_dims(old_in: tuple[int, ...], new_in: tuple[int, ...], old_out: tup
     for t, (o, n) in enumerate(zip(old_in, new_in, strict=True)):
         if o == n:
             continue
-        before, after = _numel(old_in[:t]), _numel(old_in[: t + 1])
-        for j in range(len(old_out)):
-            lo, hi = _numel(old_out[:j]), _numel(old_out[: j + 1])
-            if before % lo == 0 and hi % after == 0:
-                if (out[j] * n) % o:
-                    raise GraphRewriteError(f"cannot scale Reshape dim {old_out[j]} by {n}/{o}")
-                out[j] = out[j] * n // o
-                break
-        else:
+        j = containing_axis(old_in, t, old_out)
+        if j is None:
             raise GraphRewriteError(
                 f"a Reshape splits the changed axis {t} of {old_in} across output dims {old_out}; token reduction "
-                "cannot precede a reshape of the token axis into a grid (e.g. a convolutional head)"
+                "cannot precede a reshape of the token axis into a grid (e.g. a convolutional head) unless the grid "
+                "is restored first: export with --restore-grid"
             )
+        if (out[j] * n) % o:
+            raise GraphRewriteError(f"cannot scale Reshape dim {old_out[j]} by {n}/{o}")
+        out[j] = out[j] * n // o
     return tuple(out)
 
 

@@ -15,7 +15,11 @@ Inserts, walking the blocks in order and threading the token state (stream, size
   incoming position every output token keeps (``origin``); the original positions are composed from site to site
   and every later block's tables are gathered at them, so queries and keys keep their own rotation;
 * likewise, when later blocks add a relative position bias to their logits (:mod:`position_bias`), its rows and
-  columns are gathered at the same original positions.
+  columns are gathered at the same original positions;
+* with ``restore`` (``"auto"``: when a reader of a block output folds the tokens into a spatial grid), the source
+  map and the dropped rows are threaded through the sites and the full grid is rebuilt before every reader of a
+  block output outside the block chain (:mod:`restore`); size-weighted pooling and pooling-head biases are then not
+  added (the readers see one row per patch).
 
 The sites record themselves in the model's ``tokensieve.sites`` metadata with the names of the index tensors they
 expose (``tokensieve/site<k>/kept``, ``.../src``, ``.../dst``, ...) for parity.
@@ -28,17 +32,19 @@ static shape (up to a symbolic batch), constants that encoded old token counts a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
-from tokensieve.errors import GraphRewriteError, MethodSpecError
+from tokensieve.errors import GraphRewriteError, LocateError, MethodSpecError
 from tokensieve.graph_passes import FACES
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, redirect_uses
 from tokensieve.graph_passes.locate import ViTLayout, locate_vit
 from tokensieve.graph_passes.position_bias import BiasUse, follow_bias, position_biases
 from tokensieve.graph_passes.propagate import propagate_shapes
+from tokensieve.graph_passes.restore import RESTORE_KEY, GridRestore
 from tokensieve.graph_passes.rotary import TableUse, compose_positions, follow_positions, position_tables
 from tokensieve.graph_passes.sites.common import SiteInput, SiteOutput
 from tokensieve.graph_passes.token_bias import add_logit_bias, bias_pooling_heads, weighted_pooling
@@ -48,10 +54,12 @@ from tokensieve.methods.base import Method, Schedule, schedule
 class TokenReductionPass(ir.passes.InPlacePass):
     """Insert the sites of ``methods`` (see module docstring)."""
 
-    def __init__(self, methods: Sequence[Method], specials: int | None = None):
+    def __init__(self, methods: Sequence[Method], specials: int | None = None, restore: bool | str = "auto"):
         super().__init__()
         self.methods = list(methods)
         self.specials = specials
+        self.restore = restore  # True, False, or "auto": restore when the model's output is a map
+        self.grid: GridRestore | None = None
         self.layout: ViTLayout | None = None
         self.plan: Schedule | None = None
         self.outputs: dict[int, ir.Value] = {}
@@ -65,6 +73,14 @@ class TokenReductionPass(ir.passes.InPlacePass):
             )
         self.layout = locate_vit(model, self.specials)
         self.plan = schedule(self.methods, self.layout.tokens, self.layout.specials, self.layout.depth)
+        if self.restore and self.plan.sites:
+            try:
+                grid = GridRestore.locate(model, self.layout, self.plan.sites[0][1].layer)
+            except LocateError:
+                if self.restore is True:
+                    raise
+                return  # auto: a graph whose block outputs cannot be found is not a map model
+            self.grid = grid if self.restore is True or grid.needs_grid() else None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         layout, plan = self.layout, self.plan
@@ -90,8 +106,12 @@ class TokenReductionPass(ir.passes.InPlacePass):
             uses = list(h.uses())
             b = NodeBuilder.for_site(model, count.layer, method.name)
             later = [readers[i] for i in sorted(readers) if i > block.index]
-            site = SiteInput(block, count, method, layout.specials, layout.depth, h, sizes, bias, bool(later))
+            site = SiteInput(
+                block, count, method, layout.specials, layout.depth, h, sizes, bias, bool(later), self.grid is not None
+            )
             out = FACES.lookup("site_emitter", method)(b, site)
+            if self.grid is not None:
+                self.grid.follow(b, method, count, out)
             if later:
                 positions = self._positions(b, positions, out, later[0][0], method, count.layer)
             if out.sizes is not None:
@@ -112,10 +132,12 @@ class TokenReductionPass(ir.passes.InPlacePass):
                     "candidates": count.candidates,
                     "tokens_out": count.tokens_out,
                     "params": count.params,
-                    "exposed": {**out.exposed, **({"sizes": sizes.name} if out.sizes is not None else {})},
+                    "exposed": {**out.exposed, **b.exposed, **({"sizes": sizes.name} if out.sizes is not None else {})},
                 },
             )
-        if sizes is not None:
+        if self.grid is not None:
+            model.metadata_props[RESTORE_KEY] = json.dumps(self.grid.apply())
+        elif sizes is not None:
             if bias is not None:
                 bias_pooling_heads(model, layout, bias, "prop_attn")
             weighted_pooling(model, layout, sizes, "size_weighted_pool")

@@ -131,8 +131,8 @@ def compare_sites(
     for site in sites:
         ref = eager[site["layer"]]
         got = {role: graph[name] for role, name in site["exposed"].items() if name in graph}
-        ref_assign = assignment(site, specials, {k: v for k, v in ref.items() if k != "sizes"})
-        got_assign = assignment(site, specials, {k: v for k, v in got.items() if k != "sizes"})
+        ref_assign = assignment(site, specials, {k: v for k, v in ref.items() if k not in ("sizes", "source")})
+        got_assign = assignment(site, specials, {k: v for k, v in got.items() if k not in ("sizes", "source")})
         if ref_source is None:
             ref_source = got_source = np.broadcast_to(np.arange(ref_assign.shape[1]), ref_assign.shape)
         same_order = (ref_assign == got_assign).all(axis=1) & (ref_source == got_source).all(axis=1)
@@ -148,9 +148,20 @@ def compare_sites(
                 int(same_order.sum()),
                 float(match.mean(axis=1).min()),
                 _size_error(ref.get("sizes"), got.get("sizes"), ref_source, got_source) if match.all() else None,
+                same_source=_same_source(ref, got, "source" in site["exposed"]),
             )
         )
     return out
+
+
+def _same_source(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], exposed: bool) -> int | None:
+    """Samples whose restore source maps (holder of every original token, or its row of dropped tokens) are
+    identical on both sides; None where the site exposes none."""
+    if not exposed:
+        return None
+    if "source" not in ref or "source" not in got or ref["source"].shape != got["source"].shape:
+        return 0
+    return int((ref["source"] == got["source"]).all(axis=1).sum())
 
 
 def _reference_module(artifact, reference):
@@ -250,7 +261,8 @@ def check_parity(
     elif static_batch and batch != static_batch:
         raise ParityError(f"the graph has a static batch of {static_batch}; cannot check batch {batch}")
     specials = (manifest.layout or {}).get("specials")
-    eager_model = ReducedModel(built.module, methods, specials) if methods else built.module.eval()
+    restore = bool(manifest.export.get("restore_grid"))
+    eager_model = ReducedModel(built.module, methods, specials, restore) if methods else built.module.eval()
     pixels = torch.randn(batch, *built.input_shape, generator=torch.Generator().manual_seed(seed))
     if artifact.kind == "staged":
         return check_staged_parity(artifact, eager_model, pixels.numpy(), tolerance, providers, golden, required)

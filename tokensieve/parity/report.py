@@ -41,11 +41,13 @@ class SiteParity:
     min_agreement: float  # worst fraction of original tokens whose group matches
     size_error: float | None  # max |size difference| of matching groups, when the graph exposes sizes
     required: float = 1.0  # the min_agreement that passes: 1 (identical groups) unless a quantized artifact's budget
+    same_source: int | None = None  # samples whose restore source map is identical (None: the grid is not restored)
 
     @property
     def ok(self) -> bool:
         sizes = self.size_error is None or self.size_error <= 1e-3 or self.required < 1
-        return self.min_agreement >= self.required and sizes
+        source = self.same_source is None or self.same_source == self.samples or self.required < 1
+        return self.min_agreement >= self.required and sizes and source
 
 
 @dataclass
@@ -99,6 +101,7 @@ class ParityReport:
             )
         for s in self.sites:
             sizes = "" if s.size_error is None else f", sizes within {s.size_error:.1e}"
+            sizes += "" if s.same_source is None else f", same source map {s.same_source}/{s.samples}"
             lines.append(
                 f"  site   {s.block:<20} {s.method:<8} same token groups in {s.same_groups}/{s.samples} samples "
                 f"(same order {s.same_order}/{s.samples}, min agreement {s.min_agreement:.3f}{sizes})  "

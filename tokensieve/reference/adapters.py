@@ -220,7 +220,16 @@ def _spec_key(cls: type, table: dict = BLOCK_SPECS) -> str:
 
 
 def special_tokens(model: nn.Module) -> int:
-    """Leading special tokens (CLS, distillation, registers) of the model's token sequence."""
+    """Leading special tokens (CLS, distillation, registers) of the model's token sequence: the model's own count,
+    or that of the module inside it that holds the blocks' tower (a feature wrapper's ViT, a DPT's backbone)."""
+    for module in model.modules():
+        count = _own_special_tokens(module)
+        if count is not None:
+            return count
+    raise SourceError(f"{type(model).__name__}: unknown number of special tokens; pass specials=...")
+
+
+def _own_special_tokens(model: nn.Module) -> int | None:
     if hasattr(model, "num_prefix_tokens"):  # timm
         return int(model.num_prefix_tokens)
     config = getattr(model, "config", None)
@@ -233,7 +242,7 @@ def special_tokens(model: nn.Module) -> int:
         return 2
     if model_type in ("siglip_vision_model", "siglip", "ijepa", "aimv2_vision_model"):
         return 0
-    raise SourceError(f"{type(model).__name__}: unknown number of special tokens; pass specials=...")
+    return None
 
 
 @dataclass
@@ -262,6 +271,10 @@ class BlockHost(Protocol):
 
     def bias_rows(self, bias: torch.Tensor) -> torch.Tensor: ...
 
+    def enter(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def leave(self, out: torch.Tensor) -> torch.Tensor: ...
+
 
 class ReducingBlock(nn.Module):
     """Runs ``block``'s own attention half (with the host's logit bias), lets the host reduce the stream at this
@@ -278,10 +291,11 @@ class ReducingBlock(nn.Module):
             return lambda t: t
         return part if callable(part) else (lambda t: t * part)  # LayerScale as a parameter (or a float: HF BEiT)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, given: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         mask = args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
         if (mask is not None and self.spec.position_bias is None) or kwargs.get("is_causal"):
             raise ValueError("token reduction references do not support attention masks")
+        x = self.host.enter(given)
         spec, attn = self.spec, getattr(self.block, self.spec.attn)
         normed = getattr(self.block, spec.norm1)(x)
         out, attention = (self._relpos_attention if spec.relpos else self._hooked_attention)(attn, normed, kwargs)
@@ -292,8 +306,22 @@ class ReducingBlock(nn.Module):
         mlp = getattr(self.block, spec.norm2)(h)
         for name in (spec.mlp,) if isinstance(spec.mlp, str) else spec.mlp:
             mlp = getattr(self.block, name)(mlp)
-        out = h + self._part(spec.ls2)(mlp)
-        return (out,) if spec.block_returns_tuple else out
+        out = self.host.leave(h + self._part(spec.ls2)(mlp))
+        out = (out,) if spec.block_returns_tuple else out
+        return self._run_block_hooks((given, *args), kwargs, out)
+
+    def _run_block_hooks(self, args: tuple, kwargs: dict, out: Any) -> Any:
+        """The wrapped block's own forward hooks (its forward is not called: its submodules are), so what reads
+        block outputs through hooks (Hugging Face's hidden-state capture, which DPT's backbone reads) still sees
+        them."""
+        block = self.block
+        for key, hook in block._forward_hooks.items():
+            if key in block._forward_hooks_with_kwargs:
+                result = hook(block, args, kwargs, out)
+            else:
+                result = hook(block, args, out)
+            out = out if result is None else result
+        return out
 
     def _hooked_attention(self, attn: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple:
         """The attention's output, and Q/K from the outputs of its ``query``/``key`` submodules (rotated as the

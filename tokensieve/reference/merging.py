@@ -63,3 +63,23 @@ def merge_into(
         return _scatter_add(dst, assign, src) / counts.unsqueeze(-1), sizes
     total = _scatter_add(dst * dst_sizes.unsqueeze(-1), assign, src * src_sizes.unsqueeze(-1))
     return total / sizes.unsqueeze(-1), sizes
+
+
+def placement(batch: int, tokens: int, placed: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``[B, tokens]``: where each input token goes (restoring a dense grid), from ``(positions [B, k], values
+    [B, k] or [k])`` pairs; positions placed by no pair (the special tokens) keep their own index."""
+    assign = torch.arange(tokens).repeat(batch, 1)
+    for positions, values in placed:
+        assign.scatter_(1, positions, values.expand_as(positions))
+    return assign
+
+
+def pruning_placement(h: torch.Tensor, local: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A pruning site's placement (``local [B, K]``: kept candidates, ascending, in output order after the ``S``
+    specials): kept candidate ``i`` goes to ``S + i``, the pruned ones in ascending position to ``-1 - j``; and the
+    pruned rows of ``h`` (None when nothing is pruned)."""
+    B, N = h.shape[:2]
+    dropped = torch.ones(B, N - S, dtype=torch.bool).scatter(1, local, False)
+    pruned = dropped.nonzero()[:, 1].view(B, -1) + S  # row-major: ascending per sample, the same count in each
+    placed = [(local + S, S + torch.arange(local.shape[1])), (pruned, -1 - torch.arange(pruned.shape[1]))]
+    return placement(B, N, placed), (rows(h, pruned) if pruned.shape[1] else None)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tokensieve.methods.faces import register
 from tokensieve.methods.pitome import PiToMe
 from tokensieve.reference.adapters import AttentionTensors
-from tokensieve.reference.merging import argsort_desc, bipartite_match, head_mean_keys, merge_into, rows
+from tokensieve.reference.merging import argsort_desc, bipartite_match, head_mean_keys, merge_into, placement, rows
 from tokensieve.reference.sites import SiteContext, SiteResult
 
 
@@ -39,4 +39,8 @@ def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | Non
     merged, merged_sizes = merge_into(rows(x, b_idx), rows(s, b_idx), rows(x, a_idx), rows(s, a_idx), dst)
     stream = torch.cat([h[:, :S], rows(x, protected), merged], dim=1)
     new_sizes = torch.cat([sizes[:, :S], rows(s, protected), merged_sizes], dim=1)
-    return SiteResult(stream, new_sizes, selections)
+    result = SiteResult(stream, new_sizes, selections)
+    kept = S + protected.shape[1]  # [specials, protected, B]: a merging A token goes where its destination goes
+    placed = [(protected + S, S + torch.arange(protected.shape[1])), (b_idx + S, kept + torch.arange(b_idx.shape[1]))]
+    result.assign = placement(h.shape[0], h.shape[1], [*placed, (a_idx + S, kept + dst)])
+    return result

@@ -8,6 +8,11 @@ later attention gets ``log(size)`` added to its logits through the attention's o
 latent-query ``AttentionPoolLatent``, ``global_pool='map'``, and functional-SDPA heads such as HF AIMv2's) get the
 same bias, and average pooling (timm's, HF BEiT's pooler) becomes size-weighted. Counts come from
 :func:`tokensieve.methods.schedule`, the same function the graph pass uses.
+
+With ``restore``, every wrapped block hands the full token grid to whatever reads its output (the next block takes
+the reduced stream back; anything else, a tap or the model's head, sees ``[B, N0, C]``): each position takes the
+features of the token holding it, or, dropped at a site, its own row of the stream there. The source map is built
+from each site's placement of its input tokens (torch scatters) and recorded per site as ``source``.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ from tokensieve.reference.adapters import (
     special_tokens,
     wrap_blocks,
 )
+from tokensieve.reference.merging import rows
 from tokensieve.reference.sites import SiteContext, SiteResult
 
 
 class ReducedModel(nn.Module):
     """A copy of ``model`` with ``methods`` applied; ``.records[layer]`` holds the last forward's selections."""
 
-    def __init__(self, model: nn.Module, methods: Sequence[Method], specials: int | None = None):
+    def __init__(self, model: nn.Module, methods: Sequence[Method], specials: int | None = None, restore: bool = False):
         super().__init__()
         self.model = copy.deepcopy(model).eval()
         self.methods = list(methods)
@@ -52,8 +58,13 @@ class ReducedModel(nn.Module):
         self.missing_position: str | None = None  # why the tokens have no positions (a site gave none)
         self._tokens = 0  # tokens entering block 0
         self._sites: dict[int, tuple[Method, SiteCount]] = {}
+        self.restore = restore
+        self.source: torch.Tensor | None = None  # [B, N0] holder of every original token, -1 - j: bank row j
+        self.bank: list[torch.Tensor] = []  # dropped rows per site
+        self._current: torch.Tensor | None = None  # the last block's reduced output
+        self._restored: torch.Tensor | None = None  # ... and the grid it handed out
         wrap_blocks(self.model, self)
-        if self.merges:
+        if self.merges and not restore:
             self._size_aware_pooling()
             size_weighted_head(self.model, self)
             biased_sdpa_pooling(self.model, self)
@@ -81,7 +92,47 @@ class ReducedModel(nn.Module):
         self.sizes = result.sizes
         self._follow(result, method, index)
         self.records[index] = {**result.record, **({"sizes": result.sizes} if result.sizes is not None else {})}
+        if self.restore:
+            self._follow_grid(result, method, index)
+            self.records[index]["source"] = self.source
         return result.stream
+
+    def _follow_grid(self, result: SiteResult, method: Method, index: int) -> None:
+        if result.assign is None:
+            raise SourceError(
+                f"{method.name} at block {index} says nothing about where its input tokens go, so the token grid "
+                "cannot be restored after it; export with --restore-grid off, or with a method that gives a source map "
+                "(docs/methods.md#dense-outputs)"
+            )
+        banked = sum(part.shape[1] for part in self.bank)
+        assign = torch.where(result.assign < 0, result.assign - banked, result.assign)
+        if self.source is None:
+            self.source = assign
+        else:
+            held = self.source >= 0
+            self.source = torch.where(held, assign.gather(1, self.source.clamp(min=0)), self.source)
+        if result.pruned is not None:
+            self.bank.append(result.pruned)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """A block's input: the reduced stream behind the grid the previous block handed out."""
+        if self.source is None:
+            return x
+        if x is not self._restored:
+            raise SourceError(
+                "a block's input is not the previous block's output (the model changes the stream between blocks), "
+                "so the restored token grid cannot be taken back; export with --restore-grid off"
+            )
+        return self._current
+
+    def leave(self, out: torch.Tensor) -> torch.Tensor:
+        """A block's output as its readers see it: the full grid once tokens were reduced (with ``restore``)."""
+        if self.source is None:
+            return out
+        pool = torch.cat([out, *self.bank], dim=1)
+        index = torch.where(self.source >= 0, self.source, out.shape[1] - 1 - self.source)
+        self._current, self._restored = out, rows(pool, index)
+        return self._restored
 
     def _follow(self, result: SiteResult, method: Method, index: int) -> None:
         if result.origin is None:
@@ -133,6 +184,7 @@ class ReducedModel(nn.Module):
 
     def _reset(self) -> None:
         self.records, self.sizes, self.positions, self.missing_position = {}, None, None, None
+        self.source, self.bank, self._current, self._restored = None, [], None, None
 
     def per_image(self, pixels: torch.Tensor, forced: list[dict[int, int]] | None = None):
         """Adaptive methods: each image alone (its own token counts). Returns the model's outputs with equal-shape

@@ -28,3 +28,7 @@ class SiteResult:
     # [B, n_out - S] position, in the stream entering the site, whose rotary rows each non-special output token
     # takes (the kept token; for a merge, the destination); None when the method gives none
     origin: torch.Tensor | None = None
+    # [B, N_in] for each input token the output position holding it, or -1 - j when dropped as row j of ``pruned``
+    # ([B, P, C], the dropped rows of the stream at the site); None when the method gives no such map
+    assign: torch.Tensor | None = None
+    pruned: torch.Tensor | None = None

@@ -9,7 +9,7 @@ import torch
 from tokensieve.methods.faces import register
 from tokensieve.methods.tome import ToMe
 from tokensieve.reference.adapters import AttentionTensors
-from tokensieve.reference.merging import bipartite_match, head_mean_keys, merge_into, rows
+from tokensieve.reference.merging import bipartite_match, head_mean_keys, merge_into, placement, rows
 from tokensieve.reference.sites import SiteContext, SiteResult
 
 
@@ -29,4 +29,12 @@ def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | Non
     new_sizes = torch.cat([sizes[:, :S], rows(sa, unm), merged_sizes], dim=1)
     # every merged group keeps the position of its destination (a B token), unmerged A tokens their own
     origin = torch.cat([a_pos[unm], b_pos.expand(h.shape[0], -1)], dim=1)
-    return SiteResult(stream, new_sizes, {"unm": unm, "src": src, "dst": dst}, origin)
+    result = SiteResult(stream, new_sizes, {"unm": unm, "src": src, "dst": dst}, origin)
+    kept = S + unm.shape[1]  # a merged token goes where its destination goes
+    placed = [
+        (a_pos[unm], S + torch.arange(unm.shape[1])),
+        (b_pos.repeat(h.shape[0], 1), kept + torch.arange(len(b_pos))),
+        (a_pos[src], kept + dst),
+    ]
+    result.assign = placement(h.shape[0], N, placed)
+    return result

@@ -11,7 +11,7 @@ import torch
 from tokensieve.methods.faces import register
 from tokensieve.methods.topk import TopKPrune
 from tokensieve.reference.adapters import AttentionTensors
-from tokensieve.reference.merging import argsort_desc, rows
+from tokensieve.reference.merging import argsort_desc, pruning_placement, rows
 from tokensieve.reference.sites import SiteContext, SiteResult
 
 
@@ -52,4 +52,6 @@ def site(h: torch.Tensor, attention: AttentionTensors, sizes: torch.Tensor | Non
             size_parts.append((sizes[:, S:] * pruned).sum(dim=1, keepdim=True))
     new_sizes = torch.cat(size_parts, dim=1) if sizes is not None else None
     origin = None if method.fused_token(k, n) else local + S  # a fused token has no single position
-    return SiteResult(torch.cat(parts, dim=1), new_sizes, {"kept": local + S}, origin)
+    result = SiteResult(torch.cat(parts, dim=1), new_sizes, {"kept": local + S}, origin)
+    result.assign, result.pruned = pruning_placement(h, local, S)
+    return result

@@ -13,7 +13,7 @@ from tokensieve.methods.faces import register
 from tokensieve.methods.zerotprune import ZeroTPrune
 from tokensieve.reference.adapters import AttentionTensors
 from tokensieve.reference.atp import drop, highest
-from tokensieve.reference.merging import argsort_desc, head_mean_keys, rows
+from tokensieve.reference.merging import argsort_desc, head_mean_keys, pruning_placement, rows
 from tokensieve.reference.sites import SiteContext, SiteResult
 
 
@@ -85,4 +85,6 @@ def site(
     local = torch.sort(argsort_desc(scores)[:, : params["kept"]], dim=-1).values
     stream = torch.cat([h[:, :S], rows(h[:, S:], local)], dim=1)
     new_sizes = torch.cat([sizes[:, :S], rows(sizes[:, S:], local)], dim=1) if sizes is not None else None
-    return SiteResult(stream, new_sizes, {"kept": local + S}, local + S)
+    result = SiteResult(stream, new_sizes, {"kept": local + S}, local + S)
+    result.assign, result.pruned = pruning_placement(h, local, S)
+    return result

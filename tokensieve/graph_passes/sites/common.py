@@ -31,6 +31,7 @@ class SiteInput:
     sizes: ir.Value | None  # [B, N] token sizes (number of patches each token stands for), None before any merge
     bias: ir.Value | None  # [B, 1, 1, N] log(sizes) added to this block's attention logits, or None
     positions: bool = False  # later blocks read rotary position tables: say where each output token came from
+    restore: bool = False  # the grid is restored downstream: say where every input token goes (``assign``, ``pruned``)
 
 
 @dataclass
@@ -41,6 +42,11 @@ class SiteOutput:
     # [B, n_out - S] position, in the stream entering the site, whose rotary rows each non-special output token
     # takes (the kept token; for a merge, the destination). None: not asked for, or the method has none to give.
     origin: ir.Value | None = None
+    # [B, N_in] int64 (asked for with ``restore``): for each token entering the site, the output position that holds
+    # it, or ``-1 - j`` when it is dropped as row ``j`` of ``pruned``. None: the method gives no such map.
+    assign: ir.Value | None = None
+    pruned: ir.Value | None = None  # [B, P, C] the dropped tokens' rows of the stream at the site (None: none dropped)
+    dropped: int = 0  # P
 
 
 def row_logits(b: NodeBuilder, site: SiteInput, q_rows: ir.Value, rows: int | None = None) -> ir.Value:
@@ -189,3 +195,60 @@ def merge_origin(b: NodeBuilder, kept: ir.Value, destinations: list[int]) -> ir.
     """Positions whose rotary rows the output of :func:`assemble` takes: each kept token its own, each merged
     destination its own (sources merged into it take the destination's position)."""
     return b.op("Concat", [kept, batch_rows(b, destinations, kept)], "origin", axis=1)
+
+
+def assignment(b: NodeBuilder, placed: list[tuple[ir.Value, ir.Value]]) -> ir.Value:
+    """``[B, N]`` int64: for each input position, the value it is placed with. ``placed`` pairs ``(positions [B, k],
+    values [B, k])`` cover every input position exactly once (a permutation of ``0..N-1`` in all), so the inverse
+    permutation is an ascending ``TopK(K=N)`` of the positions (on their float cast, exact below 2**24) and the
+    values are gathered in that order: no scatter."""
+    positions = b.op("Concat", [p for p, _ in placed], "placed", axis=1)
+    values = b.op("Concat", [v for _, v in placed], "placed_values", axis=1)
+    total = b.op("Slice", [b.op("Shape", [positions]), b.const([1], "start"), b.const([2], "end")])
+    as_float = b.op("Cast", [positions], to=ir.DataType.FLOAT)
+    _, order = b.op("TopK", [as_float, total], "inverse", num_outputs=2, axis=-1, largest=0, sorted=1)
+    return b.op("GatherElements", [values, order], "assign", axis=1)
+
+
+def offset_rows(b: NodeBuilder, like: ir.Value, start: int, count: int, step: int = 1) -> ir.Value:
+    """``[B, count]`` int64 rows ``start, start + step, ...`` for every sample of ``like [B, ...]``."""
+    return batch_rows(b, list(range(start, start + step * count, step)), like)
+
+
+def complement(b: NodeBuilder, kept: ir.Value, total: int, count: int) -> ir.Value:
+    """``[B, count]`` positions of ``0..total-1`` not in ``kept [B, total - count]``, ascending (``TopK(largest=0)``
+    of ``position + total·kept``)."""
+    np_dtype = np.float32
+    mask = b.reduce("ReduceMax", one_hot(b, kept, total, ir.DataType.FLOAT), [1], keepdims=False)  # [B, total]
+    key = b.op(
+        "Add",
+        [
+            b.const(np.arange(total), "range", dtype=np_dtype),
+            b.op("Mul", [mask, b.const(np.array(total, dtype=np_dtype), "total", dtype=np_dtype)]),
+        ],
+    )
+    _, rest = b.op("TopK", [key, b.const([count], "k")], "complement", num_outputs=2, axis=-1, largest=0, sorted=1)
+    return rest
+
+
+def specials_placed(b: NodeBuilder, like: ir.Value, specials: int) -> list[tuple[ir.Value, ir.Value]]:
+    """The special tokens stay at their positions: ``[(0..S-1, 0..S-1)]`` (none when ``S = 0``)."""
+    if not specials:
+        return []
+    rows = offset_rows(b, like, 0, specials)
+    return [(rows, rows)]
+
+
+def pruning_placement(b: NodeBuilder, site: SiteInput, local: ir.Value, result: SiteOutput) -> None:
+    """A pruning site's ``assign`` and ``pruned`` (``local [B, K]``: the kept candidates, ascending, in output order
+    after the specials): specials stay, kept candidate ``i`` goes to ``S + i``, the pruned ones (ascending position)
+    to rows ``-1 - j`` of their rows of the stream at the site."""
+    S, n, K = site.specials, site.count.candidates, site.count.params["kept"]
+    kept = b.op("Add", [local, b.const(S, "offset")]) if S else local
+    placed = [*specials_placed(b, local, S), (kept, offset_rows(b, local, S, K))]
+    if n > K:
+        pruned = complement(b, local, n, n - K)
+        pruned = b.op("Add", [pruned, b.const(S, "offset")]) if S else pruned
+        placed.append((pruned, offset_rows(b, local, -1, n - K, step=-1)))
+        result.pruned, result.dropped = gather_tokens(b, site.stream, pruned), n - K
+    result.assign = assignment(b, placed)

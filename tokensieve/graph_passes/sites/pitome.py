@@ -18,11 +18,14 @@ from tokensieve.graph_passes.sites.common import (
     SiteInput,
     SiteOutput,
     assemble,
+    assignment,
     bipartite_match,
     gather_tokens,
     key_metric,
     merge_into,
+    offset_rows,
     ones_sizes,
+    specials_placed,
 )
 from tokensieve.methods.faces import register
 from tokensieve.methods.pitome import PiToMe
@@ -73,4 +76,9 @@ def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
         T // 2 if bsm else r,
         h.dtype,
     )
-    return assemble(b, h, sizes, S, p_pos, merged, merged_sizes)
+    out = assemble(b, h, sizes, S, p_pos, merged, merged_sizes)
+    if site.restore:  # [specials, protected, B]: a merging A token goes where its destination goes
+        kept, destinations = S + (((T + 1) // 2 - r) if bsm else T - 2 * r), T // 2 if bsm else r
+        placed = [(p_pos, offset_rows(b, p_pos, S, kept - S)), (b_pos, offset_rows(b, p_pos, kept, destinations))]
+        out.assign = assignment(b, [*specials_placed(b, p_pos, S), *placed, (a_pos, b.op("Add", [dst, b.const(kept)]))])
+    return out

@@ -20,12 +20,16 @@ from tokensieve.graph_passes.sites.common import (
     SiteInput,
     SiteOutput,
     assemble,
+    assignment,
+    batch_rows,
     bipartite_match,
     gather_tokens,
     key_metric,
     merge_into,
     merge_origin,
+    offset_rows,
     ones_sizes,
+    specials_placed,
     take,
 )
 from tokensieve.methods.faces import register
@@ -63,4 +67,13 @@ def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
     )
     out = assemble(b, h, sizes, S, unm_pos, merged, merged_sizes)
     out.origin = merge_origin(b, unm_pos, b_pos) if site.positions else None
+    if site.restore:  # [specials, unmerged A, B]: merged A tokens go to their destination's place among the B tokens
+        kept = S + len(a_pos) - r
+        placed = [
+            *specials_placed(b, unm_pos, S),
+            (unm_pos, offset_rows(b, unm_pos, S, len(a_pos) - r)),
+            (batch_rows(b, b_pos, unm_pos), offset_rows(b, unm_pos, kept, len(b_pos))),
+            (src_pos, b.op("Add", [dst, b.const(kept, "kept")])),
+        ]
+        out.assign = assignment(b, placed)
     return out

@@ -13,7 +13,14 @@ from __future__ import annotations
 import numpy as np
 
 from tokensieve.graph_passes.builder import NodeBuilder
-from tokensieve.graph_passes.sites.common import SiteInput, SiteOutput, gather_tokens, head_mean_scores, one_hot
+from tokensieve.graph_passes.sites.common import (
+    SiteInput,
+    SiteOutput,
+    gather_tokens,
+    head_mean_scores,
+    one_hot,
+    pruning_placement,
+)
 from tokensieve.methods.faces import register
 from tokensieve.methods.topk import TopKPrune
 
@@ -50,4 +57,7 @@ def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
     out = b.op("Concat", parts, "tokens", axis=1)
     sizes_out = b.op("Concat", size_parts, "sizes", axis=1) if sizes is not None else None
     origin = kept if site.positions and not method.fused_token(K, n) else None  # a fused token has no one position
-    return SiteOutput(out, sizes_out, dict(b.exposed), origin)
+    result = SiteOutput(out, sizes_out, dict(b.exposed), origin)
+    if site.restore:
+        pruning_placement(b, site, local, result)
+    return result

@@ -32,6 +32,7 @@ from tokensieve.graph_passes.sites.common import (
     gather_tokens,
     key_metric,
     one_hot,
+    pruning_placement,
 )
 from tokensieve.methods.faces import register
 from tokensieve.methods.zerotprune import ZeroTPrune
@@ -164,4 +165,7 @@ def emit(b: NodeBuilder, site: SiteInput) -> SiteOutput:
     if sizes is not None:
         size_parts = ([b.slice(sizes, 0, S, axis=1)] if S else []) + [b.op("GatherElements", [sizes, kept], axis=1)]
         sizes_out = b.op("Concat", size_parts, "sizes", axis=1)
-    return SiteOutput(out, sizes_out, dict(b.exposed), kept if site.positions else None)
+    result = SiteOutput(out, sizes_out, dict(b.exposed), kept if site.positions else None)
+    if site.restore:
+        pruning_placement(b, site, local, result)
+    return result
