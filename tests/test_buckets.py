@@ -76,13 +76,14 @@ def test_vit_small_auto_buckets_with_calibrated_threshold(zoo, calibration_folde
 
 @pytest.mark.parametrize("method", ["atp(mass=0.8)", "atp(threshold=1.2, grid=0)", "atp(layers=[2, 6], threshold=1.0)"])
 def test_vit_small_explicit_buckets(zoo, tmp_path, method):
-    path, built = zoo("timm:vit_small_patch16_224", dynamic_batch=True)
-    artifact = tokensieve.export(str(path), method, tmp_path / "a", buckets=[64, 96, 128, 160, 196])
+    """ViT-S/16 widths on a 7x7 patch grid (the bucket machinery does not depend on the grid's size)."""
+    path, built = zoo("timm:vit_small_patch16_224?img_size=112", dynamic_batch=True)
+    artifact = tokensieve.export(str(path), method, tmp_path / "a", buckets=[16, 24, 32, 40, 49])
     report = _check(artifact, built, batch=4)
     assert artifact.manifest.stages["token_outputs"] == []  # logits are per image
     if "layers=[2, 6]" in method:
         routes = artifact.manifest.stages["buckets"]
-        assert routes["64"] == [64] and routes["196"] == [64, 96, 128, 160, 196]  # never more slots than before
+        assert routes["16"] == [16] and routes["49"] == [16, 24, 32, 40, 49]  # never more slots than before
         assert report.checks[0].same_kept == 4
 
 
@@ -224,7 +225,7 @@ def test_cli_contract(calibration_folder, tmp_path, capsys):
     code = main(
         [
             "export",
-            "timm:vit_small_patch16_224",
+            "timm:vit_small_patch16_224?img_size=112",  # ViT-S/16 on a 7x7 grid: the contract, not the scale
             "--method",
             "atp()",
             "--buckets",
