@@ -102,8 +102,9 @@ class StagePass(ir.passes.InPlacePass):
             carried = _carries(readers, index, block.index)
             if index == spec.end:
                 order_key, kept = decide(b, site, first_site=index == 0, valid=validity)
+                passed = [b.op("Identity", [positions])] if carried else []  # a value of its own (not site k's kept)
                 b.insert_after(block.residual_add)
-                self._set_outputs(graph, [h, order_key, kept, *([positions] if carried else [])])
+                self._set_outputs(graph, [h, order_key, kept, *passed])
                 break
             if index == spec.start:
                 stream, order_key, valid, *given = self._cut_inputs(graph, h, batch, spec, carried)
