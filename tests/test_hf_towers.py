@@ -9,7 +9,7 @@ import pytest
 from helpers import check_staged, export_and_check
 
 import tokensieve
-from tokensieve.errors import GraphRewriteError, SourceError
+from tokensieve.errors import SourceError
 
 OUTPUTS = {
     "dinov3": ["last_hidden_state", "pooler_output"],

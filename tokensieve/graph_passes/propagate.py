@@ -383,8 +383,8 @@ class _Propagator:
 
     def retarget_split(self, node: ir.Node) -> None:
         """Constant split sizes along an axis whose length changed: the last piece takes the change, the leading
-        ones keep their sizes (special tokens split off ahead of the patch tokens, e.g. to rotate only the patches); along
-        a symbolic axis the last size is computed from the input's shape."""
+        ones keep their sizes (special tokens split off ahead of the patch tokens, e.g. to rotate only the
+        patches); along a symbolic axis the last size is computed from the input's shape."""
         data, sizes = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
         new_in, old_in = self.dims(data), self.old_dims(data)
         if sizes is None or sizes not in self.known or new_in is None or old_in is None or new_in == old_in:

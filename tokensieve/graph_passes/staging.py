@@ -18,7 +18,13 @@ Builds one stage of the chain ``stage 1 -> bucketed stage 2 -> ...`` in a copy o
   removed;
 * every attention after a selection gets ``-1e4`` on the keys of padding slots (before its ``Softmax``, or as a fused
   op's ``attn_mask``; attention-pooling heads too) and average pooling weights tokens by validity, so valid tokens
-  compute exactly what exact dropping computes.
+  compute exactly what exact dropping computes;
+* when later blocks read rotary position tables or relative position biases (:class:`position_bias.PositionReaders`),
+  each selection composes the original positions of the slots' tokens (:func:`rotary.compose_positions`; a padding
+  slot takes its filler token's position, and stays masked) and every later block gathers its tables' rows / its
+  bias's rows and columns at them, as the single-graph pass does. Stage 1 ends at the first site, where the
+  positions are the identity; a stage cut out at a later site outputs them (``original_positions [B, K]``, padded
+  like the stream) and the next stage takes them as its ``positions`` input.
 
 Preconditions: blocks located, static token counts, a dynamic (symbolic) batch axis so a dispatcher can run
 groups of any size. Postconditions: every shape is static but the batch axis (and K itself for a symbolic-K stage,
