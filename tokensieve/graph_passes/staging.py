@@ -108,7 +108,7 @@ class StagePass(ir.passes.InPlacePass):
             carried = _carries(readers, index, block.index)
             if index == spec.end:
                 order_key, kept = decide(b, site, first_site=index == 0, valid=validity)
-                passed = [b.op("Identity", [positions])] if carried else []  # a value of its own (not site k's kept)
+                passed = [b.op("Identity", [positions])] if carried else []  # renamed below: keep site k's kept name
                 b.insert_after(block.residual_add)
                 self._set_outputs(graph, [h, order_key, kept, *passed])
                 break
@@ -158,8 +158,8 @@ class StagePass(ir.passes.InPlacePass):
             ir.Value(name=STAGE_INPUTS[2], shape=ir.Shape([batch, slots]), type=ir.TensorType(ir.DataType.BOOL)),
         ]
         if carried:
-            index = ir.TensorType(ir.DataType.INT64)
-            inputs.append(ir.Value(name=STAGE_INPUTS[3], shape=ir.Shape([batch, candidates]), type=index))
+            int64 = ir.TensorType(ir.DataType.INT64)
+            inputs.append(ir.Value(name=STAGE_INPUTS[3], shape=ir.Shape([batch, candidates]), type=int64))
         graph.inputs.extend(inputs)
         return inputs
 
