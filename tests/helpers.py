@@ -102,6 +102,20 @@ def assert_parity(artifact, built, *, batch: int | None = None, tolerance: float
     return report
 
 
+def check_staged(artifact, built, batch=3, golden=False):
+    """Staged parity in every routing mode and at every first-site bucket edge, and the TensorRT 10.3 lint."""
+    report = artifact.parity(reference=built, batch=batch, golden=golden)
+    assert report.ok, report.text()
+    labels = [c.label for c in report.checks]
+    assert any(label.startswith("oracle") for label in labels) and any(label.startswith("padmax") for label in labels)
+    sizes = artifact.manifest.stages["buckets"][""]
+    exact = [label for label in labels if "exact fit" in label or "largest bucket" in label]
+    assert len(exact) == len(sizes)  # every bucket checked at its edge
+    lint = artifact.lint("trt10.3")
+    assert lint.ok, lint.text()
+    return report
+
+
 def export_and_check(zoo_entry, method: str, out: Path, **kwargs):
     path, built = zoo_entry
     artifact = tokensieve.export(str(path), method, out)

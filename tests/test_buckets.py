@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import check_staged
 from PIL import Image
 
 import tokensieve
@@ -26,19 +27,6 @@ def calibration_folder(tmp_path_factory):
     for i, image in enumerate(sample_images(24, seed=11)):
         image.save(folder / f"image{i:02d}.jpg")
     return folder
-
-
-def _check(artifact, built, batch=3, golden=False):
-    report = artifact.parity(reference=built, batch=batch, golden=golden)
-    assert report.ok, report.text()
-    labels = [c.label for c in report.checks]
-    assert any(label.startswith("oracle") for label in labels) and any(label.startswith("padmax") for label in labels)
-    sizes = artifact.manifest.stages["buckets"][""]
-    exact = [label for label in labels if "exact fit" in label or "largest bucket" in label]
-    assert len(exact) == len(sizes)  # every bucket checked at its edge
-    lint = artifact.lint("trt10.3")
-    assert lint.ok, lint.text()
-    return report
 
 
 def test_vit_small_auto_buckets_with_calibrated_threshold(zoo, calibration_folder, tmp_path):
@@ -60,7 +48,7 @@ def test_vit_small_auto_buckets_with_calibrated_threshold(zoo, calibration_folde
     trt11 = (tmp_path / "a" / "trt" / "build_trt11.sh").read_text().splitlines()
     assert not [line for line in trt11 if line.startswith("trtexec") and "--fp16" in line]
     assert any(line.startswith("python -m modelopt.onnx.autocast") for line in trt11)
-    report = _check(artifact, built, golden=True)
+    report = check_staged(artifact, built, golden=True)
     # the recorded eager side replays without torch (every check again); a recorded kept set that differs is caught
     checks = next(c for c in gate([artifact.path]).artifacts[0].checks if c.name == "parity")
     assert checks.status == "pass" and checks.detail.startswith(f"{len(report.checks)}/{len(report.checks)} recorded")
@@ -79,7 +67,7 @@ def test_vit_small_explicit_buckets(zoo, tmp_path, method):
     """ViT-S/16 widths on a 7x7 patch grid (the bucket machinery does not depend on the grid's size)."""
     path, built = zoo("timm:vit_small_patch16_224?img_size=112", dynamic_batch=True)
     artifact = tokensieve.export(str(path), method, tmp_path / "a", buckets=[16, 24, 32, 40, 49])
-    report = _check(artifact, built, batch=4)
+    report = check_staged(artifact, built, batch=4)
     assert artifact.manifest.stages["token_outputs"] == []  # logits are per image
     if "layers=[2, 6]" in method:
         routes = artifact.manifest.stages["buckets"]
@@ -91,7 +79,7 @@ def test_vit_small_explicit_buckets(zoo, tmp_path, method):
 def test_vit_base_buckets(zoo, tmp_path):
     path, built = zoo("timm:vit_base_patch16_224", dynamic_batch=True)
     artifact = tokensieve.export(str(path), "atp(threshold=1.0)", tmp_path / "a", buckets=[96, 112, 128, 196])
-    _check(artifact, built, batch=2)
+    check_staged(artifact, built, batch=2)
 
 
 @pytest.mark.parametrize("family", ["vit", "dinov2_reg"])
@@ -101,7 +89,7 @@ def test_hf_tower_buckets(zoo, hf_config_dir, tmp_path, family):
     artifact = tokensieve.export(
         str(path), f"atp(threshold=1.0, grid={grid})", tmp_path / "a", buckets=[64, 128, largest]
     )
-    report = _check(artifact, built)
+    report = check_staged(artifact, built)
     assert report.outputs[0].name == "last_hidden_state"  # token-level output compared on valid tokens
     assert artifact.manifest.stages["token_outputs"] == ["last_hidden_state"]  # not pooler_output
 
@@ -113,7 +101,7 @@ def test_timm_map_head_buckets(zoo, tmp_path):
     artifact = tokensieve.export(
         str(path), "atp(threshold=0.5, grid=0, layers=[1])", tmp_path / "a", buckets=[4, 8, 16]
     )
-    _check(artifact, built, batch=2)
+    check_staged(artifact, built, batch=2)
 
 
 def test_per_image_outputs_are_never_cut_as_tokens():

@@ -23,7 +23,13 @@ import onnx_ir as ir
 from tokensieve.errors import GraphRewriteError
 from tokensieve.graph_passes.builder import NodeBuilder
 from tokensieve.graph_passes.locate import AttentionBlock, ViTLayout
-from tokensieve.graph_passes.rotary import insert_before_first, with_specials
+from tokensieve.graph_passes.rotary import (
+    TableUse,
+    follow_positions,
+    insert_before_first,
+    position_tables,
+    with_specials,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,32 @@ def position_biases(layout: ViTLayout) -> dict[int, list[BiasUse]]:
         for block in layout.blocks
         if block.position_bias
     }
+
+
+@dataclass(frozen=True)
+class PositionReaders:
+    """The rotary tables (:mod:`rotary`) and position biases each block reads: what must follow the tokens."""
+
+    tables: dict[int, list[TableUse]]
+    biases: dict[int, list[BiasUse]]
+
+    @classmethod
+    def find(cls, model: ir.Model, layout: ViTLayout) -> PositionReaders:
+        return cls(position_tables(model, layout), position_biases(layout))
+
+    def after(self, layer: int) -> list[TableUse | BiasUse]:
+        """The reads of the first block after ``layer`` that reads any ([] if none does)."""
+        later = sorted(i for i in {*self.tables, *self.biases} if i > layer)
+        return [*self.tables.get(later[0], []), *self.biases.get(later[0], [])] if later else []
+
+    def follow(self, model: ir.Model, block: AttentionBlock, positions: ir.Value | None, S: int) -> None:
+        """Rewire the block's tables and biases to ``positions`` (``[B, n]``; None: the identity, nothing to do)."""
+        if positions is None:
+            return
+        if block.index in self.tables:
+            follow_positions(model, block, self.tables[block.index], positions, S)
+        if block.index in self.biases:
+            follow_bias(model, block, self.biases[block.index], positions, S)
 
 
 def follow_bias(model: ir.Model, block: AttentionBlock, uses: list[BiasUse], positions: ir.Value, S: int) -> None:

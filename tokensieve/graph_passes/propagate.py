@@ -12,7 +12,8 @@ longer matches its input's element count, the new target is derived from the old
 matching numbers: the output dimension that contains each changed input axis (found by prefix products of the old
 shapes) is scaled by the axis' new/old ratio. Constant elements are rewritten in a fresh initializer, shape-derived
 elements are left to compute themselves at run time. A ``Split`` with constant sizes along a changed axis gives the
-change to its last piece (the leading pieces are special tokens split off ahead of the patches). Symbolic dimensions
+change to its last piece (the leading pieces are special tokens split off ahead of the patches; along a symbolic axis
+the last piece is computed from the input's shape). Symbolic dimensions
 (dynamic batch) are carried as distinct large prime proxies during the computation and mapped back to their names
 afterwards.
 
@@ -395,7 +396,8 @@ class _Propagator:
 
     def retarget_split(self, node: ir.Node) -> None:
         """Constant split sizes along an axis whose length changed: the last piece takes the change, the leading
-        ones keep their sizes (special tokens split off ahead of the patch tokens, e.g. to rotate only the patches)."""
+        ones keep their sizes (special tokens split off ahead of the patch tokens, e.g. to rotate only the
+        patches); along a symbolic axis the last size is computed from the input's shape."""
         data, sizes = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
         new_in, old_in = self.dims(data), self.old_dims(data)
         if sizes is None or sizes not in self.known or new_in is None or old_in is None or new_in == old_in:
@@ -411,8 +413,29 @@ class _Propagator:
             )
         desired = current.astype(np.int64)
         desired[-1] += change
-        node.replace_input_with(1, self._initializer(f"{node.name}_tokensieve_split", desired))
+        if new_in[axis] >= _PROXY_PRIMES[0]:  # a symbolic axis (a bucket's K): the last piece is computed at run time
+            node.replace_input_with(1, self._split_from_shape(node, data, axis, desired[:-1]))
+        else:
+            node.replace_input_with(1, self._initializer(f"{node.name}_tokensieve_split", desired))
         self.rewritten += 1
+
+    def _split_from_shape(self, node: ir.Node, data: ir.Value, axis: int, leading: np.ndarray) -> ir.Value:
+        """Split sizes ``leading + [length - sum(leading)]``, the length read from ``data``'s shape at run time."""
+        name = f"{node.name}_tokensieve_split"
+        length = ir.Node(
+            "", "Shape", [data], attributes=[ir.AttrInt64("start", axis), ir.AttrInt64("end", axis + 1)], name=name
+        )
+        taken = self._initializer(f"{name}_leading", np.array([leading.sum()], dtype=np.int64))
+        rest = ir.Node("", "Sub", [length.outputs[0], taken], name=f"{name}_rest")
+        head = self._initializer(f"{name}_head", leading)
+        sizes = ir.Node(
+            "", "Concat", [head, rest.outputs[0]], attributes=[ir.AttrInt64("axis", 0)], name=f"{name}_sizes"
+        )
+        self.graph.insert_before(node, [length, rest, sizes])
+        for created in (length, rest, sizes):
+            self.infer(created)
+            self.evaluate(created)
+        return sizes.outputs[0]
 
     @staticmethod
     def _one_symbol(dims: tuple[int, ...]) -> bool:

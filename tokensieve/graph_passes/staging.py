@@ -18,7 +18,13 @@ Builds one stage of the chain ``stage 1 -> bucketed stage 2 -> ...`` in a copy o
   removed;
 * every attention after a selection gets ``-1e4`` on the keys of padding slots (before its ``Softmax``, or as a fused
   op's ``attn_mask``; attention-pooling heads too) and average pooling weights tokens by validity, so valid tokens
-  compute exactly what exact dropping computes.
+  compute exactly what exact dropping computes;
+* when later blocks read rotary position tables or relative position biases (:class:`position_bias.PositionReaders`),
+  each selection composes the original positions of the slots' tokens (:func:`rotary.compose_positions`; a padding
+  slot takes its filler token's position, and stays masked) and every later block gathers its tables' rows / its
+  bias's rows and columns at them, as the single-graph pass does. Stage 1 ends at the first site, where the
+  positions are the identity; a stage cut out at a later site outputs them (``original_positions [B, K]``, padded
+  like the stream) and the next stage takes them as its ``positions`` input.
 
 Preconditions: blocks located, static token counts, a dynamic (symbolic) batch axis so a dispatcher can run
 groups of any size. Postconditions: every shape is static but the batch axis (and K itself for a symbolic-K stage,
@@ -37,16 +43,17 @@ from tokensieve.errors import GraphRewriteError
 from tokensieve.graph_passes import FACES
 from tokensieve.graph_passes.builder import NodeBuilder, redirect_uses
 from tokensieve.graph_passes.locate import ViTLayout, locate_vit
-from tokensieve.graph_passes.position_bias import position_biases
+from tokensieve.graph_passes.position_bias import PositionReaders
 from tokensieve.graph_passes.propagate import propagate_shapes
-from tokensieve.graph_passes.rotary import position_tables
+from tokensieve.graph_passes.rotary import compose_positions
 from tokensieve.graph_passes.sites import atp
 from tokensieve.graph_passes.sites.common import SiteInput
 from tokensieve.graph_passes.token_bias import add_logit_bias, bias_pooling_heads, weighted_pooling
 from tokensieve.methods.base import Method, SiteCount
 
-STAGE_INPUTS = ("tokens", "order_key", "valid")
-STAGE_OUTPUTS = ("stream", "priority", "count")  # fed to the next stage's inputs by the dispatcher
+STAGE_INPUTS = ("tokens", "order_key", "valid", "positions")
+# fed to the next stage's inputs by the dispatcher; the last only where later blocks read position tables or biases
+STAGE_OUTPUTS = ("stream", "priority", "count", "original_positions")
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,6 @@ class StagePass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         self.layout = locate_vit(model, self.specials)
         self.method.validate(self.layout.tokens, self.layout.specials, self.layout.depth)
-        _refuse_position_tables(model, self.layout, self.method)
         batch = model.graph.inputs[0].shape[0] if model.graph.inputs[0].shape is not None else None
         if isinstance(batch, int):
             raise GraphRewriteError("stage graphs need a dynamic batch axis; export with --dynamic-batch")
@@ -80,7 +86,8 @@ class StagePass(ir.passes.InPlacePass):
         batch = graph.inputs[0].shape[0]
         site_of = {layer: i for i, layer in enumerate(method.layers)}
         decide = FACES.lookup("site_decision", method)
-        tokens, validity, bias = layout.tokens, None, None
+        readers = PositionReaders.find(model, layout)
+        tokens, validity, bias, positions = layout.tokens, None, None, None
         prev_shapes: dict[ir.Value, ir.Shape] = {}
         for block in layout.blocks:
             index = site_of.get(block.index)
@@ -88,6 +95,7 @@ class StagePass(ir.passes.InPlacePass):
                 continue  # upstream of the cut: removed below
             if bias is not None:
                 add_logit_bias(model, block.attention, bias, f"tokensieve/valid{block.index}", "padding_mask")
+            readers.follow(model, block, positions, S)
             if index is None:
                 continue
             h = block.post_attention
@@ -97,13 +105,16 @@ class StagePass(ir.passes.InPlacePass):
                 tokens = spec.start_tokens
             count = SiteCount(block.index, tokens, tokens - S, tokens)
             site = SiteInput(block, count, method, S, layout.depth, h, None, bias)
+            carried = _carries(readers, index, block.index)
             if index == spec.end:
                 order_key, kept = decide(b, site, first_site=index == 0, valid=validity)
+                passed = [b.op("Identity", [positions])] if carried else []  # renamed below: keep site k's kept name
                 b.insert_after(block.residual_add)
-                self._set_outputs(graph, [h, order_key, kept])
+                self._set_outputs(graph, [h, order_key, kept, *passed])
                 break
             if index == spec.start:
-                stream, order_key, valid = self._cut_inputs(graph, h, batch, spec, S)
+                stream, order_key, valid, *given = self._cut_inputs(graph, h, batch, spec, carried)
+                positions = given[0] if given else None
                 _batch_from_stream(graph.inputs[0], stream)
                 slots = spec.start_slots
             elif index in spec.inline:
@@ -112,7 +123,9 @@ class StagePass(ir.passes.InPlacePass):
                 valid = atp.valid_slots(b, kept, slots)
             else:
                 raise GraphRewriteError(f"stage spec {spec} does not say how to handle site {index}")
-            out, validity = atp.emit_selection(b, stream, order_key, valid, S, slots)
+            out, validity, origin = atp.emit_selection(b, stream, order_key, valid, S, slots)
+            if readers.after(block.index):  # later blocks read position tables or biases: they follow the slots
+                positions = compose_positions(b, positions, origin, S)
             bias = atp.key_bias(b, validity, h.dtype)
             b.insert_after(block.residual_add)
             redirect_uses(h, out, uses)
@@ -133,37 +146,36 @@ class StagePass(ir.passes.InPlacePass):
         RemoveUnusedNodesPass()(model)  # constants the retargeting replaced
         return ir.passes.PassResult(model, modified=True)
 
-    @staticmethod
-    def _cut_inputs(graph: ir.Graph, h: ir.Value, batch, spec: StageSpec, specials: int):
-        """New graph inputs replacing the stage's upstream: the stream, the order key and the slot validity."""
+    def _cut_inputs(self, graph: ir.Graph, h: ir.Value, batch, spec: StageSpec, carried: bool):
+        """New graph inputs replacing the stage's upstream: the stream, the order key, the slot validity and, when
+        ``carried``, the original positions of the stream's non-special tokens (padding slots included)."""
         slots = spec.start_slots if spec.start_slots is not None else "slots"
         tokens = spec.start_tokens if spec.start_tokens is not None else "tokens"
-        candidates = spec.start_tokens - specials if spec.start_tokens is not None else "candidates"
-        inputs = (
+        candidates = spec.start_tokens - self.layout.specials if spec.start_tokens is not None else "candidates"
+        inputs = [
             ir.Value(name=STAGE_INPUTS[0], shape=ir.Shape([batch, tokens, h.shape[2]]), type=h.type),
             ir.Value(name=STAGE_INPUTS[1], shape=ir.Shape([batch, candidates]), type=h.type),
             ir.Value(name=STAGE_INPUTS[2], shape=ir.Shape([batch, slots]), type=ir.TensorType(ir.DataType.BOOL)),
-        )
+        ]
+        if carried:
+            int64 = ir.TensorType(ir.DataType.INT64)
+            inputs.append(ir.Value(name=STAGE_INPUTS[3], shape=ir.Shape([batch, candidates]), type=int64))
         graph.inputs.extend(inputs)
         return inputs
 
     @staticmethod
     def _set_outputs(graph: ir.Graph, values: list[ir.Value]) -> None:
         graph.outputs.clear()
-        for value, name in zip(values, STAGE_OUTPUTS, strict=True):
+        for value, name in zip(values, STAGE_OUTPUTS[: len(values)], strict=True):
             value.name = name
             graph.outputs.append(value)
 
 
-def _refuse_position_tables(model: ir.Model, layout: ViTLayout, method: Method) -> None:
-    """Stage graphs pad the kept tokens to a bucket; rotary tables and relative position biases do not follow them."""
-    tables = [u.describe() for uses in position_tables(model, layout).values() for u in uses]
-    biases = [u.describe() for uses in position_biases(layout).values() for u in uses]
-    if tables or biases:
-        raise GraphRewriteError(
-            f"{(tables + biases)[0]}: {method.name}'s bucketed stage graphs do not make rotary position tables or "
-            "relative position biases follow the kept tokens; use a static method (topk, tome) on this model"
-        )
+def _carries(readers: PositionReaders, site: int, layer: int) -> bool:
+    """Whether the stage boundary at decision site ``site`` (block ``layer``) passes the original positions of the
+    stream's tokens on: blocks after it read position tables or biases, and an earlier site has reordered the
+    tokens (at the first site the positions are the identity, which the next stage starts from)."""
+    return site > 0 and bool(readers.after(layer))
 
 
 def _batch_from_stream(image: ir.Value, stream: ir.Value) -> None:

@@ -103,4 +103,8 @@ def weighted_pooling(model: ir.Model, layout: ViTLayout, weights: ir.Value, purp
         norm = b.reduce("ReduceSum", w, [1], keepdims=True)  # [B, 1]: divides [B, C], or [B, 1, C] once unsqueezed
         pooled = b.op("Div", [total, b.unsqueeze(norm, [-1]) if keep else norm])
         b.graph.insert_before(node, b.nodes)
-        node.outputs[0].replace_all_uses_with(pooled, replace_graph_outputs=True)
+        mean = node.outputs[0]
+        if mean.is_graph_output():  # the pooled features are the model's output: the weighted pool keeps its name
+            name, mean.name = mean.name, f"{mean.name}/unweighted"
+            pooled.name = name
+        mean.replace_all_uses_with(pooled, replace_graph_outputs=True)

@@ -42,10 +42,10 @@ from tokensieve.errors import GraphRewriteError, LocateError, MethodSpecError
 from tokensieve.graph_passes import FACES
 from tokensieve.graph_passes.builder import NodeBuilder, record_site, redirect_uses
 from tokensieve.graph_passes.locate import ViTLayout, locate_vit
-from tokensieve.graph_passes.position_bias import BiasUse, follow_bias, position_biases
+from tokensieve.graph_passes.position_bias import BiasUse, PositionReaders
 from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.restore import RESTORE_KEY, GridRestore
-from tokensieve.graph_passes.rotary import TableUse, compose_positions, follow_positions, position_tables
+from tokensieve.graph_passes.rotary import TableUse, compose_positions
 from tokensieve.graph_passes.sites.common import SiteInput, SiteOutput
 from tokensieve.graph_passes.token_bias import add_logit_bias, bias_pooling_heads, weighted_pooling
 from tokensieve.methods.base import Method, Schedule, schedule
@@ -89,23 +89,19 @@ class TokenReductionPass(ir.passes.InPlacePass):
         sizes: ir.Value | None = None
         bias: ir.Value | None = None
         prev_shapes: dict[ir.Value, ir.Shape] = {}
-        tables, biases = position_tables(model, layout), position_biases(layout)
-        readers = {i: [*tables.get(i, []), *biases.get(i, [])] for i in {*tables, *biases}}
+        readers = PositionReaders.find(model, layout)
         positions: ir.Value | None = None
         for block in layout.blocks:
             if bias is not None:
                 add_logit_bias(model, block.attention, bias, f"tokensieve/prop_attn{block.index}", "prop_attn")
-            if positions is not None and block.index in tables:
-                follow_positions(model, block, tables[block.index], positions, layout.specials)
-            if positions is not None and block.index in biases:
-                follow_bias(model, block, biases[block.index], positions, layout.specials)
+            readers.follow(model, block, positions, layout.specials)
             if block.index not in sites:
                 continue
             method, count = sites[block.index]
             h = block.post_attention
             uses = list(h.uses())
             b = NodeBuilder.for_site(model, count.layer, method.name)
-            later = [readers[i] for i in sorted(readers) if i > block.index]
+            later = readers.after(block.index)
             site = SiteInput(
                 block, count, method, layout.specials, layout.depth, h, sizes, bias, bool(later), self.grid is not None
             )
@@ -113,7 +109,7 @@ class TokenReductionPass(ir.passes.InPlacePass):
             if self.grid is not None:
                 self.grid.follow(b, method, count, out)
             if later:
-                positions = self._positions(b, positions, out, later[0][0], method, count.layer)
+                positions = self._positions(b, positions, out, later[0], method, count.layer)
             if out.sizes is not None:
                 sizes = b.expose(b.op("Identity", [out.sizes]), "sizes")
                 if prop_attn:

@@ -68,4 +68,5 @@ def drop(h: torch.Tensor, kept: torch.Tensor, specials: int) -> SiteResult:
     """One image's stream ``h [1, N, C]`` with the candidates ``kept [n]`` (bool) only, in their order."""
     positions = torch.nonzero(kept).reshape(-1)
     stream = torch.cat([h[:, :specials], h[:, specials:][:, positions]], dim=1)
-    return SiteResult(stream, None, {"kept": (positions + specials)[None]})
+    kept_positions = (positions + specials)[None]
+    return SiteResult(stream, None, {"kept": kept_positions}, origin=kept_positions)

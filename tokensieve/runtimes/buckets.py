@@ -90,12 +90,16 @@ def without_debug(out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def bucket_feeds(state: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """The inputs of a stage graph with ``size`` slots, from the previous stage's ``state`` (stream, priority key,
-    count): the slots beyond each image's count are marked invalid."""
-    return {
+    count, and the original positions of the stream's tokens where later blocks read position tables or biases):
+    the slots beyond each image's count are marked invalid."""
+    feeds = {
         "tokens": state["stream"],
         "order_key": state["priority"],
         "valid": np.arange(size)[None, :] < state["count"].astype(np.int64)[:, None],
     }
+    if "original_positions" in state:
+        feeds["positions"] = state["original_positions"]
+    return feeds
 
 
 def pick_bucket(count: int, buckets: list[int], allow_truncation: bool) -> tuple[int, bool]:

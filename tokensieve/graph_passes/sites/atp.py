@@ -104,8 +104,9 @@ _POSITION_LIMIT = 1 << 20  # more candidates than any ViT has; orders valid slot
 
 def emit_selection(
     b: NodeBuilder, stream: ir.Value, order_key: ir.Value, valid: ir.Value, specials: int, slots: int | None
-) -> tuple[ir.Value, ir.Value]:
-    """-> (tokens ``[B, S + K, C]``, validity ``[B, S + K]`` bool). ``slots`` None: K = ``valid``'s width."""
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """-> (tokens ``[B, S + K, C]``, validity ``[B, S + K]`` bool, the position in ``stream`` of every non-special
+    slot ``[B, K]``: kept tokens, then the fillers of padding slots). ``slots`` None: K = ``valid``'s width."""
     S, n = specials, _POSITION_LIMIT
     k = b.const([slots], "k") if slots is not None else b.slice(b.op("Shape", [valid]), 1, 2, axis=0)
     _, picked = b.op("TopK", [order_key, k], "pick", num_outputs=2, axis=-1, largest=1, sorted=1)  # [B, K]
@@ -134,7 +135,7 @@ def emit_selection(
             ],
         )
         slot_valid = b.op("Concat", [ones, slot_valid], axis=1)
-    return tokens, slot_valid
+    return tokens, slot_valid, positions
 
 
 def key_bias(b: NodeBuilder, validity: ir.Value, dtype: ir.DataType) -> ir.Value:
