@@ -34,6 +34,7 @@ from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.token_reduction import TokenReductionPass
 from tokensieve.manifest import ImageManifest, StagedManifest
 from tokensieve.methods import Method, check_target, describe, schedule
+from tokensieve.methods.base import for_layout
 from tokensieve.onnx_file import load_onnx
 
 if TYPE_CHECKING:
@@ -126,6 +127,8 @@ def export_image(
     baseline, preprocessing = source.model, source.preprocessing
     DropZeroMaskPass()(baseline)
     layout, locate_error = _locate(baseline, specials, methods)
+    if layout is not None:
+        methods = for_layout(methods, layout.specials)
     data = None
     if calibrate is not None:
         from tokensieve.exporter.staged import load_data
