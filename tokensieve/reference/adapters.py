@@ -443,7 +443,8 @@ def rotated(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor) -> torch.Tenso
 
 # Heads that average the patch tokens inline (no pooling method of their own to replace), by class (module-qualified
 # where the name is ambiguous) -> the method that takes the tokens, and when it averages them: timm BEiT's and
-# VisionTransformerRelPos's ``forward_head`` (``global_pool='avg'``) and HF BEiT's pooler (``use_mean_pooling``: it has a layer norm)
+# VisionTransformerRelPos's ``forward_head`` (``global_pool='avg'``) and HF BEiT's pooler (``use_mean_pooling``: it
+# has a layer norm)
 MEAN_POOLING_HEADS: dict[str, tuple[str, Callable[[nn.Module], bool]]] = {
     "timm.models.beit.Beit": ("forward_head", lambda m: m.global_pool == "avg"),
     "VisionTransformerRelPos": ("forward_head", lambda m: m.global_pool == "avg"),
