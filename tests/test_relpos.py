@@ -1,7 +1,7 @@
 """Relative position biases follow the tokens: BEiT's and timm VisionTransformerRelPos's ``[H, N, N]`` bias, added
 to the attention logits, is gathered on both token axes at the original positions of the kept tokens (pruning) or of
-each merged group's destination token (merging), in the graph and in the eager reference; parity on values and kept tokens / merge maps, lint-clean
-for TensorRT 10.3."""
+each merged group's destination token (merging), in the graph and in the eager reference; parity on values and kept
+tokens / merge maps, lint-clean for TensorRT 10.3."""
 
 import onnx_ir as ir
 import pytest
