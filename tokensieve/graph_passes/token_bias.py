@@ -103,4 +103,14 @@ def weighted_pooling(model: ir.Model, layout: ViTLayout, weights: ir.Value, purp
         norm = b.reduce("ReduceSum", w, [1], keepdims=True)  # [B, 1]: divides [B, C], or [B, 1, C] once unsqueezed
         pooled = b.op("Div", [total, b.unsqueeze(norm, [-1]) if keep else norm])
         b.graph.insert_before(node, b.nodes)
-        node.outputs[0].replace_all_uses_with(pooled, replace_graph_outputs=True)
+        _replace_keeping_name(model.graph, node.outputs[0], pooled)
+
+
+def _replace_keeping_name(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Use ``new`` wherever ``old`` was used; a graph output keeps its name (every stage graph and the padded graph
+    of a staged artifact then name the model's outputs alike)."""
+    output = old in graph.outputs
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if output:
+        name, old.name = old.name, f"{old.name}_replaced"
+        new.name = name
