@@ -104,6 +104,26 @@ def test_timm_map_head_buckets(zoo, tmp_path):
     check_staged(artifact, built, batch=2)
 
 
+def test_no_cls_scores_by_received_attention(zoo, tmp_path):
+    """Without a CLS token ATP ranks by the attention each token receives (mean over query rows and heads), chosen
+    from the located layout and recorded; at the second site the mean runs over the previous bucket's valid rows
+    only, so every bucket edge matches exact dropping. The model's output is the average pool itself: reweighted by
+    validity, it keeps its name in every stage graph. ``score='cls'`` there is a typed error."""
+    path, built = zoo(
+        "timm:vit_tiny_patch16_224?depth=3&img_size=64&global_pool=avg&class_token=False&num_classes=0&fc_norm=False",
+        dynamic_batch=True,
+    )
+    artifact = tokensieve.export(str(path), "atp(threshold=1.0, layers=[0, 1])", tmp_path / "a", buckets=[8, 16])
+    assert (
+        artifact.manifest.methods[0]["score"] == "mean_received"
+        and "score='mean_received'" in artifact.manifest.method_text
+    )
+    _check(artifact, built)
+    with pytest.raises(MethodSpecError, match="score='cls' needs a CLS token"):
+        tokensieve.export(str(path), "atp(score='cls', layers=[0])", tmp_path / "b", buckets=[8])
+    assert not (tmp_path / "b").exists()
+
+
 def test_per_image_outputs_are_never_cut_as_tokens():
     """197 classes = CLS + 196 slots: the dispatcher cuts only the outputs the export recorded as token-level."""
     runner = StagedRunner(".", {"sites": [3], "specials": 1, "token_outputs": ["tokens"]})

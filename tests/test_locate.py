@@ -31,6 +31,13 @@ def test_specials_override(zoo):
         locate_vit(model, specials=197)
 
 
+def test_one_patch_image_has_its_cls_ahead(zoo):
+    """An image of one patch: the token Concat joins two inputs of one token each; the last is the patch (timm's
+    hybrid ViTs at a small size got this wrong as a token after the patches)."""
+    layout = locate_vit(ir.load(zoo("timm:vit_tiny_patch16_224?depth=1", img_size=16)[0]))
+    assert (layout.tokens, layout.specials) == (2, 1)
+
+
 def test_already_reduced_graph_is_rejected(zoo, tmp_path):
     import tokensieve
 

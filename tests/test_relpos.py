@@ -1,7 +1,7 @@
-"""Relative position biases follow the tokens: BEiT's ``[H, N, N]`` bias, added to the attention logits, is gathered
-on both token axes at the original positions of the kept tokens (pruning) or of each merged group's destination
-token (merging), in the graph and in the eager reference; parity on values and kept tokens / merge maps, lint-clean
-for TensorRT 10.3."""
+"""Relative position biases follow the tokens: BEiT's and timm VisionTransformerRelPos's ``[H, N, N]`` bias, added
+to the attention logits, is gathered on both token axes at the original positions of the kept tokens (pruning) or of
+each merged group's destination token (merging), in the graph and in the eager reference; parity on values and kept
+tokens / merge maps, lint-clean for TensorRT 10.3."""
 
 import onnx_ir as ir
 import pytest
@@ -12,6 +12,9 @@ from tokensieve.errors import GraphRewriteError, LocateError
 
 BEIT = "timm:beit_base_patch16_224?depth=3&embed_dim=64&num_heads=2"
 BEITV2 = "timm:beitv2_base_patch16_224?depth=3&embed_dim=64&num_heads=2"
+# timm VisionTransformerRelPos (no CLS token, average pooling)
+RELPOS_RPN = "timm:vit_relpos_small_patch16_rpn_224?depth=3&embed_dim=64&num_heads=2"
+SRELPOS = "timm:vit_srelpos_small_patch16_224?depth=3&embed_dim=64&num_heads=2"
 
 
 @pytest.mark.parametrize(
@@ -20,6 +23,8 @@ BEITV2 = "timm:beitv2_base_patch16_224?depth=3&embed_dim=64&num_heads=2"
         (BEIT, "topk(keep=0.6, layers=[0, 1])"),  # two sites composed
         (BEIT, "tome(r=6)"),  # average pooling: size-weighted
         (BEITV2, "topk(keep=0.5, layers=[1])"),
+        (RELPOS_RPN, "tome(r=6)"),  # residual post-norm, an MLP bias per block, size-weighted mean head
+        (SRELPOS, "topk(keep=0.6, layers=[0, 1])"),  # one bias shared by every block
     ],
 )
 def test_relpos_parity(zoo, tmp_path, source, method):

@@ -36,6 +36,7 @@ from tokensieve.graph_passes.restore import RESTORE_KEY
 from tokensieve.graph_passes.token_reduction import TokenReductionPass
 from tokensieve.manifest import ImageManifest, StagedManifest
 from tokensieve.methods import Method, check_target, describe, schedule
+from tokensieve.methods.base import for_layout
 from tokensieve.onnx_file import load_onnx
 
 if TYPE_CHECKING:
@@ -138,6 +139,8 @@ def export_image(
     baseline, preprocessing = source.model, source.preprocessing
     DropZeroMaskPass()(baseline)
     layout, locate_error = _locate(baseline, specials, methods)
+    if layout is not None:
+        methods = for_layout(methods, layout.specials)
     data = None
     if calibrate is not None:
         from tokensieve.exporter.staged import load_data

@@ -286,7 +286,8 @@ def _count_specials(stream: ir.Value, tokens: int) -> tuple[int, str]:
                     if d is None or not isinstance(d[1], int):
                         raise LocateError(f"token Concat {producer.name!r} has inputs of unknown length")
                     sizes.append(d[1])
-                largest = sizes.index(max(sizes))
+                # the patch tokens: the largest input, the last of several as large (a 1-patch image: [CLS, patch])
+                largest = max(range(len(sizes)), key=lambda i: (sizes[i], i))
                 if largest != len(sizes) - 1:
                     raise LocateError(
                         f"token Concat {producer.name!r} puts {sum(sizes[largest + 1 :])} tokens after the patch "

@@ -4,7 +4,9 @@ A ViT adaptation of ATP-LLaVA (docs/methods.md#atp-llava; training-free: the lea
 calibrated threshold). At each decision site (after the attention of a block, before its MLP):
 
 * score: post-softmax CLS-row attention over the candidates, head mean, renormalised to sum to 1 over the
-  candidates (``n·s_i = 1`` is "average");
+  candidates (``n·s_i = 1`` is "average"); on a model without a leading special token (SigLIP, I-JEPA, AIMv2,
+  average-pooled ViTs) the attention each candidate receives, averaged over every query row and head, renormalised
+  the same way (``score="auto"`` picks it from the located layout; the export records the choice);
 * keep: ``n·s_i > threshold`` (absolute mode) or the smallest set of highest-scoring candidates whose scores sum to
   at least ``mass`` (cumulative mode; ties: lower index first) -- united with ATP's spatial grid (SAP) at the first
   site: every ``stride``-th row and column of the patch grid, ``stride = round(sqrt(1 / grid))``, so coverage of
@@ -22,12 +24,20 @@ count are masked out of every later attention with an additive key bias, so vali
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, ClassVar
 
 from tokensieve.errors import MethodSpecError
-from tokensieve.methods.base import SiteCount, check_depth, check_layers, spatial_grid
+from tokensieve.methods.base import (
+    Score,
+    SiteCount,
+    check_depth,
+    check_layers,
+    check_score,
+    resolve_score,
+    spatial_grid,
+)
 
 
 def _number(key: str, value: Any) -> float | None:
@@ -44,6 +54,7 @@ class ATPPrune:
     threshold: float | None = None
     mass: float | None = None
     grid: float = 0.25
+    score: Score = "auto"
     name: ClassVar[str] = "atp"
     merges: ClassVar[bool] = False
     adaptive: ClassVar[bool] = True
@@ -68,16 +79,24 @@ class ATPPrune:
         if not 0 <= grid <= 1:
             raise MethodSpecError(f"atp: grid (fraction of patches always kept) must be in [0, 1], got {grid:g}")
         object.__setattr__(self, "grid", grid)
+        check_score("atp", self.score)
 
     def layers_for(self, depth: int) -> tuple[int, ...]:
         return self.layers
 
     def validate(self, tokens: int, specials: int, depth: int) -> None:
         check_depth("atp", self.layers, depth)
-        if specials < 1:
-            raise MethodSpecError("atp scores tokens by CLS attention, but this model has no CLS token")
+        self.resolved_score(specials)
         if self.grid:
             self.grid_positions(tokens - specials)
+
+    def resolved_score(self, specials: int) -> str:
+        return resolve_score("atp", self.score, specials)
+
+    def for_layout(self, specials: int) -> ATPPrune:
+        """The method with ``score="auto"`` resolved for a model with ``specials`` leading special tokens (what the
+        manifest records)."""
+        return replace(self, score=self.resolved_score(specials))
 
     def site(self, layer: int, tokens_in: int, specials: int, depth: int) -> SiteCount:
         """The upper bound (every token kept); the real count is data-dependent."""
@@ -88,7 +107,7 @@ class ATPPrune:
         return spatial_grid("atp", self.grid, candidates, "patch candidates")
 
     def with_threshold(self, threshold: float) -> ATPPrune:
-        return ATPPrune(layers=self.layers, threshold=threshold, mass=None, grid=self.grid)
+        return replace(self, threshold=threshold, mass=None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,8 +116,10 @@ class ATPPrune:
             "threshold": self.threshold,
             "mass": self.mass,
             "grid": self.grid,
+            "score": self.score,
         }
 
     def describe(self) -> str:
         rule = f"threshold={self.threshold:g}" if self.threshold is not None else f"mass={self.mass:g}"
-        return f"atp(layers={list(self.layers)}, {rule}, grid={self.grid:g})"
+        score = f", score={self.score!r}" if self.score != "auto" else ""
+        return f"atp(layers={list(self.layers)}, {rule}, grid={self.grid:g}{score})"

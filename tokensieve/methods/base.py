@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from tokensieve.errors import MethodSpecError
 from tokensieve.methods.decoder import DecoderMethod
@@ -49,6 +49,25 @@ class Method(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
     def describe(self) -> str: ...
+
+
+Score = Literal["auto", "cls", "mean_received"]
+
+
+def check_score(name: str, score: Any) -> None:
+    if score not in ("auto", "cls", "mean_received"):
+        raise MethodSpecError(f"{name}: score must be 'auto', 'cls' or 'mean_received', got {score!r}")
+
+
+def resolve_score(name: str, score: Score, specials: int) -> Literal["cls", "mean_received"]:
+    """The attention score a method ranks tokens by on a model with ``specials`` leading special tokens: ``auto``
+    is the CLS query row when there is a leading special token, else the attention each token receives averaged
+    over every query row and head (the usual CLS-free importance)."""
+    if score == "auto":
+        return "cls" if specials >= 1 else "mean_received"
+    if score == "cls" and specials < 1:
+        raise MethodSpecError(f"{name}: score='cls' needs a CLS token, but this model has none; use score='auto'")
+    return score
 
 
 def check_layers(name: str, layers: Sequence[int] | int | None) -> tuple[int, ...] | None:
@@ -135,6 +154,12 @@ def schedule(methods: Sequence[Method], tokens: int, specials: int, depth: int) 
             sites.append((method, count))
             n = count.tokens_out
     return Schedule(entering, sites)
+
+
+def for_layout(methods: Sequence[Method], specials: int) -> list[Method]:
+    """The methods with the choices they leave to the located model made, through a method's optional
+    ``for_layout(specials)`` (ATP's ``score="auto"``): what the artifact records and both faces read."""
+    return [m.for_layout(specials) if hasattr(m, "for_layout") else m for m in methods]
 
 
 def check_keep(name: str, keep: Any, example: str = "keep=0.7 keeps 70 %", argument: str = "keep") -> Fraction:

@@ -28,9 +28,17 @@ from fractions import Fraction
 from typing import Any, ClassVar, Literal
 
 from tokensieve.errors import MethodSpecError
-from tokensieve.methods.base import SiteCount, ceil_fraction, check_depth, check_keep, check_layers
+from tokensieve.methods.base import (
+    Score,
+    SiteCount,
+    ceil_fraction,
+    check_depth,
+    check_keep,
+    check_layers,
+    check_score,
+    resolve_score,
+)
 
-Score = Literal["auto", "cls", "mean_received"]
 Fuse = Literal["sum", "mean"] | None
 
 
@@ -59,8 +67,7 @@ class TopKPrune:
         if fuse not in (None, "sum", "mean"):
             raise MethodSpecError(f"topk: fuse must be false, true/'sum' (EViT) or 'mean', got {self.fuse!r}")
         object.__setattr__(self, "fuse", fuse)
-        if self.score not in ("auto", "cls", "mean_received"):
-            raise MethodSpecError(f"topk: score must be 'auto', 'cls' or 'mean_received', got {self.score!r}")
+        check_score("topk", self.score)
 
     # -- counts (shared by the reference and the graph pass) -------------------------------------------------
     def kept_count(self, candidates: int) -> int:
@@ -68,11 +75,7 @@ class TopKPrune:
         return max(1, ceil_fraction(self.keep, candidates))
 
     def resolved_score(self, specials: int) -> Literal["cls", "mean_received"]:
-        if self.score == "auto":
-            return "cls" if specials >= 1 else "mean_received"
-        if self.score == "cls" and specials < 1:
-            raise MethodSpecError("topk: score='cls' needs a CLS token, but this model has none; use score='auto'")
-        return self.score
+        return resolve_score("topk", self.score, specials)
 
     def fused_token(self, kept: int, candidates: int) -> bool:
         """Whether a fused token is appended at a site (only when something was pruned)."""

@@ -29,10 +29,10 @@ Rotate = Callable[[nn.Module, torch.Tensor, torch.Tensor, Any], tuple[torch.Tens
 
 @dataclass(frozen=True)
 class BlockSpec:
-    norm1: str
+    norm1: str | None  # None: no norm before the attention (residual post-norm blocks norm the branch: ``ls1``)
     attn: str
     ls1: str | None
-    norm2: str
+    norm2: str | None
     mlp: str | tuple[str, ...]  # the MLP submodule, or submodules applied in turn
     ls2: str | None
     query: str  # attention submodule whose output is the queries
@@ -45,9 +45,10 @@ class BlockSpec:
     # applied to the heads-first queries and keys after ``query``/``key``: ``rotate(attention, q, k, tables)``
     rope: str | None = None
     rotate: Rotate | None = None
-    # timm BEiT: Q/K are computed inside the attention (no submodule gives them): captured from its fused-attention
-    # call with the whole logit bias; its relative position bias (own table, ``shared_rel_pos_bias``) follows the tokens
-    relpos: bool = False
+    # timm BEiT, VisionTransformerRelPos: Q/K are computed inside the attention (no submodule gives them): captured
+    # from its fused-attention call with the whole logit bias. The value names the method (dotted below the attention)
+    # returning the attention's own relative position bias; it and the shared one (``mask_kwarg``) follow the tokens
+    relpos: str | None = None
     # HF BEiT: the block's logit position bias ``[1, H, N, N]`` at the original tokens, from the block and the keyword
     # arguments it was called with (its own relative position bias, and the shared one the model passes as its
     # attention mask); it follows the tokens and is added to the attention's mask (None: no such bias)
@@ -101,8 +102,26 @@ _TIMM_BEIT = replace(
     attention_classes=frozenset({"Attention"}),
     rope=None,
     rotate=None,
-    relpos=True,
+    relpos="_get_rel_pos_bias",
 )
+# timm VisionTransformerRelPos: a relative position bias per block (a table, or an MLP of log coordinates:
+# ``rel_pos.get_bias``) or one shared by every block (``shared_rel_pos``)
+_TIMM_RELPOS = replace(
+    _TIMM_BEIT,
+    ls1="ls1",
+    ls2="ls2",
+    mask_kwarg="shared_rel_pos",
+    attention_classes=frozenset({"RelPosAttention"}),
+    relpos="rel_pos.get_bias",
+)
+
+
+def _post_norm(spec: BlockSpec) -> BlockSpec:
+    """Residual post-norm blocks (``x + norm1(attn(x))``, ``x + norm2(mlp(x))``): the norms close each branch, in the
+    place of LayerScale."""
+    return replace(spec, norm1=None, ls1=spec.norm1, norm2=None, ls2=spec.norm2)
+
+
 _HF_VIT = BlockSpec(
     "layernorm_before",
     "attention",
@@ -172,7 +191,11 @@ _HF_AIMV2 = BlockSpec(
 
 BLOCK_SPECS: dict[str, BlockSpec] = {
     "Block": _TIMM,  # timm.models.vision_transformer.Block (ViT, DeiT, DeiT-III, DINOv2 in timm, ...)
+    "ResPostBlock": _post_norm(_TIMM),
     "EvaBlock": _TIMM_EVA,
+    "EvaBlockPostNorm": _post_norm(_TIMM_EVA),
+    "RelPosBlock": _TIMM_RELPOS,
+    "ResPostRelPosBlock": _post_norm(_TIMM_RELPOS),
     "timm.models.beit.Block": _TIMM_BEIT,  # module-qualified: timm's ViT block has the same class name
     "ViTLayer": _HF_VIT,
     "BeitLayer": _HF_BEIT,
@@ -297,13 +320,13 @@ class ReducingBlock(nn.Module):
             raise ValueError("token reduction references do not support attention masks")
         x = self.host.enter(given)
         spec, attn = self.spec, getattr(self.block, self.spec.attn)
-        normed = getattr(self.block, spec.norm1)(x)
+        normed = self._part(spec.norm1)(x)
         out, attention = (self._relpos_attention if spec.relpos else self._hooked_attention)(attn, normed, kwargs)
         if spec.attn_returns_tuple:
             out = out[0]
         h = x + self._part(spec.ls1)(out)
         h = self.host.reduce(self.index, h, attention)
-        mlp = getattr(self.block, spec.norm2)(h)
+        mlp = self._part(spec.norm2)(h)
         for name in (spec.mlp,) if isinstance(spec.mlp, str) else spec.mlp:
             mlp = getattr(self.block, name)(mlp)
         out = self.host.leave(h + self._part(spec.ls2)(mlp))
@@ -372,16 +395,13 @@ class ReducingBlock(nn.Module):
         return position if bias is None else position + bias
 
     def _relpos_attention(self, attn: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple:
-        """timm BEiT attention: its own relative position bias and the shared one at the tokens' positions (the
-        shared argument also carries proportional attention); Q, K and the whole logit bias captured from its
-        fused-attention call."""
+        """timm BEiT / RelPos attention: its own relative position bias and the shared one at the tokens' positions;
+        Q, K and the whole logit bias captured from its fused-attention call, which also gets proportional
+        attention."""
         shared = kwargs.get(self.spec.mask_kwarg)
         shared = self.host.bias_rows(shared) if shared is not None else None
-        bias = self.host.attention_bias()
-        if bias is not None:
-            shared = bias if shared is None else shared + bias
         captured: dict[str, torch.Tensor] = {}
-        with _relpos_capture(attn, self.host, captured):
+        with _relpos_capture(attn, self.spec.relpos, self.host, captured):
             out = attn(x, **{self.spec.mask_kwarg: shared})
         tensors = AttentionTensors(captured["q"], captured["k"], float(attn.scale), captured["bias"])
         return out, tensors
@@ -399,21 +419,32 @@ class ReducingBlock(nn.Module):
 
 
 @contextmanager
-def _relpos_capture(attn: nn.Module, host: BlockHost, captured: dict[str, torch.Tensor]) -> Iterator[None]:
-    """While a timm BEiT attention runs: its relative position bias at the tokens' positions (``host.bias_rows``),
-    and its fused-attention call recording Q, K and the logit bias it adds (``attn_mask``)."""
-    own, sdpa = type(attn)._get_rel_pos_bias, F.scaled_dot_product_attention
+def _relpos_capture(attn: nn.Module, getter: str, host: BlockHost, captured: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While a timm BEiT / RelPos attention runs: its own relative position bias (the method ``getter`` below the
+    attention; absent when that module is None) at the tokens' positions (``host.bias_rows``), and its
+    fused-attention call with the host's bias (proportional attention) added, recording Q, K and the logit bias."""
+    path, _, name = getter.rpartition(".")
+    owner = attn
+    for part in path.split(".") if path else ():
+        owner = getattr(owner, part, None)
+    sdpa = F.scaled_dot_product_attention
 
     def capture(q, k, v, attn_mask=None, **kwargs):
+        bias = host.attention_bias()
+        if bias is not None:
+            attn_mask = bias if attn_mask is None else attn_mask + bias
         captured.update(q=q, k=k, bias=attn_mask)
         return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
 
-    attn._get_rel_pos_bias = lambda: host.bias_rows(own(attn))
+    if owner is not None:
+        own = getattr(owner, name)
+        setattr(owner, name, lambda: host.bias_rows(own()))
     attn.fused_attn, F.scaled_dot_product_attention = True, capture
     try:
         yield
     finally:
-        del attn._get_rel_pos_bias
+        if owner is not None:
+            delattr(owner, name)
         F.scaled_dot_product_attention = sdpa
 
 
@@ -439,10 +470,12 @@ def rotated(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor) -> torch.Tenso
 
 
 # Heads that average the patch tokens inline (no pooling method of their own to replace), by class (module-qualified
-# where the name is ambiguous) -> the method that takes the tokens, and when it averages them: timm BEiT's
-# ``forward_head`` (``global_pool='avg'``) and HF BEiT's pooler (``use_mean_pooling``: it has a layer norm)
+# where the name is ambiguous) -> the method that takes the tokens, and when it averages them: timm BEiT's and
+# VisionTransformerRelPos's ``forward_head`` (``global_pool='avg'``) and HF BEiT's pooler (``use_mean_pooling``: it
+# has a layer norm)
 MEAN_POOLING_HEADS: dict[str, tuple[str, Callable[[nn.Module], bool]]] = {
     "timm.models.beit.Beit": ("forward_head", lambda m: m.global_pool == "avg"),
+    "VisionTransformerRelPos": ("forward_head", lambda m: m.global_pool == "avg"),
     "BeitPooler": ("forward", lambda m: m.layernorm is not None),
 }
 

@@ -17,9 +17,10 @@ from tokensieve.reference.sites import SiteContext, SiteResult
 from tokensieve.reference.topk import score
 
 
-def normalized_scores(attention: AttentionTensors, specials: int) -> torch.Tensor:
-    """CLS-row attention over the candidates, head mean, renormalised to sum to 1: ``[B, n]``."""
-    s = score(attention, "cls")[:, specials:]
+def normalized_scores(attention: AttentionTensors, specials: int, kind: str) -> torch.Tensor:
+    """CLS-row attention over the candidates (``kind="mean_received"``: the attention each receives, mean over every
+    query row), head mean, renormalised to sum to 1: ``[B, n]``."""
+    s = score(attention, kind)[:, specials:]
     return s / s.sum(dim=-1, keepdim=True)
 
 
@@ -50,7 +51,7 @@ def site(
     if h.shape[0] != 1:
         raise ValueError("the adaptive reference runs one image at a time")
     method, S = ctx.method, ctx.specials
-    s = normalized_scores(attention, S)[0]
+    s = normalized_scores(attention, S, method.resolved_score(S))[0]
     grid = grid_mask(method, s.shape[0], ctx.count.layer == method.layers[0])
     kept = keep_mask(method, s, grid) if forced is None else highest(s + 2.0 * grid, forced)
     return drop(h, kept, S)

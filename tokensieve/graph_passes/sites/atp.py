@@ -1,7 +1,8 @@
 """ATP decision and bucket selection (:class:`tokensieve.methods.ATPPrune`), the two halves of an adaptive site.
 
 :func:`emit_decision` (stage 1, at the site): the CLS-row attention over the ``n`` candidates recomputed from Q and
-K, renormalised; the keep rule (``n·s > threshold``, or the smallest set reaching ``mass``: ``TopK`` as a sort,
+K (without a CLS token: the attention each candidate receives, mean over the valid query rows and the heads),
+renormalised; the keep rule (``n·s > threshold``, or the smallest set reaching ``mass``: ``TopK`` as a sort,
 ``CumSum``, the value of the last needed rank as a threshold), united with the constant SAP grid at the first
 site and restricted to valid slots at later ones. Outputs ``order_key = 4·kept + priority`` (``priority`` = score,
 +2 on the grid: kept tokens first, then by priority; ``[B, n]``) and ``count`` (``[B]``). No data-dependent shape.
@@ -39,7 +40,7 @@ def emit_decision(
     def const(value, hint):
         return b.const(np.array(value, dtype=np_dtype), hint, dtype=np_dtype)
 
-    s = normalized_candidates(b, head_mean_scores(b, site, "cls"), S)
+    s = normalized_candidates(b, head_mean_scores(b, site, method.resolved_score(S), valid), S)
     candidate_valid = b.slice(valid, S, 2**62, axis=1) if valid is not None else None
     if method.threshold is not None:
         kept = above_threshold(b, s, candidate_valid, method.threshold, dtype)

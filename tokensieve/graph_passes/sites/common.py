@@ -77,13 +77,19 @@ def attention_probs(b: NodeBuilder, site: SiteInput) -> ir.Value:
     return site.block.probs or b.op("Softmax", [row_logits(b, site, site.block.query)], axis=-1)
 
 
-def head_mean_scores(b: NodeBuilder, site: SiteInput, kind: str) -> ir.Value:
-    """``[B, N]`` post-softmax attention, head mean: the CLS row (``cls``) or received, mean over rows."""
+def head_mean_scores(b: NodeBuilder, site: SiteInput, kind: str, valid: ir.Value | None = None) -> ir.Value:
+    """``[B, N]`` post-softmax attention, head mean: the CLS row (``cls``) or received, mean over rows. ``valid
+    [B, N]`` (bool, a bucket's padding slots False): the received mean runs over the valid query rows only (the
+    padding keys already get no attention from the block's padding bias)."""
     if kind == "cls":
         q_cls = b.slice(site.block.query, 0, 1, axis=2)
         probs = b.op("Softmax", [row_logits(b, site, q_cls, rows=1)], axis=-1)
-    else:
+    elif valid is None:
         probs = attention_probs(b, site)
+    else:
+        rows = b.op("Cast", [valid], to=site.stream.dtype)  # [B, N]
+        weights = b.op("Div", [rows, b.reduce("ReduceSum", rows, [1], keepdims=True)])
+        probs = b.op("MatMul", [b.unsqueeze(weights, [1, 2]), attention_probs(b, site)], "valid_rows")  # [B,H,1,N]
     return b.reduce("ReduceMean", probs, [1, 2], keepdims=False)
 
 
