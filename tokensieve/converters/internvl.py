@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tokensieve.converters.family import MllmFamily
-from tokensieve.converters.llava import byte_tokenizer
+from tokensieve.converters.llava import TINY_TEXT, byte_tokenizer
 from tokensieve.errors import SourceError
 
 TEMPLATE = "<|im_start|>user\n<IMG_CONTEXT>\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
@@ -37,19 +37,7 @@ NAMED_TOKENS = {
 }
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # InternVL's published image_mean / image_std
 
-_TINY_TEXT = {
-    "vocab_size": len(SPECIAL_TOKENS) + 256,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 4096,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 3,
-    "tie_word_embeddings": True,
-}
+_TINY_TEXT = {**TINY_TEXT, "vocab_size": len(SPECIAL_TOKENS) + 256, "tie_word_embeddings": True}
 INTERNVL_PRESETS: dict[str, dict[str, Any]] = {
     "internvl3-tiny": {
         "capacity": 512,

@@ -56,7 +56,7 @@ _TINY_VISION = {
     "patch_size": 14,
     "projection_dim": 64,
 }
-_TINY_TEXT = {
+TINY_TEXT = {  # the tiny presets' Llama-style decoder (other families' tiny presets start from it)
     "vocab_size": 261,
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -69,11 +69,11 @@ _TINY_TEXT = {
     "pad_token_id": 3,
 }
 LLAVA_PRESETS: dict[str, dict[str, Any]] = {
-    "llava-tiny": {"kind": "llava", "vision": _TINY_VISION, "text": _TINY_TEXT, "capacity": 512},
+    "llava-tiny": {"kind": "llava", "vision": _TINY_VISION, "text": TINY_TEXT, "capacity": 512},
     "llava-next-tiny": {
         "kind": "llava_next",
         "vision": _TINY_VISION,
-        "text": _TINY_TEXT,
+        "text": TINY_TEXT,
         "capacity": 1024,
         "image_grid_pinpoints": [[112, 224], [224, 112], [224, 224], [336, 112], [112, 336]],
     },
