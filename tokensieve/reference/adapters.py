@@ -195,6 +195,7 @@ BLOCK_SPECS: dict[str, BlockSpec] = {
     "EvaBlock": _TIMM_EVA,
     "EvaBlockPostNorm": _post_norm(_TIMM_EVA),
     "DeepseekVitBlock": replace(_TIMM_EVA, ls1=None, ls2=None),  # Eva's rope attention, no LayerScale
+    "DeepseekVitBlock": replace(_TIMM_EVA, ls1=None, ls2=None),  # Eva's rope attention, no LayerScale
     "RelPosBlock": _TIMM_RELPOS,
     "ResPostRelPosBlock": _post_norm(_TIMM_RELPOS),
     "timm.models.beit.Block": _TIMM_BEIT,  # module-qualified: timm's ViT block has the same class name
