@@ -56,6 +56,14 @@ class AttentionBlock:
     head_dim: int
     tokens: int
     position_bias: list[tuple[ir.Node, int]] = field(default_factory=list)  # Add nodes, index of the [.., N, N] bias
+    # further Softmax maps of the same shape combined into this block's branch (differential attention: A1 - l*A2);
+    # token scores read ``attention`` (the first map), logit biases go to every map
+    maps: list[ir.Node] = field(default_factory=list)
+
+    @property
+    def attention_maps(self) -> list[ir.Node]:
+        """Every attention core of the block, the scored one first."""
+        return [self.attention, *self.maps]
 
     @property
     def post_attention(self) -> ir.Value:
@@ -417,6 +425,10 @@ def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | 
     if found is None:
         return None, False
     add, stream_in = found
+    shared = next((b for b in blocks if b.residual_add is add), None)
+    if shared is not None:
+        _add_map(shared, core)
+        return None, False
     qd, sd = _static_dims(query), _static_dims(stream_in)
     index = len(blocks)
     add_scopes = _scopes(add) or []
@@ -428,11 +440,6 @@ def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | 
         )
     if sd[1] != qd[-2]:
         raise LocateError(f"block {name}: attention runs over {qd[-2]} tokens but the residual stream has {sd[1]}")
-    if any(b.residual_add is add for b in blocks):
-        raise LocateError(
-            f"block {name} has several attention maps feeding one residual branch (e.g. differential "
-            "attention); only single-softmax self-attention is supported"
-        )
     block = AttentionBlock(
         index=index,
         name=name,
@@ -451,6 +458,19 @@ def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | 
         position_bias=list(position_bias),
     )
     return block, attn_scope is not None
+
+
+def _add_map(block: AttentionBlock, core: _Core) -> None:
+    """A further attention map feeding ``block``'s residual branch (differential attention): accepted when both
+    are decomposed ``Softmax`` maps of the same ``[B, H, N, N]`` shape."""
+    node = core.node
+    if block.fused or node.op_type != "Softmax" or node.outputs[0].shape != block.attention.outputs[0].shape:
+        raise LocateError(
+            f"block {block.name} has attention maps of different kinds or shapes feeding one residual branch "
+            f"({block.attention.name!r}, {node.name!r}); only maps of one [B, H, N, N] shape can be combined"
+        )
+    block.maps.append(node)
+    block.position_bias.extend(core.position_bias)
 
 
 def pooling_keys(node: ir.Node) -> tuple[int | str | None, int | str | None] | None:
