@@ -10,6 +10,8 @@ What it finds, per block (in topological order):
   4-D Q/K/V; an ``Add`` in that chain of a position bias that does not depend on the image (``[..., N, N]``, a
   constant or computed from weights only: BEiT's relative position bias gathered from its table) is part of the
   chain and is recorded as the block's ``position_bias``;
+* further ``Softmax`` maps of the same ``[B, H, N, N]`` shape closing the same residual branch (differential
+  attention, ``A1 - lambda * A2``): recorded as the block's ``maps``; the first map is the block's attention;
 * the residual stream entering the block ``[B, N, C]`` and the residual ``Add`` that closes the attention branch:
   the first ``Add`` after the attention whose other input is an ancestor of the attention's query. Its output is
   the point between attention and MLP (LayerScale ``Mul`` nodes sit inside the branch and need no special case);
