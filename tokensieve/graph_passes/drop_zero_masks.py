@@ -182,10 +182,9 @@ def _strip_key_constant(graph: ir.Graph) -> bool:
     modified = False
     for node in graph:
         add = node.inputs[0].producer() if node.op_type == "Softmax" else None
-        rank = len(node.inputs[0].shape or ())
         if add is None or add.op_type != "Add" or len(add.outputs[0].uses()) != 1:
             continue
-        if node.attributes.get_int("axis", -1) not in (-1, rank - 1):
+        if node.attributes.get_int("axis", -1) not in (-1, len(node.inputs[0].shape or ()) - 1):
             continue
         for index, term in enumerate(add.inputs):
             if _mask_subgraph(term) is not None and add.inputs[1 - index].shape is not None:
