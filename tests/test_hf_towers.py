@@ -51,3 +51,15 @@ def test_dynamic_batch(zoo, hf_config_dir, tmp_path):
     export_and_check(entry, "topk(keep=0.6, layers=[0, 1])", tmp_path / "a", batch=2)
     staged = tokensieve.export(str(entry[0]), "atp(threshold=0.5, layers=[1])", tmp_path / "b", buckets=[18, 36])
     check_staged(staged, entry[1], batch=2)
+
+
+def test_beit_dynamic_batch(zoo, hf_config_dir, tmp_path):
+    """BEiT with a dynamic batch (ATP's stage graphs): transformers adds its all-true mask, as +1 on every logit, to
+    the position biases; the term is dropped (constant along the keys), the biases follow the kept tokens."""
+    entry = zoo(f"hf:{hf_config_dir('beit')}", dynamic_batch=True)
+    staged = tokensieve.export(str(entry[0]), "atp(threshold=0.5, layers=[1])", tmp_path / "a", buckets=[18, 36])
+    check_staged(staged, entry[1], batch=2)
+    model = ir.load(staged.path / "stage2_b18.onnx")
+    assert {n.metadata_props["tokensieve.relpos"] for n in model.graph if "tokensieve.relpos" in n.metadata_props} == {
+        "2"
+    }

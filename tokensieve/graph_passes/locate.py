@@ -10,6 +10,8 @@ What it finds, per block (in topological order):
   4-D Q/K/V; an ``Add`` in that chain of a position bias that does not depend on the image (``[..., N, N]``, a
   constant or computed from weights only: BEiT's relative position bias gathered from its table) is part of the
   chain and is recorded as the block's ``position_bias``;
+* further ``Softmax`` maps of the same ``[B, H, N, N]`` shape closing the same residual branch (differential
+  attention, ``A1 - lambda * A2``): recorded as the block's ``maps``; the first map is the block's attention;
 * the residual stream entering the block ``[B, N, C]`` and the residual ``Add`` that closes the attention branch:
   the first ``Add`` after the attention whose other input is an ancestor of the attention's query. Its output is
   the point between attention and MLP (LayerScale ``Mul`` nodes sit inside the branch and need no special case);
@@ -56,6 +58,14 @@ class AttentionBlock:
     head_dim: int
     tokens: int
     position_bias: list[tuple[ir.Node, int]] = field(default_factory=list)  # Add nodes, index of the [.., N, N] bias
+    # further Softmax maps of the same shape combined into this block's branch (differential attention: A1 - l*A2);
+    # token scores read ``attention`` (the first map), logit biases go to every map
+    maps: list[ir.Node] = field(default_factory=list)
+
+    @property
+    def attention_maps(self) -> list[ir.Node]:
+        """Every attention core of the block, the scored one first."""
+        return [self.attention, *self.maps]
 
     @property
     def post_attention(self) -> ir.Value:
@@ -417,6 +427,10 @@ def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | 
     if found is None:
         return None, False
     add, stream_in = found
+    shared = next((b for b in blocks if b.residual_add is add), None)
+    if shared is not None:
+        _add_map(shared, core)
+        return None, False
     qd, sd = _static_dims(query), _static_dims(stream_in)
     index = len(blocks)
     add_scopes = _scopes(add) or []
@@ -428,11 +442,6 @@ def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | 
         )
     if sd[1] != qd[-2]:
         raise LocateError(f"block {name}: attention runs over {qd[-2]} tokens but the residual stream has {sd[1]}")
-    if any(b.residual_add is add for b in blocks):
-        raise LocateError(
-            f"block {name} has several attention maps feeding one residual branch (e.g. differential "
-            "attention); only single-softmax self-attention is supported"
-        )
     block = AttentionBlock(
         index=index,
         name=name,
@@ -451,6 +460,19 @@ def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | 
         position_bias=list(position_bias),
     )
     return block, attn_scope is not None
+
+
+def _add_map(block: AttentionBlock, core: _Core) -> None:
+    """A further attention map feeding ``block``'s residual branch (differential attention): accepted when both
+    are decomposed ``Softmax`` maps of the same ``[B, H, N, N]`` shape."""
+    node = core.node
+    if block.fused or node.op_type != "Softmax" or node.outputs[0].shape != block.attention.outputs[0].shape:
+        raise LocateError(
+            f"block {block.name} has attention maps of different kinds or shapes feeding one residual branch "
+            f"({block.attention.name!r}, {node.name!r}); only maps of one [B, H, N, N] shape can be combined"
+        )
+    block.maps.append(node)
+    block.position_bias.extend(core.position_bias)
 
 
 def pooling_keys(node: ir.Node) -> tuple[int | str | None, int | str | None] | None:

@@ -48,7 +48,7 @@ from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.rotary import compose_positions
 from tokensieve.graph_passes.sites import atp
 from tokensieve.graph_passes.sites.common import SiteInput
-from tokensieve.graph_passes.token_bias import add_logit_bias, bias_pooling_heads, weighted_pooling
+from tokensieve.graph_passes.token_bias import bias_block, bias_pooling_heads, weighted_pooling
 from tokensieve.methods.base import Method, SiteCount
 
 STAGE_INPUTS = ("tokens", "order_key", "valid", "positions")
@@ -94,7 +94,7 @@ class StagePass(ir.passes.InPlacePass):
             if spec.start is not None and (index is None or index < spec.start) and validity is None:
                 continue  # upstream of the cut: removed below
             if bias is not None:
-                add_logit_bias(model, block.attention, bias, f"tokensieve/valid{block.index}", "padding_mask")
+                bias_block(model, block, bias, f"tokensieve/valid{block.index}", "padding_mask")
             readers.follow(model, block, positions, S)
             if index is None:
                 continue

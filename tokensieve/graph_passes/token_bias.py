@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from tokensieve.graph_passes.builder import NodeBuilder
-from tokensieve.graph_passes.locate import ViTLayout, pooling_keys
+from tokensieve.graph_passes.locate import AttentionBlock, ViTLayout, pooling_keys
 
 
 def _axes(node: ir.Node) -> list[int] | None:
@@ -53,6 +53,12 @@ def add_logit_bias(
         added = b.op("Add", [logits, bias], "logits")
     b.graph.insert_before(node, b.nodes)
     node.replace_input_with(0, added)
+
+
+def bias_block(model: ir.Model, block: AttentionBlock, bias: ir.Value, name: str, purpose: str) -> None:
+    """``bias [B, 1, 1, N]`` on the logits of every attention map of ``block`` (differential attention: both)."""
+    for j, node in enumerate(block.attention_maps):
+        add_logit_bias(model, node, bias, f"{name}_map{j}" if j else name, purpose)
 
 
 def folded_heads(dim: int | ir.SymbolicDim, batch: int | str | None) -> int:

@@ -47,7 +47,7 @@ from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.restore import RESTORE_KEY, GridRestore
 from tokensieve.graph_passes.rotary import TableUse, compose_positions
 from tokensieve.graph_passes.sites.common import SiteInput, SiteOutput
-from tokensieve.graph_passes.token_bias import add_logit_bias, bias_pooling_heads, weighted_pooling
+from tokensieve.graph_passes.token_bias import bias_block, bias_pooling_heads, weighted_pooling
 from tokensieve.methods.base import Method, Schedule, schedule
 
 
@@ -93,7 +93,7 @@ class TokenReductionPass(ir.passes.InPlacePass):
         positions: ir.Value | None = None
         for block in layout.blocks:
             if bias is not None:
-                add_logit_bias(model, block.attention, bias, f"tokensieve/prop_attn{block.index}", "prop_attn")
+                bias_block(model, block, bias, f"tokensieve/prop_attn{block.index}", "prop_attn")
             readers.follow(model, block, positions, layout.specials)
             if block.index not in sites:
                 continue

@@ -72,7 +72,7 @@ _TIMM = BlockSpec(
     True,
     False,
     "attn_mask",
-    frozenset(["Attention"]),
+    frozenset(["Attention", "DiffAttention"]),
 )
 # timm's Eva blocks (EVA-02, RoPE-ViT axial and mixed, DINOv3 in timm): LayerScale as gamma parameters, rotary
 # tables passed to every block (``rope=``) and applied to the queries and keys after q_norm / k_norm
@@ -194,6 +194,7 @@ BLOCK_SPECS: dict[str, BlockSpec] = {
     "ResPostBlock": _post_norm(_TIMM),
     "EvaBlock": _TIMM_EVA,
     "EvaBlockPostNorm": _post_norm(_TIMM_EVA),
+    "DeepseekVitBlock": replace(_TIMM_EVA, ls1=None, ls2=None),  # Eva's rope attention, no LayerScale
     "RelPosBlock": _TIMM_RELPOS,
     "ResPostRelPosBlock": _post_norm(_TIMM_RELPOS),
     "timm.models.beit.Block": _TIMM_BEIT,  # module-qualified: timm's ViT block has the same class name
@@ -209,6 +210,12 @@ BLOCK_SPECS: dict[str, BlockSpec] = {
     "SiglipEncoderLayer": _HF_CLIP,
     "Aimv2EncoderLayer": _HF_AIMV2,
 }
+
+
+# Attention classes whose query/key submodules give ``maps`` queries and keys per head, each group a softmax map of
+# its own, combined into one (timm's differential attention: ``A1 - lambda * A2``), laid out ``[B, H * maps, N, d]``
+# as ``[B, H, maps, N, d]``: the token scores read the first map, as the graph side does
+ATTENTION_MAPS: dict[str, int] = {"DiffAttention": 2}
 
 
 def find_blocks(model: nn.Module) -> tuple[nn.Module, list[nn.Module], BlockSpec]:
@@ -408,6 +415,9 @@ class ReducingBlock(nn.Module):
 
     def _attention_tensors(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, bias) -> AttentionTensors:
         if self.spec.heads_first:
+            maps = ATTENTION_MAPS.get(type(attn).__name__, 1)
+            if maps > 1:  # the first map's heads
+                q, k = (t.unflatten(1, (-1, maps))[:, :, 0] for t in (q, k))
             return AttentionTensors(q, k, float(attn.scale), bias)
         owner = attn.get_submodule(self.spec.query.rpartition(".")[0])  # the module computing the queries
         head_dim = int(getattr(owner, "head_dim", None) or owner.attention_head_size)
