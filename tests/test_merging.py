@@ -49,7 +49,7 @@ def test_merging_parity(zoo, tmp_path, source, img_size, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["tome(r=8)", "tome(r=16)", "pitome(ratio=0.9)", VIT_S_DIFFRATE])
+@pytest.mark.parametrize("method", ["tome(r=16)"])  # the other merging methods: at ViT-S above, same mechanism
 def test_vit_base_merging_parity(zoo, tmp_path, method):
     export_and_check(zoo("timm:vit_base_patch16_224"), method, tmp_path / "a")
 
