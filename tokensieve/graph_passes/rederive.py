@@ -12,6 +12,7 @@ the clones. Nodes outside the region keep the originals. Values that need no sub
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Collection, Mapping
 
 import onnx_ir as ir
@@ -19,16 +20,16 @@ import onnx_ir as ir
 from tokensieve.errors import GraphRewriteError
 
 
-def downstream(value: ir.Value) -> set[ir.Node]:
-    """Every node that (transitively) reads ``value``."""
+def downstream(value: ir.Value, limit: int | None = None) -> set[ir.Node]:
+    """Every node that (transitively) reads ``value``, nearest first: at most ``limit`` of them when given."""
     seen: set[ir.Node] = set()
-    stack = [node for node, _ in value.uses()]
-    while stack:
-        node = stack.pop()
+    queue = deque(node for node, _ in value.uses())
+    while queue and (limit is None or len(seen) < limit):
+        node = queue.popleft()
         if node in seen:
             continue
         seen.add(node)
-        stack.extend(user for out in node.outputs for user, _ in out.uses())
+        queue.extend(user for out in node.outputs for user, _ in out.uses())
     return seen
 
 

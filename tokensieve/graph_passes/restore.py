@@ -28,6 +28,7 @@ from tokensieve.errors import GraphRewriteError, LocateError
 from tokensieve.graph_passes.builder import NodeBuilder
 from tokensieve.graph_passes.locate import AttentionBlock, ViTLayout
 from tokensieve.graph_passes.propagate import containing_axis, proxied_dims
+from tokensieve.graph_passes.rederive import downstream
 from tokensieve.graph_passes.sites.common import SiteOutput, gather_tokens
 from tokensieve.methods.base import Method, SiteCount
 
@@ -133,7 +134,7 @@ def block_output(block: AttentionBlock) -> ir.Value:
     """The stream leaving ``block``: the ``Add`` of its post-attention stream and a branch computed from it (the
     MLP residual)."""
     post = block.post_attention
-    branch = _downstream([node for node, _ in post.uses()], limit=400)
+    branch = downstream(post, limit=400)
     for node, _ in post.uses():
         if node.op_type == "Add" and len(node.inputs) == 2:
             other = node.inputs[1] if node.inputs[0] is post else node.inputs[0]
@@ -144,7 +145,7 @@ def block_output(block: AttentionBlock) -> ir.Value:
 
 def _between(start: ir.Value, end: ir.Value) -> set[ir.Node]:
     """Nodes that are ancestors of ``end`` and descendants of ``start``."""
-    after = _downstream([node for node, _ in start.uses()])
+    after = downstream(start)
     seen: set[ir.Node] = set()
     queue = deque([end.producer()])
     while queue:
@@ -153,19 +154,6 @@ def _between(start: ir.Value, end: ir.Value) -> set[ir.Node]:
             continue
         seen.add(node)
         queue.extend(v.producer() for v in node.inputs if v is not None)
-    return seen
-
-
-def _downstream(nodes: list[ir.Node], limit: int = 1_000_000) -> set[ir.Node]:
-    """``nodes`` and every node reading their outputs, transitively (at most ``limit``)."""
-    seen: set[ir.Node] = set()
-    queue = deque(nodes)
-    while queue and len(seen) < limit:
-        node = queue.popleft()
-        if node in seen:
-            continue
-        seen.add(node)
-        queue.extend(user for out in node.outputs for user, _ in out.uses())
     return seen
 
 
