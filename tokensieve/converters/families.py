@@ -12,17 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tokensieve.converters.family import MllmFamily
-from tokensieve.converters.init import randomize_weights
+from tokensieve.converters.init import pretrained_or_random
 from tokensieve.converters.internvl import INTERNVL
 from tokensieve.converters.llava import LLAVA, LLAVA_NEXT, BuiltLlava, check_supported, config_model_type
 from tokensieve.errors import SourceError
 
 FAMILIES: dict[str, MllmFamily] = {family.kind: family for family in (LLAVA, LLAVA_NEXT, INTERNVL)}
 PRESETS: dict[str, MllmFamily] = {name: family for family in FAMILIES.values() for name in family.presets}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def supported() -> str:
@@ -79,14 +76,7 @@ def build_mllm(name: str, seed: int = 0) -> BuiltLlava:
     config, family, processor = mllm_config(name)
     cls = getattr(transformers, family.model_class)
     path = Path(name)
-    if name not in PRESETS and any((path / f).exists() for f in WEIGHT_FILES):
-        try:
-            model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise SourceError(f"cannot load the checkpoint in {name!r}: {str(e).splitlines()[0]}") from None
-    else:
-        model = cls(config)
-        randomize_weights(model, seed)
+    model = pretrained_or_random(cls, config, None if name in PRESETS else path, seed)
     model = model.eval()
     host = family.host(model.config, processor)
     if name in PRESETS:

@@ -11,9 +11,12 @@ position embeddings of unit scale. The same seed gives the same weights on every
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from tokensieve.errors import SourceError
 
 _EMBEDDING_HINTS = (
     "cls_token",
@@ -64,3 +67,18 @@ def randomize_weights(module: nn.Module, seed: int) -> nn.Module:
             value = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         param.copy_(value.to(param.dtype))
     return module
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def pretrained_or_random(cls, config, directory: Path | None, seed: int) -> nn.Module:
+    """A transformers model of class ``cls``: loaded in float32 from ``directory`` when that is a checkpoint
+    directory holding weights, else built from ``config`` with :func:`randomize_weights` (presets and config-only
+    directories); a checkpoint that does not load is a :class:`SourceError`."""
+    if directory is not None and any((directory / f).exists() for f in WEIGHT_FILES):
+        try:
+            return cls.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise SourceError(f"cannot load the checkpoint in {str(directory)!r}: {str(e).splitlines()[0]}") from None
+    return randomize_weights(cls(config), seed)

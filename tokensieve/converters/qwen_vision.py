@@ -14,15 +14,16 @@ inputs (for ONNX Runtime: any grid, the host computes the tables).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
 
 from tokensieve.converters.export import export_graph
-from tokensieve.converters.init import randomize_weights
+from tokensieve.converters.init import pretrained_or_random
 from tokensieve.converters.qwen_vl import QWEN_VL_PRESETS, QWEN_VL_TYPES, host_config, qwen_vl_config
-from tokensieve.errors import SourceError
 from tokensieve.runtimes.qwen_vision import grid_tables
 
 OUTPUT = "image_features"
@@ -34,13 +35,7 @@ def build_qwen_vl(name: str, seed: int = 0) -> tuple[nn.Module, dict]:
 
     config, processor = qwen_vl_config(name)
     cls = getattr(transformers, QWEN_VL_TYPES[config.model_type])
-    if name in QWEN_VL_PRESETS:
-        model = randomize_weights(cls(config), seed)
-    else:
-        try:
-            model = cls.from_pretrained(name, local_files_only=True, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise SourceError(f"cannot load a {config.model_type} checkpoint from {name!r}: {e}") from None
+    model = pretrained_or_random(cls, config, None if name in QWEN_VL_PRESETS else Path(name), seed)
     return model.eval(), host_config(config, processor)
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tokensieve.converters.families import FAMILIES, PRESETS
-from tokensieve.converters.init import randomize_weights
+from tokensieve.converters.init import pretrained_or_random, randomize_weights
 from tokensieve.converters.qwen_vl import QWEN_VL_PRESETS
 from tokensieve.errors import SourceError
 
@@ -65,7 +65,6 @@ _NAFLEX = (
     "image towers. Use hf:siglip (fixed resolution) or timm's NaFlexViT (e.g. timm:naflexvit_base_patch16_siglip)"
 )
 HF_REFUSED = {"siglip2_vision_model": _NAFLEX, "siglip2": _NAFLEX}
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
 
 @dataclass(frozen=True)
@@ -264,15 +263,7 @@ def _build_hf(spec: SourceSpec) -> BuiltModel:
             f"{', '.join(sorted(set(HF_MODELS)))}; MLLMs: {', '.join(FAMILIES)}"
         )
     cls = getattr(transformers, class_name)
-    path = Path(spec.name)
-    if path.is_dir() and any((path / f).exists() for f in _WEIGHT_FILES):
-        try:
-            model = cls.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise SourceError(f"cannot load the checkpoint in {spec.name!r}: {e}") from None
-    else:
-        model = cls(config)
-        randomize_weights(model, spec.seed)
+    model = pretrained_or_random(cls, config, Path(spec.name), spec.seed)
     size = config.image_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     mean, std = HF_NORMALIZATION.get(config.model_type, HALF)
