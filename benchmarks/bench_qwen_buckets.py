@@ -27,11 +27,11 @@ import torch
 
 from tokensieve.bench.image import pyplot, save_figure
 from tokensieve.converters.qwen_vision import build_qwen_vl
-from tokensieve.converters.qwen_vl import vision_geometry, vision_macs
+from tokensieve.converters.qwen_vl import vision_geometry
 from tokensieve.exporter.qwen_vision import export_qwen_vision
 from tokensieve.runtimes.mrope import token_types
 from tokensieve.runtimes.qwen_image import patch_grid, preprocess
-from tokensieve.runtimes.qwen_vision import QwenVision
+from tokensieve.runtimes.qwen_vision import QwenVision, tower_macs
 
 RESULTS = Path(__file__).parent / "results"
 BUCKETS = ["16x24", "24x16", "20x20", "24x32", "32x24", "28x28", "16x32", "32x16"]
@@ -95,8 +95,8 @@ def measure(vision: QwenVision, model, host: dict, name: str, image: np.ndarray)
         "bucket_grid": list(bucket),
         "native_tokens": native[0] * native[1] // 4,
         "bucket_tokens": bucket[0] * bucket[1] // 4,
-        "native_gmacs": vision_macs(geometry, *native) / 1e9,
-        "bucket_gmacs": vision_macs(geometry, *bucket) / 1e9,
+        "native_gmacs": tower_macs(geometry, *native) / 1e9,
+        "bucket_gmacs": tower_macs(geometry, *bucket) / 1e9,
         "pooled_cosine": cosine(pooled[native], pooled[bucket]),
         "logits_cosine": cosine(logits[native], logits[bucket]),
         "top1_agrees": bool(logits[native].argmax() == logits[bucket].argmax()),
@@ -133,7 +133,7 @@ def main() -> None:
     model, host = build_qwen_vl(args.source.removeprefix("hf:"), args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         description = export_qwen_vision(args.source, buckets, Path(tmp) / "vision", seed=args.seed)
-        vision = QwenVision(Path(tmp) / "vision", threads=2)
+        vision = QwenVision.from_export(Path(tmp) / "vision", threads=2)
         rows = [measure(vision, model, host, name, image) for name, image in photos()]
     for r in rows:
         print(f"{r['image']:>20} {r['native_grid']} -> {r['bucket_grid']}  pooled {r['pooled_cosine']:.4f}  "

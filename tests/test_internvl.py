@@ -177,7 +177,7 @@ def test_bad_input_typed_errors(artifacts, tmp_path):
     config = tmp_path / "blip"
     config.mkdir()
     (config / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
-    with pytest.raises(SourceError, match=r"'blip-2' is not supported; .* MLLMs: llava, llava_next, internvl"):
+    with pytest.raises(SourceError, match=r"'blip-2' is not supported; .* MLLMs: llava, llava_next, internvl, qwen"):
         tokensieve.export(f"hf:{config}", out=tmp_path / "out")
 
 

@@ -27,6 +27,7 @@ from tokensieve.errors import (
 )
 from tokensieve.graph_passes.locate_decoder import locate_decoder
 from tokensieve.graph_passes.macs import count_macs
+from tokensieve.parity.mllm import replay_llava_golden
 from tokensieve.runtimes.image_families import preprocess
 
 SIZES = [(112, 112), (90, 200), (300, 120), (57, 333), (224, 224), (113, 250)]
@@ -84,6 +85,18 @@ def test_greedy_tokens_and_prefill_logits_match_hf_generate(artifacts, kind):
     assert image_tokens == ({64} if kind == "llava" else {136, 200, 244, 336})
     # the generations differ between cases: the test would notice an ignored image or prompt
     assert len({tuple(c.ids) for c in report.cases}) > 1
+
+
+@pytest.mark.parametrize("kind", ["llava", "next"])
+def test_two_images_in_one_prompt(artifacts, kind):
+    """Two images (the placeholder twice, their runs adjacent): features in order over the image tokens, as the
+    processor and the model place them; recorded and replayed from the golden files."""
+    rng = np.random.default_rng(9)
+    images = [rng.integers(0, 256, size, dtype=np.uint8) for size in ((112, 112, 3), (60, 200, 3))]
+    report = artifacts[kind].parity(cases=[("Compare them.", images)], new_tokens=16, caches=("fixed",))
+    assert report.ok and report.cases[0].images == 2, report.text()
+    assert report.cases[0].image_tokens == (128 if kind == "llava" else 136 + 132)
+    assert replay_llava_golden(artifacts[kind], caches=("fixed",)).ok
 
 
 def test_all_graphs_are_lint_clean_and_the_decode_graph_is_static(artifacts):
@@ -248,8 +261,8 @@ def test_placeholders_capacity_and_bad_sources_are_typed_errors(artifacts, tmp_p
         artifact.parity(count=0)
     unsupported = tmp_path / "qwen"
     unsupported.mkdir()
-    (unsupported / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
-    with pytest.raises(SourceError, match=r"does not export yet.*LLaVA-1\.5, LLaVA-NeXT and InternVL3"):
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "idefics3"}))
+    with pytest.raises(SourceError, match=r"'idefics3' is not supported; .* MLLMs: llava, .*, qwen2_5_vl, qwen2_vl"):
         tokensieve.export(f"hf:{unsupported}", out=tmp_path / "out")
     with pytest.raises(MethodSpecError, match="reduces ViT blocks; an MLLM export takes decoder methods"):
         tokensieve.export("hf:llava-tiny", "topk(keep=0.5)", out=tmp_path / "out")

@@ -10,11 +10,12 @@ import pytest
 import torch
 import transformers
 
-from tokensieve.converters.qwen_vl import QWEN_VL_TYPES, host_config, qwen_vl_config
+from tokensieve.converters.qwen_vl import QWEN_VL_TYPES, SPECIAL_TOKENS, host_config, qwen_vl_config
 from tokensieve.errors import InputError
 from tokensieve.runtimes.mrope import decode_positions, rope_index, token_types
 
-TEXT, START, END = 7, 302, 303
+TEXT = len(SPECIAL_TOKENS) + 40  # a byte token
+START, END = SPECIAL_TOKENS.index("<|vision_start|>"), SPECIAL_TOKENS.index("<|vision_end|>")
 
 
 @pytest.fixture(scope="module", params=["qwen2.5-vl-tiny", "qwen2-vl-tiny"])

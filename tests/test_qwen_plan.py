@@ -14,10 +14,11 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
-from tokensieve.converters.qwen_vl import QWEN_VL_PRESETS, vision_geometry, vision_macs
+from tokensieve.converters.qwen_vl import QWEN_VL_PRESETS, vision_geometry
 from tokensieve.errors import InputError
 from tokensieve.plan.mllm import image_token_count, plan_mllm
 from tokensieve.runtimes.qwen_image import patch_grid, smart_resize
+from tokensieve.runtimes.qwen_vision import tower_macs
 
 SIZES = [(1, 1), (20, 20), (28, 28), (56, 300), (300, 56), (480, 640), (1080, 1920), (4000, 3000), (9000, 60)]
 HOST = {"kind": "qwen2_5_vl", "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
@@ -63,7 +64,7 @@ def test_vision_macs_are_the_towers(family, vision):
     for rows, columns in [(10, 14), (4, 18)]:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             tower(torch.randn(rows * columns, 3 * 2 * 14 * 14), grid_thw=torch.tensor([[1, rows, columns]]))
-        assert counter.get_total_flops() == 2 * vision_macs(vision_geometry(config), rows, columns)
+        assert counter.get_total_flops() == 2 * tower_macs(vision_geometry(config), rows, columns)
 
 
 def test_plan_at_the_published_geometries(tmp_path):
@@ -82,12 +83,13 @@ def test_plan_at_the_published_geometries(tmp_path):
     assert prompt.image_tokens == 252 and len(rows[0].tokens_per_layer) == 36  # 1080x1920 -> 336x588 px: 12x21
 
 
-def test_cli_plans_and_export_refuses(tmp_path):
+def test_cli_plans_and_export_refuses_bad_buckets(tmp_path):
+    """``plan`` from the config alone; ``export`` checks the bucket grids before building the (3B) model."""
     cli = [sys.executable, "-m", "tokensieve"]
     out = subprocess.run([*cli, "plan", "hf:qwen2.5-vl-3b-shapes", "--method", "fastv", "--json"], capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
     assert json.loads(out)["prompt"]["vision_macs"] > 0
-    done = subprocess.run([*cli, "export", "hf:qwen2.5-vl-3b-shapes", "--out", str(tmp_path / "a")],
-                          capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 2 and "does not export yet" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([*cli, "export", "hf:qwen2.5-vl-3b-shapes", "--out", str(tmp_path / "a"), "--buckets",
+                           "16x16,12x13"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "multiples of merge_size 2" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "a").exists()

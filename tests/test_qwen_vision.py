@@ -53,15 +53,15 @@ def test_export_records_lint_and_parity(exported):
     assert description["lint"] == {"vision_10x14.onnx": True, "vision_dynamic.onnx": True}
     assert description["dynamic"] == "vision_dynamic.onnx"
     checked = {(row["graph"], tuple(row["grid"])) for row in description["parity"]}
-    assert checked == {("vision_10x14.onnx", (10, 14)), ("vision_dynamic.onnx", (10, 14)),
-                       ("vision_dynamic.onnx", (12, 14))}  # fmt: skip
+    assert checked == {("vision_10x14", (10, 14)), ("vision_dynamic", (10, 14)),
+                       ("vision_dynamic", (12, 14))}  # fmt: skip
     assert all(row["max_abs_diff"] <= TOLERANCE * row["scale"] for row in description["parity"])
 
 
 def test_images_through_the_bucket_and_the_dynamic_graph(exported):
     """A photo-sized image resized to the bucket runs the bucket graph; at its native grid, the dynamic one."""
     out, tower = exported
-    vision = QwenVision(out, threads=1)
+    vision = QwenVision.from_export(out, threads=1)
     rng = np.random.default_rng(5)
     image = rng.integers(0, 256, (300, 170, 3), dtype=np.uint8)
     for grid in [(10, 14), None]:
@@ -94,8 +94,8 @@ def test_qwen2_vl_bucket(tmp_path):
     """Qwen2-VL has no windows: the graph takes no window tables."""
     description = export_qwen_vision("hf:qwen2-vl-tiny", [(8, 12)], tmp_path / "v", dynamic=False)
     assert description["lint"] == {"vision_8x12.onnx": True} and description["dynamic"] is None
-    assert [row["graph"] for row in description["parity"]] == ["vision_8x12.onnx"]
-    vision = QwenVision(tmp_path / "v")
+    assert [row["graph"] for row in description["parity"]] == ["vision_8x12"]
+    vision = QwenVision.from_export(tmp_path / "v")
     with pytest.raises(InputError, match="no bucket of 10x12 patches and no dynamic graph"):
         vision.features(np.zeros((120, 1176), np.float32), (10, 12))
     with pytest.raises(InputError, match="must be a float32 array"):

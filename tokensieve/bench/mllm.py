@@ -154,10 +154,18 @@ def bench_llava(
 
 
 def _time_vision(artifact, method, options: dict[str, Any], rng: np.random.Generator) -> tuple[float, int]:
-    """The vision graph's median ms on random pixels and the patches it ran (the family's ``bench_tiles``)."""
+    """The vision graph's median ms on random pixels and the patches it ran (the family's ``bench_tiles``); a
+    family with grid-dependent vision graphs (Qwen-VL): one random image of the typical side, preprocessed and
+    encoded (one run)."""
     manifest = artifact.manifest
-    patches = image_family(manifest.host).bench_tiles
+    family = image_family(manifest.host)
     side = manifest.host["image_size"]
+    if family.graphs is not None:
+        images = family.graphs(artifact.path, manifest.graphs, manifest.host, **options)
+        image = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        images.encode(image)
+        return _median_min(time_alternating({"v": lambda: images.encode(image)}, 3, 1)["v"])[0], 1
+    patches = family.bench_tiles
     pixels = rng.standard_normal((patches, 3, *manifest.host.get("crop", (side, side))), dtype=np.float32)
     graphs = [artifact.runner(key, **options) for key in VISION if key in manifest.graphs]
     split = method if method is not None and method.split_vision else None

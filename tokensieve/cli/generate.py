@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 def add_parser(subparsers: options.Subparsers) -> None:
     p = subparsers.add_parser("generate", help="MLLM artifacts: greedy generation from an image and a prompt")
     options.add_dir(p)
-    p.add_argument("--image", help="image file (omit for a text-only prompt)")
+    p.add_argument(
+        "--image", action="append", help="image file (omit for a text-only prompt; repeat it for several images)"
+    )
     p.add_argument("--prompt", required=True, help="the question; put into the chat template unless it has <image>")
     p.add_argument("--max-new-tokens", type=options.NON_NEGATIVE, default=32)
     p.add_argument("--cache", choices=["fixed", "growing"], default="fixed", help="decode graph to use")
@@ -34,9 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from tokensieve.api import load
 
     runner = load(args.dir).llava_runner(cache=args.cache, threads=args.threads)
-    out = runner.generate(
-        args.image, args.prompt, args.max_new_tokens, ignore_eos=args.ignore_eos, template=args.template
-    )
+    image = args.image[0] if args.image and len(args.image) == 1 else args.image
+    out = runner.generate(image, args.prompt, args.max_new_tokens, ignore_eos=args.ignore_eos, template=args.template)
     if args.json:
         print(json.dumps(_info(out), indent=2))
     else:
@@ -53,6 +54,7 @@ def _info(out: Generation) -> dict[str, Any]:
         "stop": out.stop,
         "prompt_tokens": len(out.prompt_ids),
         "image_span": out.image_span,
+        "image_runs": out.image_runs,
         "kept_positions": None if out.kept_positions is None else out.kept_positions.tolist(),
         "cut_counts": None if out.cut_positions is None else [len(c) for c in out.cut_positions],
         "kept_image_tokens": None if out.kept_features is None else len(out.kept_features),

@@ -58,14 +58,19 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def parse_buckets(text: str | None) -> str | list[int] | None:
-    """``--buckets``: ``None``, ``"auto"`` or a list of token counts."""
+def parse_buckets(text: str | None) -> str | list[int] | list[tuple[int, int]] | None:
+    """``--buckets``: ``None``, ``"auto"``, a list of token counts (``64,96,128``) or of grids of patches
+    (``16x16,16x24``: Qwen-VL's vision buckets, rows x columns)."""
     if text is None or text == "auto":
         return text
     try:
+        if "x" in text:
+            return [tuple(int(side) for side in item.split("x", 1)) for item in text.split(",")]
         return [int(t) for t in text.split(",")]
     except ValueError:
-        raise TokensieveError(f"--buckets takes 'auto' or comma-separated token counts, got {text!r}") from None
+        raise TokensieveError(
+            f"--buckets takes 'auto', comma-separated token counts (64,96) or grids (16x16,16x24), got {text!r}"
+        ) from None
 
 
 def parse_dims(texts: list[str]) -> dict[str, tuple[int, int, int]]:

@@ -33,15 +33,14 @@ def add_parser(subparsers: options.Subparsers) -> None:
 
 
 def _is_mllm(source: str) -> bool:
-    """An ``hf:`` MLLM source (an exported family or Qwen-VL) or an MLLM artifact directory."""
+    """An ``hf:`` MLLM source (a preset or checkpoint of an MLLM family) or an MLLM artifact directory."""
     from tokensieve.converters.families import is_mllm_source
-    from tokensieve.converters.qwen_vl import is_qwen_vl_source
 
     manifest = Path(source) / "manifest.json"
     if manifest.is_file():
         return json.loads(manifest.read_text()).get("kind") == "mllm"
     name = source.removeprefix("hf:")
-    return source.startswith("hf:") and (is_mllm_source(name) or is_qwen_vl_source(name))
+    return source.startswith("hf:") and is_mllm_source(name)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 a local checkpoint / config directory) -> its family, config, eager model and host facts.
 
 A family is declared once (:class:`tokensieve.converters.family.MllmFamily`): LLaVA and LLaVA-NeXT in
-:mod:`tokensieve.converters.llava`, InternVL in :mod:`tokensieve.converters.internvl`. Adding one is adding an
+:mod:`tokensieve.converters.llava`, InternVL in :mod:`tokensieve.converters.internvl`, Qwen2-VL and Qwen2.5-VL in
+:mod:`tokensieve.converters.qwen_family`. Adding one is adding an
 entry here (plus its host-side entry in :mod:`tokensieve.runtimes.image_families`).
 """
 
@@ -16,9 +17,10 @@ from tokensieve.converters.family import MllmFamily
 from tokensieve.converters.init import pretrained_or_random
 from tokensieve.converters.internvl import INTERNVL
 from tokensieve.converters.llava import LLAVA, LLAVA_NEXT, BuiltLlava, check_supported, config_model_type
+from tokensieve.converters.qwen_family import QWEN2_5_VL, QWEN2_VL
 from tokensieve.errors import SourceError
 
-FAMILIES: dict[str, MllmFamily] = {family.kind: family for family in (LLAVA, LLAVA_NEXT, INTERNVL)}
+FAMILIES: dict[str, MllmFamily] = {f.kind: f for f in (LLAVA, LLAVA_NEXT, INTERNVL, QWEN2_5_VL, QWEN2_VL)}
 PRESETS: dict[str, MllmFamily] = {name: family for family in FAMILIES.values() for name in family.presets}
 
 
@@ -81,7 +83,7 @@ def build_mllm(name: str, seed: int = 0) -> BuiltLlava:
     host = family.host(model.config, processor)
     if name in PRESETS:
         return BuiltLlava(model, family.kind, family.tokenizer(), host, family)
-    check_supported(name, model)
+    check_supported(name, model, family.rope_rows)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError):

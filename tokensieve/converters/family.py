@@ -19,7 +19,15 @@ class MllmFamily:
 
     ``layout`` is the image-token layout methods are validated against (:class:`DecoderContext`): ``"grid"`` (one
     square grid of patch tokens: LLaVA), ``"anyres"`` (LLaVA-NeXT's thumbnail + unpadded crop grid with row
-    newlines), ``"tiles"`` (InternVL's tiles + thumbnail, each tile's tokens pixel-shuffled)."""
+    newlines), ``"tiles"`` (InternVL's tiles + thumbnail, each tile's tokens pixel-shuffled), ``"mrope"`` (Qwen-VL's
+    merged patch grid of any size, with three-row position ids).
+
+    ``vision_graphs`` replaces the single ``vision`` graph for towers that take a grid-dependent input (Qwen-VL: one
+    static graph per bucket grid and one with a symbolic patch count), for the grids ``buckets(host, given)``
+    resolves (the defaults when ``given`` is ``None``; a typed error for bad ones); ``rope_rows`` is the number of
+    position-id rows the language model's rotary embedding takes (3: mRoPE's temporal, height and width rows): its
+    prefill graph takes ``position_ids [rope_rows, T]`` and its decode graphs add a ``rope_delta`` input to the
+    sequence index."""
 
     kind: str  # the Hugging Face ``model_type``, recorded as the manifest's ``host["kind"]``
     title: str  # its name in messages ("LLaVA-NeXT")
@@ -34,3 +42,7 @@ class MllmFamily:
     image_tokens: Callable[[dict[str, Any]], dict[str, Any]]  # the manifest's ``image_tokens``
     layout: str = "grid"
     tiled: bool = False  # the vision graph takes a symbolic number of tiles / crops
+    # (model, host, opset, grids) -> {graph key: onnx-ir model} when the tower is not one ``vision`` graph
+    vision_graphs: Callable[[Any, dict[str, Any], int, Any], dict[str, Any]] | None = None
+    buckets: Callable[[dict[str, Any], Any], Any] | None = None  # (host, given buckets) -> the grids to export
+    rope_rows: int = 1

@@ -238,21 +238,22 @@ def llava_next_image_tokens(host: dict[str, Any]) -> dict[str, Any]:
     return {"per_crop": crop_tokens(host), "varies_with_image_size": True, "rule": rule}
 
 
-def check_supported(name: str, model: nn.Module) -> None:
+def check_supported(name: str, model: nn.Module, rope_rows: int = 1) -> None:
     """Refuse a checkpoint whose language model the cache graphs cannot run (any family)."""
     config = model.config
     text = config.text_config
-    if not isinstance(config.vision_feature_layer, int):
-        raise SourceError(f"{name}: several vision feature layers ({config.vision_feature_layer}) are not supported")
+    layer = getattr(config, "vision_feature_layer", -1)  # Qwen-VL's tower has no selectable layer
+    if not isinstance(layer, int):
+        raise SourceError(f"{name}: several vision feature layers ({layer}) are not supported")
     if getattr(text, "sliding_window", None):
         raise SourceError(f"{name}: sliding-window attention ({text.model_type}) is not supported by the cache graphs")
     lm = model.model.language_model
     if not all(hasattr(lm, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         raise SourceError(f"{name}: the language model {type(lm).__name__} is not a Llama-style decoder")
-    _check_layers_are_the_forward(name, model)
+    _check_layers_are_the_forward(name, model, rope_rows)
 
 
-def _check_layers_are_the_forward(name: str, model: nn.Module) -> None:
+def _check_layers_are_the_forward(name: str, model: nn.Module, rope_rows: int = 1) -> None:
     """The cache graphs run the language model's layers, final norm and head themselves (``_Decoder``). A model
     whose own forward does more (Granite scales the input embeddings, for one) would export graphs that silently
     disagree with it, so both are compared on a short random prompt and a mismatch is refused."""
@@ -264,7 +265,7 @@ def _check_layers_are_the_forward(name: str, model: nn.Module) -> None:
     with torch.no_grad():
         try:
             expected = model.lm_head(lm(inputs_embeds=embeds, position_ids=positions).last_hidden_state[:, -1])
-            actual = Prefill(model)(embeds, positions)[0]
+            actual = Prefill(model, rope_rows)(embeds, positions.expand(rope_rows, -1))[0]
         except RuntimeError as e:
             raise SourceError(f"{name}: {type(lm).__name__} fails a forward pass: {str(e).splitlines()[0]}") from None
     error = float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
@@ -429,13 +430,17 @@ class _GrowingCache(_RecordingCache):
 
 
 class _Decoder(nn.Module):
-    """Runs the language model's own layers with a given cache object and additive mask."""
+    """Runs the language model's own layers with a given cache object and additive mask. ``rope_rows`` > 1
+    (mRoPE): prefill's ``position_ids [rows, T]`` go to the rotary embedding as ``[rows, 1, T]``; decode graphs take
+    ``rope_delta [1]`` after the caches and rotate the new token at ``position_ids + rope_delta`` (the same on every
+    row), ``position_ids`` staying the sequence index the cache logic reads."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, rope_rows: int = 1):
         super().__init__()
         lm = model.model.language_model
         self.embed, self.layers, self.norm, self.rotary = lm.embed_tokens, lm.layers, lm.norm, lm.rotary_emb
         self.lm_head = model.lm_head
+        self.rope_rows = rope_rows
 
     def run(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache, mask: torch.Tensor | None) -> torch.Tensor:
         position_embeddings = self.rotary(hidden, position_ids=position_ids)
@@ -456,25 +461,28 @@ class Prefill(_Decoder):
         steps = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
         future = steps[None, :] > steps[:, None]  # explicit causal mask: independent of the attention backend
         mask = torch.where(future, torch.finfo(torch.float32).min, 0.0)[None, None]
-        logits = self.run(inputs_embeds, position_ids, cache, mask)
+        rope = position_ids[:, None] if self.rope_rows > 1 else position_ids
+        logits = self.run(inputs_embeds, rope, cache, mask)
         return (logits, *[t for i in range(len(self.layers)) for t in (cache.keys[i], cache.values[i])])
 
 
 class DecodeFixed(_Decoder):
-    def forward(self, input_ids, position_ids, cache_position, caches: tuple[torch.Tensor, ...]):
+    def forward(self, input_ids, position_ids, cache_position, caches: tuple[torch.Tensor, ...], rope_delta=None):
         keys, values = caches[0::2], caches[1::2]
         cache = _FixedCache(keys, values, cache_position)
         capacity = keys[0].shape[2]
         visible = torch.arange(capacity, device=input_ids.device) <= cache_position
         mask = torch.where(visible, 0.0, torch.finfo(torch.float32).min)[None, None, None, :]
-        logits = self.run(self.embed(input_ids), position_ids, cache, mask)
+        rope = position_ids if rope_delta is None else position_ids + rope_delta
+        logits = self.run(self.embed(input_ids), rope, cache, mask)
         return (logits, *[t for i in range(len(self.layers)) for t in (cache.keys[i], cache.values[i])])
 
 
 class DecodeGrowing(_Decoder):
-    def forward(self, input_ids, position_ids, past: tuple[torch.Tensor, ...]):
+    def forward(self, input_ids, position_ids, past: tuple[torch.Tensor, ...], rope_delta=None):
         cache = _GrowingCache(past[0::2], past[1::2])
-        logits = self.run(self.embed(input_ids), position_ids, cache, None)
+        rope = position_ids if rope_delta is None else position_ids + rope_delta
+        logits = self.run(self.embed(input_ids), rope, cache, None)
         return (logits, *[t for i in range(len(self.layers)) for t in (cache.keys[i], cache.values[i])])
 
 
@@ -522,74 +530,94 @@ def export_llava(
     cls_scores: bool = False,
     split_vision: bool = False,
     windows: list[list[int]] | None = None,
+    buckets: Any = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """The graphs of ``built`` as onnx-ir models (``vision``, ``embed``, ``prefill``, ``decode`` and optionally
     ``decode_growing``) and the seconds each export took; ``cls_scores`` adds that output to the vision graph.
     ``split_vision`` (MustDrop) exports ``vision_0`` / ``vision_1`` instead of ``vision`` (:class:`VisionStem` with
-    the similarity of ``windows``, when given, and :class:`VisionTail`)."""
+    the similarity of ``windows``, when given, and :class:`VisionTail`). A family with ``vision_graphs`` (Qwen-VL)
+    exports its own vision graphs for ``buckets`` instead."""
     from tokensieve.converters.export import export_graph
 
-    model = built.model
-    layers, kv_heads, head_dim = cache_geometry(model)
-    hidden = model.config.text_config.hidden_size
-    size = built.host["image_size"]
-    ids = torch.full((1, 8), built.host["image_token_id"] + 1, dtype=torch.long)
-    step = (ids[:, :1], torch.tensor([[8]]))
-    kv_names = [f"{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-    tiled = built.family.tiled  # a variable number of tiles (crops) per image
-    jobs: dict[str, tuple] = {
-        "vision": (
-            built.family.vision(model, cls_scores),
-            (torch.randn(2 if tiled else 1, 3, size, size),),
-            ["pixel_values"],
-            ["image_features", "cls_scores"] if cls_scores else ["image_features"],
-            {"pixel_values": {0: "patches"}} if tiled else None,
-        ),
-        "embed": (TokenEmbedding(model), (ids,), ["input_ids"], ["inputs_embeds"], {"input_ids": {1: "sequence"}}),
-        "prefill": (
-            Prefill(model),
-            (torch.randn(1, 8, hidden), torch.arange(8)[None]),
-            ["inputs_embeds", "position_ids"],
-            ["logits", *[f"present_{n}" for n in kv_names]],
-            {"inputs_embeds": {1: "sequence"}, "position_ids": {1: "sequence"}},
-        ),
-        "decode": (
-            DecodeFixed(model),
-            (*step, torch.tensor([8]), tuple(torch.randn(1, kv_heads, capacity, head_dim) for _ in kv_names)),
-            ["input_ids", "position_ids", "cache_position", *[f"cache_{n}" for n in kv_names]],
-            ["logits", *[f"updated_{n}" for n in kv_names]],
-            None,
-        ),
-    }
-    if split_vision:
-        stem_outputs = ["hidden_states", "window_similarity"] if windows else ["hidden_states"]
-        vision = model.config.vision_config
-        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-        jobs = {
-            "vision_0": (VisionStem(model, windows), jobs["vision"][1], ["pixel_values"], stem_outputs, None),
-            "vision_1": (
-                VisionTail(model),
-                (torch.randn(1, tokens, vision.hidden_size),),
-                ["hidden_states"],
-                ["image_features", "cls_attention"],
-                {"hidden_states": {1: "vision_tokens"}},
-            ),
-            **{key: job for key, job in jobs.items() if key != "vision"},
-        }
-    if growing:
-        jobs["decode_growing"] = (
-            DecodeGrowing(model),
-            (*step, tuple(torch.randn(1, kv_heads, 8, head_dim) for _ in kv_names)),
-            ["input_ids", "position_ids", *[f"past_{n}" for n in kv_names]],
-            ["logits", *[f"present_{n}" for n in kv_names]],
-            {f"past_{n}": {2: "past"} for n in kv_names},
-        )
+    family = built.family
+    jobs = {**_vision_jobs(built, cls_scores, split_vision, windows), **_decoder_jobs(built, capacity, growing)}
     graphs, seconds = {}, {}
+    if family.vision_graphs is not None:
+        start = time.perf_counter()
+        graphs = family.vision_graphs(built.model, built.host, opset, buckets)
+        seconds = dict.fromkeys(graphs, round((time.perf_counter() - start) / max(len(graphs), 1), 2))
     for key, (module, args, inputs, outputs, axes) in jobs.items():
         start = time.perf_counter()
         graphs[key] = export_graph(module, args, inputs, outputs, opset=opset, dynamic_axes=axes)
         seconds[key] = round(time.perf_counter() - start, 2)
     return graphs, seconds
+
+
+def _vision_jobs(built: BuiltLlava, cls_scores: bool, split_vision: bool, windows) -> dict[str, tuple]:
+    """The export jobs of the vision graph (MustDrop: its two halves); none for ``vision_graphs`` families."""
+    model, family = built.model, built.family
+    if family.vision_graphs is not None:
+        return {}
+    size = built.host["image_size"]
+    pixels = (torch.randn(2 if family.tiled else 1, 3, size, size),)  # tiled: a variable number of tiles (crops)
+    outputs = ["image_features", "cls_scores"] if cls_scores else ["image_features"]
+    axes = {"pixel_values": {0: "patches"}} if family.tiled else None
+    if not split_vision:
+        return {"vision": (family.vision(model, cls_scores), pixels, ["pixel_values"], outputs, axes)}
+    stem_outputs = ["hidden_states", "window_similarity"] if windows else ["hidden_states"]
+    vision = model.config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    return {
+        "vision_0": (VisionStem(model, windows), pixels, ["pixel_values"], stem_outputs, None),
+        "vision_1": (
+            VisionTail(model),
+            (torch.randn(1, tokens, vision.hidden_size),),
+            ["hidden_states"],
+            ["image_features", "cls_attention"],
+            {"hidden_states": {1: "vision_tokens"}},
+        ),
+    }
+
+
+def _decoder_jobs(built: BuiltLlava, capacity: int, growing: bool) -> dict[str, tuple]:
+    """The export jobs of the embed, prefill and decode graphs (see the module docstring)."""
+    model, rows = built.model, built.family.rope_rows
+    layers, kv_heads, head_dim = cache_geometry(model)
+    hidden = model.config.text_config.hidden_size
+    ids = torch.full((1, 8), built.host["image_token_id"] + 1, dtype=torch.long)
+    step = (ids[:, :1], torch.tensor([[8]]))
+    kv_names = [f"{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+    delta = ((torch.tensor([3]),), ["rope_delta"]) if rows > 1 else ((), [])  # mRoPE: decode rotates at index + delta
+    jobs: dict[str, tuple] = {
+        "embed": (TokenEmbedding(model), (ids,), ["input_ids"], ["inputs_embeds"], {"input_ids": {1: "sequence"}}),
+        "prefill": (
+            Prefill(model, rows),
+            (torch.randn(1, 8, hidden), torch.arange(8)[None].expand(rows, -1).contiguous()),
+            ["inputs_embeds", "position_ids"],
+            ["logits", *[f"present_{n}" for n in kv_names]],
+            {"inputs_embeds": {1: "sequence"}, "position_ids": {1: "sequence"}},
+        ),
+        "decode": (
+            DecodeFixed(model, rows),
+            (*step, torch.tensor([8]), _caches(kv_heads, capacity, head_dim, len(kv_names)), *delta[0]),
+            ["input_ids", "position_ids", "cache_position", *[f"cache_{n}" for n in kv_names], *delta[1]],
+            ["logits", *[f"updated_{n}" for n in kv_names]],
+            None,
+        ),
+    }
+    if growing:
+        jobs["decode_growing"] = (
+            DecodeGrowing(model, rows),
+            (*step, _caches(kv_heads, 8, head_dim, len(kv_names)), *delta[0]),
+            ["input_ids", "position_ids", *[f"past_{n}" for n in kv_names], *delta[1]],
+            ["logits", *[f"present_{n}" for n in kv_names]],
+            {f"past_{n}": {2: "past"} for n in kv_names},
+        )
+    return jobs
+
+
+def _caches(kv_heads: int, length: int, head_dim: int, count: int) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn(1, kv_heads, length, head_dim) for _ in range(count))
 
 
 def _family(kind: str, **facts: Any) -> MllmFamily:

@@ -21,7 +21,6 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from tokensieve.converters.export import export_graph
 from tokensieve.converters.init import pretrained_or_random
 from tokensieve.converters.qwen_vl import QWEN_VL_PRESETS, QWEN_VL_TYPES, host_config, qwen_vl_config
 from tokensieve.runtimes.qwen_vision import grid_tables
@@ -106,6 +105,8 @@ def example_pixels(grid: tuple[int, int], host: dict, seed: int = 0) -> np.ndarr
 
 def export_bucket(tower: nn.Module, host: dict, grid: tuple[int, int], opset: int = 18) -> ir.Model:
     """The static graph of one bucket grid."""
+    from tokensieve.converters.export import export_graph  # looked up per call (tests memoise the exporter)
+
     module = BucketGraph(VisionGraph(tower), grid_tables(grid, host))
     example = torch.from_numpy(example_pixels(grid, host))
     return export_graph(module, (example,), ["pixel_values"], [OUTPUT], opset=opset)
@@ -114,6 +115,8 @@ def export_bucket(tower: nn.Module, host: dict, grid: tuple[int, int], opset: in
 def export_dynamic(tower: nn.Module, host: dict, grid: tuple[int, int], opset: int = 18) -> ir.Model:
     """The graph with a symbolic patch count (``4*tokens`` patches for ``tokens`` merged tokens), tables as
     inputs; ``grid`` is the example's."""
+    from tokensieve.converters.export import export_graph
+
     tables = grid_tables(grid, host)
     unit = host["merge_size"] ** 2
     args = (torch.from_numpy(example_pixels(grid, host)), *(torch.from_numpy(t) for t in tables.values()))

@@ -64,7 +64,9 @@ def symbol_ranges(artifact, max_batch: int = 32) -> dict[str, tuple[int, int, in
         return ranges
     capacity, image, host = manifest.decoder["capacity"], manifest.image_tokens, manifest.host
     per_image = image.get("count") or image["per_crop"]
-    most = image_family(host).most_tiles(host)  # vision runs of the largest image
+    family = image_family(host)
+    most = family.most_tiles(host)  # vision runs of the largest image
+    ranges |= family.profile_axes(host)  # the family's own vision axes (Qwen-VL's dynamic graph)
     if most > 1:
         ranges["patches"] = (1, min(5, most), most)
     prompt = capacity

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import inspect
 import os
+from typing import Any
 
 from tokensieve.artifact.store import Artifact
-from tokensieve.errors import MethodSpecError, SourceError
+from tokensieve.errors import MethodSpecError
 from tokensieve.exporter.image import export_image
 from tokensieve.methods import REGISTRY, Method, check_target, parse_methods
 
@@ -44,8 +45,7 @@ def export(
     decoder method (``"fastv(k=2, keep=0.5)"``), ``capacity`` = KV-cache slots of the static decode graph,
     ``growing_cache`` adds the growing-cache decode graph.
     """
-    from tokensieve.converters.families import is_mllm_source, supported
-    from tokensieve.converters.qwen_vl import is_qwen_vl_source
+    from tokensieve.converters.families import is_mllm_source
     from tokensieve.converters.sources import parse_source
 
     unknown = sorted(set(options) - set(inspect.signature(export_image).parameters) - {"spec", "methods", "out"})
@@ -53,19 +53,14 @@ def export(
         raise TypeError(f"export() got unexpected keyword argument(s) {', '.join(unknown)}")
     spec = parse_source(source, weights=weights, seed=seed, img_size=img_size)
     methods = _methods(method)
-    if spec.kind == "hf" and is_qwen_vl_source(spec.name):
-        raise SourceError(
-            f"{source}: Qwen2-VL / Qwen2.5-VL does not export yet (`tokensieve plan` takes it); the MLLM families that "
-            f"export are {supported()}, or a local checkpoint of one"
-        )
     if spec.kind == "hf" and is_mllm_source(spec.name):
         from tokensieve.exporter.mllm import export_mllm
 
         check_target(methods, "mllm")
         if len(methods) > 1:
             raise MethodSpecError("an MLLM export takes one decoder method (e.g. 'fastv(k=2, keep=0.5)')")
-        image_only = {  # options of image exports, refused for MLLM sources
-            "--buckets": options.get("buckets"),
+        image_only = {  # options of image exports, refused for MLLM sources (grid buckets: Qwen-VL's vision)
+            "--buckets": options.get("buckets") is not None and not _grids(options["buckets"]),
             "--calibrate": options.get("calibrate"),
             "--img-size": img_size,
             "--dynamic-batch": options.get("dynamic_batch"),
@@ -80,13 +75,25 @@ def export(
             )
         method = methods[0] if methods else None
         return export_mllm(
-            spec, out, method=method, capacity=capacity, opset=opset, growing=growing_cache, lint_target=lint_target
+            spec,
+            out,
+            method=method,
+            capacity=capacity,
+            opset=opset,
+            growing=growing_cache,
+            lint_target=lint_target,
+            buckets=options.get("buckets"),
         )
     if capacity is not None:
         raise MethodSpecError(
             "--capacity applies to MLLM sources (hf:llava-tiny, hf:internvl3-tiny, a checkpoint of an MLLM family)"
         )
     return export_image(spec, methods, out, opset=opset, lint_target=lint_target, **options)
+
+
+def _grids(buckets: Any) -> bool:
+    """Whether ``buckets`` are ``(rows, columns)`` grids (``--buckets 16x16,16x24``) rather than token counts."""
+    return isinstance(buckets, list | tuple) and all(isinstance(b, list | tuple) for b in buckets)
 
 
 def _methods(method: str | Method | list[Method] | None) -> list[Method]:

@@ -56,6 +56,7 @@ from tokensieve.runtimes import FACES as RUNTIME_FACES
 # graphs with symbolic axes: deployable with TensorRT optimization profiles (see `tokensieve lint`)
 DYNAMIC = {
     "vision": "patches (LLaVA-NeXT: thumbnail + crops; InternVL: tiles + thumbnail; from the image's size)",
+    "vision_dynamic": "patches (Qwen-VL: any grid, for ONNX Runtime; TensorRT takes the static bucket graphs)",
     "embed": "sequence",
     "prefill": "sequence",
     "decode_growing": "past (the cache grows by one position per step)",
@@ -71,11 +72,13 @@ def export_mllm(
     opset: int = 18,
     growing: bool = True,
     lint_target: str = "trt10.3",
+    buckets: list | None = None,
 ) -> Artifact:
     from tokensieve.converters.families import build_mllm, default_capacity
     from tokensieve.converters.llava import decoder_geometry, export_llava
     from tokensieve.converters.sources import weights_digest
 
+    buckets = _buckets(spec.name, buckets)  # checked before the (slow) build
     built = build_mllm(spec.name, spec.seed)
     text = built.model.config.text_config
     if capacity is None:  # e.g. H2O needs budget + 1 slots; more would stay unused
@@ -83,9 +86,7 @@ def export_mllm(
     windows = _validate(built, method, capacity)  # before the (slow) export
     growing = growing and (method is None or method.growing_cache)
     split_vision, cls_scores = bool(method and method.split_vision), bool(method and method.cls_scores)
-    graphs, seconds = export_llava(
-        built, capacity, opset, growing, cls_scores=cls_scores, split_vision=split_vision, windows=windows
-    )
+    graphs, seconds = export_llava(built, capacity, opset, growing, cls_scores, split_vision, windows, buckets)
     if method is not None:  # facts the method finds by running its graphs ("settle"), then its graph passes ("export")
         settle = RUNTIME_FACES.lookup("settle", method, None)
         method = method if settle is None else settle(graphs, method)
@@ -133,17 +134,42 @@ def export_mllm(
     return Artifact.load(Path(out))
 
 
+def _buckets(name: str, buckets: list | None) -> list | None:
+    """The vision bucket grids of a family that exports its tower per grid (Qwen-VL: ``buckets`` checked, or the
+    defaults); ``buckets`` given to another family is a :class:`MethodSpecError`."""
+    from tokensieve.converters.families import host_config, mllm_config
+    from tokensieve.errors import MethodSpecError
+
+    config, family, processor = mllm_config(name)
+    if family.buckets is None:
+        if buckets is not None:
+            raise MethodSpecError(f"--buckets (vision grids) apply to Qwen-VL's vision tower, not to {family.title}")
+        return None
+    return family.buckets(host_config(config, family, processor), buckets)
+
+
 def _validate(built, method: DecoderMethod | None, capacity: int) -> list[list[int]] | None:
     """Check ``capacity`` and ``method`` against the model; the vision windows the split vision graph scores."""
-    from tokensieve.errors import SourceError
+    from tokensieve.errors import MethodSpecError, SourceError
 
+    family = built.family
     if capacity < 2:
         raise SourceError(f"--capacity must be at least 2 cache slots, got {capacity}")
     if method is None:
         return None
-    layers, count = built.model.config.text_config.num_hidden_layers, built.family.image_tokens(built.host)
+    if family.vision_graphs is not None and (method.split_vision or method.cls_scores):
+        raise MethodSpecError(
+            f"{method.name} works inside the vision graph, but {family.title}'s vision tower exports as one graph "
+            "per grid bucket; use a decoder-side method (fastv, snapkv, a2sf, h2o, streamingllm, dyvte)"
+        )
+    if family.rope_rows > 1 and method.contiguous_positions:
+        raise MethodSpecError(
+            f"{method.name} renumbers the positions after a cut, but {family.title}'s kept tokens keep their "
+            "multimodal (t, h, w) rotary positions, which cannot be renumbered; use fastv or dyvte"
+        )
+    layers, count = built.model.config.text_config.num_hidden_layers, family.image_tokens(built.host)
     context = DecoderContext(
-        layers, built.kind, built.host["select_strategy"], count.get("count", 0), capacity, built.family.layout
+        layers, built.kind, built.host["select_strategy"], count.get("count", 0), capacity, family.layout
     )
     method.validate(context)
     return method.vision_windows(count.get("count", 0))

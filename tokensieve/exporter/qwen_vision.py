@@ -24,26 +24,14 @@ import numpy as np
 import torch
 
 from tokensieve.artifact.store import replaced_directory, save_shared, versions
+from tokensieve.converters.qwen_family import check_buckets
 from tokensieve.converters.qwen_vision import build_qwen_vl, example_pixels, export_bucket, export_dynamic
 from tokensieve.converters.qwen_vl import QWEN_VL_PRESETS, is_qwen_vl_source
-from tokensieve.errors import ArtifactError, ExportError, InputError, ParityError, SourceError
+from tokensieve.errors import ArtifactError, ExportError, ParityError, SourceError
 from tokensieve.graph_passes.lint import lint
-from tokensieve.runtimes.qwen_vision import DESCRIPTION, QwenVision, bucket_file
+from tokensieve.runtimes.qwen_vision import DESCRIPTION, DYNAMIC, QwenVision, bucket_name
 
-DYNAMIC = "vision_dynamic.onnx"
 TOLERANCE = 1e-4  # max |graph - eager| over max |eager|
-
-
-def _check_buckets(buckets: Sequence[Sequence[int]], host: dict[str, Any]) -> list[tuple[int, int]]:
-    grids = [tuple(int(side) for side in grid) for grid in buckets]
-    merge = host["merge_size"]
-    bad = [g for g in grids if len(g) != 2 or min(g) <= 0 or any(side % merge for side in g)]
-    if not grids or bad:
-        raise InputError(
-            f"buckets must be (rows, columns) of patches, both positive multiples of merge_size {merge}; got "
-            f"{bad or 'none'} (e.g. [(16, 16), (16, 24)])"
-        )
-    return list(dict.fromkeys(grids))
 
 
 def _off_bucket(grids: list[tuple[int, int]], merge: int) -> tuple[int, int]:
@@ -63,8 +51,8 @@ def _target(out: str | os.PathLike) -> Path:
 
 
 def _parity(directory, tower, checks: list[tuple[str, tuple[int, int]]]) -> list[dict]:
-    """Each ``(graph file, grid)`` on ONNX Runtime against the eager tower, on random pixels."""
-    vision = QwenVision(directory, threads=1)
+    """Each ``(graph name, grid)`` on ONNX Runtime against the eager tower, on random pixels."""
+    vision = QwenVision.from_export(directory, threads=1)
     rows = []
     for seed, (graph, grid) in enumerate(checks):
         pixels = example_pixels(grid, vision.host, seed=seed + 1)
@@ -95,14 +83,14 @@ def export_qwen_vision(
         raise SourceError(f"{source} is not a Qwen2-VL / Qwen2.5-VL preset or checkpoint")
     target = _target(out)
     model, host = build_qwen_vl(name, seed)
-    grids = _check_buckets(buckets, host)
+    grids = check_buckets(buckets, host)
     tower = model.model.visual
-    graphs = {bucket_file(grid): export_bucket(tower, host, grid, opset) for grid in grids}
-    reports = {file: lint(graph) for file, graph in graphs.items()}
-    failed = [f"{file}: {report.errors[0]}" for file, report in reports.items() if not report.ok]
+    graphs = {bucket_name(grid): export_bucket(tower, host, grid, opset) for grid in grids}
+    reports = {key: lint(graph) for key, graph in graphs.items()}
+    failed = [f"{key}: {report.errors[0]}" for key, report in reports.items() if not report.ok]
     if failed:
         raise ExportError(f"bucket graphs fail the TensorRT lint: {'; '.join(failed)}")
-    checks = [(file, grid) for file, grid in zip(graphs, grids, strict=True)]
+    checks = [(key, grid) for key, grid in zip(graphs, grids, strict=True)]
     if dynamic:
         graphs[DYNAMIC] = export_dynamic(tower, host, grids[0], opset)
         reports[DYNAMIC] = lint(graphs[DYNAMIC], profiles=True)  # recorded: its axis is a profile axis for TensorRT
@@ -112,12 +100,12 @@ def export_qwen_vision(
         "seed": seed if name in QWEN_VL_PRESETS else None,  # checkpoints carry their weights
         "host": host,
         "buckets": [list(grid) for grid in grids],
-        "dynamic": DYNAMIC if dynamic else None,
-        "lint": {file: report.ok for file, report in reports.items()},
+        "dynamic": f"{DYNAMIC}.onnx" if dynamic else None,
+        "lint": {f"{key}.onnx": report.ok for key, report in reports.items()},
         "versions": versions(),
     }
     with replaced_directory(target, "; choose a writable out") as directory:
-        save_shared(graphs, directory, {file: file for file in graphs})
+        save_shared(graphs, directory, {key: f"{key}.onnx" for key in graphs})
         (directory / DESCRIPTION).write_text(json.dumps(description, indent=1))
         description["parity"] = _parity(directory, tower, checks)
         (directory / DESCRIPTION).write_text(json.dumps(description, indent=1))

@@ -112,7 +112,8 @@ class FastVPass(ir.passes.InPlacePass):
         keep.name = "kept_positions"
 
         stream = typed(b.op("Gather", [cut, keep], "stream", axis=1), [1, kept, cut.shape[2]], real)
-        new_positions = typed(b.op("Gather", [positions, keep], "position_ids", axis=1), [1, kept], positions.dtype)
+        rows = positions.shape[0]  # 1, or mRoPE's 3 rows: kept tokens keep their columns
+        new_positions = typed(b.op("Gather", [positions, keep], "position_ids", axis=1), [rows, kept], positions.dtype)
         graph.extend(b.nodes)
         redirect_uses(cut, stream, uses)
         substitutes = {embeds: stream, positions: new_positions}

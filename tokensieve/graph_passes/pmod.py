@@ -208,7 +208,8 @@ class PModPass(ir.passes.InPlacePass):
         keep.name = group_output(group)
         sub = typed(b.op("Gather", [stream, keep], "processed", axis=1), [1, kept, width], real)
         positions = shared.positions
-        sub_positions = typed(b.op("Gather", [positions, keep], "position_ids", axis=1), [1, kept], positions.dtype)
+        rows = positions.shape[0]
+        sub_positions = typed(b.op("Gather", [positions, keep], "position_ids", axis=1), [rows, kept], positions.dtype)
         base, through = stream, [sub]
         if weight is not None:
             full = self._over_sequence(b, shared, 1.0, weight, seq, real)

@@ -355,7 +355,8 @@ class SparseVLMPass(ir.passes.InPlacePass):
         """Position ids after the cut: the first ``T'`` of ``position_ids`` (contiguous) or the rows' own."""
         dtype = state.positions.dtype
         if not self.method.contiguous_positions:
-            return typed(b.op("Gather", [state.positions, rows], "position_ids", axis=1), [1, after], dtype)
+            gathered = b.op("Gather", [state.positions, rows], "position_ids", axis=1)
+            return typed(gathered, [state.positions.shape[0], after], dtype)
         sliced = b.op("Slice", [state.positions, b.const([0]), _count(b, rows), b.const([1])], "position_ids")
         return typed(sliced, [1, after], dtype)
 

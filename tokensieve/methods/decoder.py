@@ -38,7 +38,8 @@ class DecoderContext:
     image_tokens: int  # image tokens of one image (plain LLaVA; 0 when it varies with the image size)
     capacity: int  # slots of the fixed-capacity decode graph
     # the image-token layout: "grid" (one square patch grid, LLaVA), "anyres" (LLaVA-NeXT's thumbnail + unpadded
-    # crop grid with row newlines), "tiles" (InternVL's tiles + thumbnail, pixel-shuffled)
+    # crop grid with row newlines), "tiles" (InternVL's tiles + thumbnail, pixel-shuffled), "mrope" (Qwen-VL's
+    # merged grid of any size with three-row positions)
     layout: str = "grid"
 
 
@@ -47,6 +48,7 @@ LAYOUT_WORDS = {
     "grid": "this model's image is one square tile (plain LLaVA)",
     "anyres": "LLaVA-NeXT packs a thumbnail and crops",
     "tiles": "InternVL packs tiles and a thumbnail, each tile's patch tokens pixel-shuffled (2x2 patches per token)",
+    "mrope": "Qwen-VL's image is one merged patch grid of any size (2x2 patches per token), with (t, h, w) positions",
 }
 
 
@@ -104,6 +106,7 @@ class DecoderMethod:
     shortens_prompt: ClassVar[bool] = False  # the image run is shortened before prefill (the prompt ids change)
     kept_fields: ClassVar[tuple[str, ...]] = ("kept_positions",)  # result fields parity compares, concatenated
     kept_separated: ClassVar[bool] = False  # each part of the kept fields ended by -1 (parts of different kinds)
+    several_images: ClassVar[bool] = False  # a prompt may hold several images (the method reads no single image run)
 
     @property
     def cuts(self) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ class FastV(DecoderMethod):
 
     k: int = 2
     keep: Fraction = Fraction(1, 2)
+    several_images: ClassVar[bool] = True  # reads the image tokens as a set of positions
     name: ClassVar[str] = "fastv"
     data_dependent: ClassVar[bool] = False
 

@@ -35,6 +35,7 @@ class PromptCacheCompression(DecoderMethod):
     """Base of the prompt-cache compression methods (``budget`` positions per layer and KV head)."""
 
     budget: int = 2048
+    several_images: ClassVar[bool] = True
     name: ClassVar[str] = ""
     data_dependent: ClassVar[bool] = False
     kept_fields: ClassVar[tuple[str, ...]] = ("cache_positions",)  # per layer and KV head

@@ -89,6 +89,7 @@ class RazorAttention(DecoderMethod):
     seed: int = 0
     new_tokens: int = 256
     heads: tuple[Head, ...] | None = None
+    several_images: ClassVar[bool] = True
     name: ClassVar[str] = "razor"
     growing_cache: ClassVar[bool] = False  # two cache lengths per layer live in the fixed decode graph only
     data_dependent: ClassVar[bool] = False

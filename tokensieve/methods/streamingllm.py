@@ -28,6 +28,7 @@ class StreamingLLM(DecoderMethod):
     """Keep ``sink`` attention-sink positions and the most recent ones within the cache capacity."""
 
     sink: int = 4
+    several_images: ClassVar[bool] = True
     name: ClassVar[str] = "streamingllm"
     ring: ClassVar[bool] = True
     evicts: ClassVar[bool] = True

@@ -70,7 +70,7 @@ CASES = "cases.npz"
 @dataclass
 class LlavaParityCase:
     prompt: str
-    image_size: list[int]
+    image_size: list[int]  # of the first image ([0, 0]: text only)
     cache: str
     prompt_tokens: int
     image_tokens: int
@@ -84,6 +84,7 @@ class LlavaParityCase:
     kept_tokens: int | None = None  # FastV, ATP-LLaVA, DyVTE, MustDrop: positions kept after the (last) cut;
     # SnapKV/A2SF: per layer and KV head; H2O: prefill's plus the end's, per layer and KV head
     kept_match: bool | None = None  # the graph's kept positions equal the eager reference's (every cut's)
+    images: int = 1  # images in the prompt
 
     def ok(self, tolerance: float) -> bool:
         kept = self.kept_match is not False
@@ -159,24 +160,29 @@ class Expected:
     """The eager side of one case: what the artifact must reproduce (also what ``golden/cases.npz`` records)."""
 
     prompt: str
-    image: np.ndarray | None  # uint8 [H, W, 3]; None: a text-only prompt
+    image: np.ndarray | list[np.ndarray] | None  # uint8 [H, W, 3] (a list: several images); None: text only
     prompt_ids: np.ndarray  # after placeholder expansion
     logits: np.ndarray  # last prompt position
     ids: list[int]  # greedy new tokens, EOS ignored
     kept: np.ndarray | None  # positions the method keeps (see kept_positions), None for methods that keep none
 
 
-def _expected(model, processor, template: str, method, capacity: int, prompt: str, image, new_tokens: int):
+def _expected(model, processor, host: dict, method, capacity: int, prompt: str, image, new_tokens: int):
     import torch
 
     from tokensieve.reference import FACES
+    from tokensieve.reference.decoding import sequence_rope
 
     if image is None:  # a text-only prompt: the template without its image line
         from tokensieve.runtimes.llava import without_image
 
-        placeholder = getattr(processor, "image_token", "<image>")
-        inputs = processor(text=without_image(template, placeholder).replace("{prompt}", prompt), return_tensors="pt")
+        placeholder = host.get("placeholder", getattr(processor, "image_token", "<image>"))
+        text = without_image(host["template"], placeholder).replace("{prompt}", prompt)
+        inputs = processor(text=text, return_tensors="pt")
     else:
+        count = len(image) if isinstance(image, list) else 1  # several images: the placeholder once per image
+        placeholder = host.get("placeholder", getattr(processor, "image_token", "<image>"))
+        template = host["template"].replace(placeholder, placeholder * count)
         inputs = processor(images=image, text=template.replace("{prompt}", prompt), return_tensors="pt")
     prompt_ids = inputs["input_ids"][0].numpy()
     if method is None:
@@ -184,7 +190,8 @@ def _expected(model, processor, template: str, method, capacity: int, prompt: st
             logits = model(**inputs).logits[0, -1].numpy()
             generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=0)
         return Expected(prompt, image, prompt_ids, logits, generated[0, len(prompt_ids) :].tolist(), None)
-    result = FACES.lookup("reference", method)(model, inputs, method, new_tokens, capacity)
+    with sequence_rope(model, inputs):  # mRoPE: the references' sequence indices rotate at the model's positions
+        result = FACES.lookup("reference", method)(model, inputs, method, new_tokens, capacity)
     if method.shortens_prompt:  # the image run is shortened to the kept (MustDrop: merged) features
         prompt_ids = result.prompt_ids.numpy()
     kept = kept_positions(result, method)
@@ -215,12 +222,14 @@ def _compare(runner, cache: str, case: Expected, method) -> LlavaParityCase:
     if mismatch is None and len(out.ids) != len(case.ids):
         mismatch = min(len(out.ids), len(case.ids))
     scale = float(np.abs(case.logits).max()) or 1.0
+    images = [] if case.image is None else case.image if isinstance(case.image, list) else [case.image]
     return LlavaParityCase(
         prompt=case.prompt,
-        image_size=[0, 0] if case.image is None else list(case.image.shape[:2]),
+        image_size=list(images[0].shape[:2]) if images else [0, 0],
+        images=len(images),
         cache=cache,
         prompt_tokens=len(case.prompt_ids),
-        image_tokens=0 if out.image_span is None else out.image_span[1] - out.image_span[0],
+        image_tokens=sum(end - start for start, end in out.image_runs),
         prompt_ids_match=same_prompt,
         logits_error=float(np.abs(out.prefill_logits - case.logits).max()) / scale,
         new_tokens=len(case.ids),
@@ -280,9 +289,9 @@ def check_llava_parity(
     processor = _hf_processor(manifest.host, tokenizer)
     method = _method(artifact)
     runners = _runners(artifact, caches)
-    template, capacity = manifest.host["template"], manifest.decoder["capacity"]
+    capacity = manifest.decoder["capacity"]
     expected = [
-        _expected(model, processor, template, method, capacity, prompt, image, new_tokens)
+        _expected(model, processor, manifest.host, method, capacity, prompt, image, new_tokens)
         for prompt, image in cases or default_cases(manifest.host, count, seed)
     ]
     results = [_compare(runner, cache, case, method) for case in expected for cache, runner in runners.items()]
@@ -295,9 +304,11 @@ def check_llava_parity(
 def _write_golden(directory, expected: list[Expected]):
     arrays = {}
     for i, case in enumerate(expected):
+        if isinstance(case.image, list):  # several images
+            arrays |= {f"{i}/image_{j}": image for j, image in enumerate(case.image)}
         arrays |= {
             f"{i}/prompt": np.array(case.prompt),
-            f"{i}/image": np.zeros((0, 0, 3), np.uint8) if case.image is None else case.image,
+            f"{i}/image": case.image if isinstance(case.image, np.ndarray) else np.zeros((0, 0, 3), np.uint8),
             f"{i}/prompt_ids": case.prompt_ids,
             f"{i}/logits": case.logits,
             f"{i}/ids": np.array(case.ids, np.int64),
@@ -324,7 +335,7 @@ def _read_cases(golden) -> list[Expected]:
         return [
             Expected(
                 str(data[f"{i}/prompt"]),
-                data[f"{i}/image"] if data[f"{i}/image"].size else None,
+                _golden_image(data, i),
                 data[f"{i}/prompt_ids"],
                 data[f"{i}/logits"],
                 data[f"{i}/ids"].tolist(),
@@ -332,3 +343,11 @@ def _read_cases(golden) -> list[Expected]:
             )
             for i in range(len({k.split("/")[0] for k in data.files}))
         ]
+
+
+def _golden_image(data, case: int) -> np.ndarray | list[np.ndarray] | None:
+    """A recorded case's image: one array, a list of them (``<case>/image_<j>``), or None (text only)."""
+    if data[f"{case}/image"].size:
+        return data[f"{case}/image"]
+    images = [data[f"{case}/image_{j}"] for j in range(len(data.files)) if f"{case}/image_{j}" in data.files]
+    return images or None

@@ -35,11 +35,6 @@ from tokensieve.methods import MLLM_METHODS, describe, parse_methods
 from tokensieve.methods.base import check_target
 from tokensieve.methods.decoder import PlanCost, PlanInput
 from tokensieve.runtimes.image_families import image_family
-from tokensieve.runtimes.qwen_image import image_tokens as qwen_image_tokens
-from tokensieve.runtimes.qwen_image import patch_grid
-
-QWEN_VL_KINDS = ("qwen2_vl", "qwen2_5_vl")
-QWEN_DEFAULT_SIZE = (672, 672)  # 576 image tokens, as many as LLaVA-1.5's, when no --image-size is given
 
 
 @dataclass
@@ -75,9 +70,7 @@ def image_token_count(host: dict[str, Any], size: tuple[int, int] | None = None)
     """``(sequence positions, vision crops)`` of one image of ``size = (height, width)``: LLaVA: fixed, one crop;
     LLaVA-NeXT: thumbnail + unpadded crop grid + a newline per row; InternVL: tiles (+ thumbnail) x tokens per tile
     (default size: the vision input side, square; the family's ``count``);
-    Qwen-VL: the processor's resized grid, merged (default size: :data:`QWEN_DEFAULT_SIZE`), one run."""
-    if host["kind"] in QWEN_VL_KINDS:
-        return qwen_image_tokens(size or QWEN_DEFAULT_SIZE, host), 1
+    Qwen-VL: the processor's resized grid, merged (default size: 672 x 672), one run."""
     return image_family(host).count(host, size)
 
 
@@ -85,12 +78,10 @@ def vision_macs(vision: dict[str, int], host: dict[str, Any], size: tuple[int, i
     """Multiply-accumulates of one vision run. CLIP (LLaVA) and InternViT (InternVL): one crop / tile through the
     patch convolution, the encoder layers up to the feature layer on CLS + patches, the two-layer projector on the
     features it keeps (InternVL: ``merge`` patches folded into one feature by the pixel shuffle). Qwen-VL: the
-    whole image of ``size`` through the tower and merger (:func:`tokensieve.converters.qwen_vl.vision_macs`)."""
-    if host["kind"] in QWEN_VL_KINDS:
-        from tokensieve.converters.qwen_vl import vision_macs as qwen_vision_macs
-
-        _, rows, columns = patch_grid(size or QWEN_DEFAULT_SIZE, host)
-        return qwen_vision_macs(vision, rows, columns)
+    whole image of ``size`` through the tower and merger (its family's ``vision_macs``)."""
+    family = image_family(host)
+    if family.vision_macs is not None:
+        return family.vision_macs(vision, host, size)
     hidden, width = vision["hidden"], vision["projector"]
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
     tokens = patches + 1
@@ -113,11 +104,8 @@ def _source(source: str) -> tuple[dict[str, int], dict[str, int] | None, dict[st
         return decoder, manifest.vision, manifest.host, decoder.pop("capacity")
     from tokensieve.converters.families import default_capacity, host_config, mllm_config
     from tokensieve.converters.llava import decoder_geometry
-    from tokensieve.converters.qwen_vl import is_qwen_vl_source, plan_geometry
 
     name = source.removeprefix("hf:")
-    if is_qwen_vl_source(name):
-        return plan_geometry(name)
     config, family, processor = mllm_config(name)
     text = config.text_config
     host = host_config(config, family, processor)
@@ -204,7 +192,7 @@ def plan_mllm(
     counted, crops = image_token_count(host, image_size)
     if image_tokens is None:
         image_tokens = counted
-    elif image_size is None and (host["kind"] in QWEN_VL_KINDS or image_family(host).varies):
+    elif image_size is None and image_family(host).varies:
         crops = None  # the count does not say which image (LLaVA-NeXT's crops, InternVL's tiles, Qwen-VL's grid)
     for name, value in (("image tokens", image_tokens), ("text tokens", text_tokens), ("new tokens", new_tokens)):
         if value < 0:

@@ -4,15 +4,21 @@
 The decoder layers are the model's own; what a method changes is which positions prefill keeps per layer
 (``select``; :func:`cut_generate` decides from the attention of the layer before each cut) and what the cache holds
 before each step (``evict``).
+
+The loop names positions by their index in the sequence. A model whose rotary positions are not that index (mRoPE:
+three rows per position, an image's tokens at their grid coordinates, text after it shifted by the rope delta) runs
+inside :func:`sequence_rope`, which makes its rotary embedding look the index up in the model's own position table.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from tokensieve.methods.faces import register
 
@@ -31,6 +37,44 @@ def eager_attention(model) -> Iterator[None]:
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+class _TableRotary(nn.Module):
+    """A rotary embedding called with sequence indices ``[1, T']`` that rotates at the columns of ``table [rows,
+    T]`` (indices from ``T`` on: ``index + delta`` on every row); position ids of the model's own shape
+    ``[rows, B, T]`` pass through."""
+
+    def __init__(self, rotary: nn.Module, table: torch.Tensor, delta: int):
+        super().__init__()
+        self.rotary, self.table, self.delta = rotary, table, delta
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        if position_ids.dim() == 3:
+            return self.rotary(x, position_ids)
+        index = position_ids[0]
+        inside = self.table[:, index.clamp(max=self.table.shape[1] - 1)]
+        after = (index + self.delta).expand(self.table.shape[0], -1)
+        return self.rotary(x, torch.where(index < self.table.shape[1], inside, after)[:, None])
+
+
+@contextmanager
+def sequence_rope(model, inputs: dict) -> Iterator[None]:
+    """Inside the block, ``model``'s rotary embedding called with sequence indices rotates at the positions the
+    model itself gives processor ``inputs`` (its ``get_rope_index``: Qwen-VL's mRoPE); models without one are left
+    as they are."""
+    rope_index = getattr(model.model, "get_rope_index", None)
+    if rope_index is None:
+        yield
+        return
+    names = inspect.signature(rope_index).parameters
+    table, delta = rope_index(**{k: v for k, v in inputs.items() if k in names})
+    lm = model.model.language_model
+    original = lm.rotary_emb
+    lm.rotary_emb = _TableRotary(original, table[:, 0], int(delta.reshape(-1)[0]))
+    try:
+        yield
+    finally:
+        lm.rotary_emb = original
 
 
 @torch.no_grad()

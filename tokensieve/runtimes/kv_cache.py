@@ -19,6 +19,8 @@ from tokensieve.methods.h2o import H2O
 from tokensieve.methods.streamingllm import StreamingLLM
 from tokensieve.runtimes.ort import OrtRunner
 
+ROPE_DELTA = "rope_delta"  # mRoPE decode graphs: added to the sequence index where the new token rotates
+
 
 def kv_names(layers: int) -> list[str]:
     return [f"{k}_{i}" for i in range(layers) for k in ("key", "value")]
@@ -36,10 +38,15 @@ def cache_inputs(runner: OrtRunner) -> dict[str, tuple[int, ...]]:
     }
 
 
-def position_feeds(runner: OrtRunner, position: int, dropped: Sequence[int]) -> dict[str, np.ndarray]:
-    """``position_ids`` and, in MustDrop's and SparseVLM's decode graphs, ``pruned_position_ids`` (``_1``, ...: the
-    layers after group ``g``'s cut rotate at their own cache length, ``position - dropped[g]``)."""
+def position_feeds(
+    runner: OrtRunner, position: int, dropped: Sequence[int], rope_delta: int = 0
+) -> dict[str, np.ndarray]:
+    """``position_ids``, ``rope_delta`` where the graph takes it (mRoPE: the new token rotates at ``position +
+    rope_delta``) and, in MustDrop's and SparseVLM's decode graphs, ``pruned_position_ids`` (``_1``, ...: the layers
+    after group ``g``'s cut rotate at their own cache length, ``position - dropped[g]``)."""
     feeds = {"position_ids": np.array([[position]], np.int64)}
+    if ROPE_DELTA in runner.input_names:
+        feeds[ROPE_DELTA] = np.array([rope_delta], np.int64)
     for g, drop in enumerate(dropped):
         if positions_input(g) in runner.input_names:
             feeds[positions_input(g)] = np.array([[position - drop]], np.int64)
@@ -59,7 +66,9 @@ class FixedCacheDecoder:
     positions, and once the ring is full every slot is attended to (input ``visible_slots``). After SnapKV / A2SF
     every layer holds ``offset`` fewer positions than the prompt had: position ``p`` goes to slot ``p - offset``.
     After MustDrop the layers from the first filter layer on also rotate the new token at ``position - dropped[0]``
-    (:func:`position_feeds`)."""
+    (:func:`position_feeds`). ``rope_delta`` (mRoPE) is what generation sets after prefill."""
+
+    rope_delta: int = 0
 
     def __init__(
         self,
@@ -97,7 +106,7 @@ class FixedCacheDecoder:
     def step(self, token: int, position: int) -> np.ndarray:
         """Logits ``[V]`` after feeding ``token`` at ``position`` (written where :meth:`bind_slots` says)."""
         self.binding.bind_cpu_input("input_ids", np.array([[token]], np.int64))
-        for name, value in position_feeds(self.runner, position, self.groups).items():
+        for name, value in position_feeds(self.runner, position, self.groups, self.rope_delta).items():
             self.binding.bind_cpu_input(name, value)
         self.bind_slots(position)
         self.runner.run_binding(self.binding)
@@ -207,7 +216,9 @@ class GrowingCacheDecoder:
     """Steps the growing-cache decode graph: past keys/values in, one-longer present keys/values out. With
     StreamingLLM (``eviction``), the past is cut on the host to ``budget`` positions after prefill and to
     ``budget - 1`` before each step (attention sinks first, then the most recent). ``dropped``: as in
-    :class:`FixedCacheDecoder` (the past lengths say the rest)."""
+    :class:`FixedCacheDecoder` (the past lengths say the rest); ``rope_delta``: as there."""
+
+    rope_delta: int = 0
 
     def __init__(
         self,
@@ -226,7 +237,7 @@ class GrowingCacheDecoder:
         past = [self._keep(t, self.budget - 1) for t in self.past]
         feeds = {
             "input_ids": np.array([[token]], np.int64),
-            **position_feeds(self.runner, position, self.dropped),
+            **position_feeds(self.runner, position, self.dropped, self.rope_delta),
             **dict(zip(self.inputs, past, strict=True)),
         }
         out = self.runner.run(feeds)

@@ -21,6 +21,7 @@ MustDrop's vision runs as ``vision_0`` -> window merge -> ``vision_1`` and gives
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,7 @@ class Generation:
     ids: list[int]  # new tokens, stop token included
     text: str
     prompt_ids: np.ndarray  # [T]: the prompt after placeholder expansion
-    image_span: tuple[int, int] | None  # [start, end) of the image tokens in the sequence
+    image_span: tuple[int, int] | None  # [start, end) of the image tokens in the sequence (of the first image)
     prefill_logits: np.ndarray  # [V] at the last prompt position
     stop: str  # "eos" | "max_new_tokens"
     kept_positions: np.ndarray | None = None  # FastV, ATP-LLaVA, DyVTE, MustDrop: prompt positions after the last cut
@@ -65,26 +66,33 @@ class Generation:
     evicted_positions: np.ndarray | None = None  # H2O: [layers, kv_heads, steps] each step's evicted position (or -1)
     timings_ms: dict[str, float] = field(default_factory=dict)
     forced_logprobs: list[float] | None = None  # with ``forced``: log-probability of each forced token
+    image_runs: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each image's tokens
 
 
 def expand_placeholders(
-    ids: np.ndarray, image_token_id: int, features: int | None, wrap: tuple[int, int] | None = None
+    ids: np.ndarray, image_token_id: int, features: int | Sequence[int] | None, wrap: tuple[int, int] | None = None
 ) -> np.ndarray:
-    """Expand a single image placeholder to ``features`` copies (what the HF processor does), between the ``wrap``
-    ids when the family has them (InternVL's ``<img>`` ... ``</img>``); ids that already carry one placeholder per
-    feature pass unchanged. Any other count is a :class:`PromptError`."""
+    """Expand each image placeholder to its image's ``features`` copies (what the HF processor does; one count per
+    image, in order), between the ``wrap`` ids when the family has them (InternVL's ``<img>`` ... ``</img>``); ids
+    that already carry one placeholder per feature pass unchanged. Any other count is a :class:`PromptError`."""
     where = np.flatnonzero(ids == image_token_id)
     if features is None:
         if len(where):
             raise PromptError(f"the prompt has {len(where)} image placeholder(s) but no image was given")
         return ids
-    if len(where) == 1 and features != 1:
-        run = np.full(features, image_token_id, ids.dtype)
-        run = run if wrap is None else np.concatenate([[wrap[0]], run, [wrap[1]]]).astype(ids.dtype)
-        return np.concatenate([ids[: where[0]], run, ids[where[0] + 1 :]])
-    if len(where) != features:
+    counts = [int(features)] if isinstance(features, int | np.integer) else [int(f) for f in features]
+    if len(where) == len(counts) and counts != [1] * len(counts):
+        pieces, start = [], 0
+        for at, count in zip(where, counts, strict=True):
+            run = np.full(count, image_token_id, ids.dtype)
+            run = run if wrap is None else np.concatenate([[wrap[0]], run, [wrap[1]]]).astype(ids.dtype)
+            pieces += [ids[start:at], run]
+            start = at + 1
+        return np.concatenate([*pieces, ids[start:]])
+    if len(where) != sum(counts):
+        given = f"the image gives {counts[0]}" if len(counts) == 1 else f"the {len(counts)} images give {counts}"
         raise PromptError(
-            f"the prompt has {len(where)} image placeholders but the image gives {features} feature tokens; "
+            f"the prompt has {len(where)} image placeholders but {given} feature tokens; "
             "use exactly one image placeholder per image (it is expanded) or one per feature"
         )
     return ids
@@ -95,13 +103,19 @@ def without_image(template: str, placeholder: str = IMAGE_TOKEN) -> str:
     return template.replace(placeholder + "\n", "").replace(placeholder, "")
 
 
+def image_runs(ids: np.ndarray, image_token_id: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each run of image tokens in ``ids`` (one per image), in order."""
+    image = np.concatenate([[False], ids == image_token_id, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(image))
+    return [(int(a), int(b)) for a, b in zip(edges[0::2], edges[1::2], strict=True)]
+
+
 def image_span(ids: np.ndarray, image_token_id: int) -> tuple[int, int] | None:
-    where = np.flatnonzero(ids == image_token_id)
-    if not len(where):
-        return None
-    if where[-1] - where[0] + 1 != len(where):
+    """``[start, end)`` of the one image's tokens (``None``: no image); several runs are a :class:`PromptError`."""
+    runs = image_runs(ids, image_token_id)
+    if len(runs) > 1:
         raise PromptError("the image placeholders are not contiguous; one image is one run of placeholders")
-    return int(where[0]), int(where[-1]) + 1
+    return runs[0] if runs else None
 
 
 class LlavaRunner:
@@ -134,7 +148,10 @@ class LlavaRunner:
 
         weights = SharedWeights(self.directory / graphs["external_data"]) if "external_data" in graphs else None
         options = {"providers": providers, "threads": threads, "spin": spin, "weights": weights}  # one copy of them
+        family = image_family(self.host)
         self.vision = [OrtRunner(self.directory / graphs[k], **options) for k in VISION if k in graphs]
+        self.images = None if family.graphs is None else family.graphs(self.directory, graphs, self.host, **options)
+        self.positions = family.positions
         self.embed, self.decode = (OrtRunner(self.directory / graphs[k], **options) for k in ("embed", decode_key))
         self.prefill = Prefill(self.directory, manifest, **options)
         self.capacity: int | None = manifest.decoder["capacity"] if cache == "fixed" else None
@@ -142,7 +159,7 @@ class LlavaRunner:
         self.budget: int = manifest.decoder["capacity"]  # positions an evicting cache keeps
         self.vocab: int = manifest.decoder["vocab"]
         newline = self.directory / "image_newline.npy"
-        if image_family(self.host).newline and not newline.is_file():
+        if family.newline and not newline.is_file():
             raise ArtifactError(f"artifact {self.directory} is incomplete: {newline.name} is missing; re-export it")
         self.newline = np.load(newline) if newline.is_file() else None
         from tokenizers import Tokenizer
@@ -171,21 +188,26 @@ class LlavaRunner:
 
     def image_tokens(self, image: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The image's features ``[N, D]`` and what the method chose there: GlobalCom²'s ``kept_features`` (see
-        :func:`tokensieve.runtimes.globalcom2.select_features`), MustDrop's ``merged_windows`` and ``key_set``."""
+        :func:`tokensieve.runtimes.globalcom2.select_features`), MustDrop's ``merged_windows`` and ``key_set``; a
+        family with grid-dependent vision graphs (Qwen-VL) gives the image's ``grid`` instead."""
+        if self.images is not None:
+            features, grid = self.images.encode(image)
+            return features, {"grid": grid}
         pixel_values, size = preprocess(image, self.host)
         tokens = FACES.lookup("image_tokens", self.method)
         return tokens(self.vision, pixel_values, size, self.host, self.newline, self.method)
 
-    def prompt_ids(self, prompt: str, template: str | None = None, image: bool = True) -> np.ndarray:
+    def prompt_ids(self, prompt: str, template: str | None = None, image: bool | int = True) -> np.ndarray:
         """Token ids of ``prompt`` put into the chat template (unless it already holds the image placeholder,
         ``<image>`` for LLaVA); without an ``image`` the template's placeholder line is left out (``USER: {prompt}
-        ASSISTANT:``)."""
+        ASSISTANT:``); ``image = n`` images: the placeholder ``n`` times, one after the other."""
         if self.placeholder not in prompt:
             template = template or self.host["template"]
             if "{prompt}" not in template:
                 raise PromptError(f"the chat template {template!r} has no {{prompt}} for the prompt to go into")
             if not image:
                 template = without_image(template, self.placeholder)
+            template = template.replace(self.placeholder, self.placeholder * int(image))
             prompt = template.replace("{prompt}", prompt)
         return np.asarray(self.tokenizer.encode(prompt).ids, np.int64)
 
@@ -198,11 +220,12 @@ class LlavaRunner:
                 return ids
         raise PromptError(f"input_ids must be a non-empty sequence of integer token ids in 0..{self.vocab - 1}")
 
-    def inputs_embeds(self, ids: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+    def inputs_embeds(self, ids: np.ndarray, features: np.ndarray | Sequence[np.ndarray] | None) -> np.ndarray:
+        """The token embeddings of ``ids`` with each image's ``features`` (one array, or one per image in order) at
+        its run of image tokens."""
         embeds = self.embed.run({"input_ids": ids[None]})["inputs_embeds"]
-        span = image_span(ids, self.host["image_token_id"])
-        if features is not None and span is not None:
-            embeds[0, span[0] : span[1]] = features
+        if features is not None:  # in order over the image tokens, as the models scatter them
+            embeds[0, ids == self.host["image_token_id"]] = np.concatenate(_listed(features))
         return embeds
 
     def check_capacity(self, prompt_length: int, max_new_tokens: int) -> None:
@@ -217,6 +240,19 @@ class LlavaRunner:
                 f"tokens need {needed} cache slots, but the decode graph holds {self.capacity}; shorten the prompt, "
                 "lower max_new_tokens, or re-export with a larger --capacity"
             )
+
+    def _prompt(
+        self, encoded: list[tuple[np.ndarray, dict]], prompt: str, input_ids: Any, template: str | None
+    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """The prompt's ids with each image's placeholder expanded, and the runs of image tokens. Several images
+        are refused for a method that reads one image run (``several_images`` false)."""
+        method = self.method
+        if len(encoded) > 1 and method is not None and not method.several_images:
+            raise PromptError(f"{method.name} takes one image per prompt; give one image, or export without it")
+        ids = self.prompt_ids(prompt, template, image=len(encoded)) if input_ids is None else self._ids(input_ids)
+        counts = [len(features) for features, _ in encoded] or None
+        ids = expand_placeholders(ids, self.host["image_token_id"], counts, self.wrap)
+        return ids, image_runs(ids, self.host["image_token_id"])
 
     # -- generation --------------------------------------------------------------------------------------------
     def generate(
@@ -238,17 +274,18 @@ class LlavaRunner:
         if input_ids is None and not isinstance(prompt, str):
             raise PromptError(f"the prompt must be a str, got {type(prompt).__name__}")
         start = time.perf_counter()
-        features, chosen = self.image_tokens(image) if image is not None else (None, {})
+        images = _listed(image)
+        encoded = [self.image_tokens(one) for one in images]
         t_vision = time.perf_counter()
-        if input_ids is None:
-            ids = self.prompt_ids(prompt, template, image=features is not None)
-        else:
-            ids = self._ids(input_ids)
-        count = None if features is None else len(features)
-        ids = expand_placeholders(ids, self.host["image_token_id"], count, self.wrap)
+        ids, runs = self._prompt(encoded, prompt, input_ids, template)
         self.check_capacity(len(ids), max_new_tokens)
-        span = image_span(ids, self.host["image_token_id"])
-        logits, present, extras = self.prefill(self.inputs_embeds(ids, features), span, chosen.get("key_set"))
+        span = runs[0] if len(runs) == 1 else None  # one image: what the single-image methods read
+        grids = [chosen["grid"] for _, chosen in encoded if "grid" in chosen]
+        positions, rope_delta = self.positions(ids, self.host, grids)
+        chosen = encoded[0][1] if len(encoded) == 1 else {}
+        embeds = self.inputs_embeds(ids, [features for features, _ in encoded] or None)
+        image_positions = np.concatenate([np.arange(*run) for run in runs]) if runs else None
+        logits, present, extras = self.prefill(embeds, span, chosen.get("key_set"), positions, image_positions)
         t_prefill = time.perf_counter()
         stops = set() if ignore_eos else set(stop_ids if stop_ids is not None else [self.host["eos_id"]])
         kept = extras.get("kept_positions")
@@ -256,6 +293,7 @@ class LlavaRunner:
         offset = len(ids) - present[0].shape[2]
         setup = DecodeSetup(self.capacity, dropped, offset, self.budget, self.eviction, extras, max_new_tokens)
         decoder = FACES.lookup("decoder", self.method)(self.decode, present, self.method, setup)
+        decoder.rope_delta = rope_delta  # mRoPE: decoding rotates at the sequence index + this
         new: list[int] = []
         logprobs: list[float] = []
         next_logits, stop = logits, "max_new_tokens"
@@ -276,7 +314,8 @@ class LlavaRunner:
             ids=new,
             text=self.tokenizer.decode(new, skip_special_tokens=True),
             prompt_ids=ids,
-            image_span=span,
+            image_span=runs[0] if runs else None,
+            image_runs=runs,
             prefill_logits=logits,
             stop=stop,
             kept_positions=kept,
@@ -294,6 +333,13 @@ class LlavaRunner:
                 "decode_per_token": 1e3 * (end - t_prefill) / steps if steps > 0 else None,
             },
         )
+
+
+def _listed(images: Any) -> list:
+    """One image or a list / tuple of them as a list (``None``: none)."""
+    if images is None:
+        return []
+    return list(images) if isinstance(images, list | tuple) else [images]
 
 
 @register("image_tokens", DecoderMethod, type(None))

@@ -45,16 +45,24 @@ class Prefill:
         return cls(artifact.path, artifact.manifest, **options)
 
     def __call__(
-        self, embeds: np.ndarray, span: tuple[int, int] | None = None, key_set: np.ndarray | None = None
+        self,
+        embeds: np.ndarray,
+        span: tuple[int, int] | None = None,
+        key_set: np.ndarray | None = None,
+        positions: np.ndarray | None = None,
+        image_positions: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray], dict[str, Any]]:
         """Last-position logits ``[V]``, the keys/values ``[key_0, value_0, key_1, ...]`` of the prompt (SnapKV /
         A2SF / H2O: compressed; MustDrop: shrunk), and the method's outputs: ``kept_positions`` (FastV; SparseVLM,
         ATP-LLaVA, DyVTE, MustDrop: after the last cut) with ``cut_positions`` (the prompt positions kept by each
         cut, a list; SparseVLM's cluster tokens as ``T + n``) and ``group_positions`` (those the layers of each decode
         cache group hold), or ``cache_positions`` (and H2O's ``cache_scores``); ``span`` = the image tokens' ``[start,
-        end)``, ``key_set`` = MustDrop's protected image tokens (indices into the image)."""
+        end)``, ``key_set`` = MustDrop's protected image tokens (indices into the image), ``positions`` = the rotary
+        position ids ``[rows, T]`` (default: one row ``0..T-1``; mRoPE: three), ``image_positions`` = the image
+        tokens' positions when there are several images (default: ``span``'s)."""
         first = self.graphs[0]
-        out = first.run(prefill_feeds(first, embeds, span, self.method))
+        table = text_positions(first, embeds.shape[1]) if positions is None else positions
+        out = first.run(prefill_feeds(first, embeds, span, self.method, table, image_positions))
         extras = {name: out[name] for name in EXTRAS if name in out}
         cuts = _numbered(out, GROUP_OUTPUT) or _numbered(out, CUT_OUTPUT)
         cuts = cuts or [out[k] for k in ("kept_positions",) if k in out]
@@ -63,16 +71,17 @@ class Prefill:
             extras["kept_positions"] = cuts[-1]
         if self.split is None:
             return out["logits"][0], [out[f"present_{n}"] for n in kv_names(self.layers)], extras
-        out, kept = self._segments(out, embeds.shape[1], span or (0, 0), key_set)
+        out, kept = self._segments(out, table, span or (0, 0), key_set)
         extras["cut_positions"], extras["kept_positions"] = kept, kept[-1]
         extras["group_positions"] = [kept[-1]] if self.split.final_cache else kept
         return out["logits"][0], self._present(out, [np.arange(embeds.shape[1]), *kept]), extras
 
     def _segments(
-        self, out: dict[str, np.ndarray], length: int, span: tuple[int, int], key_set: np.ndarray | None
+        self, out: dict[str, np.ndarray], table: np.ndarray, span: tuple[int, int], key_set: np.ndarray | None
     ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-        """Decide, gather, run the next segment; every segment's outputs and the positions kept per cut."""
-        positions, image = np.arange(length), np.arange(*span)
+        """Decide, gather, run the next segment (rotary positions: the columns of ``table`` kept); every segment's
+        outputs and the positions kept per cut."""
+        positions, image = np.arange(table.shape[1]), np.arange(*span)
         merged, kept, rule = dict(out), [], FACES.lookup("prefill_cut", self.split)
         key_set = np.arange(0) if key_set is None else key_set
         for graph in self.graphs[1:]:
@@ -81,7 +90,7 @@ class Prefill:
             positions = new_positions
             kept.append(positions)
             ids = np.arange(len(positions)) if self.split.contiguous_positions else positions
-            feeds = {"hidden_states": out["hidden_states_out"][:, take], "position_ids": ids[None]}
+            feeds = {"hidden_states": out["hidden_states_out"][:, take], "position_ids": table[:, ids]}
             if "image_positions" in graph.input_names:
                 feeds["image_positions"] = np.searchsorted(positions, image)
             out = graph.run(feeds)
@@ -113,15 +122,32 @@ def _numbered(out: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
 
 
 def prefill_feeds(
-    runner: OrtRunner, embeds: np.ndarray, span: tuple[int, int] | None, method: DecoderMethod | None = None
+    runner: OrtRunner,
+    embeds: np.ndarray,
+    span: tuple[int, int] | None,
+    method: DecoderMethod | None = None,
+    positions: np.ndarray | None = None,
+    image_positions: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Inputs of a prefill graph; FastV and SparseVLM graphs and the first ATP-LLaVA / DyVTE / MustDrop segment
-    also take ``image_positions`` (empty without an image); the method's ``"prefill_inputs"`` face adds what else
-    its graph takes (SparseVLM's density noise, Keyformer's Gumbel noise)."""
-    feeds = {"inputs_embeds": embeds, "position_ids": np.arange(embeds.shape[1], dtype=np.int64)[None]}
+    """Inputs of a prefill graph (``positions``: the rotary position ids ``[rows, T]``, default ``0..T-1`` on each
+    of the graph's rows); FastV and SparseVLM graphs and the first ATP-LLaVA / DyVTE / MustDrop segment also take
+    ``image_positions`` (empty without an image); the method's ``"prefill_inputs"`` face adds what else its graph
+    takes (SparseVLM's density noise, Keyformer's Gumbel noise). ``image_positions`` (several images: every
+    image token's position) replaces ``span``'s."""
+    positions = text_positions(runner, embeds.shape[1]) if positions is None else positions
+    feeds = {"inputs_embeds": embeds, "position_ids": positions}
     if "image_positions" in runner.input_names:
-        feeds["image_positions"] = np.arange(*(span or (0, 0)), dtype=np.int64)
+        image = np.arange(*(span or (0, 0))) if image_positions is None else image_positions
+        feeds["image_positions"] = image.astype(np.int64)
+        span = span or (0, len(image))  # what the method's extra inputs count
     return feeds | FACES.lookup("prefill_inputs", method)(runner, embeds, span, method)
+
+
+def text_positions(runner: OrtRunner, length: int) -> np.ndarray:
+    """``0..length-1`` on each of the rows the graph's ``position_ids`` has (mRoPE graphs: three; text positions are
+    the same on every row)."""
+    rows = next(int(i.shape[0]) for i in runner.session.get_inputs() if i.name == "position_ids")
+    return np.broadcast_to(np.arange(length, dtype=np.int64), (rows, length))
 
 
 @register("prefill_inputs", DecoderMethod, type(None))

@@ -33,6 +33,7 @@ from tokensieve.runtimes.llava_image import load_image
 from tokensieve.runtimes.resample import resize_bicubic
 
 MAX_ASPECT = 200  # the processor refuses more elongated images
+DEFAULT_SIZE = (672, 672)  # what ``plan`` assumes without an image size: 576 image tokens, as many as LLaVA-1.5's
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -70,6 +71,11 @@ def image_tokens(size: tuple[int, int], host: dict[str, Any]) -> int:
     """Image tokens (``<|image_pad|>`` positions) of one still image of ``size``."""
     temporal, rows, columns = patch_grid(size, host)
     return temporal * rows * columns // host["merge_size"] ** 2
+
+
+def count(host: dict[str, Any], size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``(image tokens, vision runs)`` of one still image of ``size`` (default :data:`DEFAULT_SIZE`): one run."""
+    return image_tokens(size or DEFAULT_SIZE, host), 1
 
 
 def patchify(image: np.ndarray, host: dict[str, Any]) -> np.ndarray:
