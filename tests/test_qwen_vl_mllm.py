@@ -5,6 +5,8 @@ eager references, typed refusals, ``plan`` and ``bench``."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -12,6 +14,7 @@ from helpers import assert_bench_runs
 
 import tokensieve
 from tokensieve.cli import main
+from tokensieve.converters.families import build_mllm
 from tokensieve.errors import MethodSpecError, PromptError
 from tokensieve.runtimes.mrope import rope_index
 
@@ -123,12 +126,19 @@ def test_bad_input_typed_errors(artifacts, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_qwen2_vl(tmp_path):
-    """Qwen2-VL: no vision windows, the same mRoPE decoder."""
-    artifact = tokensieve.export("hf:qwen2-vl-tiny", out=tmp_path / "q2", buckets=BUCKETS, growing_cache=False)
-    report = artifact.parity(cases=[("Describe it.", _image(90, 250, 5))], caches=("fixed",))
+def test_qwen2_vl_checkpoint_directory(tmp_path):
+    """``hf:PATH`` of a saved Qwen2-VL checkpoint (no vision windows, the same mRoPE decoder): weights, tokenizer
+    and processor config (other pixel bounds and normalisation) are read, and the artifact holds parity."""
+    built = build_mllm("qwen2-vl-tiny")
+    built.model.save_pretrained(tmp_path / "ckpt")
+    built.tokenizer.save_pretrained(tmp_path / "ckpt")
+    processor = {"min_pixels": 8 * 784, "max_pixels": 32 * 784, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (tmp_path / "ckpt" / "preprocessor_config.json").write_text(json.dumps(processor))
+    artifact = tokensieve.export(f"hf:{tmp_path / 'ckpt'}", out=tmp_path / "q2", buckets=[(8, 8)], growing_cache=False)
+    assert artifact.manifest.host["kind"] == "qwen2_vl" and artifact.manifest.host["max_pixels"] == 32 * 784
+    report = artifact.parity(cases=[("Describe it.", _image(120, 260, 5))], caches=("fixed",))
     assert report.ok, report.text()
-    assert artifact.manifest.host["kind"] == "qwen2_vl" and report.cases[0].image_tokens > 0
+    assert report.cases[0].image_tokens == 24  # 8 x 12 patches within the checkpoint's 32 merged tokens
 
 
 def test_plan_and_bench(artifacts, capsys):
