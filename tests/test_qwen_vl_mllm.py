@@ -142,8 +142,15 @@ def test_qwen2_vl_checkpoint_directory(tmp_path):
 
 
 def test_plan_and_bench(artifacts, capsys):
-    """``plan`` on Qwen2.5-VL-7B shapes (config only) and ``bench`` on the tiny artifact (vision: one image)."""
+    """``plan`` on Qwen2.5-VL-7B shapes (config only), ``bench`` on the tiny artifact (vision: one image) and
+    ``inspect --load`` (what each graph costs to load)."""
     assert main(["plan", "hf:qwen2.5-vl-7b-shapes", "--method", "fastv(k=2, keep=0.5)", "--image-size", "448x896"]) == 0
     out = capsys.readouterr().out
     assert "fastv" in out and "512 image" in out  # 16 x 32 merged tokens
     assert_bench_runs(artifacts["fastv"])
+    capsys.readouterr()
+    assert main(["inspect", str(artifacts["fastv"].path), "--load", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["load"]  # per graph: session seconds, weights bound from the shared map
+    graphs = artifacts["fastv"].manifest.graphs
+    assert [r["graph"] for r in rows] == [path for key, path in graphs.items() if key != "external_data"]
+    assert all(r["seconds"] > 0 and r["weights_mib"] > 0 and r["shared"] for r in rows)
