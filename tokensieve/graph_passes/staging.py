@@ -48,7 +48,7 @@ from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.rotary import compose_positions
 from tokensieve.graph_passes.sites import atp
 from tokensieve.graph_passes.sites.common import SiteInput
-from tokensieve.graph_passes.token_bias import mask_mixed, bias_block, bias_pooling_heads, weighted_pooling
+from tokensieve.graph_passes.token_bias import bias_block, bias_pooling_heads, mask_mixed, weighted_pooling
 from tokensieve.methods.base import Method, SiteCount
 
 STAGE_INPUTS = ("tokens", "order_key", "valid", "positions")
@@ -88,6 +88,7 @@ class StagePass(ir.passes.InPlacePass):
         decide = FACES.lookup("site_decision", method)
         readers = PositionReaders.find(model, layout)
         tokens, validity, bias, positions = layout.tokens, None, None, None
+        key_weights = None  # [B, 1, 1, N] validity of the keys, once a selection pads
         prev_shapes: dict[ir.Value, ir.Shape] = {}
         for block in layout.blocks:
             index = site_of.get(block.index)

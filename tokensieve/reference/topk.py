@@ -16,9 +16,9 @@ from tokensieve.reference.sites import SiteContext, SiteResult
 
 
 def score(attention: AttentionTensors, kind: str) -> torch.Tensor:
-    """Scoring step: ``[B, N]`` head-mean post-softmax attention of every token (proportional-attention and
-    relative position biases included, after a talking-heads mix): the CLS query row (``cls``) or the attention received, averaged over query rows
-    (``mean_received``)."""
+    """Scoring step: ``[B, N]`` head-mean attention of every token as it multiplies V (proportional-attention and
+    relative position biases included, after a talking-heads mix): the CLS query row (``cls``) or the attention
+    received, averaged over query rows (``mean_received``)."""
     return attention.probs(1 if kind == "cls" else None).mean(dim=(1, 2))
 
 
