@@ -232,7 +232,7 @@ def _softmax_core(node: ir.Node) -> tuple[ir.Value, ir.Value, list[tuple[ir.Node
                 return None
             return query, key_t, list(reversed(chain)), biases
         if producer.op_type == "Transpose":
-            mix = _head_mix(value, forward=False)
+            mix = _mix_before(value)
             if mix is None:
                 return None
             ops, value = mix
@@ -266,53 +266,58 @@ def _perm(node: ir.Node | None, perm: tuple[int, ...]) -> bool:
     return node is not None and node.op_type == "Transpose" and tuple(node.attributes.get_ints("perm", ())) == perm
 
 
-def _mix_step(value: ir.Value, op_type: str, heads: int) -> tuple[ir.Node, int] | None:
-    """``value``'s producer when it is ``op_type`` of ``value``-like data and a constant over the head axis
-    (MatMul: an ``[H, H]`` weight; Add: an ``[H]`` bias), with the data input's index."""
-    node = value.producer()
+def _mix_step(node: ir.Node | None, op_type: str, heads: int | None) -> tuple[ir.Node, int] | None:
+    """``node`` with its data input's index when it is ``op_type`` of the data and a constant over the head axis
+    (MatMul: an ``[H, H]`` weight, second; Add: an ``[H]`` bias)."""
     if node is None or node.op_type != op_type or len(node.inputs) != 2:
         return None
+    wanted = [heads, heads] if op_type == "MatMul" else [heads]
     for index, const in enumerate(node.inputs):
         dims = _static_dims(const) if _is_constant(const) else None
-        wanted = [heads, heads] if op_type == "MatMul" else [heads]
         if dims == wanted and (op_type == "Add" or index == 1):
             return node, 1 - index
     return None
 
 
-def _head_mix(value: ir.Value, forward: bool) -> tuple[list[tuple[ir.Node, int]], ir.Value] | None:
-    """A linear layer over the head axis of ``[B, H, N, N]`` attention (talking heads): ``Transpose`` to heads last,
-    ``MatMul`` by an ``[H, H]`` weight (+ ``Add`` of an ``[H]`` bias), ``Transpose`` back. ``forward``: the one
-    reading ``value``; else the one producing it. Returns its ops in data order with their data input index, and
-    the value at its other end (None: no such mix)."""
-    if forward:
-        readers = [n for n, _ in value.uses()]
-        if len(readers) != 1 or not _perm(readers[0], _HEADS_LAST):
-            return None
-        ops, end = [(readers[0], 0)], readers[0].outputs[0]
-        for op_type in ("MatMul", "Add"):
-            readers = [n for n, _ in end.uses()]
-            step = _mix_step(readers[0].outputs[0], op_type, _heads(value)) if len(readers) == 1 else None
-            if step is not None and step[0].inputs[step[1]] is end:
-                ops.append(step)
-                end = step[0].outputs[0]
-        readers = [n for n, _ in end.uses()]
-        if len(ops) < 2 or len(readers) != 1 or not _perm(readers[0], _HEADS_BACK):
-            return None
-        return [*ops, (readers[0], 0)], readers[0].outputs[0]
+def _sole_reader(value: ir.Value) -> ir.Node | None:
+    readers = [node for node, _ in value.uses()]
+    return readers[0] if len(readers) == 1 else None
+
+
+def _mix_before(value: ir.Value) -> tuple[list[tuple[ir.Node, int]], ir.Value] | None:
+    """The talking-heads mix producing ``[B, H, N, N]`` ``value``: a linear layer over the head axis (``Transpose``
+    to heads last, ``MatMul`` by an ``[H, H]`` weight, optional ``Add`` of an ``[H]`` bias, ``Transpose`` back).
+    Returns its ops in data order with their data input index, and its input (None: no such mix)."""
     back = value.producer()
     if not _perm(back, _HEADS_BACK):
         return None
     ops, end = [(back, 0)], back.inputs[0]
     for op_type in ("Add", "MatMul"):
-        step = _mix_step(end, op_type, _heads(value))
+        step = _mix_step(end.producer(), op_type, _heads(value))
         if step is not None:
             ops.append(step)
             end = step[0].inputs[step[1]]
-    if len(ops) < 2 or not _perm(end.producer(), _HEADS_LAST):
-        return None
     first = end.producer()
+    if ops[-1][0].op_type != "MatMul" or not _perm(first, _HEADS_LAST):
+        return None
     return [(first, 0), *reversed(ops)], first.inputs[0]
+
+
+def _mix_after(value: ir.Value) -> tuple[list[tuple[ir.Node, int]], ir.Value] | None:
+    """The talking-heads mix that alone reads ``[B, H, N, N]`` ``value`` (as :func:`_mix_before`), and its output."""
+    first = _sole_reader(value)
+    if not _perm(first, _HEADS_LAST):
+        return None
+    ops = [(first, 0)]
+    for op_type in ("MatMul", "Add"):
+        end = ops[-1][0].outputs[0]
+        step = _mix_step(_sole_reader(end), op_type, _heads(value))
+        if step is not None and step[0].inputs[step[1]] is end:
+            ops.append(step)
+    back = _sole_reader(ops[-1][0].outputs[0])
+    if len(ops) < 2 or ops[1][0].op_type != "MatMul" or not _perm(back, _HEADS_BACK):
+        return None
+    return [*ops, (back, 0)], back.outputs[0]
 
 
 def _heads(value: ir.Value) -> int | None:
@@ -490,7 +495,7 @@ def _attention_cores(graph: ir.Graph) -> list[_Core]:
             core = _softmax_core(node)
             if core is not None:
                 query, key_t, chain, biases = core
-                mix = _head_mix(node.outputs[0], forward=True)
+                mix = _mix_after(node.outputs[0])
                 ops, probs = mix if mix is not None else ([], node.outputs[0])
                 cores.append(_Core(node, query, key_t, True, chain, None, probs, tuple(biases), tuple(ops)))
         elif node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
