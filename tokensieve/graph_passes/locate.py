@@ -9,7 +9,10 @@ What it finds, per block (in topological order):
   which are recorded so a pass can replay them on a subset of query rows), or a fused ONNX ``Attention`` op with
   4-D Q/K/V; an ``Add`` in that chain of a position bias that does not depend on the image (``[..., N, N]``, a
   constant or computed from weights only: BEiT's relative position bias gathered from its table) is part of the
-  chain and is recorded as the block's ``position_bias``;
+  chain and is recorded as the block's ``position_bias``; a talking-heads mix (a linear layer over the head axis:
+  ``Transpose`` to heads last, ``MatMul`` by an ``[H, H]`` weight, ``Add`` of its bias, ``Transpose`` back) before
+  the ``Softmax`` is part of the chain too, and one after it is recorded as the block's ``mix_ops``, its output as
+  the block's ``probs`` (the attention that multiplies V);
 * further ``Softmax`` maps of the same ``[B, H, N, N]`` shape closing the same residual branch (differential
   attention, ``A1 - lambda * A2``): recorded as the block's ``maps``; the first map is the block's attention;
 * the residual stream entering the block ``[B, N, C]`` and the residual ``Add`` that closes the attention branch:
@@ -61,6 +64,9 @@ class AttentionBlock:
     # further Softmax maps of the same shape combined into this block's branch (differential attention: A1 - l*A2);
     # token scores read ``attention`` (the first map), logit biases go to every map
     maps: list[ir.Node] = field(default_factory=list)
+    # talking heads: the ops after the Softmax that mix its heads (Transpose, MatMul/Add of an [H, H] weight,
+    # Transpose), with data input index; ``probs`` is then their output, the attention that multiplies V
+    mix_ops: list[tuple[ir.Node, int]] = field(default_factory=list)
 
     @property
     def attention_maps(self) -> list[ir.Node]:
@@ -103,6 +109,9 @@ class ViTLayout:
     token_axis: int = 1
     notes: list[str] = field(default_factory=list)
     pooling_attention: list[ir.Node] = field(default_factory=list)  # Softmax / Attention of pooling heads
+    # tokens joined in front of the blocks' output before a pooling attention reads it (CaiT's class token enters
+    # only its class-attention blocks); such a pooling attention has ``late + N`` keys, the late ones first
+    late: int = 0
 
     @property
     def depth(self) -> int:
@@ -222,6 +231,13 @@ def _softmax_core(node: ir.Node) -> tuple[ir.Value, ir.Value, list[tuple[ir.Node
             if qd is None or kd is None or len(qd) != 4 or len(kd) != 4 or qd[-1] != kd[-2]:
                 return None
             return query, key_t, list(reversed(chain)), biases
+        if producer.op_type == "Transpose":
+            mix = _mix_before(value)
+            if mix is None:
+                return None
+            ops, value = mix
+            chain.extend(reversed(ops))
+            continue
         if producer.op_type not in _SCALE_OPS:
             return None
         data = [v for v in producer.inputs if v is not None and not _is_constant(v)]
@@ -241,6 +257,72 @@ def _softmax_core(node: ir.Node) -> tuple[ir.Value, ir.Value, list[tuple[ir.Node
             return None
         chain.append((producer, list(producer.inputs).index(data[0])))
         value = data[0]
+
+
+_HEADS_LAST, _HEADS_BACK = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
+def _perm(node: ir.Node | None, perm: tuple[int, ...]) -> bool:
+    return node is not None and node.op_type == "Transpose" and tuple(node.attributes.get_ints("perm", ())) == perm
+
+
+def _mix_step(node: ir.Node | None, op_type: str, heads: int | None) -> tuple[ir.Node, int] | None:
+    """``node`` with its data input's index when it is ``op_type`` of the data and a constant over the head axis
+    (MatMul: an ``[H, H]`` weight, second; Add: an ``[H]`` bias)."""
+    if node is None or node.op_type != op_type or len(node.inputs) != 2:
+        return None
+    wanted = [heads, heads] if op_type == "MatMul" else [heads]
+    for index, const in enumerate(node.inputs):
+        dims = _static_dims(const) if _is_constant(const) else None
+        if dims == wanted and (op_type == "Add" or index == 1):
+            return node, 1 - index
+    return None
+
+
+def _sole_reader(value: ir.Value) -> ir.Node | None:
+    readers = [node for node, _ in value.uses()]
+    return readers[0] if len(readers) == 1 else None
+
+
+def _mix_before(value: ir.Value) -> tuple[list[tuple[ir.Node, int]], ir.Value] | None:
+    """The talking-heads mix producing ``[B, H, N, N]`` ``value``: a linear layer over the head axis (``Transpose``
+    to heads last, ``MatMul`` by an ``[H, H]`` weight, optional ``Add`` of an ``[H]`` bias, ``Transpose`` back).
+    Returns its ops in data order with their data input index, and its input (None: no such mix)."""
+    back = value.producer()
+    if not _perm(back, _HEADS_BACK):
+        return None
+    ops, end = [(back, 0)], back.inputs[0]
+    for op_type in ("Add", "MatMul"):
+        step = _mix_step(end.producer(), op_type, _heads(value))
+        if step is not None:
+            ops.append(step)
+            end = step[0].inputs[step[1]]
+    first = end.producer()
+    if ops[-1][0].op_type != "MatMul" or not _perm(first, _HEADS_LAST):
+        return None
+    return [(first, 0), *reversed(ops)], first.inputs[0]
+
+
+def _mix_after(value: ir.Value) -> tuple[list[tuple[ir.Node, int]], ir.Value] | None:
+    """The talking-heads mix that alone reads ``[B, H, N, N]`` ``value`` (as :func:`_mix_before`), and its output."""
+    first = _sole_reader(value)
+    if not _perm(first, _HEADS_LAST):
+        return None
+    ops = [(first, 0)]
+    for op_type in ("MatMul", "Add"):
+        end = ops[-1][0].outputs[0]
+        step = _mix_step(_sole_reader(end), op_type, _heads(value))
+        if step is not None and step[0].inputs[step[1]] is end:
+            ops.append(step)
+    back = _sole_reader(ops[-1][0].outputs[0])
+    if len(ops) < 2 or ops[1][0].op_type != "MatMul" or not _perm(back, _HEADS_BACK):
+        return None
+    return [*ops, (back, 0)], back.outputs[0]
+
+
+def _heads(value: ir.Value) -> int | None:
+    dims = _static_dims(value)
+    return dims[1] if dims is not None and len(dims) == 4 else None
 
 
 def _fused_core(node: ir.Node) -> tuple[ir.Value, ir.Value, float | None] | None:
@@ -358,6 +440,7 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
         notes.append(f"special tokens: {specials} ({how})")
     elif not 0 <= specials < tokens:
         raise LocateError(f"specials={specials} is out of range for {tokens} tokens")
+    late = _late_tokens(graph, blocks[-1], int(tokens))
     return ViTLayout(
         blocks=blocks,
         tokens=int(tokens),
@@ -366,7 +449,8 @@ def locate_vit(model: ir.Model, specials: int | None = None) -> ViTLayout:
         batch=first[0],
         uses_metadata=uses_metadata,
         notes=notes,
-        pooling_attention=_pooling_attention(graph, blocks[-1], int(tokens), specials),
+        pooling_attention=_pooling_attention(graph, blocks[-1], int(tokens), specials, late),
+        late=late,
     )
 
 
@@ -384,7 +468,7 @@ def _unmatched(graph: ir.Graph) -> str | None:
             return (
                 f"Softmax {node.name!r} over {dims} logits is reached through {producer.op_type} node "
                 f"{producer.name!r}, not from the Q·Kᵀ MatMul through scaling ops; attention that mixes heads "
-                "around the Softmax (talking heads, CaiT) is not supported"
+                "around the Softmax is supported only as a linear layer over the head axis (talking heads)"
             )
     return None
 
@@ -398,8 +482,9 @@ class _Core(NamedTuple):
     transposed: bool
     chain: list[ir.Node]  # logit ops between the QK MatMul and the Softmax
     scale: float | None  # a fused op's scale attribute
-    probs: ir.Value | None  # the attention probabilities (Softmax cores)
+    probs: ir.Value | None  # the attention probabilities (Softmax cores; after a talking-heads mix, its output)
     position_bias: tuple[tuple[ir.Node, int], ...] = ()  # position-bias Adds among the logit ops, the bias index
+    mix_ops: tuple[tuple[ir.Node, int], ...] = ()  # a talking-heads mix after the Softmax
 
 
 def _attention_cores(graph: ir.Graph) -> list[_Core]:
@@ -410,7 +495,9 @@ def _attention_cores(graph: ir.Graph) -> list[_Core]:
             core = _softmax_core(node)
             if core is not None:
                 query, key_t, chain, biases = core
-                cores.append(_Core(node, query, key_t, True, chain, None, node.outputs[0], tuple(biases)))
+                mix = _mix_after(node.outputs[0])
+                ops, probs = mix if mix is not None else ([], node.outputs[0])
+                cores.append(_Core(node, query, key_t, True, chain, None, probs, tuple(biases), tuple(ops)))
         elif node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
             fused = _fused_core(node)
             if fused is not None:
@@ -422,7 +509,7 @@ def _attention_cores(graph: ir.Graph) -> list[_Core]:
 def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | None, bool]:
     """The residual block around one attention core (``None`` without a residual stream around it), and whether the
     exporter's name-scope metadata named it."""
-    node, query, key, transposed, chain, scale, probs, position_bias = core
+    node, query, key, transposed, chain, scale, probs, position_bias, mix_ops = core
     found = _residual_add(node.outputs[0], _ancestors(query))
     if found is None:
         return None, False
@@ -458,6 +545,7 @@ def _block(core: _Core, blocks: list[AttentionBlock]) -> tuple[AttentionBlock | 
         head_dim=int(qd[-1]),
         tokens=int(sd[1]),
         position_bias=list(position_bias),
+        mix_ops=list(mix_ops),
     )
     return block, attn_scope is not None
 
@@ -466,7 +554,8 @@ def _add_map(block: AttentionBlock, core: _Core) -> None:
     """A further attention map feeding ``block``'s residual branch (differential attention): accepted when both
     are decomposed ``Softmax`` maps of the same ``[B, H, N, N]`` shape."""
     node = core.node
-    if block.fused or node.op_type != "Softmax" or node.outputs[0].shape != block.attention.outputs[0].shape:
+    mixed = block.mix_ops or core.mix_ops
+    if block.fused or node.op_type != "Softmax" or node.outputs[0].shape != block.attention.outputs[0].shape or mixed:
         raise LocateError(
             f"block {block.name} has attention maps of different kinds or shapes feeding one residual branch "
             f"({block.attention.name!r}, {node.name!r}); only maps of one [B, H, N, N] shape can be combined"
@@ -485,12 +574,30 @@ def pooling_keys(node: ir.Node) -> tuple[int | str | None, int | str | None] | N
     return (query[-2], key[-2]) if query and key and len(query) == len(key) == 4 else None
 
 
-def _pooling_attention(graph: ir.Graph, last: AttentionBlock, tokens: int, specials: int) -> list[ir.Node]:
+def _late_tokens(graph: ir.Graph, last: AttentionBlock, tokens: int) -> int:
+    """Tokens a token-axis ``Concat`` after the last block puts in front of the blocks' ``N`` output tokens (its
+    last input, downstream of the last block): CaiT's class token, which joins for its class-attention blocks."""
+    downstream = {last.post_attention}
+    for node in graph:
+        if any(v in downstream for v in node.inputs if v is not None):
+            downstream.update(node.outputs)
+        dims = _static_dims(node.outputs[0]) if node.op_type == "Concat" and node.outputs else None
+        if dims is None or len(dims) != 3 or node.attributes.get_int("axis", 0) not in (1, -2):
+            continue
+        end = _static_dims(node.inputs[-1])
+        if node.inputs[-1] in downstream and end is not None and end[1] == tokens and isinstance(dims[1], int):
+            return dims[1] - tokens
+    return 0
+
+
+def _pooling_attention(
+    graph: ir.Graph, last: AttentionBlock, tokens: int, specials: int, late: int = 0
+) -> list[ir.Node]:
     """Softmax nodes (or fused ``Attention`` ops) after the last block that attend from a few learned queries over
-    the N tokens, or over the N - S tokens after the special ones (MAP heads: HF SigLIP's, timm's
-    ``global_pool='map'``)."""
+    the N tokens, over the N - S tokens after the special ones (MAP heads: HF SigLIP's, timm's
+    ``global_pool='map'``), or over ``late`` tokens joined in front of the N (CaiT's class attention)."""
     upstream = _ancestors(last.post_attention)
-    keys = {tokens, tokens - specials}
+    keys = {tokens, tokens - specials} | ({tokens + late} if late else set())
     found = []
     for node in graph:
         if node.op_type not in ("Softmax", "Attention") or node.inputs[0] in upstream:

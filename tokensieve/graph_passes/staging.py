@@ -48,7 +48,7 @@ from tokensieve.graph_passes.propagate import propagate_shapes
 from tokensieve.graph_passes.rotary import compose_positions
 from tokensieve.graph_passes.sites import atp
 from tokensieve.graph_passes.sites.common import SiteInput
-from tokensieve.graph_passes.token_bias import bias_block, bias_pooling_heads, weighted_pooling
+from tokensieve.graph_passes.token_bias import bias_block, bias_pooling_heads, mask_mixed, weighted_pooling
 from tokensieve.methods.base import Method, SiteCount
 
 STAGE_INPUTS = ("tokens", "order_key", "valid", "positions")
@@ -88,6 +88,7 @@ class StagePass(ir.passes.InPlacePass):
         decide = FACES.lookup("site_decision", method)
         readers = PositionReaders.find(model, layout)
         tokens, validity, bias, positions = layout.tokens, None, None, None
+        key_weights = None  # [B, 1, 1, N] validity of the keys, once a selection pads
         prev_shapes: dict[ir.Value, ir.Shape] = {}
         for block in layout.blocks:
             index = site_of.get(block.index)
@@ -95,6 +96,7 @@ class StagePass(ir.passes.InPlacePass):
                 continue  # upstream of the cut: removed below
             if bias is not None:
                 bias_block(model, block, bias, f"tokensieve/valid{block.index}", "padding_mask")
+                mask_mixed(model, block, key_weights, f"tokensieve/valid{block.index}_mixed")
             readers.follow(model, block, positions, S)
             if index is None:
                 continue
@@ -127,6 +129,7 @@ class StagePass(ir.passes.InPlacePass):
             if readers.after(block.index):  # later blocks read position tables or biases: they follow the slots
                 positions = compose_positions(b, positions, origin, S)
             bias = atp.key_bias(b, validity, h.dtype)
+            key_weights = b.unsqueeze(b.op("Cast", [validity], to=h.dtype), [1, 2])
             b.insert_after(block.residual_add)
             redirect_uses(h, out, uses)
             prev_shapes[out] = h.shape

@@ -61,6 +61,22 @@ def bias_block(model: ir.Model, block: AttentionBlock, bias: ir.Value, name: str
         add_logit_bias(model, node, bias, f"{name}_map{j}" if j else name, purpose)
 
 
+def mask_mixed(model: ir.Model, block: AttentionBlock, weights: ir.Value, name: str) -> None:
+    """``weights [B, 1, 1, N]`` (1 on valid keys, 0 on padding) times the attention of a talking-heads ``block``
+    after its post-softmax mix (a no-op without one): the mix adds its bias to every key, padding keys included,
+    which a logit bias cannot remove."""
+    if not block.mix_ops:
+        return
+    b = NodeBuilder(model, name, {"tokensieve.method": "padding_mask"})
+    probs = block.probs
+    uses = list(probs.uses())
+    masked = b.op("Mul", [probs, weights], "mixed")
+    b.graph.insert_after(probs.producer(), b.nodes)
+    for node, index in uses:
+        node.replace_input_with(index, masked)
+    block.probs = masked
+
+
 def folded_heads(dim: int | ir.SymbolicDim, batch: int | str | None) -> int:
     """H from the ``B*H`` leading dim of folded-head logits (static batch, or a ``batch*H`` symbol)."""
     if isinstance(dim, int) and isinstance(batch, int):
@@ -73,18 +89,22 @@ def folded_heads(dim: int | ir.SymbolicDim, batch: int | str | None) -> int:
 
 def bias_pooling_heads(model: ir.Model, layout: ViTLayout, bias: ir.Value, purpose: str) -> None:
     """``bias [B, 1, 1, N]`` on every attention-pooling head; a head that pools the tokens after the special ones
-    (timm's MAP head on a ViT with a CLS token) gets the bias of those tokens only. Call before shapes are
-    re-inferred: the head's logits still hold the unreduced token count."""
-    S, N0 = layout.specials, layout.tokens
+    (timm's MAP head on a ViT with a CLS token) gets the bias of those tokens only, one that attends over tokens
+    joined in front of them (CaiT's class attention) gets 0 on those. Call before shapes are re-inferred: the head's
+    logits still hold the unreduced token count."""
+    S, N0, late = layout.specials, layout.tokens, layout.late
     for i, node in enumerate(layout.pooling_attention):
         dims = node.inputs[0].shape
         folded = node.op_type == "Softmax" and dims is not None and len(dims) == 3
         heads = folded_heads(dims[0], layout.batch) if folded else None
         name = f"tokensieve/{purpose}_pool{i}"
-        keys = bias
-        if S and (pooling_keys(node) or (None, None))[1] == N0 - S:
-            b = NodeBuilder(model, f"{name}_patches", {"tokensieve.method": purpose})
-            keys = b.slice(bias, S, 2**62, axis=3)
+        keys, count = bias, (pooling_keys(node) or (None, None))[1]
+        if (S and count == N0 - S) or (late and count == N0 + late):
+            b = NodeBuilder(model, f"{name}_keys", {"tokensieve.method": purpose})
+            if count == N0 - S:
+                keys = b.slice(bias, S, 2**62, axis=3)
+            else:
+                keys = b.op("Pad", [bias, b.const([0, 0, 0, late, 0, 0, 0, 0], "late_pads")])
             b.graph.insert_before(node, b.nodes)
         add_logit_bias(model, node, keys, name, purpose, heads=heads)
 

@@ -58,6 +58,9 @@ class BlockSpec:
     bias_module: str | None = None
     forwarded: tuple[str, ...] = ()
     block_returns_tuple: bool = False  # the block returns ``(hidden_states, ...)`` (HF Data2Vec-vision's layer)
+    # attention whose queries and keys no submodule gives alone (timm's talking heads: one ``qkv`` projection):
+    # ``capture(attention, x, host bias)`` runs the attention's own forward and returns (output, its tensors)
+    capture: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], tuple] | None = None
 
 
 _TIMM = BlockSpec(
@@ -120,6 +123,35 @@ def _post_norm(spec: BlockSpec) -> BlockSpec:
     """Residual post-norm blocks (``x + norm1(attn(x))``, ``x + norm2(mlp(x))``): the norms close each branch, in the
     place of LayerScale."""
     return replace(spec, norm1=None, ls1=spec.norm1, norm2=None, ls2=spec.norm2)
+
+
+def _head_mix(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A linear layer over the head axis of ``[B, H, r, N]`` maps, as timm's talking heads apply it."""
+    return lambda t: linear(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def talking_heads(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """timm ``TalkingHeadAttn``'s own forward, Q and K read from its ``qkv`` projection; the host's ``[B, 1, 1, N]``
+    bias (proportional attention) is added to the output of its pre-softmax head mix ``proj_l``, right before the
+    softmax, where the graph adds it."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def split(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        b, n, _ = out.shape
+        qkv = out.reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        captured.update(q=qkv[0], k=qkv[1])
+
+    def biased(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        return None if bias is None else out + bias.permute(0, 2, 3, 1)  # logits laid out [B, N, N, H]
+
+    hooks = [attn.qkv.register_forward_hook(split), attn.proj_l.register_forward_hook(biased)]
+    try:
+        out = attn(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    mixes = {"premix": _head_mix(attn.proj_l), "postmix": _head_mix(attn.proj_w)}
+    return out, AttentionTensors(captured["q"], captured["k"], float(attn.scale), bias, **mixes)
 
 
 _HF_VIT = BlockSpec(
@@ -197,6 +229,11 @@ BLOCK_SPECS: dict[str, BlockSpec] = {
     "DeepseekVitBlock": replace(_TIMM_EVA, ls1=None, ls2=None),  # Eva's rope attention, no LayerScale
     "RelPosBlock": _TIMM_RELPOS,
     "ResPostRelPosBlock": _post_norm(_TIMM_RELPOS),
+    # timm CaiT's patch blocks: talking-heads attention, LayerScale as gamma parameters (its class-attention blocks
+    # run after them, on the reduced tokens, as the model's own code)
+    "LayerScaleBlock": replace(
+        _TIMM_EVA, attention_classes=frozenset({"TalkingHeadAttn"}), rope=None, rotate=None, capture=talking_heads
+    ),
     "timm.models.beit.Block": _TIMM_BEIT,  # module-qualified: timm's ViT block has the same class name
     "ViTLayer": _HF_VIT,
     "BeitLayer": _HF_BEIT,
@@ -285,6 +322,21 @@ class AttentionTensors:
     # added to the logits: [B, 1, 1, N] log token sizes (proportional attention), or the whole [B or 1, H, N, N]
     # logit bias of a block with a relative position bias (rows: the query rows); None: no bias
     bias: torch.Tensor | None = None
+    # talking heads: the attention's own mixes over the head axis of ``[B, H, r, N]`` maps, before the softmax
+    # (the bias is added after it, right before the softmax) and after it (None: no mix)
+    premix: Callable[[torch.Tensor], torch.Tensor] | None = None
+    postmix: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def probs(self, rows: int | None = None) -> torch.Tensor:
+        """``[B, H, r, N]`` attention of the first ``rows`` query rows (None: all) as it multiplies V: the logits,
+        the pre-softmax mix, the bias, softmax, the post-softmax mix."""
+        q = self.query if rows is None else self.query[:, :, :rows]
+        logits = (q * self.scale) @ self.key.transpose(-2, -1)
+        logits = self.premix(logits) if self.premix is not None else logits
+        if self.bias is not None:
+            logits = logits + self.bias[..., : q.shape[-2], :]  # a [.., N, N] bias: the query rows'
+        probs = torch.softmax(logits, dim=-1)
+        return self.postmix(probs) if self.postmix is not None else probs
 
 
 class BlockHost(Protocol):
@@ -328,7 +380,10 @@ class ReducingBlock(nn.Module):
         x = self.host.enter(given)
         spec, attn = self.spec, getattr(self.block, self.spec.attn)
         normed = self._part(spec.norm1)(x)
-        out, attention = (self._relpos_attention if spec.relpos else self._hooked_attention)(attn, normed, kwargs)
+        if spec.capture is not None:
+            out, attention = spec.capture(attn, normed, self.host.attention_bias())
+        else:
+            out, attention = (self._relpos_attention if spec.relpos else self._hooked_attention)(attn, normed, kwargs)
         if spec.attn_returns_tuple:
             out = out[0]
         h = x + self._part(spec.ls1)(out)
@@ -514,15 +569,19 @@ def _size_scaled(head: Callable, host: BlockHost, averages: Callable[[], bool]) 
 
 
 # Attention-pooling heads that attend over every token they are given with one call of the functional
-# ``scaled_dot_product_attention`` and no mask (HF AIMv2's head): under merging that call gets ``log(size)`` added
-SDPA_POOLING_HEADS = frozenset({"Aimv2AttentionPoolingHead"})
+# ``scaled_dot_product_attention`` and no mask (HF AIMv2's head; timm CaiT's class attention, over its class token
+# and the tokens): under merging that call gets ``log(size)`` added, 0 on keys in front of the tokens
+SDPA_POOLING_HEADS = frozenset({"Aimv2AttentionPoolingHead", "ClassAttn"})
 
 
 def biased_sdpa_pooling(model: nn.Module, host: BlockHost) -> None:
-    """Every :data:`SDPA_POOLING_HEADS` module of ``model`` runs its own forward with the host's attention bias
-    (``[B, 1, 1, N]`` on the key axis, as the graph adds it before the head's ``Softmax``) as its attention mask."""
+    """Every :data:`SDPA_POOLING_HEADS` module of ``model`` runs its own forward (its fused-attention path) with the
+    host's attention bias (``[B, 1, 1, N]`` on the key axis, as the graph adds it before the head's ``Softmax``) as
+    its attention mask."""
     for module in model.modules():
         if type(module).__name__ in SDPA_POOLING_HEADS:
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = True
             module.forward = _with_sdpa_bias(module.forward, host)
 
 
@@ -532,7 +591,11 @@ def _with_sdpa_bias(forward: Callable, host: BlockHost) -> Callable:
         if bias is None:
             return forward(*args, **kwargs)
         sdpa = F.scaled_dot_product_attention
-        F.scaled_dot_product_attention = lambda q, k, v, **kw: sdpa(q, k, v, **{**kw, "attn_mask": bias})
+
+        def biased_sdpa(q, k, v, **kw):  # keys in front of the tokens (a class token) get none
+            return sdpa(q, k, v, **{**kw, "attn_mask": F.pad(bias, (k.shape[-2] - bias.shape[-1], 0))})
+
+        F.scaled_dot_product_attention = biased_sdpa
         try:
             return forward(*args, **kwargs)
         finally:

@@ -16,16 +16,10 @@ from tokensieve.reference.sites import SiteContext, SiteResult
 
 
 def score(attention: AttentionTensors, kind: str) -> torch.Tensor:
-    """Scoring step: ``[B, N]`` head-mean post-softmax attention of every token (proportional-attention and
-    relative position biases included): the CLS query row (``cls``) or the attention received, averaged over query rows
-    (``mean_received``)."""
-    q, k = attention.query, attention.key
-    if kind == "cls":
-        q = q[:, :, :1]
-    logits = (q * attention.scale) @ k.transpose(-2, -1)
-    if attention.bias is not None:
-        logits = logits + attention.bias[..., : q.shape[-2], :]  # a [.., N, N] bias: the query rows'
-    return torch.softmax(logits, dim=-1).mean(dim=(1, 2))
+    """Scoring step: ``[B, N]`` head-mean attention of every token as it multiplies V (proportional-attention and
+    relative position biases included, after a talking-heads mix): the CLS query row (``cls``) or the attention
+    received, averaged over query rows (``mean_received``)."""
+    return attention.probs(1 if kind == "cls" else None).mean(dim=(1, 2))
 
 
 def select(scores: torch.Tensor, kept: int) -> torch.Tensor:

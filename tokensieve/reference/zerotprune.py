@@ -20,10 +20,7 @@ from tokensieve.reference.sites import SiteContext, SiteResult
 def page_rank(attention: AttentionTensors, iterations: int) -> torch.Tensor:
     """``[B, H, N]``: ``s <- Aᵀ s`` per head, ``iterations`` times from ``s = 1/N``, ``A`` the post-softmax
     attention of every query row (with the block's logit bias)."""
-    logits = (attention.query * attention.scale) @ attention.key.transpose(-2, -1)
-    if attention.bias is not None:
-        logits = logits + attention.bias
-    probs = torch.softmax(logits, dim=-1)
+    probs = attention.probs()
     tokens = probs.shape[-1]
     s = torch.full((*probs.shape[:2], tokens), 1.0 / tokens, dtype=probs.dtype)
     for _ in range(iterations):

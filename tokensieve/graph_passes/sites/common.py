@@ -71,10 +71,27 @@ def row_logits(b: NodeBuilder, site: SiteInput, q_rows: ir.Value, rows: int | No
     return b.op("Add", [logits, site.bias], "row_bias") if site.bias is not None else logits
 
 
+def replay(b: NodeBuilder, ops: list[tuple[ir.Node, int]], value: ir.Value, prefix: str) -> ir.Value:
+    """``ops`` (nodes with their data input index) applied in turn to ``value`` instead of their data input."""
+    for op, data_index in ops:
+        inputs = list(op.inputs)
+        inputs[data_index] = value
+        attributes = {k: a.value for k, a in op.attributes.items()}
+        value = b.op(op.op_type, inputs, f"{prefix}_{op.op_type.lower()}", **attributes)
+    return value
+
+
 def attention_probs(b: NodeBuilder, site: SiteInput) -> ir.Value:
-    """``[B, H, N, N]`` post-softmax attention of the block: its own ``Softmax`` output, or recomputed from Q and K
-    when the block uses a fused attention op."""
+    """``[B, H, N, N]`` attention of the block that multiplies V: its own ``Softmax`` output (after a talking-heads
+    mix, the mix's output), or recomputed from Q and K when the block uses a fused attention op."""
     return site.block.probs or b.op("Softmax", [row_logits(b, site, site.block.query)], axis=-1)
+
+
+def row_probs(b: NodeBuilder, site: SiteInput, q_rows: ir.Value, rows: int) -> ir.Value:
+    """The attention of the first ``rows`` query rows ``q_rows [B, H, rows, d]`` as the block applies it to V
+    (softmax, then the block's talking-heads mix, if any)."""
+    probs = b.op("Softmax", [row_logits(b, site, q_rows, rows=rows)], axis=-1)
+    return replay(b, site.block.mix_ops, probs, "row_mix")
 
 
 def head_mean_scores(b: NodeBuilder, site: SiteInput, kind: str, valid: ir.Value | None = None) -> ir.Value:
@@ -83,7 +100,7 @@ def head_mean_scores(b: NodeBuilder, site: SiteInput, kind: str, valid: ir.Value
     padding keys already get no attention from the block's padding bias)."""
     if kind == "cls":
         q_cls = b.slice(site.block.query, 0, 1, axis=2)
-        probs = b.op("Softmax", [row_logits(b, site, q_cls, rows=1)], axis=-1)
+        probs = row_probs(b, site, q_cls, 1)
     elif valid is None:
         probs = attention_probs(b, site)
     else:
