@@ -83,13 +83,14 @@ def test_plan_at_the_published_geometries(tmp_path):
     assert prompt.image_tokens == 252 and len(rows[0].tokens_per_layer) == 36  # 1080x1920 -> 336x588 px: 12x21
 
 
-def test_cli_plans_and_export_refuses_bad_buckets(tmp_path):
-    """``plan`` from the config alone; ``export`` checks the bucket grids before building the (3B) model."""
+def test_cli_plans_and_export_refuses_the_planning_preset(tmp_path):
+    """``plan`` from the config alone; ``export`` refuses the full-depth planning preset before building it."""
     cli = [sys.executable, "-m", "tokensieve"]
     out = subprocess.run([*cli, "plan", "hf:qwen2.5-vl-3b-shapes", "--method", "fastv", "--json"], capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
     assert json.loads(out)["prompt"]["vision_macs"] > 0
-    done = subprocess.run([*cli, "export", "hf:qwen2.5-vl-3b-shapes", "--out", str(tmp_path / "a"), "--buckets",
-                           "16x16,12x13"], capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 2 and "multiples of merge_size 2" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([*cli, "export", "hf:qwen2.5-vl-3b-shapes", "--out", str(tmp_path / "a")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "planning preset" in done.stderr and "hf:qwen2.5-vl-3b-bench" in done.stderr
+    assert "Traceback" not in done.stderr
     assert not (tmp_path / "a").exists()

@@ -62,6 +62,7 @@ _TEXT_25 = {  # the presets' special-token ids are their byte tokenizer's
 }
 QWEN_VL_PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-vl-7b-shapes": {
+        "plan_only": "Qwen2.5-VL-7B at full depth: about 33 GB of float32 weights",
         "tokens": _PRESET_TOKENS,
         "vision": {**_VISION_25, "out_hidden_size": 3584},
         "text": {
@@ -75,6 +76,7 @@ QWEN_VL_PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "qwen2.5-vl-3b-shapes": {
+        "plan_only": "Qwen2.5-VL-3B at full depth: about 15 GB of float32 weights",
         "tokens": _PRESET_TOKENS,
         "vision": {**_VISION_25, "out_hidden_size": 2048},
         "text": {
@@ -111,7 +113,7 @@ QWEN_VL_PRESETS["qwen2.5-vl-tiny"] = {  # windows of 2 x 2 merged tokens; block 
     "capacity": 512,
 }  # fmt: skip
 QWEN_VL_PRESETS["qwen2.5-vl-3b-bench"] = {  # benchmarks: Qwen2.5-VL-3B's widths, 2 vision blocks and 2 text layers
-    **QWEN_VL_PRESETS["qwen2.5-vl-3b-shapes"],
+    "tokens": _PRESET_TOKENS,
     "vision": {**QWEN_VL_PRESETS["qwen2.5-vl-3b-shapes"]["vision"], "depth": 2, "fullatt_block_indexes": [1]},
     "text": {**QWEN_VL_PRESETS["qwen2.5-vl-3b-shapes"]["text"], "num_hidden_layers": 2},
     "capacity": 2048,

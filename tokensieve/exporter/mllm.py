@@ -136,11 +136,19 @@ def export_mllm(
 
 def _buckets(name: str, buckets: list | None) -> list | None:
     """The vision bucket grids of a family that exports its tower per grid (Qwen-VL: ``buckets`` checked, or the
-    defaults); ``buckets`` given to another family is a :class:`MethodSpecError`."""
+    defaults); ``buckets`` given to another family is a :class:`MethodSpecError`, a planning-only preset (full
+    depth, too large to export here) a :class:`SourceError`; both before the model is built."""
     from tokensieve.converters.families import host_config, mllm_config
-    from tokensieve.errors import MethodSpecError
+    from tokensieve.errors import MethodSpecError, SourceError
 
     config, family, processor = mllm_config(name)
+    planning = family.presets.get(name, {}).get("plan_only")
+    if planning:
+        bench = [f"hf:{n}" for n, preset in family.presets.items() if not preset.get("plan_only")]
+        raise SourceError(
+            f"hf:{name} is a planning preset ({planning}) for `tokensieve plan`; export a smaller preset "
+            f"({', '.join(bench)}) or a checkpoint directory"
+        )
     if family.buckets is None:
         if buckets is not None:
             raise MethodSpecError(f"--buckets (vision grids) apply to Qwen-VL's vision tower, not to {family.title}")
