@@ -112,12 +112,14 @@ QWEN_VL_PRESETS["qwen2.5-vl-tiny"] = {  # windows of 2 x 2 merged tokens; block 
     "processor": {"min_pixels": 16 * 28 * 28, "max_pixels": 64 * 28 * 28},
     "capacity": 512,
 }  # fmt: skip
-QWEN_VL_PRESETS["qwen2.5-vl-3b-bench"] = {  # benchmarks: Qwen2.5-VL-3B's widths, 2 vision blocks and 2 text layers
-    "tokens": _PRESET_TOKENS,
-    "vision": {**QWEN_VL_PRESETS["qwen2.5-vl-3b-shapes"]["vision"], "depth": 2, "fullatt_block_indexes": [1]},
-    "text": {**QWEN_VL_PRESETS["qwen2.5-vl-3b-shapes"]["text"], "num_hidden_layers": 2},
-    "capacity": 2048,
-}
+for _size in ("3b", "7b"):  # benchmarks: the published widths with 2 vision blocks (one windowed) and 2 text layers
+    _shapes = QWEN_VL_PRESETS[f"qwen2.5-vl-{_size}-shapes"]
+    QWEN_VL_PRESETS[f"qwen2.5-vl-{_size}-bench"] = {
+        "tokens": _PRESET_TOKENS,
+        "vision": {**_shapes["vision"], "depth": 2, "fullatt_block_indexes": [1]},
+        "text": {**_shapes["text"], "num_hidden_layers": 2},
+        "capacity": 2048,
+    }
 QWEN_VL_PRESETS["qwen2.5-vl-small"] = {  # benchmarks: Qwen2.5-VL's windows (4 x 4 merged tokens), narrow widths
     "model_type": "qwen2_5_vl",
     "vision": {**_VISION_25, "depth": 8, "hidden_size": 256, "intermediate_size": 512, "num_heads": 4,
