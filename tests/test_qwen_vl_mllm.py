@@ -15,6 +15,7 @@ from helpers import assert_bench_runs
 import tokensieve
 from tokensieve.cli import main
 from tokensieve.converters.families import build_mllm
+from tokensieve.deploy.build import symbol_ranges
 from tokensieve.errors import MethodSpecError, PromptError
 from tokensieve.runtimes.mrope import rope_index
 
@@ -62,6 +63,8 @@ def test_parity_with_hf_generate_buckets_native_grids_and_text_only(artifacts):
     assert {"vision_12x12", "vision_dynamic"} <= set(manifest.graphs) and "vision_dynamic" in manifest.dynamic
     assert "vision_12x12" not in manifest.dynamic  # the bucket graphs are static (TensorRT)
     assert all(result["ok"] for result in manifest.lint.values()), manifest.lint
+    ranges = symbol_ranges(artifacts["plain"])  # TensorRT: the dynamic vision graph over the processor's bounds
+    assert ranges["tokens"] == (16, 36, 64) and ranges["4*tokens"] == (64, 144, 256)
     prefill, decode = (ir.load(artifacts["plain"].graph_path(key)) for key in ("prefill", "decode"))
     assert [d if isinstance(d, int) else str(d) for d in prefill.graph.inputs[1].shape] == [3, "sequence"]
     assert decode.graph.inputs[-1].name == "rope_delta"
