@@ -31,9 +31,8 @@ from tokensieve.converters.qwen_vl import QWEN_VL_PRESETS, QWEN_VL_TYPES, SPECIA
 from tokensieve.converters.qwen_vl import vision_geometry as qwen_vision_geometry
 from tokensieve.errors import InputError
 from tokensieve.runtimes import qwen_image
-from tokensieve.runtimes.qwen_vision import bucket_name
+from tokensieve.runtimes.qwen_vision import DYNAMIC, bucket_name
 
-DYNAMIC = "vision_dynamic"
 DEFAULT_ASPECTS = ((1, 1), (3, 4), (4, 3))  # default buckets: a typical image in these (height, width) ratios
 
 

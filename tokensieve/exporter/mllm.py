@@ -78,7 +78,7 @@ def export_mllm(
     from tokensieve.converters.llava import decoder_geometry, export_llava
     from tokensieve.converters.sources import weights_digest
 
-    buckets = _buckets(spec.name, buckets)  # checked before the (slow) build
+    buckets = _before_build(spec.name, buckets)  # source and buckets checked before the (slow) build
     built = build_mllm(spec.name, spec.seed)
     text = built.model.config.text_config
     if capacity is None:  # e.g. H2O needs budget + 1 slots; more would stay unused
@@ -134,7 +134,7 @@ def export_mllm(
     return Artifact.load(Path(out))
 
 
-def _buckets(name: str, buckets: list | None) -> list | None:
+def _before_build(name: str, buckets: list | None) -> list | None:
     """The vision bucket grids of a family that exports its tower per grid (Qwen-VL: ``buckets`` checked, or the
     defaults); ``buckets`` given to another family is a :class:`MethodSpecError`, a planning-only preset (full
     depth, too large to export here) a :class:`SourceError`; both before the model is built."""

@@ -36,6 +36,7 @@ import numpy as np
 
 from tokensieve.errors import ParityError, check_at_least
 from tokensieve.parity.report import read_golden, save_arrays, write_golden
+from tokensieve.runtimes.llava import image_template, listed_images
 
 _WORDS = (
     "what",
@@ -173,17 +174,10 @@ def _expected(model, processor, host: dict, method, capacity: int, prompt: str, 
     from tokensieve.reference import FACES
     from tokensieve.reference.decoding import sequence_rope
 
-    if image is None:  # a text-only prompt: the template without its image line
-        from tokensieve.runtimes.llava import without_image
-
-        placeholder = host.get("placeholder", getattr(processor, "image_token", "<image>"))
-        text = without_image(host["template"], placeholder).replace("{prompt}", prompt)
-        inputs = processor(text=text, return_tensors="pt")
-    else:
-        count = len(image) if isinstance(image, list) else 1  # several images: the placeholder once per image
-        placeholder = host.get("placeholder", getattr(processor, "image_token", "<image>"))
-        template = host["template"].replace(placeholder, placeholder * count)
-        inputs = processor(images=image, text=template.replace("{prompt}", prompt), return_tensors="pt")
+    images = listed_images(image)  # the template's placeholder once per image (none: its line left out)
+    placeholder = host.get("placeholder", getattr(processor, "image_token", "<image>"))
+    text = image_template(host["template"], placeholder, len(images)).replace("{prompt}", prompt)
+    inputs = processor(text=text, return_tensors="pt", **({"images": image} if images else {}))
     prompt_ids = inputs["input_ids"][0].numpy()
     if method is None:
         with torch.no_grad():
@@ -222,7 +216,7 @@ def _compare(runner, cache: str, case: Expected, method) -> LlavaParityCase:
     if mismatch is None and len(out.ids) != len(case.ids):
         mismatch = min(len(out.ids), len(case.ids))
     scale = float(np.abs(case.logits).max()) or 1.0
-    images = [] if case.image is None else case.image if isinstance(case.image, list) else [case.image]
+    images = listed_images(case.image)
     return LlavaParityCase(
         prompt=case.prompt,
         image_size=list(images[0].shape[:2]) if images else [0, 0],
@@ -349,5 +343,7 @@ def _golden_image(data, case: int) -> np.ndarray | list[np.ndarray] | None:
     """A recorded case's image: one array, a list of them (``<case>/image_<j>``), or None (text only)."""
     if data[f"{case}/image"].size:
         return data[f"{case}/image"]
-    images = [data[f"{case}/image_{j}"] for j in range(len(data.files)) if f"{case}/image_{j}" in data.files]
+    images = []
+    while f"{case}/image_{len(images)}" in data.files:
+        images.append(data[f"{case}/image_{len(images)}"])
     return images or None

@@ -103,6 +103,21 @@ def without_image(template: str, placeholder: str = IMAGE_TOKEN) -> str:
     return template.replace(placeholder + "\n", "").replace(placeholder, "")
 
 
+def image_template(template: str, placeholder: str, images: int) -> str:
+    """``template`` for a prompt of ``images`` images: without the placeholder for none, the placeholder ``images``
+    times, one after the other, for several."""
+    if not images:
+        return without_image(template, placeholder)
+    return template.replace(placeholder, placeholder * images)
+
+
+def listed_images(images: Any) -> list:
+    """One image or a list / tuple of them as a list (``None``: none)."""
+    if images is None:
+        return []
+    return list(images) if isinstance(images, list | tuple) else [images]
+
+
 def image_runs(ids: np.ndarray, image_token_id: int) -> list[tuple[int, int]]:
     """``[start, end)`` of each run of image tokens in ``ids`` (one per image), in order."""
     image = np.concatenate([[False], ids == image_token_id, [False]]).astype(np.int8)
@@ -205,10 +220,7 @@ class LlavaRunner:
             template = template or self.host["template"]
             if "{prompt}" not in template:
                 raise PromptError(f"the chat template {template!r} has no {{prompt}} for the prompt to go into")
-            if not image:
-                template = without_image(template, self.placeholder)
-            template = template.replace(self.placeholder, self.placeholder * int(image))
-            prompt = template.replace("{prompt}", prompt)
+            prompt = image_template(template, self.placeholder, int(image)).replace("{prompt}", prompt)
         return np.asarray(self.tokenizer.encode(prompt).ids, np.int64)
 
     def _ids(self, input_ids: Any) -> np.ndarray:
@@ -225,7 +237,7 @@ class LlavaRunner:
         its run of image tokens."""
         embeds = self.embed.run({"input_ids": ids[None]})["inputs_embeds"]
         if features is not None:  # in order over the image tokens, as the models scatter them
-            embeds[0, ids == self.host["image_token_id"]] = np.concatenate(_listed(features))
+            embeds[0, ids == self.host["image_token_id"]] = np.concatenate(listed_images(features))
         return embeds
 
     def check_capacity(self, prompt_length: int, max_new_tokens: int) -> None:
@@ -274,7 +286,7 @@ class LlavaRunner:
         if input_ids is None and not isinstance(prompt, str):
             raise PromptError(f"the prompt must be a str, got {type(prompt).__name__}")
         start = time.perf_counter()
-        images = _listed(image)
+        images = listed_images(image)
         encoded = [self.image_tokens(one) for one in images]
         t_vision = time.perf_counter()
         ids, runs = self._prompt(encoded, prompt, input_ids, template)
@@ -333,13 +345,6 @@ class LlavaRunner:
                 "decode_per_token": 1e3 * (end - t_prefill) / steps if steps > 0 else None,
             },
         )
-
-
-def _listed(images: Any) -> list:
-    """One image or a list / tuple of them as a list (``None``: none)."""
-    if images is None:
-        return []
-    return list(images) if isinstance(images, list | tuple) else [images]
 
 
 @register("image_tokens", DecoderMethod, type(None))
